@@ -1,0 +1,398 @@
+//! The kernel/user contract: every type that crosses between `tollgate-ebpf` and the daemon.
+//!
+//! ```text
+//!   userspace (valve) ──writes──> POLICY[mac]   (gate: limits, deadline, binding, generation)
+//!                     ──writes──> CONFIG[0]     (gateway addresses, portal ports)
+//!                     ──writes──> GARDEN[prefix] (allow-list, v4-mapped IPv6 keys)
+//!   kernel (TC/XDP)   ──writes──> USAGE[mac]    (bytes/packets up and down; userspace only reads)
+//!                     ──writes──> VERDICTS[v]   (per-CPU packet/byte counts by verdict)
+//!                     ──emits───> EVENTS        (one `GateEvent` per exhaustion)
+//! ```
+//!
+//! **Metered quantity**: L3 bytes — the IP packet including its IP header, excluding the
+//! Ethernet header and any 802.1Q tags — as RFC 8908 `bytes-remaining` counts them. For a
+//! GSO/GRO aggregate the kernel sees one skb, and it is metered as one packet of its L3 length.
+//!
+//! **Quotas are cumulative limits**: a `Policy` carries limits on the *cumulative* counters in
+//! `Usage` (`limit_total` applies to `bytes_up + bytes_down`). Opening a gate with an allowance
+//! of N bytes sets `limit = used + N`; extending raises the limit. Userspace never writes usage,
+//! so a policy update can never erase what the kernel counted.
+//!
+//! Every layout change bumps [`SCHEMA_VERSION`], which is part of the pin directory, so an old
+//! pin is never reused with a new layout.
+#![no_std]
+
+/// Version of the map layouts below; pins live in `<pin base>/v<SCHEMA_VERSION>/`.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Map names (the pin file names under the schema directory).
+pub mod maps {
+    pub const POLICY: &str = "TG_POLICY";
+    pub const USAGE: &str = "TG_USAGE";
+    pub const CONFIG: &str = "TG_CONFIG";
+    pub const GARDEN: &str = "TG_GARDEN";
+    pub const VERDICTS: &str = "TG_VERDICTS";
+    pub const EVENTS: &str = "TG_EVENTS";
+}
+
+/// Program names (the ELF symbol names in the object).
+pub mod programs {
+    pub const TC_INGRESS: &str = "tollgate_tc_ingress";
+    pub const TC_EGRESS: &str = "tollgate_tc_egress";
+    pub const XDP_INGRESS: &str = "tollgate_xdp_ingress";
+}
+
+/// Capacity of the per-client maps (POLICY and USAGE).
+pub const MAX_CLIENTS: u32 = 131_072;
+/// Capacity of the walled-garden LPM trie.
+pub const MAX_GARDEN_PREFIXES: u32 = 1_024;
+/// Size of the exhaustion event ring buffer in bytes (a power of two, page multiple).
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+/// Number of TCP ports on the gateway reachable by unpaid clients.
+pub const GARDEN_TCP_PORTS: usize = 4;
+/// A limit that never binds.
+pub const UNLIMITED: u64 = u64::MAX;
+
+/// A client's Ethernet address as a map key.
+///
+/// layout: 8 bytes (6 address bytes + 2 explicit padding bytes, always zero)
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MacKey {
+    pub addr: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+impl MacKey {
+    pub const fn new(addr: [u8; 6]) -> Self {
+        Self { addr, _pad: [0; 2] }
+    }
+}
+
+/// `Policy::flags` bits.
+pub mod policy_flags {
+    /// The gate is open: traffic within the limits and before the deadline passes.
+    pub const ALLOWED: u32 = 1 << 0;
+    /// Drop IPv4 packets from this MAC whose source is not `bound_ipv4` (anti-spoofing).
+    pub const BIND_IPV4: u32 = 1 << 1;
+}
+
+/// A client's gate, written only by userspace.
+///
+/// layout: 48 bytes, align 8
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// [`policy_flags`] bits.
+    pub flags: u32,
+    /// Bumped by userspace on every open/extend; the kernel emits at most one exhaustion event
+    /// per generation.
+    pub generation: u32,
+    /// Limit on cumulative `bytes_up + bytes_down` ([`UNLIMITED`] = none).
+    pub limit_total: u64,
+    /// Limit on cumulative `bytes_up` ([`UNLIMITED`] = none).
+    pub limit_up: u64,
+    /// Limit on cumulative `bytes_down` ([`UNLIMITED`] = none).
+    pub limit_down: u64,
+    /// `bpf_ktime_get_boot_ns()` after which the gate is shut; 0 = no deadline.
+    pub expires_at_ns: u64,
+    /// Bound IPv4 source address in network byte order (only with `BIND_IPV4`).
+    pub bound_ipv4: [u8; 4],
+    pub _pad: [u8; 4],
+}
+
+impl Policy {
+    pub const CLOSED: Policy = Policy {
+        flags: 0,
+        generation: 0,
+        limit_total: 0,
+        limit_up: 0,
+        limit_down: 0,
+        expires_at_ns: 0,
+        bound_ipv4: [0; 4],
+        _pad: [0; 4],
+    };
+}
+
+/// A client's counters, written only by the kernel (cumulative since first seen).
+///
+/// layout: 56 bytes, align 8
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub packets_up: u64,
+    pub packets_down: u64,
+    /// Boot-time ns of the last metered packet.
+    pub last_seen_ns: u64,
+    /// The policy generation for which the exhaustion event was emitted (0 = none yet); the
+    /// kernel swaps it atomically so exactly one CPU emits the event.
+    pub notified_generation: u32,
+    pub _pad: u32,
+    /// Bytes dropped because of quota or deadline (both directions).
+    pub bytes_dropped: u64,
+}
+
+/// `GateConfig::flags` bits.
+pub mod config_flags {
+    /// Mark unpaid clients' TCP port 80 packets with `portal_mark` and let them through to
+    /// the gateway, where a local redirect answers with the captive portal.
+    pub const PORTAL_REDIRECT: u32 = 1 << 0;
+    /// The configuration has been written (before that, every client is treated as unpaid
+    /// and only ARP/DHCP/ND pass).
+    pub const CONFIGURED: u32 = 1 << 1;
+}
+
+/// The gateway's own addresses and the ports unpaid clients may reach on it.
+///
+/// layout: 80 bytes, align 4
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GateConfig {
+    pub flags: u32,
+    /// skb mark set on portal-redirected packets.
+    pub portal_mark: u32,
+    /// Gateway IPv4 address on the LAN (network order; zero = none).
+    pub gateway_v4: [u8; 4],
+    /// TCP ports on the gateway open to unpaid clients (portal, payment API); 0 = unused slot.
+    pub tcp_ports: [u16; GARDEN_TCP_PORTS],
+    pub _pad: [u8; 4],
+    /// Gateway IPv6 addresses on the LAN (typically link-local and global; zero = none).
+    pub gateway_v6: [[u8; 16]; 2],
+    pub _pad2: [u8; 24],
+}
+
+impl GateConfig {
+    pub const EMPTY: GateConfig = GateConfig {
+        flags: 0,
+        portal_mark: 0,
+        gateway_v4: [0; 4],
+        tcp_ports: [0; GARDEN_TCP_PORTS],
+        _pad: [0; 4],
+        gateway_v6: [[0; 16]; 2],
+        _pad2: [0; 24],
+    };
+}
+
+/// Key of the walled-garden LPM trie: IPv6 address, IPv4 as `::ffff:a.b.c.d` (prefix + 96).
+///
+/// layout: 20 bytes (u32 prefix length in bits, then 16 address bytes), align 4 — the kernel's
+/// `struct bpf_lpm_trie_key` layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GardenKey {
+    pub prefix_len: u32,
+    pub addr: [u8; 16],
+}
+
+/// Why a packet passed or was dropped. Index of the per-CPU `VERDICTS` array.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Verdict {
+    /// Paid client within its allowance; metered.
+    PassPaid = 0,
+    /// Walled garden (DHCP, DNS/portal on the gateway, allow-listed destination); not metered.
+    PassGarden = 1,
+    /// Traffic to or from the gateway's own addresses; never billed.
+    PassGateway = 2,
+    /// ARP and other non-IP link traffic.
+    PassLink = 3,
+    /// L2 broadcast/multicast: stays on the segment (the kernel never forwards it).
+    PassMulticast = 4,
+    /// Unpaid TCP/80, marked for the captive-portal redirect.
+    PassPortal = 5,
+    /// Unpaid client, not garden traffic.
+    DropUnpaid = 6,
+    /// The packet would take the client past its byte quota.
+    DropQuota = 7,
+    /// The client's deadline has passed.
+    DropExpired = 8,
+    /// IPv4 source differs from the client's bound address.
+    DropSpoofed = 9,
+    /// Truncated or unparseable headers (cannot be classified, so cannot be allowed).
+    DropMalformed = 10,
+    /// No room left in the usage map (fail closed).
+    DropNoSlot = 11,
+}
+
+impl Verdict {
+    pub const COUNT: u32 = 12;
+    pub const ALL: [Verdict; Self::COUNT as usize] = [
+        Verdict::PassPaid,
+        Verdict::PassGarden,
+        Verdict::PassGateway,
+        Verdict::PassLink,
+        Verdict::PassMulticast,
+        Verdict::PassPortal,
+        Verdict::DropUnpaid,
+        Verdict::DropQuota,
+        Verdict::DropExpired,
+        Verdict::DropSpoofed,
+        Verdict::DropMalformed,
+        Verdict::DropNoSlot,
+    ];
+
+    pub const fn from_u8(v: u8) -> Option<Verdict> {
+        if (v as u32) < Self::COUNT {
+            Some(Self::ALL[v as usize])
+        } else {
+            None
+        }
+    }
+
+    pub const fn is_pass(self) -> bool {
+        (self as u8) < Verdict::DropUnpaid as u8
+    }
+
+    /// Stable snake_case name (metrics label, JSON).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Verdict::PassPaid => "pass_paid",
+            Verdict::PassGarden => "pass_garden",
+            Verdict::PassGateway => "pass_gateway",
+            Verdict::PassLink => "pass_link",
+            Verdict::PassMulticast => "pass_multicast",
+            Verdict::PassPortal => "pass_portal",
+            Verdict::DropUnpaid => "drop_unpaid",
+            Verdict::DropQuota => "drop_quota",
+            Verdict::DropExpired => "drop_expired",
+            Verdict::DropSpoofed => "drop_spoofed",
+            Verdict::DropMalformed => "drop_malformed",
+            Verdict::DropNoSlot => "drop_no_slot",
+        }
+    }
+}
+
+/// Per-CPU count for one verdict.
+///
+/// layout: 16 bytes, align 8
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerdictCount {
+    pub packets: u64,
+    /// L3 bytes of those packets.
+    pub bytes: u64,
+}
+
+/// Why a gate was shut by the kernel.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ExhaustReason {
+    /// `limit_total` reached.
+    Quota = 1,
+    /// `limit_up` reached.
+    QuotaUp = 2,
+    /// `limit_down` reached.
+    QuotaDown = 3,
+    /// `expires_at_ns` passed.
+    Expired = 4,
+}
+
+impl ExhaustReason {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Quota),
+            2 => Some(Self::QuotaUp),
+            3 => Some(Self::QuotaDown),
+            4 => Some(Self::Expired),
+            _ => None,
+        }
+    }
+}
+
+/// Packet direction from the client's point of view.
+pub mod direction {
+    pub const UP: u8 = 0;
+    pub const DOWN: u8 = 1;
+}
+
+/// Emitted on the `EVENTS` ring buffer, exactly once per policy generation, when a client's
+/// first packet is dropped for quota or deadline.
+///
+/// layout: 48 bytes, align 8
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GateEvent {
+    pub mac: [u8; 6],
+    /// [`ExhaustReason`] as u8.
+    pub reason: u8,
+    /// [`direction`] of the packet that hit the limit.
+    pub direction: u8,
+    pub generation: u32,
+    pub _pad: u32,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub packets_up: u64,
+    /// `bpf_ktime_get_boot_ns()` when the event was emitted.
+    pub at_ns: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY (all impls): `#[repr(C)]`, only integer/byte-array fields, every padding byte is
+    // an explicit field, so any bit pattern is valid and no byte is uninitialised.
+    unsafe impl aya::Pod for super::MacKey {}
+    unsafe impl aya::Pod for super::Policy {}
+    unsafe impl aya::Pod for super::Usage {}
+    unsafe impl aya::Pod for super::GateConfig {}
+    unsafe impl aya::Pod for super::VerdictCount {}
+    unsafe impl aya::Pod for super::GateEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::{align_of, size_of};
+
+    use super::*;
+
+    #[test]
+    fn layouts() {
+        assert_eq!((size_of::<MacKey>(), align_of::<MacKey>()), (8, 1));
+        assert_eq!((size_of::<Policy>(), align_of::<Policy>()), (48, 8));
+        assert_eq!((size_of::<Usage>(), align_of::<Usage>()), (56, 8));
+        assert_eq!((size_of::<GateConfig>(), align_of::<GateConfig>()), (80, 4));
+        assert_eq!((size_of::<GardenKey>(), align_of::<GardenKey>()), (20, 4));
+        assert_eq!((size_of::<VerdictCount>(), align_of::<VerdictCount>()), (16, 8));
+        assert_eq!((size_of::<GateEvent>(), align_of::<GateEvent>()), (48, 8));
+    }
+
+    #[test]
+    fn field_offsets() {
+        assert_eq!(core::mem::offset_of!(Policy, limit_total), 8);
+        assert_eq!(core::mem::offset_of!(Policy, expires_at_ns), 32);
+        assert_eq!(core::mem::offset_of!(Policy, bound_ipv4), 40);
+        assert_eq!(core::mem::offset_of!(Usage, notified_generation), 40);
+        assert_eq!(core::mem::offset_of!(GateConfig, gateway_v6), 24);
+        assert_eq!(core::mem::offset_of!(GardenKey, addr), 4);
+        assert_eq!(core::mem::offset_of!(GateEvent, generation), 8);
+        assert_eq!(core::mem::offset_of!(GateEvent, bytes_up), 16);
+    }
+
+    #[test]
+    fn verdict_round_trip() {
+        for (i, v) in Verdict::ALL.iter().enumerate() {
+            assert_eq!(*v as usize, i, "ALL is in discriminant order");
+            assert_eq!(Verdict::from_u8(*v as u8), Some(*v));
+        }
+        assert_eq!(Verdict::from_u8(Verdict::COUNT as u8), None);
+        assert_eq!(Verdict::from_u8(255), None);
+        assert!(Verdict::PassPortal.is_pass());
+        assert!(!Verdict::DropUnpaid.is_pass());
+        assert_eq!(Verdict::DropQuota.name(), "drop_quota");
+    }
+
+    #[test]
+    fn exhaust_reason_round_trip() {
+        for r in [
+            ExhaustReason::Quota,
+            ExhaustReason::QuotaUp,
+            ExhaustReason::QuotaDown,
+            ExhaustReason::Expired,
+        ] {
+            assert_eq!(ExhaustReason::from_u8(r as u8), Some(r));
+        }
+        assert_eq!(ExhaustReason::from_u8(0), None);
+        assert_eq!(ExhaustReason::from_u8(5), None);
+    }
+}

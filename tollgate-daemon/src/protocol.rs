@@ -1,0 +1,1 @@
+//! TollGate protocol events.

@@ -1,0 +1,1 @@
+//! The valve: the only code that touches BPF maps.

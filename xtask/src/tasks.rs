@@ -1,0 +1,41 @@
+//! `test`, `demo` and `bench`: thin drivers over cargo that build the eBPF object first.
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::ebpf;
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(ebpf::workspace_root());
+    cmd
+}
+
+fn status(cmd: &mut Command, what: &str) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("running {what}"))?;
+    if !st.success() {
+        bail!("{what} failed ({st})");
+    }
+    Ok(())
+}
+
+/// The whole suite: eBPF build, then every workspace test (unit, PROG_TEST_RUN, namespaces, e2e).
+pub fn test(extra: &[String]) -> Result<()> {
+    ebpf::build(true)?;
+    println!("[test] cargo test --workspace");
+    status(
+        cargo().args(["test", "--workspace", "--"]).args(extra),
+        "cargo test",
+    )
+}
+
+pub fn demo(_keep: bool) -> Result<()> {
+    ebpf::build(true)?;
+    bail!("the demo is not built yet")
+}
+
+pub fn bench(what: &str, _args: &[String]) -> Result<()> {
+    ebpf::build(true)?;
+    bail!("unknown benchmark {what:?}")
+}
