@@ -1,0 +1,178 @@
+//! Plain types of the valve's API (no aya here, so they can be used and tested anywhere).
+
+use std::{fmt, net::Ipv4Addr, str::FromStr};
+
+use serde::{Deserialize, Serialize};
+pub use tollgate_common::{ExhaustReason, Verdict};
+
+/// An Ethernet address, `aa:bb:cc:dd:ee:ff` in text.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl fmt::Debug for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid MAC address {0:?} (expected aa:bb:cc:dd:ee:ff)")]
+pub struct ParseMacError(pub String);
+
+impl FromStr for MacAddr {
+    type Err = ParseMacError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ParseMacError(s.chars().take(64).collect());
+        let mut out = [0u8; 6];
+        let mut parts = s.trim().split([':', '-']);
+        for byte in out.iter_mut() {
+            let p = parts.next().ok_or_else(err)?;
+            if p.len() != 2 {
+                return Err(err());
+            }
+            *byte = u8::from_str_radix(p, 16).map_err(|_| err())?;
+        }
+        if parts.next().is_some() {
+            return Err(err());
+        }
+        Ok(MacAddr(out))
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a gate allows from the moment it is opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Allowance {
+    /// Bytes (up + down, L3) allowed from now on; `None` = no byte limit.
+    pub bytes: Option<u64>,
+    /// Separate upload limit from now on; `None` = none.
+    pub bytes_up: Option<u64>,
+    /// Separate download limit from now on; `None` = none.
+    pub bytes_down: Option<u64>,
+    /// `CLOCK_BOOTTIME` nanoseconds after which the kernel shuts the gate; `None` = none.
+    pub until_boot_ns: Option<u64>,
+    /// Drop IPv4 packets from this MAC with any other source address.
+    pub bind_ipv4: Option<Ipv4Addr>,
+}
+
+/// Cumulative counters the kernel keeps for one client.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientUsage {
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub packets_up: u64,
+    pub packets_down: u64,
+    /// Boot-time ns of the last metered packet (0 = never).
+    pub last_seen_ns: u64,
+}
+
+impl ClientUsage {
+    pub fn bytes(&self) -> u64 {
+        self.bytes_up.saturating_add(self.bytes_down)
+    }
+}
+
+/// A client's gate as the kernel sees it right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct GateState {
+    pub mac: MacAddr,
+    /// The gate is open (it may still be exhausted or expired: see `remaining_bytes` / deadline).
+    pub open: bool,
+    /// Bytes left before the kernel drops (`None` = no byte limit).
+    pub remaining_bytes: Option<u64>,
+    /// Boot-time ns deadline (`None` = none).
+    pub until_boot_ns: Option<u64>,
+    pub bound_ipv4: Option<Ipv4Addr>,
+    pub generation: u32,
+    pub usage: ClientUsage,
+}
+
+/// The kernel shut a gate: quota used up or deadline passed. Emitted once per exhaustion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Exhaustion {
+    pub mac: MacAddr,
+    pub reason: ExhaustReason,
+    /// The policy generation that ran out (a later open/extend has a higher one).
+    pub generation: u32,
+    pub usage: ClientUsage,
+    pub at_boot_ns: u64,
+}
+
+/// Packet and byte counts by verdict, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct VerdictCounts(pub Vec<(Verdict, u64, u64)>);
+
+impl VerdictCounts {
+    pub fn packets(&self, v: Verdict) -> u64 {
+        self.0.iter().find(|(x, ..)| *x == v).map_or(0, |e| e.1)
+    }
+    pub fn bytes(&self, v: Verdict) -> u64 {
+        self.0.iter().find(|(x, ..)| *x == v).map_or(0, |e| e.2)
+    }
+}
+
+/// `CLOCK_BOOTTIME` in nanoseconds: the clock `bpf_ktime_get_boot_ns()` reads, so deadlines
+/// survive suspend and mean the same thing in the kernel and here.
+pub fn boot_time_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec; CLOCK_BOOTTIME is always available on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_BOOTTIME)");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_round_trip_and_rejects() {
+        let m: MacAddr = "AA:bb:0c:dd:ee:0F".parse().unwrap();
+        assert_eq!(m.0, [0xaa, 0xbb, 0x0c, 0xdd, 0xee, 0x0f]);
+        assert_eq!(m.to_string(), "aa:bb:0c:dd:ee:0f");
+        assert_eq!("aa-bb-0c-dd-ee-0f".parse::<MacAddr>().unwrap(), m);
+        for bad in [
+            "",
+            "aa:bb:cc:dd:ee",
+            "aa:bb:cc:dd:ee:ff:00",
+            "aa:bb:cc:dd:ee:fg",
+            "a:bb:cc:dd:ee:ff",
+            "aaa:bb:cc:dd:ee:f",
+        ] {
+            assert!(bad.parse::<MacAddr>().is_err(), "{bad:?} must be rejected");
+        }
+    }
+
+    #[test]
+    fn boot_clock_moves_forward() {
+        let a = boot_time_ns();
+        let b = boot_time_ns();
+        assert!(a > 0 && b >= a);
+    }
+}
