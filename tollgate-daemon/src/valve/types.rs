@@ -122,7 +122,7 @@ pub struct Exhaustion {
 }
 
 /// Packet and byte counts by verdict, summed over CPUs.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VerdictCounts(pub Vec<(Verdict, u64, u64)>);
 
 impl VerdictCounts {
