@@ -3,7 +3,8 @@
 //! ```text
 //!   userspace (valve) ──writes──> POLICY[mac]   (gate: limits, deadline, binding, generation)
 //!                     ──writes──> CONFIG[0]     (gateway addresses, portal ports)
-//!                     ──writes──> GARDEN[prefix] (allow-list, v4-mapped IPv6 keys)
+//!                     ──writes──> GARDEN[prefix] (allow-list; LPM key = u32 prefix length +
+//!                                                 16 address bytes, IPv4 as ::ffff:a.b.c.d)
 //!   kernel (TC/XDP)   ──writes──> USAGE[mac]    (bytes/packets up and down; userspace only reads)
 //!                     ──writes──> VERDICTS[v]   (per-CPU packet/byte counts by verdict)
 //!                     ──emits───> EVENTS        (one `GateEvent` per exhaustion)
@@ -124,8 +125,9 @@ pub struct Usage {
     pub bytes_down: u64,
     pub packets_up: u64,
     pub packets_down: u64,
-    /// Boot-time ns of the last metered packet.
-    pub last_seen_ns: u64,
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE) of the last metered packet: the
+    /// coarse clock costs a few ns per packet where the boot clock costs tens.
+    pub last_seen_mono_ns: u64,
     /// The policy generation for which the exhaustion event was emitted (0 = none yet); the
     /// kernel swaps it atomically so exactly one CPU emits the event.
     pub notified_generation: u32,
@@ -173,17 +175,6 @@ impl GateConfig {
         gateway_v6: [[0; 16]; 2],
         _pad2: [0; 24],
     };
-}
-
-/// Key of the walled-garden LPM trie: IPv6 address, IPv4 as `::ffff:a.b.c.d` (prefix + 96).
-///
-/// layout: 20 bytes (u32 prefix length in bits, then 16 address bytes), align 4 — the kernel's
-/// `struct bpf_lpm_trie_key` layout.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GardenKey {
-    pub prefix_len: u32,
-    pub addr: [u8; 16],
 }
 
 /// Why a packet passed or was dropped. Index of the per-CPU `VERDICTS` array.
@@ -352,8 +343,10 @@ mod tests {
         assert_eq!((size_of::<Policy>(), align_of::<Policy>()), (48, 8));
         assert_eq!((size_of::<Usage>(), align_of::<Usage>()), (56, 8));
         assert_eq!((size_of::<GateConfig>(), align_of::<GateConfig>()), (80, 4));
-        assert_eq!((size_of::<GardenKey>(), align_of::<GardenKey>()), (20, 4));
-        assert_eq!((size_of::<VerdictCount>(), align_of::<VerdictCount>()), (16, 8));
+        assert_eq!(
+            (size_of::<VerdictCount>(), align_of::<VerdictCount>()),
+            (16, 8)
+        );
         assert_eq!((size_of::<GateEvent>(), align_of::<GateEvent>()), (48, 8));
     }
 
@@ -364,7 +357,6 @@ mod tests {
         assert_eq!(core::mem::offset_of!(Policy, bound_ipv4), 40);
         assert_eq!(core::mem::offset_of!(Usage, notified_generation), 40);
         assert_eq!(core::mem::offset_of!(GateConfig, gateway_v6), 24);
-        assert_eq!(core::mem::offset_of!(GardenKey, addr), 4);
         assert_eq!(core::mem::offset_of!(GateEvent, generation), 8);
         assert_eq!(core::mem::offset_of!(GateEvent, bytes_up), 16);
     }

@@ -100,7 +100,10 @@ fn ensure_rust_src() -> Result<()> {
 
 /// The nightly's own `libLLVM.so.<ver>` file, found by name in its sysroot.
 fn nightly_libllvm() -> Result<PathBuf> {
-    let sysroot = run(nightly("rustc").args(["--print", "sysroot"]), "rustc --print sysroot")?;
+    let sysroot = run(
+        nightly("rustc").args(["--print", "sysroot"]),
+        "rustc --print sysroot",
+    )?;
     let lib = Path::new(sysroot.trim()).join("lib");
     let mut found = fs::read_dir(&lib)
         .with_context(|| format!("reading {}", lib.display()))?

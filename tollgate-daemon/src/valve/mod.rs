@@ -1,12 +1,52 @@
 //! The valve: the only code that touches BPF maps (and the only importer of aya).
 //!
-//! The implementation lands with the data-plane issue; the [`Gates`] trait is the seam the
-//! chandler drives (the real [`Valve`] in production and tests, an in-memory double only in
-//! unit tests of session arithmetic).
+//! ```text
+//!  Valve::attach(cfg)
+//!    mount bpffs if missing ── load the embedded object with every map pinned at
+//!    <pin_base>/v<SCHEMA>/<MAP> (reused when present, so counts survive restarts)
+//!    ── write CONFIG + GARDEN ── attach TC ingress/egress (or XDP ingress + TC egress):
+//!       a pinned link is *updated in place* (bpf_link_update: no gap), else attached and pinned
+//!  open / extend / close  ──> POLICY[mac]   (limits are absolute on the kernel's counters)
+//!  gate / gates / verdicts <── USAGE, VERDICTS
+//!  events()               <── EVENTS ring buffer (pinned: events emitted while the daemon was
+//!                             down are still there at the next start)
+//! ```
+//! Dropping a `Valve` leaves everything attached and enforcing (fail closed, counts kept);
+//! [`Valve::remove_pins`] tears a data plane down.
 
 mod types;
 
+use std::{
+    collections::BTreeMap,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    sync::{Mutex, MutexGuard},
+    time::Duration,
+};
+
+use aya::{
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        Array, HashMap, MapData, MapError, PerCpuArray, RingBuf,
+    },
+    programs::{
+        links::{FdLink, LinkError, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+        SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
+    },
+    sys::SyscallError,
+    Ebpf, EbpfLoader,
+};
+use tollgate_common::{
+    config_flags, maps, policy_flags, programs, GateConfig, GateEvent, MacKey, Policy, Usage,
+    VerdictCount, GARDEN_TCP_PORTS, MAX_CLIENTS, SCHEMA_VERSION, UNLIMITED,
+};
 pub use types::*;
+
+/// The eBPF object built by `cargo xtask build-ebpf`, embedded at build time.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tollgate.bpf.o"));
 
 /// Errors of the valve.
 #[derive(Debug, thiserror::Error)]
@@ -20,8 +60,18 @@ pub enum ValveError {
     /// Loading or attaching the programs failed.
     #[error("data plane attach on {iface}: {message}")]
     Attach { iface: String, message: String },
+    /// The data-plane configuration is invalid.
+    #[error("data plane configuration: {0}")]
+    Config(String),
     #[error("{0}")]
     Other(String),
+}
+
+fn map_err(map: &'static str) -> impl Fn(MapError) -> ValveError {
+    move |e| ValveError::Map {
+        map,
+        message: e.to_string(),
+    }
 }
 
 /// The verbs the chandler needs from the data plane.
@@ -45,5 +95,867 @@ pub trait Gates: Send + Sync + 'static {
     /// `CLOCK_BOOTTIME` ns, the clock deadlines are expressed in.
     fn now_boot_ns(&self) -> u64 {
         boot_time_ns()
+    }
+}
+
+/// Where the ingress verdict runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPlaneMode {
+    /// TC ingress + TC egress (the right choice on veth and other software devices).
+    #[default]
+    Tc,
+    /// XDP ingress (native where the driver supports it) + TC egress.
+    Xdp,
+}
+
+/// A walled-garden destination prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefix {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl std::str::FromStr for Prefix {
+    type Err = ValveError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad =
+            || ValveError::Config(format!("invalid prefix {s:?} (expected e.g. 192.0.2.0/24)"));
+        let (a, l) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a.trim().parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match l {
+            Some(l) => l.trim().parse::<u8>().map_err(|_| bad())?,
+            None => max,
+        };
+        if len > max {
+            return Err(bad());
+        }
+        Ok(Prefix { addr, len })
+    }
+}
+
+impl Prefix {
+    /// LPM key: IPv4 mapped into IPv6 (`::ffff:0:0/96`).
+    fn key(&self) -> Key<[u8; 16]> {
+        match self.addr {
+            IpAddr::V4(a) => Key::new(96 + self.len as u32, a.to_ipv6_mapped().octets()),
+            IpAddr::V6(a) => Key::new(self.len as u32, a.octets()),
+        }
+    }
+}
+
+/// What the valve needs to know to attach and configure the data plane.
+#[derive(Clone, Debug)]
+pub struct ValveConfig {
+    /// LAN interface the clients are on.
+    pub iface: String,
+    pub mode: DataPlaneMode,
+    /// Pins go to `<pin_base>/v<SCHEMA_VERSION>/`; default `/sys/fs/bpf/tollgate`.
+    pub pin_base: PathBuf,
+    /// The gateway's own LAN addresses (answers from them are never billed; DNS/portal on them
+    /// are reachable before paying).
+    pub gateway_v4: Option<Ipv4Addr>,
+    pub gateway_v6: Vec<Ipv6Addr>,
+    /// TCP ports on the gateway reachable before paying (portal, payment API).
+    pub tcp_ports: Vec<u16>,
+    /// Destinations reachable before paying (e.g. the accepted mints).
+    pub garden: Vec<Prefix>,
+    /// Mark for captive-portal redirects of unpaid TCP/80 (None = no redirect).
+    pub portal_mark: Option<u32>,
+}
+
+impl ValveConfig {
+    pub fn new(iface: impl Into<String>) -> Self {
+        Self {
+            iface: iface.into(),
+            mode: DataPlaneMode::Tc,
+            pin_base: PathBuf::from("/sys/fs/bpf/tollgate"),
+            gateway_v4: None,
+            gateway_v6: Vec::new(),
+            tcp_ports: vec![2121],
+            garden: Vec::new(),
+            portal_mark: None,
+        }
+    }
+
+    pub fn pin_dir(&self) -> PathBuf {
+        pin_dir(&self.pin_base)
+    }
+
+    fn gate_config(&self) -> Result<GateConfig, ValveError> {
+        if self.tcp_ports.len() > GARDEN_TCP_PORTS {
+            return Err(ValveError::Config(format!(
+                "at most {GARDEN_TCP_PORTS} garden TCP ports, got {}",
+                self.tcp_ports.len()
+            )));
+        }
+        if self.gateway_v6.len() > 2 {
+            return Err(ValveError::Config(
+                "at most 2 gateway IPv6 addresses".into(),
+            ));
+        }
+        let mut c = GateConfig::EMPTY;
+        c.flags = config_flags::CONFIGURED;
+        if let Some(m) = self.portal_mark {
+            if m == 0 {
+                return Err(ValveError::Config("portal mark must be non-zero".into()));
+            }
+            c.flags |= config_flags::PORTAL_REDIRECT;
+            c.portal_mark = m;
+        }
+        c.gateway_v4 = self.gateway_v4.map_or([0; 4], |a| a.octets());
+        for (i, p) in self.tcp_ports.iter().enumerate() {
+            c.tcp_ports[i] = *p;
+        }
+        for (i, a) in self.gateway_v6.iter().enumerate() {
+            c.gateway_v6[i] = a.octets();
+        }
+        Ok(c)
+    }
+}
+
+/// `<base>/v<SCHEMA_VERSION>`
+pub fn pin_dir(base: &Path) -> PathBuf {
+    base.join(format!("v{SCHEMA_VERSION}"))
+}
+
+/// Which program a `test_run` drives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    TcIngress,
+    TcEgress,
+    XdpIngress,
+}
+
+impl Hook {
+    fn program(self) -> &'static str {
+        match self {
+            Hook::TcIngress => programs::TC_INGRESS,
+            Hook::TcEgress => programs::TC_EGRESS,
+            Hook::XdpIngress => programs::XDP_INGRESS,
+        }
+    }
+}
+
+/// Outcome of one `BPF_PROG_TEST_RUN`.
+#[derive(Clone, Copy, Debug)]
+pub struct TestRunOutcome {
+    /// The program's return value (TC_ACT_OK = 0, TC_ACT_SHOT = 2; XDP_DROP = 1, XDP_PASS = 2).
+    pub ret: u32,
+    /// Average time per run as measured by the kernel.
+    pub duration: Duration,
+}
+
+impl TestRunOutcome {
+    pub fn passed(&self, hook: Hook) -> bool {
+        match hook {
+            Hook::TcIngress | Hook::TcEgress => self.ret == 0,
+            Hook::XdpIngress => self.ret == 2,
+        }
+    }
+}
+
+struct Maps {
+    policy: HashMap<MapData, MacKey, Policy>,
+    usage: HashMap<MapData, MacKey, Usage>,
+    config: Array<MapData, GateConfig>,
+    garden: LpmTrie<MapData, [u8; 16], u8>,
+    verdicts: PerCpuArray<MapData, VerdictCount>,
+}
+
+/// The data plane of one LAN interface.
+pub struct Valve {
+    ebpf: Mutex<Ebpf>,
+    maps: Mutex<Maps>,
+    events: Mutex<Option<RingBuf<MapData>>>,
+    pin_dir: PathBuf,
+    iface: String,
+    mode: DataPlaneMode,
+    attached: bool,
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+/// `BPF_NOEXIST` map update flag: create only, never overwrite.
+const BPF_NOEXIST: u64 = 1;
+
+/// Mounts bpffs on `/sys/fs/bpf` when it is missing (a fresh machine has none).
+fn ensure_bpffs(base: &Path) -> Result<(), ValveError> {
+    let root = Path::new("/sys/fs/bpf");
+    if !base.starts_with(root) {
+        return Ok(());
+    }
+    let c = std::ffi::CString::new("/sys/fs/bpf").unwrap();
+    // SAFETY: statfs on a valid C string into a zeroed struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    if rc == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    std::fs::create_dir_all(root).map_err(|e| ValveError::Other(format!("mkdir {root:?}: {e}")))?;
+    let fstype = std::ffi::CString::new("bpf").unwrap();
+    // SAFETY: valid C strings; mounting bpffs has no other preconditions.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            c.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(ValveError::Other(format!(
+            "mount -t bpf bpf /sys/fs/bpf: {}",
+            io::Error::last_os_error()
+        )));
+    }
+    tracing::info!("mounted bpffs on /sys/fs/bpf");
+    Ok(())
+}
+
+impl Valve {
+    /// Loads the programs and the (pinned) maps and writes the configuration, without
+    /// attaching to any interface: what `BPF_PROG_TEST_RUN` tests and benchmarks use.
+    pub fn load(cfg: &ValveConfig) -> Result<Valve, ValveError> {
+        ensure_bpffs(&cfg.pin_base)?;
+        let dir = cfg.pin_dir();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ValveError::Other(format!("create pin dir {}: {e}", dir.display())))?;
+        let attach_err = |m: String| ValveError::Attach {
+            iface: cfg.iface.clone(),
+            message: m,
+        };
+        let names = [
+            maps::POLICY,
+            maps::USAGE,
+            maps::CONFIG,
+            maps::GARDEN,
+            maps::VERDICTS,
+            maps::EVENTS,
+        ];
+        let mut loader = EbpfLoader::new();
+        for n in names {
+            loader.map_pin_path(n, dir.join(n));
+        }
+        let mut ebpf = loader
+            .load(OBJECT)
+            .map_err(|e| attach_err(format!("loading the eBPF object: {e}")))?;
+        for p in [programs::TC_INGRESS, programs::TC_EGRESS] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(p)
+                .ok_or_else(|| attach_err(format!("program {p} missing from the object")))?
+                .try_into()
+                .map_err(|e| attach_err(format!("{p}: {e}")))?;
+            prog.load()
+                .map_err(|e| attach_err(format!("verifier rejected {p}: {e:?}")))?;
+        }
+        let xdp: &mut Xdp = ebpf
+            .program_mut(programs::XDP_INGRESS)
+            .ok_or_else(|| attach_err("xdp program missing".into()))?
+            .try_into()
+            .map_err(|e| attach_err(format!("xdp: {e}")))?;
+        xdp.load()
+            .map_err(|e| attach_err(format!("verifier rejected xdp: {e:?}")))?;
+
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name).ok_or(ValveError::Map {
+                map: name,
+                message: "missing from the object".into(),
+            })
+        };
+        let maps = Maps {
+            policy: HashMap::try_from(take(maps::POLICY)?).map_err(map_err(maps::POLICY))?,
+            usage: HashMap::try_from(take(maps::USAGE)?).map_err(map_err(maps::USAGE))?,
+            config: Array::try_from(take(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?,
+            garden: LpmTrie::try_from(take(maps::GARDEN)?).map_err(map_err(maps::GARDEN))?,
+            verdicts: PerCpuArray::try_from(take(maps::VERDICTS)?)
+                .map_err(map_err(maps::VERDICTS))?,
+        };
+        let events = RingBuf::try_from(take(maps::EVENTS)?).map_err(map_err(maps::EVENTS))?;
+        let valve = Valve {
+            ebpf: Mutex::new(ebpf),
+            maps: Mutex::new(maps),
+            events: Mutex::new(Some(events)),
+            pin_dir: dir,
+            iface: cfg.iface.clone(),
+            mode: cfg.mode,
+            attached: false,
+        };
+        valve.configure(cfg)?;
+        Ok(valve)
+    }
+
+    /// Loads, configures and attaches to `cfg.iface`, reusing pinned maps and links.
+    pub fn attach(cfg: &ValveConfig) -> Result<Valve, ValveError> {
+        let mut valve = Self::load(cfg)?;
+        valve.attach_programs()?;
+        valve.attached = true;
+        tracing::info!(
+            iface = %cfg.iface,
+            mode = ?cfg.mode,
+            pins = %valve.pin_dir.display(),
+            "data plane attached"
+        );
+        Ok(valve)
+    }
+
+    fn attach_programs(&mut self) -> Result<(), ValveError> {
+        let iface = self.iface.clone();
+        let err = |m: String| ValveError::Attach {
+            iface: iface.clone(),
+            message: m,
+        };
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        let ingress_tc = self.pin_dir.join("link_tc_ingress");
+        let ingress_xdp = self.pin_dir.join("link_xdp_ingress");
+        let egress = self.pin_dir.join("link_tc_egress");
+        let mut tc = vec![(programs::TC_EGRESS, TcAttachType::Egress, egress)];
+        if self.mode == DataPlaneMode::Tc {
+            tc.push((
+                programs::TC_INGRESS,
+                TcAttachType::Ingress,
+                ingress_tc.clone(),
+            ));
+        }
+        for (name, at, pin) in tc {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .expect("loaded above")
+                .try_into()
+                .map_err(|e| err(format!("{e}")))?;
+            match pinned_link(&pin).map_err(|e| err(format!("{}: {e}", pin.display())))? {
+                Some(old) => {
+                    // Atomic program replacement in the pinned link: no window without a gate.
+                    let link = SchedClassifierLink::try_from(old)
+                        .map_err(|e| err(format!("pinned link {}: {e}", pin.display())))?;
+                    prog.attach_to_link(link)
+                        .map_err(|e| err(format!("updating {}: {e}", pin.display())))?;
+                }
+                None => {
+                    let id = prog
+                        .attach(&self.iface, at)
+                        .map_err(|e| err(format!("attach {name}: {e}")))?;
+                    let link = prog
+                        .take_link(id)
+                        .map_err(|e| err(format!("take link {name}: {e}")))?;
+                    let fd: FdLink = link
+                        .try_into()
+                        .map_err(|e: LinkError| err(format!("{name} link: {e}")))?;
+                    fd.pin(&pin)
+                        .map_err(|e| err(format!("pin {}: {e}", pin.display())))?;
+                }
+            }
+        }
+        if self.mode == DataPlaneMode::Xdp {
+            let prog: &mut Xdp = ebpf
+                .program_mut(programs::XDP_INGRESS)
+                .expect("loaded above")
+                .try_into()
+                .map_err(|e| err(format!("{e}")))?;
+            match pinned_link(&ingress_xdp).map_err(|e| err(format!("{e}")))? {
+                Some(old) => {
+                    let link = XdpLink::try_from(old).map_err(|e| err(format!("{e}")))?;
+                    prog.attach_to_link(link)
+                        .map_err(|e| err(format!("updating xdp link: {e}")))?;
+                }
+                None => {
+                    let id = prog
+                        .attach(&self.iface, XdpMode::Default)
+                        .map_err(|e| err(format!("attach xdp: {e}")))?;
+                    let link = prog.take_link(id).map_err(|e| err(format!("{e}")))?;
+                    let fd: FdLink = link
+                        .try_into()
+                        .map_err(|e: LinkError| err(format!("xdp link: {e}")))?;
+                    fd.pin(&ingress_xdp)
+                        .map_err(|e| err(format!("pin xdp link: {e}")))?;
+                }
+            }
+            // Switching from TC to XDP: the new ingress is in place, now drop the old one.
+            let _ = std::fs::remove_file(&ingress_tc);
+        } else {
+            let _ = std::fs::remove_file(&ingress_xdp);
+        }
+        Ok(())
+    }
+
+    /// (Re)writes CONFIG and makes GARDEN equal to the configured prefixes.
+    pub fn configure(&self, cfg: &ValveConfig) -> Result<(), ValveError> {
+        let gc = cfg.gate_config()?;
+        let mut m = self.maps();
+        let wanted: BTreeMap<(u32, [u8; 16]), ()> = cfg
+            .garden
+            .iter()
+            .map(|p| {
+                let k = p.key();
+                ((k.prefix_len(), k.data()), ())
+            })
+            .collect();
+        let existing: Vec<Key<[u8; 16]>> = m.garden.keys().filter_map(|k| k.ok()).collect();
+        for k in existing {
+            if !wanted.contains_key(&(k.prefix_len(), k.data())) {
+                m.garden.remove(&k).map_err(map_err(maps::GARDEN))?;
+            }
+        }
+        for (plen, addr) in wanted.keys() {
+            m.garden
+                .insert(&Key::new(*plen, *addr), 1, 0)
+                .map_err(map_err(maps::GARDEN))?;
+        }
+        m.config.set(0, gc, 0).map_err(map_err(maps::CONFIG))?;
+        Ok(())
+    }
+
+    fn maps(&self) -> MutexGuard<'_, Maps> {
+        self.maps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn iface(&self) -> &str {
+        &self.iface
+    }
+
+    pub fn mode(&self) -> DataPlaneMode {
+        self.mode
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    pub fn is_attached(&self) -> bool {
+        self.attached
+    }
+
+    /// Packet/byte counts by verdict, summed over CPUs.
+    pub fn verdicts(&self) -> Result<VerdictCounts, ValveError> {
+        let m = self.maps();
+        let mut out = Vec::new();
+        for v in Verdict::ALL {
+            let per_cpu = m
+                .verdicts
+                .get(&(v as u32), 0)
+                .map_err(map_err(maps::VERDICTS))?;
+            let (p, b) = per_cpu
+                .iter()
+                .fold((0u64, 0u64), |(p, b), c| (p + c.packets, b + c.bytes));
+            out.push((v, p, b));
+        }
+        Ok(VerdictCounts(out))
+    }
+
+    /// Number of entries in the policy and usage maps (occupancy, for metrics and `check`).
+    pub fn occupancy(&self) -> (u32, u32) {
+        let m = self.maps();
+        (
+            m.policy.keys().filter(|k| k.is_ok()).count() as u32,
+            m.usage.keys().filter(|k| k.is_ok()).count() as u32,
+        )
+    }
+
+    /// Exhaustion events from the kernel. Can be taken once; the stream ends when the
+    /// receiver is dropped.
+    pub fn events(&self) -> Result<tokio::sync::mpsc::Receiver<Exhaustion>, ValveError> {
+        let ring = self
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| ValveError::Other("the event stream was already taken".into()))?;
+        // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd until the task ends,
+        // so the registered fd is never closed or reused while registered.
+        let mut afd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| ValveError::Other(format!("ring buffer fd: {e}")))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(async move {
+            loop {
+                let mut guard = match afd.readable_mut().await {
+                    Ok(g) => g,
+                    Err(e) => {
+                        tracing::error!("exhaustion ring buffer: {e}");
+                        return;
+                    }
+                };
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    if let Some(ev) = parse_event(&item) {
+                        if tx.send(ev).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                guard.clear_ready();
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Runs one program on a crafted frame with `BPF_PROG_TEST_RUN` (maps are the live ones).
+    pub fn test_run(
+        &self,
+        hook: Hook,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<TestRunOutcome, ValveError> {
+        let ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        let prog = ebpf
+            .program(hook.program())
+            .ok_or_else(|| ValveError::Other("program missing".into()))?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: repeat.max(1),
+            ..Default::default()
+        };
+        let r = match hook {
+            Hook::XdpIngress => {
+                let p: &Xdp = prog
+                    .try_into()
+                    .map_err(|e| ValveError::Other(format!("{e}")))?;
+                p.test_run(opts)
+            }
+            _ => {
+                let p: &SchedClassifier = prog
+                    .try_into()
+                    .map_err(|e| ValveError::Other(format!("{e}")))?;
+                p.test_run(opts)
+            }
+        }
+        .map_err(|e| ValveError::Other(format!("BPF_PROG_TEST_RUN: {e:?}")))?;
+        Ok(TestRunOutcome {
+            ret: r.return_value,
+            duration: r.duration,
+        })
+    }
+
+    /// Removes every pin of the data plane under `pin_base` (links detach once the last
+    /// reference is gone, i.e. when no process holds them).
+    pub fn remove_pins(pin_base: &Path) -> io::Result<()> {
+        let dir = pin_dir(pin_base);
+        match std::fs::read_dir(&dir) {
+            Ok(rd) => {
+                for e in rd.flatten() {
+                    std::fs::remove_file(e.path())?;
+                }
+                std::fs::remove_dir(&dir)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        // The base too, if we made it and it is now empty.
+        let _ = std::fs::remove_dir(pin_base);
+        Ok(())
+    }
+
+    fn read_usage(m: &Maps, key: &MacKey) -> Result<Option<Usage>, ValveError> {
+        match m.usage.get(key, 0) {
+            Ok(u) => Ok(Some(u)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(maps::USAGE)(e)),
+        }
+    }
+
+    fn read_policy(m: &Maps, key: &MacKey) -> Result<Option<Policy>, ValveError> {
+        match m.policy.get(key, 0) {
+            Ok(p) => Ok(Some(p)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(maps::POLICY)(e)),
+        }
+    }
+
+    /// Makes sure a usage entry exists (NOEXIST never overwrites the kernel's counts).
+    fn ensure_usage(m: &mut Maps, mac: MacAddr, key: &MacKey) -> Result<Usage, ValveError> {
+        if let Some(u) = Self::read_usage(m, key)? {
+            return Ok(u);
+        }
+        match m.usage.insert(key, Usage::default(), BPF_NOEXIST) {
+            Ok(()) => {}
+            Err(MapError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::E2BIG) =>
+            {
+                return Err(ValveError::Full {
+                    mac,
+                    capacity: MAX_CLIENTS,
+                })
+            }
+            Err(MapError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(map_err(maps::USAGE)(e)),
+        }
+        Ok(Self::read_usage(m, key)?.unwrap_or_default())
+    }
+
+    fn write_policy(m: &mut Maps, mac: MacAddr, key: &MacKey, p: Policy) -> Result<(), ValveError> {
+        match m.policy.insert(key, p, 0) {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::E2BIG) =>
+            {
+                Err(ValveError::Full {
+                    mac,
+                    capacity: MAX_CLIENTS,
+                })
+            }
+            Err(e) => Err(map_err(maps::POLICY)(e)),
+        }
+    }
+
+    fn state(mac: MacAddr, p: Option<Policy>, u: Option<Usage>) -> GateState {
+        let u = u.unwrap_or_default();
+        let usage = ClientUsage {
+            bytes_up: u.bytes_up,
+            bytes_down: u.bytes_down,
+            packets_up: u.packets_up,
+            packets_down: u.packets_down,
+            last_seen_ns: u.last_seen_mono_ns,
+        };
+        let p = p.unwrap_or(Policy::CLOSED);
+        let open = p.flags & policy_flags::ALLOWED != 0;
+        let rem = |limit: u64, used: u64| (limit != UNLIMITED).then(|| limit.saturating_sub(used));
+        let remaining_bytes = [
+            rem(p.limit_total, usage.bytes()),
+            rem(p.limit_up, u.bytes_up),
+            rem(p.limit_down, u.bytes_down),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        GateState {
+            mac,
+            open,
+            remaining_bytes: if open { remaining_bytes } else { Some(0) },
+            until_boot_ns: (p.expires_at_ns != 0).then_some(p.expires_at_ns),
+            bound_ipv4: (p.flags & policy_flags::BIND_IPV4 != 0)
+                .then(|| Ipv4Addr::from(p.bound_ipv4)),
+            generation: p.generation,
+            usage,
+        }
+    }
+
+    /// A generation never used for this client: above both the old policy's and the one
+    /// the kernel last notified, so the next exhaustion is reported again.
+    fn next_generation(old: Option<&Policy>, u: &Usage) -> u32 {
+        let base = old.map_or(0, |p| p.generation).max(u.notified_generation);
+        match base.wrapping_add(1) {
+            0 => 1,
+            g => g,
+        }
+    }
+}
+
+/// Opens a pinned link, `None` if there is none.
+fn pinned_link(path: &Path) -> Result<Option<FdLink>, LinkError> {
+    match PinnedLink::from_pin(path) {
+        Ok(l) => Ok(Some(FdLink::from(l))),
+        Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.kind() == io::ErrorKind::NotFound =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn parse_event(bytes: &[u8]) -> Option<Exhaustion> {
+    if bytes.len() < std::mem::size_of::<GateEvent>() {
+        return None;
+    }
+    // SAFETY: length checked; GateEvent is plain old data; unaligned read.
+    let ev: GateEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    Some(Exhaustion {
+        mac: MacAddr(ev.mac),
+        reason: ExhaustReason::from_u8(ev.reason)?,
+        generation: ev.generation,
+        usage: ClientUsage {
+            bytes_up: ev.bytes_up,
+            bytes_down: ev.bytes_down,
+            packets_up: ev.packets_up,
+            packets_down: 0,
+            last_seen_ns: 0,
+        },
+        at_boot_ns: ev.at_ns,
+    })
+}
+
+impl Gates for Valve {
+    fn check(&self, mac: MacAddr) -> Result<(), ValveError> {
+        let m = self.maps();
+        let key = MacKey::new(mac.0);
+        if Self::read_policy(&m, &key)?.is_some() && Self::read_usage(&m, &key)?.is_some() {
+            return Ok(());
+        }
+        drop(m);
+        let (p, u) = self.occupancy();
+        if p >= MAX_CLIENTS || u >= MAX_CLIENTS {
+            return Err(ValveError::Full {
+                mac,
+                capacity: MAX_CLIENTS,
+            });
+        }
+        Ok(())
+    }
+
+    fn open(&self, mac: MacAddr, a: Allowance) -> Result<GateState, ValveError> {
+        let mut m = self.maps();
+        let key = MacKey::new(mac.0);
+        let u = Self::ensure_usage(&mut m, mac, &key)?;
+        let old = Self::read_policy(&m, &key)?;
+        let used = u.bytes_up.saturating_add(u.bytes_down);
+        let mut flags = policy_flags::ALLOWED;
+        if a.bind_ipv4.is_some() {
+            flags |= policy_flags::BIND_IPV4;
+        }
+        let p = Policy {
+            flags,
+            generation: Self::next_generation(old.as_ref(), &u),
+            limit_total: a.bytes.map_or(UNLIMITED, |b| used.saturating_add(b)),
+            limit_up: a
+                .bytes_up
+                .map_or(UNLIMITED, |b| u.bytes_up.saturating_add(b)),
+            limit_down: a
+                .bytes_down
+                .map_or(UNLIMITED, |b| u.bytes_down.saturating_add(b)),
+            expires_at_ns: a.until_boot_ns.unwrap_or(0),
+            bound_ipv4: a.bind_ipv4.map_or([0; 4], |ip| ip.octets()),
+            _pad: [0; 4],
+        };
+        Self::write_policy(&mut m, mac, &key, p)?;
+        Ok(Self::state(mac, Some(p), Some(u)))
+    }
+
+    fn extend(&self, mac: MacAddr, add_bytes: u64, add_ns: u64) -> Result<GateState, ValveError> {
+        let mut m = self.maps();
+        let key = MacKey::new(mac.0);
+        let u = Self::ensure_usage(&mut m, mac, &key)?;
+        let Some(old) =
+            Self::read_policy(&m, &key)?.filter(|p| p.flags & policy_flags::ALLOWED != 0)
+        else {
+            return Err(ValveError::Other(format!("gate of {mac} is not open")));
+        };
+        let used = u.bytes_up.saturating_add(u.bytes_down);
+        let mut p = old;
+        p.generation = Self::next_generation(Some(&old), &u);
+        if p.limit_total != UNLIMITED {
+            // remaining + added: what was used stays used, an overshoot is absorbed.
+            p.limit_total = p.limit_total.max(used).saturating_add(add_bytes);
+        }
+        if add_ns > 0 {
+            let now = boot_time_ns();
+            let base = if p.expires_at_ns == 0 {
+                now
+            } else {
+                p.expires_at_ns.max(now)
+            };
+            p.expires_at_ns = base.saturating_add(add_ns);
+        }
+        Self::write_policy(&mut m, mac, &key, p)?;
+        Ok(Self::state(mac, Some(p), Some(u)))
+    }
+
+    fn close(&self, mac: MacAddr) -> Result<(), ValveError> {
+        let mut m = self.maps();
+        let key = MacKey::new(mac.0);
+        if let Some(mut p) = Self::read_policy(&m, &key)? {
+            // Keep the entry (and its generation) so a later open gets a fresh generation.
+            p.flags = 0;
+            Self::write_policy(&mut m, mac, &key, p)?;
+        }
+        Ok(())
+    }
+
+    fn gate(&self, mac: MacAddr) -> Result<Option<GateState>, ValveError> {
+        let m = self.maps();
+        let key = MacKey::new(mac.0);
+        let p = Self::read_policy(&m, &key)?;
+        let u = Self::read_usage(&m, &key)?;
+        if p.is_none() && u.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Self::state(mac, p, u)))
+    }
+
+    fn gates(&self) -> Result<Vec<GateState>, ValveError> {
+        let m = self.maps();
+        let mut out = BTreeMap::new();
+        for kv in m.usage.iter() {
+            let (k, u) = kv.map_err(map_err(maps::USAGE))?;
+            out.insert(k, (None, Some(u)));
+        }
+        for kv in m.policy.iter() {
+            let (k, p) = kv.map_err(map_err(maps::POLICY))?;
+            out.entry(k).or_insert((None, None)).0 = Some(p);
+        }
+        Ok(out
+            .into_iter()
+            .map(|(k, (p, u))| Self::state(MacAddr(k.addr), p, u))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_parse_and_map_into_v6() {
+        let p: Prefix = "192.0.2.0/24".parse().unwrap();
+        let k = p.key();
+        assert_eq!(k.prefix_len(), 120);
+        assert_eq!(&k.data()[10..], &[0xff, 0xff, 192, 0, 2, 0]);
+        let h: Prefix = "2001:db8::1".parse().unwrap();
+        assert_eq!(h.len, 128);
+        for bad in ["192.0.2.0/33", "nope", "2001:db8::/129", "1.2.3.4/x"] {
+            assert!(bad.parse::<Prefix>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn gate_config_limits() {
+        let mut c = ValveConfig::new("lan0");
+        c.tcp_ports = vec![1, 2, 3, 4, 5];
+        assert!(c.gate_config().is_err());
+        c.tcp_ports = vec![2121, 80];
+        c.portal_mark = Some(0);
+        assert!(c.gate_config().is_err());
+        c.portal_mark = Some(0x7467);
+        let g = c.gate_config().unwrap();
+        assert_eq!(g.tcp_ports, [2121, 80, 0, 0]);
+        assert_ne!(g.flags & config_flags::PORTAL_REDIRECT, 0);
+    }
+
+    #[test]
+    fn remaining_is_min_of_limits_and_closed_is_zero() {
+        let mac = MacAddr([2, 0, 0, 0, 0, 1]);
+        let u = Usage {
+            bytes_up: 100,
+            bytes_down: 300,
+            ..Default::default()
+        };
+        let mut p = Policy::CLOSED;
+        p.flags = policy_flags::ALLOWED;
+        p.limit_total = 1000;
+        p.limit_up = 150;
+        p.limit_down = UNLIMITED;
+        let s = Valve::state(mac, Some(p), Some(u));
+        assert_eq!(s.remaining_bytes, Some(50));
+        p.flags = 0;
+        assert_eq!(Valve::state(mac, Some(p), Some(u)).remaining_bytes, Some(0));
+    }
+
+    #[test]
+    fn generations_skip_zero_and_the_notified_one() {
+        let u = Usage {
+            notified_generation: 7,
+            ..Default::default()
+        };
+        assert_eq!(Valve::next_generation(None, &u), 8);
+        let mut p = Policy::CLOSED;
+        p.generation = u32::MAX;
+        assert_eq!(Valve::next_generation(Some(&p), &Usage::default()), 1);
     }
 }

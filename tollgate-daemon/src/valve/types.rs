@@ -85,7 +85,7 @@ pub struct ClientUsage {
     pub bytes_down: u64,
     pub packets_up: u64,
     pub packets_down: u64,
-    /// Boot-time ns of the last metered packet (0 = never).
+    /// CLOCK_MONOTONIC (coarse) ns of the last metered packet (0 = never).
     pub last_seen_ns: u64,
 }
 

@@ -1,0 +1,36 @@
+//! Unique, self-cleaning pin directories for data-plane tests.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use tollgate::valve::Valve;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// `/sys/fs/bpf/tollgate/test-<pid>-<n>`; removed (with every pin under it) on drop, so
+/// two runs never share maps and a failing test leaves nothing behind.
+pub struct PinBase(PathBuf);
+
+impl PinBase {
+    pub fn new(tag: &str) -> Self {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        Self(PathBuf::from(format!(
+            "/sys/fs/bpf/tollgate/test-{tag}-{}-{n}",
+            std::process::id()
+        )))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PinBase {
+    fn drop(&mut self) {
+        let _ = Valve::remove_pins(&self.0);
+        // Leave /sys/fs/bpf/tollgate itself when the last test is done with it.
+        let _ = std::fs::remove_dir("/sys/fs/bpf/tollgate");
+    }
+}
