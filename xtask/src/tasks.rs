@@ -23,6 +23,13 @@ fn status(cmd: &mut Command, what: &str) -> Result<()> {
 /// The whole suite: eBPF build, then every workspace test (unit, PROG_TEST_RUN, namespaces, e2e).
 pub fn test(extra: &[String]) -> Result<()> {
     ebpf::build(true)?;
+    // Integration tests drive the real binary (a killed and restarted daemon, several
+    // gateways side by side), so build it first: cargo does not build other packages' bins.
+    println!("[test] cargo build -p tollgate-daemon");
+    status(
+        cargo().args(["build", "-p", "tollgate-daemon"]),
+        "cargo build",
+    )?;
     println!("[test] cargo test --workspace");
     status(
         cargo().args(["test", "--workspace", "--"]).args(extra),

@@ -321,6 +321,26 @@ impl Valve {
     /// Loads the programs and the (pinned) maps and writes the configuration, without
     /// attaching to any interface: what `BPF_PROG_TEST_RUN` tests and benchmarks use.
     pub fn load(cfg: &ValveConfig) -> Result<Valve, ValveError> {
+        let valve = Self::load_inner(cfg)?;
+        valve.configure(cfg)?;
+        Ok(valve)
+    }
+
+    /// Opens an existing data plane from its pins without touching its configuration (for
+    /// tools that inspect or drive gates next to a running daemon).
+    pub fn open_pinned(pin_base: &Path) -> Result<Valve, ValveError> {
+        let mut cfg = ValveConfig::new("");
+        cfg.pin_base = pin_base.to_path_buf();
+        if !cfg.pin_dir().join(maps::POLICY).exists() {
+            return Err(ValveError::Other(format!(
+                "no data plane pinned under {} (is `tollgate run` or `tollgate dataplane attach` running?)",
+                cfg.pin_dir().display()
+            )));
+        }
+        Self::load_inner(&cfg)
+    }
+
+    fn load_inner(cfg: &ValveConfig) -> Result<Valve, ValveError> {
         ensure_bpffs(&cfg.pin_base)?;
         let dir = cfg.pin_dir();
         std::fs::create_dir_all(&dir)
@@ -385,7 +405,6 @@ impl Valve {
             mode: cfg.mode,
             attached: false,
         };
-        valve.configure(cfg)?;
         Ok(valve)
     }
 

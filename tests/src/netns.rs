@@ -1,0 +1,192 @@
+//! Network-namespace labs: real veth pairs, real routing, real sockets.
+//!
+//! Every namespace gets a unique name (`tg<tag><pid>x<n>`) and is deleted on drop — with its
+//! veth ends, so a failing test leaves nothing behind.
+
+use std::{
+    fs::File,
+    net::Ipv4Addr,
+    os::fd::AsRawFd,
+    path::PathBuf,
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace created with `ip netns add`, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+/// `ip <args>` that must succeed.
+pub fn ip(args: &[&str]) {
+    run(Command::new("ip").args(args));
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("tg{tag}{}x{n}", std::process::id());
+        ip(&["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip -n <ns> <args>`
+    pub fn ip(&self, args: &[&str]) {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        ip(&full);
+    }
+
+    /// A command run inside the namespace (`ip netns exec`).
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Runs a shell snippet inside the namespace; must succeed.
+    pub fn sh(&self, script: &str) -> String {
+        let out = run(self.command("sh").args(["-c", script]));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) {
+        self.sh(&format!("sysctl -qw {key}={value}"));
+    }
+
+    /// Runs `f` on a thread that has joined this namespace (sockets it opens live here).
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = PathBuf::from(format!("/run/netns/{}", self.name));
+        std::thread::spawn(move || {
+            enter(&path);
+            f()
+        })
+        .join()
+        .expect("thread in namespace panicked")
+    }
+
+    /// Like [`Netns::run`] but returns the join handle (for servers).
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = PathBuf::from(format!("/run/netns/{}", self.name));
+        std::thread::spawn(move || {
+            enter(&path);
+            f()
+        })
+    }
+
+    /// The MAC address of `dev` in this namespace.
+    pub fn mac(&self, dev: &str) -> [u8; 6] {
+        let s = self.sh(&format!("cat /sys/class/net/{dev}/address"));
+        let mut out = [0u8; 6];
+        for (i, p) in s.trim().split(':').enumerate() {
+            out[i] = u8::from_str_radix(p, 16).expect("mac");
+        }
+        out
+    }
+}
+
+/// Moves the calling thread into the namespace at `path`.
+pub fn enter(path: &std::path::Path) {
+    let f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    // SAFETY: setns on a valid namespace fd affects only the calling thread.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// client ── lan ── gateway ── wan ── upstream, with the gateway routing between them.
+///
+/// Addresses: client 10.77.0.2, gateway LAN 10.77.0.1 (dev `lan0`), gateway WAN 10.78.0.1,
+/// upstream 10.78.0.2. Each lab's namespaces are private, so the fixed addresses never
+/// collide between tests.
+pub struct Lab3 {
+    pub client: Netns,
+    pub gateway: Netns,
+    pub upstream: Netns,
+}
+
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+pub const GW_LAN_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+pub const GW_WAN_IP: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
+pub const UPSTREAM_IP: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 2);
+pub const LAN_IFACE: &str = "lan0";
+
+impl Lab3 {
+    pub fn new(tag: &str) -> Self {
+        let client = Netns::new(&format!("{tag}c"));
+        let gateway = Netns::new(&format!("{tag}g"));
+        let upstream = Netns::new(&format!("{tag}u"));
+        client.ip(&[
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            LAN_IFACE,
+            "netns",
+            &gateway.name,
+        ]);
+        gateway.ip(&[
+            "link",
+            "add",
+            "wan0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &upstream.name,
+        ]);
+        client.ip(&["addr", "add", "10.77.0.2/24", "dev", "eth0"]);
+        client.ip(&["link", "set", "eth0", "up"]);
+        client.ip(&["route", "add", "default", "via", "10.77.0.1"]);
+        gateway.ip(&["addr", "add", "10.77.0.1/24", "dev", LAN_IFACE]);
+        gateway.ip(&["addr", "add", "10.78.0.1/24", "dev", "wan0"]);
+        gateway.ip(&["link", "set", LAN_IFACE, "up"]);
+        gateway.ip(&["link", "set", "wan0", "up"]);
+        gateway.sysctl("net.ipv4.ip_forward", "1");
+        upstream.ip(&["addr", "add", "10.78.0.2/24", "dev", "eth0"]);
+        upstream.ip(&["link", "set", "eth0", "up"]);
+        upstream.ip(&["route", "add", "10.77.0.0/24", "via", "10.78.0.1"]);
+        Lab3 {
+            client,
+            gateway,
+            upstream,
+        }
+    }
+
+    pub fn client_mac(&self) -> [u8; 6] {
+        self.client.mac("eth0")
+    }
+}
