@@ -42,7 +42,29 @@ pub fn demo(_keep: bool) -> Result<()> {
     bail!("the demo is not built yet")
 }
 
-pub fn bench(what: &str, _args: &[String]) -> Result<()> {
+pub fn bench(what: &str, args: &[String]) -> Result<()> {
     ebpf::build(true)?;
-    bail!("unknown benchmark {what:?}")
+    let bin = match what {
+        "dataplane" => "bench-dataplane",
+        other => bail!("unknown benchmark {other:?} (dataplane)"),
+    };
+    println!("[bench] {bin} (writes BENCHMARKS.md)");
+    status(
+        cargo()
+            .args([
+                "run",
+                "--release",
+                "-p",
+                "tollgate-tests",
+                "--bin",
+                bin,
+                "--",
+            ])
+            .args(args)
+            .env(
+                "TOLLGATE_BENCHMARKS_MD",
+                ebpf::workspace_root().join("BENCHMARKS.md"),
+            ),
+        bin,
+    )
 }
