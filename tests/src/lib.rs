@@ -1,1 +1,2 @@
-
+pub mod lnurl;
+pub mod mint;
