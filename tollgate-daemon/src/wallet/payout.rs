@@ -34,6 +34,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{lnurl, MintState, Wallet, WalletError};
 
+/// How long a payout round waits on a melt the mint reports as pending.
+const PENDING_WAIT: Duration = Duration::from_secs(3);
+
 /// One payout attempt, as recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PayoutRecord {
@@ -185,7 +188,8 @@ impl Wallet {
                 Ok(q) => {
                     let outcome = match q.state {
                         MeltQuoteState::Paid => "paid",
-                        MeltQuoteState::Failed | MeltQuoteState::Unpaid => "failed",
+                        // Unpaid/Pending/Unknown: not settled either way yet; keep waiting.
+                        MeltQuoteState::Failed => "failed",
                         _ => continue,
                     };
                     let _ = self
@@ -323,10 +327,28 @@ impl Wallet {
             // Record before confirming: a crash after the mint took the melt still leaves a
             // row whose quote id the next start finalises.
             let id = record(invoice_amount, 0, "pending", Some(&quote.id), None)?;
-            let outcome = prepared.confirm_prefer_async().await;
+            let balance_before = balance;
+            let outcome = match prepared.confirm_prefer_async().await {
+                // The mint answered asynchronously: give Lightning a moment, then leave the
+                // rest to finalize_pending_payouts (the melt saga stays in cdk's database).
+                Ok(MeltOutcome::Pending(pending)) => {
+                    match tokio::time::timeout(PENDING_WAIT, pending).await {
+                        Ok(r) => r.map(Some),
+                        Err(_) => Ok(None),
+                    }
+                }
+                Ok(MeltOutcome::Paid(done)) => Ok(Some(done)),
+                Err(e) => Err(e),
+            };
             return match outcome {
-                Ok(MeltOutcome::Paid(done)) => {
-                    let fee = u64::from(done.fee_paid());
+                Ok(Some(done)) => {
+                    // What left the wallet beyond the invoice: Lightning fee, input fees and
+                    // any swap fee (cdk's fee_paid counts only the first).
+                    let after = self.balance_of(state).await?;
+                    let fee = balance_before
+                        .saturating_sub(after)
+                        .saturating_sub(invoice_amount)
+                        .max(u64::from(done.fee_paid()));
                     let state = match done.state() {
                         MeltQuoteState::Paid => "paid",
                         MeltQuoteState::Pending | MeltQuoteState::Unknown => "pending",
@@ -335,11 +357,7 @@ impl Wallet {
                     self.inner.store.update_payout(id, fee, state, None)?;
                     Ok(state != "failed")
                 }
-                Ok(MeltOutcome::Pending(_)) => {
-                    // Dropped: the melt saga stays in cdk's database and
-                    // finalize_pending_payouts resolves it on a later tick or start.
-                    Ok(true)
-                }
+                Ok(None) => Ok(true),
                 Err(e) => {
                     self.inner
                         .store
