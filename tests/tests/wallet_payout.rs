@@ -159,9 +159,9 @@ async fn pending_melt_survives_restart_and_is_not_repaid() {
     assert!(records.iter().all(|r| r.amount + r.fee <= after - 50));
 }
 
-/// The seed's race, under real concurrency: a chandler task reserves, waits a moment and
-/// creates a token, while a payout task drains everything payable and a refill task keeps
-/// customers paying. With reservations, no token creation after a successful reserve ever
+/// The seed's race, under real concurrency: each iteration the chandler reserves, a payout
+/// round is spawned on another worker (it drains everything payable), the chandler waits
+/// 5–24 ms (long enough for the round to reach the mint) and creates its token; a refill task keeps customers paying. With reservations, no token creation after a successful reserve ever
 /// fails for lack of funds, and payouts never touch reserved funds. Iterations:
 /// `TOLLGATE_RACE_ITERS` (default 300).
 async fn race(bypass: bool) -> (u64, u64) {
@@ -184,15 +184,6 @@ async fn race(bypass: bool) -> (u64, u64) {
     let ok = Arc::new(AtomicU64::new(0));
     let done = tokio_util::sync::CancellationToken::new();
 
-    let payouts = {
-        let (w, url, done) = (wallet.clone(), url.clone(), done.clone());
-        tokio::spawn(async move {
-            while !done.is_cancelled() {
-                let _ = w.payout_once(&url).await;
-                tokio::task::yield_now().await;
-            }
-        })
-    };
     let refill = {
         let (w, url, done, mint) = (wallet.clone(), url.clone(), done.clone(), mint.clone());
         tokio::spawn(async move {
@@ -215,9 +206,16 @@ async fn race(bypass: bool) -> (u64, u64) {
             }
             Err(e) => panic!("reserve: {e}"),
         };
-        // The window the seed describes: balance checked, payout tick lands, then creation.
-        tokio::time::sleep(Duration::from_millis(5 + i % 5)).await;
-        match wallet.create_payment_token(&url, amount, Some(r)).await {
+        // The window the seed describes: balance checked, a payout tick lands (on another
+        // worker thread, really concurrent), then creation.
+        let tick = {
+            let (w, url) = (wallet.clone(), url.clone());
+            tokio::spawn(async move { w.payout_once(&url).await })
+        };
+        tokio::time::sleep(Duration::from_millis(5 + i % 20)).await;
+        let created = wallet.create_payment_token(&url, amount, Some(r)).await;
+        tick.await.expect("payout task").expect("payout round");
+        match created {
             Ok(_) => {
                 ok.fetch_add(1, Ordering::Relaxed);
             }
@@ -228,7 +226,6 @@ async fn race(bypass: bool) -> (u64, u64) {
         }
     }
     done.cancel();
-    payouts.await.expect("payout task");
     refill.await.expect("refill task");
     // No overdraft: every payout fit inside what was payable, nothing reserved is left over.
     let b = wallet.balances().await.expect("b");

@@ -287,7 +287,8 @@ impl Wallet {
         for _ in 0..4 {
             if invoice_amount == 0 {
                 record(0, 0, "skipped", None, Some("share too small for fees"))?;
-                return Ok(false);
+                // Not the recipient's fault: no backoff.
+                return Ok(true);
             }
             let invoice = match lnurl::invoice_for(
                 address,
@@ -373,7 +374,7 @@ impl Wallet {
             None,
             Some("fees exceed the share"),
         )?;
-        Ok(false)
+        Ok(true)
     }
 }
 
