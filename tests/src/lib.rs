@@ -1,7 +1,9 @@
 //! Fixtures shared by tollgate's integration tests: crafted frames, namespace labs,
-//! data-plane pins.
+//! data-plane pins, a real Cashu mint and an LNURL-pay server on loopback.
 
 pub mod frames;
+pub mod lnurl;
+pub mod mint;
 pub mod netns;
 pub mod pins;
 

@@ -30,9 +30,9 @@ pub fn test(extra: &[String]) -> Result<()> {
         cargo().args(["build", "-p", "tollgate-daemon"]),
         "cargo build",
     )?;
-    println!("[test] cargo test --workspace");
+    println!("[test] cargo test (all default members; the eBPF crate is built above)");
     status(
-        cargo().args(["test", "--workspace", "--"]).args(extra),
+        cargo().args(["test", "--"]).args(extra),
         "cargo test",
     )
 }

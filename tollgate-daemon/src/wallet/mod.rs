@@ -1,1 +1,1220 @@
-//! The merchant wallet.
+//! The merchant wallet: receives customers' Cashu tokens, pays upstream gateways, pays out
+//! profits over Lightning. One cdk [`WalletRepository`] over `state_dir/wallet.sqlite` holds
+//! the proofs and cdk's write-ahead sagas; `state_dir/ledger.sqlite` ([`store`]) holds what
+//! the gateway promised on top (receipts, reservations, outgoing tokens, payouts).
+//!
+//! ```text
+//! customer token ─inspect (offline)─> receipt row 'pending' ─NUT-07─> swap ─> 'done' (net)
+//! chandler ─reserve(mint, n)─> reservation ─create_payment_token(.., Some(r))─> token
+//! payout tick ─lock(mint)─> balance − min_balance − reserved ─LNURL─> melt ─> payout row
+//! ```
+//!
+//! Every operation that moves proofs of one mint (send, melt, payout budget) runs under that
+//! mint's lock, because cdk fails concurrent sends from one wallet. `reserve` takes the same
+//! lock, so the check "available ≥ n" and the insert are atomic with respect to payouts: the
+//! seed's race (payout drains the wallet between the chandler's balance check and its token
+//! creation) cannot happen — a payout only ever spends `balance − min_balance − reserved`.
+//!
+//! Reservation states:
+//!
+//! | state    | meaning                                   | leaves by                      |
+//! |----------|-------------------------------------------|--------------------------------|
+//! | active   | row in `reservations`, `expires_at` ahead | consumed by a token, `release` |
+//! | expired  | row with `expires_at` past: ignored       | pruned on open / next reserve  |
+//!
+//! Receipt states (idempotent receive, keyed by the proof set's id):
+//!
+//! | state   | meaning                          | on a repeated `receive` / restart             |
+//! |---------|----------------------------------|-----------------------------------------------|
+//! | pending | swap may be in flight            | resolved: cdk tx record, else NUT-07 + retry  |
+//! | done    | credited `net`                   | returns the first receipt, `replayed = true`  |
+//! | spent   | someone else spent the proofs    | `TokenSpent` again                            |
+//!
+//! Payout states: `pending` (melt sent, Lightning unresolved; finalised on later ticks and at
+//! open) → `paid` | `failed` (proofs returned to the wallet by cdk's melt saga).
+//! A `skipped` row records an unreachable recipient; the share stays in the wallet.
+
+mod lnurl;
+mod payout;
+mod store;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use cdk::cdk_database::WalletDatabase;
+use cdk::mint_url::MintUrl;
+use cdk::nuts::{CheckStateRequest, CurrencyUnit, PublicKey, State, Token};
+use cdk::wallet::{ReceiveOptions, SendOptions, WalletRepository, WalletRepositoryBuilder};
+use cdk::Amount;
+use sha2::{Digest, Sha256};
+use tokio::sync::Mutex;
+
+pub use payout::PayoutRecord;
+use store::{ReceiptState, Store};
+
+/// Largest token string we even try to decode; real tokens are a few KiB.
+const MAX_TOKEN_LEN: usize = 64 * 1024;
+
+/// One accepted mint.
+#[derive(Debug, Clone)]
+pub struct MintSettings {
+    /// Mint URL as configured; compared after [`MintUrl`] normalisation.
+    pub url: String,
+    /// Currency unit; only `sat` is supported.
+    pub unit: String,
+    /// Never pay out below this balance.
+    pub min_balance: u64,
+    /// Skip a payout round while the balance is below this.
+    pub min_payout_amount: u64,
+    /// Payout period for this mint.
+    pub payout_interval_seconds: u64,
+    /// Tolerated overpayment, in percent, when an exact token is not possible.
+    pub balance_tolerance_percent: u64,
+}
+
+impl MintSettings {
+    /// A mint with the reference daemon's defaults (interval 60 s, tolerance 10 %).
+    pub fn new(url: impl Into<String>) -> MintSettings {
+        MintSettings {
+            url: url.into(),
+            unit: "sat".to_string(),
+            min_balance: 0,
+            min_payout_amount: 0,
+            payout_interval_seconds: 60,
+            balance_tolerance_percent: 10,
+        }
+    }
+}
+
+/// One profit-share recipient.
+#[derive(Debug, Clone)]
+pub struct ProfitShare {
+    /// Identity name (`owner` is paid first).
+    pub identity: String,
+    /// Share in [0, 1]; shares sum to 1.
+    pub factor: f64,
+    /// `user@domain` Lightning address.
+    pub lightning_address: String,
+}
+
+/// The wallet's section of the configuration.
+#[derive(Debug, Clone)]
+pub struct WalletSettings {
+    /// Accepted mints.
+    pub mints: Vec<MintSettings>,
+    /// Profit-share recipients.
+    pub profit_share: Vec<ProfitShare>,
+    /// Maximum Lightning + input fees for a rebalance, in percent of the amount.
+    pub rebalance_fee_budget_percent: u64,
+    /// Default reservation lifetime.
+    pub reservation_ttl: Duration,
+    /// Allow plain-http LNURL on loopback hosts. Tests only.
+    pub allow_loopback_lnurl: bool,
+    /// TEST ONLY: make reservations no-ops, to prove the race test catches the seed's bug.
+    #[doc(hidden)]
+    pub bypass_reservations_for_tests: bool,
+}
+
+impl WalletSettings {
+    /// Settings with the given mints and defaults elsewhere.
+    pub fn new(mints: Vec<MintSettings>) -> WalletSettings {
+        WalletSettings {
+            mints,
+            profit_share: Vec::new(),
+            rebalance_fee_budget_percent: 2,
+            reservation_ttl: Duration::from_secs(30),
+            allow_loopback_lnurl: false,
+            bypass_reservations_for_tests: false,
+        }
+    }
+}
+
+/// The wallet's errors. The merchant maps them to TollGate notice codes.
+#[derive(Debug, thiserror::Error)]
+pub enum WalletError {
+    /// Not a decodable Cashu token.
+    #[error("invalid token: {reason}")]
+    InvalidToken { reason: String },
+    /// The token's mint is not one we accept.
+    #[error("mint not accepted: {mint}")]
+    MintNotAccepted { mint: String },
+    /// The token's unit is not one we accept.
+    #[error("unit not accepted: {unit}")]
+    WrongUnit { unit: String },
+    /// P2PK/HTLC-locked proofs are never accepted as payment.
+    #[error("token is locked by spending conditions")]
+    Locked,
+    /// The token's proofs are already spent.
+    #[error("token already spent")]
+    TokenSpent,
+    /// The token's proofs are in a pending transaction at the mint.
+    #[error("token is pending at the mint")]
+    TokenPending,
+    /// The mint could not be reached or answered with an error.
+    #[error("mint {mint} unavailable: {message}")]
+    MintUnavailable { mint: String, message: String },
+    /// The mint rate-limits us.
+    #[error("mint rate limited, retry after {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
+    /// Not enough unreserved funds.
+    #[error("insufficient funds at {mint}: need {needed}, available {available}")]
+    InsufficientFunds {
+        mint: String,
+        needed: u64,
+        available: u64,
+    },
+    /// The reservation does not exist or has expired.
+    #[error("reservation {id} unknown or expired")]
+    ReservationExpired { id: String },
+    /// No outgoing token with that operation id.
+    #[error("unknown operation {op_id}")]
+    UnknownOperation { op_id: String },
+    /// Resolving a Lightning address failed.
+    #[error("lnurl {address}: {message}")]
+    Lnurl { address: String, message: String },
+    /// The operation would exceed its fee budget.
+    #[error("fee {fee} exceeds budget {budget}")]
+    FeeBudget { fee: u64, budget: u64 },
+    /// Our own database failed.
+    #[error("storage: {message}")]
+    Storage { message: String },
+    /// The seed file could not be read or written.
+    #[error("seed file {path}: {source}")]
+    Seed {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The mnemonic is not valid BIP-39.
+    #[error("invalid mnemonic: {message}")]
+    Mnemonic { message: String },
+    /// cdk failed in a way none of the above describes.
+    #[error("cashu wallet: {source}")]
+    Cdk {
+        #[source]
+        source: cdk::Error,
+    },
+}
+
+impl WalletError {
+    fn from_cdk(mint: &str, e: cdk::Error) -> WalletError {
+        match e {
+            cdk::Error::TokenAlreadySpent => WalletError::TokenSpent,
+            cdk::Error::TokenPending => WalletError::TokenPending,
+            cdk::Error::HttpError(Some(429), _) => WalletError::RateLimited {
+                retry_after_secs: 60,
+            },
+            cdk::Error::HttpError(_, message) => WalletError::MintUnavailable {
+                mint: mint.to_string(),
+                message,
+            },
+            cdk::Error::Timeout => WalletError::MintUnavailable {
+                mint: mint.to_string(),
+                message: "timeout".to_string(),
+            },
+            cdk::Error::InsufficientFunds => WalletError::InsufficientFunds {
+                mint: mint.to_string(),
+                needed: 0,
+                available: 0,
+            },
+            source => WalletError::Cdk { source },
+        }
+    }
+}
+
+/// What [`Wallet::inspect`] learns from a token without network access.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenInfo {
+    /// sha256 over the sorted proof secrets: the same proofs give the same id whatever the
+    /// encoding (v3/v4, memo, order).
+    pub token_id: String,
+    /// Canonical mint URL.
+    pub mint: String,
+    /// Unit (`sat`).
+    pub unit: String,
+    /// Face value (before the mint's input fee).
+    pub amount: u64,
+}
+
+/// The result of [`Wallet::receive`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    pub token_id: String,
+    pub mint: String,
+    pub unit: String,
+    /// Face value of the token.
+    pub gross: u64,
+    /// Credited after the mint's input fee: price the customer with this.
+    pub net: u64,
+    /// True when this token was already received before (nothing credited this time).
+    pub replayed: bool,
+}
+
+/// Balance of one accepted mint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MintBalance {
+    pub mint: String,
+    pub unit: String,
+    /// Unspent proofs.
+    pub balance: u64,
+    /// Sum of active reservations.
+    pub reserved: u64,
+    /// `balance − reserved`.
+    pub available: u64,
+}
+
+/// Funds set aside for one upcoming payment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub id: String,
+    pub mint: String,
+    pub amount: u64,
+}
+
+/// A token created for an upstream gateway.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OutgoingToken {
+    /// The encoded token (cashuB).
+    pub token: String,
+    /// cdk send operation id: pass to [`Wallet::reclaim`] if the upstream rejects the token.
+    pub op_id: String,
+    pub mint: String,
+    /// Requested amount: what the receiver nets after its swap fee.
+    pub amount: u64,
+    /// Face value of the token.
+    pub value: u64,
+    /// Input fee the receiver pays to swap the token.
+    pub receiver_fee: u64,
+}
+
+impl fmt::Debug for OutgoingToken {
+    // The token is bearer money: never print it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutgoingToken")
+            .field("op_id", &self.op_id)
+            .field("mint", &self.mint)
+            .field("amount", &self.amount)
+            .field("value", &self.value)
+            .field("receiver_fee", &self.receiver_fee)
+            .finish()
+    }
+}
+
+/// The wallet. Cheap to clone.
+#[derive(Clone)]
+pub struct Wallet {
+    inner: Arc<Inner>,
+}
+
+struct MintState {
+    settings: MintSettings,
+    url: MintUrl,
+    /// Serialises proof-moving operations of this mint (cdk cannot run two sends at once) and
+    /// makes reserve's check-and-insert atomic against payouts.
+    lock: Mutex<()>,
+}
+
+struct Inner {
+    settings: WalletSettings,
+    mnemonic: bip39::Mnemonic,
+    repo: WalletRepository,
+    db: Arc<cdk_sqlite::WalletSqliteDatabase>,
+    store: Store,
+    mints: BTreeMap<String, MintState>,
+    /// Per-token locks so concurrent receives of one token run one after the other.
+    receiving: StdMutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Minimum purchase per mint registered by the chandler, for warnings.
+    minimum_purchase: StdMutex<HashMap<String, u64>>,
+    payouts: payout::PayoutState,
+}
+
+fn unit_of(s: &str) -> Result<CurrencyUnit, WalletError> {
+    match s {
+        "sat" => Ok(CurrencyUnit::Sat),
+        other => Err(WalletError::WrongUnit {
+            unit: other.to_string(),
+        }),
+    }
+}
+
+/// Canonical form of a mint URL (lower-case host, no trailing slash).
+pub fn canonical_mint_url(url: &str) -> Result<String, WalletError> {
+    MintUrl::from_str(url.trim())
+        .map(|u| u.to_string())
+        .map_err(|_| WalletError::MintNotAccepted {
+            mint: url.to_string(),
+        })
+}
+
+fn write_seed(path: &Path, mnemonic: &bip39::Mnemonic) -> Result<(), WalletError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let seed_err = |source| WalletError::Seed {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(seed_err)?;
+    f.write_all(mnemonic.to_string().as_bytes())
+        .map_err(seed_err)?;
+    f.sync_all().map_err(seed_err)?;
+    // Rename so a crash never leaves a half-written seed behind.
+    std::fs::rename(&tmp, path).map_err(seed_err)
+}
+
+fn load_or_create_seed(state_dir: &Path) -> Result<bip39::Mnemonic, WalletError> {
+    let path = state_dir.join("seed");
+    match std::fs::read_to_string(&path) {
+        Ok(words) => bip39::Mnemonic::parse(words.trim()).map_err(|e| WalletError::Mnemonic {
+            message: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mnemonic = bip39::Mnemonic::generate(12).map_err(|e| WalletError::Mnemonic {
+                message: e.to_string(),
+            })?;
+            write_seed(&path, &mnemonic)?;
+            Ok(mnemonic)
+        }
+        Err(source) => Err(WalletError::Seed { path, source }),
+    }
+}
+
+/// Y = hash_to_curve(secret) of each proof: how the mint (NUT-07) and cdk's records name them.
+fn token_ys(token: &Token) -> Result<Vec<PublicKey>, WalletError> {
+    token
+        .token_secrets()
+        .into_iter()
+        .map(|s| {
+            cdk::dhke::hash_to_curve(s.as_bytes()).map_err(|e| WalletError::InvalidToken {
+                reason: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+impl Wallet {
+    /// Open (or create) the wallet in `state_dir` and recover whatever a previous run left
+    /// half-done.
+    pub async fn open(state_dir: &Path, settings: WalletSettings) -> Result<Wallet, WalletError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| WalletError::Seed {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let mnemonic = load_or_create_seed(state_dir)?;
+        let wallet = Self::build(state_dir, mnemonic, settings).await?;
+        wallet.recover().await?;
+        Ok(wallet)
+    }
+
+    /// Recreate the wallet from `mnemonic` after losing the database: writes the seed, then
+    /// runs NUT-09/13 restore on every accepted mint before anything else touches the
+    /// deterministic counters (a fresh counter would make the mint answer "outputs already
+    /// signed").
+    pub async fn restore(
+        state_dir: &Path,
+        mnemonic: &str,
+        settings: WalletSettings,
+    ) -> Result<Wallet, WalletError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| WalletError::Seed {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let mnemonic =
+            bip39::Mnemonic::parse(mnemonic.trim()).map_err(|e| WalletError::Mnemonic {
+                message: e.to_string(),
+            })?;
+        write_seed(&state_dir.join("seed"), &mnemonic)?;
+        let wallet = Self::build(state_dir, mnemonic, settings).await?;
+        for state in wallet.inner.mints.values() {
+            let w = wallet.cdk_wallet(state).await?;
+            let restored = w
+                .restore()
+                .await
+                .map_err(|e| WalletError::from_cdk(&state.settings.url, e))?;
+            tracing::info!(mint = %state.url, unspent = %restored.unspent, "restored from seed");
+        }
+        wallet.recover().await?;
+        Ok(wallet)
+    }
+
+    async fn build(
+        state_dir: &Path,
+        mnemonic: bip39::Mnemonic,
+        settings: WalletSettings,
+    ) -> Result<Wallet, WalletError> {
+        let db = Arc::new(
+            cdk_sqlite::WalletSqliteDatabase::new(state_dir.join("wallet.sqlite"))
+                .await
+                .map_err(|e| WalletError::Storage {
+                    message: e.to_string(),
+                })?,
+        );
+        let repo = WalletRepositoryBuilder::new()
+            .localstore(db.clone())
+            .seed(mnemonic.to_seed_normalized(""))
+            // cdk's default (20 requests, then 20/min per host) would stall a busy gateway.
+            .with_rate_limiting_disabled()
+            .build()
+            .await
+            .map_err(|e| WalletError::Cdk { source: e })?;
+        let mut mints = BTreeMap::new();
+        for m in &settings.mints {
+            let url =
+                MintUrl::from_str(m.url.trim()).map_err(|_| WalletError::MintNotAccepted {
+                    mint: m.url.clone(),
+                })?;
+            let unit = unit_of(&m.unit)?;
+            if !repo.has_wallet(&url, &unit).await {
+                repo.create_wallet(url.clone(), unit, None)
+                    .await
+                    .map_err(|e| WalletError::Cdk { source: e })?;
+            }
+            mints.insert(
+                url.to_string(),
+                MintState {
+                    settings: m.clone(),
+                    url,
+                    lock: Mutex::new(()),
+                },
+            );
+        }
+        let store = Store::open(&state_dir.join("ledger.sqlite"))?;
+        Ok(Wallet {
+            inner: Arc::new(Inner {
+                settings,
+                mnemonic,
+                repo,
+                db,
+                store,
+                mints,
+                receiving: StdMutex::new(HashMap::new()),
+                minimum_purchase: StdMutex::new(HashMap::new()),
+                payouts: payout::PayoutState::default(),
+            }),
+        })
+    }
+
+    /// Start-up recovery: cdk sagas, pending melts, our pending receipts, stale reservations.
+    /// A mint that is down is logged and skipped: its sagas stay and are retried next start.
+    async fn recover(&self) -> Result<(), WalletError> {
+        for state in self.inner.mints.values() {
+            let w = self.cdk_wallet(state).await?;
+            match w.recover_incomplete_sagas().await {
+                Ok(report) => tracing::info!(mint = %state.url, ?report, "saga recovery"),
+                Err(e) => tracing::warn!(mint = %state.url, error = %e, "saga recovery failed"),
+            }
+            if let Err(e) = w.finalize_pending_melts().await {
+                tracing::warn!(mint = %state.url, error = %e, "finalising pending melts failed");
+            }
+        }
+        for (token_id, token) in self.inner.store.pending_receipts()? {
+            if let Err(e) = self.resolve_pending_receipt(&token_id, &token).await {
+                tracing::warn!(%token_id, error = %e, "pending receipt unresolved");
+            }
+        }
+        self.inner.store.prune_reservations()?;
+        self.finalize_pending_payouts().await;
+        Ok(())
+    }
+
+    fn mint_state(&self, mint: &str) -> Result<&MintState, WalletError> {
+        let key = canonical_mint_url(mint)?;
+        self.inner
+            .mints
+            .get(&key)
+            .ok_or(WalletError::MintNotAccepted { mint: key })
+    }
+
+    async fn cdk_wallet(&self, state: &MintState) -> Result<cdk::Wallet, WalletError> {
+        let unit = unit_of(&state.settings.unit)?;
+        self.inner
+            .repo
+            .get_wallet(&state.url, &unit)
+            .await
+            .map_err(|e| WalletError::Cdk { source: e })
+    }
+
+    /// The BIP-39 words of the wallet seed: the backup.
+    pub fn mnemonic(&self) -> String {
+        self.inner.mnemonic.to_string()
+    }
+
+    /// Decode and check a token without touching the network.
+    pub fn inspect(&self, token: &str) -> Result<TokenInfo, WalletError> {
+        let (info, _) = self.decode(token)?;
+        Ok(info)
+    }
+
+    fn decode(&self, raw: &str) -> Result<(TokenInfo, Token), WalletError> {
+        if raw.len() > MAX_TOKEN_LEN {
+            return Err(WalletError::InvalidToken {
+                reason: format!("longer than {MAX_TOKEN_LEN} bytes"),
+            });
+        }
+        let s = raw.trim();
+        let s = s
+            .strip_prefix("cashu:")
+            .or_else(|| s.strip_prefix("CASHU:"))
+            .unwrap_or(s)
+            .trim();
+        let token = Token::from_str(s).map_err(|e| WalletError::InvalidToken {
+            reason: e.to_string(),
+        })?;
+        if let Token::TokenV3(v3) = &token {
+            if v3.is_multi_mint() {
+                return Err(WalletError::InvalidToken {
+                    reason: "multi-mint token".to_string(),
+                });
+            }
+        }
+        let mint = token
+            .mint_url()
+            .map_err(|e| WalletError::InvalidToken {
+                reason: e.to_string(),
+            })?
+            .to_string();
+        let state = self
+            .inner
+            .mints
+            .get(&mint)
+            .ok_or_else(|| WalletError::MintNotAccepted { mint: mint.clone() })?;
+        let unit = token.unit().unwrap_or_default().to_string();
+        if unit != state.settings.unit {
+            return Err(WalletError::WrongUnit { unit });
+        }
+        // Any NUT-10 secret (P2PK, HTLC) is a condition we would have to satisfy: reject all.
+        let conditions = token
+            .spending_conditions()
+            .map_err(|e| WalletError::InvalidToken {
+                reason: e.to_string(),
+            })?;
+        let secrets = token.token_secrets();
+        if !conditions.is_empty() || secrets.iter().any(|s| s.as_bytes().first() == Some(&b'[')) {
+            return Err(WalletError::Locked);
+        }
+        if secrets.is_empty() {
+            return Err(WalletError::InvalidToken {
+                reason: "no proofs".to_string(),
+            });
+        }
+        let amount: u64 = token
+            .value()
+            .map_err(|e| WalletError::InvalidToken {
+                reason: e.to_string(),
+            })?
+            .into();
+        let mut sorted: Vec<&[u8]> = secrets.iter().map(|s| s.as_bytes()).collect();
+        sorted.sort_unstable();
+        let mut h = Sha256::new();
+        for s in sorted {
+            h.update((s.len() as u64).to_be_bytes());
+            h.update(s);
+        }
+        let token_id = h
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>();
+        Ok((
+            TokenInfo {
+                token_id,
+                mint,
+                unit,
+                amount,
+            },
+            token,
+        ))
+    }
+
+    /// Redeem a customer's token. Idempotent per proof set: a repeated call returns the first
+    /// receipt with `replayed = true`.
+    pub async fn receive(&self, token: &str) -> Result<Receipt, WalletError> {
+        let (info, parsed) = self.decode(token)?;
+        // Serialise receives of the same proofs; different tokens run in parallel.
+        let lock = {
+            let mut map = self
+                .inner
+                .receiving
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            map.entry(info.token_id.clone()).or_default().clone()
+        };
+        let result = {
+            let _guard = lock.lock().await;
+            self.receive_locked(&info, &parsed, token.trim()).await
+        };
+        {
+            let mut map = self
+                .inner
+                .receiving
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            // Only the map and we hold it: nobody else is waiting, drop the entry.
+            if Arc::strong_count(&lock) == 2 {
+                map.remove(&info.token_id);
+            }
+        }
+        result
+    }
+
+    async fn receive_locked(
+        &self,
+        info: &TokenInfo,
+        parsed: &Token,
+        raw: &str,
+    ) -> Result<Receipt, WalletError> {
+        let receipt = |gross, net, replayed| Receipt {
+            token_id: info.token_id.clone(),
+            mint: info.mint.clone(),
+            unit: info.unit.clone(),
+            gross,
+            net,
+            replayed,
+        };
+        if let Some(row) = self.inner.store.receipt(&info.token_id)? {
+            match row.state {
+                ReceiptState::Done { gross, net } => return Ok(receipt(gross, net, true)),
+                ReceiptState::Spent => return Err(WalletError::TokenSpent),
+                ReceiptState::Pending => {
+                    if let Some((gross, net)) = self
+                        .resolve_pending_receipt(&info.token_id, &row.token)
+                        .await?
+                    {
+                        return Ok(receipt(gross, net, true));
+                    }
+                    // Resolved as "never swapped": fall through and receive now.
+                }
+            }
+        }
+        let state = self.mint_state(&info.mint)?;
+        let w = self.cdk_wallet(state).await?;
+        let ys = token_ys(parsed)?;
+
+        // NUT-07 first: receiving a spent token would leave cdk with a stuck saga.
+        let states = w
+            .mint_connector()
+            .post_check_state(CheckStateRequest { ys: ys.clone() })
+            .await
+            .map_err(|e| WalletError::from_cdk(&info.mint, e))?;
+        if states.states.iter().any(|s| s.state == State::Spent) {
+            return Err(WalletError::TokenSpent);
+        }
+        if states.states.iter().any(|s| s.state == State::Pending) {
+            return Err(WalletError::TokenPending);
+        }
+
+        // Write-ahead: from here on a crash is resolved by resolve_pending_receipt.
+        self.inner
+            .store
+            .put_receipt_pending(&info.token_id, &info.mint, &info.unit, raw)?;
+        match w.receive(raw, ReceiveOptions::default()).await {
+            Ok(net) => {
+                let net: u64 = net.into();
+                self.inner
+                    .store
+                    .set_receipt_done(&info.token_id, info.amount, net)?;
+                Ok(receipt(info.amount, net, false))
+            }
+            Err(cdk::Error::TokenAlreadySpent) | Err(cdk::Error::TokenPending) => {
+                // Lost a race against another spender after the NUT-07 check.
+                self.cleanup_foreign_receive(&w, &ys).await;
+                self.inner.store.set_receipt_spent(&info.token_id)?;
+                Err(WalletError::TokenSpent)
+            }
+            Err(e) => {
+                let err = WalletError::from_cdk(&info.mint, e);
+                // Ambiguous (the mint may have swapped): keep the row pending; the next call
+                // or the next start resolves it. Definitive: cdk compensated, forget it.
+                if let Ok(None) = self.resolve_pending_receipt(&info.token_id, raw).await {
+                    self.inner.store.delete_receipt(&info.token_id)?;
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Decide what happened to a receipt left `pending`. `Some((gross, net))` if the token
+    /// was credited, `None` if it was not (row removed so the caller may retry), `TokenSpent`
+    /// if someone else spent it.
+    async fn resolve_pending_receipt(
+        &self,
+        token_id: &str,
+        raw: &str,
+    ) -> Result<Option<(u64, u64)>, WalletError> {
+        let (info, parsed) = self.decode(raw)?;
+        let state = self.mint_state(&info.mint)?;
+        let w = self.cdk_wallet(state).await?;
+        // Let cdk finish or compensate its own receive saga first (it re-fetches signatures
+        // via NUT-09 when the swap went through but the answer was lost).
+        if let Err(e) = w.recover_incomplete_sagas().await {
+            tracing::warn!(error = %e, "saga recovery during receipt resolution");
+        }
+        let ys = token_ys(&parsed)?;
+        if let Some(tx) = self.completed_incoming(&w, &ys).await? {
+            let net: u64 = tx.amount.into();
+            self.inner
+                .store
+                .set_receipt_done(token_id, info.amount, net)?;
+            return Ok(Some((info.amount, net)));
+        }
+        let states = w
+            .mint_connector()
+            .post_check_state(CheckStateRequest { ys: ys.clone() })
+            .await
+            .map_err(|e| WalletError::from_cdk(&info.mint, e))?;
+        if states.states.iter().all(|s| s.state == State::Unspent) {
+            self.inner.store.delete_receipt(token_id)?;
+            return Ok(None);
+        }
+        if states.states.iter().any(|s| s.state == State::Pending) {
+            return Err(WalletError::TokenPending);
+        }
+        // Spent but no completed incoming transaction of ours: someone else spent it.
+        self.cleanup_foreign_receive(&w, &ys).await;
+        self.inner.store.set_receipt_spent(token_id)?;
+        Err(WalletError::TokenSpent)
+    }
+
+    async fn completed_incoming(
+        &self,
+        w: &cdk::Wallet,
+        ys: &[PublicKey],
+    ) -> Result<Option<cdk::wallet::types::Transaction>, WalletError> {
+        let txs = w
+            .list_transactions(Some(cdk::wallet::types::TransactionDirection::Incoming))
+            .await
+            .map_err(|e| WalletError::Cdk { source: e })?;
+        Ok(txs.into_iter().find(|tx| {
+            tx.status == cdk::wallet::types::TransactionStatus::Completed
+                && !ys.is_empty()
+                && ys.iter().all(|y| tx.ys.contains(y))
+        }))
+    }
+
+    /// After a receive of already-spent proofs cdk keeps the receive saga (the error is not
+    /// "definitive" to it) and the foreign proofs as pending: a phantom pending balance and a
+    /// recovery failure on every start. Remove exactly those: the saga named by the pending
+    /// transaction over these Ys, and the proofs with these Ys (foreign proofs, never ours).
+    /// `release_proofs` would be wrong: it marks the spent proofs unspent.
+    async fn cleanup_foreign_receive(&self, w: &cdk::Wallet, ys: &[PublicKey]) {
+        let db = &self.inner.db;
+        if let Ok(txs) = w
+            .list_transactions(Some(cdk::wallet::types::TransactionDirection::Incoming))
+            .await
+        {
+            for tx in txs {
+                if tx.status != cdk::wallet::types::TransactionStatus::Completed
+                    && ys.iter().all(|y| tx.ys.contains(y))
+                {
+                    if let Some(saga_id) = tx.saga_id {
+                        if let Err(e) = db.delete_saga(&saga_id).await {
+                            tracing::warn!(%saga_id, error = %e, "deleting stuck receive saga");
+                        }
+                    }
+                    if let Err(e) = db.remove_transaction(tx.id()).await {
+                        tracing::warn!(error = %e, "removing failed receive transaction");
+                    }
+                }
+            }
+        }
+        if let Err(e) = db.update_proofs(Vec::new(), ys.to_vec()).await {
+            tracing::warn!(error = %e, "removing foreign pending proofs");
+        }
+    }
+
+    /// Balances of every accepted mint.
+    pub async fn balances(&self) -> Result<Vec<MintBalance>, WalletError> {
+        let mut out = Vec::new();
+        for (key, state) in &self.inner.mints {
+            let balance = self.balance_of(state).await?;
+            let reserved = self.reserved_of(key)?;
+            out.push(MintBalance {
+                mint: key.clone(),
+                unit: state.settings.unit.clone(),
+                balance,
+                reserved,
+                available: balance.saturating_sub(reserved),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn balance_of(&self, state: &MintState) -> Result<u64, WalletError> {
+        let w = self.cdk_wallet(state).await?;
+        let b: u64 = w
+            .total_balance()
+            .await
+            .map_err(|e| WalletError::Cdk { source: e })?
+            .into();
+        Ok(b)
+    }
+
+    fn reserved_of(&self, mint_key: &str) -> Result<u64, WalletError> {
+        if self.inner.settings.bypass_reservations_for_tests {
+            return Ok(0);
+        }
+        self.inner.store.reserved(mint_key)
+    }
+
+    /// Unspent balance minus active reservations.
+    pub async fn available_balance(&self, mint: &str) -> Result<u64, WalletError> {
+        let state = self.mint_state(mint)?;
+        let balance = self.balance_of(state).await?;
+        Ok(balance.saturating_sub(self.reserved_of(&state.url.to_string())?))
+    }
+
+    /// Set `amount` aside for a payment about to be made. Fails with `InsufficientFunds`
+    /// rather than over-committing. Expires after `ttl` by itself.
+    pub async fn reserve(
+        &self,
+        mint: &str,
+        amount: u64,
+        ttl: Duration,
+    ) -> Result<Reservation, WalletError> {
+        let state = self.mint_state(mint)?;
+        let key = state.url.to_string();
+        let _guard = state.lock.lock().await;
+        let balance = self.balance_of(state).await?;
+        let available = balance.saturating_sub(self.reserved_of(&key)?);
+        if available < amount {
+            return Err(WalletError::InsufficientFunds {
+                mint: key,
+                needed: amount,
+                available,
+            });
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        if !self.inner.settings.bypass_reservations_for_tests {
+            let expires = store::now_ms() + ttl.as_millis() as u64;
+            self.inner
+                .store
+                .put_reservation(&id, &key, amount, expires)?;
+        }
+        Ok(Reservation {
+            id,
+            mint: key,
+            amount,
+        })
+    }
+
+    /// Give a reservation back. Returns false if it had already expired or been used.
+    pub fn release(&self, reservation: &Reservation) -> Result<bool, WalletError> {
+        self.inner.store.delete_reservation(&reservation.id)
+    }
+
+    /// Default reservation lifetime from the settings.
+    pub fn reservation_ttl(&self) -> Duration {
+        self.inner.settings.reservation_ttl
+    }
+
+    /// Create a token the receiver can swap for at least `amount` (its input fee included).
+    /// With a reservation, the funds it holds are used and the reservation is consumed.
+    pub async fn create_payment_token(
+        &self,
+        mint: &str,
+        amount: u64,
+        reservation: Option<Reservation>,
+    ) -> Result<OutgoingToken, WalletError> {
+        let state = self.mint_state(mint)?;
+        let key = state.url.to_string();
+        let _guard = state.lock.lock().await;
+        let own = match &reservation {
+            Some(r) if !self.inner.settings.bypass_reservations_for_tests => {
+                match self.inner.store.reservation(&r.id)? {
+                    Some((m, amt)) if m == key => amt,
+                    _ => {
+                        return Err(WalletError::ReservationExpired { id: r.id.clone() });
+                    }
+                }
+            }
+            _ => 0,
+        };
+        let balance = self.balance_of(state).await?;
+        let others = self.reserved_of(&key)?.saturating_sub(own);
+        let available = balance.saturating_sub(others);
+        if available < amount {
+            return Err(WalletError::InsufficientFunds {
+                mint: key,
+                needed: amount,
+                available,
+            });
+        }
+        let w = self.cdk_wallet(state).await?;
+        let max_fee_ppk = w
+            .get_keyset_fees_and_amounts()
+            .await
+            .map_err(|e| WalletError::from_cdk(&key, e))?
+            .values()
+            .map(|f| f.fee())
+            .max()
+            .unwrap_or(0);
+        // include_fee can be off by a few sats (cdk issue 2493): verify, top up, retry.
+        let mut ask = amount;
+        let tolerance = amount * state.settings.balance_tolerance_percent / 100 + 1;
+        for _ in 0..3 {
+            let opts = SendOptions {
+                include_fee: true,
+                ..Default::default()
+            };
+            let prepared = w.prepare_send(Amount::from(ask), opts).await.map_err(|e| {
+                match WalletError::from_cdk(&key, e) {
+                    WalletError::InsufficientFunds { .. } => WalletError::InsufficientFunds {
+                        mint: key.clone(),
+                        needed: ask,
+                        available,
+                    },
+                    other => other,
+                }
+            })?;
+            let op_id = prepared.operation_id();
+            let token = prepared
+                .confirm(None)
+                .await
+                .map_err(|e| WalletError::from_cdk(&key, e))?;
+            let value: u64 = token
+                .value()
+                .map_err(|e| WalletError::InvalidToken {
+                    reason: e.to_string(),
+                })?
+                .into();
+            let n = token.token_secrets().len() as u64;
+            let receiver_fee = (n * max_fee_ppk).div_ceil(1000);
+            let net = value.saturating_sub(receiver_fee);
+            self.inner
+                .store
+                .put_outgoing(&op_id.to_string(), &key, amount, value, receiver_fee)?;
+            if net >= amount && net <= amount + tolerance {
+                if let Some(r) = &reservation {
+                    self.inner.store.delete_reservation(&r.id)?;
+                }
+                return Ok(OutgoingToken {
+                    token: token.to_string(),
+                    op_id: op_id.to_string(),
+                    mint: key,
+                    amount,
+                    value,
+                    receiver_fee,
+                });
+            }
+            tracing::warn!(
+                amount,
+                value,
+                receiver_fee,
+                "token value off; revoking and retrying"
+            );
+            w.revoke_send(op_id)
+                .await
+                .map_err(|e| WalletError::from_cdk(&key, e))?;
+            self.inner
+                .store
+                .set_outgoing_state(&op_id.to_string(), "revoked")?;
+            ask = if net < amount {
+                ask + (amount - net)
+            } else {
+                ask.saturating_sub(net - amount).max(1)
+            };
+        }
+        Err(WalletError::FeeBudget {
+            fee: ask.saturating_sub(amount),
+            budget: tolerance,
+        })
+    }
+
+    /// Take back an outgoing token the upstream did not claim (or rejected). Returns the
+    /// amount returned to the wallet.
+    pub async fn reclaim(&self, op_id: &str) -> Result<u64, WalletError> {
+        let mint = self.inner.store.outgoing_mint(op_id)?.ok_or_else(|| {
+            WalletError::UnknownOperation {
+                op_id: op_id.to_string(),
+            }
+        })?;
+        let uuid = uuid::Uuid::parse_str(op_id).map_err(|_| WalletError::UnknownOperation {
+            op_id: op_id.to_string(),
+        })?;
+        let state = self.mint_state(&mint)?;
+        let _guard = state.lock.lock().await;
+        let w = self.cdk_wallet(state).await?;
+        let amount: u64 = w
+            .revoke_send(uuid)
+            .await
+            .map_err(|e| WalletError::from_cdk(&mint, e))?
+            .into();
+        self.inner.store.set_outgoing_state(op_id, "reclaimed")?;
+        Ok(amount)
+    }
+
+    /// The chandler registers the smallest purchase an upstream accepts at `mint`, so that
+    /// [`Wallet::warnings`] can tell the operator before a purchase fails.
+    pub fn set_minimum_purchase(&self, mint: &str, amount: u64) {
+        if let Ok(key) = canonical_mint_url(mint) {
+            self.inner
+                .minimum_purchase
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key, amount);
+        }
+    }
+
+    /// Operator-facing warnings, e.g. too little balance for an upstream's minimum purchase.
+    /// Uses the balances cached by the last [`Wallet::balances`]-style query.
+    pub async fn warnings(&self) -> Vec<String> {
+        let mins: Vec<(String, u64)> = self
+            .inner
+            .minimum_purchase
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        let mut out = Vec::new();
+        let balances = match self.balances().await {
+            Ok(b) => b,
+            Err(e) => return vec![format!("wallet balance unavailable: {e}")],
+        };
+        for (mint, min) in mins {
+            match balances.iter().find(|b| b.mint == mint) {
+                Some(b) if b.available < min => out.push(format!(
+                    "available balance {} at {mint} is below the upstream minimum purchase {min}",
+                    b.available
+                )),
+                Some(_) => {}
+                None => out.push(format!(
+                    "upstream requires mint {mint}, which is not an accepted mint"
+                )),
+            }
+        }
+        out.extend(self.inner.payouts.warnings());
+        out
+    }
+
+    /// Move `amount` to `to_mint` from whichever other accepted mint has the most available,
+    /// over Lightning (mint quote on the target, melt on the source), within the fee budget.
+    /// Returns the fee paid.
+    pub async fn rebalance(&self, to_mint: &str, amount: u64) -> Result<u64, WalletError> {
+        let target = self.mint_state(to_mint)?;
+        let target_key = target.url.to_string();
+        let budget = amount * self.inner.settings.rebalance_fee_budget_percent / 100 + 1;
+        let mut source = None;
+        for b in self.balances().await? {
+            if b.mint != target_key
+                && b.available
+                    .saturating_sub(self.mint_state(&b.mint)?.settings.min_balance)
+                    >= amount + budget
+            {
+                source = Some(b.mint);
+                break;
+            }
+        }
+        let source_key = source.ok_or_else(|| WalletError::InsufficientFunds {
+            mint: "any other accepted mint".to_string(),
+            needed: amount + budget,
+            available: 0,
+        })?;
+        let source = self.mint_state(&source_key)?;
+        let tw = self.cdk_wallet(target).await?;
+        let sw = self.cdk_wallet(source).await?;
+        let quote = tw
+            .mint_quote(
+                cdk::nuts::PaymentMethod::BOLT11,
+                Some(Amount::from(amount)),
+                None,
+                None,
+            )
+            .await
+            .map_err(|e| WalletError::from_cdk(&target_key, e))?;
+        let fee = {
+            let _guard = source.lock.lock().await;
+            let melt_quote = sw
+                .melt_quote(cdk::nuts::PaymentMethod::BOLT11, &quote.request, None, None)
+                .await
+                .map_err(|e| WalletError::from_cdk(&source_key, e))?;
+            let prepared = sw
+                .prepare_melt(&melt_quote.id, HashMap::new())
+                .await
+                .map_err(|e| WalletError::from_cdk(&source_key, e))?;
+            let max_fee: u64 = (melt_quote.fee_reserve + prepared.total_fee()).into();
+            if max_fee > budget {
+                let _ = prepared.cancel().await;
+                return Err(WalletError::FeeBudget {
+                    fee: max_fee,
+                    budget,
+                });
+            }
+            let done = prepared
+                .confirm()
+                .await
+                .map_err(|e| WalletError::from_cdk(&source_key, e))?;
+            u64::from(done.fee_paid())
+        };
+        tw.wait_and_mint_quote(
+            quote,
+            Default::default(),
+            Default::default(),
+            Duration::from_secs(60),
+        )
+        .await
+        .map_err(|e| WalletError::from_cdk(&target_key, e))?;
+        Ok(fee)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> WalletSettings {
+        WalletSettings::new(vec![MintSettings::new("https://Mint.Example.com/")])
+    }
+
+    #[tokio::test]
+    async fn open_creates_private_seed_and_reopens_same() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let w = Wallet::open(dir.path(), settings()).await.expect("open");
+        let words = w.mnemonic();
+        assert_eq!(words.split_whitespace().count(), 12);
+        let mode = std::fs::metadata(dir.path().join("seed"))
+            .expect("seed")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        drop(w);
+        let w = Wallet::open(dir.path(), settings()).await.expect("reopen");
+        assert_eq!(w.mnemonic(), words);
+    }
+
+    #[tokio::test]
+    async fn inspect_rejects_garbage_and_oversized() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let w = Wallet::open(dir.path(), settings()).await.expect("open");
+        for bad in ["", "cashuB", "cashu:xyz", "hello", "cashuAeyJ"] {
+            assert!(
+                matches!(w.inspect(bad), Err(WalletError::InvalidToken { .. })),
+                "{bad}"
+            );
+        }
+        let big = "cashuB".to_string() + &"A".repeat(MAX_TOKEN_LEN);
+        assert!(matches!(
+            w.inspect(&big),
+            Err(WalletError::InvalidToken { .. })
+        ));
+    }
+
+    #[test]
+    fn canonical_urls_compare_equal() {
+        assert_eq!(
+            canonical_mint_url("https://Mint.Example.com/").expect("ok"),
+            canonical_mint_url("https://mint.example.com").expect("ok")
+        );
+    }
+}
