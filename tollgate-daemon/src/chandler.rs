@@ -262,7 +262,8 @@ impl Chandler {
                 };
                 let want_end = topup_end(now_boot, old_end, add_ns);
                 let gate_live = current.is_some()
-                    && gate.is_some_and(|g| g.open && g.until_boot_ns.is_some_and(|d| d > now_boot));
+                    && gate
+                        .is_some_and(|g| g.open && g.until_boot_ns.is_some_and(|d| d > now_boot));
                 let st = if gate_live {
                     self.gates.extend(mac, 0, add_ns)?
                 } else {
@@ -287,13 +288,18 @@ impl Chandler {
         row.active = true;
         row.close_reason = None;
         let answer = grant.as_ref().map(|g| (g.answer)(new_allotment));
-        let applied = grant.as_ref().zip(answer.as_deref()).map(|(g, a)| AppliedGrant {
-            token_id: g.token_id,
-            steps: g.steps,
-            allotment: amount,
-            answer: a,
-        });
-        let detail = grant.as_ref().map_or(String::new(), |g| g.token_id.to_string());
+        let applied = grant
+            .as_ref()
+            .zip(answer.as_deref())
+            .map(|(g, a)| AppliedGrant {
+                token_id: g.token_id,
+                steps: g.steps,
+                allotment: amount,
+                answer: a,
+            });
+        let detail = grant
+            .as_ref()
+            .map_or(String::new(), |g| g.token_id.to_string());
         self.store.commit_session(
             &row,
             applied,
@@ -310,7 +316,12 @@ impl Chandler {
     /// Admin grant (recorded as `admin-open` / `admin-extend`).
     pub fn admin_add(&self, mac: MacAddr, amount: u64) -> Result<SessionView, ChandlerError> {
         let active = self.store.session(mac)?.is_some_and(|r| r.active);
-        self.add(mac, amount, None, if active { "admin-extend" } else { "admin-open" })
+        self.add(
+            mac,
+            amount,
+            None,
+            if active { "admin-extend" } else { "admin-open" },
+        )
     }
 
     /// Closes the gate and the session (recorded with `action`, e.g. `admin-close`).
@@ -377,13 +388,21 @@ impl Chandler {
             return Ok(None);
         };
         let gate = self.gates.gate(mac)?;
-        Ok(Some(self.view(&row, gate.as_ref(), self.gates.now_boot_ns())))
+        Ok(Some(self.view(
+            &row,
+            gate.as_ref(),
+            self.gates.now_boot_ns(),
+        )))
     }
 
     /// All devices with a session row.
     pub fn clients(&self) -> Result<Vec<SessionView>, ChandlerError> {
-        let gates: HashMap<MacAddr, GateState> =
-            self.gates.gates()?.into_iter().map(|g| (g.mac, g)).collect();
+        let gates: HashMap<MacAddr, GateState> = self
+            .gates
+            .gates()?
+            .into_iter()
+            .map(|g| (g.mac, g))
+            .collect();
         let now = self.gates.now_boot_ns();
         Ok(self
             .store
@@ -397,15 +416,23 @@ impl Chandler {
     /// (a safety net for lost exhaustion events).
     pub fn snapshot_all(&self) -> Result<(), ChandlerError> {
         let _g = self.guard();
-        let gates: HashMap<MacAddr, GateState> =
-            self.gates.gates()?.into_iter().map(|g| (g.mac, g)).collect();
+        let gates: HashMap<MacAddr, GateState> = self
+            .gates
+            .gates()?
+            .into_iter()
+            .map(|g| (g.mac, g))
+            .collect();
         let now = self.gates.now_boot_ns();
         for mut row in self.store.sessions()?.into_iter().filter(|r| r.active) {
             let used = self.used(&row, gates.get(&row.mac), now);
             self.store.snapshot_usage(row.mac, used, row.allotment)?;
             if used >= row.allotment {
                 row.used_snapshot = used;
-                let reason = if row.metric == Metric::Bytes { "quota" } else { "expiry" };
+                let reason = if row.metric == Metric::Bytes {
+                    "quota"
+                } else {
+                    "expiry"
+                };
                 self.gates.close(row.mac)?;
                 self.close_row(row, reason)?;
             }
@@ -417,8 +444,12 @@ impl Chandler {
     pub fn reconcile(&self) -> Result<ReconcileReport, ChandlerError> {
         let _g = self.guard();
         let mut report = ReconcileReport::default();
-        let mut gates: HashMap<MacAddr, GateState> =
-            self.gates.gates()?.into_iter().map(|g| (g.mac, g)).collect();
+        let mut gates: HashMap<MacAddr, GateState> = self
+            .gates
+            .gates()?
+            .into_iter()
+            .map(|g| (g.mac, g))
+            .collect();
         let now = self.gates.now_boot_ns();
         for mut row in self.store.sessions()?.into_iter().filter(|r| r.active) {
             let gate = gates.remove(&row.mac);
@@ -501,7 +532,9 @@ impl Chandler {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut tick = tokio::time::interval(
-            self.cfg.usage_snapshot_interval.max(Duration::from_millis(100)),
+            self.cfg
+                .usage_snapshot_interval
+                .max(Duration::from_millis(100)),
         );
         loop {
             tokio::select! {
@@ -611,11 +644,19 @@ pub(crate) mod fake {
             i.gates.insert(mac, g);
             Ok(g)
         }
-        fn extend(&self, mac: MacAddr, add_bytes: u64, add_ns: u64) -> Result<GateState, ValveError> {
+        fn extend(
+            &self,
+            mac: MacAddr,
+            add_bytes: u64,
+            add_ns: u64,
+        ) -> Result<GateState, ValveError> {
             let mut i = self.lock();
             i.extends += 1;
             let now = i.now;
-            let g = i.gates.get_mut(&mac).ok_or(ValveError::Other("no gate".into()))?;
+            let g = i
+                .gates
+                .get_mut(&mac)
+                .ok_or(ValveError::Other("no gate".into()))?;
             g.remaining_bytes = g.remaining_bytes.map(|r| r + add_bytes);
             if g.until_boot_ns.is_some() || add_ns > 0 {
                 g.until_boot_ns = Some(topup_end(now, g.until_boot_ns, add_ns));
@@ -667,11 +708,19 @@ mod tests {
     #[test]
     fn topup_arithmetic() {
         assert_eq!(topup_end(100, None, 10), 110);
-        assert_eq!(topup_end(100, Some(50), 10), 110, "expired end counts from now");
+        assert_eq!(
+            topup_end(100, Some(50), 10),
+            110,
+            "expired end counts from now"
+        );
         assert_eq!(topup_end(100, Some(150), 10), 160, "adds to what remains");
         assert_eq!(topup_end(u64::MAX, Some(1), 10), u64::MAX);
         assert_eq!(topup_bytes(1000, 400, 500), 1100);
-        assert_eq!(topup_bytes(1000, 1200, 500), 500, "overuse never goes negative");
+        assert_eq!(
+            topup_bytes(1000, 1200, 500),
+            500,
+            "overuse never goes negative"
+        );
     }
 
     #[test]
@@ -733,13 +782,19 @@ mod tests {
         let (gates, _store, c) = chandler(Metric::Milliseconds);
         let start = gates.now_boot_ns();
         c.add(mac(), 60_000, None, "grant").expect("open");
-        assert_eq!(gates.lock().gates[&mac()].until_boot_ns, Some(start + 60_000 * NS_PER_MS));
+        assert_eq!(
+            gates.lock().gates[&mac()].until_boot_ns,
+            Some(start + 60_000 * NS_PER_MS)
+        );
         gates.advance_ms(20_000);
         let v = c.usage(mac()).expect("usage").expect("row");
         assert_eq!((v.used, v.remaining), (20_000, 40_000));
         let v = c.add(mac(), 30_000, None, "grant").expect("extend");
         assert_eq!((v.allotment, v.used, v.remaining), (90_000, 20_000, 70_000));
-        assert_eq!(gates.lock().gates[&mac()].until_boot_ns, Some(start + 90_000 * NS_PER_MS));
+        assert_eq!(
+            gates.lock().gates[&mac()].until_boot_ns,
+            Some(start + 90_000 * NS_PER_MS)
+        );
     }
 
     #[test]
@@ -757,12 +812,21 @@ mod tests {
         assert_eq!(r.closed_without_session, vec![stranger]);
         assert_eq!(r.reopened, vec![mac()]);
         assert!(!gates.lock().gates[&stranger].open);
-        assert_eq!(gates.lock().gates[&mac()].remaining_bytes, Some(700), "used stays used");
+        assert_eq!(
+            gates.lock().gates[&mac()].remaining_bytes,
+            Some(700),
+            "used stays used"
+        );
         // A second reconcile is a no-op.
         let r = c.reconcile().expect("again");
         assert!(r.reopened.is_empty() && r.closed_without_session.is_empty());
         // A kernel that gives more than the DB says gets trimmed.
-        gates.lock().gates.get_mut(&mac()).expect("gate").remaining_bytes = Some(5000);
+        gates
+            .lock()
+            .gates
+            .get_mut(&mac())
+            .expect("gate")
+            .remaining_bytes = Some(5000);
         let r = c.reconcile().expect("trim");
         assert_eq!(r.reopened, vec![mac()]);
         assert_eq!(gates.lock().gates[&mac()].remaining_bytes, Some(700));
@@ -779,7 +843,12 @@ mod tests {
         let (_gates, store, c) = chandler(Metric::Bytes);
         c.admin_add(mac(), 10).expect("open");
         c.admin_add(mac(), 10).expect("extend");
-        let actions: Vec<String> = store.log(mac(), 10).expect("log").into_iter().map(|l| l.action).collect();
+        let actions: Vec<String> = store
+            .log(mac(), 10)
+            .expect("log")
+            .into_iter()
+            .map(|l| l.action)
+            .collect();
         assert_eq!(actions, vec!["admin-extend", "admin-open"]);
         assert_eq!(c.clients().expect("clients").len(), 1);
     }

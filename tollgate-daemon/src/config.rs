@@ -80,7 +80,9 @@ impl<'de> Deserialize<'de> for Dur {
         }
         match Raw::deserialize(d)? {
             Raw::Nanos(n) => Ok(Dur(Duration::from_nanos(n))),
-            Raw::Text(s) => parse_duration(&s).map(Dur).map_err(serde::de::Error::custom),
+            Raw::Text(s) => parse_duration(&s)
+                .map(Dur)
+                .map_err(serde::de::Error::custom),
         }
     }
 }
@@ -103,15 +105,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let mut total: u128 = 0;
     let mut rest = s;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
-            return Err(format!("invalid duration {s:?} (expected e.g. \"10s\", \"500ms\")"));
+            return Err(format!(
+                "invalid duration {s:?} (expected e.g. \"10s\", \"500ms\")"
+            ));
         }
         let n: u128 = rest[..digits]
             .parse()
             .map_err(|_| format!("invalid number in duration {s:?}"))?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let nanos_per: u128 = match &rest[..unit_len] {
             "ns" => 1,
             "us" | "µs" => 1_000,
@@ -120,12 +128,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "m" => 60_000_000_000,
             "h" => 3_600_000_000_000,
             "d" => 86_400_000_000_000,
-            u => return Err(format!("unknown unit {u:?} in duration {s:?} (use ns, us, ms, s, m, h, d)")),
+            u => {
+                return Err(format!(
+                    "unknown unit {u:?} in duration {s:?} (use ns, us, ms, s, m, h, d)"
+                ))
+            }
         };
         total = total.saturating_add(n.saturating_mul(nanos_per));
         rest = &rest[unit_len..];
     }
-    Ok(Duration::from_nanos(u64::try_from(total).unwrap_or(u64::MAX)))
+    Ok(Duration::from_nanos(
+        u64::try_from(total).unwrap_or(u64::MAX),
+    ))
 }
 
 fn format_duration(d: Duration) -> String {
@@ -148,7 +162,9 @@ pub fn canonical_mint_url(raw: &str) -> Result<String, String> {
         return Err(format!("{raw:?}: no host"));
     }
     if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
-        return Err(format!("{raw:?}: no query, fragment or credentials allowed"));
+        return Err(format!(
+            "{raw:?}: no query, fragment or credentials allowed"
+        ));
     }
     Ok(url.as_str().trim_end_matches('/').to_string())
 }
@@ -394,7 +410,12 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn err(&self, field: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> ConfigError {
+    fn err(
+        &self,
+        field: impl Into<String>,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> ConfigError {
         ConfigError::Invalid {
             path: self.path.to_path_buf(),
             field: field.into(),
@@ -415,13 +436,18 @@ impl Config {
     }
 
     /// Validates the two files' contents (`dir` is used for error messages and defaults).
-    pub fn from_strs(dir: &Path, config_json: &str, identities_json: &str) -> Result<Config, ConfigError> {
+    pub fn from_strs(
+        dir: &Path,
+        config_json: &str,
+        identities_json: &str,
+    ) -> Result<Config, ConfigError> {
         let cpath = dir.join(CONFIG_FILE);
         let ipath = dir.join(IDENTITIES_FILE);
-        let raw: RawConfig = serde_json::from_str(config_json).map_err(|source| ConfigError::Parse {
-            path: cpath.clone(),
-            source,
-        })?;
+        let raw: RawConfig =
+            serde_json::from_str(config_json).map_err(|source| ConfigError::Parse {
+                path: cpath.clone(),
+                source,
+            })?;
         let ids: RawIdentities =
             serde_json::from_str(identities_json).map_err(|source| ConfigError::Parse {
                 path: ipath.clone(),
@@ -435,34 +461,70 @@ impl Config {
             .parse()
             .map_err(|p: String| c.err("metric", p, "use \"bytes\" or \"milliseconds\""))?;
         if raw.step_size == 0 {
-            return Err(c.err("step_size", "must be greater than 0", "set the units of the metric sold per step, e.g. 22020096"));
+            return Err(c.err(
+                "step_size",
+                "must be greater than 0",
+                "set the units of the metric sold per step, e.g. 22020096",
+            ));
         }
         if raw.accepted_mints.is_empty() {
-            return Err(c.err("accepted_mints", "no mint accepted", "add at least one {\"url\":…,\"price_per_step\":…}"));
+            return Err(c.err(
+                "accepted_mints",
+                "no mint accepted",
+                "add at least one {\"url\":…,\"price_per_step\":…}",
+            ));
         }
         let mut mints: Vec<MintOffer> = Vec::new();
         for (n, m) in raw.accepted_mints.iter().enumerate() {
             let f = |name: &str| format!("accepted_mints[{n}].{name}");
-            let url = canonical_mint_url(&m.url)
-                .map_err(|p| c.err(f("url"), p, "use the mint's https URL, e.g. https://mint.example"))?;
+            let url = canonical_mint_url(&m.url).map_err(|p| {
+                c.err(
+                    f("url"),
+                    p,
+                    "use the mint's https URL, e.g. https://mint.example",
+                )
+            })?;
             if mints.iter().any(|o| o.url == url) {
-                return Err(c.err(f("url"), format!("{url} is listed twice"), "list each mint once"));
+                return Err(c.err(
+                    f("url"),
+                    format!("{url} is listed twice"),
+                    "list each mint once",
+                ));
             }
             if m.price_per_step == 0 {
-                return Err(c.err(f("price_per_step"), "must be greater than 0", "set the price of one step in price_unit"));
+                return Err(c.err(
+                    f("price_per_step"),
+                    "must be greater than 0",
+                    "set the price of one step in price_unit",
+                ));
             }
             if m.price_unit.trim().is_empty() {
                 return Err(c.err(f("price_unit"), "empty unit", "use \"sat\""));
             }
             let payout_interval = match &m.payout_interval_seconds {
                 None => Duration::from_secs(60),
-                Some(serde_json::Value::Number(n)) => Duration::from_secs(n.as_u64().ok_or_else(|| {
-                    c.err(f("payout_interval_seconds"), "not a non-negative integer", "give whole seconds, e.g. 60")
-                })?),
-                Some(serde_json::Value::String(s)) => parse_duration(s)
-                    .map_err(|p| c.err(f("payout_interval_seconds"), p, "give whole seconds, e.g. 60"))?,
+                Some(serde_json::Value::Number(n)) => {
+                    Duration::from_secs(n.as_u64().ok_or_else(|| {
+                        c.err(
+                            f("payout_interval_seconds"),
+                            "not a non-negative integer",
+                            "give whole seconds, e.g. 60",
+                        )
+                    })?)
+                }
+                Some(serde_json::Value::String(s)) => parse_duration(s).map_err(|p| {
+                    c.err(
+                        f("payout_interval_seconds"),
+                        p,
+                        "give whole seconds, e.g. 60",
+                    )
+                })?,
                 Some(_) => {
-                    return Err(c.err(f("payout_interval_seconds"), "not a number", "give whole seconds, e.g. 60"))
+                    return Err(c.err(
+                        f("payout_interval_seconds"),
+                        "not a number",
+                        "give whole seconds, e.g. 60",
+                    ))
                 }
             };
             mints.push(MintOffer {
@@ -478,7 +540,10 @@ impl Config {
         }
         // One unit, one price: the advertisement is ambiguous otherwise.
         for a in &mints {
-            if let Some(b) = mints.iter().find(|b| b.unit == a.unit && b.price_per_step != a.price_per_step) {
+            if let Some(b) = mints
+                .iter()
+                .find(|b| b.unit == a.unit && b.price_per_step != a.price_per_step)
+            {
                 return Err(c.err(
                     "accepted_mints",
                     format!("{} and {} price unit {} differently", a.url, b.url, a.unit),
@@ -499,8 +564,13 @@ impl Config {
                     "add {\"name\":\"merchant\",\"privatekey\":\"<64 hex chars>\"}",
                 )
             })?;
-        let hex_ok = merchant.privatekey.len() == 64 && merchant.privatekey.chars().all(|c| c.is_ascii_hexdigit());
-        let secret = if hex_ok { SecretKey::from_hex(&merchant.privatekey).ok() } else { None };
+        let hex_ok = merchant.privatekey.len() == 64
+            && merchant.privatekey.chars().all(|c| c.is_ascii_hexdigit());
+        let secret = if hex_ok {
+            SecretKey::from_hex(&merchant.privatekey).ok()
+        } else {
+            None
+        };
         let keys = Keys::new(secret.ok_or_else(|| {
             i.err(
                 "owned_identities[merchant].privatekey",
@@ -511,7 +581,11 @@ impl Config {
         let mut names = HashSet::new();
         for (n, p) in ids.public_identities.iter().enumerate() {
             if !names.insert(p.name.as_str()) {
-                return Err(i.err(format!("public_identities[{n}].name"), format!("{:?} listed twice", p.name), "give each identity a unique name"));
+                return Err(i.err(
+                    format!("public_identities[{n}].name"),
+                    format!("{:?} listed twice", p.name),
+                    "give each identity a unique name",
+                ));
             }
             if let Some(la) = &p.lightning_address {
                 if !valid_lightning_address(la) {
@@ -529,15 +603,23 @@ impl Config {
         let mut sum = 0.0;
         for (n, s) in raw.profit_share.iter().enumerate() {
             if !(0.0..=1.0).contains(&s.factor) || s.factor.is_nan() {
-                return Err(c.err(format!("profit_share[{n}].factor"), format!("{} is outside [0, 1]", s.factor), "use a fraction between 0 and 1"));
+                return Err(c.err(
+                    format!("profit_share[{n}].factor"),
+                    format!("{} is outside [0, 1]", s.factor),
+                    "use a fraction between 0 and 1",
+                ));
             }
-            let who = ids.public_identities.iter().find(|p| p.name == s.identity).ok_or_else(|| {
-                c.err(
-                    format!("profit_share[{n}].identity"),
-                    format!("unknown identity {:?}", s.identity),
-                    format!("add it to public_identities in {IDENTITIES_FILE}"),
-                )
-            })?;
+            let who = ids
+                .public_identities
+                .iter()
+                .find(|p| p.name == s.identity)
+                .ok_or_else(|| {
+                    c.err(
+                        format!("profit_share[{n}].identity"),
+                        format!("unknown identity {:?}", s.identity),
+                        format!("add it to public_identities in {IDENTITIES_FILE}"),
+                    )
+                })?;
             let la = who.lightning_address.clone().ok_or_else(|| {
                 i.err(
                     format!("public_identities[{}].lightning_address", s.identity),
@@ -553,31 +635,63 @@ impl Config {
             });
         }
         if !shares.is_empty() && (sum - 1.0).abs() > 1e-6 {
-            return Err(c.err("profit_share", format!("factors sum to {sum}, not 1"), "make the factors add up to 1"));
+            return Err(c.err(
+                "profit_share",
+                format!("factors sum to {sum}, not 1"),
+                "make the factors add up to 1",
+            ));
         }
 
         let listen = parse_addr(&c, "listen", raw.listen.as_deref(), "0.0.0.0:2121")?;
-        let admin_listen = parse_addr(&c, "admin_listen", raw.admin_listen.as_deref(), "127.0.0.1:2122")?;
+        let admin_listen = parse_addr(
+            &c,
+            "admin_listen",
+            raw.admin_listen.as_deref(),
+            "127.0.0.1:2122",
+        )?;
         let dp = raw.dataplane.as_ref();
         let mode = match dp.and_then(|d| d.mode.as_deref()) {
             None | Some("tc") => DataplaneMode::Tc,
             Some("xdp") => DataplaneMode::Xdp,
-            Some(other) => return Err(c.err("dataplane.mode", format!("unknown mode {other:?}"), "use \"tc\" or \"xdp\"")),
+            Some(other) => {
+                return Err(c.err(
+                    "dataplane.mode",
+                    format!("unknown mode {other:?}"),
+                    "use \"tc\" or \"xdp\"",
+                ))
+            }
         };
         let mut garden_allow = Vec::new();
-        for (n, cidr) in dp.map(|d| d.garden_allow.as_slice()).unwrap_or_default().iter().enumerate() {
-            garden_allow.push(
-                parse_cidr(cidr).map_err(|p| c.err(format!("dataplane.garden_allow[{n}]"), p, "use a CIDR like 192.0.2.0/24"))?,
-            );
+        for (n, cidr) in dp
+            .map(|d| d.garden_allow.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            garden_allow.push(parse_cidr(cidr).map_err(|p| {
+                c.err(
+                    format!("dataplane.garden_allow[{n}]"),
+                    p,
+                    "use a CIDR like 192.0.2.0/24",
+                )
+            })?);
         }
         let portal_port = dp.and_then(|d| d.portal_port).unwrap_or(listen.port());
         let post_rate_per_minute = raw.post_rate_per_minute.unwrap_or(30);
         if post_rate_per_minute == 0 {
-            return Err(c.err("post_rate_per_minute", "must be greater than 0", "omit it for the default (30)"));
+            return Err(c.err(
+                "post_rate_per_minute",
+                "must be greater than 0",
+                "omit it for the default (30)",
+            ));
         }
         let payment_timeout = raw.payment_timeout.map_or(Duration::from_secs(20), |d| d.0);
         if payment_timeout.is_zero() {
-            return Err(c.err("payment_timeout", "must be greater than 0", "use e.g. \"20s\""));
+            return Err(c.err(
+                "payment_timeout",
+                "must be greater than 0",
+                "use e.g. \"20s\"",
+            ));
         }
 
         Ok(Config {
@@ -599,7 +713,9 @@ impl Config {
             },
             chandler: ChandlerConfig {
                 metric,
-                usage_snapshot_interval: raw.usage_snapshot_interval.map_or(Duration::from_secs(10), |d| d.0),
+                usage_snapshot_interval: raw
+                    .usage_snapshot_interval
+                    .map_or(Duration::from_secs(10), |d| d.0),
             },
             dataplane: DataplaneConfig {
                 mode,
@@ -612,7 +728,10 @@ impl Config {
                 device_leases_file: raw.device_leases_file.clone(),
             },
             store: StoreConfig {
-                state_dir: raw.state_dir.clone().unwrap_or_else(|| PathBuf::from("/var/lib/tollgate")),
+                state_dir: raw
+                    .state_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("/var/lib/tollgate")),
             },
             payout: PayoutConfig { shares },
             upstream: UpstreamConfig {
@@ -625,7 +744,10 @@ impl Config {
     /// Writes a working default configuration (fresh merchant key; files mode 0600) into `dir`
     /// and loads it. Existing files are left alone.
     pub fn write_default(dir: &Path) -> Result<Config, ConfigError> {
-        fs::create_dir_all(dir).map_err(|source| ConfigError::Write { path: dir.to_path_buf(), source })?;
+        fs::create_dir_all(dir).map_err(|source| ConfigError::Write {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         let key = Keys::generate().secret_key().to_secret_hex();
         let config = serde_json::json!({
             "config_version": "v0.0.8",
@@ -654,36 +776,67 @@ impl Config {
             if path.exists() {
                 continue;
             }
-            write_private(&path, &serde_json::to_string_pretty(&value).unwrap_or_default())?;
+            write_private(
+                &path,
+                &serde_json::to_string_pretty(&value).unwrap_or_default(),
+            )?;
         }
         Config::load(dir)
     }
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {
-    fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })
+    fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Creates the file with mode 0600 from the start (the merchant key must never be world-readable).
 fn write_private(path: &Path, text: &str) -> Result<(), ConfigError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let werr = |source| ConfigError::Write { path: path.to_path_buf(), source };
-    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(werr)?;
+    let werr = |source| ConfigError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(werr)?;
     f.write_all(text.as_bytes()).map_err(werr)?;
     f.sync_all().map_err(werr)
 }
 
-fn parse_addr(c: &Ctx<'_>, field: &str, v: Option<&str>, default: &str) -> Result<SocketAddr, ConfigError> {
-    v.unwrap_or(default)
-        .parse()
-        .map_err(|_| c.err(field, format!("{:?} is not an ip:port address", v.unwrap_or_default()), format!("use e.g. {default:?}")))
+fn parse_addr(
+    c: &Ctx<'_>,
+    field: &str,
+    v: Option<&str>,
+    default: &str,
+) -> Result<SocketAddr, ConfigError> {
+    v.unwrap_or(default).parse().map_err(|_| {
+        c.err(
+            field,
+            format!("{:?} is not an ip:port address", v.unwrap_or_default()),
+            format!("use e.g. {default:?}"),
+        )
+    })
 }
 
 fn parse_cidr(s: &str) -> Result<(std::net::IpAddr, u8), String> {
     let (ip, len) = s.split_once('/').unwrap_or((s, ""));
-    let ip: std::net::IpAddr = ip.trim().parse().map_err(|_| format!("{s:?}: bad address"))?;
+    let ip: std::net::IpAddr = ip
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: bad address"))?;
     let max = if ip.is_ipv4() { 32 } else { 128 };
-    let len = if len.is_empty() { max } else { len.parse().map_err(|_| format!("{s:?}: bad prefix length"))? };
+    let len = if len.is_empty() {
+        max
+    } else {
+        len.parse()
+            .map_err(|_| format!("{s:?}: bad prefix length"))?
+    };
     if len > max {
         return Err(format!("{s:?}: prefix length above {max}"));
     }
@@ -733,7 +886,10 @@ mod tests {
         assert_eq!(c.payout.shares.len(), 2);
         assert_eq!(c.http.listen, "0.0.0.0:2121".parse().expect("addr"));
         assert_eq!(c.http.admin_listen, "127.0.0.1:2122".parse().expect("addr"));
-        assert_eq!(c.store.db_path(), PathBuf::from("/var/lib/tollgate/tollgate.sqlite"));
+        assert_eq!(
+            c.store.db_path(),
+            PathBuf::from("/var/lib/tollgate/tollgate.sqlite")
+        );
         assert_eq!(c.dataplane.mode, DataplaneMode::Tc);
         assert!(c.upstream.raw.is_some());
     }
@@ -754,7 +910,10 @@ mod tests {
         assert_eq!(c.http.portal_port, 80);
         assert_eq!(c.merchant.payment_timeout, Duration::from_millis(500));
         assert_eq!(c.chandler.usage_snapshot_interval, Duration::from_secs(2));
-        assert_eq!(c.neighbour.device_leases_file, Some(PathBuf::from("/tmp/dhcp.leases")));
+        assert_eq!(
+            c.neighbour.device_leases_file,
+            Some(PathBuf::from("/tmp/dhcp.leases"))
+        );
     }
 
     #[test]
@@ -770,10 +929,24 @@ mod tests {
 
     #[test]
     fn mint_urls_are_canonical() {
-        assert_eq!(canonical_mint_url("HTTPS://Mint.Example/").as_deref(), Ok("https://mint.example"));
-        assert_eq!(canonical_mint_url("https://mint.example/Bitcoin/").as_deref(), Ok("https://mint.example/Bitcoin"));
-        assert_eq!(canonical_mint_url("http://127.0.0.1:3338").as_deref(), Ok("http://127.0.0.1:3338"));
-        for bad in ["mint.example", "ftp://mint.example", "https://", "https://m.example/?a=1"] {
+        assert_eq!(
+            canonical_mint_url("HTTPS://Mint.Example/").as_deref(),
+            Ok("https://mint.example")
+        );
+        assert_eq!(
+            canonical_mint_url("https://mint.example/Bitcoin/").as_deref(),
+            Ok("https://mint.example/Bitcoin")
+        );
+        assert_eq!(
+            canonical_mint_url("http://127.0.0.1:3338").as_deref(),
+            Ok("http://127.0.0.1:3338")
+        );
+        for bad in [
+            "mint.example",
+            "ftp://mint.example",
+            "https://",
+            "https://m.example/?a=1",
+        ] {
             assert!(canonical_mint_url(bad).is_err(), "{bad}");
         }
     }
@@ -781,22 +954,92 @@ mod tests {
     #[test]
     fn each_validation_error_names_field_and_fix() {
         let cases: Vec<(String, String, &str)> = vec![
-            (patched(|v| v["metric"] = "packets".into()), IDS.into(), "metric"),
-            (patched(|v| v["step_size"] = 0.into()), IDS.into(), "step_size"),
-            (patched(|v| v["accepted_mints"][0]["price_per_step"] = 0.into()), IDS.into(), "accepted_mints[0].price_per_step"),
-            (patched(|v| v["accepted_mints"][0]["url"] = "not a url".into()), IDS.into(), "accepted_mints[0].url"),
-            (patched(|v| v["accepted_mints"] = serde_json::json!([])), IDS.into(), "accepted_mints"),
-            (patched(|v| v["profit_share"][0]["factor"] = 1.5.into()), IDS.into(), "profit_share[0].factor"),
-            (patched(|v| v["profit_share"][0]["factor"] = (-0.1).into()), IDS.into(), "profit_share[0].factor"),
-            (patched(|v| v["profit_share"][0]["factor"] = 0.5.into()), IDS.into(), "profit_share"),
-            (patched(|v| v["profit_share"][0]["identity"] = "nobody".into()), IDS.into(), "profit_share[0].identity"),
-            (patched(|v| v["dataplane"] = serde_json::json!({"mode":"iptables"})), IDS.into(), "dataplane.mode"),
-            (patched(|v| v["dataplane"] = serde_json::json!({"garden_allow":["10.0.0.0/99"]})), IDS.into(), "dataplane.garden_allow[0]"),
-            (patched(|v| v["listen"] = "nowhere".into()), IDS.into(), "listen"),
-            (EXAMPLE.into(), IDS.replace("owner@example.com", "not-an-address"), "public_identities[0].lightning_address"),
-            (EXAMPLE.into(), IDS.replace("\"merchant\"", "\"someone\""), "owned_identities"),
-            (EXAMPLE.into(), IDS.replace("0000000000000000000000000000000000000000000000000000000000000003", "zz"), "owned_identities[merchant].privatekey"),
-            (EXAMPLE.into(), IDS.replace("0000000000000000000000000000000000000000000000000000000000000003", "0000000000000000000000000000000000000000000000000000000000000000"), "owned_identities[merchant].privatekey"),
+            (
+                patched(|v| v["metric"] = "packets".into()),
+                IDS.into(),
+                "metric",
+            ),
+            (
+                patched(|v| v["step_size"] = 0.into()),
+                IDS.into(),
+                "step_size",
+            ),
+            (
+                patched(|v| v["accepted_mints"][0]["price_per_step"] = 0.into()),
+                IDS.into(),
+                "accepted_mints[0].price_per_step",
+            ),
+            (
+                patched(|v| v["accepted_mints"][0]["url"] = "not a url".into()),
+                IDS.into(),
+                "accepted_mints[0].url",
+            ),
+            (
+                patched(|v| v["accepted_mints"] = serde_json::json!([])),
+                IDS.into(),
+                "accepted_mints",
+            ),
+            (
+                patched(|v| v["profit_share"][0]["factor"] = 1.5.into()),
+                IDS.into(),
+                "profit_share[0].factor",
+            ),
+            (
+                patched(|v| v["profit_share"][0]["factor"] = (-0.1).into()),
+                IDS.into(),
+                "profit_share[0].factor",
+            ),
+            (
+                patched(|v| v["profit_share"][0]["factor"] = 0.5.into()),
+                IDS.into(),
+                "profit_share",
+            ),
+            (
+                patched(|v| v["profit_share"][0]["identity"] = "nobody".into()),
+                IDS.into(),
+                "profit_share[0].identity",
+            ),
+            (
+                patched(|v| v["dataplane"] = serde_json::json!({"mode":"iptables"})),
+                IDS.into(),
+                "dataplane.mode",
+            ),
+            (
+                patched(|v| v["dataplane"] = serde_json::json!({"garden_allow":["10.0.0.0/99"]})),
+                IDS.into(),
+                "dataplane.garden_allow[0]",
+            ),
+            (
+                patched(|v| v["listen"] = "nowhere".into()),
+                IDS.into(),
+                "listen",
+            ),
+            (
+                EXAMPLE.into(),
+                IDS.replace("owner@example.com", "not-an-address"),
+                "public_identities[0].lightning_address",
+            ),
+            (
+                EXAMPLE.into(),
+                IDS.replace("\"merchant\"", "\"someone\""),
+                "owned_identities",
+            ),
+            (
+                EXAMPLE.into(),
+                IDS.replace(
+                    "0000000000000000000000000000000000000000000000000000000000000003",
+                    "zz",
+                ),
+                "owned_identities[merchant].privatekey",
+            ),
+            (
+                EXAMPLE.into(),
+                IDS.replace(
+                    "0000000000000000000000000000000000000000000000000000000000000003",
+                    "0000000000000000000000000000000000000000000000000000000000000000",
+                ),
+                "owned_identities[merchant].privatekey",
+            ),
         ];
         for (config, ids, field) in cases {
             let (got, msg) = field_of(&config, &ids);
@@ -833,12 +1076,18 @@ mod tests {
         let c = Config::write_default(&dir).expect("default config");
         assert_eq!(c.merchant.metric, Metric::Bytes);
         for f in [CONFIG_FILE, IDENTITIES_FILE] {
-            let mode = fs::metadata(dir.join(f)).expect("meta").permissions().mode();
+            let mode = fs::metadata(dir.join(f))
+                .expect("meta")
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600, "{f}");
         }
         // A second call keeps the key.
         let again = Config::write_default(&dir).expect("reload");
-        assert_eq!(again.merchant.keys.public_key(), c.merchant.keys.public_key());
+        assert_eq!(
+            again.merchant.keys.public_key(),
+            c.merchant.keys.public_key()
+        );
         let _ = fs::remove_dir_all(&dir);
     }
 }

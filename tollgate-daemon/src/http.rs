@@ -67,19 +67,36 @@ impl AppState {
     }
 
     fn err(&self, status: StatusCode, code: NoticeCode, message: impl Into<String>) -> ApiError {
-        ApiError {
+        ApiError(Box::new(ApiErrorBody {
             status,
             notice: Notice::error(code, message),
             retry_after: None,
             prebuilt: None,
             keys: self.merchant.keys().clone(),
-        }
+        }))
     }
 }
 
-/// The one error type of the API: renders a signed kind-21023 notice.
+/// The one error type of the API: renders a signed kind-21023 notice. (Boxed: it is returned
+/// on every path and is large.)
 #[derive(Debug)]
-pub struct ApiError {
+pub struct ApiError(Box<ApiErrorBody>);
+
+impl std::ops::Deref for ApiError {
+    type Target = ApiErrorBody;
+    fn deref(&self) -> &ApiErrorBody {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ApiError {
+    fn deref_mut(&mut self) -> &mut ApiErrorBody {
+        &mut self.0
+    }
+}
+
+#[derive(Debug)]
+pub struct ApiErrorBody {
     pub status: StatusCode,
     pub notice: Notice,
     pub retry_after: Option<u64>,
@@ -97,9 +114,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = match self.prebuilt {
+        let this = *self.0;
+        let body = match this.prebuilt {
             Some(b) if !b.is_empty() => b,
-            _ => match self.notice.to_event(&self.keys, protocol::unix_now()) {
+            _ => match this.notice.to_event(&this.keys, protocol::unix_now()) {
                 Ok(ev) => nostr::JsonUtil::as_json(&ev),
                 Err(e) => {
                     tracing::error!(error = %e, "signing notice");
@@ -107,9 +125,15 @@ impl IntoResponse for ApiError {
                 }
             },
         };
-        let mut resp = (self.status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
-        if let Some(s) = self.retry_after {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s.max(1)));
+        let mut resp = (
+            this.status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response();
+        if let Some(s) = this.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s.max(1)));
         }
         resp
     }
@@ -151,10 +175,16 @@ fn merchant_error(st: &AppState, e: MerchantError) -> ApiError {
 
 fn protocol_error(st: &AppState, e: ProtocolError) -> ApiError {
     let (status, code) = match &e {
-        ProtocolError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, NoticeCode::InvalidRequest),
-        ProtocolError::Empty | ProtocolError::NotUtf8 => (StatusCode::BAD_REQUEST, NoticeCode::InvalidRequest),
+        ProtocolError::TooLarge { .. } => {
+            (StatusCode::PAYLOAD_TOO_LARGE, NoticeCode::InvalidRequest)
+        }
+        ProtocolError::Empty | ProtocolError::NotUtf8 => {
+            (StatusCode::BAD_REQUEST, NoticeCode::InvalidRequest)
+        }
         ProtocolError::InvalidToken { .. } => (StatusCode::BAD_REQUEST, NoticeCode::InvalidToken),
-        ProtocolError::Sign { .. } => (StatusCode::INTERNAL_SERVER_ERROR, NoticeCode::InternalError),
+        ProtocolError::Sign { .. } => {
+            (StatusCode::INTERNAL_SERVER_ERROR, NoticeCode::InternalError)
+        }
         _ => (StatusCode::BAD_REQUEST, NoticeCode::InvalidEvent),
     };
     st.err(status, code, e.to_string())
@@ -222,7 +252,10 @@ pub fn admin_router(state: AppState) -> Router {
 }
 
 async fn advertisement(State(st): State<AppState>) -> Result<Response, ApiError> {
-    let json = st.merchant.advertisement().map_err(|e| merchant_error(&st, e))?;
+    let json = st
+        .merchant
+        .advertisement()
+        .map_err(|e| merchant_error(&st, e))?;
     Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response())
 }
 
@@ -233,13 +266,30 @@ async fn mac_of(st: &AppState, peer: SocketAddr, headers: &HeaderMap) -> Result<
     // The kernel lookup may spawn `ip` (IPv6): keep it off the async workers.
     let r = tokio::task::spawn_blocking(move || n.mac_of(ip))
         .await
-        .map_err(|e| st.err(StatusCode::INTERNAL_SERVER_ERROR, NoticeCode::InternalError, e.to_string()))?;
-    r.map_err(|e| st.err(StatusCode::BAD_REQUEST, NoticeCode::MacLookupFailed, e.to_string()))
+        .map_err(|e| {
+            st.err(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                NoticeCode::InternalError,
+                e.to_string(),
+            )
+        })?;
+    r.map_err(|e| {
+        st.err(
+            StatusCode::BAD_REQUEST,
+            NoticeCode::MacLookupFailed,
+            e.to_string(),
+        )
+    })
 }
 
 fn acceptable_content_type(ct: Option<&str>) -> bool {
     let Some(ct) = ct else { return true };
-    let ct = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let ct = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     ct.is_empty()
         || ct.starts_with("text/")
         || ct == "application/json"
@@ -253,7 +303,10 @@ async fn pay(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let ip = client_ip(peer, headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()));
+    let ip = client_ip(
+        peer,
+        headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()),
+    );
     if let Err(wait) = st.limiter.check(ip) {
         let mut e = st.err(
             StatusCode::TOO_MANY_REQUESTS,
@@ -263,12 +316,17 @@ async fn pay(
         e.retry_after = Some(wait);
         return Err(e);
     }
-    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
     if !acceptable_content_type(ct) {
         return Err(st.err(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             NoticeCode::InvalidRequest,
-            format!("unsupported content type {:?}: send the token as text/plain", ct.unwrap_or_default()),
+            format!(
+                "unsupported content type {:?}: send the token as text/plain",
+                ct.unwrap_or_default()
+            ),
         ));
     }
     let body = body.map_err(|r| {
@@ -303,7 +361,13 @@ fn session_of(st: &AppState, mac: MacAddr) -> Result<Option<SessionView>, ApiErr
     st.chandler
         .usage(mac)
         .map(|s| s.filter(|s| s.active))
-        .map_err(|e| st.err(StatusCode::INTERNAL_SERVER_ERROR, NoticeCode::InternalError, e.to_string()))
+        .map_err(|e| {
+            st.err(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                NoticeCode::InternalError,
+                e.to_string(),
+            )
+        })
 }
 
 async fn usage(
@@ -342,7 +406,8 @@ async fn balance(
 fn sane_host(h: &str) -> bool {
     !h.is_empty()
         && h.len() < 256
-        && h.chars().all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c))
+        && h.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c))
 }
 
 async fn captive(
@@ -359,7 +424,12 @@ async fn captive(
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .filter(|h| sane_host(h))
-        .map(|h| h.rsplit_once(':').filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()) && !h.ends_with(']')).map_or(h, |(n, _)| n).to_string())
+        .map(|h| {
+            h.rsplit_once(':')
+                .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()) && !h.ends_with(']'))
+                .map_or(h, |(n, _)| n)
+                .to_string()
+        })
         .unwrap_or_else(|| "192.168.1.1".into());
     let portal = format!("http://{host}:{}/", st.portal_port);
     let mut v = serde_json::json!({
@@ -386,20 +456,31 @@ async fn captive(
 
 /// Is this `Origin` a page served from the local network (the gateway's own portal)?
 pub fn is_local_origin(origin: &str) -> bool {
-    let Ok(url) = url::Url::parse(origin) else { return false };
+    let Ok(url) = url::Url::parse(origin) else {
+        return false;
+    };
     if url.scheme() != "http" && url.scheme() != "https" {
         return false;
     }
     match url.host() {
         Some(url::Host::Ipv4(ip)) => {
-            ip.is_private() || ip.is_loopback() || ip.is_link_local() || (ip.octets()[0] == 100 && (ip.octets()[1] & 0xc0) == 64)
+            ip.is_private()
+                || ip.is_loopback()
+                || ip.is_link_local()
+                || (ip.octets()[0] == 100 && (ip.octets()[1] & 0xc0) == 64)
         }
         Some(url::Host::Ipv6(ip)) => {
-            ip.is_loopback() || (ip.segments()[0] & 0xfe00) == 0xfc00 || (ip.segments()[0] & 0xffc0) == 0xfe80
+            ip.is_loopback()
+                || (ip.segments()[0] & 0xfe00) == 0xfc00
+                || (ip.segments()[0] & 0xffc0) == 0xfe80
         }
         Some(url::Host::Domain(d)) => {
             let d = d.to_ascii_lowercase();
-            d == "localhost" || !d.contains('.') || [".lan", ".local", ".home.arpa", ".internal"].iter().any(|s| d.ends_with(s))
+            d == "localhost"
+                || !d.contains('.')
+                || [".lan", ".local", ".home.arpa", ".internal"]
+                    .iter()
+                    .any(|s| d.ends_with(s))
         }
         None => false,
     }
@@ -429,9 +510,18 @@ async fn cors(req: Request<axum::body::Body>, next: Next) -> Response {
     if local {
         if let Ok(v) = HeaderValue::from_str(&origin) {
             h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
-            h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
-            h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("content-type"));
-            h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("GET, POST, OPTIONS"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static("content-type"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_MAX_AGE,
+                HeaderValue::from_static("600"),
+            );
         }
     }
     resp
@@ -440,12 +530,21 @@ async fn cors(req: Request<axum::body::Body>, next: Next) -> Response {
 // ------------------------------------------------------------------ admin
 
 fn parse_mac_param(st: &AppState, mac: &str) -> Result<MacAddr, ApiError> {
-    mac.parse()
-        .map_err(|e: crate::valve::ParseMacError| st.err(StatusCode::BAD_REQUEST, NoticeCode::InvalidRequest, e.to_string()))
+    mac.parse().map_err(|e: crate::valve::ParseMacError| {
+        st.err(
+            StatusCode::BAD_REQUEST,
+            NoticeCode::InvalidRequest,
+            e.to_string(),
+        )
+    })
 }
 
 fn chandler_err(st: &AppState, e: crate::chandler::ChandlerError) -> ApiError {
-    st.err(StatusCode::INTERNAL_SERVER_ERROR, NoticeCode::InternalError, e.to_string())
+    st.err(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        NoticeCode::InternalError,
+        e.to_string(),
+    )
 }
 
 async fn admin_clients(State(st): State<AppState>) -> Result<Response, ApiError> {
@@ -453,7 +552,10 @@ async fn admin_clients(State(st): State<AppState>) -> Result<Response, ApiError>
     Ok(Json(c).into_response())
 }
 
-async fn admin_client(State(st): State<AppState>, Path(mac): Path<String>) -> Result<Response, ApiError> {
+async fn admin_client(
+    State(st): State<AppState>,
+    Path(mac): Path<String>,
+) -> Result<Response, ApiError> {
     let mac = parse_mac_param(&st, &mac)?;
     let s = st.chandler.usage(mac).map_err(|e| chandler_err(&st, e))?;
     Ok(Json(s).into_response())
@@ -470,13 +572,21 @@ async fn admin_grant(
     Query(q): Query<GrantQuery>,
 ) -> Result<Response, ApiError> {
     let mac = parse_mac_param(&st, &mac)?;
-    let s = st.chandler.admin_add(mac, q.amount).map_err(|e| chandler_err(&st, e))?;
+    let s = st
+        .chandler
+        .admin_add(mac, q.amount)
+        .map_err(|e| chandler_err(&st, e))?;
     Ok(Json(s).into_response())
 }
 
-async fn admin_close(State(st): State<AppState>, Path(mac): Path<String>) -> Result<Response, ApiError> {
+async fn admin_close(
+    State(st): State<AppState>,
+    Path(mac): Path<String>,
+) -> Result<Response, ApiError> {
     let mac = parse_mac_param(&st, &mac)?;
-    st.chandler.close(mac, "admin-close").map_err(|e| chandler_err(&st, e))?;
+    st.chandler
+        .close(mac, "admin-close")
+        .map_err(|e| chandler_err(&st, e))?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -488,8 +598,12 @@ pub fn bind_lan(addr: SocketAddr, iface: Option<&str>) -> std::io::Result<tokio:
     let l = std::net::TcpListener::bind(addr)?;
     if let Some(iface) = iface {
         use std::os::fd::AsRawFd;
-        let name = std::ffi::CString::new(iface)
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "interface name contains NUL"))?;
+        let name = std::ffi::CString::new(iface).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "interface name contains NUL",
+            )
+        })?;
         let bytes = name.as_bytes_with_nul();
         // SAFETY: valid fd owned by `l`; the option value is a NUL-terminated buffer of `len` bytes.
         let rc = unsafe {
@@ -515,9 +629,12 @@ pub async fn serve(
     app: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use crate::{
     chandler::{Chandler, ChandlerError, GrantCommit},
     config::{canonical_mint_url, MerchantConfig, MintOffer},
     protocol::{
-        self, Advertisement, NoticeCode, Notice, Payment, PriceOption, ProtocolError, Session,
+        self, Advertisement, Notice, NoticeCode, Payment, PriceOption, ProtocolError, Session,
     },
     store::{Grant, GrantStatus, Store, StoreError},
     valve::MacAddr,
@@ -302,9 +302,8 @@ impl Merchant {
     }
 
     fn offer_for(&self, mint: &str, unit: &str) -> Result<&MintOffer, MerchantError> {
-        let canonical = canonical_mint_url(mint).map_err(|reason| RedeemError::InvalidToken {
-            reason,
-        })?;
+        let canonical =
+            canonical_mint_url(mint).map_err(|reason| RedeemError::InvalidToken { reason })?;
         let offer = self
             .cfg
             .offer(&canonical)
@@ -374,8 +373,11 @@ impl Merchant {
                         } else {
                             GrantStatus::Redeeming
                         };
-                        self.store
-                            .set_grant_status(&grant.token_id, status, Some(&e.to_string()))?;
+                        self.store.set_grant_status(
+                            &grant.token_id,
+                            status,
+                            Some(&e.to_string()),
+                        )?;
                         return Err(e.into());
                     }
                 }
@@ -386,9 +388,12 @@ impl Merchant {
     }
 
     fn apply(&self, grant: Grant) -> Result<Purchase, MerchantError> {
-        let offer = self.cfg.offer(&grant.mint).ok_or_else(|| MerchantError::Internal {
-            message: format!("received from {} which is no longer configured", grant.mint),
-        })?;
+        let offer = self
+            .cfg
+            .offer(&grant.mint)
+            .ok_or_else(|| MerchantError::Internal {
+                message: format!("received from {} which is no longer configured", grant.mint),
+            })?;
         let customer = grant
             .customer
             .as_deref()
@@ -417,11 +422,12 @@ impl Merchant {
                 notice_json,
             });
         }
-        let allotment = steps
-            .checked_mul(self.cfg.step_size)
-            .ok_or_else(|| MerchantError::Internal {
-                message: format!("allotment overflow: {steps} steps"),
-            })?;
+        let allotment =
+            steps
+                .checked_mul(self.cfg.step_size)
+                .ok_or_else(|| MerchantError::Internal {
+                    message: format!("allotment overflow: {steps} steps"),
+                })?;
         let keys = self.cfg.keys.clone();
         let metric = self.cfg.metric;
         let mac = grant.mac;
@@ -488,10 +494,13 @@ pub(crate) mod fake {
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::Duration;
 
+    /// A registered token and what receiving it does (gross amount or an error).
+    pub type Entry = (TokenInfo, Result<u64, RedeemError>);
+
     /// In-memory wallet: tokens are `cashuB…` strings registered with an outcome.
     #[derive(Default)]
     pub struct FakeRedeemer {
-        pub tokens: Mutex<HashMap<String, (TokenInfo, Result<u64, RedeemError>)>>,
+        pub tokens: Mutex<HashMap<String, Entry>>,
         pub received: Mutex<HashMap<String, u64>>,
         pub receive_calls: AtomicU32,
         pub delay: Mutex<Duration>,
@@ -521,16 +530,33 @@ pub(crate) mod fake {
     impl Redeemer for FakeRedeemer {
         fn inspect(&self, token: &str) -> Result<TokenInfo, RedeemError> {
             match self.tokens.lock().expect("lock").get(token) {
-                Some((_, Err(e @ (RedeemError::Locked | RedeemError::MintNotAccepted { .. } | RedeemError::InvalidToken { .. })))) => Err(e.clone()),
+                Some((
+                    _,
+                    Err(
+                        e @ (RedeemError::Locked
+                        | RedeemError::MintNotAccepted { .. }
+                        | RedeemError::InvalidToken { .. }),
+                    ),
+                )) => Err(e.clone()),
                 Some((info, _)) => Ok(info.clone()),
-                None => Err(RedeemError::InvalidToken { reason: "unknown".into() }),
+                None => Err(RedeemError::InvalidToken {
+                    reason: "unknown".into(),
+                }),
             }
         }
         async fn receive(&self, token: &str) -> Result<Receipt, RedeemError> {
             self.receive_calls.fetch_add(1, Ordering::SeqCst);
             let delay = *self.delay.lock().expect("lock");
             tokio::time::sleep(delay).await;
-            let (info, outcome) = self.tokens.lock().expect("lock").get(token).cloned().ok_or(RedeemError::InvalidToken { reason: "unknown".into() })?;
+            let (info, outcome) = self
+                .tokens
+                .lock()
+                .expect("lock")
+                .get(token)
+                .cloned()
+                .ok_or(RedeemError::InvalidToken {
+                    reason: "unknown".into(),
+                })?;
             let mut rec = self.received.lock().expect("lock");
             let replayed = rec.contains_key(&info.token_id);
             let gross = outcome?;
@@ -551,10 +577,7 @@ pub(crate) mod fake {
 pub(crate) mod tests {
     use super::{fake::FakeRedeemer, *};
     use crate::{
-        chandler::fake::FakeGates,
-        config::ChandlerConfig,
-        protocol::Metric,
-        valve::Gates,
+        chandler::fake::FakeGates, config::ChandlerConfig, protocol::Metric, valve::Gates,
     };
     use std::time::Duration;
 
@@ -585,7 +608,10 @@ pub(crate) mod tests {
         let gates = Arc::new(FakeGates::new());
         let store = Arc::new(Store::open_in_memory().expect("db"));
         let chandler = Arc::new(Chandler::new(
-            ChandlerConfig { metric: Metric::Bytes, usage_snapshot_interval: Duration::from_secs(1) },
+            ChandlerConfig {
+                metric: Metric::Bytes,
+                usage_snapshot_interval: Duration::from_secs(1),
+            },
             gates.clone(),
             store.clone(),
         ));
@@ -598,7 +624,13 @@ pub(crate) mod tests {
             keys: Keys::generate(),
         };
         let merchant = Merchant::new(cfg, redeemer.clone(), chandler.clone(), store.clone());
-        Rig { gates, store, chandler, redeemer, merchant }
+        Rig {
+            gates,
+            store,
+            chandler,
+            redeemer,
+            merchant,
+        }
     }
 
     fn mac() -> MacAddr {
@@ -606,13 +638,20 @@ pub(crate) mod tests {
     }
 
     fn pay(t: &str) -> Payment {
-        Payment { token: t.into(), customer: None }
+        Payment {
+            token: t.into(),
+            customer: None,
+        }
     }
 
     #[test]
     fn pricing() {
         assert_eq!(steps_for(10, &offer(3, 0)), (3, true));
-        assert_eq!(steps_for(2, &offer(3, 0)), (0, false), "zero steps is never a purchase");
+        assert_eq!(
+            steps_for(2, &offer(3, 0)),
+            (0, false),
+            "zero steps is never a purchase"
+        );
         assert_eq!(steps_for(9, &offer(3, 4)), (3, false));
         assert_eq!(steps_for(12, &offer(3, 4)), (4, true));
     }
@@ -620,13 +659,22 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn purchase_then_retry_returns_same_session() {
         let r = rig(1, 0, Duration::from_secs(5));
-        r.redeemer.add("cashuB1", "HTTPS://MINT.EXAMPLE/", 5, Ok(()));
-        let p = r.merchant.purchase(mac(), pay("cashuB1")).await.expect("purchase");
+        r.redeemer
+            .add("cashuB1", "HTTPS://MINT.EXAMPLE/", 5, Ok(()));
+        let p = r
+            .merchant
+            .purchase(mac(), pay("cashuB1"))
+            .await
+            .expect("purchase");
         assert!(!p.replayed);
         let ev = nostr::Event::from_json(&p.session_json).expect("event");
         let s = Session::from_event(&ev).expect("1022");
         assert_eq!((s.mac, s.allotment, s.customer), (mac(), 5000, None));
-        let again = r.merchant.purchase(mac(), pay("cashuB1")).await.expect("retry");
+        let again = r
+            .merchant
+            .purchase(mac(), pay("cashuB1"))
+            .await
+            .expect("retry");
         assert_eq!(again.session_json, p.session_json);
         assert!(again.replayed);
         assert_eq!(r.redeemer.calls(), 1);
@@ -649,31 +697,62 @@ pub(crate) mod tests {
         }
         assert_eq!(answers.len(), 1, "every POST gets the same session event");
         assert_eq!(r.redeemer.calls(), 1);
-        assert_eq!(r.chandler.usage(mac()).expect("usage").expect("s").allotment, 3000);
+        assert_eq!(
+            r.chandler
+                .usage(mac())
+                .expect("usage")
+                .expect("s")
+                .allotment,
+            3000
+        );
     }
 
     #[tokio::test]
     async fn below_minimum_keeps_value_and_says_so() {
         let r = rig(2, 3, Duration::from_secs(5));
         r.redeemer.add("cashuBsmall", MINT, 5, Ok(()));
-        let e = r.merchant.purchase(mac(), pay("cashuBsmall")).await.expect_err("below min");
-        let MerchantError::BelowMinimum { steps, notice_json, .. } = &e else { panic!("{e:?}") };
+        let e = r
+            .merchant
+            .purchase(mac(), pay("cashuBsmall"))
+            .await
+            .expect_err("below min");
+        let MerchantError::BelowMinimum {
+            steps, notice_json, ..
+        } = &e
+        else {
+            panic!("{e:?}")
+        };
         assert_eq!(*steps, 2);
         assert!(notice_json.contains("kept by this gateway"));
         assert!(notice_json.contains("session-error"));
-        assert_eq!(r.store.grant("id-cashuBsmall").expect("g").expect("g").status, GrantStatus::RejectedBelowMin);
+        assert_eq!(
+            r.store
+                .grant("id-cashuBsmall")
+                .expect("g")
+                .expect("g")
+                .status,
+            GrantStatus::RejectedBelowMin
+        );
         assert!(r.chandler.usage(mac()).expect("usage").is_none());
         // Retry: same notice, no second receive.
-        let e2 = r.merchant.purchase(mac(), pay("cashuBsmall")).await.expect_err("again");
-        assert!(matches!(e2, MerchantError::BelowMinimum { notice_json: ref n, .. } if n == notice_json));
+        let e2 = r
+            .merchant
+            .purchase(mac(), pay("cashuBsmall"))
+            .await
+            .expect_err("again");
+        assert!(
+            matches!(e2, MerchantError::BelowMinimum { notice_json: ref n, .. } if n == notice_json)
+        );
         assert_eq!(r.redeemer.calls(), 1);
     }
 
     #[tokio::test]
     async fn offline_rejections_never_contact_the_mint() {
         let r = rig(1, 0, Duration::from_secs(5));
-        r.redeemer.add("cashuBother", "https://other.example", 5, Ok(()));
-        r.redeemer.add("cashuBlocked", MINT, 5, Err(RedeemError::Locked));
+        r.redeemer
+            .add("cashuBother", "https://other.example", 5, Ok(()));
+        r.redeemer
+            .add("cashuBlocked", MINT, 5, Err(RedeemError::Locked));
         let codes = [
             ("cashuBother", NoticeCode::MintNotAccepted),
             ("cashuBlocked", NoticeCode::LockedToken),
@@ -691,7 +770,11 @@ pub(crate) mod tests {
         let r = rig(1, 0, Duration::from_secs(5));
         r.redeemer.add("cashuB1", MINT, 5, Ok(()));
         r.gates.lock().full = true;
-        let e = r.merchant.purchase(mac(), pay("cashuB1")).await.expect_err("full");
+        let e = r
+            .merchant
+            .purchase(mac(), pay("cashuB1"))
+            .await
+            .expect_err("full");
         assert_eq!(e.code(), NoticeCode::ServiceUnavailable);
         assert_eq!(r.redeemer.calls(), 0);
         assert!(r.store.grant("id-cashuB1").expect("g").is_none());
@@ -700,10 +783,22 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn spent_token() {
         let r = rig(1, 0, Duration::from_secs(5));
-        r.redeemer.add("cashuBspent", MINT, 5, Err(RedeemError::TokenSpent));
-        let e = r.merchant.purchase(mac(), pay("cashuBspent")).await.expect_err("spent");
+        r.redeemer
+            .add("cashuBspent", MINT, 5, Err(RedeemError::TokenSpent));
+        let e = r
+            .merchant
+            .purchase(mac(), pay("cashuBspent"))
+            .await
+            .expect_err("spent");
         assert_eq!(e.code(), NoticeCode::TokenSpent);
-        assert_eq!(r.store.grant("id-cashuBspent").expect("g").expect("g").status, GrantStatus::Failed);
+        assert_eq!(
+            r.store
+                .grant("id-cashuBspent")
+                .expect("g")
+                .expect("g")
+                .status,
+            GrantStatus::Failed
+        );
     }
 
     #[tokio::test]
@@ -711,12 +806,24 @@ pub(crate) mod tests {
         let r = rig(1, 0, Duration::from_millis(20));
         r.redeemer.add("cashuBslow", MINT, 4, Ok(()));
         *r.redeemer.delay.lock().expect("lock") = Duration::from_millis(150);
-        let e = r.merchant.purchase(mac(), pay("cashuBslow")).await.expect_err("timeout");
+        let e = r
+            .merchant
+            .purchase(mac(), pay("cashuBslow"))
+            .await
+            .expect_err("timeout");
         assert_eq!(e.code(), NoticeCode::ProcessingTimeout);
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(r.chandler.usage(mac()).expect("u").expect("s").allotment, 4000, "applied anyway");
+        assert_eq!(
+            r.chandler.usage(mac()).expect("u").expect("s").allotment,
+            4000,
+            "applied anyway"
+        );
         *r.redeemer.delay.lock().expect("lock") = Duration::ZERO;
-        let p = r.merchant.purchase(mac(), pay("cashuBslow")).await.expect("retry");
+        let p = r
+            .merchant
+            .purchase(mac(), pay("cashuBslow"))
+            .await
+            .expect("retry");
         assert!(p.replayed);
         assert_eq!(r.redeemer.calls(), 1);
     }
@@ -725,25 +832,60 @@ pub(crate) mod tests {
     async fn reconcile_finishes_redeeming_and_redeemed_grants() {
         let r = rig(1, 0, Duration::from_secs(5));
         r.redeemer.add("cashuB1", MINT, 5, Ok(()));
-        r.redeemer.add("cashuB2", MINT, 5, Err(RedeemError::MintUnavailable { mint: MINT.into(), message: "down".into() }));
-        let e = r.merchant.purchase(mac(), pay("cashuB2")).await.expect_err("mint down");
+        r.redeemer.add(
+            "cashuB2",
+            MINT,
+            5,
+            Err(RedeemError::MintUnavailable {
+                mint: MINT.into(),
+                message: "down".into(),
+            }),
+        );
+        let e = r
+            .merchant
+            .purchase(mac(), pay("cashuB2"))
+            .await
+            .expect_err("mint down");
         assert_eq!(e.code(), NoticeCode::NoReachableMints);
-        assert_eq!(r.store.grant("id-cashuB2").expect("g").expect("g").status, GrantStatus::Redeeming, "retried at start");
+        assert_eq!(
+            r.store.grant("id-cashuB2").expect("g").expect("g").status,
+            GrantStatus::Redeeming,
+            "retried at start"
+        );
 
         // Simulate a crash after the swap: grant redeemed, never applied.
         let g = Grant {
-            token_id: "id-cashuB1".into(), token: "cashuB1".into(), mac: mac(), customer: None,
-            mint: MINT.into(), unit: "sat".into(), gross: 5, net: 0, steps: 0, allotment: 0,
-            metric: Metric::Bytes, status: GrantStatus::Redeeming, answer: None, error: None, created_unix: 0,
+            token_id: "id-cashuB1".into(),
+            token: "cashuB1".into(),
+            mac: mac(),
+            customer: None,
+            mint: MINT.into(),
+            unit: "sat".into(),
+            gross: 5,
+            net: 0,
+            steps: 0,
+            allotment: 0,
+            metric: Metric::Bytes,
+            status: GrantStatus::Redeeming,
+            answer: None,
+            error: None,
+            created_unix: 0,
         };
         r.store.insert_grant(&g).expect("insert");
         r.store.mark_redeemed("id-cashuB1", 5, 5).expect("redeemed");
         r.redeemer.add("cashuB2", MINT, 2, Ok(()));
         let n = r.merchant.reconcile().await.expect("reconcile");
         assert_eq!(n, 2);
-        assert_eq!(r.chandler.usage(mac()).expect("u").expect("s").allotment, 7000);
+        assert_eq!(
+            r.chandler.usage(mac()).expect("u").expect("s").allotment,
+            7000
+        );
         assert!(r.store.unfinished_grants().expect("list").is_empty());
-        assert_eq!(r.redeemer.calls(), 2, "only the unredeemed one is received again");
+        assert_eq!(
+            r.redeemer.calls(),
+            2,
+            "only the unredeemed one is received again"
+        );
         assert!(r.gates.gate(mac()).expect("gate").expect("g").open);
     }
 }

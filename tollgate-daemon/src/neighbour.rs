@@ -133,10 +133,10 @@ pub fn parse_ip_neigh_json(text: &str, ip: IpAddr) -> Option<MacAddr> {
         if e.get("dst")?.as_str()?.parse::<IpAddr>().ok()? != ip {
             return None;
         }
-        let bad = e
-            .get("state")
-            .and_then(|s| s.as_array())
-            .is_some_and(|s| s.iter().any(|x| matches!(x.as_str(), Some("FAILED" | "INCOMPLETE"))));
+        let bad = e.get("state").and_then(|s| s.as_array()).is_some_and(|s| {
+            s.iter()
+                .any(|x| matches!(x.as_str(), Some("FAILED" | "INCOMPLETE")))
+        });
         let mac: MacAddr = e.get("lladdr")?.as_str()?.parse().ok()?;
         (!bad && usable(mac)).then_some(mac)
     })
@@ -158,7 +158,8 @@ pub fn parse_dnsmasq_leases(text: &str, ip: IpAddr) -> Option<MacAddr> {
 mod tests {
     use super::*;
 
-    const ARP: &str = "IP address       HW type     Flags       HW address            Mask     Device
+    const ARP: &str =
+        "IP address       HW type     Flags       HW address            Mask     Device
 192.0.2.1        0x1         0x2         02:fc:00:00:00:05     *        eth0
 10.0.0.7         0x1         0x0         00:00:00:00:00:00     *        br-lan
 10.0.0.8         0x1         0x2         AA:BB:CC:DD:EE:08     *        br-lan
@@ -168,9 +169,19 @@ garbage line
     #[test]
     fn proc_net_arp() {
         let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
-        assert_eq!(parse_proc_net_arp(ARP, ip("192.0.2.1")), Some("02:fc:00:00:00:05".parse().expect("mac")));
-        assert_eq!(parse_proc_net_arp(ARP, ip("10.0.0.8")), Some("aa:bb:cc:dd:ee:08".parse().expect("mac")));
-        assert_eq!(parse_proc_net_arp(ARP, ip("10.0.0.7")), None, "incomplete entry");
+        assert_eq!(
+            parse_proc_net_arp(ARP, ip("192.0.2.1")),
+            Some("02:fc:00:00:00:05".parse().expect("mac"))
+        );
+        assert_eq!(
+            parse_proc_net_arp(ARP, ip("10.0.0.8")),
+            Some("aa:bb:cc:dd:ee:08".parse().expect("mac"))
+        );
+        assert_eq!(
+            parse_proc_net_arp(ARP, ip("10.0.0.7")),
+            None,
+            "incomplete entry"
+        );
         assert_eq!(parse_proc_net_arp(ARP, ip("10.0.0.9")), None);
         assert_eq!(parse_proc_net_arp("", ip("10.0.0.9")), None);
     }
@@ -185,7 +196,10 @@ garbage line
         assert!(parse_ip_neigh_json(text, ip("192.0.2.1")).is_some());
         assert_eq!(parse_ip_neigh_json(text, ip("fd00::1")), None);
         assert_eq!(parse_ip_neigh_json(text, ip("fd00::2")), None);
-        assert_eq!(parse_ip_neigh_json(text, ip("fd00::3")), Some("02:00:00:00:00:03".parse().expect("mac")));
+        assert_eq!(
+            parse_ip_neigh_json(text, ip("fd00::3")),
+            Some("02:00:00:00:00:03".parse().expect("mac"))
+        );
         assert_eq!(parse_ip_neigh_json("not json", ip("fd00::3")), None);
         assert_eq!(parse_ip_neigh_json("{}", ip("fd00::3")), None);
     }
@@ -194,8 +208,14 @@ garbage line
     fn leases() {
         let text = "1700000000 aa:bb:cc:00:00:01 10.0.0.50 phone 01:aa:bb:cc:00:00:01\nbroken\n";
         let ip: IpAddr = "10.0.0.50".parse().expect("ip");
-        assert_eq!(parse_dnsmasq_leases(text, ip), Some("aa:bb:cc:00:00:01".parse().expect("mac")));
-        assert_eq!(parse_dnsmasq_leases(text, "10.0.0.51".parse().expect("ip")), None);
+        assert_eq!(
+            parse_dnsmasq_leases(text, ip),
+            Some("aa:bb:cc:00:00:01".parse().expect("mac"))
+        );
+        assert_eq!(
+            parse_dnsmasq_leases(text, "10.0.0.51".parse().expect("ip")),
+            None
+        );
     }
 
     #[test]
@@ -203,10 +223,22 @@ garbage line
         let lo: SocketAddr = "127.0.0.1:5000".parse().expect("addr");
         let lan: SocketAddr = "10.0.0.5:5000".parse().expect("addr");
         let mapped: SocketAddr = "[::ffff:10.0.0.5]:5000".parse().expect("addr");
-        assert_eq!(client_ip(lo, Some("10.0.0.9, 1.2.3.4")), "10.0.0.9".parse::<IpAddr>().expect("ip"));
-        assert_eq!(client_ip(lo, Some("nonsense")), "127.0.0.1".parse::<IpAddr>().expect("ip"));
-        assert_eq!(client_ip(lan, Some("10.0.0.9")), "10.0.0.5".parse::<IpAddr>().expect("ip"));
-        assert_eq!(client_ip(mapped, None), "10.0.0.5".parse::<IpAddr>().expect("ip"));
+        assert_eq!(
+            client_ip(lo, Some("10.0.0.9, 1.2.3.4")),
+            "10.0.0.9".parse::<IpAddr>().expect("ip")
+        );
+        assert_eq!(
+            client_ip(lo, Some("nonsense")),
+            "127.0.0.1".parse::<IpAddr>().expect("ip")
+        );
+        assert_eq!(
+            client_ip(lan, Some("10.0.0.9")),
+            "10.0.0.5".parse::<IpAddr>().expect("ip")
+        );
+        assert_eq!(
+            client_ip(mapped, None),
+            "10.0.0.5".parse::<IpAddr>().expect("ip")
+        );
     }
 
     #[test]
@@ -215,10 +247,19 @@ garbage line
         std::fs::create_dir_all(&dir).expect("dir");
         std::fs::write(dir.join("arp"), ARP).expect("arp");
         std::fs::write(dir.join("leases"), "0 aa:bb:cc:00:00:09 10.0.0.9 x *\n").expect("leases");
-        let k = KernelNeighbours { arp_path: dir.join("arp"), leases_file: Some(dir.join("leases")) };
+        let k = KernelNeighbours {
+            arp_path: dir.join("arp"),
+            leases_file: Some(dir.join("leases")),
+        };
         assert!(k.mac_of("10.0.0.8".parse().expect("ip")).is_ok());
-        assert!(k.mac_of("10.0.0.9".parse().expect("ip")).is_ok(), "from leases");
-        assert!(matches!(k.mac_of("10.0.0.10".parse().expect("ip")), Err(NeighbourError::NotFound { .. })));
+        assert!(
+            k.mac_of("10.0.0.9".parse().expect("ip")).is_ok(),
+            "from leases"
+        );
+        assert!(matches!(
+            k.mac_of("10.0.0.10".parse().expect("ip")),
+            Err(NeighbourError::NotFound { .. })
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -32,7 +32,10 @@ pub enum StoreError {
         source: std::io::Error,
     },
     #[error("corrupt row in {table}: {message}")]
-    Corrupt { table: &'static str, message: String },
+    Corrupt {
+        table: &'static str,
+        message: String,
+    },
 }
 
 /// Where a grant is in its life (see the module doc).
@@ -383,7 +386,12 @@ impl Store {
     }
 
     /// Records usage: updates the session's snapshot and appends to the history.
-    pub fn snapshot_usage(&self, mac: MacAddr, used: u64, allotment: u64) -> Result<(), StoreError> {
+    pub fn snapshot_usage(
+        &self,
+        mac: MacAddr,
+        used: u64,
+        allotment: u64,
+    ) -> Result<(), StoreError> {
         let mut c = self.conn();
         let tx = c.transaction()?;
         let now = i(now_unix());
@@ -406,7 +414,12 @@ impl Store {
             "SELECT mac, action, amount, detail FROM session_log WHERE mac = ?1 ORDER BY id DESC LIMIT ?2",
         )?;
         let rows = st.query_map(params![mac.to_string(), limit], |r| {
-            Ok((r.get::<_, String>(0)?, r.get(1)?, r.get::<_, i64>(2)?, r.get(3)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get(1)?,
+                r.get::<_, i64>(2)?,
+                r.get(3)?,
+            ))
         })?;
         rows.map(|r| {
             let (m, action, amount, detail) = r?;
@@ -431,10 +444,11 @@ pub struct AppliedGrant<'a> {
 }
 
 fn parse_mac(table: &'static str, s: &str) -> Result<MacAddr, StoreError> {
-    s.parse().map_err(|e: crate::valve::ParseMacError| StoreError::Corrupt {
-        table,
-        message: e.to_string(),
-    })
+    s.parse()
+        .map_err(|e: crate::valve::ParseMacError| StoreError::Corrupt {
+            table,
+            message: e.to_string(),
+        })
 }
 
 fn parse_metric(table: &'static str, s: &str) -> Result<Metric, StoreError> {
@@ -526,7 +540,10 @@ mod tests {
     fn grant_lifecycle_and_uniqueness() {
         let s = Store::open_in_memory().expect("db");
         assert!(s.insert_grant(&grant("t1")).expect("insert"));
-        assert!(!s.insert_grant(&grant("t1")).expect("insert twice"), "token id is unique");
+        assert!(
+            !s.insert_grant(&grant("t1")).expect("insert twice"),
+            "token id is unique"
+        );
         assert_eq!(s.unfinished_grants().expect("list").len(), 1);
         s.mark_redeemed("t1", 10, 9).expect("redeemed");
         let g = s.grant("t1").expect("get").expect("exists");
@@ -546,25 +563,42 @@ mod tests {
             active: true,
             close_reason: None,
         };
-        let log = LogEntry { mac: mac(), action: "grant".into(), amount: 100, detail: "t1".into() };
+        let log = LogEntry {
+            mac: mac(),
+            action: "grant".into(),
+            amount: 100,
+            detail: "t1".into(),
+        };
         s.commit_session(
             &sess,
-            Some(AppliedGrant { token_id: "t1", steps: 9, allotment: 100, answer: "{}" }),
+            Some(AppliedGrant {
+                token_id: "t1",
+                steps: 9,
+                allotment: 100,
+                answer: "{}",
+            }),
             &log,
         )
         .expect("commit");
-        assert_eq!(s.grant("t1").expect("get").expect("g").status, GrantStatus::Applied);
+        assert_eq!(
+            s.grant("t1").expect("get").expect("g").status,
+            GrantStatus::Applied
+        );
         assert!(s.unfinished_grants().expect("list").is_empty());
         assert_eq!(s.session(mac()).expect("get"), Some(sess));
         s.snapshot_usage(mac(), 40, 100).expect("snap");
-        s.snapshot_usage(mac(), 30, 100).expect("snap never goes back");
+        s.snapshot_usage(mac(), 30, 100)
+            .expect("snap never goes back");
         assert_eq!(s.session(mac()).expect("get").expect("s").used_snapshot, 40);
         assert_eq!(s.log(mac(), 10).expect("log"), vec![log]);
     }
 
     #[test]
     fn file_database_persists() {
-        let path = std::env::temp_dir().join(format!("tollgate-store-{}/tollgate.sqlite", std::process::id()));
+        let path = std::env::temp_dir().join(format!(
+            "tollgate-store-{}/tollgate.sqlite",
+            std::process::id()
+        ));
         let _ = std::fs::remove_file(&path);
         {
             let s = Store::open(&path).expect("open");

@@ -49,12 +49,24 @@ fn setup(price: u64, min: u64, rate: u32) -> T {
         post_rate_per_minute: rate,
         portal_port: 2121,
     };
-    let state = AppState::new(&cfg, rig.merchant.clone(), rig.chandler.clone(), Arc::new(StaticNeighbours(map)));
+    let state = AppState::new(
+        &cfg,
+        rig.merchant.clone(),
+        rig.chandler.clone(),
+        Arc::new(StaticNeighbours(map)),
+    );
     let app = router(state);
     T { rig, app }
 }
 
-async fn send(app: &Router, method: &str, uri: &str, ct: Option<&str>, body: Vec<u8>, peer: &str) -> (StatusCode, HeaderMap, String) {
+async fn send(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    ct: Option<&str>,
+    body: Vec<u8>,
+    peer: &str,
+) -> (StatusCode, HeaderMap, String) {
     send_h(app, method, uri, ct, body, peer, &[]).await
 }
 
@@ -85,7 +97,11 @@ async fn send_h(
     let status = resp.status();
     let headers = resp.headers().clone();
     let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    (status, headers, String::from_utf8_lossy(&bytes).into_owned())
+    (
+        status,
+        headers,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
 }
 
 fn notice_code(body: &str) -> String {
@@ -106,7 +122,8 @@ async fn get_root_is_signed_advertisement() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(h["content-type"], "application/json");
     independently_verify(&body);
-    let ad = protocol::Advertisement::from_event(&Event::from_json(&body).expect("ev")).expect("10021");
+    let ad =
+        protocol::Advertisement::from_event(&Event::from_json(&body).expect("ev")).expect("10021");
     assert_eq!(ad.prices[0].mint_url, MINT);
     let created = Event::from_json(&body).expect("ev").created_at.as_secs();
     assert!(created > 1_600_000_000, "real created_at");
@@ -130,13 +147,28 @@ async fn post_token_in_every_content_type() {
         independently_verify(&body);
         let sess = Session::from_event(&Event::from_json(&body).expect("ev")).expect("1022");
         assert_eq!(sess.mac, client_mac());
-        assert_eq!(sess.allotment, 2000 * (n as u64 + 1), "cumulative allotment");
+        assert_eq!(
+            sess.allotment,
+            2000 * (n as u64 + 1),
+            "cumulative allotment"
+        );
     }
     // `token=` form field, percent-encoded.
     let tok = token(100);
     t.rig.redeemer.add(&tok, MINT, 1, Ok(()));
-    let form = format!("token={}", url::form_urlencoded::byte_serialize(tok.as_bytes()).collect::<String>());
-    let (s, _, body) = send(&t.app, "POST", "/", Some("application/x-www-form-urlencoded"), form.into_bytes(), PEER).await;
+    let form = format!(
+        "token={}",
+        url::form_urlencoded::byte_serialize(tok.as_bytes()).collect::<String>()
+    );
+    let (s, _, body) = send(
+        &t.app,
+        "POST",
+        "/",
+        Some("application/x-www-form-urlencoded"),
+        form.into_bytes(),
+        PEER,
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{body}");
     // /usage and /balance see it.
     let (_, h, body) = send(&t.app, "GET", "/usage", None, vec![], PEER).await;
@@ -158,39 +190,153 @@ async fn post_kind_21000_event_puts_customer_in_p() {
     let customer = Keys::generate();
     // The event claims another MAC: it must be ignored.
     let claimed: MacAddr = "02:de:ad:be:ef:00".parse().expect("mac");
-    let ev = protocol::payment_event(&customer, &t.rig.merchant.keys().public_key(), claimed, &tok, protocol::unix_now())
-        .expect("event");
-    let (s, _, body) = send(&t.app, "POST", "/", Some("application/json"), ev.as_json().into_bytes(), PEER).await;
+    let ev = protocol::payment_event(
+        &customer,
+        &t.rig.merchant.keys().public_key(),
+        claimed,
+        &tok,
+        protocol::unix_now(),
+    )
+    .expect("event");
+    let (s, _, body) = send(
+        &t.app,
+        "POST",
+        "/",
+        Some("application/json"),
+        ev.as_json().into_bytes(),
+        PEER,
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{body}");
     let sess = Session::from_event(&Event::from_json(&body).expect("ev")).expect("1022");
     assert_eq!(sess.customer, Some(customer.public_key()));
-    assert_eq!(sess.mac, client_mac(), "MAC from the neighbour table, not the body");
+    assert_eq!(
+        sess.mac,
+        client_mac(),
+        "MAC from the neighbour table, not the body"
+    );
 }
 
 #[tokio::test]
 async fn every_notice_code_and_status() {
     let t = setup(2, 2, 600);
-    let (spent, other, locked, small, down, limited, broken) = (token(1), token(2), token(3), token(4), token(5), token(6), token(7));
-    t.rig.redeemer.add(&spent, MINT, 10, Err(RedeemError::TokenSpent));
-    t.rig.redeemer.add(&other, "https://other.example", 10, Ok(()));
-    t.rig.redeemer.add(&locked, MINT, 10, Err(RedeemError::Locked));
+    let (spent, other, locked, small, down, limited, broken) = (
+        token(1),
+        token(2),
+        token(3),
+        token(4),
+        token(5),
+        token(6),
+        token(7),
+    );
+    t.rig
+        .redeemer
+        .add(&spent, MINT, 10, Err(RedeemError::TokenSpent));
+    t.rig
+        .redeemer
+        .add(&other, "https://other.example", 10, Ok(()));
+    t.rig
+        .redeemer
+        .add(&locked, MINT, 10, Err(RedeemError::Locked));
     t.rig.redeemer.add(&small, MINT, 3, Ok(()));
-    t.rig.redeemer.add(&down, MINT, 10, Err(RedeemError::MintUnavailable { mint: MINT.into(), message: "refused".into() }));
-    t.rig.redeemer.add(&limited, MINT, 10, Err(RedeemError::RateLimited { retry_after_secs: 7 }));
-    t.rig.redeemer.add(&broken, MINT, 10, Err(RedeemError::Storage { message: "disk".into() }));
+    t.rig.redeemer.add(
+        &down,
+        MINT,
+        10,
+        Err(RedeemError::MintUnavailable {
+            mint: MINT.into(),
+            message: "refused".into(),
+        }),
+    );
+    t.rig.redeemer.add(
+        &limited,
+        MINT,
+        10,
+        Err(RedeemError::RateLimited {
+            retry_after_secs: 7,
+        }),
+    );
+    t.rig.redeemer.add(
+        &broken,
+        MINT,
+        10,
+        Err(RedeemError::Storage {
+            message: "disk".into(),
+        }),
+    );
     let cases: Vec<(Vec<u8>, &str, StatusCode, &str)> = vec![
-        (spent.into_bytes(), PEER, StatusCode::BAD_REQUEST, "payment-error-token-spent"),
-        (other.into_bytes(), PEER, StatusCode::BAD_REQUEST, "payment-error-mint-not-accepted"),
-        (locked.into_bytes(), PEER, StatusCode::BAD_REQUEST, "payment-error-locked-token"),
-        (small.clone().into_bytes(), PEER, StatusCode::BAD_REQUEST, "session-error"),
-        (down.into_bytes(), PEER, StatusCode::SERVICE_UNAVAILABLE, "no-reachable-mints"),
-        (limited.into_bytes(), PEER, StatusCode::TOO_MANY_REQUESTS, "mint-rate-limited"),
-        (broken.into_bytes(), PEER, StatusCode::INTERNAL_SERVER_ERROR, "internal-error"),
-        (b"cashuBgarbage".to_vec(), PEER, StatusCode::BAD_REQUEST, "payment-error-invalid-token"),
-        (b"hello".to_vec(), PEER, StatusCode::BAD_REQUEST, "payment-error-invalid-token"),
-        (b"".to_vec(), PEER, StatusCode::BAD_REQUEST, "invalid-request"),
-        (b"{\"kind\":1}".to_vec(), PEER, StatusCode::BAD_REQUEST, "invalid-event"),
-        (token(8).into_bytes(), UNKNOWN_PEER, StatusCode::BAD_REQUEST, "mac-address-lookup-failed"),
+        (
+            spent.into_bytes(),
+            PEER,
+            StatusCode::BAD_REQUEST,
+            "payment-error-token-spent",
+        ),
+        (
+            other.into_bytes(),
+            PEER,
+            StatusCode::BAD_REQUEST,
+            "payment-error-mint-not-accepted",
+        ),
+        (
+            locked.into_bytes(),
+            PEER,
+            StatusCode::BAD_REQUEST,
+            "payment-error-locked-token",
+        ),
+        (
+            small.clone().into_bytes(),
+            PEER,
+            StatusCode::BAD_REQUEST,
+            "session-error",
+        ),
+        (
+            down.into_bytes(),
+            PEER,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no-reachable-mints",
+        ),
+        (
+            limited.into_bytes(),
+            PEER,
+            StatusCode::TOO_MANY_REQUESTS,
+            "mint-rate-limited",
+        ),
+        (
+            broken.into_bytes(),
+            PEER,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal-error",
+        ),
+        (
+            b"cashuBgarbage".to_vec(),
+            PEER,
+            StatusCode::BAD_REQUEST,
+            "payment-error-invalid-token",
+        ),
+        (
+            b"hello".to_vec(),
+            PEER,
+            StatusCode::BAD_REQUEST,
+            "payment-error-invalid-token",
+        ),
+        (
+            b"".to_vec(),
+            PEER,
+            StatusCode::BAD_REQUEST,
+            "invalid-request",
+        ),
+        (
+            b"{\"kind\":1}".to_vec(),
+            PEER,
+            StatusCode::BAD_REQUEST,
+            "invalid-event",
+        ),
+        (
+            token(8).into_bytes(),
+            UNKNOWN_PEER,
+            StatusCode::BAD_REQUEST,
+            "mac-address-lookup-failed",
+        ),
     ];
     for (body, peer, status, code) in cases {
         let (s, h, resp) = send(&t.app, "POST", "/", Some("text/plain"), body, peer).await;
@@ -212,7 +358,10 @@ async fn every_notice_code_and_status() {
     t.rig.redeemer.add(&tok, MINT, 10, Ok(()));
     let before = t.rig.redeemer.calls();
     let (s, _, resp) = send(&t.app, "POST", "/", None, tok.into_bytes(), PEER).await;
-    assert_eq!((s, notice_code(&resp).as_str()), (StatusCode::SERVICE_UNAVAILABLE, "service-unavailable"));
+    assert_eq!(
+        (s, notice_code(&resp).as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "service-unavailable")
+    );
     assert_eq!(t.rig.redeemer.calls(), before);
 }
 
@@ -223,7 +372,15 @@ async fn body_limits_and_content_types() {
     let (s, _, body) = send(&t.app, "POST", "/", Some("text/plain"), huge, PEER).await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(notice_code(&body), "invalid-request");
-    let (s, _, body) = send(&t.app, "POST", "/", Some("multipart/form-data; boundary=x"), b"x".to_vec(), PEER).await;
+    let (s, _, body) = send(
+        &t.app,
+        "POST",
+        "/",
+        Some("multipart/form-data; boundary=x"),
+        b"x".to_vec(),
+        PEER,
+    )
+    .await;
     assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     assert_eq!(notice_code(&body), "invalid-request");
 }
@@ -247,7 +404,10 @@ async fn per_ip_rate_limit() {
 async fn whoami_usage_balance_without_session() {
     let t = setup(1, 0, 60);
     let (s, h, body) = send(&t.app, "GET", "/whoami", None, vec![], PEER).await;
-    assert_eq!((s, body.as_str()), (StatusCode::OK, "mac=aa:bb:cc:00:00:05"));
+    assert_eq!(
+        (s, body.as_str()),
+        (StatusCode::OK, "mac=aa:bb:cc:00:00:05")
+    );
     assert_eq!(h["content-type"], "text/plain");
     let (_, _, body) = send(&t.app, "GET", "/usage", None, vec![], PEER).await;
     assert_eq!(body, "-1/-1");
@@ -255,17 +415,36 @@ async fn whoami_usage_balance_without_session() {
     let v: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(v["session_active"], false);
     let (s, _, body) = send(&t.app, "GET", "/whoami", None, vec![], UNKNOWN_PEER).await;
-    assert_eq!((s, notice_code(&body).as_str()), (StatusCode::BAD_REQUEST, "mac-address-lookup-failed"));
+    assert_eq!(
+        (s, notice_code(&body).as_str()),
+        (StatusCode::BAD_REQUEST, "mac-address-lookup-failed")
+    );
 }
 
 #[tokio::test]
 async fn forwarded_for_only_from_loopback() {
     let t = setup(1, 0, 60);
     let xff = [("x-forwarded-for", "10.0.0.5")];
-    let (s, _, body) = send_h(&t.app, "GET", "/whoami", None, vec![], "127.0.0.1:1000", &xff).await;
-    assert_eq!((s, body.as_str()), (StatusCode::OK, "mac=aa:bb:cc:00:00:05"));
+    let (s, _, body) = send_h(
+        &t.app,
+        "GET",
+        "/whoami",
+        None,
+        vec![],
+        "127.0.0.1:1000",
+        &xff,
+    )
+    .await;
+    assert_eq!(
+        (s, body.as_str()),
+        (StatusCode::OK, "mac=aa:bb:cc:00:00:05")
+    );
     let (s, _, _) = send_h(&t.app, "GET", "/whoami", None, vec![], UNKNOWN_PEER, &xff).await;
-    assert_eq!(s, StatusCode::BAD_REQUEST, "a LAN client cannot claim another's address");
+    assert_eq!(
+        s,
+        StatusCode::BAD_REQUEST,
+        "a LAN client cannot claim another's address"
+    );
 }
 
 #[tokio::test]
@@ -292,13 +471,40 @@ async fn captive_api() {
 #[tokio::test]
 async fn cors_local_origins_only() {
     let t = setup(1, 0, 60);
-    let (s, h, _) = send_h(&t.app, "OPTIONS", "/", None, vec![], PEER, &[("origin", "http://10.0.0.1:8080")]).await;
+    let (s, h, _) = send_h(
+        &t.app,
+        "OPTIONS",
+        "/",
+        None,
+        vec![],
+        PEER,
+        &[("origin", "http://10.0.0.1:8080")],
+    )
+    .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     assert_eq!(h["access-control-allow-origin"], "http://10.0.0.1:8080");
-    let (s, h, _) = send_h(&t.app, "GET", "/", None, vec![], PEER, &[("origin", "https://evil.example")]).await;
+    let (s, h, _) = send_h(
+        &t.app,
+        "GET",
+        "/",
+        None,
+        vec![],
+        PEER,
+        &[("origin", "https://evil.example")],
+    )
+    .await;
     assert_eq!(s, StatusCode::OK);
     assert!(!h.contains_key("access-control-allow-origin"));
-    let (s, _, _) = send_h(&t.app, "POST", "/", None, b"x".to_vec(), PEER, &[("origin", "https://evil.example")]).await;
+    let (s, _, _) = send_h(
+        &t.app,
+        "POST",
+        "/",
+        None,
+        b"x".to_vec(),
+        PEER,
+        &[("origin", "https://evil.example")],
+    )
+    .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
     for (o, ok) in [
         ("http://192.168.1.1", true),
@@ -325,19 +531,48 @@ async fn admin_grant_and_close() {
         post_rate_per_minute: 60,
         portal_port: 2121,
     };
-    let admin = admin_router(AppState::new(&cfg, t.rig.merchant.clone(), t.rig.chandler.clone(), Arc::new(StaticNeighbours(map))));
-    let (s, _, body) = send(&admin, "POST", "/clients/aa:bb:cc:00:00:05/grant?amount=500", None, vec![], "127.0.0.1:1").await;
+    let admin = admin_router(AppState::new(
+        &cfg,
+        t.rig.merchant.clone(),
+        t.rig.chandler.clone(),
+        Arc::new(StaticNeighbours(map)),
+    ));
+    let (s, _, body) = send(
+        &admin,
+        "POST",
+        "/clients/aa:bb:cc:00:00:05/grant?amount=500",
+        None,
+        vec![],
+        "127.0.0.1:1",
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{body}");
     let (_, _, body) = send(&t.app, "GET", "/usage", None, vec![], PEER).await;
     assert_eq!(body, "0/500");
-    let (s, _, _) = send(&admin, "POST", "/clients/aa:bb:cc:00:00:05/close", None, vec![], "127.0.0.1:1").await;
+    let (s, _, _) = send(
+        &admin,
+        "POST",
+        "/clients/aa:bb:cc:00:00:05/close",
+        None,
+        vec![],
+        "127.0.0.1:1",
+    )
+    .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     let (_, _, body) = send(&t.app, "GET", "/usage", None, vec![], PEER).await;
     assert_eq!(body, "-1/-1");
     let (s, _, body) = send(&admin, "GET", "/clients", None, vec![], "127.0.0.1:1").await;
     assert_eq!(s, StatusCode::OK);
     assert!(body.contains("admin-close"), "{body}");
-    let (s, _, _) = send(&admin, "POST", "/clients/nope/close", None, vec![], "127.0.0.1:1").await;
+    let (s, _, _) = send(
+        &admin,
+        "POST",
+        "/clients/nope/close",
+        None,
+        vec![],
+        "127.0.0.1:1",
+    )
+    .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 }
 
