@@ -839,6 +839,44 @@ mod tests {
     }
 
     #[test]
+    fn time_session_survives_reboot() {
+        let (gates, store, c) = chandler(Metric::Milliseconds);
+        c.add(mac(), 60_000, None, "grant").expect("open");
+        // Reboot: the boot clock restarts, kernel state is gone, the boot id changes.
+        {
+            let mut g = gates.lock();
+            g.gates.clear();
+            g.now = 5_000_000_000;
+        }
+        let mut row = store.session(mac()).expect("get").expect("row");
+        row.boot_id = "previous-boot".into();
+        row.end_boot_ns = Some(u64::MAX / 2);
+        let log = LogEntry {
+            mac: mac(),
+            action: "test".into(),
+            amount: 0,
+            detail: String::new(),
+        };
+        store.commit_session(&row, None, &log).expect("commit");
+        let r = c.reconcile().expect("reconcile");
+        assert_eq!(r.reopened, vec![mac()]);
+        let end = gates.lock().gates[&mac()].until_boot_ns.expect("deadline");
+        let left_ms = (end - 5_000_000_000) / NS_PER_MS;
+        assert!(
+            (59_000..=60_000).contains(&left_ms),
+            "deadline re-derived from unix time: {left_ms}"
+        );
+        // Expired while down: closed, not reopened.
+        let mut row = store.session(mac()).expect("get").expect("row");
+        row.boot_id = "previous-boot".into();
+        row.end_unix_ms = Some(1);
+        store.commit_session(&row, None, &log).expect("commit");
+        let r = c.reconcile().expect("reconcile");
+        assert_eq!(r.expired, vec![mac()]);
+        assert!(!gates.lock().gates[&mac()].open);
+    }
+
+    #[test]
     fn admin_actions_are_recorded() {
         let (_gates, store, c) = chandler(Metric::Bytes);
         c.admin_add(mac(), 10).expect("open");

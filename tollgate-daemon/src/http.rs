@@ -168,6 +168,13 @@ fn merchant_error(st: &AppState, e: MerchantError) -> ApiError {
             source: RedeemError::RateLimited { retry_after_secs },
         } => api.retry_after = Some(retry_after_secs),
         MerchantError::Timeout { .. } => api.retry_after = Some(2),
+        // Not our fault and not final: the mint is settling another spend of these proofs.
+        MerchantError::Redeem {
+            source: RedeemError::TokenPending,
+        } => {
+            api.status = StatusCode::SERVICE_UNAVAILABLE;
+            api.retry_after = Some(5);
+        }
         _ => {}
     }
     api

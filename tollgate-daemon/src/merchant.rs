@@ -71,6 +71,9 @@ pub enum RedeemError {
     Locked,
     #[error("token already spent")]
     TokenSpent,
+    /// The proofs are in a pending transaction at the mint (someone is spending them now).
+    #[error("token is pending at the mint")]
+    TokenPending,
     #[error("mint {mint} unavailable: {message}")]
     MintUnavailable { mint: String, message: String },
     #[error("mint rate limited, retry after {retry_after_secs}s")]
@@ -164,6 +167,7 @@ impl MerchantError {
                 RedeemError::MintNotAccepted { .. } => NoticeCode::MintNotAccepted,
                 RedeemError::Locked => NoticeCode::LockedToken,
                 RedeemError::TokenSpent => NoticeCode::TokenSpent,
+                RedeemError::TokenPending => NoticeCode::ProcessingFailed,
                 RedeemError::MintUnavailable { .. } => NoticeCode::NoReachableMints,
                 RedeemError::RateLimited { .. } => NoticeCode::MintRateLimited,
                 RedeemError::InsufficientFunds { .. } => NoticeCode::ProcessingFailed,
