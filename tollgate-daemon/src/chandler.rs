@@ -580,6 +580,8 @@ pub(crate) mod fake {
         pub now: u64,
         pub gates: HashMap<MacAddr, GateState>,
         pub full: bool,
+        /// `check` passes but `open` fails (the map filled between pre-flight and open).
+        pub fail_open: bool,
         pub opens: u32,
         pub extends: u32,
     }
@@ -627,7 +629,7 @@ pub(crate) mod fake {
         }
         fn open(&self, mac: MacAddr, a: Allowance) -> Result<GateState, ValveError> {
             let mut i = self.lock();
-            if i.full {
+            if i.full || i.fail_open {
                 return Err(ValveError::Full { mac, capacity: 0 });
             }
             i.opens += 1;

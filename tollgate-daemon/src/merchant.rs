@@ -785,6 +785,38 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn gate_failure_after_receive_keeps_value_and_retry_applies() {
+        let r = rig(1, 0, Duration::from_secs(5));
+        r.redeemer.add("cashuB1", MINT, 5, Ok(()));
+        r.gates.lock().fail_open = true;
+        let e = r
+            .merchant
+            .purchase(mac(), pay("cashuB1"))
+            .await
+            .expect_err("open fails");
+        assert!(matches!(e, MerchantError::Apply { .. }), "{e:?}");
+        assert_eq!(e.code(), NoticeCode::ServiceUnavailable);
+        let g = r.store.grant("id-cashuB1").expect("g").expect("g");
+        assert_eq!(
+            (g.status, g.net),
+            (GrantStatus::Redeemed, 5),
+            "received value is recorded"
+        );
+        r.gates.lock().fail_open = false;
+        let p = r
+            .merchant
+            .purchase(mac(), pay("cashuB1"))
+            .await
+            .expect("retry applies");
+        assert!(!p.replayed);
+        assert_eq!(r.redeemer.calls(), 1, "no second receive");
+        assert_eq!(
+            r.chandler.usage(mac()).expect("u").expect("s").allotment,
+            5000
+        );
+    }
+
+    #[tokio::test]
     async fn spent_token() {
         let r = rig(1, 0, Duration::from_secs(5));
         r.redeemer
