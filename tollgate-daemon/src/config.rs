@@ -1,1 +1,1093 @@
-//! Configuration (config.json + identities.json).
+//! Configuration: `config.json` + `identities.json` in the reference daemon's shape, plus our
+//! additions (all optional, with defaults).
+//!
+//! ```text
+//! load(dir) ─> RawConfig / RawIdentities (serde, lenient shape)
+//!           ─> validate ─> Config { merchant, http, chandler, dataplane, neighbour, store,
+//!                                   payout, upstream, identities }   (one section per component)
+//! ```
+//! Every validation error names the file, the field and the fix. Mint URLs are canonicalised
+//! here once (scheme and host lower-case, no trailing slash) and compared only in that form.
+
+use std::{
+    collections::HashSet,
+    fs,
+    io::Write,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use nostr::{Keys, SecretKey};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::protocol::Metric;
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const IDENTITIES_FILE: &str = "identities.json";
+
+/// Errors of loading and validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not valid json for this file: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: `{field}`: {problem} (fix: {fix})")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        problem: String,
+        fix: String,
+    },
+}
+
+impl ConfigError {
+    /// The offending field of an `Invalid` error (for tests and messages).
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+}
+
+/// A duration given as integer nanoseconds (the reference's files) or a string like "10s".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Nanos(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Nanos(n) => Ok(Dur(Duration::from_nanos(n))),
+            Raw::Text(s) => parse_duration(&s)
+                .map(Dur)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_duration(self.0))
+    }
+}
+
+/// Parses "500ms", "10s", "1m30s", "2h", "250us", "7ns" (a bare number is nanoseconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(Duration::from_nanos(n));
+    }
+    let mut total: u128 = 0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!(
+                "invalid duration {s:?} (expected e.g. \"10s\", \"500ms\")"
+            ));
+        }
+        let n: u128 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("invalid number in duration {s:?}"))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let nanos_per: u128 = match &rest[..unit_len] {
+            "ns" => 1,
+            "us" | "µs" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            "d" => 86_400_000_000_000,
+            u => {
+                return Err(format!(
+                    "unknown unit {u:?} in duration {s:?} (use ns, us, ms, s, m, h, d)"
+                ))
+            }
+        };
+        total = total.saturating_add(n.saturating_mul(nanos_per));
+        rest = &rest[unit_len..];
+    }
+    Ok(Duration::from_nanos(
+        u64::try_from(total).unwrap_or(u64::MAX),
+    ))
+}
+
+fn format_duration(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else if d.as_nanos() % 1_000_000 == 0 {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{}ns", d.as_nanos())
+    }
+}
+
+/// Canonical mint URL: scheme and host lower-case, no trailing slash, no query or fragment.
+pub fn canonical_mint_url(raw: &str) -> Result<String, String> {
+    let url = url::Url::parse(raw.trim()).map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
+    if url.scheme() != "https" && url.scheme() != "http" {
+        return Err(format!("{raw:?}: scheme must be http or https"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{raw:?}: no host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+        return Err(format!(
+            "{raw:?}: no query, fragment or credentials allowed"
+        ));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_string())
+}
+
+/// Checks `user@domain.tld` (LNURL-pay's Lightning address).
+pub fn valid_lightning_address(s: &str) -> bool {
+    let Some((user, domain)) = s.split_once('@') else {
+        return false;
+    };
+    !user.is_empty()
+        && user
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && domain
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-.".contains(c))
+}
+
+// ---------------------------------------------------------------- raw file shapes
+
+#[derive(Debug, Deserialize, Serialize)]
+struct RawConfig {
+    #[serde(default)]
+    config_version: Option<String>,
+    #[serde(default)]
+    log_level: Option<String>,
+    metric: String,
+    step_size: u64,
+    accepted_mints: Vec<RawMint>,
+    #[serde(default)]
+    profit_share: Vec<RawShare>,
+    #[serde(default)]
+    reseller_mode: bool,
+    #[serde(default)]
+    upstream_session_manager: Option<serde_json::Value>,
+    // Our additions.
+    #[serde(default)]
+    lan_interface: Option<String>,
+    #[serde(default)]
+    wan_interface: Option<String>,
+    #[serde(default)]
+    listen: Option<String>,
+    #[serde(default)]
+    admin_listen: Option<String>,
+    #[serde(default)]
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    dataplane: Option<RawDataplane>,
+    #[serde(default)]
+    device_leases_file: Option<PathBuf>,
+    #[serde(default)]
+    payment_timeout: Option<Dur>,
+    #[serde(default)]
+    usage_snapshot_interval: Option<Dur>,
+    #[serde(default)]
+    post_rate_per_minute: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+struct RawMint {
+    url: String,
+    price_per_step: u64,
+    #[serde(default = "default_unit")]
+    price_unit: String,
+    #[serde(default)]
+    purchase_min_steps: u64,
+    #[serde(default)]
+    min_balance: u64,
+    #[serde(default)]
+    min_payout_amount: u64,
+    /// Seconds as an integer in the reference; a duration string ("60s") is accepted too.
+    #[serde(default)]
+    payout_interval_seconds: Option<serde_json::Value>,
+    #[serde(default)]
+    balance_tolerance_percent: u64,
+}
+
+fn default_unit() -> String {
+    "sat".into()
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+struct RawShare {
+    identity: String,
+    factor: f64,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+struct RawDataplane {
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(default)]
+    garden_allow: Vec<String>,
+    #[serde(default)]
+    portal_port: Option<u16>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+struct RawIdentities {
+    #[serde(default)]
+    owned_identities: Vec<RawOwned>,
+    #[serde(default)]
+    public_identities: Vec<RawPublic>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+struct RawOwned {
+    name: String,
+    privatekey: String,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+struct RawPublic {
+    name: String,
+    #[serde(default)]
+    lightning_address: Option<String>,
+    #[serde(default)]
+    pubkey: Option<String>,
+}
+
+// ---------------------------------------------------------------- validated sections
+
+/// One accepted mint and its price.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MintOffer {
+    /// Canonical URL (see [`canonical_mint_url`]).
+    pub url: String,
+    pub price_per_step: u64,
+    pub unit: String,
+    pub purchase_min_steps: u64,
+    pub min_balance: u64,
+    pub min_payout_amount: u64,
+    pub payout_interval: Duration,
+    pub balance_tolerance_percent: u64,
+}
+
+/// What the merchant sells and for how much.
+#[derive(Clone, Debug)]
+pub struct MerchantConfig {
+    pub metric: Metric,
+    pub step_size: u64,
+    pub mints: Vec<MintOffer>,
+    /// How long a POST waits for the mint before answering `payment-processing-timeout`
+    /// (the redemption itself continues and is applied).
+    pub payment_timeout: Duration,
+    /// The gateway's Nostr key (signs 10021/1022/21023).
+    pub keys: Keys,
+}
+
+impl MerchantConfig {
+    /// The offer for a canonical mint URL.
+    pub fn offer(&self, canonical_url: &str) -> Option<&MintOffer> {
+        self.mints.iter().find(|m| m.url == canonical_url)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// The API is served on this interface only (never the WAN side).
+    pub lan_interface: Option<String>,
+    pub post_rate_per_minute: u32,
+    pub portal_port: u16,
+}
+
+#[derive(Clone, Debug)]
+pub struct ChandlerConfig {
+    pub metric: Metric,
+    pub usage_snapshot_interval: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataplaneMode {
+    Tc,
+    Xdp,
+}
+
+#[derive(Clone, Debug)]
+pub struct DataplaneConfig {
+    pub mode: DataplaneMode,
+    pub lan_interface: Option<String>,
+    pub wan_interface: Option<String>,
+    /// Walled garden: destinations reachable without paying, as (network, prefix length).
+    pub garden_allow: Vec<(std::net::IpAddr, u8)>,
+    pub portal_port: u16,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct NeighbourConfig {
+    pub device_leases_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub state_dir: PathBuf,
+}
+
+impl StoreConfig {
+    pub fn db_path(&self) -> PathBuf {
+        self.state_dir.join("tollgate.sqlite")
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProfitShare {
+    pub identity: String,
+    pub lightning_address: String,
+    pub factor: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct PayoutConfig {
+    pub shares: Vec<ProfitShare>,
+}
+
+/// The reference's `upstream_session_manager` section, kept verbatim for the upstream buyer.
+#[derive(Clone, Debug, Default)]
+pub struct UpstreamConfig {
+    pub reseller_mode: bool,
+    pub raw: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub dir: PathBuf,
+    pub log_level: String,
+    pub merchant: MerchantConfig,
+    pub http: HttpConfig,
+    pub chandler: ChandlerConfig,
+    pub dataplane: DataplaneConfig,
+    pub neighbour: NeighbourConfig,
+    pub store: StoreConfig,
+    pub payout: PayoutConfig,
+    pub upstream: UpstreamConfig,
+}
+
+struct Ctx<'a> {
+    path: &'a Path,
+}
+
+impl Ctx<'_> {
+    fn err(
+        &self,
+        field: impl Into<String>,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            field: field.into(),
+            problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads and validates `config.json` and `identities.json` from `dir`.
+    pub fn load(dir: &Path) -> Result<Config, ConfigError> {
+        let cpath = dir.join(CONFIG_FILE);
+        let ipath = dir.join(IDENTITIES_FILE);
+        let ctext = read(&cpath)?;
+        let itext = read(&ipath)?;
+        Self::from_strs(dir, &ctext, &itext)
+    }
+
+    /// Validates the two files' contents (`dir` is used for error messages and defaults).
+    pub fn from_strs(
+        dir: &Path,
+        config_json: &str,
+        identities_json: &str,
+    ) -> Result<Config, ConfigError> {
+        let cpath = dir.join(CONFIG_FILE);
+        let ipath = dir.join(IDENTITIES_FILE);
+        let raw: RawConfig =
+            serde_json::from_str(config_json).map_err(|source| ConfigError::Parse {
+                path: cpath.clone(),
+                source,
+            })?;
+        let ids: RawIdentities =
+            serde_json::from_str(identities_json).map_err(|source| ConfigError::Parse {
+                path: ipath.clone(),
+                source,
+            })?;
+        let c = Ctx { path: &cpath };
+        let i = Ctx { path: &ipath };
+
+        let metric: Metric = raw
+            .metric
+            .parse()
+            .map_err(|p: String| c.err("metric", p, "use \"bytes\" or \"milliseconds\""))?;
+        if raw.step_size == 0 {
+            return Err(c.err(
+                "step_size",
+                "must be greater than 0",
+                "set the units of the metric sold per step, e.g. 22020096",
+            ));
+        }
+        if raw.accepted_mints.is_empty() {
+            return Err(c.err(
+                "accepted_mints",
+                "no mint accepted",
+                "add at least one {\"url\":…,\"price_per_step\":…}",
+            ));
+        }
+        let mut mints: Vec<MintOffer> = Vec::new();
+        for (n, m) in raw.accepted_mints.iter().enumerate() {
+            let f = |name: &str| format!("accepted_mints[{n}].{name}");
+            let url = canonical_mint_url(&m.url).map_err(|p| {
+                c.err(
+                    f("url"),
+                    p,
+                    "use the mint's https URL, e.g. https://mint.example",
+                )
+            })?;
+            if mints.iter().any(|o| o.url == url) {
+                return Err(c.err(
+                    f("url"),
+                    format!("{url} is listed twice"),
+                    "list each mint once",
+                ));
+            }
+            if m.price_per_step == 0 {
+                return Err(c.err(
+                    f("price_per_step"),
+                    "must be greater than 0",
+                    "set the price of one step in price_unit",
+                ));
+            }
+            if m.price_unit.trim().is_empty() {
+                return Err(c.err(f("price_unit"), "empty unit", "use \"sat\""));
+            }
+            let payout_interval = match &m.payout_interval_seconds {
+                None => Duration::from_secs(60),
+                Some(serde_json::Value::Number(n)) => {
+                    Duration::from_secs(n.as_u64().ok_or_else(|| {
+                        c.err(
+                            f("payout_interval_seconds"),
+                            "not a non-negative integer",
+                            "give whole seconds, e.g. 60",
+                        )
+                    })?)
+                }
+                Some(serde_json::Value::String(s)) => parse_duration(s).map_err(|p| {
+                    c.err(
+                        f("payout_interval_seconds"),
+                        p,
+                        "give whole seconds, e.g. 60",
+                    )
+                })?,
+                Some(_) => {
+                    return Err(c.err(
+                        f("payout_interval_seconds"),
+                        "not a number",
+                        "give whole seconds, e.g. 60",
+                    ))
+                }
+            };
+            mints.push(MintOffer {
+                url,
+                price_per_step: m.price_per_step,
+                unit: m.price_unit.trim().to_string(),
+                purchase_min_steps: m.purchase_min_steps,
+                min_balance: m.min_balance,
+                min_payout_amount: m.min_payout_amount,
+                payout_interval,
+                balance_tolerance_percent: m.balance_tolerance_percent,
+            });
+        }
+        // One unit, one price: the advertisement is ambiguous otherwise.
+        for a in &mints {
+            if let Some(b) = mints
+                .iter()
+                .find(|b| b.unit == a.unit && b.price_per_step != a.price_per_step)
+            {
+                return Err(c.err(
+                    "accepted_mints",
+                    format!("{} and {} price unit {} differently", a.url, b.url, a.unit),
+                    "use the same price_per_step for every mint of one unit",
+                ));
+            }
+        }
+
+        // identities.json
+        let merchant = ids
+            .owned_identities
+            .iter()
+            .find(|o| o.name == "merchant")
+            .ok_or_else(|| {
+                i.err(
+                    "owned_identities",
+                    "no identity named \"merchant\"",
+                    "add {\"name\":\"merchant\",\"privatekey\":\"<64 hex chars>\"}",
+                )
+            })?;
+        let hex_ok = merchant.privatekey.len() == 64
+            && merchant.privatekey.chars().all(|c| c.is_ascii_hexdigit());
+        let secret = if hex_ok {
+            SecretKey::from_hex(&merchant.privatekey).ok()
+        } else {
+            None
+        };
+        let keys = Keys::new(secret.ok_or_else(|| {
+            i.err(
+                "owned_identities[merchant].privatekey",
+                "not a valid 32-byte hex secp256k1 secret key",
+                "generate one with `openssl rand -hex 32`",
+            )
+        })?);
+        let mut names = HashSet::new();
+        for (n, p) in ids.public_identities.iter().enumerate() {
+            if !names.insert(p.name.as_str()) {
+                return Err(i.err(
+                    format!("public_identities[{n}].name"),
+                    format!("{:?} listed twice", p.name),
+                    "give each identity a unique name",
+                ));
+            }
+            if let Some(la) = &p.lightning_address {
+                if !valid_lightning_address(la) {
+                    return Err(i.err(
+                        format!("public_identities[{n}].lightning_address"),
+                        format!("{la:?} is not a Lightning address"),
+                        "use user@domain.tld",
+                    ));
+                }
+            }
+        }
+
+        // profit_share
+        let mut shares = Vec::new();
+        let mut sum = 0.0;
+        for (n, s) in raw.profit_share.iter().enumerate() {
+            if !(0.0..=1.0).contains(&s.factor) || s.factor.is_nan() {
+                return Err(c.err(
+                    format!("profit_share[{n}].factor"),
+                    format!("{} is outside [0, 1]", s.factor),
+                    "use a fraction between 0 and 1",
+                ));
+            }
+            let who = ids
+                .public_identities
+                .iter()
+                .find(|p| p.name == s.identity)
+                .ok_or_else(|| {
+                    c.err(
+                        format!("profit_share[{n}].identity"),
+                        format!("unknown identity {:?}", s.identity),
+                        format!("add it to public_identities in {IDENTITIES_FILE}"),
+                    )
+                })?;
+            let la = who.lightning_address.clone().ok_or_else(|| {
+                i.err(
+                    format!("public_identities[{}].lightning_address", s.identity),
+                    "missing, but the identity receives a profit share",
+                    "add \"lightning_address\":\"user@domain.tld\"",
+                )
+            })?;
+            sum += s.factor;
+            shares.push(ProfitShare {
+                identity: s.identity.clone(),
+                lightning_address: la,
+                factor: s.factor,
+            });
+        }
+        if !shares.is_empty() && (sum - 1.0).abs() > 1e-6 {
+            return Err(c.err(
+                "profit_share",
+                format!("factors sum to {sum}, not 1"),
+                "make the factors add up to 1",
+            ));
+        }
+
+        let listen = parse_addr(&c, "listen", raw.listen.as_deref(), "0.0.0.0:2121")?;
+        let admin_listen = parse_addr(
+            &c,
+            "admin_listen",
+            raw.admin_listen.as_deref(),
+            "127.0.0.1:2122",
+        )?;
+        let dp = raw.dataplane.as_ref();
+        let mode = match dp.and_then(|d| d.mode.as_deref()) {
+            None | Some("tc") => DataplaneMode::Tc,
+            Some("xdp") => DataplaneMode::Xdp,
+            Some(other) => {
+                return Err(c.err(
+                    "dataplane.mode",
+                    format!("unknown mode {other:?}"),
+                    "use \"tc\" or \"xdp\"",
+                ))
+            }
+        };
+        let mut garden_allow = Vec::new();
+        for (n, cidr) in dp
+            .map(|d| d.garden_allow.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            garden_allow.push(parse_cidr(cidr).map_err(|p| {
+                c.err(
+                    format!("dataplane.garden_allow[{n}]"),
+                    p,
+                    "use a CIDR like 192.0.2.0/24",
+                )
+            })?);
+        }
+        let portal_port = dp.and_then(|d| d.portal_port).unwrap_or(listen.port());
+        let post_rate_per_minute = raw.post_rate_per_minute.unwrap_or(30);
+        if post_rate_per_minute == 0 {
+            return Err(c.err(
+                "post_rate_per_minute",
+                "must be greater than 0",
+                "omit it for the default (30)",
+            ));
+        }
+        let payment_timeout = raw.payment_timeout.map_or(Duration::from_secs(20), |d| d.0);
+        if payment_timeout.is_zero() {
+            return Err(c.err(
+                "payment_timeout",
+                "must be greater than 0",
+                "use e.g. \"20s\"",
+            ));
+        }
+
+        Ok(Config {
+            dir: dir.to_path_buf(),
+            log_level: raw.log_level.clone().unwrap_or_else(|| "info".into()),
+            merchant: MerchantConfig {
+                metric,
+                step_size: raw.step_size,
+                mints,
+                payment_timeout,
+                keys,
+            },
+            http: HttpConfig {
+                listen,
+                admin_listen,
+                lan_interface: raw.lan_interface.clone(),
+                post_rate_per_minute,
+                portal_port,
+            },
+            chandler: ChandlerConfig {
+                metric,
+                usage_snapshot_interval: raw
+                    .usage_snapshot_interval
+                    .map_or(Duration::from_secs(10), |d| d.0),
+            },
+            dataplane: DataplaneConfig {
+                mode,
+                lan_interface: raw.lan_interface.clone(),
+                wan_interface: raw.wan_interface.clone(),
+                garden_allow,
+                portal_port,
+            },
+            neighbour: NeighbourConfig {
+                device_leases_file: raw.device_leases_file.clone(),
+            },
+            store: StoreConfig {
+                state_dir: raw
+                    .state_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("/var/lib/tollgate")),
+            },
+            payout: PayoutConfig { shares },
+            upstream: UpstreamConfig {
+                reseller_mode: raw.reseller_mode,
+                raw: raw.upstream_session_manager.clone(),
+            },
+        })
+    }
+
+    /// Writes a working default configuration (fresh merchant key; files mode 0600) into `dir`
+    /// and loads it. Existing files are left alone.
+    pub fn write_default(dir: &Path) -> Result<Config, ConfigError> {
+        fs::create_dir_all(dir).map_err(|source| ConfigError::Write {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let key = Keys::generate().secret_key().to_secret_hex();
+        let config = serde_json::json!({
+            "config_version": "v0.0.8",
+            "log_level": "info",
+            "metric": "bytes",
+            "step_size": 22020096u64,
+            "accepted_mints": [{
+                "url": "https://mint.minibits.cash/Bitcoin",
+                "price_per_step": 1, "price_unit": "sat", "purchase_min_steps": 0,
+                "min_balance": 64, "min_payout_amount": 128,
+                "payout_interval_seconds": 60, "balance_tolerance_percent": 10
+            }],
+            "profit_share": [{"identity": "owner", "factor": 1.0}],
+            "reseller_mode": false,
+            "listen": "0.0.0.0:2121",
+            "admin_listen": "127.0.0.1:2122",
+            "state_dir": "/var/lib/tollgate",
+            "dataplane": {"mode": "tc", "garden_allow": []}
+        });
+        let identities = serde_json::json!({
+            "owned_identities": [{"name": "merchant", "privatekey": key}],
+            "public_identities": [{"name": "owner", "lightning_address": "tollgate@minibits.cash"}]
+        });
+        for (name, value) in [(CONFIG_FILE, config), (IDENTITIES_FILE, identities)] {
+            let path = dir.join(name);
+            if path.exists() {
+                continue;
+            }
+            write_private(
+                &path,
+                &serde_json::to_string_pretty(&value).unwrap_or_default(),
+            )?;
+        }
+        Config::load(dir)
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Creates the file with mode 0600 from the start (the merchant key must never be world-readable).
+fn write_private(path: &Path, text: &str) -> Result<(), ConfigError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let werr = |source| ConfigError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(werr)?;
+    f.write_all(text.as_bytes()).map_err(werr)?;
+    f.sync_all().map_err(werr)
+}
+
+fn parse_addr(
+    c: &Ctx<'_>,
+    field: &str,
+    v: Option<&str>,
+    default: &str,
+) -> Result<SocketAddr, ConfigError> {
+    v.unwrap_or(default).parse().map_err(|_| {
+        c.err(
+            field,
+            format!("{:?} is not an ip:port address", v.unwrap_or_default()),
+            format!("use e.g. {default:?}"),
+        )
+    })
+}
+
+fn parse_cidr(s: &str) -> Result<(std::net::IpAddr, u8), String> {
+    let (ip, len) = s.split_once('/').unwrap_or((s, ""));
+    let ip: std::net::IpAddr = ip
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: bad address"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len = if len.is_empty() {
+        max
+    } else {
+        len.parse()
+            .map_err(|_| format!("{s:?}: bad prefix length"))?
+    };
+    if len > max {
+        return Err(format!("{s:?}: prefix length above {max}"));
+    }
+    Ok((ip, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub const EXAMPLE: &str = r#"{"config_version":"v0.0.8","log_level":"info","metric":"bytes","step_size":22020096,
+ "accepted_mints":[{"url":"https://mint.example","price_per_step":1,"price_unit":"sat",
+   "purchase_min_steps":0,"min_balance":64,"min_payout_amount":128,
+   "payout_interval_seconds":60,"balance_tolerance_percent":10}],
+ "profit_share":[{"identity":"owner","factor":0.79},{"identity":"dev","factor":0.21}],
+ "reseller_mode":false,
+ "upstream_session_manager":{"max_price_per_millisecond":0.0028,"max_price_per_byte":0.0000373,
+   "trust":{"default_policy":"trust_all","allowlist":[],"blocklist":[]},
+   "sessions":{"preferred_session_increments_milliseconds":60000,"preferred_session_increments_bytes":131100000,
+     "millisecond_renewal_offset":10000,"bytes_renewal_offset":131100000}}}"#;
+    pub const IDS: &str = r#"{"owned_identities":[{"name":"merchant","privatekey":"0000000000000000000000000000000000000000000000000000000000000003"}],
+"public_identities":[{"name":"owner","lightning_address":"owner@example.com"},{"name":"dev","lightning_address":"dev@example.org"}]}"#;
+
+    fn load(config: &str, ids: &str) -> Result<Config, ConfigError> {
+        Config::from_strs(Path::new("/etc/tollgate"), config, ids)
+    }
+
+    fn patched(f: impl FnOnce(&mut serde_json::Value)) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(EXAMPLE).expect("example");
+        f(&mut v);
+        v.to_string()
+    }
+
+    fn field_of(config: &str, ids: &str) -> (String, String) {
+        let e = load(config, ids).expect_err("must be rejected");
+        let msg = e.to_string();
+        (e.field().unwrap_or_default().to_string(), msg)
+    }
+
+    #[test]
+    fn reference_example_loads_with_defaults() {
+        let c = load(EXAMPLE, IDS).expect("example config");
+        assert_eq!(c.merchant.metric, Metric::Bytes);
+        assert_eq!(c.merchant.step_size, 22020096);
+        assert_eq!(c.merchant.mints[0].url, "https://mint.example");
+        assert_eq!(c.merchant.mints[0].payout_interval, Duration::from_secs(60));
+        assert_eq!(c.payout.shares.len(), 2);
+        assert_eq!(c.http.listen, "0.0.0.0:2121".parse().expect("addr"));
+        assert_eq!(c.http.admin_listen, "127.0.0.1:2122".parse().expect("addr"));
+        assert_eq!(
+            c.store.db_path(),
+            PathBuf::from("/var/lib/tollgate/tollgate.sqlite")
+        );
+        assert_eq!(c.dataplane.mode, DataplaneMode::Tc);
+        assert!(c.upstream.raw.is_some());
+    }
+
+    #[test]
+    fn additions_parse() {
+        let text = patched(|v| {
+            v["lan_interface"] = "br-lan".into();
+            v["listen"] = "10.0.0.1:2121".into();
+            v["dataplane"] = serde_json::json!({"mode":"xdp","garden_allow":["192.0.2.0/24","2001:db8::/32"],"portal_port":80});
+            v["payment_timeout"] = "500ms".into();
+            v["usage_snapshot_interval"] = 2_000_000_000u64.into();
+            v["device_leases_file"] = "/tmp/dhcp.leases".into();
+        });
+        let c = load(&text, IDS).expect("config");
+        assert_eq!(c.dataplane.mode, DataplaneMode::Xdp);
+        assert_eq!(c.dataplane.garden_allow.len(), 2);
+        assert_eq!(c.http.portal_port, 80);
+        assert_eq!(c.merchant.payment_timeout, Duration::from_millis(500));
+        assert_eq!(c.chandler.usage_snapshot_interval, Duration::from_secs(2));
+        assert_eq!(
+            c.neighbour.device_leases_file,
+            Some(PathBuf::from("/tmp/dhcp.leases"))
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1500"), Ok(Duration::from_nanos(1500)));
+        assert!(parse_duration("10 parsecs").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn mint_urls_are_canonical() {
+        assert_eq!(
+            canonical_mint_url("HTTPS://Mint.Example/").as_deref(),
+            Ok("https://mint.example")
+        );
+        assert_eq!(
+            canonical_mint_url("https://mint.example/Bitcoin/").as_deref(),
+            Ok("https://mint.example/Bitcoin")
+        );
+        assert_eq!(
+            canonical_mint_url("http://127.0.0.1:3338").as_deref(),
+            Ok("http://127.0.0.1:3338")
+        );
+        for bad in [
+            "mint.example",
+            "ftp://mint.example",
+            "https://",
+            "https://m.example/?a=1",
+        ] {
+            assert!(canonical_mint_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn each_validation_error_names_field_and_fix() {
+        let cases: Vec<(String, String, &str)> = vec![
+            (
+                patched(|v| v["metric"] = "packets".into()),
+                IDS.into(),
+                "metric",
+            ),
+            (
+                patched(|v| v["step_size"] = 0.into()),
+                IDS.into(),
+                "step_size",
+            ),
+            (
+                patched(|v| v["accepted_mints"][0]["price_per_step"] = 0.into()),
+                IDS.into(),
+                "accepted_mints[0].price_per_step",
+            ),
+            (
+                patched(|v| v["accepted_mints"][0]["url"] = "not a url".into()),
+                IDS.into(),
+                "accepted_mints[0].url",
+            ),
+            (
+                patched(|v| v["accepted_mints"] = serde_json::json!([])),
+                IDS.into(),
+                "accepted_mints",
+            ),
+            (
+                patched(|v| v["profit_share"][0]["factor"] = 1.5.into()),
+                IDS.into(),
+                "profit_share[0].factor",
+            ),
+            (
+                patched(|v| v["profit_share"][0]["factor"] = (-0.1).into()),
+                IDS.into(),
+                "profit_share[0].factor",
+            ),
+            (
+                patched(|v| v["profit_share"][0]["factor"] = 0.5.into()),
+                IDS.into(),
+                "profit_share",
+            ),
+            (
+                patched(|v| v["profit_share"][0]["identity"] = "nobody".into()),
+                IDS.into(),
+                "profit_share[0].identity",
+            ),
+            (
+                patched(|v| v["dataplane"] = serde_json::json!({"mode":"iptables"})),
+                IDS.into(),
+                "dataplane.mode",
+            ),
+            (
+                patched(|v| v["dataplane"] = serde_json::json!({"garden_allow":["10.0.0.0/99"]})),
+                IDS.into(),
+                "dataplane.garden_allow[0]",
+            ),
+            (
+                patched(|v| v["listen"] = "nowhere".into()),
+                IDS.into(),
+                "listen",
+            ),
+            (
+                EXAMPLE.into(),
+                IDS.replace("owner@example.com", "not-an-address"),
+                "public_identities[0].lightning_address",
+            ),
+            (
+                EXAMPLE.into(),
+                IDS.replace("\"merchant\"", "\"someone\""),
+                "owned_identities",
+            ),
+            (
+                EXAMPLE.into(),
+                IDS.replace(
+                    "0000000000000000000000000000000000000000000000000000000000000003",
+                    "zz",
+                ),
+                "owned_identities[merchant].privatekey",
+            ),
+            (
+                EXAMPLE.into(),
+                IDS.replace(
+                    "0000000000000000000000000000000000000000000000000000000000000003",
+                    "0000000000000000000000000000000000000000000000000000000000000000",
+                ),
+                "owned_identities[merchant].privatekey",
+            ),
+        ];
+        for (config, ids, field) in cases {
+            let (got, msg) = field_of(&config, &ids);
+            assert_eq!(got, field, "{msg}");
+            assert!(msg.contains("fix:"), "{msg}");
+            assert!(msg.contains(".json"), "{msg}");
+        }
+        // Within tolerance is fine.
+        let ok = patched(|v| {
+            v["profit_share"][0]["factor"] = 0.7900005.into();
+        });
+        load(&ok, IDS).expect("sum within 1e-6");
+        // Unparsable JSON names the file.
+        let e = load("{", IDS).expect_err("bad json");
+        assert!(e.to_string().contains("config.json"));
+    }
+
+    #[test]
+    fn duplicate_mint_after_canonicalisation_is_rejected() {
+        let text = patched(|v| {
+            let m = v["accepted_mints"][0].clone();
+            let mut m2 = m.clone();
+            m2["url"] = "HTTPS://MINT.EXAMPLE/".into();
+            v["accepted_mints"] = serde_json::json!([m, m2]);
+        });
+        assert_eq!(field_of(&text, IDS).0, "accepted_mints[1].url");
+    }
+
+    #[test]
+    fn write_default_creates_private_working_config() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("tollgate-cfg-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let c = Config::write_default(&dir).expect("default config");
+        assert_eq!(c.merchant.metric, Metric::Bytes);
+        for f in [CONFIG_FILE, IDENTITIES_FILE] {
+            let mode = fs::metadata(dir.join(f))
+                .expect("meta")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}");
+        }
+        // A second call keeps the key.
+        let again = Config::write_default(&dir).expect("reload");
+        assert_eq!(
+            again.merchant.keys.public_key(),
+            c.merchant.keys.public_key()
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

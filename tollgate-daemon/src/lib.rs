@@ -10,7 +10,12 @@
 //! ```
 //! Each module owns one component and exposes a narrow API; only `valve` touches aya.
 
+pub mod chandler;
 pub mod config;
+pub mod http;
+pub mod merchant;
+pub mod neighbour;
 pub mod protocol;
+pub mod store;
 pub mod valve;
 pub mod wallet;

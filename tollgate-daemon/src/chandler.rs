@@ -1,0 +1,895 @@
+//! The chandler owns sessions: what each device has bought, what it used, and the kernel gate
+//! that enforces it (through the [`Gates`] seam only).
+//!
+//! ```text
+//! merchant ──add(mac, amount, grant)──> chandler ──open/extend──> Gates (kernel enforces)
+//!                                          │  then ONE sqlite tx: session + grant applied + log
+//! kernel ──Exhaustion{mac, generation}──> run() ──> session closed (quota / expiry), recorded
+//! start ──reconcile()──> DB is the truth for allotments, kernel counters for usage
+//! ```
+//! States of a session row: active ──exhausted / admin-close / reconcile──> closed; a payment
+//! for a closed session starts a new one. Top-ups add to what remains and never interrupt
+//! traffic: time `new_end = max(now, old_end) + added`, bytes `remaining + added` (`extend`
+//! while the gate is open, `open` with the sum otherwise).
+//!
+//! Why the kernel op comes before the DB commit: if we crash in between, the kernel has more
+//! than the DB says and the grant is still `redeemed`; `reconcile()` first trims the kernel to
+//! the DB, then the merchant re-applies the grant. The other order could lose paid allotment.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+
+use crate::{
+    config::ChandlerConfig,
+    protocol::Metric,
+    store::{AppliedGrant, LogEntry, SessionRow, Store, StoreError},
+    valve::{Allowance, ExhaustReason, Exhaustion, GateState, Gates, MacAddr, ValveError},
+};
+
+const NS_PER_MS: u64 = 1_000_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChandlerError {
+    #[error("data plane: {source}")]
+    Valve {
+        #[from]
+        source: ValveError,
+    },
+    #[error("session store: {source}")]
+    Store {
+        #[from]
+        source: StoreError,
+    },
+    #[error("allotment overflow for {mac}")]
+    Overflow { mac: MacAddr },
+    #[error("no active session for {mac}")]
+    NoSession { mac: MacAddr },
+}
+
+/// A grant to mark applied in the same transaction as the session change.
+pub struct GrantCommit<'a> {
+    pub token_id: &'a str,
+    pub steps: u64,
+    /// Builds the answer (the signed kind-1022 JSON) from the device's new total allotment.
+    pub answer: &'a (dyn Fn(u64) -> String + Sync),
+}
+
+/// A session as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SessionView {
+    pub mac: MacAddr,
+    pub metric: Metric,
+    pub active: bool,
+    pub allotment: u64,
+    pub used: u64,
+    pub remaining: u64,
+    pub start_unix: u64,
+    pub end_unix_ms: Option<u64>,
+    pub close_reason: Option<String>,
+}
+
+/// What `reconcile()` changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    pub reopened: Vec<MacAddr>,
+    pub closed_without_session: Vec<MacAddr>,
+    pub expired: Vec<MacAddr>,
+}
+
+/// Pure top-up arithmetic for time: `max(now, old_end) + added` (saturating).
+pub fn topup_end(now: u64, old_end: Option<u64>, added: u64) -> u64 {
+    old_end.unwrap_or(now).max(now).saturating_add(added)
+}
+
+/// Pure top-up arithmetic for bytes: what remains plus what was added.
+pub fn topup_bytes(allotment: u64, used: u64, added: u64) -> u64 {
+    allotment.saturating_sub(used).saturating_add(added)
+}
+
+pub struct Chandler {
+    cfg: ChandlerConfig,
+    gates: Arc<dyn Gates>,
+    store: Arc<Store>,
+    /// Serialises session changes (kernel op + DB commit are one step per device).
+    lock: Mutex<()>,
+    boot_id: String,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn read_boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+impl Chandler {
+    pub fn new(cfg: ChandlerConfig, gates: Arc<dyn Gates>, store: Arc<Store>) -> Self {
+        Chandler {
+            cfg,
+            gates,
+            store,
+            lock: Mutex::new(()),
+            boot_id: read_boot_id(),
+        }
+    }
+
+    pub fn metric(&self) -> Metric {
+        self.cfg.metric
+    }
+
+    fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pre-flight before taking money: can the data plane open a gate for `mac` now?
+    pub fn check(&self, mac: MacAddr) -> Result<(), ChandlerError> {
+        Ok(self.gates.check(mac)?)
+    }
+
+    /// The end of a time session in boot ns, if it is valid for this boot (else from unix ms).
+    fn end_boot(&self, row: &SessionRow, now_boot: u64) -> Option<u64> {
+        if row.boot_id == self.boot_id {
+            if let Some(e) = row.end_boot_ns {
+                return Some(e);
+            }
+        }
+        let end_ms = row.end_unix_ms?;
+        let now_ms = unix_ms();
+        Some(now_boot.saturating_add(end_ms.saturating_sub(now_ms).saturating_mul(NS_PER_MS)))
+    }
+
+    /// Used so far, metric units.
+    fn used(&self, row: &SessionRow, gate: Option<&GateState>, now_boot: u64) -> u64 {
+        let used = match row.metric {
+            Metric::Bytes => match gate {
+                Some(g) if g.usage.bytes() >= row.baseline => row
+                    .used_before
+                    .saturating_add(g.usage.bytes() - row.baseline),
+                // Counters reset (reboot) or gate unknown: the last snapshot is what we know.
+                _ => row.used_snapshot,
+            },
+            Metric::Milliseconds => {
+                let end = self.end_boot(row, now_boot).unwrap_or(now_boot);
+                let left_ms = end.saturating_sub(now_boot) / NS_PER_MS;
+                row.allotment.saturating_sub(left_ms)
+            }
+        };
+        used.max(row.used_snapshot).min(row.allotment)
+    }
+
+    fn view(&self, row: &SessionRow, gate: Option<&GateState>, now_boot: u64) -> SessionView {
+        let used = if row.active {
+            self.used(row, gate, now_boot)
+        } else {
+            row.used_snapshot.min(row.allotment)
+        };
+        SessionView {
+            mac: row.mac,
+            metric: row.metric,
+            active: row.active,
+            allotment: row.allotment,
+            used,
+            remaining: row.allotment - used,
+            start_unix: row.started_unix,
+            end_unix_ms: row.end_unix_ms,
+            close_reason: row.close_reason.clone(),
+        }
+    }
+
+    /// Adds `amount` (metric units) to the device's session, opening one if needed.
+    /// `grant` is marked applied atomically with the session change.
+    pub fn add(
+        &self,
+        mac: MacAddr,
+        amount: u64,
+        grant: Option<GrantCommit<'_>>,
+        action: &str,
+    ) -> Result<SessionView, ChandlerError> {
+        let _g = self.guard();
+        let now_boot = self.gates.now_boot_ns();
+        let gate = self.gates.gate(mac)?;
+        let current = self.store.session(mac)?.filter(|r| r.active);
+        let mut row = match &current {
+            Some(r) => r.clone(),
+            None => SessionRow {
+                mac,
+                metric: self.cfg.metric,
+                allotment: 0,
+                used_before: 0,
+                baseline: gate.map_or(0, |g| g.usage.bytes()),
+                used_snapshot: 0,
+                generation: 0,
+                end_unix_ms: None,
+                end_boot_ns: None,
+                boot_id: self.boot_id.clone(),
+                started_unix: crate::protocol::unix_now(),
+                active: true,
+                close_reason: None,
+            },
+        };
+        let used = if current.is_some() {
+            self.used(&row, gate.as_ref(), now_boot)
+        } else {
+            0
+        };
+        let new_allotment = row
+            .allotment
+            .checked_add(amount)
+            .ok_or(ChandlerError::Overflow { mac })?;
+        let state = match self.cfg.metric {
+            Metric::Bytes => {
+                let gate_live = current.is_some()
+                    && gate.is_some_and(|g| g.open && g.remaining_bytes.is_some_and(|r| r > 0));
+                let st = if gate_live {
+                    self.gates.extend(mac, amount, 0)?
+                } else {
+                    let allowance = topup_bytes(row.allotment, used, amount);
+                    let st = self.gates.open(
+                        mac,
+                        Allowance {
+                            bytes: Some(allowance),
+                            ..Allowance::default()
+                        },
+                    )?;
+                    // New counting epoch: usage so far is fixed, counters count from here.
+                    row.used_before = used;
+                    row.baseline = st.usage.bytes();
+                    st
+                };
+                row.used_snapshot = used;
+                st
+            }
+            Metric::Milliseconds => {
+                let add_ns = amount
+                    .checked_mul(NS_PER_MS)
+                    .ok_or(ChandlerError::Overflow { mac })?;
+                let old_end = if current.is_some() {
+                    self.end_boot(&row, now_boot)
+                } else {
+                    None
+                };
+                let want_end = topup_end(now_boot, old_end, add_ns);
+                let gate_live = current.is_some()
+                    && gate
+                        .is_some_and(|g| g.open && g.until_boot_ns.is_some_and(|d| d > now_boot));
+                let st = if gate_live {
+                    self.gates.extend(mac, 0, add_ns)?
+                } else {
+                    self.gates.open(
+                        mac,
+                        Allowance {
+                            until_boot_ns: Some(want_end),
+                            ..Allowance::default()
+                        },
+                    )?
+                };
+                let end = st.until_boot_ns.unwrap_or(want_end);
+                row.end_boot_ns = Some(end);
+                row.end_unix_ms = Some(unix_ms() + end.saturating_sub(now_boot) / NS_PER_MS);
+                row.boot_id = self.boot_id.clone();
+                row.used_snapshot = used;
+                st
+            }
+        };
+        row.allotment = new_allotment;
+        row.generation = state.generation;
+        row.active = true;
+        row.close_reason = None;
+        let answer = grant.as_ref().map(|g| (g.answer)(new_allotment));
+        let applied = grant
+            .as_ref()
+            .zip(answer.as_deref())
+            .map(|(g, a)| AppliedGrant {
+                token_id: g.token_id,
+                steps: g.steps,
+                allotment: amount,
+                answer: a,
+            });
+        let detail = grant
+            .as_ref()
+            .map_or(String::new(), |g| g.token_id.to_string());
+        self.store.commit_session(
+            &row,
+            applied,
+            &LogEntry {
+                mac,
+                action: action.to_string(),
+                amount,
+                detail,
+            },
+        )?;
+        Ok(self.view(&row, Some(&state), now_boot))
+    }
+
+    /// Admin grant (recorded as `admin-open` / `admin-extend`).
+    pub fn admin_add(&self, mac: MacAddr, amount: u64) -> Result<SessionView, ChandlerError> {
+        let active = self.store.session(mac)?.is_some_and(|r| r.active);
+        self.add(
+            mac,
+            amount,
+            None,
+            if active { "admin-extend" } else { "admin-open" },
+        )
+    }
+
+    /// Closes the gate and the session (recorded with `action`, e.g. `admin-close`).
+    pub fn close(&self, mac: MacAddr, action: &str) -> Result<(), ChandlerError> {
+        let _g = self.guard();
+        let row = self.store.session(mac)?.filter(|r| r.active);
+        self.gates.close(mac)?;
+        if let Some(mut row) = row {
+            let now_boot = self.gates.now_boot_ns();
+            let gate = self.gates.gate(mac)?;
+            row.used_snapshot = self.used(&row, gate.as_ref(), now_boot);
+            self.close_row(row, action)?;
+        }
+        Ok(())
+    }
+
+    fn close_row(&self, mut row: SessionRow, reason: &str) -> Result<(), ChandlerError> {
+        row.active = false;
+        row.close_reason = Some(reason.to_string());
+        let log = LogEntry {
+            mac: row.mac,
+            action: reason.to_string(),
+            amount: row.used_snapshot,
+            detail: String::new(),
+        };
+        self.store.commit_session(&row, None, &log)?;
+        Ok(())
+    }
+
+    /// The kernel shut a gate. Stale events (an older generation than the last top-up) are
+    /// ignored: the top-up already superseded them.
+    pub fn on_exhaustion(&self, ex: Exhaustion) -> Result<(), ChandlerError> {
+        let _g = self.guard();
+        let Some(mut row) = self.store.session(ex.mac)?.filter(|r| r.active) else {
+            return Ok(());
+        };
+        if ex.generation < row.generation {
+            tracing::debug!(mac = %ex.mac, generation = ex.generation, "stale exhaustion ignored");
+            return Ok(());
+        }
+        let reason = match ex.reason {
+            ExhaustReason::Expired => "expiry",
+            _ => "quota",
+        };
+        let gate = GateState {
+            mac: ex.mac,
+            open: false,
+            remaining_bytes: Some(0),
+            until_boot_ns: None,
+            bound_ipv4: None,
+            generation: ex.generation,
+            usage: ex.usage,
+        };
+        row.used_snapshot = match row.metric {
+            Metric::Bytes if reason == "quota" => row.allotment,
+            _ => self.used(&row, Some(&gate), ex.at_boot_ns),
+        };
+        self.close_row(row, reason)
+    }
+
+    /// The device's current (or last) session.
+    pub fn usage(&self, mac: MacAddr) -> Result<Option<SessionView>, ChandlerError> {
+        let Some(row) = self.store.session(mac)? else {
+            return Ok(None);
+        };
+        let gate = self.gates.gate(mac)?;
+        Ok(Some(self.view(
+            &row,
+            gate.as_ref(),
+            self.gates.now_boot_ns(),
+        )))
+    }
+
+    /// All devices with a session row.
+    pub fn clients(&self) -> Result<Vec<SessionView>, ChandlerError> {
+        let gates: HashMap<MacAddr, GateState> = self
+            .gates
+            .gates()?
+            .into_iter()
+            .map(|g| (g.mac, g))
+            .collect();
+        let now = self.gates.now_boot_ns();
+        Ok(self
+            .store
+            .sessions()?
+            .iter()
+            .map(|r| self.view(r, gates.get(&r.mac), now))
+            .collect())
+    }
+
+    /// Persists usage of every active session; closes sessions the kernel already ended
+    /// (a safety net for lost exhaustion events).
+    pub fn snapshot_all(&self) -> Result<(), ChandlerError> {
+        let _g = self.guard();
+        let gates: HashMap<MacAddr, GateState> = self
+            .gates
+            .gates()?
+            .into_iter()
+            .map(|g| (g.mac, g))
+            .collect();
+        let now = self.gates.now_boot_ns();
+        for mut row in self.store.sessions()?.into_iter().filter(|r| r.active) {
+            let used = self.used(&row, gates.get(&row.mac), now);
+            self.store.snapshot_usage(row.mac, used, row.allotment)?;
+            if used >= row.allotment {
+                row.used_snapshot = used;
+                let reason = if row.metric == Metric::Bytes {
+                    "quota"
+                } else {
+                    "expiry"
+                };
+                self.gates.close(row.mac)?;
+                self.close_row(row, reason)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Start-up: make the kernel match the DB. No free access, no lost allotment, used stays used.
+    pub fn reconcile(&self) -> Result<ReconcileReport, ChandlerError> {
+        let _g = self.guard();
+        let mut report = ReconcileReport::default();
+        let mut gates: HashMap<MacAddr, GateState> = self
+            .gates
+            .gates()?
+            .into_iter()
+            .map(|g| (g.mac, g))
+            .collect();
+        let now = self.gates.now_boot_ns();
+        for mut row in self.store.sessions()?.into_iter().filter(|r| r.active) {
+            let gate = gates.remove(&row.mac);
+            let mac = row.mac;
+            match row.metric {
+                Metric::Bytes => {
+                    if gate.is_none_or(|g| g.usage.bytes() < row.baseline) {
+                        // Counters were reset: usage so far is the snapshot; count anew.
+                        row.used_before = row.used_snapshot;
+                        row.baseline = gate.map_or(0, |g| g.usage.bytes());
+                    }
+                    let used = self.used(&row, gate.as_ref(), now);
+                    let remaining = row.allotment - used;
+                    row.used_snapshot = used;
+                    if remaining == 0 {
+                        self.gates.close(mac)?;
+                        report.expired.push(mac);
+                        self.close_row(row, "quota")?;
+                        continue;
+                    }
+                    if gate.is_none_or(|g| !g.open || g.remaining_bytes != Some(remaining)) {
+                        let st = self.gates.open(
+                            mac,
+                            Allowance {
+                                bytes: Some(remaining),
+                                ..Allowance::default()
+                            },
+                        )?;
+                        row.used_before = used;
+                        row.baseline = st.usage.bytes();
+                        row.generation = st.generation;
+                        report.reopened.push(mac);
+                    }
+                }
+                Metric::Milliseconds => {
+                    let end = self.end_boot(&row, now).unwrap_or(now);
+                    row.used_snapshot = self.used(&row, gate.as_ref(), now);
+                    if end <= now {
+                        self.gates.close(mac)?;
+                        report.expired.push(mac);
+                        self.close_row(row, "expiry")?;
+                        continue;
+                    }
+                    if gate.is_none_or(|g| !g.open || g.until_boot_ns != Some(end)) {
+                        let st = self.gates.open(
+                            mac,
+                            Allowance {
+                                until_boot_ns: Some(end),
+                                ..Allowance::default()
+                            },
+                        )?;
+                        row.generation = st.generation;
+                        report.reopened.push(mac);
+                    }
+                    row.end_boot_ns = Some(end);
+                    row.boot_id = self.boot_id.clone();
+                }
+            }
+            let log = LogEntry {
+                mac,
+                action: "reconcile".into(),
+                amount: row.allotment - row.used_snapshot.min(row.allotment),
+                detail: String::new(),
+            };
+            self.store.commit_session(&row, None, &log)?;
+        }
+        for (mac, g) in gates {
+            if g.open {
+                self.gates.close(mac)?;
+                report.closed_without_session.push(mac);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Background task: consumes exhaustion events and snapshots usage until `shutdown` flips.
+    pub async fn run(
+        self: Arc<Self>,
+        mut exhaustion: mpsc::Receiver<Exhaustion>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(
+            self.cfg
+                .usage_snapshot_interval
+                .max(Duration::from_millis(100)),
+        );
+        loop {
+            tokio::select! {
+                ev = exhaustion.recv() => match ev {
+                    Some(ev) => {
+                        if let Err(e) = self.on_exhaustion(ev) {
+                            tracing::error!(mac = %ev.mac, error = %e, "recording exhaustion");
+                        }
+                    }
+                    None => {
+                        // The valve stopped; keep snapshotting until shutdown.
+                        let _ = shutdown.changed().await;
+                        break;
+                    }
+                },
+                _ = tick.tick() => {
+                    if let Err(e) = self.snapshot_all() {
+                        tracing::warn!(error = %e, "usage snapshot");
+                    }
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+        if let Err(e) = self.snapshot_all() {
+            tracing::warn!(error = %e, "final usage snapshot");
+        }
+    }
+}
+
+/// An in-memory [`Gates`] for unit tests (the real valve is tested against the kernel).
+#[cfg(test)]
+pub(crate) mod fake {
+    use super::*;
+    use crate::valve::ClientUsage;
+
+    #[derive(Default)]
+    pub struct FakeGates {
+        pub inner: Mutex<FakeInner>,
+    }
+
+    #[derive(Default)]
+    pub struct FakeInner {
+        pub now: u64,
+        pub gates: HashMap<MacAddr, GateState>,
+        pub full: bool,
+        /// `check` passes but `open` fails (the map filled between pre-flight and open).
+        pub fail_open: bool,
+        pub opens: u32,
+        pub extends: u32,
+    }
+
+    impl FakeGates {
+        pub fn new() -> Self {
+            let f = FakeGates::default();
+            f.inner.lock().expect("lock").now = 1_000_000_000_000;
+            f
+        }
+        pub fn lock(&self) -> std::sync::MutexGuard<'_, FakeInner> {
+            self.inner.lock().expect("fake gates lock")
+        }
+        /// Simulates traffic: counters up, remaining down.
+        pub fn traffic(&self, mac: MacAddr, bytes: u64) {
+            let mut i = self.lock();
+            let g = i.gates.entry(mac).or_insert(GateState {
+                mac,
+                open: false,
+                remaining_bytes: None,
+                until_boot_ns: None,
+                bound_ipv4: None,
+                generation: 0,
+                usage: ClientUsage::default(),
+            });
+            g.usage.bytes_down += bytes;
+            if let Some(r) = g.remaining_bytes.as_mut() {
+                *r = r.saturating_sub(bytes);
+                if *r == 0 {
+                    g.open = false;
+                }
+            }
+        }
+        pub fn advance_ms(&self, ms: u64) {
+            self.lock().now += ms * NS_PER_MS;
+        }
+    }
+
+    impl Gates for FakeGates {
+        fn check(&self, mac: MacAddr) -> Result<(), ValveError> {
+            if self.lock().full {
+                return Err(ValveError::Full { mac, capacity: 0 });
+            }
+            Ok(())
+        }
+        fn open(&self, mac: MacAddr, a: Allowance) -> Result<GateState, ValveError> {
+            let mut i = self.lock();
+            if i.full || i.fail_open {
+                return Err(ValveError::Full { mac, capacity: 0 });
+            }
+            i.opens += 1;
+            let prev = i.gates.get(&mac).copied();
+            let g = GateState {
+                mac,
+                open: true,
+                remaining_bytes: a.bytes,
+                until_boot_ns: a.until_boot_ns,
+                bound_ipv4: None,
+                generation: prev.map_or(1, |p| p.generation + 1),
+                usage: prev.map(|p| p.usage).unwrap_or_default(),
+            };
+            i.gates.insert(mac, g);
+            Ok(g)
+        }
+        fn extend(
+            &self,
+            mac: MacAddr,
+            add_bytes: u64,
+            add_ns: u64,
+        ) -> Result<GateState, ValveError> {
+            let mut i = self.lock();
+            i.extends += 1;
+            let now = i.now;
+            let g = i
+                .gates
+                .get_mut(&mac)
+                .ok_or(ValveError::Other("no gate".into()))?;
+            g.remaining_bytes = g.remaining_bytes.map(|r| r + add_bytes);
+            if g.until_boot_ns.is_some() || add_ns > 0 {
+                g.until_boot_ns = Some(topup_end(now, g.until_boot_ns, add_ns));
+            }
+            g.generation += 1;
+            g.open = true;
+            Ok(*g)
+        }
+        fn close(&self, mac: MacAddr) -> Result<(), ValveError> {
+            if let Some(g) = self.lock().gates.get_mut(&mac) {
+                g.open = false;
+            }
+            Ok(())
+        }
+        fn gate(&self, mac: MacAddr) -> Result<Option<GateState>, ValveError> {
+            Ok(self.lock().gates.get(&mac).copied())
+        }
+        fn gates(&self) -> Result<Vec<GateState>, ValveError> {
+            Ok(self.lock().gates.values().copied().collect())
+        }
+        fn now_boot_ns(&self) -> u64 {
+            self.lock().now
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fake::FakeGates, *};
+
+    fn mac() -> MacAddr {
+        "02:00:00:00:00:01".parse().expect("mac")
+    }
+
+    fn chandler(metric: Metric) -> (Arc<FakeGates>, Arc<Store>, Chandler) {
+        let gates = Arc::new(FakeGates::new());
+        let store = Arc::new(Store::open_in_memory().expect("db"));
+        let c = Chandler::new(
+            ChandlerConfig {
+                metric,
+                usage_snapshot_interval: Duration::from_secs(1),
+            },
+            gates.clone(),
+            store.clone(),
+        );
+        (gates, store, c)
+    }
+
+    #[test]
+    fn topup_arithmetic() {
+        assert_eq!(topup_end(100, None, 10), 110);
+        assert_eq!(
+            topup_end(100, Some(50), 10),
+            110,
+            "expired end counts from now"
+        );
+        assert_eq!(topup_end(100, Some(150), 10), 160, "adds to what remains");
+        assert_eq!(topup_end(u64::MAX, Some(1), 10), u64::MAX);
+        assert_eq!(topup_bytes(1000, 400, 500), 1100);
+        assert_eq!(
+            topup_bytes(1000, 1200, 500),
+            500,
+            "overuse never goes negative"
+        );
+    }
+
+    #[test]
+    fn bytes_topup_keeps_usage() {
+        let (gates, _store, c) = chandler(Metric::Bytes);
+        let v = c.add(mac(), 1000, None, "grant").expect("open");
+        assert_eq!((v.allotment, v.used, v.remaining), (1000, 0, 1000));
+        gates.traffic(mac(), 400);
+        let v = c.usage(mac()).expect("usage").expect("session");
+        assert_eq!((v.used, v.remaining), (400, 600));
+        // Top-up while open: extend, no interruption, used stays used.
+        let v = c.add(mac(), 500, None, "grant").expect("extend");
+        assert_eq!((v.allotment, v.used, v.remaining), (1500, 400, 1100));
+        assert_eq!(gates.lock().extends, 1);
+        assert_eq!(gates.lock().gates[&mac()].remaining_bytes, Some(1100));
+    }
+
+    #[test]
+    fn bytes_exhaustion_then_new_session() {
+        let (gates, _store, c) = chandler(Metric::Bytes);
+        c.add(mac(), 100, None, "grant").expect("open");
+        gates.traffic(mac(), 100);
+        let g = gates.lock().gates[&mac()];
+        c.on_exhaustion(Exhaustion {
+            mac: mac(),
+            reason: ExhaustReason::Quota,
+            generation: g.generation,
+            usage: g.usage,
+            at_boot_ns: 0,
+        })
+        .expect("exhaustion");
+        let v = c.usage(mac()).expect("usage").expect("row");
+        assert!(!v.active);
+        assert_eq!(v.close_reason.as_deref(), Some("quota"));
+        let v = c.add(mac(), 300, None, "grant").expect("new session");
+        assert_eq!((v.allotment, v.used, v.remaining), (300, 0, 300));
+        assert_eq!(gates.lock().gates[&mac()].remaining_bytes, Some(300));
+    }
+
+    #[test]
+    fn stale_exhaustion_is_ignored() {
+        let (gates, _store, c) = chandler(Metric::Bytes);
+        c.add(mac(), 100, None, "grant").expect("open");
+        let g1 = gates.lock().gates[&mac()].generation;
+        c.add(mac(), 100, None, "grant").expect("extend");
+        c.on_exhaustion(Exhaustion {
+            mac: mac(),
+            reason: ExhaustReason::Quota,
+            generation: g1,
+            usage: Default::default(),
+            at_boot_ns: 0,
+        })
+        .expect("stale");
+        assert!(c.usage(mac()).expect("usage").expect("row").active);
+    }
+
+    #[test]
+    fn time_topup_adds_to_remaining() {
+        let (gates, _store, c) = chandler(Metric::Milliseconds);
+        let start = gates.now_boot_ns();
+        c.add(mac(), 60_000, None, "grant").expect("open");
+        assert_eq!(
+            gates.lock().gates[&mac()].until_boot_ns,
+            Some(start + 60_000 * NS_PER_MS)
+        );
+        gates.advance_ms(20_000);
+        let v = c.usage(mac()).expect("usage").expect("row");
+        assert_eq!((v.used, v.remaining), (20_000, 40_000));
+        let v = c.add(mac(), 30_000, None, "grant").expect("extend");
+        assert_eq!((v.allotment, v.used, v.remaining), (90_000, 20_000, 70_000));
+        assert_eq!(
+            gates.lock().gates[&mac()].until_boot_ns,
+            Some(start + 90_000 * NS_PER_MS)
+        );
+    }
+
+    #[test]
+    fn reconcile_no_free_access_no_lost_allotment() {
+        let (gates, store, c) = chandler(Metric::Bytes);
+        let stranger: MacAddr = "02:00:00:00:00:99".parse().expect("mac");
+        c.add(mac(), 1000, None, "grant").expect("open");
+        gates.traffic(mac(), 300);
+        c.snapshot_all().expect("snapshot");
+        // Kernel open for a MAC without a session: free access, must close.
+        gates.open(stranger, Allowance::default()).expect("open");
+        // Kernel lost our gate (reboot): counters gone.
+        gates.lock().gates.remove(&mac());
+        let r = c.reconcile().expect("reconcile");
+        assert_eq!(r.closed_without_session, vec![stranger]);
+        assert_eq!(r.reopened, vec![mac()]);
+        assert!(!gates.lock().gates[&stranger].open);
+        assert_eq!(
+            gates.lock().gates[&mac()].remaining_bytes,
+            Some(700),
+            "used stays used"
+        );
+        // A second reconcile is a no-op.
+        let r = c.reconcile().expect("again");
+        assert!(r.reopened.is_empty() && r.closed_without_session.is_empty());
+        // A kernel that gives more than the DB says gets trimmed.
+        gates
+            .lock()
+            .gates
+            .get_mut(&mac())
+            .expect("gate")
+            .remaining_bytes = Some(5000);
+        let r = c.reconcile().expect("trim");
+        assert_eq!(r.reopened, vec![mac()]);
+        assert_eq!(gates.lock().gates[&mac()].remaining_bytes, Some(700));
+        // DB says closed but the kernel is open: close.
+        c.close(mac(), "admin-close").expect("close");
+        gates.lock().gates.get_mut(&mac()).expect("gate").open = true;
+        c.reconcile().expect("close stray");
+        assert!(!gates.lock().gates[&mac()].open);
+        assert_eq!(store.log(mac(), 1).expect("log")[0].action, "admin-close");
+    }
+
+    #[test]
+    fn time_session_survives_reboot() {
+        let (gates, store, c) = chandler(Metric::Milliseconds);
+        c.add(mac(), 60_000, None, "grant").expect("open");
+        // Reboot: the boot clock restarts, kernel state is gone, the boot id changes.
+        {
+            let mut g = gates.lock();
+            g.gates.clear();
+            g.now = 5_000_000_000;
+        }
+        let mut row = store.session(mac()).expect("get").expect("row");
+        row.boot_id = "previous-boot".into();
+        row.end_boot_ns = Some(u64::MAX / 2);
+        let log = LogEntry {
+            mac: mac(),
+            action: "test".into(),
+            amount: 0,
+            detail: String::new(),
+        };
+        store.commit_session(&row, None, &log).expect("commit");
+        let r = c.reconcile().expect("reconcile");
+        assert_eq!(r.reopened, vec![mac()]);
+        let end = gates.lock().gates[&mac()].until_boot_ns.expect("deadline");
+        let left_ms = (end - 5_000_000_000) / NS_PER_MS;
+        assert!(
+            (59_000..=60_000).contains(&left_ms),
+            "deadline re-derived from unix time: {left_ms}"
+        );
+        // Expired while down: closed, not reopened.
+        let mut row = store.session(mac()).expect("get").expect("row");
+        row.boot_id = "previous-boot".into();
+        row.end_unix_ms = Some(1);
+        store.commit_session(&row, None, &log).expect("commit");
+        let r = c.reconcile().expect("reconcile");
+        assert_eq!(r.expired, vec![mac()]);
+        assert!(!gates.lock().gates[&mac()].open);
+    }
+
+    #[test]
+    fn admin_actions_are_recorded() {
+        let (_gates, store, c) = chandler(Metric::Bytes);
+        c.admin_add(mac(), 10).expect("open");
+        c.admin_add(mac(), 10).expect("extend");
+        let actions: Vec<String> = store
+            .log(mac(), 10)
+            .expect("log")
+            .into_iter()
+            .map(|l| l.action)
+            .collect();
+        assert_eq!(actions, vec!["admin-extend", "admin-open"]);
+        assert_eq!(c.clients().expect("clients").len(), 1);
+    }
+}

@@ -1,0 +1,648 @@
+//! The customer-facing HTTP API on port 2121 (LAN side only) and the local admin API.
+//!
+//! ```text
+//! GET  /         signed kind 10021 advertisement
+//! POST /         token | kind-21000 event (text/*, json, form, none; ≤ 1 MiB)
+//!                  peer IP ─> neighbour table ─> MAC ─> merchant.purchase ─> 200 kind 1022
+//!                  any failure ─> ApiError ─> kind 21023 notice (400 / 429 / 500 / 503)
+//! GET  /whoami   text/plain  mac=aa:bb:…           GET /usage   used/allotment | -1/-1
+//! GET  /balance  JSON session summary             GET /captive RFC 8908 captive API
+//! ```
+//! The MAC always comes from the source address (X-Forwarded-For only from loopback), never
+//! from the body. CORS answers only local origins (no wildcard). [`router`] takes the state so
+//! tests drive it with `oneshot` and `MockConnectInfo`; [`bind_lan`] keeps it off the WAN.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use axum::{
+    body::Bytes,
+    extract::{rejection::BytesRejection, ConnectInfo, DefaultBodyLimit, Path, Query, State},
+    http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use nostr::Keys;
+use serde::Deserialize;
+
+use crate::{
+    chandler::{Chandler, SessionView},
+    config::HttpConfig,
+    merchant::{Merchant, MerchantError, RedeemError},
+    neighbour::{client_ip, Neighbours},
+    protocol::{self, Metric, Notice, NoticeCode, ProtocolError},
+    valve::MacAddr,
+};
+
+/// Everything the handlers need (cheap to clone: Arcs).
+#[derive(Clone)]
+pub struct AppState {
+    pub merchant: Merchant,
+    pub chandler: Arc<Chandler>,
+    pub neighbours: Arc<dyn Neighbours>,
+    pub limiter: Arc<RateLimiter>,
+    pub portal_port: u16,
+}
+
+impl AppState {
+    pub fn new(
+        cfg: &HttpConfig,
+        merchant: Merchant,
+        chandler: Arc<Chandler>,
+        neighbours: Arc<dyn Neighbours>,
+    ) -> Self {
+        AppState {
+            merchant,
+            chandler,
+            neighbours,
+            limiter: Arc::new(RateLimiter::new(cfg.post_rate_per_minute)),
+            portal_port: cfg.portal_port,
+        }
+    }
+
+    fn err(&self, status: StatusCode, code: NoticeCode, message: impl Into<String>) -> ApiError {
+        ApiError(Box::new(ApiErrorBody {
+            status,
+            notice: Notice::error(code, message),
+            retry_after: None,
+            prebuilt: None,
+            keys: self.merchant.keys().clone(),
+        }))
+    }
+}
+
+/// The one error type of the API: renders a signed kind-21023 notice. (Boxed: it is returned
+/// on every path and is large.)
+#[derive(Debug)]
+pub struct ApiError(Box<ApiErrorBody>);
+
+impl std::ops::Deref for ApiError {
+    type Target = ApiErrorBody;
+    fn deref(&self) -> &ApiErrorBody {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ApiError {
+    fn deref_mut(&mut self) -> &mut ApiErrorBody {
+        &mut self.0
+    }
+}
+
+#[derive(Debug)]
+pub struct ApiErrorBody {
+    pub status: StatusCode,
+    pub notice: Notice,
+    pub retry_after: Option<u64>,
+    /// An already signed notice to return verbatim (the stored answer of a rejected grant).
+    pub prebuilt: Option<String>,
+    keys: Keys,
+}
+
+impl ApiError {
+    fn with_customer(mut self, customer: Option<nostr::PublicKey>) -> Self {
+        self.notice.customer = customer;
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let this = *self.0;
+        let body = match this.prebuilt {
+            Some(b) if !b.is_empty() => b,
+            _ => match this.notice.to_event(&this.keys, protocol::unix_now()) {
+                Ok(ev) => nostr::JsonUtil::as_json(&ev),
+                Err(e) => {
+                    tracing::error!(error = %e, "signing notice");
+                    return (StatusCode::INTERNAL_SERVER_ERROR, "internal-error").into_response();
+                }
+            },
+        };
+        let mut resp = (
+            this.status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response();
+        if let Some(s) = this.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s.max(1)));
+        }
+        resp
+    }
+}
+
+/// HTTP status for a notice code.
+pub fn status_for(code: NoticeCode) -> StatusCode {
+    match code {
+        NoticeCode::MintRateLimited => StatusCode::TOO_MANY_REQUESTS,
+        NoticeCode::InternalError | NoticeCode::ProcessingFailed => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+        NoticeCode::ServiceUnavailable
+        | NoticeCode::NoReachableMints
+        | NoticeCode::ProcessingTimeout
+        | NoticeCode::UpstreamNotConnected => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
+fn merchant_error(st: &AppState, e: MerchantError) -> ApiError {
+    let code = e.code();
+    if matches!(code, NoticeCode::InternalError) {
+        tracing::error!(error = %e, "payment failed on our side");
+    } else {
+        tracing::info!(error = %e, code = %code, "payment refused");
+    }
+    let mut api = st.err(status_for(code), code, e.to_string());
+    match e {
+        MerchantError::BelowMinimum { notice_json, .. } => api.prebuilt = Some(notice_json),
+        MerchantError::Redeem {
+            source: RedeemError::RateLimited { retry_after_secs },
+        } => api.retry_after = Some(retry_after_secs),
+        MerchantError::Timeout { .. } => api.retry_after = Some(2),
+        // Not our fault and not final: the mint is settling another spend of these proofs.
+        MerchantError::Redeem {
+            source: RedeemError::TokenPending,
+        } => {
+            api.status = StatusCode::SERVICE_UNAVAILABLE;
+            api.retry_after = Some(5);
+        }
+        _ => {}
+    }
+    api
+}
+
+fn protocol_error(st: &AppState, e: ProtocolError) -> ApiError {
+    let (status, code) = match &e {
+        ProtocolError::TooLarge { .. } => {
+            (StatusCode::PAYLOAD_TOO_LARGE, NoticeCode::InvalidRequest)
+        }
+        ProtocolError::Empty | ProtocolError::NotUtf8 => {
+            (StatusCode::BAD_REQUEST, NoticeCode::InvalidRequest)
+        }
+        ProtocolError::InvalidToken { .. } => (StatusCode::BAD_REQUEST, NoticeCode::InvalidToken),
+        ProtocolError::Sign { .. } => {
+            (StatusCode::INTERNAL_SERVER_ERROR, NoticeCode::InternalError)
+        }
+        _ => (StatusCode::BAD_REQUEST, NoticeCode::InvalidEvent),
+    };
+    st.err(status, code, e.to_string())
+}
+
+/// Per-IP token bucket for `POST /`: a burst of half a minute's budget (at least 10), then
+/// `per_minute`.
+pub struct RateLimiter {
+    per_sec: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    pub fn new(per_minute: u32) -> Self {
+        RateLimiter {
+            per_sec: f64::from(per_minute.max(1)) / 60.0,
+            burst: f64::from((per_minute / 2).max(10)),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `Err(seconds to wait)` when `ip` is over its budget.
+    pub fn check(&self, ip: IpAddr) -> Result<(), u64> {
+        let now = Instant::now();
+        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > 10_000 {
+            // Full buckets carry no state worth keeping.
+            let (rate, burst) = (self.per_sec, self.burst);
+            map.retain(|_, (t, at)| *t + now.duration_since(*at).as_secs_f64() * rate < burst);
+        }
+        let (tokens, at) = map.entry(ip).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_sec).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - *tokens) / self.per_sec).ceil() as u64)
+        }
+    }
+}
+
+/// The customer API.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(advertisement).post(pay))
+        .route("/whoami", get(whoami))
+        .route("/usage", get(usage))
+        .route("/balance", get(balance))
+        .route("/captive", get(captive))
+        .layer(DefaultBodyLimit::max(protocol::MAX_BODY_BYTES))
+        .layer(middleware::from_fn(cors))
+        .with_state(state)
+}
+
+/// The admin API (bind it to loopback only: `admin_listen`).
+pub fn admin_router(state: AppState) -> Router {
+    Router::new()
+        .route("/clients", get(admin_clients))
+        .route("/clients/{mac}", get(admin_client))
+        .route("/clients/{mac}/grant", post(admin_grant))
+        .route("/clients/{mac}/close", post(admin_close))
+        .with_state(state)
+}
+
+async fn advertisement(State(st): State<AppState>) -> Result<Response, ApiError> {
+    let json = st
+        .merchant
+        .advertisement()
+        .map_err(|e| merchant_error(&st, e))?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response())
+}
+
+async fn mac_of(st: &AppState, peer: SocketAddr, headers: &HeaderMap) -> Result<MacAddr, ApiError> {
+    let xff = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    let ip = client_ip(peer, xff);
+    let n = st.neighbours.clone();
+    // The kernel lookup may spawn `ip` (IPv6): keep it off the async workers.
+    let r = tokio::task::spawn_blocking(move || n.mac_of(ip))
+        .await
+        .map_err(|e| {
+            st.err(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                NoticeCode::InternalError,
+                e.to_string(),
+            )
+        })?;
+    r.map_err(|e| {
+        st.err(
+            StatusCode::BAD_REQUEST,
+            NoticeCode::MacLookupFailed,
+            e.to_string(),
+        )
+    })
+}
+
+fn acceptable_content_type(ct: Option<&str>) -> bool {
+    let Some(ct) = ct else { return true };
+    let ct = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    ct.is_empty()
+        || ct.starts_with("text/")
+        || ct == "application/json"
+        || ct == "application/x-www-form-urlencoded"
+        || ct == "application/nostr+json"
+}
+
+async fn pay(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let ip = client_ip(
+        peer,
+        headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()),
+    );
+    if let Err(wait) = st.limiter.check(ip) {
+        let mut e = st.err(
+            StatusCode::TOO_MANY_REQUESTS,
+            NoticeCode::ServiceUnavailable,
+            format!("too many payment attempts from {ip}; retry in {wait}s"),
+        );
+        e.retry_after = Some(wait);
+        return Err(e);
+    }
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    if !acceptable_content_type(ct) {
+        return Err(st.err(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            NoticeCode::InvalidRequest,
+            format!(
+                "unsupported content type {:?}: send the token as text/plain",
+                ct.unwrap_or_default()
+            ),
+        ));
+    }
+    let body = body.map_err(|r| {
+        let status = r.status();
+        let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("body larger than {} bytes", protocol::MAX_BODY_BYTES)
+        } else {
+            r.body_text()
+        };
+        st.err(status, NoticeCode::InvalidRequest, msg)
+    })?;
+    let mac = mac_of(&st, peer, &headers).await?;
+    let payment = protocol::parse_payment(ct, &body, Some(&st.merchant.keys().public_key()))
+        .map_err(|e| protocol_error(&st, e))?;
+    let customer = payment.customer;
+    match st.merchant.purchase(mac, payment).await {
+        Ok(p) => Ok(([(header::CONTENT_TYPE, "application/json")], p.session_json).into_response()),
+        Err(e) => Err(merchant_error(&st, e).with_customer(customer)),
+    }
+}
+
+async fn whoami(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let mac = mac_of(&st, peer, &headers).await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain")], format!("mac={mac}")).into_response())
+}
+
+fn session_of(st: &AppState, mac: MacAddr) -> Result<Option<SessionView>, ApiError> {
+    st.chandler
+        .usage(mac)
+        .map(|s| s.filter(|s| s.active))
+        .map_err(|e| {
+            st.err(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                NoticeCode::InternalError,
+                e.to_string(),
+            )
+        })
+}
+
+async fn usage(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let mac = mac_of(&st, peer, &headers).await?;
+    let text = match session_of(&st, mac)? {
+        Some(s) => format!("{}/{}", s.used, s.allotment),
+        None => "-1/-1".to_string(),
+    };
+    Ok(([(header::CONTENT_TYPE, "text/plain")], text).into_response())
+}
+
+async fn balance(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let mac = mac_of(&st, peer, &headers).await?;
+    let s = session_of(&st, mac)?;
+    let metric = st.chandler.metric();
+    let v = serde_json::json!({
+        "session_active": s.is_some(),
+        "metric": metric.as_str(),
+        "usage": s.as_ref().map_or(0, |s| s.used),
+        "allotment": s.as_ref().map_or(0, |s| s.allotment),
+        "remaining": s.as_ref().map_or(0, |s| s.remaining),
+        "start_time": s.as_ref().map_or(0, |s| s.start_unix),
+    });
+    Ok(Json(v).into_response())
+}
+
+/// A Host header we are willing to reflect into the portal URL.
+fn sane_host(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() < 256
+        && h.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c))
+}
+
+async fn captive(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    // Without a MAC we still answer (captive: true): this API must never fail for a client.
+    let s = match mac_of(&st, peer, &headers).await {
+        Ok(mac) => session_of(&st, mac).ok().flatten(),
+        Err(_) => None,
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .filter(|h| sane_host(h))
+        .map(|h| {
+            h.rsplit_once(':')
+                .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()) && !h.ends_with(']'))
+                .map_or(h, |(n, _)| n)
+                .to_string()
+        })
+        .unwrap_or_else(|| "192.168.1.1".into());
+    let portal = format!("http://{host}:{}/", st.portal_port);
+    let mut v = serde_json::json!({
+        "captive": s.is_none(),
+        "user-portal-url": portal,
+        "venue-info-url": portal,
+        "can-extend-session": true,
+    });
+    if let Some(s) = &s {
+        match s.metric {
+            Metric::Milliseconds => v["seconds-remaining"] = (s.remaining / 1000).into(),
+            Metric::Bytes => v["bytes-remaining"] = s.remaining.into(),
+        }
+    }
+    (
+        [
+            (header::CONTENT_TYPE, "application/captive+json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        v.to_string(),
+    )
+        .into_response()
+}
+
+/// Is this `Origin` a page served from the local network (the gateway's own portal)?
+pub fn is_local_origin(origin: &str) -> bool {
+    let Ok(url) = url::Url::parse(origin) else {
+        return false;
+    };
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return false;
+    }
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => {
+            ip.is_private()
+                || ip.is_loopback()
+                || ip.is_link_local()
+                || (ip.octets()[0] == 100 && (ip.octets()[1] & 0xc0) == 64)
+        }
+        Some(url::Host::Ipv6(ip)) => {
+            ip.is_loopback()
+                || (ip.segments()[0] & 0xfe00) == 0xfc00
+                || (ip.segments()[0] & 0xffc0) == 0xfe80
+        }
+        Some(url::Host::Domain(d)) => {
+            let d = d.to_ascii_lowercase();
+            d == "localhost"
+                || !d.contains('.')
+                || [".lan", ".local", ".home.arpa", ".internal"]
+                    .iter()
+                    .any(|s| d.ends_with(s))
+        }
+        None => false,
+    }
+}
+
+/// CORS for local origins only; a foreign origin's preflight or POST is refused.
+async fn cors(req: Request<axum::body::Body>, next: Next) -> Response {
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let Some(origin) = origin else {
+        return next.run(req).await;
+    };
+    let local = is_local_origin(&origin);
+    if !local && (req.method() == Method::OPTIONS || req.method() == Method::POST) {
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
+    let mut resp = if req.method() == Method::OPTIONS {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        next.run(req).await
+    };
+    let h = resp.headers_mut();
+    h.insert(header::VARY, HeaderValue::from_static("Origin"));
+    if local {
+        if let Ok(v) = HeaderValue::from_str(&origin) {
+            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("GET, POST, OPTIONS"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static("content-type"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_MAX_AGE,
+                HeaderValue::from_static("600"),
+            );
+        }
+    }
+    resp
+}
+
+// ------------------------------------------------------------------ admin
+
+fn parse_mac_param(st: &AppState, mac: &str) -> Result<MacAddr, ApiError> {
+    mac.parse().map_err(|e: crate::valve::ParseMacError| {
+        st.err(
+            StatusCode::BAD_REQUEST,
+            NoticeCode::InvalidRequest,
+            e.to_string(),
+        )
+    })
+}
+
+fn chandler_err(st: &AppState, e: crate::chandler::ChandlerError) -> ApiError {
+    st.err(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        NoticeCode::InternalError,
+        e.to_string(),
+    )
+}
+
+async fn admin_clients(State(st): State<AppState>) -> Result<Response, ApiError> {
+    let c = st.chandler.clients().map_err(|e| chandler_err(&st, e))?;
+    Ok(Json(c).into_response())
+}
+
+async fn admin_client(
+    State(st): State<AppState>,
+    Path(mac): Path<String>,
+) -> Result<Response, ApiError> {
+    let mac = parse_mac_param(&st, &mac)?;
+    let s = st.chandler.usage(mac).map_err(|e| chandler_err(&st, e))?;
+    Ok(Json(s).into_response())
+}
+
+#[derive(Deserialize)]
+struct GrantQuery {
+    amount: u64,
+}
+
+async fn admin_grant(
+    State(st): State<AppState>,
+    Path(mac): Path<String>,
+    Query(q): Query<GrantQuery>,
+) -> Result<Response, ApiError> {
+    let mac = parse_mac_param(&st, &mac)?;
+    let s = st
+        .chandler
+        .admin_add(mac, q.amount)
+        .map_err(|e| chandler_err(&st, e))?;
+    Ok(Json(s).into_response())
+}
+
+async fn admin_close(
+    State(st): State<AppState>,
+    Path(mac): Path<String>,
+) -> Result<Response, ApiError> {
+    let mac = parse_mac_param(&st, &mac)?;
+    st.chandler
+        .close(mac, "admin-close")
+        .map_err(|e| chandler_err(&st, e))?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+// ------------------------------------------------------------------ serving
+
+/// Binds `addr` and, when `iface` is given, pins the socket to that interface
+/// (`SO_BINDTODEVICE`), so the API is unreachable from the WAN side even on 0.0.0.0.
+pub fn bind_lan(addr: SocketAddr, iface: Option<&str>) -> std::io::Result<tokio::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    if let Some(iface) = iface {
+        use std::os::fd::AsRawFd;
+        let name = std::ffi::CString::new(iface).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "interface name contains NUL",
+            )
+        })?;
+        let bytes = name.as_bytes_with_nul();
+        // SAFETY: valid fd owned by `l`; the option value is a NUL-terminated buffer of `len` bytes.
+        let rc = unsafe {
+            libc::setsockopt(
+                l.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_BINDTODEVICE,
+                bytes.as_ptr().cast(),
+                bytes.len() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    l.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(l)
+}
+
+/// Serves `app` with the peer address available to handlers, until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,927 @@
+//! The merchant turns a payment into allotment, in an order that never loses the customer's
+//! money and never credits a token twice.
+//!
+//! ```text
+//! purchase(mac, payment)
+//!  1 chandler.check(mac)                 pre-flight: can a gate open? (before taking money)
+//!  2 redeemer.inspect(token)             offline: decode, mint accepted, unit, not locked
+//!  3 ── spawned task (survives the request timeout) ──────────────────────────────────────
+//!    per-token lock; grant row (redeeming, token stored, fsync)  ─ known token? replay answer
+//!    redeemer.receive(token)             idempotent per token id → grant redeemed (gross, net)
+//!  4 steps = net / price_per_step        below purchase_min_steps → rejected-below-min notice
+//!  5 chandler.add(mac, steps × step_size, grant)  kernel op, then ONE tx: session + grant
+//!                                                 applied + the signed kind-1022 answer
+//! ```
+//! A late mint answer is never discarded: the request may time out, the task goes on, and
+//! a retry with the same token returns the stored answer. `reconcile()` at start finishes
+//! grants left in `redeeming` / `redeemed` (run it after `Chandler::reconcile`).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, Weak},
+};
+
+use async_trait::async_trait;
+use nostr::{JsonUtil, Keys, PublicKey};
+
+use crate::{
+    chandler::{Chandler, ChandlerError, GrantCommit},
+    config::{canonical_mint_url, MerchantConfig, MintOffer},
+    protocol::{
+        self, Advertisement, Notice, NoticeCode, Payment, PriceOption, ProtocolError, Session,
+    },
+    store::{Grant, GrantStatus, Store, StoreError},
+    valve::MacAddr,
+};
+
+/// What the wallet's offline check learns about a token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenInfo {
+    /// Stable id of the token (the same token always yields the same id).
+    pub token_id: String,
+    /// Canonical mint URL.
+    pub mint: String,
+    pub unit: String,
+    pub amount: u64,
+}
+
+/// The result of swapping a token into our wallet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    pub token_id: String,
+    pub mint: String,
+    pub unit: String,
+    pub gross: u64,
+    /// After the mint's input fee: what the customer is credited with.
+    pub net: u64,
+    /// The token had been received before (idempotent replay).
+    pub replayed: bool,
+}
+
+/// Errors of the wallet as the merchant sees them (mirrors the wallet's `WalletError`).
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RedeemError {
+    #[error("invalid token: {reason}")]
+    InvalidToken { reason: String },
+    #[error("mint {mint} is not accepted")]
+    MintNotAccepted { mint: String },
+    #[error("unit {unit} is not accepted")]
+    WrongUnit { unit: String },
+    #[error("token is locked (p2pk/htlc)")]
+    Locked,
+    #[error("token already spent")]
+    TokenSpent,
+    /// The proofs are in a pending transaction at the mint (someone is spending them now).
+    #[error("token is pending at the mint")]
+    TokenPending,
+    #[error("mint {mint} unavailable: {message}")]
+    MintUnavailable { mint: String, message: String },
+    #[error("mint rate limited, retry after {retry_after_secs}s")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("insufficient funds: {message}")]
+    InsufficientFunds { message: String },
+    #[error("wallet storage: {message}")]
+    Storage { message: String },
+    #[error("wallet: {message}")]
+    Internal { message: String },
+}
+
+impl RedeemError {
+    /// The outcome is known and final (a retry cannot succeed), so the grant may be marked
+    /// failed; otherwise the mint may have swapped and reconcile must try again.
+    fn is_final(&self) -> bool {
+        matches!(
+            self,
+            RedeemError::InvalidToken { .. }
+                | RedeemError::MintNotAccepted { .. }
+                | RedeemError::WrongUnit { .. }
+                | RedeemError::Locked
+                | RedeemError::TokenSpent
+        )
+    }
+}
+
+/// The wallet seam: the real `wallet::Wallet` implements this at integration time.
+#[async_trait]
+pub trait Redeemer: Send + Sync + 'static {
+    /// Offline checks only (no mint contact).
+    fn inspect(&self, token: &str) -> Result<TokenInfo, RedeemError>;
+    /// Swaps the token at its mint; idempotent and durable per token id.
+    async fn receive(&self, token: &str) -> Result<Receipt, RedeemError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MerchantError {
+    #[error("cannot open a gate for {mac}: {source}")]
+    Unavailable {
+        mac: MacAddr,
+        #[source]
+        source: ChandlerError,
+    },
+    #[error("{source}")]
+    Redeem {
+        #[from]
+        source: RedeemError,
+    },
+    /// Too little for the minimum purchase; `notice_json` is the stored signed notice.
+    #[error("{steps} steps is below the minimum of {min_steps}")]
+    BelowMinimum {
+        steps: u64,
+        min_steps: u64,
+        notice_json: String,
+    },
+    #[error("the mint has not answered yet; the payment continues, retry with the same token")]
+    Timeout { token_id: String },
+    /// Received, but the gate could not be opened: the grant stays `redeemed` and a retry
+    /// (or reconcile) applies it; the customer's value is not lost.
+    #[error("payment received but access could not be granted yet: {source}")]
+    Apply {
+        #[source]
+        source: ChandlerError,
+    },
+    #[error("merchant store: {source}")]
+    Store {
+        #[from]
+        source: StoreError,
+    },
+    #[error("{source}")]
+    Protocol {
+        #[from]
+        source: ProtocolError,
+    },
+    #[error("internal: {message}")]
+    Internal { message: String },
+}
+
+impl MerchantError {
+    /// The notice code clients know for this failure.
+    pub fn code(&self) -> NoticeCode {
+        match self {
+            MerchantError::Unavailable { .. } | MerchantError::Apply { .. } => {
+                NoticeCode::ServiceUnavailable
+            }
+            MerchantError::Redeem { source } => match source {
+                RedeemError::InvalidToken { .. } | RedeemError::WrongUnit { .. } => {
+                    NoticeCode::InvalidToken
+                }
+                RedeemError::MintNotAccepted { .. } => NoticeCode::MintNotAccepted,
+                RedeemError::Locked => NoticeCode::LockedToken,
+                RedeemError::TokenSpent => NoticeCode::TokenSpent,
+                RedeemError::TokenPending => NoticeCode::ProcessingFailed,
+                RedeemError::MintUnavailable { .. } => NoticeCode::NoReachableMints,
+                RedeemError::RateLimited { .. } => NoticeCode::MintRateLimited,
+                RedeemError::InsufficientFunds { .. } => NoticeCode::ProcessingFailed,
+                RedeemError::Storage { .. } | RedeemError::Internal { .. } => {
+                    NoticeCode::InternalError
+                }
+            },
+            MerchantError::BelowMinimum { .. } => NoticeCode::SessionError,
+            MerchantError::Timeout { .. } => NoticeCode::ProcessingTimeout,
+            MerchantError::Store { .. } | MerchantError::Internal { .. } => {
+                NoticeCode::InternalError
+            }
+            MerchantError::Protocol { source } => match source {
+                ProtocolError::InvalidToken { .. } => NoticeCode::InvalidToken,
+                ProtocolError::Sign { .. } => NoticeCode::InternalError,
+                _ => NoticeCode::InvalidEvent,
+            },
+        }
+    }
+}
+
+/// A successful purchase: the signed kind-1022 JSON (identical on every retry).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Purchase {
+    pub session_json: String,
+    pub replayed: bool,
+}
+
+/// Pure pricing: steps bought for `net`, or `None` below the minimum (at least one step).
+pub fn steps_for(net: u64, offer: &MintOffer) -> (u64, bool) {
+    let steps = net / offer.price_per_step.max(1);
+    (steps, steps >= offer.purchase_min_steps.max(1))
+}
+
+#[derive(Clone)]
+pub struct Merchant {
+    cfg: Arc<MerchantConfig>,
+    redeemer: Arc<dyn Redeemer>,
+    chandler: Arc<Chandler>,
+    store: Arc<Store>,
+    /// One async lock per token id being processed: concurrent POSTs of one token serialise.
+    locks: Arc<Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>>,
+}
+
+impl Merchant {
+    /// `cfg.keys` signs every event. `redeemer` is the wallet.
+    pub fn new(
+        cfg: MerchantConfig,
+        redeemer: Arc<dyn Redeemer>,
+        chandler: Arc<Chandler>,
+        store: Arc<Store>,
+    ) -> Self {
+        Merchant {
+            cfg: Arc::new(cfg),
+            redeemer,
+            chandler,
+            store,
+            locks: Arc::default(),
+        }
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.cfg.keys
+    }
+
+    pub fn config(&self) -> &MerchantConfig {
+        &self.cfg
+    }
+
+    /// The signed kind-10021 advertisement, with a real `created_at`.
+    pub fn advertisement(&self) -> Result<String, MerchantError> {
+        let ad = Advertisement {
+            metric: self.cfg.metric,
+            step_size: self.cfg.step_size,
+            tips: protocol::TIPS.iter().map(|s| s.to_string()).collect(),
+            prices: self
+                .cfg
+                .mints
+                .iter()
+                .map(|m| PriceOption {
+                    price_per_step: m.price_per_step,
+                    unit: m.unit.clone(),
+                    mint_url: m.url.clone(),
+                    min_steps: m.purchase_min_steps,
+                })
+                .collect(),
+        };
+        Ok(ad.to_event(&self.cfg.keys, protocol::unix_now())?.as_json())
+    }
+
+    /// A signed kind-21023 notice.
+    pub fn notice(&self, n: &Notice) -> Result<String, MerchantError> {
+        Ok(n.to_event(&self.cfg.keys, protocol::unix_now())?.as_json())
+    }
+
+    /// Sells access to `mac` for the payment (see the module doc for the order of steps).
+    pub async fn purchase(
+        &self,
+        mac: MacAddr,
+        payment: Payment,
+    ) -> Result<Purchase, MerchantError> {
+        self.chandler
+            .check(mac)
+            .map_err(|source| MerchantError::Unavailable { mac, source })?;
+        let info = self.redeemer.inspect(&payment.token)?;
+        let offer = self.offer_for(&info.mint, &info.unit)?;
+        let token_id = info.token_id.clone();
+        let grant = Grant {
+            token_id: info.token_id,
+            token: payment.token,
+            mac,
+            customer: payment.customer.map(|p| p.to_hex()),
+            mint: offer.url.clone(),
+            unit: offer.unit.clone(),
+            gross: info.amount,
+            net: 0,
+            steps: 0,
+            allotment: 0,
+            metric: self.cfg.metric,
+            status: GrantStatus::Redeeming,
+            answer: None,
+            error: None,
+            created_unix: protocol::unix_now(),
+        };
+        // The redemption runs in its own task: a slow mint makes this request time out, but
+        // the late answer is still applied and a retry gets the session.
+        let me = self.clone();
+        let task = tokio::spawn(async move { me.redeem_and_apply(grant).await });
+        match tokio::time::timeout(self.cfg.payment_timeout, task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(join)) => Err(MerchantError::Internal {
+                message: format!("payment task failed: {join}"),
+            }),
+            Err(_) => Err(MerchantError::Timeout { token_id }),
+        }
+    }
+
+    fn offer_for(&self, mint: &str, unit: &str) -> Result<&MintOffer, MerchantError> {
+        let canonical =
+            canonical_mint_url(mint).map_err(|reason| RedeemError::InvalidToken { reason })?;
+        let offer = self
+            .cfg
+            .offer(&canonical)
+            .ok_or(RedeemError::MintNotAccepted { mint: canonical })?;
+        if offer.unit != unit {
+            return Err(RedeemError::WrongUnit {
+                unit: unit.to_string(),
+            }
+            .into());
+        }
+        Ok(offer)
+    }
+
+    fn token_lock(&self, token_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = map.get(token_id).and_then(Weak::upgrade) {
+            return l;
+        }
+        map.retain(|_, w| w.strong_count() > 0);
+        let l = Arc::new(tokio::sync::Mutex::new(()));
+        map.insert(token_id.to_string(), Arc::downgrade(&l));
+        l
+    }
+
+    async fn redeem_and_apply(&self, new: Grant) -> Result<Purchase, MerchantError> {
+        let lock = self.token_lock(&new.token_id);
+        let _held = lock.lock().await;
+        let grant = match self.store.grant(&new.token_id)? {
+            Some(g) => g,
+            None => {
+                // Durable before the mint sees the token: a crash after the swap is recoverable.
+                self.store.insert_grant(&new)?;
+                new
+            }
+        };
+        self.finish(grant).await
+    }
+
+    /// Drives one grant to its end state (shared by purchase retries and reconcile).
+    async fn finish(&self, mut grant: Grant) -> Result<Purchase, MerchantError> {
+        match grant.status {
+            GrantStatus::Applied => {
+                return Ok(Purchase {
+                    session_json: grant.answer.unwrap_or_default(),
+                    replayed: true,
+                })
+            }
+            GrantStatus::RejectedBelowMin => {
+                let offer = self.cfg.offer(&grant.mint);
+                return Err(MerchantError::BelowMinimum {
+                    steps: grant.steps,
+                    min_steps: offer.map_or(0, |o| o.purchase_min_steps),
+                    notice_json: grant.answer.unwrap_or_default(),
+                });
+            }
+            GrantStatus::Redeeming | GrantStatus::Failed => {
+                match self.redeemer.receive(&grant.token).await {
+                    Ok(r) => {
+                        self.store.mark_redeemed(&grant.token_id, r.gross, r.net)?;
+                        grant.gross = r.gross;
+                        grant.net = r.net;
+                        grant.status = GrantStatus::Redeemed;
+                    }
+                    Err(e) => {
+                        let status = if e.is_final() {
+                            GrantStatus::Failed
+                        } else {
+                            GrantStatus::Redeeming
+                        };
+                        self.store.set_grant_status(
+                            &grant.token_id,
+                            status,
+                            Some(&e.to_string()),
+                        )?;
+                        return Err(e.into());
+                    }
+                }
+            }
+            GrantStatus::Redeemed => {}
+        }
+        self.apply(grant)
+    }
+
+    fn apply(&self, grant: Grant) -> Result<Purchase, MerchantError> {
+        let offer = self
+            .cfg
+            .offer(&grant.mint)
+            .ok_or_else(|| MerchantError::Internal {
+                message: format!("received from {} which is no longer configured", grant.mint),
+            })?;
+        let customer = grant
+            .customer
+            .as_deref()
+            .and_then(|h| PublicKey::from_hex(h).ok());
+        let (steps, enough) = steps_for(grant.net, offer);
+        if !enough {
+            let mut notice = Notice::error(
+                NoticeCode::SessionError,
+                format!(
+                    "received {net} {unit} = {steps} steps at {price} {unit}/step, below the \
+                     minimum purchase of {min} steps; the payment was received and is kept by \
+                     this gateway (not refunded)",
+                    net = grant.net,
+                    unit = offer.unit,
+                    price = offer.price_per_step,
+                    min = offer.purchase_min_steps.max(1),
+                ),
+            );
+            notice.customer = customer;
+            let notice_json = self.notice(&notice)?;
+            self.store
+                .mark_rejected_below_min(&grant.token_id, steps, &notice_json)?;
+            return Err(MerchantError::BelowMinimum {
+                steps,
+                min_steps: offer.purchase_min_steps,
+                notice_json,
+            });
+        }
+        let allotment =
+            steps
+                .checked_mul(self.cfg.step_size)
+                .ok_or_else(|| MerchantError::Internal {
+                    message: format!("allotment overflow: {steps} steps"),
+                })?;
+        let keys = self.cfg.keys.clone();
+        let metric = self.cfg.metric;
+        let mac = grant.mac;
+        let answer = move |total: u64| {
+            let s = Session {
+                customer,
+                mac,
+                allotment: total,
+                metric,
+            };
+            match s.to_event(&keys, protocol::unix_now()) {
+                Ok(ev) => ev.as_json(),
+                Err(e) => {
+                    // Unreachable with well-formed tags; the grant is still applied.
+                    tracing::error!(error = %e, "signing session event");
+                    String::new()
+                }
+            }
+        };
+        self.chandler
+            .add(
+                mac,
+                allotment,
+                Some(GrantCommit {
+                    token_id: &grant.token_id,
+                    steps,
+                    answer: &answer,
+                }),
+                "grant",
+            )
+            .map_err(|source| MerchantError::Apply { source })?;
+        let stored = self
+            .store
+            .grant(&grant.token_id)?
+            .and_then(|g| g.answer)
+            .unwrap_or_default();
+        tracing::info!(%mac, token_id = %grant.token_id, net = grant.net, steps, allotment, "grant applied");
+        Ok(Purchase {
+            session_json: stored,
+            replayed: false,
+        })
+    }
+
+    /// Start-up: finish grants stuck in `redeeming` / `redeemed` (receive is idempotent).
+    /// Returns how many were applied.
+    pub async fn reconcile(&self) -> Result<usize, MerchantError> {
+        let mut applied = 0;
+        for grant in self.store.unfinished_grants()? {
+            let lock = self.token_lock(&grant.token_id);
+            let _held = lock.lock().await;
+            let token_id = grant.token_id.clone();
+            match self.finish(grant).await {
+                Ok(_) => applied += 1,
+                Err(e) => tracing::warn!(%token_id, error = %e, "reconcile grant"),
+            }
+        }
+        Ok(applied)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod fake {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    /// A registered token and what receiving it does (gross amount or an error).
+    pub type Entry = (TokenInfo, Result<u64, RedeemError>);
+
+    /// In-memory wallet: tokens are `cashuB…` strings registered with an outcome.
+    #[derive(Default)]
+    pub struct FakeRedeemer {
+        pub tokens: Mutex<HashMap<String, Entry>>,
+        pub received: Mutex<HashMap<String, u64>>,
+        pub receive_calls: AtomicU32,
+        pub delay: Mutex<Duration>,
+        /// Fee in base units per receive (gross - net).
+        pub fee: u64,
+    }
+
+    impl FakeRedeemer {
+        pub fn add(&self, token: &str, mint: &str, amount: u64, outcome: Result<(), RedeemError>) {
+            let info = TokenInfo {
+                token_id: format!("id-{token}"),
+                mint: mint.into(),
+                unit: "sat".into(),
+                amount,
+            };
+            self.tokens
+                .lock()
+                .expect("lock")
+                .insert(token.into(), (info, outcome.map(|_| amount)));
+        }
+        pub fn calls(&self) -> u32 {
+            self.receive_calls.load(Ordering::SeqCst)
+        }
+    }
+
+    #[async_trait]
+    impl Redeemer for FakeRedeemer {
+        fn inspect(&self, token: &str) -> Result<TokenInfo, RedeemError> {
+            match self.tokens.lock().expect("lock").get(token) {
+                Some((
+                    _,
+                    Err(
+                        e @ (RedeemError::Locked
+                        | RedeemError::MintNotAccepted { .. }
+                        | RedeemError::InvalidToken { .. }),
+                    ),
+                )) => Err(e.clone()),
+                Some((info, _)) => Ok(info.clone()),
+                None => Err(RedeemError::InvalidToken {
+                    reason: "unknown".into(),
+                }),
+            }
+        }
+        async fn receive(&self, token: &str) -> Result<Receipt, RedeemError> {
+            self.receive_calls.fetch_add(1, Ordering::SeqCst);
+            let delay = *self.delay.lock().expect("lock");
+            tokio::time::sleep(delay).await;
+            let (info, outcome) = self
+                .tokens
+                .lock()
+                .expect("lock")
+                .get(token)
+                .cloned()
+                .ok_or(RedeemError::InvalidToken {
+                    reason: "unknown".into(),
+                })?;
+            let mut rec = self.received.lock().expect("lock");
+            let replayed = rec.contains_key(&info.token_id);
+            let gross = outcome?;
+            rec.insert(info.token_id.clone(), gross);
+            Ok(Receipt {
+                token_id: info.token_id,
+                mint: info.mint,
+                unit: info.unit,
+                gross,
+                net: gross - self.fee.min(gross),
+                replayed,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::{fake::FakeRedeemer, *};
+    use crate::{
+        chandler::fake::FakeGates, config::ChandlerConfig, protocol::Metric, valve::Gates,
+    };
+    use std::time::Duration;
+
+    pub const MINT: &str = "https://mint.example";
+
+    pub fn offer(price: u64, min: u64) -> MintOffer {
+        MintOffer {
+            url: MINT.into(),
+            price_per_step: price,
+            unit: "sat".into(),
+            purchase_min_steps: min,
+            min_balance: 0,
+            min_payout_amount: 0,
+            payout_interval: Duration::from_secs(60),
+            balance_tolerance_percent: 0,
+        }
+    }
+
+    pub struct Rig {
+        pub gates: Arc<FakeGates>,
+        pub store: Arc<Store>,
+        pub chandler: Arc<Chandler>,
+        pub redeemer: Arc<FakeRedeemer>,
+        pub merchant: Merchant,
+    }
+
+    pub fn rig(price: u64, min: u64, timeout: Duration) -> Rig {
+        let gates = Arc::new(FakeGates::new());
+        let store = Arc::new(Store::open_in_memory().expect("db"));
+        let chandler = Arc::new(Chandler::new(
+            ChandlerConfig {
+                metric: Metric::Bytes,
+                usage_snapshot_interval: Duration::from_secs(1),
+            },
+            gates.clone(),
+            store.clone(),
+        ));
+        let redeemer = Arc::new(FakeRedeemer::default());
+        let cfg = MerchantConfig {
+            metric: Metric::Bytes,
+            step_size: 1000,
+            mints: vec![offer(price, min)],
+            payment_timeout: timeout,
+            keys: Keys::generate(),
+        };
+        let merchant = Merchant::new(cfg, redeemer.clone(), chandler.clone(), store.clone());
+        Rig {
+            gates,
+            store,
+            chandler,
+            redeemer,
+            merchant,
+        }
+    }
+
+    fn mac() -> MacAddr {
+        "02:00:00:00:00:01".parse().expect("mac")
+    }
+
+    fn pay(t: &str) -> Payment {
+        Payment {
+            token: t.into(),
+            customer: None,
+        }
+    }
+
+    #[test]
+    fn pricing() {
+        assert_eq!(steps_for(10, &offer(3, 0)), (3, true));
+        assert_eq!(
+            steps_for(2, &offer(3, 0)),
+            (0, false),
+            "zero steps is never a purchase"
+        );
+        assert_eq!(steps_for(9, &offer(3, 4)), (3, false));
+        assert_eq!(steps_for(12, &offer(3, 4)), (4, true));
+    }
+
+    #[tokio::test]
+    async fn purchase_then_retry_returns_same_session() {
+        let r = rig(1, 0, Duration::from_secs(5));
+        r.redeemer
+            .add("cashuB1", "HTTPS://MINT.EXAMPLE/", 5, Ok(()));
+        let p = r
+            .merchant
+            .purchase(mac(), pay("cashuB1"))
+            .await
+            .expect("purchase");
+        assert!(!p.replayed);
+        let ev = nostr::Event::from_json(&p.session_json).expect("event");
+        let s = Session::from_event(&ev).expect("1022");
+        assert_eq!((s.mac, s.allotment, s.customer), (mac(), 5000, None));
+        let again = r
+            .merchant
+            .purchase(mac(), pay("cashuB1"))
+            .await
+            .expect("retry");
+        assert_eq!(again.session_json, p.session_json);
+        assert!(again.replayed);
+        assert_eq!(r.redeemer.calls(), 1);
+        assert_eq!(r.gates.lock().gates[&mac()].remaining_bytes, Some(5000));
+    }
+
+    #[tokio::test]
+    async fn twenty_concurrent_posts_credit_once() {
+        let r = rig(1, 0, Duration::from_secs(5));
+        r.redeemer.add("cashuBx", MINT, 3, Ok(()));
+        *r.redeemer.delay.lock().expect("lock") = Duration::from_millis(50);
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let m = r.merchant.clone();
+            set.spawn(async move { m.purchase(mac(), pay("cashuBx")).await });
+        }
+        let mut answers = std::collections::HashSet::new();
+        while let Some(res) = set.join_next().await {
+            answers.insert(res.expect("join").expect("purchase").session_json);
+        }
+        assert_eq!(answers.len(), 1, "every POST gets the same session event");
+        assert_eq!(r.redeemer.calls(), 1);
+        assert_eq!(
+            r.chandler
+                .usage(mac())
+                .expect("usage")
+                .expect("s")
+                .allotment,
+            3000
+        );
+    }
+
+    #[tokio::test]
+    async fn below_minimum_keeps_value_and_says_so() {
+        let r = rig(2, 3, Duration::from_secs(5));
+        r.redeemer.add("cashuBsmall", MINT, 5, Ok(()));
+        let e = r
+            .merchant
+            .purchase(mac(), pay("cashuBsmall"))
+            .await
+            .expect_err("below min");
+        let MerchantError::BelowMinimum {
+            steps, notice_json, ..
+        } = &e
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!(*steps, 2);
+        assert!(notice_json.contains("kept by this gateway"));
+        assert!(notice_json.contains("session-error"));
+        assert_eq!(
+            r.store
+                .grant("id-cashuBsmall")
+                .expect("g")
+                .expect("g")
+                .status,
+            GrantStatus::RejectedBelowMin
+        );
+        assert!(r.chandler.usage(mac()).expect("usage").is_none());
+        // Retry: same notice, no second receive.
+        let e2 = r
+            .merchant
+            .purchase(mac(), pay("cashuBsmall"))
+            .await
+            .expect_err("again");
+        assert!(
+            matches!(e2, MerchantError::BelowMinimum { notice_json: ref n, .. } if n == notice_json)
+        );
+        assert_eq!(r.redeemer.calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn offline_rejections_never_contact_the_mint() {
+        let r = rig(1, 0, Duration::from_secs(5));
+        r.redeemer
+            .add("cashuBother", "https://other.example", 5, Ok(()));
+        r.redeemer
+            .add("cashuBlocked", MINT, 5, Err(RedeemError::Locked));
+        let codes = [
+            ("cashuBother", NoticeCode::MintNotAccepted),
+            ("cashuBlocked", NoticeCode::LockedToken),
+            ("cashuBunknown", NoticeCode::InvalidToken),
+        ];
+        for (t, code) in codes {
+            let e = r.merchant.purchase(mac(), pay(t)).await.expect_err(t);
+            assert_eq!(e.code(), code, "{t}");
+        }
+        assert_eq!(r.redeemer.calls(), 0);
+    }
+
+    #[tokio::test]
+    async fn preflight_failure_takes_no_money() {
+        let r = rig(1, 0, Duration::from_secs(5));
+        r.redeemer.add("cashuB1", MINT, 5, Ok(()));
+        r.gates.lock().full = true;
+        let e = r
+            .merchant
+            .purchase(mac(), pay("cashuB1"))
+            .await
+            .expect_err("full");
+        assert_eq!(e.code(), NoticeCode::ServiceUnavailable);
+        assert_eq!(r.redeemer.calls(), 0);
+        assert!(r.store.grant("id-cashuB1").expect("g").is_none());
+    }
+
+    #[tokio::test]
+    async fn gate_failure_after_receive_keeps_value_and_retry_applies() {
+        let r = rig(1, 0, Duration::from_secs(5));
+        r.redeemer.add("cashuB1", MINT, 5, Ok(()));
+        r.gates.lock().fail_open = true;
+        let e = r
+            .merchant
+            .purchase(mac(), pay("cashuB1"))
+            .await
+            .expect_err("open fails");
+        assert!(matches!(e, MerchantError::Apply { .. }), "{e:?}");
+        assert_eq!(e.code(), NoticeCode::ServiceUnavailable);
+        let g = r.store.grant("id-cashuB1").expect("g").expect("g");
+        assert_eq!(
+            (g.status, g.net),
+            (GrantStatus::Redeemed, 5),
+            "received value is recorded"
+        );
+        r.gates.lock().fail_open = false;
+        let p = r
+            .merchant
+            .purchase(mac(), pay("cashuB1"))
+            .await
+            .expect("retry applies");
+        assert!(!p.replayed);
+        assert_eq!(r.redeemer.calls(), 1, "no second receive");
+        assert_eq!(
+            r.chandler.usage(mac()).expect("u").expect("s").allotment,
+            5000
+        );
+    }
+
+    #[tokio::test]
+    async fn spent_token() {
+        let r = rig(1, 0, Duration::from_secs(5));
+        r.redeemer
+            .add("cashuBspent", MINT, 5, Err(RedeemError::TokenSpent));
+        let e = r
+            .merchant
+            .purchase(mac(), pay("cashuBspent"))
+            .await
+            .expect_err("spent");
+        assert_eq!(e.code(), NoticeCode::TokenSpent);
+        assert_eq!(
+            r.store
+                .grant("id-cashuBspent")
+                .expect("g")
+                .expect("g")
+                .status,
+            GrantStatus::Failed
+        );
+    }
+
+    #[tokio::test]
+    async fn late_mint_answer_is_applied_and_retry_gets_it() {
+        let r = rig(1, 0, Duration::from_millis(20));
+        r.redeemer.add("cashuBslow", MINT, 4, Ok(()));
+        *r.redeemer.delay.lock().expect("lock") = Duration::from_millis(150);
+        let e = r
+            .merchant
+            .purchase(mac(), pay("cashuBslow"))
+            .await
+            .expect_err("timeout");
+        assert_eq!(e.code(), NoticeCode::ProcessingTimeout);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            r.chandler.usage(mac()).expect("u").expect("s").allotment,
+            4000,
+            "applied anyway"
+        );
+        *r.redeemer.delay.lock().expect("lock") = Duration::ZERO;
+        let p = r
+            .merchant
+            .purchase(mac(), pay("cashuBslow"))
+            .await
+            .expect("retry");
+        assert!(p.replayed);
+        assert_eq!(r.redeemer.calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn reconcile_finishes_redeeming_and_redeemed_grants() {
+        let r = rig(1, 0, Duration::from_secs(5));
+        r.redeemer.add("cashuB1", MINT, 5, Ok(()));
+        r.redeemer.add(
+            "cashuB2",
+            MINT,
+            5,
+            Err(RedeemError::MintUnavailable {
+                mint: MINT.into(),
+                message: "down".into(),
+            }),
+        );
+        let e = r
+            .merchant
+            .purchase(mac(), pay("cashuB2"))
+            .await
+            .expect_err("mint down");
+        assert_eq!(e.code(), NoticeCode::NoReachableMints);
+        assert_eq!(
+            r.store.grant("id-cashuB2").expect("g").expect("g").status,
+            GrantStatus::Redeeming,
+            "retried at start"
+        );
+
+        // Simulate a crash after the swap: grant redeemed, never applied.
+        let g = Grant {
+            token_id: "id-cashuB1".into(),
+            token: "cashuB1".into(),
+            mac: mac(),
+            customer: None,
+            mint: MINT.into(),
+            unit: "sat".into(),
+            gross: 5,
+            net: 0,
+            steps: 0,
+            allotment: 0,
+            metric: Metric::Bytes,
+            status: GrantStatus::Redeeming,
+            answer: None,
+            error: None,
+            created_unix: 0,
+        };
+        r.store.insert_grant(&g).expect("insert");
+        r.store.mark_redeemed("id-cashuB1", 5, 5).expect("redeemed");
+        r.redeemer.add("cashuB2", MINT, 2, Ok(()));
+        let n = r.merchant.reconcile().await.expect("reconcile");
+        assert_eq!(n, 2);
+        assert_eq!(
+            r.chandler.usage(mac()).expect("u").expect("s").allotment,
+            7000
+        );
+        assert!(r.store.unfinished_grants().expect("list").is_empty());
+        assert_eq!(
+            r.redeemer.calls(),
+            2,
+            "only the unredeemed one is received again"
+        );
+        assert!(r.gates.gate(mac()).expect("gate").expect("g").open);
+    }
+}

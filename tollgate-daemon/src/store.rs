@@ -1,0 +1,611 @@
+//! Durable state of the merchant and the chandler: `tollgate.sqlite` in the state dir.
+//!
+//! ```text
+//! grants:   token_id ─ redeeming ──receive ok──> redeemed ──chandler applied──> applied
+//!                          │                         └──below min steps──> rejected-below-min
+//!                          └──receive failed──> failed (a retry may run it again)
+//! sessions: one row per MAC (active or closed), allotment cumulative, usage baseline/snapshot,
+//!           deadline both as unix ms and as CLOCK_BOOTTIME ns (+ the boot id it belongs to)
+//! session_log / usage_snapshots: append-only history (grants, admin actions, exhaustion)
+//! ```
+//! WAL with `synchronous=FULL`: a grant transition is on disk before we act on it, so a crash
+//! never loses received value nor credits it twice. The connection sits behind a std mutex;
+//! every call is a short local transaction, never held across an await.
+
+use std::{path::Path, sync::Mutex};
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use crate::{protocol::Metric, valve::MacAddr};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sqlite: {source}")]
+    Sqlite {
+        #[from]
+        source: rusqlite::Error,
+    },
+    #[error("creating state dir {path}: {source}")]
+    Dir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("corrupt row in {table}: {message}")]
+    Corrupt {
+        table: &'static str,
+        message: String,
+    },
+}
+
+/// Where a grant is in its life (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrantStatus {
+    Redeeming,
+    Redeemed,
+    Applied,
+    RejectedBelowMin,
+    Failed,
+}
+
+impl GrantStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantStatus::Redeeming => "redeeming",
+            GrantStatus::Redeemed => "redeemed",
+            GrantStatus::Applied => "applied",
+            GrantStatus::RejectedBelowMin => "rejected-below-min",
+            GrantStatus::Failed => "failed",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "redeeming" => GrantStatus::Redeeming,
+            "redeemed" => GrantStatus::Redeemed,
+            "applied" => GrantStatus::Applied,
+            "rejected-below-min" => GrantStatus::RejectedBelowMin,
+            "failed" => GrantStatus::Failed,
+            _ => return None,
+        })
+    }
+}
+
+/// One payment, keyed by the token's id (unique: the same token never credits twice).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub token_id: String,
+    pub token: String,
+    pub mac: MacAddr,
+    /// Hex pubkey of the customer, when the payment was a kind-21000 event.
+    pub customer: Option<String>,
+    pub mint: String,
+    pub unit: String,
+    pub gross: u64,
+    pub net: u64,
+    pub steps: u64,
+    pub allotment: u64,
+    pub metric: Metric,
+    pub status: GrantStatus,
+    /// The kind-1022 answer (applied) or kind-21023 notice (rejected) as JSON.
+    pub answer: Option<String>,
+    pub error: Option<String>,
+    pub created_unix: u64,
+}
+
+/// A device's session (at most one row per MAC).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRow {
+    pub mac: MacAddr,
+    pub metric: Metric,
+    /// Cumulative allotment of this session, metric units.
+    pub allotment: u64,
+    /// Bytes used before the current kernel-counter epoch (counters reset on reboot).
+    pub used_before: u64,
+    /// Kernel cumulative byte counter at the start of the current epoch.
+    pub baseline: u64,
+    /// Last known usage (metric units), kept so a lost kernel state never gives usage back.
+    pub used_snapshot: u64,
+    /// Policy generation of the last open/extend (stale exhaustion events are ignored).
+    pub generation: u32,
+    pub end_unix_ms: Option<u64>,
+    pub end_boot_ns: Option<u64>,
+    /// `/proc/sys/kernel/random/boot_id` the boot-ns deadline belongs to.
+    pub boot_id: String,
+    pub started_unix: u64,
+    pub active: bool,
+    pub close_reason: Option<String>,
+}
+
+/// A line of the session history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogEntry {
+    pub mac: MacAddr,
+    /// `grant`, `admin-open`, `admin-extend`, `admin-close`, `exhausted`, `reconcile-…`.
+    pub action: String,
+    pub amount: u64,
+    pub detail: String,
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS grants (
+    token_id TEXT PRIMARY KEY,
+    token TEXT NOT NULL,
+    mac TEXT NOT NULL,
+    customer TEXT,
+    mint TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    gross INTEGER NOT NULL DEFAULT 0,
+    net INTEGER NOT NULL DEFAULT 0,
+    steps INTEGER NOT NULL DEFAULT 0,
+    allotment INTEGER NOT NULL DEFAULT 0,
+    metric TEXT NOT NULL,
+    status TEXT NOT NULL,
+    answer TEXT,
+    error TEXT,
+    created_unix INTEGER NOT NULL,
+    updated_unix INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS grants_status ON grants(status);
+CREATE TABLE IF NOT EXISTS sessions (
+    mac TEXT PRIMARY KEY,
+    metric TEXT NOT NULL,
+    allotment INTEGER NOT NULL,
+    used_before INTEGER NOT NULL,
+    baseline INTEGER NOT NULL,
+    used_snapshot INTEGER NOT NULL,
+    generation INTEGER NOT NULL,
+    end_unix_ms INTEGER,
+    end_boot_ns INTEGER,
+    boot_id TEXT NOT NULL,
+    started_unix INTEGER NOT NULL,
+    active INTEGER NOT NULL,
+    close_reason TEXT,
+    updated_unix INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS session_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_unix INTEGER NOT NULL,
+    mac TEXT NOT NULL,
+    action TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS usage_snapshots (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_unix INTEGER NOT NULL,
+    mac TEXT NOT NULL,
+    used INTEGER NOT NULL,
+    allotment INTEGER NOT NULL
+);
+";
+
+// SQLite integers are i64; our amounts fit (allotments are far below 2^63), and the cast
+// round-trips exactly either way.
+fn i(v: u64) -> i64 {
+    v as i64
+}
+fn u(v: i64) -> u64 {
+    v as u64
+}
+
+fn now_unix() -> u64 {
+    crate::protocol::unix_now()
+}
+
+impl Store {
+    /// Opens (creating) `path`, enables WAL + synchronous=FULL and creates the schema.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        Self::init(Connection::open(path)?)
+    }
+
+    /// A private in-memory database (tests).
+    pub fn open_in_memory() -> Result<Store, StoreError> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(conn: Connection) -> Result<Store, StoreError> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite itself consistent (transactions roll
+        // back), so a poisoned mutex is safe to reuse.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    // ------------------------------------------------------------ grants
+
+    pub fn grant(&self, token_id: &str) -> Result<Option<Grant>, StoreError> {
+        let c = self.conn();
+        let mut st = c.prepare_cached("SELECT * FROM grants WHERE token_id = ?1")?;
+        let row = st.query_row([token_id], grant_from_row).optional()?;
+        row.transpose()
+    }
+
+    /// Records a payment before the mint is contacted. Returns false if the token id is known.
+    pub fn insert_grant(&self, g: &Grant) -> Result<bool, StoreError> {
+        let now = now_unix();
+        let n = self.conn().execute(
+            "INSERT OR IGNORE INTO grants (token_id, token, mac, customer, mint, unit, gross, net,
+               steps, allotment, metric, status, answer, error, created_unix, updated_unix)
+             VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?15)",
+            params![
+                g.token_id,
+                g.token,
+                g.mac.to_string(),
+                g.customer,
+                g.mint,
+                g.unit,
+                i(g.gross),
+                i(g.net),
+                i(g.steps),
+                i(g.allotment),
+                g.metric.as_str(),
+                g.status.as_str(),
+                g.answer,
+                g.error,
+                i(now),
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Moves a grant to `status` (redeeming/failed), keeping amounts.
+    pub fn set_grant_status(
+        &self,
+        token_id: &str,
+        status: GrantStatus,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE grants SET status = ?2, error = ?3, updated_unix = ?4 WHERE token_id = ?1",
+            params![token_id, status.as_str(), error, i(now_unix())],
+        )?;
+        Ok(())
+    }
+
+    /// The mint swapped the token into our wallet.
+    pub fn mark_redeemed(&self, token_id: &str, gross: u64, net: u64) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE grants SET status = 'redeemed', gross = ?2, net = ?3, error = NULL,
+               updated_unix = ?4 WHERE token_id = ?1 AND status IN ('redeeming', 'failed', 'redeemed')",
+            params![token_id, i(gross), i(net), i(now_unix())],
+        )?;
+        Ok(())
+    }
+
+    /// Too little for the minimum purchase: the value stays in our wallet, the notice is kept.
+    pub fn mark_rejected_below_min(
+        &self,
+        token_id: &str,
+        steps: u64,
+        notice_json: &str,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE grants SET status = 'rejected-below-min', steps = ?2, answer = ?3,
+               updated_unix = ?4 WHERE token_id = ?1",
+            params![token_id, i(steps), notice_json, i(now_unix())],
+        )?;
+        Ok(())
+    }
+
+    /// Grants received or being received but not yet applied (for reconcile at start).
+    pub fn unfinished_grants(&self) -> Result<Vec<Grant>, StoreError> {
+        let c = self.conn();
+        let mut st = c.prepare_cached(
+            "SELECT * FROM grants WHERE status IN ('redeeming', 'redeemed') ORDER BY created_unix",
+        )?;
+        let rows = st.query_map([], grant_from_row)?;
+        rows.map(|r| r?).collect()
+    }
+
+    // ------------------------------------------------------------ sessions
+
+    pub fn session(&self, mac: MacAddr) -> Result<Option<SessionRow>, StoreError> {
+        let c = self.conn();
+        let mut st = c.prepare_cached("SELECT * FROM sessions WHERE mac = ?1")?;
+        let row = st
+            .query_row([mac.to_string()], session_from_row)
+            .optional()?;
+        row.transpose()
+    }
+
+    pub fn sessions(&self) -> Result<Vec<SessionRow>, StoreError> {
+        let c = self.conn();
+        let mut st = c.prepare_cached("SELECT * FROM sessions ORDER BY mac")?;
+        let rows = st.query_map([], session_from_row)?;
+        rows.map(|r| r?).collect()
+    }
+
+    /// Writes a session, optionally marks a grant applied with its answer, and logs the action,
+    /// all in one transaction: a crash leaves either all or none of it.
+    pub fn commit_session(
+        &self,
+        s: &SessionRow,
+        applied: Option<AppliedGrant<'_>>,
+        log: &LogEntry,
+    ) -> Result<(), StoreError> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let now = i(now_unix());
+        tx.execute(
+            "INSERT INTO sessions (mac, metric, allotment, used_before, baseline, used_snapshot,
+               generation, end_unix_ms, end_boot_ns, boot_id, started_unix, active, close_reason,
+               updated_unix) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)
+             ON CONFLICT(mac) DO UPDATE SET metric=?2, allotment=?3, used_before=?4, baseline=?5,
+               used_snapshot=?6, generation=?7, end_unix_ms=?8, end_boot_ns=?9, boot_id=?10,
+               started_unix=?11, active=?12, close_reason=?13, updated_unix=?14",
+            params![
+                s.mac.to_string(),
+                s.metric.as_str(),
+                i(s.allotment),
+                i(s.used_before),
+                i(s.baseline),
+                i(s.used_snapshot),
+                s.generation,
+                s.end_unix_ms.map(i),
+                s.end_boot_ns.map(i),
+                s.boot_id,
+                i(s.started_unix),
+                s.active,
+                s.close_reason,
+                now,
+            ],
+        )?;
+        if let Some(a) = applied {
+            tx.execute(
+                "UPDATE grants SET status = 'applied', steps = ?2, allotment = ?3, answer = ?4,
+                   error = NULL, updated_unix = ?5 WHERE token_id = ?1",
+                params![a.token_id, i(a.steps), i(a.allotment), a.answer, now],
+            )?;
+        }
+        tx.execute(
+            "INSERT INTO session_log (at_unix, mac, action, amount, detail) VALUES (?1,?2,?3,?4,?5)",
+            params![now, log.mac.to_string(), log.action, i(log.amount), log.detail],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records usage: updates the session's snapshot and appends to the history.
+    pub fn snapshot_usage(
+        &self,
+        mac: MacAddr,
+        used: u64,
+        allotment: u64,
+    ) -> Result<(), StoreError> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let now = i(now_unix());
+        tx.execute(
+            "UPDATE sessions SET used_snapshot = MAX(used_snapshot, ?2), updated_unix = ?3 WHERE mac = ?1",
+            params![mac.to_string(), i(used), now],
+        )?;
+        tx.execute(
+            "INSERT INTO usage_snapshots (at_unix, mac, used, allotment) VALUES (?1,?2,?3,?4)",
+            params![now, mac.to_string(), i(used), i(allotment)],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The last `limit` history lines for a MAC, newest first.
+    pub fn log(&self, mac: MacAddr, limit: u32) -> Result<Vec<LogEntry>, StoreError> {
+        let c = self.conn();
+        let mut st = c.prepare_cached(
+            "SELECT mac, action, amount, detail FROM session_log WHERE mac = ?1 ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = st.query_map(params![mac.to_string(), limit], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get(1)?,
+                r.get::<_, i64>(2)?,
+                r.get(3)?,
+            ))
+        })?;
+        rows.map(|r| {
+            let (m, action, amount, detail) = r?;
+            Ok(LogEntry {
+                mac: parse_mac("session_log", &m)?,
+                action,
+                amount: u(amount),
+                detail,
+            })
+        })
+        .collect()
+    }
+}
+
+/// A grant applied together with a session change.
+#[derive(Clone, Copy, Debug)]
+pub struct AppliedGrant<'a> {
+    pub token_id: &'a str,
+    pub steps: u64,
+    pub allotment: u64,
+    pub answer: &'a str,
+}
+
+fn parse_mac(table: &'static str, s: &str) -> Result<MacAddr, StoreError> {
+    s.parse()
+        .map_err(|e: crate::valve::ParseMacError| StoreError::Corrupt {
+            table,
+            message: e.to_string(),
+        })
+}
+
+fn parse_metric(table: &'static str, s: &str) -> Result<Metric, StoreError> {
+    s.parse()
+        .map_err(|message| StoreError::Corrupt { table, message })
+}
+
+fn grant_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Grant, StoreError>> {
+    let mac: String = r.get("mac")?;
+    let metric: String = r.get("metric")?;
+    let status: String = r.get("status")?;
+    let g = (|| {
+        Ok(Grant {
+            token_id: r.get("token_id")?,
+            token: r.get("token")?,
+            mac: parse_mac("grants", &mac)?,
+            customer: r.get("customer")?,
+            mint: r.get("mint")?,
+            unit: r.get("unit")?,
+            gross: u(r.get("gross")?),
+            net: u(r.get("net")?),
+            steps: u(r.get("steps")?),
+            allotment: u(r.get("allotment")?),
+            metric: parse_metric("grants", &metric)?,
+            status: GrantStatus::parse(&status).ok_or(StoreError::Corrupt {
+                table: "grants",
+                message: format!("status {status:?}"),
+            })?,
+            answer: r.get("answer")?,
+            error: r.get("error")?,
+            created_unix: u(r.get("created_unix")?),
+        })
+    })();
+    Ok(g)
+}
+
+fn session_from_row(r: &Row<'_>) -> rusqlite::Result<Result<SessionRow, StoreError>> {
+    let mac: String = r.get("mac")?;
+    let metric: String = r.get("metric")?;
+    let s = (|| {
+        Ok(SessionRow {
+            mac: parse_mac("sessions", &mac)?,
+            metric: parse_metric("sessions", &metric)?,
+            allotment: u(r.get("allotment")?),
+            used_before: u(r.get("used_before")?),
+            baseline: u(r.get("baseline")?),
+            used_snapshot: u(r.get("used_snapshot")?),
+            generation: r.get("generation")?,
+            end_unix_ms: r.get::<_, Option<i64>>("end_unix_ms")?.map(u),
+            end_boot_ns: r.get::<_, Option<i64>>("end_boot_ns")?.map(u),
+            boot_id: r.get("boot_id")?,
+            started_unix: u(r.get("started_unix")?),
+            active: r.get("active")?,
+            close_reason: r.get("close_reason")?,
+        })
+    })();
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mac() -> MacAddr {
+        "02:00:00:00:00:01".parse().expect("mac")
+    }
+
+    fn grant(id: &str) -> Grant {
+        Grant {
+            token_id: id.into(),
+            token: "cashuB…".into(),
+            mac: mac(),
+            customer: None,
+            mint: "https://mint.example".into(),
+            unit: "sat".into(),
+            gross: 0,
+            net: 0,
+            steps: 0,
+            allotment: 0,
+            metric: Metric::Bytes,
+            status: GrantStatus::Redeeming,
+            answer: None,
+            error: None,
+            created_unix: 0,
+        }
+    }
+
+    #[test]
+    fn grant_lifecycle_and_uniqueness() {
+        let s = Store::open_in_memory().expect("db");
+        assert!(s.insert_grant(&grant("t1")).expect("insert"));
+        assert!(
+            !s.insert_grant(&grant("t1")).expect("insert twice"),
+            "token id is unique"
+        );
+        assert_eq!(s.unfinished_grants().expect("list").len(), 1);
+        s.mark_redeemed("t1", 10, 9).expect("redeemed");
+        let g = s.grant("t1").expect("get").expect("exists");
+        assert_eq!((g.status, g.gross, g.net), (GrantStatus::Redeemed, 10, 9));
+        let sess = SessionRow {
+            mac: mac(),
+            metric: Metric::Bytes,
+            allotment: 100,
+            used_before: 0,
+            baseline: 5,
+            used_snapshot: 0,
+            generation: 1,
+            end_unix_ms: None,
+            end_boot_ns: None,
+            boot_id: "b".into(),
+            started_unix: 1,
+            active: true,
+            close_reason: None,
+        };
+        let log = LogEntry {
+            mac: mac(),
+            action: "grant".into(),
+            amount: 100,
+            detail: "t1".into(),
+        };
+        s.commit_session(
+            &sess,
+            Some(AppliedGrant {
+                token_id: "t1",
+                steps: 9,
+                allotment: 100,
+                answer: "{}",
+            }),
+            &log,
+        )
+        .expect("commit");
+        assert_eq!(
+            s.grant("t1").expect("get").expect("g").status,
+            GrantStatus::Applied
+        );
+        assert!(s.unfinished_grants().expect("list").is_empty());
+        assert_eq!(s.session(mac()).expect("get"), Some(sess));
+        s.snapshot_usage(mac(), 40, 100).expect("snap");
+        s.snapshot_usage(mac(), 30, 100)
+            .expect("snap never goes back");
+        assert_eq!(s.session(mac()).expect("get").expect("s").used_snapshot, 40);
+        assert_eq!(s.log(mac(), 10).expect("log"), vec![log]);
+    }
+
+    #[test]
+    fn file_database_persists() {
+        let path = std::env::temp_dir().join(format!(
+            "tollgate-store-{}/tollgate.sqlite",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        {
+            let s = Store::open(&path).expect("open");
+            s.insert_grant(&grant("x")).expect("insert");
+        }
+        let s = Store::open(&path).expect("reopen");
+        assert!(s.grant("x").expect("get").is_some());
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+}
