@@ -12,6 +12,7 @@
 
 pub mod chandler;
 pub mod config;
+pub mod daemon;
 pub mod http;
 pub mod merchant;
 pub mod neighbour;

@@ -26,9 +26,64 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run the gateway daemon (merchant, chandler, wallet, HTTP API on the LAN).
+    Run {
+        #[command(flatten)]
+        o: RunOpts,
+    },
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// The kernel data plane alone: attach, inspect and drive gates without the daemon.
     #[command(subcommand)]
     Dataplane(DataplaneCmd),
+}
+
+#[derive(Args, Clone)]
+struct RunOpts {
+    /// Directory with config.json and identities.json (created with defaults when empty).
+    #[arg(long, default_value = "/etc/tollgate")]
+    config_dir: PathBuf,
+    /// State directory (wallet, sessions); overrides config.json.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// LAN interface; overrides config.json.
+    #[arg(long)]
+    lan_iface: Option<String>,
+    /// WAN interface; overrides config.json.
+    #[arg(long)]
+    wan_iface: Option<String>,
+    /// HTTP API address (addr:port); overrides config.json.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Admin API address (addr:port); overrides config.json.
+    #[arg(long)]
+    admin_listen: Option<std::net::SocketAddr>,
+    /// Pin base directory for the data plane (default /sys/fs/bpf/tollgate).
+    #[arg(long)]
+    pin_base: Option<PathBuf>,
+}
+
+impl RunOpts {
+    fn overrides(&self) -> tollgate::daemon::Overrides {
+        tollgate::daemon::Overrides {
+            state_dir: self.state_dir.clone(),
+            lan_iface: self.lan_iface.clone(),
+            wan_iface: self.wan_iface.clone(),
+            listen: self.listen,
+            admin_listen: self.admin_listen,
+            pin_base: self.pin_base.clone(),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate config.json and identities.json without starting anything.
+    Check {
+        #[arg(long, default_value = "/etc/tollgate")]
+        config_dir: PathBuf,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -182,6 +237,20 @@ fn init_logging(json: bool) {
 async fn run(cmd: Cmd) -> Result<()> {
     match cmd {
         Cmd::Dataplane(c) => dataplane(c).await,
+        Cmd::Run { o } => {
+            let cfg = tollgate::daemon::load_config(&o.config_dir, &o.overrides())?;
+            tollgate::daemon::run(cfg, o.pin_base.clone()).await
+        }
+        Cmd::Config(ConfigCmd::Check { config_dir }) => {
+            let cfg = tollgate::config::Config::load(&config_dir)?;
+            println!(
+                "{}: ok ({} accepted mint(s), metric {:?})",
+                config_dir.display(),
+                cfg.merchant.mints.len(),
+                cfg.merchant.metric
+            );
+            Ok(())
+        }
     }
 }
 

@@ -32,31 +32,10 @@ use crate::{
     },
     store::{Grant, GrantStatus, Store, StoreError},
     valve::MacAddr,
+    wallet::{Wallet, WalletError},
 };
 
-/// What the wallet's offline check learns about a token.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TokenInfo {
-    /// Stable id of the token (the same token always yields the same id).
-    pub token_id: String,
-    /// Canonical mint URL.
-    pub mint: String,
-    pub unit: String,
-    pub amount: u64,
-}
-
-/// The result of swapping a token into our wallet.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Receipt {
-    pub token_id: String,
-    pub mint: String,
-    pub unit: String,
-    pub gross: u64,
-    /// After the mint's input fee: what the customer is credited with.
-    pub net: u64,
-    /// The token had been received before (idempotent replay).
-    pub replayed: bool,
-}
+pub use crate::wallet::{Receipt, TokenInfo};
 
 /// Errors of the wallet as the merchant sees them (mirrors the wallet's `WalletError`).
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -923,5 +902,49 @@ pub(crate) mod tests {
             "only the unredeemed one is received again"
         );
         assert!(r.gates.gate(mac()).expect("gate").expect("g").open);
+    }
+}
+
+impl From<WalletError> for RedeemError {
+    fn from(e: WalletError) -> Self {
+        match e {
+            WalletError::InvalidToken { reason } => RedeemError::InvalidToken { reason },
+            WalletError::MintNotAccepted { mint } => RedeemError::MintNotAccepted { mint },
+            WalletError::WrongUnit { unit } => RedeemError::WrongUnit { unit },
+            WalletError::Locked => RedeemError::Locked,
+            WalletError::TokenSpent => RedeemError::TokenSpent,
+            WalletError::TokenPending => RedeemError::TokenPending,
+            WalletError::MintUnavailable { mint, message } => {
+                RedeemError::MintUnavailable { mint, message }
+            }
+            WalletError::RateLimited { retry_after_secs } => {
+                RedeemError::RateLimited { retry_after_secs }
+            }
+            WalletError::InsufficientFunds { mint, needed, available } => {
+                RedeemError::InsufficientFunds {
+                    message: format!("{mint}: need {needed}, available {available}"),
+                }
+            }
+            e @ (WalletError::Storage { .. }
+            | WalletError::Seed { .. }
+            | WalletError::Mnemonic { .. }) => RedeemError::Storage {
+                message: e.to_string(),
+            },
+            other => RedeemError::Internal {
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+/// The real wallet behind the merchant's seam.
+#[async_trait]
+impl Redeemer for Wallet {
+    fn inspect(&self, token: &str) -> Result<TokenInfo, RedeemError> {
+        Wallet::inspect(self, token).map_err(RedeemError::from)
+    }
+
+    async fn receive(&self, token: &str) -> Result<Receipt, RedeemError> {
+        Wallet::receive(self, token).await.map_err(RedeemError::from)
     }
 }

@@ -1,0 +1,218 @@
+//! `tollgate run`: wires the components together and runs them until a shutdown signal.
+//!
+//! ```text
+//!  config ─> valve (attach, reuse pins) ─> wallet (recover sagas) ─> store
+//!        ─> chandler.reconcile()   kernel ⇄ database: no free access, no lost allotment
+//!        ─> merchant.reconcile()   grants redeemed before a crash are applied
+//!        ─> tasks: chandler (exhaustion events), payouts, HTTP (LAN), admin HTTP (loopback)
+//!  SIGINT/SIGTERM ─> tasks stop in reverse order; the data plane stays pinned and enforcing
+//! ```
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    sync::Arc,
+};
+
+use anyhow::{Context, Result};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    chandler::Chandler,
+    config::{Config, DataplaneMode},
+    http::{self, AppState},
+    merchant::{Merchant, Redeemer},
+    neighbour::KernelNeighbours,
+    store::Store,
+    valve::{DataPlaneMode, Gates, Prefix, Valve, ValveConfig},
+    wallet::Wallet,
+};
+
+/// Command-line overrides of the configuration files.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub state_dir: Option<PathBuf>,
+    pub lan_iface: Option<String>,
+    pub wan_iface: Option<String>,
+    pub listen: Option<std::net::SocketAddr>,
+    pub admin_listen: Option<std::net::SocketAddr>,
+    pub pin_base: Option<PathBuf>,
+}
+
+/// Loads `config.json` + `identities.json`, creating a working default set when the directory
+/// has none, and applies the overrides.
+pub fn load_config(dir: &std::path::Path, o: &Overrides) -> Result<Config> {
+    let mut cfg = if dir.join("config.json").exists() {
+        Config::load(dir)?
+    } else {
+        let cfg = Config::write_default(dir)?;
+        tracing::warn!(
+            dir = %dir.display(),
+            "no configuration found: wrote a default config.json and identities.json (fresh merchant key, mode 0600)"
+        );
+        cfg
+    };
+    if let Some(s) = &o.state_dir {
+        cfg.store.state_dir = s.clone();
+    }
+    if let Some(l) = &o.lan_iface {
+        cfg.dataplane.lan_interface = Some(l.clone());
+        cfg.http.lan_interface = Some(l.clone());
+    }
+    if let Some(w) = &o.wan_iface {
+        cfg.dataplane.wan_interface = Some(w.clone());
+    }
+    if let Some(l) = o.listen {
+        cfg.http.listen = l;
+    }
+    if let Some(a) = o.admin_listen {
+        cfg.http.admin_listen = a;
+    }
+    Ok(cfg)
+}
+
+/// The addresses configured on `iface` (the gateway's own LAN addresses).
+fn iface_addrs(iface: &str) -> Result<(Option<Ipv4Addr>, Vec<Ipv6Addr>)> {
+    let mut v4 = None;
+    let mut v6 = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates a list we walk read-only and free with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getifaddrs");
+    }
+    let mut p = ifap;
+    while !p.is_null() {
+        // SAFETY: p is a valid node of the list returned by getifaddrs.
+        let ifa = unsafe { &*p };
+        p = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+        if name.to_bytes() != iface.as_bytes() {
+            continue;
+        }
+        // SAFETY: the family tells which sockaddr variant ifa_addr points to.
+        unsafe {
+            match (*ifa.ifa_addr).sa_family as i32 {
+                libc::AF_INET => {
+                    let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    v4.get_or_insert(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)));
+                }
+                libc::AF_INET6 => {
+                    let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                    if v6.len() < 2 {
+                        v6.push(Ipv6Addr::from(sa.sin6_addr.s6_addr));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    // SAFETY: ifap came from getifaddrs.
+    unsafe { libc::freeifaddrs(ifap) };
+    Ok((v4, v6))
+}
+
+/// The valve's configuration derived from the daemon's.
+pub fn valve_config(cfg: &Config, pin_base: Option<&PathBuf>) -> Result<ValveConfig> {
+    let iface = cfg
+        .dataplane
+        .lan_interface
+        .clone()
+        .context("no LAN interface: set lan_interface in config.json or pass --lan-iface")?;
+    let (v4, v6) = iface_addrs(&iface)?;
+    let mut v = ValveConfig::new(&iface);
+    if let Some(p) = pin_base {
+        v.pin_base = p.clone();
+    }
+    v.mode = match cfg.dataplane.mode {
+        DataplaneMode::Tc => DataPlaneMode::Tc,
+        DataplaneMode::Xdp => DataPlaneMode::Xdp,
+    };
+    v.gateway_v4 = v4.or(match cfg.http.listen.ip() {
+        IpAddr::V4(a) if !a.is_unspecified() => Some(a),
+        _ => None,
+    });
+    v.gateway_v6 = v6;
+    let mut ports = vec![cfg.http.listen.port()];
+    if cfg.http.portal_port != cfg.http.listen.port() {
+        ports.push(cfg.http.portal_port);
+    }
+    v.tcp_ports = ports;
+    v.garden = cfg
+        .dataplane
+        .garden_allow
+        .iter()
+        .map(|(addr, len)| Prefix {
+            addr: *addr,
+            len: *len,
+        })
+        .collect();
+    Ok(v)
+}
+
+/// Runs the daemon until SIGINT/SIGTERM.
+pub async fn run(cfg: Config, pin_base: Option<PathBuf>) -> Result<()> {
+    std::fs::create_dir_all(&cfg.store.state_dir)
+        .with_context(|| format!("state directory {}", cfg.store.state_dir.display()))?;
+    let vcfg = valve_config(&cfg, pin_base.as_ref())?;
+    let valve = Arc::new(Valve::attach(&vcfg).context("attaching the data plane")?);
+    let events = valve.events()?;
+    let wallet = Wallet::open(&cfg.store.state_dir, cfg.wallet_settings())
+        .await
+        .context("opening the wallet")?;
+    let store = Arc::new(Store::open(&cfg.store.db_path())?);
+    let gates: Arc<dyn Gates> = valve.clone();
+    let chandler = Arc::new(Chandler::new(cfg.chandler.clone(), gates, store.clone()));
+    let report = chandler.reconcile().context("reconciling sessions with the kernel")?;
+    tracing::info!(?report, "sessions reconciled with the data plane");
+    let redeemer: Arc<dyn Redeemer> = Arc::new(wallet.clone());
+    let merchant = Merchant::new(cfg.merchant.clone(), redeemer, chandler.clone(), store.clone());
+    merchant.reconcile().await.context("applying interrupted grants")?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let cancel = CancellationToken::new();
+    let chandler_task = tokio::spawn(chandler.clone().run(events, stop_rx.clone()));
+    let payouts = wallet.spawn_payouts(cancel.clone());
+    let neighbours = Arc::new(KernelNeighbours::new(cfg.neighbour.device_leases_file.clone()));
+    let state = AppState::new(&cfg.http, merchant, chandler.clone(), neighbours);
+    let lan = http::bind_lan(cfg.http.listen, cfg.http.lan_interface.as_deref())
+        .with_context(|| format!("listening on {}", cfg.http.listen))?;
+    let admin = http::bind_lan(cfg.http.admin_listen, None)
+        .with_context(|| format!("admin listener on {}", cfg.http.admin_listen))?;
+    tracing::info!(listen = %cfg.http.listen, admin = %cfg.http.admin_listen, "tollgate is serving");
+    let api = tokio::spawn(http::serve(
+        lan,
+        http::router(state.clone()),
+        cancel.clone().cancelled_owned(),
+    ));
+    let admin_api = tokio::spawn(http::serve(
+        admin,
+        http::admin_router(state),
+        cancel.clone().cancelled_owned(),
+    ));
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: the data plane stays attached and enforcing");
+    cancel.cancel();
+    let _ = stop_tx.send(true);
+    // Reverse start order.
+    let _ = admin_api.await;
+    let _ = api.await;
+    let _ = payouts.await;
+    let _ = chandler_task.await;
+    chandler.snapshot_all().ok();
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
