@@ -843,6 +843,37 @@ fn parse_cidr(s: &str) -> Result<(std::net::IpAddr, u8), String> {
     Ok((ip, len))
 }
 
+impl Config {
+    /// The wallet's section: accepted mints and the profit share.
+    pub fn wallet_settings(&self) -> crate::wallet::WalletSettings {
+        let mints = self
+            .merchant
+            .mints
+            .iter()
+            .map(|m| crate::wallet::MintSettings {
+                url: m.url.clone(),
+                unit: m.unit.clone(),
+                min_balance: m.min_balance,
+                min_payout_amount: m.min_payout_amount,
+                payout_interval_seconds: m.payout_interval.as_secs().max(1),
+                balance_tolerance_percent: m.balance_tolerance_percent,
+            })
+            .collect();
+        let mut s = crate::wallet::WalletSettings::new(mints);
+        s.profit_share = self
+            .payout
+            .shares
+            .iter()
+            .map(|p| crate::wallet::ProfitShare {
+                identity: p.identity.clone(),
+                factor: p.factor,
+                lightning_address: p.lightning_address.clone(),
+            })
+            .collect();
+        s
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1089,36 +1120,5 @@ mod tests {
             c.merchant.keys.public_key()
         );
         let _ = fs::remove_dir_all(&dir);
-    }
-}
-
-impl Config {
-    /// The wallet's section: accepted mints and the profit share.
-    pub fn wallet_settings(&self) -> crate::wallet::WalletSettings {
-        let mints = self
-            .merchant
-            .mints
-            .iter()
-            .map(|m| crate::wallet::MintSettings {
-                url: m.url.clone(),
-                unit: m.unit.clone(),
-                min_balance: m.min_balance,
-                min_payout_amount: m.min_payout_amount,
-                payout_interval_seconds: m.payout_interval.as_secs().max(1),
-                balance_tolerance_percent: m.balance_tolerance_percent,
-            })
-            .collect();
-        let mut s = crate::wallet::WalletSettings::new(mints);
-        s.profit_share = self
-            .payout
-            .shares
-            .iter()
-            .map(|p| crate::wallet::ProfitShare {
-                identity: p.identity.clone(),
-                factor: p.factor,
-                lightning_address: p.lightning_address.clone(),
-            })
-            .collect();
-        s
     }
 }

@@ -167,17 +167,29 @@ pub async fn run(cfg: Config, pin_base: Option<PathBuf>) -> Result<()> {
     let store = Arc::new(Store::open(&cfg.store.db_path())?);
     let gates: Arc<dyn Gates> = valve.clone();
     let chandler = Arc::new(Chandler::new(cfg.chandler.clone(), gates, store.clone()));
-    let report = chandler.reconcile().context("reconciling sessions with the kernel")?;
+    let report = chandler
+        .reconcile()
+        .context("reconciling sessions with the kernel")?;
     tracing::info!(?report, "sessions reconciled with the data plane");
     let redeemer: Arc<dyn Redeemer> = Arc::new(wallet.clone());
-    let merchant = Merchant::new(cfg.merchant.clone(), redeemer, chandler.clone(), store.clone());
-    merchant.reconcile().await.context("applying interrupted grants")?;
+    let merchant = Merchant::new(
+        cfg.merchant.clone(),
+        redeemer,
+        chandler.clone(),
+        store.clone(),
+    );
+    merchant
+        .reconcile()
+        .await
+        .context("applying interrupted grants")?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let cancel = CancellationToken::new();
     let chandler_task = tokio::spawn(chandler.clone().run(events, stop_rx.clone()));
     let payouts = wallet.spawn_payouts(cancel.clone());
-    let neighbours = Arc::new(KernelNeighbours::new(cfg.neighbour.device_leases_file.clone()));
+    let neighbours = Arc::new(KernelNeighbours::new(
+        cfg.neighbour.device_leases_file.clone(),
+    ));
     let state = AppState::new(&cfg.http, merchant, chandler.clone(), neighbours);
     let lan = http::bind_lan(cfg.http.listen, cfg.http.lan_interface.as_deref())
         .with_context(|| format!("listening on {}", cfg.http.listen))?;

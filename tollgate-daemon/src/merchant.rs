@@ -920,11 +920,13 @@ impl From<WalletError> for RedeemError {
             WalletError::RateLimited { retry_after_secs } => {
                 RedeemError::RateLimited { retry_after_secs }
             }
-            WalletError::InsufficientFunds { mint, needed, available } => {
-                RedeemError::InsufficientFunds {
-                    message: format!("{mint}: need {needed}, available {available}"),
-                }
-            }
+            WalletError::InsufficientFunds {
+                mint,
+                needed,
+                available,
+            } => RedeemError::InsufficientFunds {
+                message: format!("{mint}: need {needed}, available {available}"),
+            },
             e @ (WalletError::Storage { .. }
             | WalletError::Seed { .. }
             | WalletError::Mnemonic { .. }) => RedeemError::Storage {
@@ -945,6 +947,8 @@ impl Redeemer for Wallet {
     }
 
     async fn receive(&self, token: &str) -> Result<Receipt, RedeemError> {
-        Wallet::receive(self, token).await.map_err(RedeemError::from)
+        Wallet::receive(self, token)
+            .await
+            .map_err(RedeemError::from)
     }
 }

@@ -33,7 +33,7 @@ enum Cmd {
     },
     /// Build everything and play a customer against a gateway in a namespace lab.
     Demo {
-        /// Keep the lab after the demo ends (for poking around); `cargo xtask demo --cleanup` removes it.
+        /// Reserved: keep the lab after the demo ends (not implemented yet; the lab is always removed).
         #[arg(long)]
         keep: bool,
     },

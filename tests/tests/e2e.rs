@@ -1,0 +1,444 @@
+//! End to end: a real `tollgate run` in a gateway namespace, a real cdk mint on the gateway's
+//! loopback, a real data plane, and a customer in a client namespace paying over HTTP.
+//!
+//! 1. Lab: client ── lan0 ── gateway ── wan0 ── upstream (servers).
+//! 2. Mint: TestMint on 127.0.0.1 inside the gateway namespace (the daemon's loopback).
+//! 3. Daemon: `tollgate run --netns <gw>` with a config selling bytes for that mint.
+//! 4. Customer: unpaid (blocked) → pays a token → kind-1022 with the allotment → traffic flows
+//!    → the quota runs out in the kernel → the chandler closes the session → `/usage` = -1/-1.
+//! 5. The same token again credits nothing more; a spent token / a foreign mint get notices.
+//! 6. The daemon is restarted mid-session: used bytes and remaining allotment survive.
+//!
+//! Run with `--nocapture` (as `cargo xtask demo` does) to see the story as it happens.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tollgate_tests::{
+    mint::TestMint,
+    netns::{enter, Lab3, Netns, GW_LAN_IP, LAN_IFACE, UPSTREAM_IP},
+    pins::PinBase,
+    tollgate_bin,
+};
+
+const STEP: u64 = 1_000; // bytes per step
+const PRICE: u64 = 1; // sat per step
+
+/// A tokio runtime whose worker threads live in `ns` (sockets they open live there too).
+fn ns_runtime(ns: &Netns) -> Arc<tokio::runtime::Runtime> {
+    let path = PathBuf::from(format!("/run/netns/{}", ns.name));
+    Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .on_thread_start(move || enter(&path))
+            .build()
+            .expect("runtime"),
+    )
+}
+
+/// Runs a future to completion on a thread inside `ns`, with `rt`'s workers also inside `ns`.
+fn in_ns<T, F>(
+    ns: &Netns,
+    rt: &Arc<tokio::runtime::Runtime>,
+    f: impl FnOnce() -> F + Send + 'static,
+) -> T
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T> + 'static,
+{
+    let rt = rt.clone();
+    ns.run(move || rt.block_on(f()))
+}
+
+fn say(msg: impl AsRef<str>) {
+    println!("[e2e] {}", msg.as_ref());
+}
+
+/// Minimal HTTP/1.1 client run from the client namespace: (status, body).
+fn http(ns: &Netns, method: &str, path: &str, body: Option<(&str, &str)>) -> (u16, String) {
+    let method = method.to_string();
+    let path = path.to_string();
+    let body = body.map(|(ct, b)| (ct.to_string(), b.to_string()));
+    ns.run(move || {
+        let addr = SocketAddr::from((GW_LAN_IP, 2121));
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect API");
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut req =
+            format!("{method} {path} HTTP/1.1\r\nHost: 10.77.0.1:2121\r\nConnection: close\r\n");
+        if let Some((ct, b)) = &body {
+            req.push_str(&format!(
+                "Content-Type: {ct}\r\nContent-Length: {}\r\n\r\n{b}",
+                b.len()
+            ));
+        } else {
+            req.push_str("\r\n");
+        }
+        s.write_all(req.as_bytes()).unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let status = resp
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|x| x.1.to_string())
+            .unwrap_or_default();
+        // Chunked bodies: good enough to search JSON fields in.
+        (status, body)
+    })
+}
+
+fn json_body(body: &str) -> serde_json::Value {
+    let start = body.find('{').expect("json in body");
+    let end = body.rfind('}').expect("json end");
+    serde_json::from_str(&body[start..=end]).expect("valid json")
+}
+
+fn tag<'a>(ev: &'a serde_json::Value, name: &str) -> Option<&'a str> {
+    ev["tags"]
+        .as_array()?
+        .iter()
+        .find(|t| t[0] == name)
+        .and_then(|t| t[1].as_str())
+}
+
+/// Upstream bulk server: streams zeros until the client stops reading.
+fn upstream_bulk(ns: &Netns) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    ns.spawn(move || {
+        let l = TcpListener::bind((UPSTREAM_IP, 5002)).unwrap();
+        tx.send(()).unwrap();
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+                let buf = [0u8; 16384];
+                while s.write_all(&buf).is_ok() {}
+            });
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+}
+
+/// Downloads up to `limit` bytes; stops after `idle` without data.
+fn download(ns: &Netns, limit: u64, idle: Duration) -> u64 {
+    ns.run(move || {
+        let Ok(mut s) = TcpStream::connect_timeout(
+            &SocketAddr::from((UPSTREAM_IP, 5002)),
+            Duration::from_secs(2),
+        ) else {
+            return 0;
+        };
+        s.set_read_timeout(Some(idle)).unwrap();
+        let mut got = 0u64;
+        let mut b = vec![0u8; 16384];
+        while got < limit {
+            match s.read(&mut b) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n as u64,
+            }
+        }
+        got
+    })
+}
+
+struct Daemon {
+    child: Child,
+}
+
+impl Daemon {
+    fn start(lab: &Lab3, config_dir: &Path, state_dir: &Path, pins: &PinBase) -> Daemon {
+        std::fs::create_dir_all(state_dir).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(state_dir.join("daemon.log"))
+            .unwrap();
+        let child = Command::new(tollgate_bin())
+            .args([
+                "--netns",
+                &lab.gateway.name,
+                "run",
+                "--lan-iface",
+                LAN_IFACE,
+            ])
+            .args([
+                "--listen",
+                "10.77.0.1:2121",
+                "--admin-listen",
+                "127.0.0.1:2122",
+            ])
+            .arg("--config-dir")
+            .arg(config_dir)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .arg("--pin-base")
+            .arg(pins.path())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn tollgate run");
+        let d = Daemon { child };
+        let start = Instant::now();
+        loop {
+            let up = lab.client.run(|| {
+                TcpStream::connect_timeout(
+                    &SocketAddr::from((GW_LAN_IP, 2121)),
+                    Duration::from_millis(300),
+                )
+                .is_ok()
+            });
+            if up {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "daemon did not come up: {}",
+                std::fs::read_to_string(state_dir.join("daemon.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        d
+    }
+
+    fn stop(&mut self) {
+        // SIGTERM: a graceful stop; the data plane stays pinned.
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        while self.child.try_wait().ok().flatten().is_none() {
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = self.child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_config(dir: &Path, mint_url: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = serde_json::json!({
+        "config_version": "v0.0.8", "log_level": "info",
+        "metric": "bytes", "step_size": STEP,
+        "accepted_mints": [{
+            "url": mint_url, "price_per_step": PRICE, "price_unit": "sat",
+            "purchase_min_steps": 10, "min_balance": 64, "min_payout_amount": 1000000,
+            "payout_interval_seconds": 3600, "balance_tolerance_percent": 10
+        }],
+        "profit_share": [{"identity": "owner", "factor": 1.0}],
+        "reseller_mode": false
+    });
+    let identities = serde_json::json!({
+        "owned_identities": [{"name": "merchant", "privatekey": "5c2b0c3d4e5f60718293a4b5c6d7e8f90112233445566778899aabbccddeeff0"}],
+        "public_identities": [{"name": "owner", "lightning_address": "owner@example.com"}]
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    std::fs::write(dir.join("identities.json"), identities.to_string()).unwrap();
+}
+
+#[test]
+fn a_customer_pays_gets_metered_access_and_the_gate_closes_at_the_quota() {
+    let lab = Lab3::new("e2e");
+    let pins = PinBase::new("e2e");
+    let tmp = tempfile::tempdir().unwrap();
+    let (config_dir, state_dir) = (tmp.path().join("etc"), tmp.path().join("state"));
+    upstream_bulk(&lab.upstream);
+
+    // The mint lives on the gateway's loopback, where the daemon can reach it.
+    let rt = ns_runtime(&lab.gateway);
+    let mint = Arc::new(in_ns(&lab.gateway, &rt, || TestMint::start(0)));
+    let other_mint = Arc::new(in_ns(&lab.gateway, &rt, || TestMint::start(0)));
+    let token_of = |m: &Arc<TestMint>, amount: u64| {
+        let m = m.clone();
+        in_ns(&lab.gateway, &rt, move || async move {
+            m.mint_token(amount).await
+        })
+    };
+    say(format!(
+        "mint at {} (inside the gateway namespace)",
+        mint.url()
+    ));
+    write_config(&config_dir, &mint.url());
+    let mut daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
+    say("daemon up on 10.77.0.1:2121");
+
+    // The advertisement.
+    let (st, body) = http(&lab.client, "GET", "/", None);
+    assert_eq!(st, 200);
+    let ad = json_body(&body);
+    assert_eq!(ad["kind"], 10021);
+    assert_eq!(tag(&ad, "metric"), Some("bytes"));
+    say(format!(
+        "advertisement: {STEP} bytes per step, {PRICE} sat per step"
+    ));
+
+    // Unpaid: nothing gets through.
+    assert_eq!(
+        download(&lab.client, 10_000, Duration::from_secs(1)),
+        0,
+        "unpaid client blocked"
+    );
+    let (_, usage) = http(&lab.client, "GET", "/usage", None);
+    assert!(usage.contains("-1/-1"), "no session yet: {usage}");
+
+    // A foreign mint's token is refused without touching our wallet.
+    let foreign = token_of(&other_mint, 50);
+    let (st, body) = http(&lab.client, "POST", "/", Some(("text/plain", &foreign)));
+    assert_eq!(st, 400);
+    assert_eq!(
+        tag(&json_body(&body), "code"),
+        Some("payment-error-mint-not-accepted")
+    );
+
+    // Pay 200 sat → 200 steps → 200 000 bytes.
+    let token = token_of(&mint, 200);
+    let (st, body) = http(&lab.client, "POST", "/", Some(("text/plain", &token)));
+    assert_eq!(st, 200, "payment accepted: {body}");
+    let session = json_body(&body);
+    assert_eq!(session["kind"], 1022);
+    let allotment: u64 = tag(&session, "allotment").unwrap().parse().unwrap();
+    assert_eq!(allotment, 200 * STEP);
+    say(format!("paid 200 sat, allotment {allotment} bytes"));
+
+    // The same token again: the same session, no second credit (concurrently too).
+    let handles: Vec<_> = (0..5)
+        .map(|_| {
+            let ns = Netns {
+                name: lab.client.name.clone(),
+            };
+            let t = token.clone();
+            std::thread::spawn(move || {
+                let r = http(&ns, "POST", "/", Some(("text/plain", &t)));
+                std::mem::forget(ns); // the lab owns the namespace
+                r
+            })
+        })
+        .collect();
+    for h in handles {
+        let (st, body) = h.join().unwrap();
+        assert_eq!(st, 200);
+        assert_eq!(
+            tag(&json_body(&body), "allotment")
+                .unwrap()
+                .parse::<u64>()
+                .unwrap(),
+            allotment
+        );
+    }
+
+    // Traffic flows, counted by the kernel.
+    let got = download(&lab.client, 50_000, Duration::from_secs(2));
+    assert!(got >= 50_000, "paid client downloads ({got})");
+    let (_, usage) = http(&lab.client, "GET", "/usage", None);
+    let (used, total) = usage
+        .trim()
+        .rsplit_once('\n')
+        .map_or(usage.trim(), |x| x.1)
+        .split_once('/')
+        .unwrap();
+    let (used, total): (u64, u64) = (used.trim().parse().unwrap(), total.trim().parse().unwrap());
+    assert_eq!(total, allotment);
+    assert!(used >= 50_000 && used <= allotment, "usage {used}/{total}");
+    say(format!(
+        "downloaded {got} bytes; /usage says {used}/{total}"
+    ));
+
+    // Restart the daemon mid-session: used bytes and remaining allotment survive.
+    daemon.stop();
+    let during_stop = download(&lab.client, 20_000, Duration::from_secs(2));
+    assert!(
+        during_stop > 0,
+        "the gate stays open while the daemon is down"
+    );
+    let mut daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
+    let (_, usage) = http(&lab.client, "GET", "/usage", None);
+    let after: u64 = usage
+        .trim()
+        .split('/')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    assert!(
+        after >= used + during_stop,
+        "used bytes stay used across a restart ({after} < {used} + {during_stop})"
+    );
+    say(format!(
+        "daemon restarted; usage carried over: {after} bytes used"
+    ));
+
+    // Use up the allotment: the kernel stops it, the chandler closes the session.
+    let rest = download(&lab.client, allotment * 2, Duration::from_secs(2));
+    say(format!("bulk download stopped after {rest} more bytes"));
+    let start = Instant::now();
+    loop {
+        let (_, usage) = http(&lab.client, "GET", "/usage", None);
+        if usage.contains("-1/-1") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "session closed after exhaustion: {usage}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(
+        download(&lab.client, 10_000, Duration::from_secs(1)),
+        0,
+        "gate closed at the quota"
+    );
+    say("quota used up: the kernel closed the gate and /usage is -1/-1");
+
+    // A token somebody else already swapped gets `payment-error-token-spent`.
+    let spent = token_of(&mint, 20);
+    {
+        let (m, t) = (mint.clone(), spent.clone());
+        in_ns(&lab.gateway, &rt, move || async move {
+            let w = m.new_wallet().await;
+            w.receive(&t, Default::default())
+                .await
+                .expect("someone else spends it");
+        });
+    }
+    let (st, body) = http(&lab.client, "POST", "/", Some(("text/plain", &spent)));
+    assert_eq!(st, 400);
+    assert_eq!(
+        tag(&json_body(&body), "code"),
+        Some("payment-error-token-spent")
+    );
+
+    // Top-up opens the gate again with the new allotment.
+    let token2 = token_of(&mint, 50);
+    let (st, _) = http(
+        &lab.client,
+        "POST",
+        "/",
+        Some(("application/x-www-form-urlencoded", &token2)),
+    );
+    assert_eq!(st, 200);
+    assert!(
+        download(&lab.client, 10_000, Duration::from_secs(2)) >= 10_000,
+        "topped up"
+    );
+    say("topped up with 50 sat: traffic flows again");
+    daemon.stop();
+}
