@@ -5,11 +5,13 @@
 
 use std::{
     fs::File,
-    net::Ipv4Addr,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     path::PathBuf,
     process::{Command, Output},
     sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
 };
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -189,4 +191,48 @@ impl Lab3 {
     pub fn client_mac(&self) -> [u8; 6] {
         self.client.mac("eth0")
     }
+}
+
+/// Port of the upstream bulk server started by [`serve_bulk`].
+pub const BULK_PORT: u16 = 5002;
+
+/// Upstream bulk server in `ns` on `UPSTREAM_IP:BULK_PORT`: streams zeros to every connection
+/// until the client stops reading. Returns once it listens.
+pub fn serve_bulk(ns: &Netns) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    ns.spawn(move || {
+        let l = TcpListener::bind((UPSTREAM_IP, BULK_PORT)).expect("bind bulk server");
+        tx.send(()).unwrap();
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+                let buf = [0u8; 65536];
+                while s.write_all(&buf).is_ok() {}
+            });
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("bulk server up");
+}
+
+/// Downloads from the bulk server from inside `ns` until `limit` bytes or `idle` without data;
+/// returns the payload bytes received (0 if the connection cannot be made).
+pub fn download(ns: &Netns, limit: u64, idle: Duration) -> u64 {
+    ns.run(move || {
+        let addr = SocketAddr::from((UPSTREAM_IP, BULK_PORT));
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(1500)) else {
+            return 0;
+        };
+        s.set_read_timeout(Some(idle)).unwrap();
+        let mut got = 0u64;
+        let mut b = vec![0u8; 65536];
+        while got < limit {
+            match s.read(&mut b) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n as u64,
+            }
+        }
+        got
+    })
 }

@@ -10,7 +10,7 @@ use std::{
 
 use tollgate::valve::{Allowance, ExhaustReason, Gates, MacAddr, Valve, ValveConfig};
 use tollgate_tests::{
-    netns::{Lab3, Netns, CLIENT_IP, GW_LAN_IP, LAN_IFACE, UPSTREAM_IP},
+    netns::{download, serve_bulk, Lab3, Netns, CLIENT_IP, GW_LAN_IP, LAN_IFACE, UPSTREAM_IP},
     pins::PinBase,
     tollgate_bin,
 };
@@ -30,24 +30,13 @@ fn attach(lab: &Lab3, pins: &PinBase) -> Valve {
         .expect("attach the data plane in the gateway namespace")
 }
 
-/// Upstream server: echoes one line per connection (port 5001) and streams zeros until
-/// the client goes away (port 5002).
+/// Upstream servers: echoes one line per connection (port 5001) and the bulk server.
 fn upstream_servers(ns: &Netns) {
+    serve_bulk(ns);
     let (tx, rx) = std::sync::mpsc::channel();
     ns.spawn(move || {
         let echo = TcpListener::bind((UPSTREAM_IP, 5001)).unwrap();
-        let bulk = TcpListener::bind((UPSTREAM_IP, 5002)).unwrap();
         tx.send(()).unwrap();
-        std::thread::spawn(move || {
-            for s in bulk.incoming().flatten() {
-                std::thread::spawn(move || {
-                    let mut s = s;
-                    let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
-                    let buf = [0u8; 65536];
-                    while s.write_all(&buf).is_ok() {}
-                });
-            }
-        });
         for s in echo.incoming().flatten() {
             let mut s = s;
             let mut b = [0u8; 64];
@@ -99,24 +88,9 @@ fn echo(lab: &Lab3) -> bool {
     })
 }
 
-/// Downloads from the bulk server until it stalls for `idle`; returns payload bytes received.
+/// Downloads from the upstream bulk server in the client namespace.
 fn bulk(lab: &Lab3, limit: u64, idle: Duration) -> u64 {
-    lab.client.run(move || {
-        let addr = SocketAddr::from((UPSTREAM_IP, 5002));
-        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(1500)) else {
-            return 0;
-        };
-        s.set_read_timeout(Some(idle)).unwrap();
-        let mut got = 0u64;
-        let mut b = vec![0u8; 65536];
-        while got < limit {
-            match s.read(&mut b) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got += n as u64,
-            }
-        }
-        got
-    })
+    download(&lab.client, limit, idle)
 }
 
 #[test]

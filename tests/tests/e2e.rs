@@ -13,7 +13,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::Arc,
@@ -22,7 +22,7 @@ use std::{
 
 use tollgate_tests::{
     mint::TestMint,
-    netns::{enter, Lab3, Netns, GW_LAN_IP, LAN_IFACE, UPSTREAM_IP},
+    netns::{download, enter, serve_bulk, Lab3, Netns, GW_LAN_IP, LAN_IFACE},
     pins::PinBase,
     tollgate_bin,
 };
@@ -109,46 +109,6 @@ fn tag<'a>(ev: &'a serde_json::Value, name: &str) -> Option<&'a str> {
         .iter()
         .find(|t| t[0] == name)
         .and_then(|t| t[1].as_str())
-}
-
-/// Upstream bulk server: streams zeros until the client stops reading.
-fn upstream_bulk(ns: &Netns) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    ns.spawn(move || {
-        let l = TcpListener::bind((UPSTREAM_IP, 5002)).unwrap();
-        tx.send(()).unwrap();
-        for s in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut s = s;
-                let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
-                let buf = [0u8; 16384];
-                while s.write_all(&buf).is_ok() {}
-            });
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(5)).unwrap();
-}
-
-/// Downloads up to `limit` bytes; stops after `idle` without data.
-fn download(ns: &Netns, limit: u64, idle: Duration) -> u64 {
-    ns.run(move || {
-        let Ok(mut s) = TcpStream::connect_timeout(
-            &SocketAddr::from((UPSTREAM_IP, 5002)),
-            Duration::from_secs(2),
-        ) else {
-            return 0;
-        };
-        s.set_read_timeout(Some(idle)).unwrap();
-        let mut got = 0u64;
-        let mut b = vec![0u8; 16384];
-        while got < limit {
-            match s.read(&mut b) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got += n as u64,
-            }
-        }
-        got
-    })
 }
 
 struct Daemon {
@@ -260,7 +220,7 @@ fn a_customer_pays_gets_metered_access_and_the_gate_closes_at_the_quota() {
     let pins = PinBase::new("e2e");
     let tmp = tempfile::tempdir().unwrap();
     let (config_dir, state_dir) = (tmp.path().join("etc"), tmp.path().join("state"));
-    upstream_bulk(&lab.upstream);
+    serve_bulk(&lab.upstream);
 
     // The mint lives on the gateway's loopback, where the daemon can reach it.
     let rt = ns_runtime(&lab.gateway);

@@ -565,7 +565,7 @@ impl Valve {
         Ok(VerdictCounts(out))
     }
 
-    /// Number of entries in the policy and usage maps (occupancy, for metrics and `check`).
+    /// Number of entries in the policy and usage maps (occupancy, for metrics; walks every key).
     pub fn occupancy(&self) -> (u32, u32) {
         let m = self.maps();
         (
@@ -803,20 +803,29 @@ fn parse_event(bytes: &[u8]) -> Option<Exhaustion> {
 
 impl Gates for Valve {
     fn check(&self, mac: MacAddr) -> Result<(), ValveError> {
-        let m = self.maps();
+        // Claim both slots now (a closed policy and zero counters, created only if absent):
+        // the kernel's E2BIG tells us the maps are full before any money is taken, without
+        // walking 100 000 keys per payment.
+        let mut m = self.maps();
         let key = MacKey::new(mac.0);
-        if Self::read_policy(&m, &key)?.is_some() && Self::read_usage(&m, &key)?.is_some() {
-            return Ok(());
+        Self::ensure_usage(&mut m, mac, &key)?;
+        match m.policy.insert(key, Policy::CLOSED, BPF_NOEXIST) {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(SyscallError { io_error, .. })) => {
+                match io_error.raw_os_error() {
+                    Some(libc::EEXIST) => Ok(()),
+                    Some(libc::E2BIG) => Err(ValveError::Full {
+                        mac,
+                        capacity: MAX_CLIENTS,
+                    }),
+                    _ => Err(ValveError::Map {
+                        map: maps::POLICY,
+                        message: io_error.to_string(),
+                    }),
+                }
+            }
+            Err(e) => Err(map_err(maps::POLICY)(e)),
         }
-        drop(m);
-        let (p, u) = self.occupancy();
-        if p >= MAX_CLIENTS || u >= MAX_CLIENTS {
-            return Err(ValveError::Full {
-                mac,
-                capacity: MAX_CLIENTS,
-            });
-        }
-        Ok(())
     }
 
     fn open(&self, mac: MacAddr, a: Allowance) -> Result<GateState, ValveError> {
