@@ -196,8 +196,8 @@ impl Lab3 {
 /// Port of the upstream bulk server started by [`serve_bulk`].
 pub const BULK_PORT: u16 = 5002;
 
-/// Upstream bulk server in `ns` on `UPSTREAM_IP:BULK_PORT`: streams zeros to every connection
-/// until the client stops reading. Returns once it listens.
+/// Upstream bulk server in `ns` on `UPSTREAM_IP:BULK_PORT`: each connection sends the number of
+/// bytes it wants (u64, big-endian) and gets exactly that many zeros. Returns once it listens.
 pub fn serve_bulk(ns: &Netns) {
     let (tx, rx) = std::sync::mpsc::channel();
     ns.spawn(move || {
@@ -205,10 +205,27 @@ pub fn serve_bulk(ns: &Netns) {
         tx.send(()).unwrap();
         for s in l.incoming().flatten() {
             std::thread::spawn(move || {
+                // The client asks for exactly N bytes (u64, big-endian) and gets no more, so
+                // nothing beyond what it reads is ever in flight to be metered behind its back.
                 let mut s = s;
                 let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut want = [0u8; 8];
+                if s.read_exact(&mut want).is_err() {
+                    return;
+                }
+                let mut left = u64::from_be_bytes(want);
                 let buf = [0u8; 65536];
-                while s.write_all(&buf).is_ok() {}
+                while left > 0 {
+                    let n = left.min(buf.len() as u64) as usize;
+                    if s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                    left -= n as u64;
+                }
+                let _ = s.shutdown(std::net::Shutdown::Write);
+                // Wait for the client's close so the last bytes are not reset away.
+                let _ = s.read(&mut want);
             });
         }
     });
@@ -225,6 +242,9 @@ pub fn download(ns: &Netns, limit: u64, idle: Duration) -> u64 {
             return 0;
         };
         s.set_read_timeout(Some(idle)).unwrap();
+        if s.write_all(&limit.to_be_bytes()).is_err() {
+            return 0;
+        }
         let mut got = 0u64;
         let mut b = vec![0u8; 65536];
         while got < limit {

@@ -340,7 +340,8 @@ fn a_customer_pays_gets_metered_access_and_the_gate_closes_at_the_quota() {
         .unwrap_or(0);
     assert!(
         after >= used + during_stop,
-        "used bytes stay used across a restart ({after} < {used} + {during_stop})"
+        "used bytes stay used across a restart ({after} < {used} + {during_stop}): /usage said {usage:?}; log: {}",
+        std::fs::read_to_string(state_dir.join("daemon.log")).unwrap_or_default()
     );
     say(format!(
         "daemon restarted; usage carried over: {after} bytes used"
