@@ -2,6 +2,7 @@
 //! data-plane pins, a real Cashu mint and an LNURL-pay server on loopback.
 
 pub mod frames;
+pub mod gateway;
 pub mod lnurl;
 pub mod mint;
 pub mod netns;

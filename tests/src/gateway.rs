@@ -1,0 +1,220 @@
+//! A real `tollgate run` in a lab's gateway namespace and a small HTTP client to talk to it from
+//! another namespace: the fixtures of the end-to-end tests.
+//!
+//! ```text
+//!  Daemon::start(lab, config, state, pins) ── spawns `tollgate --netns <gw> run …` and waits for
+//!                                            the API port to answer from the client namespace
+//!  http(&lab.client, "POST", "/", Some((content-type, body))) ── (status, body)
+//!  ns_runtime / in_ns ── async work (the test mint) whose sockets live in a namespace
+//! ```
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    netns::{enter, Lab3, Netns, GW_LAN_IP, LAN_IFACE},
+    pins::PinBase,
+    tollgate_bin,
+};
+
+/// A tokio runtime whose worker threads live in `ns` (sockets they open live there too).
+pub fn ns_runtime(ns: &Netns) -> Arc<tokio::runtime::Runtime> {
+    let path = PathBuf::from(format!("/run/netns/{}", ns.name));
+    Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .on_thread_start(move || enter(&path))
+            .build()
+            .expect("runtime"),
+    )
+}
+
+/// Runs a future to completion on a thread inside `ns`, with `rt`'s workers also inside `ns`.
+pub fn in_ns<T, F>(
+    ns: &Netns,
+    rt: &Arc<tokio::runtime::Runtime>,
+    f: impl FnOnce() -> F + Send + 'static,
+) -> T
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T> + 'static,
+{
+    let rt = rt.clone();
+    ns.run(move || rt.block_on(f()))
+}
+
+/// Minimal HTTP/1.1 client run from the client namespace: (status, body).
+pub fn http(ns: &Netns, method: &str, path: &str, body: Option<(&str, &str)>) -> (u16, String) {
+    let method = method.to_string();
+    let path = path.to_string();
+    let body = body.map(|(ct, b)| (ct.to_string(), b.to_string()));
+    ns.run(move || {
+        let addr = SocketAddr::from((GW_LAN_IP, 2121));
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect API");
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut req =
+            format!("{method} {path} HTTP/1.1\r\nHost: 10.77.0.1:2121\r\nConnection: close\r\n");
+        if let Some((ct, b)) = &body {
+            req.push_str(&format!(
+                "Content-Type: {ct}\r\nContent-Length: {}\r\n\r\n{b}",
+                b.len()
+            ));
+        } else {
+            req.push_str("\r\n");
+        }
+        s.write_all(req.as_bytes()).unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let status = resp
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|x| x.1.to_string())
+            .unwrap_or_default();
+        // Chunked bodies: good enough to search JSON fields in.
+        (status, body)
+    })
+}
+
+pub fn json_body(body: &str) -> serde_json::Value {
+    let start = body.find('{').expect("json in body");
+    let end = body.rfind('}').expect("json end");
+    serde_json::from_str(&body[start..=end]).expect("valid json")
+}
+
+pub fn tag<'a>(ev: &'a serde_json::Value, name: &str) -> Option<&'a str> {
+    ev["tags"]
+        .as_array()?
+        .iter()
+        .find(|t| t[0] == name)
+        .and_then(|t| t[1].as_str())
+}
+
+pub struct Daemon {
+    pub child: Child,
+}
+
+impl Daemon {
+    pub fn start(lab: &Lab3, config_dir: &Path, state_dir: &Path, pins: &PinBase) -> Daemon {
+        std::fs::create_dir_all(state_dir).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(state_dir.join("daemon.log"))
+            .unwrap();
+        let child = Command::new(tollgate_bin())
+            .args([
+                "--netns",
+                &lab.gateway.name,
+                "run",
+                "--lan-iface",
+                LAN_IFACE,
+            ])
+            .args([
+                "--listen",
+                "10.77.0.1:2121",
+                "--admin-listen",
+                "127.0.0.1:2122",
+            ])
+            .arg("--config-dir")
+            .arg(config_dir)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .arg("--pin-base")
+            .arg(pins.path())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn tollgate run");
+        let d = Daemon { child };
+        let start = Instant::now();
+        loop {
+            let up = lab.client.run(|| {
+                TcpStream::connect_timeout(
+                    &SocketAddr::from((GW_LAN_IP, 2121)),
+                    Duration::from_millis(300),
+                )
+                .is_ok()
+            });
+            if up {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "daemon did not come up: {}",
+                std::fs::read_to_string(state_dir.join("daemon.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        d
+    }
+
+    pub fn stop(&mut self) {
+        // SIGTERM: a graceful stop; the data plane stays pinned.
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        while self.child.try_wait().ok().flatten().is_none() {
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = self.child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The merchant key every lab gateway signs with (tests only).
+pub const MERCHANT_KEY: &str = "5c2b0c3d4e5f60718293a4b5c6d7e8f90112233445566778899aabbccddeeff0";
+
+/// Writes `config.json` + `identities.json` selling `metric` in steps of `step`, one
+/// `(mint url, price per step)` per accepted mint, minimum 10 steps, payouts effectively off.
+pub fn write_config(dir: &Path, metric: &str, step: u64, mints: &[(&str, u64)]) {
+    let mints: Vec<serde_json::Value> = mints
+        .iter()
+        .map(|(url, price)| {
+            serde_json::json!({
+                "url": url, "price_per_step": price, "price_unit": "sat",
+                "purchase_min_steps": 10, "min_balance": 64, "min_payout_amount": 1000000,
+                "payout_interval_seconds": 3600, "balance_tolerance_percent": 10
+            })
+        })
+        .collect();
+    let config = serde_json::json!({
+        "config_version": "v0.0.8", "log_level": "info",
+        "metric": metric, "step_size": step,
+        "accepted_mints": mints,
+        "profit_share": [{"identity": "owner", "factor": 1.0}],
+        "reseller_mode": false
+    });
+    write_config_value(dir, &config);
+}
+
+/// Writes `config` as `config.json` with the lab's `identities.json` (merchant key, owner).
+pub fn write_config_value(dir: &Path, config: &serde_json::Value) {
+    std::fs::create_dir_all(dir).unwrap();
+    let identities = serde_json::json!({
+        "owned_identities": [{"name": "merchant", "privatekey": MERCHANT_KEY}],
+        "public_identities": [{"name": "owner", "lightning_address": "owner@example.com"}]
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    std::fs::write(dir.join("identities.json"), identities.to_string()).unwrap();
+}
