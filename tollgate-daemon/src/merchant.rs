@@ -315,6 +315,13 @@ impl Merchant {
         let lock = self.token_lock(&new.token_id);
         let _held = lock.lock().await;
         let grant = match self.store.grant(&new.token_id)? {
+            // A definitive failure swapped nothing: this request's own token string gets its
+            // chance (a corrupted copy of a token must not poison the genuine one).
+            Some(g)
+                if g.status == GrantStatus::Failed && self.store.retry_failed_grant(&new)? =>
+            {
+                new
+            }
             Some(g) => g,
             None => {
                 // Durable before the mint sees the token: a crash after the swap is recoverable.
@@ -662,6 +669,32 @@ pub(crate) mod tests {
         assert!(again.replayed);
         assert_eq!(r.redeemer.calls(), 1);
         assert_eq!(r.gates.lock().gates[&mac()].remaining_bytes, Some(5000));
+    }
+
+    #[tokio::test]
+    async fn a_corrupted_copy_does_not_poison_the_genuine_token() {
+        let r = rig(1, 0, Duration::from_secs(5));
+        r.redeemer.add("cashuBgood", MINT, 4, Ok(()));
+        // Same proofs (same token id), but receiving this encoding fails for good.
+        let info = r.redeemer.tokens.lock().expect("lock")["cashuBgood"]
+            .0
+            .clone();
+        r.redeemer.tokens.lock().expect("lock").insert(
+            "cashuBgood-corrupted".into(),
+            (info, Err(RedeemError::WrongUnit { unit: "?".into() })),
+        );
+        r.merchant
+            .purchase(mac(), pay("cashuBgood-corrupted"))
+            .await
+            .expect_err("the corrupted copy fails");
+        let p = r
+            .merchant
+            .purchase(mac(), pay("cashuBgood"))
+            .await
+            .expect("the genuine token still pays");
+        let s = Session::from_event(&nostr::Event::from_json(&p.session_json).expect("event"))
+            .expect("1022");
+        assert_eq!(s.allotment, 4000);
     }
 
     #[tokio::test]

@@ -268,6 +268,26 @@ impl Store {
         Ok(n == 1)
     }
 
+    /// Replaces a grant whose redemption failed for good (nothing was swapped) with a new
+    /// attempt at the same proofs: another encoding of the token, maybe from another device.
+    /// Returns false if the stored grant is not `failed` (then it must be finished as is).
+    pub fn retry_failed_grant(&self, g: &Grant) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "UPDATE grants SET token = ?2, mac = ?3, customer = ?4, status = ?5, error = NULL,
+               updated_unix = ?6
+             WHERE token_id = ?1 AND status = 'failed'",
+            params![
+                g.token_id,
+                g.token,
+                g.mac.to_string(),
+                g.customer,
+                g.status.as_str(),
+                i(now_unix()),
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
     /// Moves a grant to `status` (redeeming/failed), keeping amounts.
     pub fn set_grant_status(
         &self,

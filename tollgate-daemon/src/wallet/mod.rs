@@ -221,6 +221,24 @@ impl WalletError {
                 needed: 0,
                 available: 0,
             },
+            // The token's own content is wrong (forged or corrupted signatures, unknown keyset,
+            // duplicate proofs…): the customer's fault, not ours, and nothing was swapped.
+            e @ (cdk::Error::DHKE(_)
+            | cdk::Error::NUT00(_)
+            | cdk::Error::NUT10(_)
+            | cdk::Error::NUT11(_)
+            | cdk::Error::NUT12(_)
+            | cdk::Error::CouldNotVerifyDleq
+            | cdk::Error::DleqProofNotProvided
+            | cdk::Error::KeysetUnknown(_)
+            | cdk::Error::UnknownKeySet
+            | cdk::Error::DuplicateInputs
+            | cdk::Error::AmountKey
+            | cdk::Error::ProofContentTooLarge { .. }
+            | cdk::Error::MultipleUnits
+            | cdk::Error::UnitMismatch) => WalletError::InvalidToken {
+                reason: e.to_string(),
+            },
             source => WalletError::Cdk { source },
         }
     }
