@@ -9,14 +9,18 @@ pub mod netns;
 pub mod pins;
 
 /// The `tollgate` binary under test: `$TOLLGATE_BIN`, else next to the test executable's
-/// `deps/` directory (where `cargo build -p tollgate-daemon`, run by `cargo xtask test`, puts it).
+/// `deps/` directory or next to it (where `cargo build -p tollgate-daemon`, run by `cargo xtask test`, puts it).
 pub fn tollgate_bin() -> std::path::PathBuf {
     if let Some(p) = std::env::var_os("TOLLGATE_BIN") {
         return p.into();
     }
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let bin = dir.join("tollgate");
+    // Test executables live in `target/<profile>/deps/`, bins (the demo, benches) one up.
+    let dir = exe.parent().expect("exe dir");
+    let bin = [dir.join("tollgate"), dir.join("../tollgate")]
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| dir.join("../tollgate"));
     assert!(
         bin.exists(),
         "{} is missing: run the suite with `cargo xtask test` (it builds the binary first) \

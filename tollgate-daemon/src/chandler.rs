@@ -379,6 +379,11 @@ impl Chandler {
             Metric::Bytes if reason == "quota" => row.allotment,
             _ => self.used(&row, Some(&gate), ex.at_boot_ns),
         };
+        // The kernel already drops what does not fit; closing makes the gate say so too (a
+        // few bytes short of the quota would otherwise still pass small packets like ACKs
+        // while the session reads as closed). Same generation check as above: under the guard,
+        // no top-up can slip in between.
+        self.gates.close(ex.mac)?;
         self.close_row(row, reason)
     }
 

@@ -32,11 +32,7 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Build everything and play a customer against a gateway in a namespace lab.
-    Demo {
-        /// Reserved: keep the lab after the demo ends (not implemented yet; the lab is always removed).
-        #[arg(long)]
-        keep: bool,
-    },
+    Demo,
     /// Benchmarks: `dataplane`, `api`, `wallet`.
     Bench {
         #[arg(default_value = "dataplane")]
@@ -51,7 +47,7 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::BuildEbpf { debug } => ebpf::build(!debug).map(|_| ()),
         Cmd::Test { args } => tasks::test(&args),
-        Cmd::Demo { keep } => tasks::demo(keep),
+        Cmd::Demo => tasks::demo(),
         Cmd::Bench { what, args } => tasks::bench(&what, &args),
     }
 }

@@ -34,31 +34,86 @@ pub fn test(extra: &[String]) -> Result<()> {
     status(cargo().args(["test", "--"]).args(extra), "cargo test")
 }
 
-/// The whole thing in a namespace lab: the end-to-end scenario, narrated. It creates the
-/// lab (client, gateway, upstream), a mint, `tollgate run`, plays a customer (advertisement,
-/// payment, metered traffic, a daemon restart, the quota closing the gate, a top-up) and
-/// removes everything it made, also when interrupted.
-pub fn demo(_keep: bool) -> Result<()> {
+/// The whole thing in a namespace lab: builds everything, then runs the `demo` binary (see
+/// `tests/src/bin/demo.rs`), which creates the lab (client, gateway, upstream), a mint and
+/// `tollgate run`, plays a customer and prints a summary. It cleans up after itself; if it is
+/// interrupted (Ctrl-C) or dies, whatever it left is swept here: its names carry its pid.
+pub fn demo() -> Result<()> {
     ebpf::build(true)?;
+    // Two builds: `--bin demo` would filter the daemon package's binary out as well.
     println!("[demo] cargo build -p tollgate-daemon");
     status(
         cargo().args(["build", "-p", "tollgate-daemon"]),
         "cargo build",
     )?;
-    println!("[demo] playing a customer against a gateway in a namespace lab");
+    println!("[demo] cargo build -p tollgate-tests --bin demo");
     status(
-        cargo().args([
-            "test",
-            "-q",
-            "-p",
-            "tollgate-tests",
-            "--test",
-            "e2e",
-            "--",
-            "--nocapture",
-        ]),
-        "the demo",
-    )
+        cargo().args(["build", "-p", "tollgate-tests", "--bin", "demo"]),
+        "cargo build",
+    )?;
+    let bin = ebpf::workspace_root().join("target/debug/demo");
+    // Ctrl-C goes to the whole foreground group: the demo and its daemon stop; we stay to
+    // sweep. A handler (not SIG_IGN, which exec would pass on to the child) keeps us alive.
+    extern "C" fn ignore(_: libc::c_int) {}
+    // SAFETY: installing a handler that does nothing is async-signal-safe.
+    unsafe { libc::signal(libc::SIGINT, ignore as *const () as libc::sighandler_t) };
+    let mut child = Command::new(&bin)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let pid = child.id();
+    let st = child.wait().context("waiting for the demo")?;
+    let swept = sweep_demo(pid);
+    if !swept.is_empty() {
+        println!(
+            "[demo] swept what the demo left behind: {}",
+            swept.join(", ")
+        );
+    }
+    if !st.success() {
+        bail!("the demo did not finish ({st})");
+    }
+    Ok(())
+}
+
+/// Removes namespaces (and the processes in them), pins and temp dirs of demo run `pid`.
+fn sweep_demo(pid: u32) -> Vec<String> {
+    let mut swept = Vec::new();
+    let list = Command::new("ip").args(["netns", "list"]).output();
+    let names = list
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for name in names.lines().filter_map(|l| l.split_whitespace().next()) {
+        let ours = ["c", "g", "u"]
+            .iter()
+            .any(|r| name.starts_with(&format!("tgdemo{r}{pid}x")));
+        if !ours {
+            continue;
+        }
+        if let Ok(o) = Command::new("ip").args(["netns", "pids", name]).output() {
+            for p in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", p]).status();
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        swept.push(format!("netns {name}"));
+    }
+    let dirs = [
+        ("/sys/fs/bpf/tollgate", format!("test-demo-{pid}-")),
+        ("/tmp", format!("tollgate-demo-{pid}-")),
+    ];
+    for (dir, prefix) in dirs {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_dir_all(e.path());
+                swept.push(e.path().display().to_string());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir("/sys/fs/bpf/tollgate");
+    swept
 }
 
 pub fn bench(what: &str, args: &[String]) -> Result<()> {
