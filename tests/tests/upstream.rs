@@ -268,7 +268,9 @@ fn u(v: &Value) -> u64 {
 
 /// 1. A discovers B over netlink + `GET :2121/`, buys 200 steps with its wallet, and the
 ///    client (who pays A) reaches the internet namespace through both gates.
-/// 2. B's `/usage` for A counts the client's traffic; A's wallet lost exactly what B got.
+/// 2. B's `/usage` for A counts the client's traffic.
+/// 3. A restarts: it resumes the session it holds at B without paying again.
+/// 4. A's wallet lost exactly what B got.
 #[test]
 fn reseller_buys_upstream_access_and_the_client_reaches_the_internet() {
     let lab = Lab::new("upok");
@@ -326,7 +328,26 @@ fn reseller_buys_upstream_access_and_the_client_reaches_the_internet() {
         "client downloaded {got} bytes; B counts {used} for A"
     ));
 
-    let paid = u(&lab.status()["paid"]);
+    // A restarts mid-session: it finds its session at B (via /usage) and does not pay again.
+    a.stop();
+    let mut a = lab.start_a();
+    lab.wait_status("the resumed session", |s| {
+        u(&s["allotment"]) == 200_000 && s["pubkey"] == b_pubkey.as_str()
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let s = lab.status();
+    assert_eq!(u(&s["purchases"]), 0, "resumed without paying again: {s}");
+    assert_eq!(
+        u(&s["paid"]),
+        200,
+        "the payment record survived the restart: {s}"
+    );
+    say(format!(
+        "A restarted and resumed its session at B: {}/{}",
+        s["used"], s["allotment"]
+    ));
+
+    let paid = u(&s["paid"]);
     a.stop();
     b.stop();
     assert_eq!(
