@@ -52,15 +52,24 @@ where
 
 /// Minimal HTTP/1.1 client run from the client namespace: (status, body).
 pub fn http(ns: &Netns, method: &str, path: &str, body: Option<(&str, &str)>) -> (u16, String) {
+    http_to(ns, SocketAddr::from((GW_LAN_IP, 2121)), method, path, body)
+}
+
+/// [`http`] to any address reachable from `ns` (another gateway, an admin API).
+pub fn http_to(
+    ns: &Netns,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<(&str, &str)>,
+) -> (u16, String) {
     let method = method.to_string();
     let path = path.to_string();
     let body = body.map(|(ct, b)| (ct.to_string(), b.to_string()));
     ns.run(move || {
-        let addr = SocketAddr::from((GW_LAN_IP, 2121));
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect API");
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut req =
-            format!("{method} {path} HTTP/1.1\r\nHost: 10.77.0.1:2121\r\nConnection: close\r\n");
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
         if let Some((ct, b)) = &body {
             req.push_str(&format!(
                 "Content-Type: {ct}\r\nContent-Length: {}\r\n\r\n{b}",
@@ -104,28 +113,63 @@ pub struct Daemon {
     pub child: Child,
 }
 
+/// Where and how [`Daemon::start_with`] runs a gateway.
+pub struct DaemonSpec<'a> {
+    /// The gateway's namespace.
+    pub gateway: &'a Netns,
+    /// A namespace on the LAN side, from which the API must answer before `start_with` returns.
+    pub lan_peer: &'a Netns,
+    pub lan_iface: &'a str,
+    pub wan_iface: Option<&'a str>,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub config_dir: &'a Path,
+    pub state_dir: &'a Path,
+    pub pins: &'a PinBase,
+}
+
 impl Daemon {
     pub fn start(lab: &Lab3, config_dir: &Path, state_dir: &Path, pins: &PinBase) -> Daemon {
+        Self::start_with(&DaemonSpec {
+            gateway: &lab.gateway,
+            lan_peer: &lab.client,
+            lan_iface: LAN_IFACE,
+            wan_iface: None,
+            listen: SocketAddr::from((GW_LAN_IP, 2121)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 2122)),
+            config_dir,
+            state_dir,
+            pins,
+        })
+    }
+
+    /// Starts `tollgate run` as `spec` says and waits until its API answers from the LAN peer.
+    pub fn start_with(spec: &DaemonSpec<'_>) -> Daemon {
+        let (config_dir, state_dir, pins) = (spec.config_dir, spec.state_dir, spec.pins);
         std::fs::create_dir_all(state_dir).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(state_dir.join("daemon.log"))
             .unwrap();
-        let child = Command::new(tollgate_bin())
-            .args([
-                "--netns",
-                &lab.gateway.name,
-                "run",
-                "--lan-iface",
-                LAN_IFACE,
-            ])
-            .args([
-                "--listen",
-                "10.77.0.1:2121",
-                "--admin-listen",
-                "127.0.0.1:2122",
-            ])
+        let mut cmd = Command::new(tollgate_bin());
+        cmd.args([
+            "--netns",
+            &spec.gateway.name,
+            "run",
+            "--lan-iface",
+            spec.lan_iface,
+        ])
+        .args([
+            "--listen",
+            &spec.listen.to_string(),
+            "--admin-listen",
+            &spec.admin_listen.to_string(),
+        ]);
+        if let Some(w) = spec.wan_iface {
+            cmd.args(["--wan-iface", w]);
+        }
+        let child = cmd
             .arg("--config-dir")
             .arg(config_dir)
             .arg("--state-dir")
@@ -139,12 +183,9 @@ impl Daemon {
         let d = Daemon { child };
         let start = Instant::now();
         loop {
-            let up = lab.client.run(|| {
-                TcpStream::connect_timeout(
-                    &SocketAddr::from((GW_LAN_IP, 2121)),
-                    Duration::from_millis(300),
-                )
-                .is_ok()
+            let listen = spec.listen;
+            let up = spec.lan_peer.run(move || {
+                TcpStream::connect_timeout(&listen, Duration::from_millis(300)).is_ok()
             });
             if up {
                 break;
@@ -210,9 +251,14 @@ pub fn write_config(dir: &Path, metric: &str, step: u64, mints: &[(&str, u64)]) 
 
 /// Writes `config` as `config.json` with the lab's `identities.json` (merchant key, owner).
 pub fn write_config_value(dir: &Path, config: &serde_json::Value) {
+    write_config_keyed(dir, config, MERCHANT_KEY);
+}
+
+/// [`write_config_value`] with another merchant key (chained gateways need distinct keys).
+pub fn write_config_keyed(dir: &Path, config: &serde_json::Value, key: &str) {
     std::fs::create_dir_all(dir).unwrap();
     let identities = serde_json::json!({
-        "owned_identities": [{"name": "merchant", "privatekey": MERCHANT_KEY}],
+        "owned_identities": [{"name": "merchant", "privatekey": key}],
         "public_identities": [{"name": "owner", "lightning_address": "owner@example.com"}]
     });
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();

@@ -43,7 +43,19 @@ impl TestMint {
         Self::try_start(fee_ppk).await.expect("start test mint")
     }
 
+    /// Like [`TestMint::start`] but listening on `ip` (a namespace address several gateways
+    /// can reach) instead of loopback.
+    pub async fn start_on(fee_ppk: u64, ip: std::net::IpAddr) -> TestMint {
+        Self::try_start_on(fee_ppk, ip)
+            .await
+            .expect("start test mint")
+    }
+
     async fn try_start(fee_ppk: u64) -> anyhow::Result<TestMint> {
+        Self::try_start_on(fee_ppk, std::net::Ipv4Addr::LOCALHOST.into()).await
+    }
+
+    async fn try_start_on(fee_ppk: u64, ip: std::net::IpAddr) -> anyhow::Result<TestMint> {
         let db = Arc::new(cdk_sqlite::mint::memory::empty().await?);
         let mut builder = MintBuilder::new(db.clone());
         // 1 % / at least 1 sat, like a small real Lightning node would reserve.
@@ -69,7 +81,7 @@ impl TestMint {
             .await?;
         builder.set_unit_fee(&CurrencyUnit::Sat, fee_ppk)?;
 
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await?;
         let addr = listener.local_addr()?;
         let url = format!("http://{addr}");
         let builder = builder

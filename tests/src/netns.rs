@@ -199,9 +199,14 @@ pub const BULK_PORT: u16 = 5002;
 /// Upstream bulk server in `ns` on `UPSTREAM_IP:BULK_PORT`: each connection sends the number of
 /// bytes it wants (u64, big-endian) and gets exactly that many zeros. Returns once it listens.
 pub fn serve_bulk(ns: &Netns) {
+    serve_bulk_at(ns, UPSTREAM_IP);
+}
+
+/// [`serve_bulk`] on `ip:BULK_PORT` (labs with other addresses).
+pub fn serve_bulk_at(ns: &Netns, ip: Ipv4Addr) {
     let (tx, rx) = std::sync::mpsc::channel();
     ns.spawn(move || {
-        let l = TcpListener::bind((UPSTREAM_IP, BULK_PORT)).expect("bind bulk server");
+        let l = TcpListener::bind((ip, BULK_PORT)).expect("bind bulk server");
         tx.send(()).unwrap();
         for s in l.incoming().flatten() {
             std::thread::spawn(move || {
@@ -236,8 +241,13 @@ pub fn serve_bulk(ns: &Netns) {
 /// Downloads from the bulk server from inside `ns` until `limit` bytes or `idle` without data;
 /// returns the payload bytes received (0 if the connection cannot be made).
 pub fn download(ns: &Netns, limit: u64, idle: Duration) -> u64 {
+    download_from(ns, UPSTREAM_IP, limit, idle)
+}
+
+/// [`download`] from the bulk server at `ip`.
+pub fn download_from(ns: &Netns, ip: Ipv4Addr, limit: u64, idle: Duration) -> u64 {
     ns.run(move || {
-        let addr = SocketAddr::from((UPSTREAM_IP, BULK_PORT));
+        let addr = SocketAddr::from((ip, BULK_PORT));
         let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(1500)) else {
             return 0;
         };

@@ -384,11 +384,13 @@ pub struct PayoutConfig {
     pub shares: Vec<ProfitShare>,
 }
 
-/// The reference's `upstream_session_manager` section, kept verbatim for the upstream buyer.
+/// The reference's `upstream_session_manager` section: verbatim, and validated for the
+/// upstream buyer.
 #[derive(Clone, Debug, Default)]
 pub struct UpstreamConfig {
     pub reseller_mode: bool,
     pub raw: Option<serde_json::Value>,
+    pub settings: crate::upstream::UpstreamSettings,
 }
 
 #[derive(Clone, Debug)]
@@ -694,6 +696,17 @@ impl Config {
             ));
         }
 
+        let upstream_settings =
+            crate::upstream::UpstreamSettings::parse(raw.upstream_session_manager.as_ref())
+                .map_err(|e| match e {
+                    crate::upstream::UpstreamError::Config {
+                        field,
+                        problem,
+                        fix,
+                    } => c.err(field, problem, fix),
+                    other => c.err("upstream_session_manager", other.to_string(), "see README"),
+                })?;
+
         Ok(Config {
             dir: dir.to_path_buf(),
             log_level: raw.log_level.clone().unwrap_or_else(|| "info".into()),
@@ -737,6 +750,7 @@ impl Config {
             upstream: UpstreamConfig {
                 reseller_mode: raw.reseller_mode,
                 raw: raw.upstream_session_manager.clone(),
+                settings: upstream_settings,
             },
         })
     }
@@ -1039,6 +1053,11 @@ mod tests {
                 patched(|v| v["dataplane"] = serde_json::json!({"garden_allow":["10.0.0.0/99"]})),
                 IDS.into(),
                 "dataplane.garden_allow[0]",
+            ),
+            (
+                patched(|v| v["upstream_session_manager"]["max_price_per_byte"] = (-1).into()),
+                IDS.into(),
+                "upstream_session_manager.max_price_per_byte",
             ),
             (
                 patched(|v| v["listen"] = "nowhere".into()),

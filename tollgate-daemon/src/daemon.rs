@@ -4,7 +4,8 @@
 //!  config ─> valve (attach, reuse pins) ─> wallet (recover sagas) ─> store
 //!        ─> chandler.reconcile()   kernel ⇄ database: no free access, no lost allotment
 //!        ─> merchant.reconcile()   grants redeemed before a crash are applied
-//!        ─> tasks: chandler (exhaustion events), payouts, HTTP (LAN), admin HTTP (loopback)
+//!        ─> tasks: chandler (exhaustion events), payouts, upstream buyer (reseller mode),
+//!                  HTTP (LAN), admin HTTP (loopback)
 //!  SIGINT/SIGTERM ─> tasks stop in reverse order; the data plane stays pinned and enforcing
 //! ```
 
@@ -25,6 +26,7 @@ use crate::{
     merchant::{Merchant, Redeemer},
     neighbour::KernelNeighbours,
     store::Store,
+    upstream::Upstream,
     valve::{DataPlaneMode, Gates, Prefix, Valve, ValveConfig},
     wallet::Wallet,
 };
@@ -190,7 +192,21 @@ pub async fn run(cfg: Config, pin_base: Option<PathBuf>) -> Result<()> {
     let neighbours = Arc::new(KernelNeighbours::new(
         cfg.neighbour.device_leases_file.clone(),
     ));
-    let state = AppState::new(&cfg.http, merchant, chandler.clone(), neighbours);
+    let mut state = AppState::new(&cfg.http, merchant, chandler.clone(), neighbours);
+    // Reseller mode: our own uplink is a paid TollGate; buy and renew access there.
+    let upstream_task = if cfg.upstream.reseller_mode {
+        let up = Upstream::new(
+            cfg.upstream.settings.clone(),
+            cfg.dataplane.wan_interface.clone(),
+            wallet.clone(),
+            &cfg.store.state_dir,
+        )
+        .context("opening the upstream buyer")?;
+        state = state.with_upstream(up.clone());
+        Some(tokio::spawn(up.run(cancel.clone())))
+    } else {
+        None
+    };
     let lan = http::bind_lan(cfg.http.listen, cfg.http.lan_interface.as_deref())
         .with_context(|| format!("listening on {}", cfg.http.listen))?;
     let admin = http::bind_lan(cfg.http.admin_listen, None)
@@ -214,6 +230,9 @@ pub async fn run(cfg: Config, pin_base: Option<PathBuf>) -> Result<()> {
     // Reverse start order.
     let _ = admin_api.await;
     let _ = api.await;
+    if let Some(t) = upstream_task {
+        let _ = t.await;
+    }
     let _ = payouts.await;
     let _ = chandler_task.await;
     chandler.snapshot_all().ok();

@@ -48,6 +48,8 @@ pub struct AppState {
     pub neighbours: Arc<dyn Neighbours>,
     pub limiter: Arc<RateLimiter>,
     pub portal_port: u16,
+    /// The upstream buyer, in reseller mode (`GET /upstream` on the admin API).
+    pub upstream: Option<Arc<crate::upstream::Upstream>>,
 }
 
 impl AppState {
@@ -63,7 +65,14 @@ impl AppState {
             neighbours,
             limiter: Arc::new(RateLimiter::new(cfg.post_rate_per_minute)),
             portal_port: cfg.portal_port,
+            upstream: None,
         }
+    }
+
+    /// Adds the upstream buyer (reseller mode).
+    pub fn with_upstream(mut self, upstream: Arc<crate::upstream::Upstream>) -> Self {
+        self.upstream = Some(upstream);
+        self
     }
 
     fn err(&self, status: StatusCode, code: NoticeCode, message: impl Into<String>) -> ApiError {
@@ -255,7 +264,17 @@ pub fn admin_router(state: AppState) -> Router {
         .route("/clients/{mac}", get(admin_client))
         .route("/clients/{mac}/grant", post(admin_grant))
         .route("/clients/{mac}/close", post(admin_close))
+        .route("/upstream", get(admin_upstream))
         .with_state(state)
+}
+
+/// The upstream buyer's status; `{"reseller_mode":false}` when it is not running.
+async fn admin_upstream(State(st): State<AppState>) -> Response {
+    match &st.upstream {
+        Some(u) => axum::Json(serde_json::json!({"reseller_mode": true, "status": u.status()}))
+            .into_response(),
+        None => axum::Json(serde_json::json!({"reseller_mode": false})).into_response(),
+    }
 }
 
 async fn advertisement(State(st): State<AppState>) -> Result<Response, ApiError> {

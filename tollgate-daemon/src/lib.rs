@@ -18,5 +18,6 @@ pub mod merchant;
 pub mod neighbour;
 pub mod protocol;
 pub mod store;
+pub mod upstream;
 pub mod valve;
 pub mod wallet;

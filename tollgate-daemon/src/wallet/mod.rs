@@ -930,6 +930,15 @@ impl Wallet {
         self.inner.store.delete_reservation(&reservation.id)
     }
 
+    /// Keep a reservation alive for another `ttl` (a standing hold for the next upstream
+    /// renewal). Returns false if it had already expired or been used.
+    pub fn extend(&self, reservation: &Reservation, ttl: Duration) -> Result<bool, WalletError> {
+        let expires = store::now_ms() + ttl.as_millis() as u64;
+        self.inner
+            .store
+            .extend_reservation(&reservation.id, expires)
+    }
+
     /// Default reservation lifetime from the settings.
     pub fn reservation_ttl(&self) -> Duration {
         self.inner.settings.reservation_ttl

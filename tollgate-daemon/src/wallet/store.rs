@@ -217,6 +217,22 @@ impl Store {
         Ok(())
     }
 
+    /// Moves an unexpired reservation's expiry to `expires_at_ms`; false if it is gone.
+    pub(crate) fn extend_reservation(
+        &self,
+        id: &str,
+        expires_at_ms: u64,
+    ) -> Result<bool, WalletError> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE reservations SET expires_at_ms = ?2 WHERE id = ?1 AND expires_at_ms > ?3",
+                params![id, expires_at_ms, now_ms()],
+            )
+            .map_err(storage)?;
+        Ok(n == 1)
+    }
+
     pub(crate) fn delete_reservation(&self, id: &str) -> Result<bool, WalletError> {
         let n = self
             .conn()

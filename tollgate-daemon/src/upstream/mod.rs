@@ -1,0 +1,598 @@
+//! The chandler as a customer: in reseller mode our own internet connection is a paid
+//! TollGate, and this component buys (and renews) access upstream with the merchant's wallet.
+//!
+//! ```text
+//!  netlink (link/addr/route) ─┐
+//!  periodic re-check ─────────┴─> default gateway on WAN ─GET :2121/─> kind 10021 (verified)
+//!      ─> policy: trust list, price budget, cheapest option at a mint we hold funds in
+//!      ─> GET /usage: a session with remaining > offset? ── yes ─> wait (resume, no payment)
+//!                                                       └─ no ──> purchase
+//!  purchase: reserve ─> create_payment_token ─> row 'pending' ─POST /─> kind 1022 signed by
+//!            the advertised key? ── yes ─> 'accepted', hold a reservation for the renewal
+//!                                └─ no ──> reclaim ─> 'reclaimed' (or 'taken'), back off
+//! ```
+//! Every purchase goes through a wallet reservation and, between purchases, a standing
+//! reservation holds the next renewal's amount, so a payout tick can never spend it.
+//! Refusals (untrusted, over budget, funds low, bad advertisement) are logged with the reason
+//! and kept in [`UpstreamStatus`]. Payments are persisted ([`db`]); a payment a crash left
+//! `pending` is settled at start by trying to reclaim it: the mint tells whether the upstream
+//! already swapped it.
+
+pub mod client;
+pub mod db;
+pub mod policy;
+pub mod route;
+pub mod settings;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::Metric;
+use crate::wallet::{Reservation, Wallet, WalletError};
+use client::SignedAd;
+use db::{Db, PaymentRow, SessionRow};
+pub use policy::{Choice, Refusal};
+pub use settings::{TrustDefault, UpstreamSettings};
+
+/// How long the standing renewal reservation lives between extensions.
+const HOLD_TTL: Duration = Duration::from_secs(600);
+
+/// The upstream buyer's errors.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("`{field}`: {problem} (fix: {fix})")]
+    Config {
+        field: String,
+        problem: String,
+        fix: String,
+    },
+    #[error("refusing gateway {addr}: {reason}")]
+    BadGateway { addr: IpAddr, reason: String },
+    #[error("http {addr}{path}: {reason}")]
+    Http {
+        addr: SocketAddr,
+        path: String,
+        reason: String,
+    },
+    #[error("bad advertisement: {reason}")]
+    BadAdvertisement { reason: String },
+    #[error("upstream store: {message}")]
+    Storage { message: String },
+    #[error("route lookup: {source}")]
+    Route {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("wallet: {source}")]
+    Wallet {
+        #[from]
+        source: WalletError,
+    },
+}
+
+/// Our own count of the traffic through the upstream compared with its `/usage`.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct MeterStatus {
+    pub ours: u64,
+    pub theirs: u64,
+    /// `|ours − theirs| / max(ours, theirs)`.
+    pub disagreement: f64,
+}
+
+/// What the upstream buyer is doing, for the admin API and logs.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct UpstreamStatus {
+    pub wan_interface: Option<String>,
+    pub gateway: Option<IpAddr>,
+    pub pubkey: Option<String>,
+    pub metric: Option<Metric>,
+    pub step_size: Option<u64>,
+    /// The option we buy (canonical mint URL) and its price.
+    pub mint: Option<String>,
+    pub price_per_step: Option<u64>,
+    /// The upstream session as its `/usage` last said.
+    pub allotment: Option<u64>,
+    pub used: Option<u64>,
+    /// Amounts in sat over this state directory's lifetime.
+    pub paid: u64,
+    pub reclaimed: u64,
+    pub purchases: u64,
+    /// The last reason we did not pay (`None` once a purchase succeeds).
+    pub last_refusal: Option<String>,
+    /// The last failure talking to the upstream or the wallet.
+    pub last_error: Option<String>,
+    pub consecutive_failures: u32,
+    /// Reserved for the next renewal.
+    pub held: u64,
+    pub warnings: Vec<String>,
+    /// `None` while WAN metering is not running.
+    pub meter: Option<MeterStatus>,
+}
+
+/// The discovered upstream.
+struct Current {
+    gateway: Ipv4Addr,
+    signed: SignedAd,
+    probed: Instant,
+}
+
+/// Loop state that lives only in the task.
+struct Run {
+    current: Option<Current>,
+    failures: u32,
+    next_attempt: Instant,
+    hold: Option<Reservation>,
+}
+
+/// The upstream buyer. Create with [`Upstream::new`], drive with [`Upstream::run`].
+pub struct Upstream {
+    settings: UpstreamSettings,
+    wan: Option<String>,
+    wallet: Wallet,
+    db: Db,
+    status: Mutex<UpstreamStatus>,
+}
+
+impl Upstream {
+    /// Opens `state_dir/upstream.sqlite`.
+    pub fn new(
+        settings: UpstreamSettings,
+        wan_interface: Option<String>,
+        wallet: Wallet,
+        state_dir: &Path,
+    ) -> Result<Arc<Upstream>, UpstreamError> {
+        let db = Db::open(&state_dir.join("upstream.sqlite"))?;
+        let status = UpstreamStatus {
+            wan_interface: wan_interface.clone(),
+            paid: db.total("accepted")?,
+            reclaimed: db.total("reclaimed")?,
+            ..Default::default()
+        };
+        Ok(Arc::new(Upstream {
+            settings,
+            wan: wan_interface,
+            wallet,
+            db,
+            status: Mutex::new(status),
+        }))
+    }
+
+    /// A snapshot of what the buyer is doing.
+    pub fn status(&self) -> UpstreamStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Every payment made upstream, oldest first.
+    pub fn payments(&self) -> Result<Vec<PaymentRow>, UpstreamError> {
+        self.db.payments(None)
+    }
+
+    fn with_status(&self, f: impl FnOnce(&mut UpstreamStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    fn refuse(&self, reason: String) {
+        let changed = self.status().last_refusal.as_deref() != Some(reason.as_str());
+        if changed {
+            tracing::warn!(%reason, "not paying the upstream");
+        }
+        self.with_status(|s| s.last_refusal = Some(reason));
+    }
+
+    fn error(&self, run: &mut Run, e: String) {
+        run.failures = run.failures.saturating_add(1);
+        let shift = run.failures.min(16) - 1;
+        let wait = (self.settings.poll_interval * (1u32 << shift)).min(self.settings.max_backoff);
+        run.next_attempt = Instant::now() + wait;
+        tracing::warn!(error = %e, failures = run.failures, retry_in = ?wait, "upstream purchase failed");
+        let failures = run.failures;
+        self.with_status(|s| {
+            s.last_error = Some(e);
+            s.consecutive_failures = failures;
+        });
+    }
+
+    /// Settles payments a previous run left `pending`: reclaim what the upstream never
+    /// swapped; what it did swap is recorded as taken.
+    pub async fn recover(&self) -> Result<(), UpstreamError> {
+        for p in self.db.payments(Some("pending"))? {
+            self.settle_unanswered(&p.op_id, "left pending by a previous run")
+                .await;
+        }
+        Ok(())
+    }
+
+    /// A token whose payment got no valid session: take it back if we still can.
+    async fn settle_unanswered(&self, op_id: &str, why: &str) {
+        match self.wallet.reclaim(op_id).await {
+            Ok(n) => {
+                tracing::info!(op_id, amount = n, reason = why, "upstream token reclaimed");
+                let _ = self.db.set_state(op_id, "reclaimed", why);
+                if let Ok(r) = self.db.total("reclaimed") {
+                    self.with_status(|s| s.reclaimed = r);
+                }
+            }
+            Err(WalletError::TokenSpent) => {
+                tracing::warn!(
+                    op_id,
+                    reason = why,
+                    "the upstream swapped the token without a valid session answer"
+                );
+                let _ =
+                    self.db
+                        .set_state(op_id, "taken", &format!("{why}; swapped by the upstream"));
+            }
+            Err(e) => {
+                // Stays pending: retried at the next start (and by the next purchase attempt).
+                tracing::error!(op_id, error = %e, "reclaiming the upstream token failed; will retry");
+                let _ = self
+                    .db
+                    .set_state(op_id, "pending", &format!("{why}; reclaim failed: {e}"));
+            }
+        }
+    }
+
+    /// Runs until `shutdown`. Never returns early: every failure is logged and retried.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        if let Err(e) = self.recover().await {
+            tracing::error!(error = %e, "settling interrupted upstream payments");
+        }
+        let watch = match route::RouteWatch::new() {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "no netlink route watch; re-checking periodically only");
+                None
+            }
+        };
+        let mut run = Run {
+            current: None,
+            failures: 0,
+            next_attempt: Instant::now(),
+            hold: None,
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.discover(&mut run) => {}
+            }
+            if run.current.is_some() {
+                // Not raced against shutdown: a purchase in flight is finished and recorded.
+                self.step(&mut run).await;
+            }
+            let warnings = self.wallet.warnings().await;
+            self.with_status(|s| s.warnings = warnings);
+            let wait = tokio::time::sleep(self.settings.poll_interval);
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = wait => {}
+                Ok(()) = async { match &watch { Some(w) => w.changed().await, None => std::future::pending().await } } => {
+                    tracing::debug!("network change: re-checking the upstream");
+                    if let Some(c) = &mut run.current {
+                        // Force a re-probe: the gateway (or its address) may have moved.
+                        c.probed = Instant::now() - self.settings.recheck_interval;
+                    }
+                }
+            }
+        }
+        if let Some(h) = run.hold.take() {
+            let _ = self.wallet.release(&h);
+        }
+    }
+
+    /// Finds the default gateway and (re)probes its advertisement when it changed or is stale.
+    async fn discover(&self, run: &mut Run) {
+        let gw = match route::default_gateway(self.wan.as_deref()) {
+            Ok(Some(g)) => g,
+            Ok(None) => {
+                run.current = None;
+                self.with_status(|s| s.gateway = None);
+                self.refuse(format!(
+                    "no IPv4 default gateway{}",
+                    self.wan
+                        .as_deref()
+                        .map(|w| format!(" on {w}"))
+                        .unwrap_or_default()
+                ));
+                return;
+            }
+            Err(e) => {
+                self.refuse(UpstreamError::Route { source: e }.to_string());
+                return;
+            }
+        };
+        let fresh = run.current.as_ref().is_some_and(|c| {
+            c.gateway == gw && c.probed.elapsed() < self.settings.recheck_interval
+        });
+        if fresh {
+            return;
+        }
+        self.with_status(|s| s.gateway = Some(IpAddr::V4(gw)));
+        match self.probe(IpAddr::V4(gw)).await {
+            Ok(signed) => {
+                let changed = run
+                    .current
+                    .as_ref()
+                    .is_none_or(|c| c.gateway != gw || c.signed != signed);
+                if changed {
+                    tracing::info!(gateway = %gw, pubkey = %signed.pubkey, metric = %signed.ad.metric,
+                        step_size = signed.ad.step_size, options = signed.ad.prices.len(),
+                        "upstream TollGate discovered");
+                }
+                self.with_status(|s| {
+                    s.pubkey = Some(signed.pubkey.clone());
+                    s.metric = Some(signed.ad.metric);
+                    s.step_size = Some(signed.ad.step_size);
+                });
+                run.current = Some(Current {
+                    gateway: gw,
+                    signed,
+                    probed: Instant::now(),
+                });
+            }
+            Err(e) => {
+                run.current = None;
+                self.with_status(|s| {
+                    s.pubkey = None;
+                });
+                self.refuse(e.to_string());
+            }
+        }
+    }
+
+    /// `GET http://<gw>:2121/` with timeout and retries; verifies the advertisement.
+    pub async fn probe(&self, gw: IpAddr) -> Result<SignedAd, UpstreamError> {
+        client::check_gateway_addr(gw)?;
+        let addr = SocketAddr::new(gw, client::PORT);
+        let mut last = None;
+        for attempt in 0..self.settings.probe_tries {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            match client::request(addr, "GET", "/", None, self.settings.probe_timeout).await {
+                Ok(a) if a.status == 200 => return client::parse_advertisement(&a.body),
+                Ok(a) => {
+                    last = Some(UpstreamError::Http {
+                        addr,
+                        path: "/".into(),
+                        reason: format!("status {}", a.status),
+                    })
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("at least one try"))
+    }
+
+    fn offset(&self, metric: Metric) -> u64 {
+        match metric {
+            Metric::Bytes => self.settings.bytes_renewal_offset,
+            Metric::Milliseconds => self.settings.ms_renewal_offset,
+        }
+    }
+
+    /// One poll of the upstream session; buys when there is none or it is nearly used up.
+    async fn step(&self, run: &mut Run) {
+        let Some(cur) = &run.current else { return };
+        let (gw, signed) = (cur.gateway, cur.signed.clone());
+        let addr = SocketAddr::from((gw, client::PORT));
+        let usage = match client::request(addr, "GET", "/usage", None, self.settings.probe_timeout)
+            .await
+            .and_then(|a| {
+                client::parse_usage(&a.body).map_err(|reason| UpstreamError::Http {
+                    addr,
+                    path: "/usage".into(),
+                    reason,
+                })
+            }) {
+            Ok(u) => u,
+            Err(e) => {
+                self.with_status(|s| s.last_error = Some(e.to_string()));
+                return;
+            }
+        };
+        let (used, allotment) = usage.unwrap_or((0, 0));
+        let remaining = allotment.saturating_sub(used);
+        self.with_status(|s| {
+            s.used = usage.map(|u| u.0);
+            s.allotment = usage.map(|u| u.1);
+        });
+        if usage.is_some() {
+            let _ = self.db.put_session(&SessionRow {
+                pubkey: signed.pubkey.clone(),
+                gateway: gw.to_string(),
+                metric: signed.ad.metric.to_string(),
+                used,
+                allotment,
+                updated_ms: Db::now_ms(),
+            });
+        }
+        if let Some(h) = &run.hold {
+            if !self.wallet.extend(h, HOLD_TTL).unwrap_or(false) {
+                run.hold = None;
+                self.with_status(|s| s.held = 0);
+            }
+        }
+        if usage.is_some() && remaining > self.offset(signed.ad.metric) {
+            return; // a live session (perhaps from before a restart): nothing to pay
+        }
+        if Instant::now() < run.next_attempt {
+            return;
+        }
+        // Retry the reclaim of anything a failed attempt left pending before spending more.
+        for p in self.db.payments(Some("pending")).unwrap_or_default() {
+            self.settle_unanswered(&p.op_id, "retrying reclaim").await;
+        }
+        let choice = match self.choose(&signed, remaining, run.hold.as_ref()).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.refuse(e);
+                run.next_attempt = Instant::now()
+                    + self
+                        .settings
+                        .recheck_interval
+                        .min(self.settings.max_backoff);
+                return;
+            }
+        };
+        self.wallet
+            .set_minimum_purchase(&choice.mint, choice.amount);
+        self.with_status(|s| {
+            s.mint = Some(choice.mint.clone());
+            s.price_per_step = Some(choice.price_per_step);
+        });
+        match self.purchase(gw, &signed, &choice, run).await {
+            Ok(allot) => {
+                run.failures = 0;
+                run.next_attempt = Instant::now();
+                tracing::info!(gateway = %gw, mint = %choice.mint, amount = choice.amount,
+                    steps = choice.steps, allotment = allot, "bought upstream access");
+                let paid = self.db.total("accepted").unwrap_or(0);
+                self.with_status(|s| {
+                    s.allotment = Some(allot);
+                    s.last_refusal = None;
+                    s.last_error = None;
+                    s.consecutive_failures = 0;
+                    s.purchases += 1;
+                    s.paid = paid;
+                });
+                // Hold the next renewal's amount so payouts cannot spend it meanwhile.
+                if run.hold.is_none() {
+                    if let Ok(r) = self
+                        .wallet
+                        .reserve(&choice.mint, choice.amount, HOLD_TTL)
+                        .await
+                    {
+                        self.with_status(|s| s.held = r.amount);
+                        run.hold = Some(r);
+                    }
+                }
+            }
+            Err(e) => self.error(run, e),
+        }
+    }
+
+    async fn choose(
+        &self,
+        signed: &SignedAd,
+        remaining: u64,
+        hold: Option<&Reservation>,
+    ) -> Result<Choice, String> {
+        let mut funds = BTreeMap::new();
+        for b in self
+            .wallet
+            .balances()
+            .await
+            .map_err(|e| format!("wallet: {e}"))?
+        {
+            // Our own standing hold is ours to spend on this purchase.
+            let own = hold.filter(|h| h.mint == b.mint).map_or(0, |h| h.amount);
+            funds.insert(b.mint, b.available + own);
+        }
+        policy::choose(signed, &self.settings, &funds, remaining).map_err(|r| r.to_string())
+    }
+
+    /// Reserve, make the token, record it, pay, verify; on any failure reclaim. Returns the
+    /// allotment the upstream's session answer states.
+    async fn purchase(
+        &self,
+        gw: Ipv4Addr,
+        signed: &SignedAd,
+        choice: &Choice,
+        run: &mut Run,
+    ) -> Result<u64, String> {
+        let reservation = match run.hold.take() {
+            Some(h) if h.mint == choice.mint && h.amount >= choice.amount => h,
+            other => {
+                if let Some(h) = other {
+                    let _ = self.wallet.release(&h);
+                }
+                self.with_status(|s| s.held = 0);
+                self.wallet
+                    .reserve(&choice.mint, choice.amount, self.wallet.reservation_ttl())
+                    .await
+                    .map_err(|e| {
+                        format!("reserving {} sat at {}: {e}", choice.amount, choice.mint)
+                    })?
+            }
+        };
+        let held = reservation.clone();
+        self.with_status(|s| s.held = 0);
+        let token = match self
+            .wallet
+            .create_payment_token(&choice.mint, choice.amount, Some(reservation))
+            .await
+        {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = self.wallet.release(&held);
+                return Err(format!("creating the token: {e}"));
+            }
+        };
+        let row = PaymentRow {
+            op_id: token.op_id.clone(),
+            pubkey: signed.pubkey.clone(),
+            gateway: gw.to_string(),
+            mint: choice.mint.clone(),
+            amount: choice.amount,
+            steps: choice.steps,
+            state: "pending".into(),
+            detail: String::new(),
+        };
+        if let Err(e) = self.db.put_pending(&row) {
+            // Without a record we must not let the token leave: take it back now.
+            self.settle_unanswered(&token.op_id, "could not record the payment")
+                .await;
+            return Err(e.to_string());
+        }
+        let addr = SocketAddr::from((gw, client::PORT));
+        let answer = client::request(
+            addr,
+            "POST",
+            "/",
+            Some(&token.token),
+            self.settings.probe_timeout,
+        )
+        .await;
+        let failure = match answer {
+            Ok(a) if a.status == 200 => {
+                match client::parse_session(&a.body, &signed.pubkey, signed.ad.metric) {
+                    Ok(session) => {
+                        let _ = self.db.set_state(&token.op_id, "accepted", "");
+                        return Ok(session.allotment);
+                    }
+                    Err(e) => format!("invalid session answer: {e}"),
+                }
+            }
+            Ok(a) => format!(
+                "upstream refused the payment (status {}): {}",
+                a.status,
+                notice_text(&a.body)
+            ),
+            Err(e) => e.to_string(),
+        };
+        self.settle_unanswered(&token.op_id, &failure).await;
+        Err(failure)
+    }
+}
+
+/// The message and code of a kind-21023 notice, for the log (raw text otherwise, truncated).
+fn notice_text(body: &str) -> String {
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(body.trim()) {
+        let code = v["tags"]
+            .as_array()
+            .and_then(|t| t.iter().find(|t| t[0] == "code"))
+            .and_then(|t| t[1].as_str())
+            .unwrap_or("");
+        return format!("{code}: {}", v["content"].as_str().unwrap_or(""));
+    }
+    body.chars().take(200).collect()
+}
