@@ -42,7 +42,7 @@ pub mod exit {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// Nothing listens on the socket (no file, or a stale one).
-    #[error("the daemon is not running (no answer on {}: {source}); start it with `tollgate run`", path.display())]
+    #[error("the daemon is not running (nothing answers on {}; start it with `tollgate run`)", path.display())]
     NotRunning {
         path: PathBuf,
         #[source]
@@ -51,7 +51,7 @@ pub enum ControlError {
     /// Another daemon already serves this socket.
     #[error("{} is in use by a running daemon", path.display())]
     InUse { path: PathBuf },
-    #[error("control socket {}: {source}", path.display())]
+    #[error("control socket {}", path.display())]
     Io {
         path: PathBuf,
         #[source]
