@@ -280,10 +280,7 @@ pub fn parse_response(raw: &[u8]) -> Result<Answer, ControlError> {
         match k.as_str() {
             "content-type" => content_type = Some(v.to_string()),
             "content-length" => {
-                length = Some(
-                    v.parse::<usize>()
-                        .map_err(|_| bad("bad Content-Length"))?,
-                )
+                length = Some(v.parse::<usize>().map_err(|_| bad("bad Content-Length"))?)
             }
             "transfer-encoding" => chunked = v.to_ascii_lowercase().contains("chunked"),
             _ => {}
@@ -384,7 +381,10 @@ mod tests {
             body: b"boom".to_vec(),
         })
         .expect_err("500");
-        assert_eq!((e.to_string().as_str(), e.exit_code()), ("boom", exit::ERROR));
+        assert_eq!(
+            (e.to_string().as_str(), e.exit_code()),
+            ("boom", exit::ERROR)
+        );
     }
 
     #[tokio::test]

@@ -23,9 +23,9 @@ use crate::{
     chandler::Chandler,
     config::{Config, DataplaneMode},
     http::{self, AppState},
-    ops::{self, GatewayInfo, OpsState},
     merchant::{Merchant, Redeemer},
     neighbour::KernelNeighbours,
+    ops::{self, GatewayInfo, OpsState},
     store::Store,
     valve::{DataPlaneMode, Gates, Prefix, Valve, ValveConfig},
     wallet::Wallet,
@@ -239,11 +239,7 @@ pub async fn run_with(
     let control_api = {
         let stop = cancel.clone().cancelled_owned();
         let app = ops::control_router(ops);
-        tokio::spawn(async move {
-            axum::serve(control, app)
-                .with_graceful_shutdown(stop)
-                .await
-        })
+        tokio::spawn(async move { axum::serve(control, app).with_graceful_shutdown(stop).await })
     };
 
     wait_for_signal().await;

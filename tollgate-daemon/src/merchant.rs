@@ -275,7 +275,9 @@ impl Merchant {
 
     fn count(&self, mint: &str, outcome: &str, sats: u64) {
         let mut m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let e = m.entry((mint.to_string(), outcome.to_string())).or_default();
+        let e = m
+            .entry((mint.to_string(), outcome.to_string()))
+            .or_default();
         e.0 += 1;
         e.1 += sats;
     }
@@ -816,8 +818,14 @@ pub(crate) mod tests {
         r.redeemer.add("cashuB1", MINT, 5, Ok(()));
         r.redeemer
             .add("cashuBother", "https://other.example", 5, Ok(()));
-        r.merchant.purchase(mac(), pay("cashuB1")).await.expect("ok");
-        r.merchant.purchase(mac(), pay("cashuB1")).await.expect("replay");
+        r.merchant
+            .purchase(mac(), pay("cashuB1"))
+            .await
+            .expect("ok");
+        r.merchant
+            .purchase(mac(), pay("cashuB1"))
+            .await
+            .expect("replay");
         let _ = r.merchant.purchase(mac(), pay("cashuBother")).await;
         let _ = r.merchant.purchase(mac(), pay("garbage")).await;
         let counts = r.merchant.payment_counts();

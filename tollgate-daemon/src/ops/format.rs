@@ -129,7 +129,11 @@ pub fn status(r: &StatusReport) -> String {
     );
     line(
         &mut o,
-        format!("selling    {} per step of {}", g.metric, amount(&g.metric, g.step_size)),
+        format!(
+            "selling    {} per step of {}",
+            g.metric,
+            amount(&g.metric, g.step_size)
+        ),
     );
     let d = &r.dataplane;
     line(
@@ -282,7 +286,10 @@ pub fn maps(m: &MapsReport) -> String {
         line(&mut o, format!("           gateway {a}"));
     }
     if c.portal_redirect {
-        line(&mut o, format!("           portal redirect mark {}", c.portal_mark));
+        line(
+            &mut o,
+            format!("           portal redirect mark {}", c.portal_mark),
+        );
     }
     line(
         &mut o,
@@ -429,9 +436,7 @@ pub fn payouts(rows: &[PayoutRow]) -> String {
 mod tests {
     use super::*;
     use crate::{
-        ops::{
-            ClientCounts, DataplaneInfo, GatewayInfo, MintStatus, Occupancy, VerdictRow,
-        },
+        ops::{ClientCounts, DataplaneInfo, GatewayInfo, MintStatus, Occupancy, VerdictRow},
         valve::{ClientUsage, ConfigView, GateState},
     };
 
@@ -445,7 +450,8 @@ mod tests {
         }
     }
 
-    const LONG: &str = "https://a-very-long-mint-hostname.example.com:3338/with/a/long/path/segment";
+    const LONG: &str =
+        "https://a-very-long-mint-hostname.example.com:3338/with/a/long/path/segment";
 
     #[test]
     fn compact_units() {
@@ -459,7 +465,11 @@ mod tests {
         assert_eq!(duration_ms(725_000), "12m05s");
         assert_eq!(duration_ms(3 * 3_600_000 + 7 * 60_000), "3h07m");
         assert_eq!(duration_ms(200 * 86_400_000), "200d");
-        assert!(duration_ms(u64::MAX).chars().count() <= 11, "{}", duration_ms(u64::MAX));
+        assert!(
+            duration_ms(u64::MAX).chars().count() <= 11,
+            "{}",
+            duration_ms(u64::MAX)
+        );
         assert_eq!(date(0), "1970-01-01 00:00");
         assert_eq!(date(1_700_000_000), "2023-11-14 22:13");
         assert_eq!(fit("abcdef", 4), "abc…");
@@ -503,7 +513,9 @@ mod tests {
                 closed: 4,
             },
             upstream: None,
-            warnings: vec![format!("mint {LONG} unreachable: a long error message {LONG}")],
+            warnings: vec![format!(
+                "mint {LONG} unreachable: a long error message {LONG}"
+            )],
         };
         let t = status(&r);
         assert_fits(&t);
@@ -608,6 +620,9 @@ mod tests {
         };
         let t = maps(&m);
         assert_fits(&t);
-        assert!(t.contains(&u64::MAX.to_string()), "exact verdict counts: {t}");
+        assert!(
+            t.contains(&u64::MAX.to_string()),
+            "exact verdict counts: {t}"
+        );
     }
 }

@@ -148,7 +148,11 @@ pub fn render(s: &Snapshot) -> String {
         "counter",
         "Bytes metered by the kernel for clients (L3), by direction.",
     );
-    p.sample("tollgate_client_bytes_total", &[("direction", "up")], s.bytes_up);
+    p.sample(
+        "tollgate_client_bytes_total",
+        &[("direction", "up")],
+        s.bytes_up,
+    );
     p.sample(
         "tollgate_client_bytes_total",
         &[("direction", "down")],
@@ -175,7 +179,11 @@ pub fn render(s: &Snapshot) -> String {
         "Data plane decisions, packets by verdict.",
     );
     for (v, packets, _) in &s.verdicts {
-        p.sample("tollgate_verdict_packets_total", &[("verdict", v)], *packets);
+        p.sample(
+            "tollgate_verdict_packets_total",
+            &[("verdict", v)],
+            *packets,
+        );
     }
     p.family(
         "tollgate_verdict_bytes_total",
@@ -251,7 +259,11 @@ pub fn render(s: &Snapshot) -> String {
         "Sats in profit payout attempts, by outcome.",
     );
     for (outcome, (_, sats)) in &s.payouts {
-        p.sample("tollgate_payouts_sats_total", &[("outcome", outcome)], *sats);
+        p.sample(
+            "tollgate_payouts_sats_total",
+            &[("outcome", outcome)],
+            *sats,
+        );
     }
     p.family(
         "tollgate_upstream_purchases_total",
@@ -273,7 +285,11 @@ pub fn render(s: &Snapshot) -> String {
         "gauge",
         "Entries in the per-client BPF maps.",
     );
-    p.sample("tollgate_map_entries", &[("map", "policy")], s.policy_entries);
+    p.sample(
+        "tollgate_map_entries",
+        &[("map", "policy")],
+        s.policy_entries,
+    );
     p.sample("tollgate_map_entries", &[("map", "usage")], s.usage_entries);
     p.family(
         "tollgate_map_capacity",
@@ -498,7 +514,10 @@ mod tests {
         );
         assert!(text.contains("tollgate_client_bytes_total{direction=\"down\"} 123456789012\n"));
         assert_eq!(
-            v("tollgate_verdict_bytes_total", &[("verdict", "drop_unpaid")]),
+            v(
+                "tollgate_verdict_bytes_total",
+                &[("verdict", "drop_unpaid")]
+            ),
             Some(180.0)
         );
         assert_eq!(
@@ -524,10 +543,16 @@ mod tests {
             Some(5.0)
         );
         assert_eq!(
-            v("tollgate_wallet_reserved_sats", &[("mint", "http://127.0.0.1:3338")]),
+            v(
+                "tollgate_wallet_reserved_sats",
+                &[("mint", "http://127.0.0.1:3338")]
+            ),
             Some(10.0)
         );
-        assert_eq!(v("tollgate_payouts_sats_total", &[("outcome", "paid")]), Some(900.0));
+        assert_eq!(
+            v("tollgate_payouts_sats_total", &[("outcome", "paid")]),
+            Some(900.0)
+        );
         assert_eq!(v("tollgate_upstream_purchases_total", &[]), Some(0.0));
         assert_eq!(v("tollgate_map_entries", &[("map", "usage")]), Some(4.0));
         // Every family has HELP and TYPE, every sample line is a declared family.
@@ -545,24 +570,27 @@ mod tests {
             value(&samples, "tollgate_upstream_purchases_total", &[]),
             Some(0.0)
         );
-        assert_eq!(text.lines().filter(|l| l.starts_with("# TYPE ")).count(), 14);
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("# TYPE ")).count(),
+            14
+        );
     }
 
     #[test]
     fn the_parser_rejects_what_prometheus_would() {
         for bad in [
-            "x 1",                                               // no TYPE
-            "# TYPE x_total counter\nx_total{a=\"1\" 1",         // unterminated
-            "# TYPE x_total counter\nx_total{a=1} 1",            // unquoted
-            "# TYPE x_total counter\nx_total{1a=\"1\"} 1",       // bad label name
-            "# TYPE x_total counter\nx_total{a=\"\\q\"} 1",      // bad escape
-            "# TYPE x_total counter\nx_total one",               // bad value
-            "# TYPE x counter\nx 1",                             // counter w/o _total
-            "# TYPE x gauge\n# TYPE x gauge\nx 1",               // declared twice
-            "# TYPE x gauge\nx{a=\"1\",a=\"2\"} 1",              // duplicate label
-            "# TYPE x gauge\nx 1 2 3",                           // trailing
-            "# TYPE x wibble\nx 1",                              // unknown type
-            "# TYPE 9x gauge\n9x 1",                             // bad name
+            "x 1",                                          // no TYPE
+            "# TYPE x_total counter\nx_total{a=\"1\" 1",    // unterminated
+            "# TYPE x_total counter\nx_total{a=1} 1",       // unquoted
+            "# TYPE x_total counter\nx_total{1a=\"1\"} 1",  // bad label name
+            "# TYPE x_total counter\nx_total{a=\"\\q\"} 1", // bad escape
+            "# TYPE x_total counter\nx_total one",          // bad value
+            "# TYPE x counter\nx 1",                        // counter w/o _total
+            "# TYPE x gauge\n# TYPE x gauge\nx 1",          // declared twice
+            "# TYPE x gauge\nx{a=\"1\",a=\"2\"} 1",         // duplicate label
+            "# TYPE x gauge\nx 1 2 3",                      // trailing
+            "# TYPE x wibble\nx 1",                         // unknown type
+            "# TYPE 9x gauge\n9x 1",                        // bad name
         ] {
             assert!(parse(bad).is_err(), "{bad:?} must be rejected");
         }

@@ -290,7 +290,11 @@ impl IntoResponse for OpsError {
         if status.is_server_error() {
             tracing::error!(error = %self, "operator request failed");
         }
-        (status, Json(serde_json::json!({ "error": self.to_string() }))).into_response()
+        (
+            status,
+            Json(serde_json::json!({ "error": self.to_string() })),
+        )
+            .into_response()
     }
 }
 
@@ -583,7 +587,9 @@ async fn gate(
                 return Err(OpsError::NotFound(format!("no active session for {mac}")));
             }
             chandler.close(mac, "admin-close")?;
-            let s = chandler.usage(mac)?.ok_or(ChandlerError::NoSession { mac })?;
+            let s = chandler
+                .usage(mac)?
+                .ok_or(ChandlerError::NoSession { mac })?;
             let gates = gates_by_mac(&st)?;
             let ip = arp(&st).get(&mac).copied();
             Ok(Json(client_row(&s, gates.get(&mac), ip)).into_response())
