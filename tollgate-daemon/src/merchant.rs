@@ -188,6 +188,9 @@ pub struct PaymentCount {
     pub sats: u64,
 }
 
+/// (mint, outcome) → (count, sats).
+type PaymentTally = BTreeMap<(String, String), (u64, u64)>;
+
 /// Pure pricing: steps bought for `net`, or `None` below the minimum (at least one step).
 pub fn steps_for(net: u64, offer: &MintOffer) -> (u64, bool) {
     let steps = net / offer.price_per_step.max(1);
@@ -203,7 +206,7 @@ pub struct Merchant {
     /// One async lock per token id being processed: concurrent POSTs of one token serialise.
     locks: Arc<Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>>,
     /// (mint, outcome) → (count, sats): in memory, since the daemon started.
-    counts: Arc<Mutex<BTreeMap<(String, String), (u64, u64)>>>,
+    counts: Arc<Mutex<PaymentTally>>,
 }
 
 impl Merchant {
