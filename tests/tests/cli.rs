@@ -122,7 +122,6 @@ fn the_operator_sees_and_steers_a_real_gateway() {
     let state = state_dir.to_str().unwrap().to_string();
     let sock = state_dir.join("control.sock");
     let sock = sock.to_str().unwrap().to_string();
-    let pin_base = pins.path().to_str().unwrap().to_string();
 
     // 1. No daemon yet.
     std::fs::create_dir_all(&state_dir).unwrap();
@@ -475,5 +474,4 @@ fn the_operator_sees_and_steers_a_real_gateway() {
         Some(&words),
     );
     assert_eq!(r[0]["balance"], 200, "restored from the mint: {r}");
-    let _ = pin_base;
 }
