@@ -338,7 +338,17 @@ impl Chandler {
         Ok(())
     }
 
+    /// Every session end goes through here, so every end is logged with its reason
+    /// (`quota`, `expiry`, `admin-close`, …).
     fn close_row(&self, mut row: SessionRow, reason: &str) -> Result<(), ChandlerError> {
+        tracing::info!(
+            mac = %row.mac,
+            reason,
+            used = row.used_snapshot,
+            allotment = row.allotment,
+            metric = row.metric.as_str(),
+            "session closed"
+        );
         row.active = false;
         row.close_reason = Some(reason.to_string());
         let log = LogEntry {
@@ -565,6 +575,19 @@ impl Chandler {
         }
         if let Err(e) = self.snapshot_all() {
             tracing::warn!(error = %e, "final usage snapshot");
+        }
+        // Shutdown ends no session: the kernel keeps enforcing what was paid for. Say so
+        // per session, so the log shows what happened to each one.
+        if let Ok(rows) = self.store.sessions() {
+            for r in rows.iter().filter(|r| r.active) {
+                tracing::info!(
+                    mac = %r.mac,
+                    reason = "shutdown",
+                    used = r.used_snapshot,
+                    allotment = r.allotment,
+                    "daemon stopping: session stays open, enforced by the kernel"
+                );
+            }
         }
     }
 }

@@ -5,7 +5,8 @@
 //!        ─> chandler.reconcile()   kernel ⇄ database: no free access, no lost allotment
 //!        ─> merchant.reconcile()   grants redeemed before a crash are applied
 //!        ─> tasks: chandler (exhaustion events), payouts, upstream buyer (reseller mode),
-//!                  HTTP (LAN), admin HTTP (loopback)
+//!           HTTP (LAN), admin HTTP (loopback, + /metrics),
+//!           control socket (<state_dir>/control.sock, 0600: the operator API)
 //!  SIGINT/SIGTERM ─> tasks stop in reverse order; the data plane stays pinned and enforcing
 //! ```
 
@@ -25,6 +26,7 @@ use crate::{
     http::{self, AppState},
     merchant::{Merchant, Redeemer},
     neighbour::KernelNeighbours,
+    ops::{self, GatewayInfo, OpsState},
     store::Store,
     upstream::Upstream,
     valve::{DataPlaneMode, Gates, Prefix, Valve, ValveConfig},
@@ -158,6 +160,17 @@ pub fn valve_config(cfg: &Config, pin_base: Option<&PathBuf>) -> Result<ValveCon
 
 /// Runs the daemon until SIGINT/SIGTERM.
 pub async fn run(cfg: Config, pin_base: Option<PathBuf>) -> Result<()> {
+    run_with(cfg, pin_base, None).await
+}
+
+/// [`run`] with the control socket at `control_socket` (default `<state_dir>/control.sock`).
+pub async fn run_with(
+    cfg: Config,
+    pin_base: Option<PathBuf>,
+    control_socket: Option<PathBuf>,
+) -> Result<()> {
+    let control_path =
+        control_socket.unwrap_or_else(|| crate::control::default_socket(&cfg.store.state_dir));
     std::fs::create_dir_all(&cfg.store.state_dir)
         .with_context(|| format!("state directory {}", cfg.store.state_dir.display()))?;
     let vcfg = valve_config(&cfg, pin_base.as_ref())?;
@@ -207,11 +220,28 @@ pub async fn run(cfg: Config, pin_base: Option<PathBuf>) -> Result<()> {
     } else {
         None
     };
+    let ops = OpsState {
+        app: state.clone(),
+        wallet: wallet.clone(),
+        valve: valve.clone(),
+        gateway: GatewayInfo {
+            lan_iface: vcfg.iface.clone(),
+            lan_ipv4: vcfg.gateway_v4,
+            listen: cfg.http.listen.to_string(),
+            admin_listen: cfg.http.admin_listen.to_string(),
+            control_socket: control_path.display().to_string(),
+            metric: cfg.merchant.metric.as_str().to_string(),
+            step_size: cfg.merchant.step_size,
+        },
+        probe_timeout: std::time::Duration::from_secs(3),
+        arp_path: PathBuf::from("/proc/net/arp"),
+    };
+    let control = crate::control::bind(&control_path)?;
     let lan = http::bind_lan(cfg.http.listen, cfg.http.lan_interface.as_deref())
         .with_context(|| format!("listening on {}", cfg.http.listen))?;
     let admin = http::bind_lan(cfg.http.admin_listen, None)
         .with_context(|| format!("admin listener on {}", cfg.http.admin_listen))?;
-    tracing::info!(listen = %cfg.http.listen, admin = %cfg.http.admin_listen, "tollgate is serving");
+    tracing::info!(listen = %cfg.http.listen, admin = %cfg.http.admin_listen, control = %control_path.display(), "tollgate is serving");
     let api = tokio::spawn(http::serve(
         lan,
         http::router(state.clone()),
@@ -219,15 +249,22 @@ pub async fn run(cfg: Config, pin_base: Option<PathBuf>) -> Result<()> {
     ));
     let admin_api = tokio::spawn(http::serve(
         admin,
-        http::admin_router(state),
+        ops::admin_tcp_router(ops.clone()),
         cancel.clone().cancelled_owned(),
     ));
+    let control_api = {
+        let stop = cancel.clone().cancelled_owned();
+        let app = ops::control_router(ops);
+        tokio::spawn(async move { axum::serve(control, app).with_graceful_shutdown(stop).await })
+    };
 
     wait_for_signal().await;
     tracing::info!("shutting down: the data plane stays attached and enforcing");
     cancel.cancel();
     let _ = stop_tx.send(true);
     // Reverse start order.
+    let _ = control_api.await;
+    let _ = std::fs::remove_file(&control_path);
     let _ = admin_api.await;
     let _ = api.await;
     if let Some(t) = upstream_task {

@@ -8,14 +8,18 @@
 //!                                       ^                                       │
 //!                                       └──────── exhaustion events ────────────┘
 //! ```
+//! The operator's side: `ops` serves status, clients, wallet and `/metrics` on the admin
+//! address and the `control` Unix socket; the `tollgate` commands are its clients.
 //! Each module owns one component and exposes a narrow API; only `valve` touches aya.
 
 pub mod chandler;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod http;
 pub mod merchant;
 pub mod neighbour;
+pub mod ops;
 pub mod protocol;
 pub mod store;
 pub mod upstream;

@@ -2,15 +2,33 @@
 
 use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use tollgate::control::{exit, ControlClient, ControlError};
+use tollgate::ops::{
+    self, format, BalanceRow, ClientRow, GateRequest, PayoutRow, ReceiveAnswer, ReceiveRequest,
+    SendAnswer, SendRequest, StatusReport,
+};
 use tollgate::valve::{self, Allowance, DataPlaneMode, Gates, MacAddr, Prefix, Valve, ValveConfig};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  error (the message says what went wrong)
+  2  bad command line
+  3  the daemon is not running (nothing answers on its control socket)
+  4  not found (e.g. no session for that MAC)
+
+Operator commands (status, clients, wallet balance|payouts|receive|send, gate) talk to the
+daemon over its control socket, <state dir>/control.sock (mode 0600). `maps`, `wallet backup`
+and `wallet restore` work without the daemon.";
 
 #[derive(Parser)]
 #[command(
     name = "tollgate",
     version,
-    about = "Sell network access for Cashu ecash"
+    about = "Sell network access for Cashu ecash",
+    after_help = EXIT_CODES
 )]
 struct Cli {
     /// Log as JSON lines.
@@ -37,6 +55,158 @@ enum Cmd {
     /// The kernel data plane alone: attach, inspect and drive gates without the daemon.
     #[command(subcommand)]
     Dataplane(DataplaneCmd),
+    /// Gateway, data plane, mints (probed), balances, upstream and warnings.
+    Status {
+        #[command(flatten)]
+        c: CtlOpts,
+    },
+    /// Every device with a session: IP, state, allotment, usage, what is left, expiry.
+    Clients {
+        #[command(flatten)]
+        c: CtlOpts,
+    },
+    /// The pinned BPF maps decoded: config, garden, gates, counters, verdicts. Reads the pins
+    /// directly: works while the daemon is stopped.
+    Maps {
+        #[arg(long, default_value = "/sys/fs/bpf/tollgate")]
+        pin_base: PathBuf,
+        /// JSON with exact numbers.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The merchant wallet.
+    #[command(subcommand)]
+    Wallet(WalletCmd),
+    /// Administrative gate changes, recorded as admin-open / admin-extend / admin-close.
+    #[command(subcommand)]
+    Gate(GateCmd),
+}
+
+/// How the operator commands reach the daemon.
+#[derive(Args, Clone)]
+struct CtlOpts {
+    /// The daemon's control socket [default: <state dir>/control.sock].
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+    /// State directory [default: store.state_dir of config.json, else /var/lib/tollgate].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    #[arg(long, default_value = "/etc/tollgate")]
+    config_dir: PathBuf,
+    /// JSON with exact numbers instead of the 80-column text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Where the state lives: the flag, else config.json's, else the default.
+fn state_dir_of(state_dir: &Option<PathBuf>, config_dir: &std::path::Path) -> PathBuf {
+    if let Some(s) = state_dir {
+        return s.clone();
+    }
+    tollgate::config::Config::load(config_dir)
+        .map(|c| c.store.state_dir)
+        .unwrap_or_else(|_| PathBuf::from("/var/lib/tollgate"))
+}
+
+impl CtlOpts {
+    fn client(&self) -> ControlClient {
+        let path = self.control_socket.clone().unwrap_or_else(|| {
+            tollgate::control::default_socket(&state_dir_of(&self.state_dir, &self.config_dir))
+        });
+        ControlClient::new(path, Duration::from_secs(90))
+    }
+}
+
+#[derive(Subcommand)]
+enum WalletCmd {
+    /// Balance, reserved and available per accepted mint.
+    Balance {
+        #[command(flatten)]
+        c: CtlOpts,
+    },
+    /// Every profit payout attempt.
+    Payouts {
+        #[command(flatten)]
+        c: CtlOpts,
+    },
+    /// Fund the wallet with a Cashu token (read from stdin when omitted or `-`).
+    Receive {
+        #[command(flatten)]
+        c: CtlOpts,
+        token: Option<String>,
+    },
+    /// Create a token worth AMOUNT (what the receiver nets after its swap fee) and print it.
+    /// The token is bearer money: whoever holds it can spend it.
+    Send {
+        #[command(flatten)]
+        c: CtlOpts,
+        #[arg(long)]
+        mint: String,
+        #[arg(long)]
+        amount: u64,
+    },
+    /// Print the wallet's BIP-39 words (read from the state directory; no daemon needed).
+    /// Refuses when stdout is not a terminal (a pipe or a log file would keep the seed)
+    /// unless --force.
+    Backup {
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long, default_value = "/etc/tollgate")]
+        config_dir: PathBuf,
+        /// Print even when stdout is not a terminal.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Recreate the wallet from its words in an EMPTY state directory and restore its funds
+    /// from every accepted mint (NUT-09/13). Words come from stdin unless --mnemonic.
+    /// Run it before the first `tollgate run` on that directory.
+    Restore {
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long, default_value = "/etc/tollgate")]
+        config_dir: PathBuf,
+        /// The words (visible to other users in the process list: prefer stdin).
+        #[arg(long)]
+        mnemonic: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Clone)]
+struct GateAmount {
+    /// Bytes to grant (gateways selling bytes).
+    #[arg(long, conflicts_with = "seconds")]
+    bytes: Option<u64>,
+    /// Seconds to grant (gateways selling time).
+    #[arg(long)]
+    seconds: Option<u64>,
+}
+
+#[derive(Subcommand)]
+enum GateCmd {
+    /// Open a session for a device that has none.
+    Open {
+        #[command(flatten)]
+        c: CtlOpts,
+        mac: MacAddr,
+        #[command(flatten)]
+        a: GateAmount,
+    },
+    /// Add to a device's active session without interrupting it.
+    Extend {
+        #[command(flatten)]
+        c: CtlOpts,
+        mac: MacAddr,
+        #[command(flatten)]
+        a: GateAmount,
+    },
+    /// End a device's session now.
+    Close {
+        #[command(flatten)]
+        c: CtlOpts,
+        mac: MacAddr,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -62,6 +232,9 @@ struct RunOpts {
     /// Pin base directory for the data plane (default /sys/fs/bpf/tollgate).
     #[arg(long)]
     pin_base: Option<PathBuf>,
+    /// Control socket for the operator commands [default: <state dir>/control.sock].
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
 }
 
 impl RunOpts {
@@ -201,10 +374,14 @@ fn main() -> ExitCode {
     }
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match rt.block_on(run(cli.cmd)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            let code = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<ControlError>())
+                .map_or(exit::ERROR, ControlError::exit_code);
+            ExitCode::from(code)
         }
     }
 }
@@ -239,8 +416,23 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::Dataplane(c) => dataplane(c).await,
         Cmd::Run { o } => {
             let cfg = tollgate::daemon::load_config(&o.config_dir, &o.overrides())?;
-            tollgate::daemon::run(cfg, o.pin_base.clone()).await
+            tollgate::daemon::run_with(cfg, o.pin_base.clone(), o.control_socket.clone()).await
         }
+        Cmd::Status { c } => {
+            let r: StatusReport = c.client().get_json("/ops/status").await?;
+            print_out(c.json, &r, format::status)
+        }
+        Cmd::Clients { c } => {
+            let r: Vec<ClientRow> = c.client().get_json("/ops/clients").await?;
+            print_out(c.json, &r, |r| format::clients(r))
+        }
+        Cmd::Maps { pin_base, json } => {
+            let valve = Valve::open_pinned(&pin_base)?;
+            let r = ops::maps_report(&valve)?;
+            print_out(json, &r, format::maps)
+        }
+        Cmd::Wallet(w) => wallet(w).await,
+        Cmd::Gate(g) => gate(g).await,
         Cmd::Config(ConfigCmd::Check { config_dir }) => {
             let cfg = tollgate::config::Config::load(&config_dir)?;
             println!(
@@ -252,6 +444,174 @@ async fn run(cmd: Cmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// JSON (pretty, exact numbers) or the human text.
+fn print_out<T: serde::Serialize>(json: bool, v: &T, human: impl Fn(&T) -> String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    } else {
+        print!("{}", human(v));
+    }
+    Ok(())
+}
+
+fn read_stdin(what: &str) -> Result<String> {
+    use std::io::Read;
+    let mut s = String::new();
+    std::io::stdin()
+        .take(1 << 20)
+        .read_to_string(&mut s)
+        .with_context(|| format!("reading {what} from stdin"))?;
+    let s = s.trim().to_string();
+    if s.is_empty() {
+        bail!("no {what} on stdin");
+    }
+    Ok(s)
+}
+
+async fn wallet(cmd: WalletCmd) -> Result<()> {
+    match cmd {
+        WalletCmd::Balance { c } => {
+            let r: Vec<BalanceRow> = c.client().get_json("/ops/wallet/balance").await?;
+            print_out(c.json, &r, |r| format::balances(r))
+        }
+        WalletCmd::Payouts { c } => {
+            let r: Vec<PayoutRow> = c.client().get_json("/ops/wallet/payouts").await?;
+            print_out(c.json, &r, |r| format::payouts(r))
+        }
+        WalletCmd::Receive { c, token } => {
+            let token = match token.as_deref() {
+                None | Some("-") => read_stdin("the token")?,
+                Some(t) => t.trim().to_string(),
+            };
+            let r: ReceiveAnswer = c
+                .client()
+                .post_json("/ops/wallet/receive", &ReceiveRequest { token })
+                .await?;
+            print_out(c.json, &r, |r| {
+                if r.replayed {
+                    format!("already received ({} {} from {})\n", r.net, r.unit, r.mint)
+                } else {
+                    format!(
+                        "received {} {} from {} (token {} − fee {})\n",
+                        r.net,
+                        r.unit,
+                        r.mint,
+                        r.gross,
+                        r.gross - r.net
+                    )
+                }
+            })
+        }
+        WalletCmd::Send { c, mint, amount } => {
+            if amount == 0 {
+                bail!("--amount must be at least 1");
+            }
+            let r: SendAnswer = c
+                .client()
+                .post_json("/ops/wallet/send", &SendRequest { mint, amount })
+                .await?;
+            if c.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                // The token alone on stdout (pipe it on); the details to stderr.
+                eprintln!(
+                    "token worth {} (receiver nets {} after a fee of {}) from {}; op id {}",
+                    r.value, r.amount, r.receiver_fee, r.mint, r.op_id
+                );
+                println!("{}", r.token);
+            }
+            Ok(())
+        }
+        WalletCmd::Backup {
+            state_dir,
+            config_dir,
+            force,
+        } => {
+            let dir = state_dir_of(&state_dir, &config_dir);
+            let path = dir.join("seed");
+            let words = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading the wallet seed {}", path.display()))?;
+            // SAFETY: isatty on the stdout fd has no preconditions.
+            let tty = unsafe { libc::isatty(libc::STDOUT_FILENO) } == 1;
+            if !tty && !force {
+                bail!(
+                    "refusing to print the wallet seed to a pipe or file (it would stay there); \
+                     run it on a terminal, or pass --force"
+                );
+            }
+            println!("{}", words.trim());
+            Ok(())
+        }
+        WalletCmd::Restore {
+            state_dir,
+            config_dir,
+            mnemonic,
+            json,
+        } => {
+            let cfg = tollgate::config::Config::load(&config_dir)?;
+            let dir = state_dir.unwrap_or_else(|| cfg.store.state_dir.clone());
+            if std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some()) {
+                bail!(
+                    "{} is not empty: restore only into an empty state directory (a running \
+                     or previous wallet there would be overwritten)",
+                    dir.display()
+                );
+            }
+            let words = match mnemonic {
+                Some(m) => m,
+                None => read_stdin("the mnemonic")?,
+            };
+            let restored =
+                tollgate::wallet::Wallet::restore(&dir, &words, cfg.wallet_settings()).await;
+            let w = match restored {
+                Ok(w) => w,
+                Err(e) => {
+                    // It was empty: leave it empty, so the restore can simply be retried.
+                    if let Ok(entries) = std::fs::read_dir(&dir) {
+                        for e in entries.flatten() {
+                            let _ = std::fs::remove_file(e.path());
+                        }
+                    }
+                    return Err(e).context("restoring the wallet");
+                }
+            };
+            let rows: Vec<BalanceRow> = w
+                .balances()
+                .await?
+                .into_iter()
+                .map(|b| BalanceRow {
+                    mint: b.mint,
+                    unit: b.unit,
+                    balance: b.balance,
+                    reserved: b.reserved,
+                    available: b.available,
+                })
+                .collect();
+            print_out(json, &rows, |r| format::balances(r))
+        }
+    }
+}
+
+async fn gate(cmd: GateCmd) -> Result<()> {
+    let (c, mac, action, a) = match cmd {
+        GateCmd::Open { c, mac, a } => (c, mac, "open", Some(a)),
+        GateCmd::Extend { c, mac, a } => (c, mac, "extend", Some(a)),
+        GateCmd::Close { c, mac } => (c, mac, "close", None),
+    };
+    let req = a.map_or(GateRequest::default(), |a| GateRequest {
+        bytes: a.bytes,
+        seconds: a.seconds,
+    });
+    if action != "close" && req.bytes.is_none() && req.seconds.is_none() {
+        bail!("give --bytes N or --seconds N");
+    }
+    let r: ClientRow = c
+        .client()
+        .post_json(&format!("/ops/gate/{mac}/{action}"), &req)
+        .await?;
+    print_out(c.json, &r, |r| format::clients(std::slice::from_ref(r)))
 }
 
 async fn dataplane(cmd: DataplaneCmd) -> Result<()> {

@@ -15,9 +15,11 @@
 //! A late mint answer is never discarded: the request may time out, the task goes on, and
 //! a retry with the same token returns the stored answer. `reconcile()` at start finishes
 //! grants left in `redeeming` / `redeemed` (run it after `Chandler::reconcile`).
+//! Every `purchase` is counted by (mint, outcome) for the operator's metrics
+//! ([`Merchant::payment_counts`]); a token that does not decode counts under mint `unknown`.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex, Weak},
 };
 
@@ -175,6 +177,20 @@ pub struct Purchase {
     pub replayed: bool,
 }
 
+/// Payments of one (mint, outcome): how many, and the sats credited (net, first acceptance
+/// only; replays credit nothing).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PaymentCount {
+    pub mint: String,
+    /// `accepted`, `replayed`, or the notice code of the refusal.
+    pub outcome: String,
+    pub count: u64,
+    pub sats: u64,
+}
+
+/// (mint, outcome) → (count, sats).
+type PaymentTally = BTreeMap<(String, String), (u64, u64)>;
+
 /// Pure pricing: steps bought for `net`, or `None` below the minimum (at least one step).
 pub fn steps_for(net: u64, offer: &MintOffer) -> (u64, bool) {
     let steps = net / offer.price_per_step.max(1);
@@ -189,6 +205,8 @@ pub struct Merchant {
     store: Arc<Store>,
     /// One async lock per token id being processed: concurrent POSTs of one token serialise.
     locks: Arc<Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>>,
+    /// (mint, outcome) → (count, sats): in memory, since the daemon started.
+    counts: Arc<Mutex<PaymentTally>>,
 }
 
 impl Merchant {
@@ -205,6 +223,7 @@ impl Merchant {
             chandler,
             store,
             locks: Arc::default(),
+            counts: Arc::default(),
         }
     }
 
@@ -242,8 +261,56 @@ impl Merchant {
         Ok(n.to_event(&self.cfg.keys, protocol::unix_now())?.as_json())
     }
 
+    /// Payments since start, by (mint, outcome).
+    pub fn payment_counts(&self) -> Vec<PaymentCount> {
+        self.counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|((mint, outcome), (count, sats))| PaymentCount {
+                mint: mint.clone(),
+                outcome: outcome.clone(),
+                count: *count,
+                sats: *sats,
+            })
+            .collect()
+    }
+
+    fn count(&self, mint: &str, outcome: &str, sats: u64) {
+        let mut m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let e = m
+            .entry((mint.to_string(), outcome.to_string()))
+            .or_default();
+        e.0 += 1;
+        e.1 += sats;
+    }
+
     /// Sells access to `mac` for the payment (see the module doc for the order of steps).
     pub async fn purchase(
+        &self,
+        mac: MacAddr,
+        payment: Payment,
+    ) -> Result<Purchase, MerchantError> {
+        let info = self.redeemer.inspect(&payment.token).ok();
+        let mint = info
+            .as_ref()
+            .and_then(|i| canonical_mint_url(&i.mint).ok())
+            .unwrap_or_else(|| "unknown".to_string());
+        let r = self.purchase_inner(mac, payment).await;
+        match &r {
+            Ok(p) if p.replayed => self.count(&mint, "replayed", 0),
+            Ok(_) => {
+                let net = info
+                    .and_then(|i| self.store.grant(&i.token_id).ok().flatten())
+                    .map_or(0, |g| g.net);
+                self.count(&mint, "accepted", net);
+            }
+            Err(e) => self.count(&mint, &e.code().to_string(), 0),
+        }
+        r
+    }
+
+    async fn purchase_inner(
         &self,
         mac: MacAddr,
         payment: Payment,
@@ -779,6 +846,44 @@ pub(crate) mod tests {
             assert_eq!(e.code(), code, "{t}");
         }
         assert_eq!(r.redeemer.calls(), 0);
+    }
+
+    #[tokio::test]
+    async fn payments_are_counted_by_mint_and_outcome() {
+        let r = rig(1, 0, Duration::from_secs(5));
+        r.redeemer.add("cashuB1", MINT, 5, Ok(()));
+        r.redeemer
+            .add("cashuBother", "https://other.example", 5, Ok(()));
+        r.merchant
+            .purchase(mac(), pay("cashuB1"))
+            .await
+            .expect("ok");
+        r.merchant
+            .purchase(mac(), pay("cashuB1"))
+            .await
+            .expect("replay");
+        let _ = r.merchant.purchase(mac(), pay("cashuBother")).await;
+        let _ = r.merchant.purchase(mac(), pay("garbage")).await;
+        let counts = r.merchant.payment_counts();
+        let find = |mint: &str, outcome: &str| {
+            counts
+                .iter()
+                .find(|c| c.mint == mint && c.outcome == outcome)
+                .map(|c| (c.count, c.sats))
+        };
+        let mint = canonical_mint_url(MINT).expect("url");
+        assert_eq!(find(&mint, "accepted"), Some((1, 5)), "{counts:?}");
+        assert_eq!(find(&mint, "replayed"), Some((1, 0)), "{counts:?}");
+        assert_eq!(
+            find("https://other.example", "payment-error-mint-not-accepted"),
+            Some((1, 0)),
+            "{counts:?}"
+        );
+        assert_eq!(
+            find("unknown", "payment-error-invalid-token"),
+            Some((1, 0)),
+            "{counts:?}"
+        );
     }
 
     #[tokio::test]

@@ -126,6 +126,23 @@ pub fn parse_proc_net_arp(text: &str, ip: IpAddr) -> Option<MacAddr> {
     })
 }
 
+/// Every complete entry of `/proc/net/arp`, MAC → IPv4 (the operator's client list).
+pub fn arp_table(text: &str) -> HashMap<MacAddr, IpAddr> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 4 {
+                return None;
+            }
+            let ip: IpAddr = f[0].parse().ok()?;
+            let flags = u32::from_str_radix(f[2].trim_start_matches("0x"), 16).ok()?;
+            let mac: MacAddr = f[3].parse().ok()?;
+            (flags & 0x2 != 0 && usable(mac)).then_some((mac, ip))
+        })
+        .collect()
+}
+
 /// `ip -j neigh show` output: `[{"dst":…,"lladdr":…,"state":["REACHABLE"]},…]`.
 pub fn parse_ip_neigh_json(text: &str, ip: IpAddr) -> Option<MacAddr> {
     let v: serde_json::Value = serde_json::from_str(text.trim()).ok()?;
@@ -184,6 +201,19 @@ garbage line
         );
         assert_eq!(parse_proc_net_arp(ARP, ip("10.0.0.9")), None);
         assert_eq!(parse_proc_net_arp("", ip("10.0.0.9")), None);
+    }
+
+    #[test]
+    fn arp_table_maps_complete_entries_only() {
+        let t = arp_table(ARP);
+        let mac = |s: &str| s.parse::<MacAddr>().expect("mac");
+        assert_eq!(
+            t.get(&mac("aa:bb:cc:dd:ee:08")),
+            Some(&"10.0.0.8".parse::<IpAddr>().expect("ip"))
+        );
+        assert!(t.values().all(|ip| ip.to_string() != "10.0.0.7"), "{t:?}");
+        assert!(arp_table("").is_empty());
+        assert!(arp_table("header\n\u{0}\u{1} 0x2 zz").is_empty());
     }
 
     #[test]

@@ -574,6 +574,59 @@ impl Valve {
         )
     }
 
+    /// CONFIG and GARDEN as the kernel has them.
+    pub fn config_view(&self) -> Result<ConfigView, ValveError> {
+        let m = self.maps();
+        let c = m.config.get(&0, 0).map_err(map_err(maps::CONFIG))?;
+        let mut garden: Vec<String> = m
+            .garden
+            .keys()
+            .filter_map(|k| k.ok())
+            .map(|k| {
+                let a = Ipv6Addr::from(k.data());
+                match a.to_ipv4_mapped() {
+                    Some(v4) if k.prefix_len() >= 96 => format!("{v4}/{}", k.prefix_len() - 96),
+                    _ => format!("{a}/{}", k.prefix_len()),
+                }
+            })
+            .collect();
+        garden.sort();
+        Ok(ConfigView {
+            configured: c.flags & config_flags::CONFIGURED != 0,
+            portal_redirect: c.flags & config_flags::PORTAL_REDIRECT != 0,
+            portal_mark: c.portal_mark,
+            gateway_v4: (c.gateway_v4 != [0; 4]).then(|| Ipv4Addr::from(c.gateway_v4)),
+            gateway_v6: c
+                .gateway_v6
+                .iter()
+                .filter(|a| **a != [0; 16])
+                .map(|a| Ipv6Addr::from(*a))
+                .collect(),
+            tcp_ports: c.tcp_ports.iter().copied().filter(|p| *p != 0).collect(),
+            garden,
+        })
+    }
+
+    /// The pinned program links (`link_tc_ingress`, `link_tc_egress`, `link_xdp_ingress`):
+    /// where the data plane is attached. They outlive the process that made them.
+    pub fn attach_points(&self) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(&self.pin_dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.starts_with("link_"))
+            .map(|n| n.trim_start_matches("link_").to_string())
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Capacity of the per-client maps.
+    pub fn capacity(&self) -> u32 {
+        MAX_CLIENTS
+    }
+
     /// Exhaustion events from the kernel. Can be taken once; the stream ends when the
     /// receiver is dropped.
     pub fn events(&self) -> Result<tokio::sync::mpsc::Receiver<Exhaustion>, ValveError> {

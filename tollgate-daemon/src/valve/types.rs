@@ -96,7 +96,7 @@ impl ClientUsage {
 }
 
 /// A client's gate as the kernel sees it right now.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GateState {
     pub mac: MacAddr,
     /// The gate is open (it may still be exhausted or expired: see `remaining_bytes` / deadline).
@@ -132,6 +132,22 @@ impl VerdictCounts {
     pub fn bytes(&self, v: Verdict) -> u64 {
         self.0.iter().find(|(x, ..)| *x == v).map_or(0, |e| e.2)
     }
+}
+
+/// The data plane's CONFIG and GARDEN maps, decoded (for operators).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigView {
+    /// The configuration has been written (before that every client is treated as unpaid).
+    pub configured: bool,
+    /// Unpaid TCP/80 is marked for the captive-portal redirect.
+    pub portal_redirect: bool,
+    pub portal_mark: u32,
+    pub gateway_v4: Option<Ipv4Addr>,
+    pub gateway_v6: Vec<std::net::Ipv6Addr>,
+    /// TCP ports on the gateway open to unpaid clients.
+    pub tcp_ports: Vec<u16>,
+    /// Walled-garden prefixes (`addr/len`).
+    pub garden: Vec<String>,
 }
 
 /// `CLOCK_BOOTTIME` in nanoseconds: the clock `bpf_ktime_get_boot_ns()` reads, so deadlines

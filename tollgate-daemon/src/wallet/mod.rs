@@ -285,6 +285,15 @@ pub struct MintBalance {
     pub available: u64,
 }
 
+/// Whether an accepted mint answered `GET /v1/info` (NUT-06) in time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MintProbe {
+    pub mint: String,
+    pub reachable: bool,
+    /// Why not, when unreachable.
+    pub error: Option<String>,
+}
+
 /// Funds set aside for one upcoming payment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
@@ -889,6 +898,37 @@ impl Wallet {
         let state = self.mint_state(mint)?;
         let balance = self.balance_of(state).await?;
         Ok(balance.saturating_sub(self.reserved_of(&state.url.to_string())?))
+    }
+
+    /// Asks every accepted mint for its info, all at once, each bounded by `timeout`.
+    /// Uses a bare HTTP client: nothing in the wallet's database changes.
+    pub async fn probe_mints(&self, timeout: Duration) -> Vec<MintProbe> {
+        use cdk::wallet::MintConnector;
+        let mut set = tokio::task::JoinSet::new();
+        for (key, state) in &self.inner.mints {
+            let (key, url) = (key.clone(), state.url.clone());
+            set.spawn(async move {
+                let client = cdk::wallet::HttpClient::new(url, None);
+                let error = match tokio::time::timeout(timeout, client.get_mint_info()).await {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) => Some(format!("no answer within {} ms", timeout.as_millis())),
+                };
+                MintProbe {
+                    mint: key,
+                    reachable: error.is_none(),
+                    error,
+                }
+            });
+        }
+        let mut out = Vec::new();
+        while let Some(r) = set.join_next().await {
+            if let Ok(p) = r {
+                out.push(p);
+            }
+        }
+        out.sort_by(|a, b| a.mint.cmp(&b.mint));
+        out
     }
 
     /// Set `amount` aside for a payment about to be made. Fails with `InsufficientFunds`

@@ -1,0 +1,408 @@
+//! The control socket: the daemon serves its operator API on a Unix socket, and the
+//! `tollgate status|clients|wallet|gate` commands talk to it with [`ControlClient`].
+//!
+//! ```text
+//!  tollgate run ── bind(<state_dir>/control.sock, mode 0600; a stale file is replaced,
+//!                  a live daemon's socket is not) ── axum (ops::control_router) ── remove at stop
+//!  tollgate status ── ControlClient::get_json("/ops/status") ── HTTP/1.1 over the socket
+//!        daemon not running ──> ControlError::NotRunning (exit code 3)
+//!        404 from the daemon ──> ControlError::Status { status: 404 } (exit code 4)
+//! ```
+//! Access control is the file mode: only the socket's owner (root) can connect. That is why
+//! money-moving requests (wallet send/receive) are served here and not on the TCP admin port.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{UnixListener, UnixStream},
+};
+
+/// The socket's file name inside the state directory.
+pub const SOCKET_NAME: &str = "control.sock";
+
+/// Largest answer the client reads (the client list of a full map is a few MiB).
+const MAX_RESPONSE: usize = 64 * 1024 * 1024;
+
+/// Exit codes of the operator commands (documented in `tollgate --help` and the README).
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const ERROR: u8 = 1;
+    /// Bad command line (clap's own code).
+    pub const USAGE: u8 = 2;
+    pub const DAEMON_UNREACHABLE: u8 = 3;
+    pub const NOT_FOUND: u8 = 4;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Nothing listens on the socket (no file, or a stale one).
+    #[error("the daemon is not running (nothing answers on {}; start it with `tollgate run`)", path.display())]
+    NotRunning {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// Another daemon already serves this socket.
+    #[error("{} is in use by a running daemon", path.display())]
+    InUse { path: PathBuf },
+    #[error("control socket {}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The daemon answered with an error status; `message` is its explanation.
+    #[error("{message}")]
+    Status { status: u16, message: String },
+    #[error("unexpected answer from the daemon: {message}")]
+    BadResponse { message: String },
+}
+
+impl ControlError {
+    /// The process exit code for this error (see [`exit`]).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ControlError::NotRunning { .. } => exit::DAEMON_UNREACHABLE,
+            ControlError::Status { status: 404, .. } => exit::NOT_FOUND,
+            _ => exit::ERROR,
+        }
+    }
+}
+
+/// `<state_dir>/control.sock`
+pub fn default_socket(state_dir: &Path) -> PathBuf {
+    state_dir.join(SOCKET_NAME)
+}
+
+/// Binds the control socket with mode 0600. A socket file nobody answers on (left by a crash)
+/// is replaced; one a live daemon answers on is an error.
+pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io_err = |source| ControlError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ControlError::InUse {
+                path: path.to_path_buf(),
+            });
+        }
+        std::fs::remove_file(path).map_err(io_err)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_err)?;
+    }
+    let l = UnixListener::bind(path).map_err(io_err)?;
+    // The state directory is root's; the mode keeps the socket root's even if it is not.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_err)?;
+    Ok(l)
+}
+
+/// A client of the daemon's control socket (one connection per request).
+#[derive(Clone, Debug)]
+pub struct ControlClient {
+    path: PathBuf,
+    timeout: Duration,
+}
+
+/// A decoded HTTP answer.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: Vec<u8>,
+}
+
+impl ControlClient {
+    /// Requests time out after `timeout` (wallet operations talk to mints: allow a minute).
+    pub fn new(path: impl Into<PathBuf>, timeout: Duration) -> Self {
+        ControlClient {
+            path: path.into(),
+            timeout,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// One request; non-2xx answers are returned, not turned into errors.
+    pub async fn request(
+        &self,
+        method: &str,
+        target: &str,
+        body: Option<(&str, &[u8])>,
+    ) -> Result<Answer, ControlError> {
+        let io_err = |source| ControlError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut s = match UnixStream::connect(&self.path).await {
+            Ok(s) => s,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                return Err(ControlError::NotRunning {
+                    path: self.path.clone(),
+                    source: e,
+                })
+            }
+            Err(e) => return Err(io_err(e)),
+        };
+        let mut req =
+            format!("{method} {target} HTTP/1.1\r\nHost: tollgate\r\nConnection: close\r\n")
+                .into_bytes();
+        match body {
+            Some((ct, b)) => {
+                req.extend_from_slice(
+                    format!("Content-Type: {ct}\r\nContent-Length: {}\r\n\r\n", b.len()).as_bytes(),
+                );
+                req.extend_from_slice(b);
+            }
+            None => req.extend_from_slice(b"\r\n"),
+        }
+        let exchange = async {
+            s.write_all(&req).await?;
+            let mut raw = Vec::new();
+            (&mut s)
+                .take(MAX_RESPONSE as u64 + 1)
+                .read_to_end(&mut raw)
+                .await?;
+            Ok::<_, io::Error>(raw)
+        };
+        let raw = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| {
+                io_err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer within {} s", self.timeout.as_secs()),
+                ))
+            })?
+            .map_err(io_err)?;
+        if raw.len() > MAX_RESPONSE {
+            return Err(ControlError::BadResponse {
+                message: format!("answer larger than {MAX_RESPONSE} bytes"),
+            });
+        }
+        parse_response(&raw)
+    }
+
+    /// GET `target` and decode the JSON answer; error statuses become [`ControlError::Status`].
+    pub async fn get_json<T: DeserializeOwned>(&self, target: &str) -> Result<T, ControlError> {
+        decode(self.request("GET", target, None).await?)
+    }
+
+    /// POST a JSON body and decode the JSON answer.
+    pub async fn post_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        target: &str,
+        body: &B,
+    ) -> Result<T, ControlError> {
+        let b = serde_json::to_vec(body).map_err(|e| ControlError::BadResponse {
+            message: e.to_string(),
+        })?;
+        decode(
+            self.request("POST", target, Some(("application/json", &b)))
+                .await?,
+        )
+    }
+}
+
+/// 2xx → the body as JSON; otherwise the daemon's `{"error": …}` (or the raw text).
+fn decode<T: DeserializeOwned>(a: Answer) -> Result<T, ControlError> {
+    if !(200..300).contains(&a.status) {
+        let message = serde_json::from_slice::<serde_json::Value>(&a.body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+            .unwrap_or_else(|| {
+                let t = String::from_utf8_lossy(&a.body).trim().to_string();
+                if t.is_empty() {
+                    format!("the daemon answered HTTP {}", a.status)
+                } else {
+                    t
+                }
+            });
+        return Err(ControlError::Status {
+            status: a.status,
+            message,
+        });
+    }
+    let body = if a.body.is_empty() {
+        b"null".as_slice()
+    } else {
+        &a.body
+    };
+    serde_json::from_slice(body).map_err(|e| ControlError::BadResponse {
+        message: format!("{e}"),
+    })
+}
+
+/// Parses an HTTP/1.1 response read to EOF (Content-Length, chunked, or close-delimited).
+pub fn parse_response(raw: &[u8]) -> Result<Answer, ControlError> {
+    let bad = |m: &str| ControlError::BadResponse {
+        message: m.to_string(),
+    };
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no header terminator"))?;
+    let head = std::str::from_utf8(&raw[..split]).map_err(|_| bad("header not UTF-8"))?;
+    let rest = &raw[split + 4..];
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let mut parts = status_line.splitn(3, ' ');
+    if !parts.next().unwrap_or_default().starts_with("HTTP/1.") {
+        return Err(bad("not an HTTP/1.x status line"));
+    }
+    let status: u16 = parts
+        .next()
+        .and_then(|c| c.parse().ok())
+        .filter(|c| (100..600).contains(c))
+        .ok_or_else(|| bad("bad status code"))?;
+    let mut content_type = None;
+    let mut length = None;
+    let mut chunked = false;
+    for l in lines {
+        let Some((k, v)) = l.split_once(':') else {
+            return Err(bad("malformed header line"));
+        };
+        let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+        match k.as_str() {
+            "content-type" => content_type = Some(v.to_string()),
+            "content-length" => {
+                length = Some(v.parse::<usize>().map_err(|_| bad("bad Content-Length"))?)
+            }
+            "transfer-encoding" => chunked = v.to_ascii_lowercase().contains("chunked"),
+            _ => {}
+        }
+    }
+    let body = if chunked {
+        dechunk(rest).ok_or_else(|| bad("bad chunked encoding"))?
+    } else if let Some(n) = length {
+        if rest.len() < n {
+            return Err(bad("body shorter than Content-Length"));
+        }
+        rest[..n].to_vec()
+    } else {
+        rest.to_vec()
+    };
+    Ok(Answer {
+        status,
+        content_type,
+        body,
+    })
+}
+
+fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = b.windows(2).position(|w| w == b"\r\n")?;
+        let size_txt = std::str::from_utf8(&b[..eol]).ok()?;
+        let size = usize::from_str_radix(size_txt.split(';').next()?.trim(), 16).ok()?;
+        b = &b[eol + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        if b.len() < size + 2 {
+            return None;
+        }
+        out.extend_from_slice(&b[..size]);
+        b = &b[size + 2..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_length_chunked_and_close_delimited_answers() {
+        let a = parse_response(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}xx",
+        )
+        .expect("length");
+        assert_eq!(a.status, 200);
+        assert_eq!(a.body, b"{}");
+        assert_eq!(a.content_type.as_deref(), Some("application/json"));
+        let a = parse_response(
+            b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=1\r\nde\r\n0\r\n\r\n",
+        )
+        .expect("chunked");
+        assert_eq!((a.status, a.body.as_slice()), (404, b"abcde".as_slice()));
+        let a = parse_response(b"HTTP/1.0 204 No Content\r\n\r\n").expect("empty");
+        assert_eq!((a.status, a.body.len()), (204, 0));
+    }
+
+    #[test]
+    fn rejects_malformed_answers() {
+        for raw in [
+            b"".as_slice(),
+            b"garbage",
+            b"SMTP 220 hi\r\n\r\n",
+            b"HTTP/1.1 abc OK\r\n\r\n",
+            b"HTTP/1.1 999 Huh\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nff\r\nab\r\n",
+        ] {
+            assert!(
+                matches!(parse_response(raw), Err(ControlError::BadResponse { .. })),
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+    }
+
+    #[test]
+    fn error_answers_carry_the_daemon_message_and_exit_codes() {
+        let e = decode::<serde_json::Value>(Answer {
+            status: 404,
+            content_type: None,
+            body: br#"{"error":"no session for aa:bb:cc:dd:ee:ff"}"#.to_vec(),
+        })
+        .expect_err("404");
+        assert_eq!(e.to_string(), "no session for aa:bb:cc:dd:ee:ff");
+        assert_eq!(e.exit_code(), exit::NOT_FOUND);
+        let e = decode::<serde_json::Value>(Answer {
+            status: 500,
+            content_type: None,
+            body: b"boom".to_vec(),
+        })
+        .expect_err("500");
+        assert_eq!(
+            (e.to_string().as_str(), e.exit_code()),
+            ("boom", exit::ERROR)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_or_stale_socket_means_not_running_and_bind_replaces_stale() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join(SOCKET_NAME);
+        let c = ControlClient::new(&path, Duration::from_secs(5));
+        let e = c.request("GET", "/", None).await.expect_err("no file");
+        assert_eq!(e.exit_code(), exit::DAEMON_UNREACHABLE, "{e}");
+        // A stale socket file: bound, then the listener dropped.
+        drop(std::os::unix::net::UnixListener::bind(&path).expect("bind"));
+        let e = c.request("GET", "/", None).await.expect_err("stale");
+        assert_eq!(e.exit_code(), exit::DAEMON_UNREACHABLE, "{e}");
+        let l = bind(&path).expect("stale socket replaced");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(matches!(bind(&path), Err(ControlError::InUse { .. })));
+        drop(l);
+    }
+}
