@@ -4,8 +4,10 @@
 //!  config ─> valve (attach, reuse pins) ─> wallet (recover sagas) ─> store
 //!        ─> chandler.reconcile()   kernel ⇄ database: no free access, no lost allotment
 //!        ─> merchant.reconcile()   grants redeemed before a crash are applied
-//!        ─> tasks: chandler (exhaustion events), payouts, HTTP (LAN), admin HTTP (loopback)
-//!  SIGINT/SIGTERM ─> tasks stop in reverse order; the data plane stays pinned and enforcing
+//!        ─> portal redirect (sysctl + nft table, when dataplane.portal_redirect is on)
+//!        ─> tasks: chandler (exhaustion events), payouts, HTTP (LAN; + portal port), admin HTTP
+//!  SIGINT/SIGTERM ─> tasks stop in reverse order, the nft table is removed; the data plane
+//!                    stays pinned and enforcing
 //! ```
 
 use std::{
@@ -24,6 +26,7 @@ use crate::{
     http::{self, AppState},
     merchant::{Merchant, Redeemer},
     neighbour::KernelNeighbours,
+    portal,
     store::Store,
     valve::{DataPlaneMode, Gates, Prefix, Valve, ValveConfig},
     wallet::Wallet,
@@ -142,6 +145,8 @@ pub fn valve_config(cfg: &Config, pin_base: Option<&PathBuf>) -> Result<ValveCon
         ports.push(cfg.http.portal_port);
     }
     v.tcp_ports = ports;
+    // XDP cannot mark packets: config validation leaves the mark unset in that mode.
+    v.portal_mark = cfg.dataplane.portal_mark;
     v.garden = cfg
         .dataplane
         .garden_allow
@@ -161,6 +166,19 @@ pub async fn run(cfg: Config, pin_base: Option<PathBuf>) -> Result<()> {
     let vcfg = valve_config(&cfg, pin_base.as_ref())?;
     let valve = Arc::new(Valve::attach(&vcfg).context("attaching the data plane")?);
     let events = valve.events()?;
+    let redirect = match cfg.dataplane.portal_mark {
+        Some(mark) => Some(
+            portal::Redirect::install(&vcfg.iface, mark, cfg.dataplane.portal_port)
+                .context("installing the captive-portal redirect")?,
+        ),
+        None => {
+            // A stale table from a run with the redirect on would send HTTP to a closed port.
+            if let Err(e) = portal::remove_stale(&vcfg.iface) {
+                tracing::debug!(error = %e, "no stale portal redirect removed");
+            }
+            None
+        }
+    };
     let wallet = Wallet::open(&cfg.store.state_dir, cfg.wallet_settings())
         .await
         .context("opening the wallet")?;
@@ -193,6 +211,16 @@ pub async fn run(cfg: Config, pin_base: Option<PathBuf>) -> Result<()> {
     let state = AppState::new(&cfg.http, merchant, chandler.clone(), neighbours);
     let lan = http::bind_lan(cfg.http.listen, cfg.http.lan_interface.as_deref())
         .with_context(|| format!("listening on {}", cfg.http.listen))?;
+    // The redirect targets the portal port; serve the same router there when it differs.
+    let portal_lan = if cfg.http.portal_port != cfg.http.listen.port() {
+        let addr = std::net::SocketAddr::new(cfg.http.listen.ip(), cfg.http.portal_port);
+        Some(
+            http::bind_lan(addr, cfg.http.lan_interface.as_deref())
+                .with_context(|| format!("portal listener on {addr}"))?,
+        )
+    } else {
+        None
+    };
     let admin = http::bind_lan(cfg.http.admin_listen, None)
         .with_context(|| format!("admin listener on {}", cfg.http.admin_listen))?;
     tracing::info!(listen = %cfg.http.listen, admin = %cfg.http.admin_listen, "tollgate is serving");
@@ -201,6 +229,13 @@ pub async fn run(cfg: Config, pin_base: Option<PathBuf>) -> Result<()> {
         http::router(state.clone()),
         cancel.clone().cancelled_owned(),
     ));
+    let portal_api = portal_lan.map(|l| {
+        tokio::spawn(http::serve(
+            l,
+            http::router(state.clone()),
+            cancel.clone().cancelled_owned(),
+        ))
+    });
     let admin_api = tokio::spawn(http::serve(
         admin,
         http::admin_router(state),
@@ -213,7 +248,17 @@ pub async fn run(cfg: Config, pin_base: Option<PathBuf>) -> Result<()> {
     let _ = stop_tx.send(true);
     // Reverse start order.
     let _ = admin_api.await;
+    if let Some(p) = portal_api {
+        let _ = p.await;
+    }
     let _ = api.await;
+    if let Some(r) = redirect {
+        match tokio::task::spawn_blocking(move || r.remove()).await {
+            Ok(Ok(())) => tracing::info!("captive-portal redirect removed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "removing the portal redirect"),
+            Err(e) => tracing::warn!(error = %e, "removing the portal redirect"),
+        }
+    }
     let _ = payouts.await;
     let _ = chandler_task.await;
     chandler.snapshot_all().ok();

@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod http;
 pub mod merchant;
 pub mod neighbour;
+pub mod portal;
 pub mod protocol;
 pub mod store;
 pub mod valve;
