@@ -172,13 +172,19 @@ impl Chromium {
 
     /// The browser's own output so far (for failure messages).
     pub fn log(&self) -> String {
-        let s = std::fs::read_to_string(self.profile.path().join("chromium.log")).unwrap_or_default();
+        let s =
+            std::fs::read_to_string(self.profile.path().join("chromium.log")).unwrap_or_default();
         let tail: Vec<&str> = s.lines().rev().take(30).collect();
         tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     }
 
     /// One DevTools command; its `result`, or the protocol's error.
-    pub fn call(&mut self, tab: Option<&Tab>, method: &str, params: Value) -> Result<Value, String> {
+    pub fn call(
+        &mut self,
+        tab: Option<&Tab>,
+        method: &str,
+        params: Value,
+    ) -> Result<Value, String> {
         let id = self.next_id;
         self.next_id += 1;
         let mut msg = json!({"id": id, "method": method, "params": params});
@@ -187,9 +193,12 @@ impl Chromium {
         }
         let mut bytes = msg.to_string().into_bytes();
         bytes.push(0);
-        self.to_browser
-            .write_all(&bytes)
-            .map_err(|e| format!("{method}: writing to the browser: {e}; log:\n{}", self.log()))?;
+        self.to_browser.write_all(&bytes).map_err(|e| {
+            format!(
+                "{method}: writing to the browser: {e}; log:\n{}",
+                self.log()
+            )
+        })?;
         let deadline = Instant::now() + CALL_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -202,10 +211,16 @@ impl Chromium {
                 }
                 Ok(_) => {} // events and other sessions' answers
                 Err(RecvTimeoutError::Timeout) => {
-                    return Err(format!("{method}: no answer in {CALL_TIMEOUT:?}; log:\n{}", self.log()))
+                    return Err(format!(
+                        "{method}: no answer in {CALL_TIMEOUT:?}; log:\n{}",
+                        self.log()
+                    ))
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    return Err(format!("{method}: the browser exited; log:\n{}", self.log()))
+                    return Err(format!(
+                        "{method}: the browser exited; log:\n{}",
+                        self.log()
+                    ))
                 }
             }
         }

@@ -100,8 +100,13 @@ fn unpaid_http_is_redirected_to_the_portal_and_paid_http_reaches_the_internet() 
     assert!(r.from_upstream(), "reaches upstream once paid: {r:?}");
     assert_eq!(r.status, 200);
     assert_eq!(r.body, "upstream page /some/page?x=1\n");
-    let r = get(&lab.client, web, "connectivitycheck.gstatic.com", "/generate_204")
-        .expect("probe after paying");
+    let r = get(
+        &lab.client,
+        web,
+        "connectivitycheck.gstatic.com",
+        "/generate_204",
+    )
+    .expect("probe after paying");
     assert!(r.from_upstream(), "{r:?}");
     assert_eq!(r.status, 204);
 
@@ -149,8 +154,9 @@ fn a_stale_table_is_replaced_and_the_switch_turns_the_redirect_off() {
             .unwrap();
     cfg["dataplane"] = serde_json::json!({"portal_redirect": false});
     std::fs::write(config_dir.join("config.json"), cfg.to_string()).unwrap();
-    lab.gateway
-        .sh(&format!("printf 'table inet {TABLE} {{\\n}}\\n' | nft -f -"));
+    lab.gateway.sh(&format!(
+        "printf 'table inet {TABLE} {{\\n}}\\n' | nft -f -"
+    ));
     let mut daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
     assert!(nft_table(&lab).is_none(), "redirect off: no table");
     assert!(

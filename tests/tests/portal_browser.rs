@@ -136,6 +136,9 @@ fn a_browser_is_sent_to_the_portal_pays_there_and_gets_online() {
     drop(chrome);
 
     let got = download(&lab.client, 50_000, Duration::from_secs(2));
-    assert!(got >= 50_000, "paid client downloads through the gate ({got})");
+    assert!(
+        got >= 50_000,
+        "paid client downloads through the gate ({got})"
+    );
     daemon.stop();
 }
