@@ -148,6 +148,29 @@ fn a_stale_table_is_replaced_and_the_switch_turns_the_redirect_off() {
     assert_eq!(r.status, 302);
     daemon.stop();
 
+    // A separate portal port: the daemon serves the portal there too and redirects to it.
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(config_dir.join("config.json")).unwrap())
+            .unwrap();
+    cfg["dataplane"] = serde_json::json!({"portal_port": 2180});
+    std::fs::write(config_dir.join("config.json"), cfg.to_string()).unwrap();
+    let mut daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
+    assert!(nft_table(&lab)
+        .expect("table")
+        .contains("redirect to :2180"));
+    let r = get(&lab.client, web, "example.com", "/generate_204").expect("redirected");
+    assert_eq!(r.status, 302);
+    assert_eq!(r.header("location"), Some("http://10.77.0.1:2180/portal"));
+    let page = get(
+        &lab.client,
+        SocketAddr::from((GW_LAN_IP, 2180)),
+        "10.77.0.1:2180",
+        "/portal",
+    )
+    .expect("portal on its own port, open to the unpaid client");
+    assert_eq!(page.status, 200);
+    daemon.stop();
+
     // Switched off: no table (the stale one removed), unpaid HTTP goes nowhere.
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(config_dir.join("config.json")).unwrap())
