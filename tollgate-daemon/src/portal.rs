@@ -89,7 +89,11 @@ pub fn removal(iface: &str) -> Result<String, PortalError> {
 }
 
 fn nft(script: &str) -> Result<(), PortalError> {
-    let mut child = Command::new("nft")
+    run_nft("nft", script)
+}
+
+fn run_nft(program: &str, script: &str) -> Result<(), PortalError> {
+    let mut child = Command::new(program)
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -103,9 +107,12 @@ fn nft(script: &str) -> Result<(), PortalError> {
             }
         })?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(PortalError::NftSpawn)?;
+        // An nft that exits early closes the pipe: its exit status says why.
+        if let Err(e) = stdin.write_all(script.as_bytes()) {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                return Err(PortalError::NftSpawn(e));
+            }
+        }
     }
     let out = child.wait_with_output().map_err(PortalError::NftSpawn)?;
     if !out.status.success() {
@@ -334,6 +341,16 @@ mod tests {
             assert!(removal(bad).is_err(), "{bad:?}");
         }
         assert!(matches!(ruleset("lan0", 0, 80), Err(PortalError::ZeroMark)));
+    }
+
+    #[test]
+    fn nft_missing_or_refusing_is_a_clear_error() {
+        let e = run_nft("/nonexistent/nft", "").unwrap_err();
+        assert!(matches!(e, PortalError::NftMissing), "{e}");
+        assert!(e.to_string().contains("install nftables"), "{e}");
+        // `false` stands in for an nft that rejects the script.
+        let e = run_nft("false", "table inet x {}").unwrap_err();
+        assert!(matches!(e, PortalError::Nft { .. }), "{e}");
     }
 
     #[test]
