@@ -16,6 +16,7 @@ use tollgate_tests::{
     mint::TestMint,
     netns::{Lab3, GW_LAN_IP, UPSTREAM_IP},
     pins::PinBase,
+    tollgate_bin,
     web::{get, serve_web},
 };
 
@@ -31,6 +32,24 @@ fn nft_table(lab: &Lab3) -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Packets the data plane let through as portal traffic so far.
+fn pass_portal_packets(pins: &PinBase) -> u64 {
+    let out = std::process::Command::new(tollgate_bin())
+        .args(["dataplane", "show", "--pin-base"])
+        .arg(pins.path())
+        .output()
+        .expect("tollgate dataplane show");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    v["verdicts"]["pass_portal"]["packets"]
+        .as_u64()
+        .expect("pass_portal count")
 }
 
 #[test]
@@ -146,7 +165,17 @@ fn a_stale_table_is_replaced_and_the_switch_turns_the_redirect_off() {
     let web = SocketAddr::from((UPSTREAM_IP, 80));
     let r = get(&lab.client, web, "example.com", "/").expect("redirected");
     assert_eq!(r.status, 302);
+    let portal_packets = pass_portal_packets(&pins);
+    assert!(portal_packets > 0);
     daemon.stop();
+    // Stopped: no redirect, and the kernel no longer lets unpaid TCP/80 through (it would be
+    // forwarded to the WAN with nothing to answer it on the gateway).
+    assert!(get(&lab.client, web, "example.com", "/").is_err());
+    assert_eq!(
+        pass_portal_packets(&pins),
+        portal_packets,
+        "no unpaid TCP/80 passes while the daemon is down"
+    );
 
     // A separate portal port: the daemon serves the portal there too and redirects to it.
     let mut cfg: serde_json::Value =

@@ -164,13 +164,24 @@ pub async fn run(cfg: Config, pin_base: Option<PathBuf>) -> Result<()> {
     std::fs::create_dir_all(&cfg.store.state_dir)
         .with_context(|| format!("state directory {}", cfg.store.state_dir.display()))?;
     let vcfg = valve_config(&cfg, pin_base.as_ref())?;
-    let valve = Arc::new(Valve::attach(&vcfg).context("attaching the data plane")?);
+    // The kernel marks (and lets through) unpaid TCP/80 only while the nft redirect exists:
+    // otherwise those packets would be forwarded to the WAN. So: attach without the mark,
+    // install the redirect, then set the mark; the reverse at shutdown.
+    let unmarked = ValveConfig {
+        portal_mark: None,
+        ..vcfg.clone()
+    };
+    let valve = Arc::new(Valve::attach(&unmarked).context("attaching the data plane")?);
     let events = valve.events()?;
     let redirect = match cfg.dataplane.portal_mark {
-        Some(mark) => Some(
-            portal::Redirect::install(&vcfg.iface, mark, cfg.dataplane.portal_port)
-                .context("installing the captive-portal redirect")?,
-        ),
+        Some(mark) => {
+            let r = portal::Redirect::install(&vcfg.iface, mark, cfg.dataplane.portal_port)
+                .context("installing the captive-portal redirect")?;
+            valve
+                .configure(&vcfg)
+                .context("enabling the portal mark in the data plane")?;
+            Some(r)
+        }
         None => {
             // A stale table from a run with the redirect on would send HTTP to a closed port.
             if let Err(e) = portal::remove_stale(&vcfg.iface) {
@@ -253,6 +264,9 @@ pub async fn run(cfg: Config, pin_base: Option<PathBuf>) -> Result<()> {
     }
     let _ = api.await;
     if let Some(r) = redirect {
+        if let Err(e) = valve.configure(&unmarked) {
+            tracing::warn!(error = %e, "clearing the portal mark in the data plane");
+        }
         match tokio::task::spawn_blocking(move || r.remove()).await {
             Ok(Ok(())) => tracing::info!("captive-portal redirect removed"),
             Ok(Err(e)) => tracing::warn!(error = %e, "removing the portal redirect"),
