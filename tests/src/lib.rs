@@ -2,12 +2,14 @@
 //! data-plane pins, a real Cashu mint and an LNURL-pay server on loopback.
 
 pub mod chain;
+pub mod chromium;
 pub mod frames;
 pub mod gateway;
 pub mod lnurl;
 pub mod mint;
 pub mod netns;
 pub mod pins;
+pub mod web;
 
 /// The `tollgate` binary under test: `$TOLLGATE_BIN`, else next to the test executable's
 /// `deps/` directory or next to it (where `cargo build -p tollgate-daemon`, run by `cargo xtask test`, puts it).

@@ -25,6 +25,9 @@ use crate::protocol::Metric;
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const IDENTITIES_FILE: &str = "identities.json";
+/// skb mark for the captive-portal redirect unless `dataplane.portal_mark` says otherwise
+/// ("tg"; pick another if your firewall already uses it).
+pub const DEFAULT_PORTAL_MARK: u32 = 0x7467;
 
 /// Errors of loading and validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -263,6 +266,12 @@ struct RawDataplane {
     garden_allow: Vec<String>,
     #[serde(default)]
     portal_port: Option<u16>,
+    /// Captive-portal redirect of unpaid plain HTTP (default: on in tc mode, off in xdp mode).
+    #[serde(default)]
+    portal_redirect: Option<bool>,
+    /// skb mark the data plane sets on unpaid TCP/80 (default [`DEFAULT_PORTAL_MARK`]).
+    #[serde(default)]
+    portal_mark: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -332,6 +341,9 @@ pub struct HttpConfig {
     pub lan_interface: Option<String>,
     pub post_rate_per_minute: u32,
     pub portal_port: u16,
+    /// Connections accepted with this skb mark came through the captive-portal redirect
+    /// (None: redirect off).
+    pub portal_mark: Option<u32>,
 }
 
 #[derive(Clone, Debug)]
@@ -354,6 +366,8 @@ pub struct DataplaneConfig {
     /// Walled garden: destinations reachable without paying, as (network, prefix length).
     pub garden_allow: Vec<(std::net::IpAddr, u8)>,
     pub portal_port: u16,
+    /// Mark unpaid TCP/80 with this and redirect it to `portal_port` (None: redirect off).
+    pub portal_mark: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -679,6 +693,29 @@ impl Config {
             })?);
         }
         let portal_port = dp.and_then(|d| d.portal_port).unwrap_or(listen.port());
+        let portal_mark = match (mode, dp.and_then(|d| d.portal_redirect)) {
+            (DataplaneMode::Xdp, Some(true)) => {
+                return Err(c.err(
+                    "dataplane.portal_redirect",
+                    "the captive-portal redirect needs packet marks, which XDP cannot set",
+                    "use dataplane.mode \"tc\" or set portal_redirect to false",
+                ))
+            }
+            (DataplaneMode::Xdp, None) | (_, Some(false)) => None,
+            (DataplaneMode::Tc, _) => {
+                let m = dp
+                    .and_then(|d| d.portal_mark)
+                    .unwrap_or(DEFAULT_PORTAL_MARK);
+                if m == 0 {
+                    return Err(c.err(
+                        "dataplane.portal_mark",
+                        "must be non-zero (0 means \"no mark\" to the kernel)",
+                        format!("omit it for the default ({DEFAULT_PORTAL_MARK:#x})"),
+                    ));
+                }
+                Some(m)
+            }
+        };
         let post_rate_per_minute = raw.post_rate_per_minute.unwrap_or(30);
         if post_rate_per_minute == 0 {
             return Err(c.err(
@@ -723,6 +760,7 @@ impl Config {
                 lan_interface: raw.lan_interface.clone(),
                 post_rate_per_minute,
                 portal_port,
+                portal_mark,
             },
             chandler: ChandlerConfig {
                 metric,
@@ -736,6 +774,7 @@ impl Config {
                 wan_interface: raw.wan_interface.clone(),
                 garden_allow,
                 portal_port,
+                portal_mark,
             },
             neighbour: NeighbourConfig {
                 device_leases_file: raw.device_leases_file.clone(),
@@ -940,6 +979,53 @@ mod tests {
     }
 
     #[test]
+    fn portal_redirect_switch_and_mark() {
+        let c = load(&patched(|_| {}), IDS).expect("config");
+        assert_eq!(
+            c.dataplane.portal_mark,
+            Some(DEFAULT_PORTAL_MARK),
+            "on by default"
+        );
+        assert_eq!(c.http.portal_mark, c.dataplane.portal_mark);
+        let c = load(
+            &patched(|v| v["dataplane"] = serde_json::json!({"portal_redirect": false})),
+            IDS,
+        )
+        .expect("config");
+        assert_eq!(c.dataplane.portal_mark, None);
+        assert_eq!(c.http.portal_mark, None);
+        let c = load(
+            &patched(|v| v["dataplane"] = serde_json::json!({"portal_mark": 0x100})),
+            IDS,
+        )
+        .expect("config");
+        assert_eq!(c.http.portal_mark, Some(0x100));
+        for (bad, field) in [
+            (
+                serde_json::json!({"portal_mark": 0}),
+                "dataplane.portal_mark",
+            ),
+            (
+                serde_json::json!({"mode": "xdp", "portal_redirect": true}),
+                "dataplane.portal_redirect",
+            ),
+        ] {
+            let e = load(&patched(|v| v["dataplane"] = bad.clone()), IDS).unwrap_err();
+            assert_eq!(e.field(), Some(field), "{e}");
+        }
+        for hostile in [
+            serde_json::json!({"portal_mark": -1}),
+            serde_json::json!({"portal_mark": 4294967296u64}),
+            serde_json::json!({"portal_redirect": "yes"}),
+        ] {
+            assert!(
+                load(&patched(|v| v["dataplane"] = hostile.clone()), IDS).is_err(),
+                "{hostile}"
+            );
+        }
+    }
+
+    #[test]
     fn additions_parse() {
         let text = patched(|v| {
             v["lan_interface"] = "br-lan".into();
@@ -953,6 +1039,7 @@ mod tests {
         assert_eq!(c.dataplane.mode, DataplaneMode::Xdp);
         assert_eq!(c.dataplane.garden_allow.len(), 2);
         assert_eq!(c.http.portal_port, 80);
+        assert_eq!(c.dataplane.portal_mark, None, "xdp: no redirect by default");
         assert_eq!(c.merchant.payment_timeout, Duration::from_millis(500));
         assert_eq!(c.chandler.usage_snapshot_interval, Duration::from_secs(2));
         assert_eq!(

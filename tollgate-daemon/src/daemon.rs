@@ -4,10 +4,12 @@
 //!  config ─> valve (attach, reuse pins) ─> wallet (recover sagas) ─> store
 //!        ─> chandler.reconcile()   kernel ⇄ database: no free access, no lost allotment
 //!        ─> merchant.reconcile()   grants redeemed before a crash are applied
+//!        ─> portal redirect (sysctl + nft table, when dataplane.portal_redirect is on)
 //!        ─> tasks: chandler (exhaustion events), payouts, upstream buyer (reseller mode),
-//!           HTTP (LAN), admin HTTP (loopback, + /metrics),
+//!           HTTP (LAN; + portal port), admin HTTP (loopback, + /metrics),
 //!           control socket (<state_dir>/control.sock, 0600: the operator API)
-//!  SIGINT/SIGTERM ─> tasks stop in reverse order; the data plane stays pinned and enforcing
+//!  SIGINT/SIGTERM ─> tasks stop in reverse order, the nft table is removed; the data plane
+//!                    stays pinned and enforcing
 //! ```
 
 use std::{
@@ -27,6 +29,7 @@ use crate::{
     merchant::{Merchant, Redeemer},
     neighbour::KernelNeighbours,
     ops::{self, GatewayInfo, OpsState},
+    portal,
     store::Store,
     upstream::Upstream,
     valve::{DataPlaneMode, Gates, Prefix, Valve, ValveConfig},
@@ -146,6 +149,8 @@ pub fn valve_config(cfg: &Config, pin_base: Option<&PathBuf>) -> Result<ValveCon
         ports.push(cfg.http.portal_port);
     }
     v.tcp_ports = ports;
+    // XDP cannot mark packets: config validation leaves the mark unset in that mode.
+    v.portal_mark = cfg.dataplane.portal_mark;
     v.garden = cfg
         .dataplane
         .garden_allow
@@ -174,8 +179,32 @@ pub async fn run_with(
     std::fs::create_dir_all(&cfg.store.state_dir)
         .with_context(|| format!("state directory {}", cfg.store.state_dir.display()))?;
     let vcfg = valve_config(&cfg, pin_base.as_ref())?;
-    let valve = Arc::new(Valve::attach(&vcfg).context("attaching the data plane")?);
+    // The kernel marks (and lets through) unpaid TCP/80 only while the nft redirect exists:
+    // otherwise those packets would be forwarded to the WAN. So: attach without the mark,
+    // install the redirect, then set the mark; the reverse at shutdown.
+    let unmarked = ValveConfig {
+        portal_mark: None,
+        ..vcfg.clone()
+    };
+    let valve = Arc::new(Valve::attach(&unmarked).context("attaching the data plane")?);
     let events = valve.events()?;
+    let redirect = match cfg.dataplane.portal_mark {
+        Some(mark) => {
+            let r = portal::Redirect::install(&vcfg.iface, mark, cfg.dataplane.portal_port)
+                .context("installing the captive-portal redirect")?;
+            valve
+                .configure(&vcfg)
+                .context("enabling the portal mark in the data plane")?;
+            Some(r)
+        }
+        None => {
+            // A stale table from a run with the redirect on would send HTTP to a closed port.
+            if let Err(e) = portal::remove_stale(&vcfg.iface) {
+                tracing::debug!(error = %e, "no stale portal redirect removed");
+            }
+            None
+        }
+    };
     let wallet = Wallet::open(&cfg.store.state_dir, cfg.wallet_settings())
         .await
         .context("opening the wallet")?;
@@ -239,6 +268,16 @@ pub async fn run_with(
     let control = crate::control::bind(&control_path)?;
     let lan = http::bind_lan(cfg.http.listen, cfg.http.lan_interface.as_deref())
         .with_context(|| format!("listening on {}", cfg.http.listen))?;
+    // The redirect targets the portal port; serve the same router there when it differs.
+    let portal_lan = if cfg.http.portal_port != cfg.http.listen.port() {
+        let addr = std::net::SocketAddr::new(cfg.http.listen.ip(), cfg.http.portal_port);
+        Some(
+            http::bind_lan(addr, cfg.http.lan_interface.as_deref())
+                .with_context(|| format!("portal listener on {addr}"))?,
+        )
+    } else {
+        None
+    };
     let admin = http::bind_lan(cfg.http.admin_listen, None)
         .with_context(|| format!("admin listener on {}", cfg.http.admin_listen))?;
     tracing::info!(listen = %cfg.http.listen, admin = %cfg.http.admin_listen, control = %control_path.display(), "tollgate is serving");
@@ -247,6 +286,13 @@ pub async fn run_with(
         http::router(state.clone()),
         cancel.clone().cancelled_owned(),
     ));
+    let portal_api = portal_lan.map(|l| {
+        tokio::spawn(http::serve(
+            l,
+            http::router(state.clone()),
+            cancel.clone().cancelled_owned(),
+        ))
+    });
     let admin_api = tokio::spawn(http::serve(
         admin,
         ops::admin_tcp_router(ops.clone()),
@@ -266,9 +312,22 @@ pub async fn run_with(
     let _ = control_api.await;
     let _ = std::fs::remove_file(&control_path);
     let _ = admin_api.await;
+    if let Some(p) = portal_api {
+        let _ = p.await;
+    }
     let _ = api.await;
     if let Some(t) = upstream_task {
         let _ = t.await;
+    }
+    if let Some(r) = redirect {
+        if let Err(e) = valve.configure(&unmarked) {
+            tracing::warn!(error = %e, "clearing the portal mark in the data plane");
+        }
+        match tokio::task::spawn_blocking(move || r.remove()).await {
+            Ok(Ok(())) => tracing::info!("captive-portal redirect removed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "removing the portal redirect"),
+            Err(e) => tracing::warn!(error = %e, "removing the portal redirect"),
+        }
     }
     let _ = payouts.await;
     let _ = chandler_task.await;

@@ -7,6 +7,10 @@
 //!                  any failure ─> ApiError ─> kind 21023 notice (400 / 429 / 500 / 503)
 //! GET  /whoami   text/plain  mac=aa:bb:…           GET /usage   used/allotment | -1/-1
 //! GET  /balance  JSON session summary             GET /captive RFC 8908 captive API
+//! GET  /portal   the portal page (+ /portal/app.js, /portal/style.css; strict CSP)
+//!
+//! any request on a connection that came through the captive-portal redirect (its socket
+//! carries `portal_mark`) ─> portal::answer: 302/303 to /portal, never the routes above
 //! ```
 //! The MAC always comes from the source address (X-Forwarded-For only from loopback), never
 //! from the body. CORS answers only local origins (no wildcard). [`router`] takes the state so
@@ -36,6 +40,7 @@ use crate::{
     config::HttpConfig,
     merchant::{Merchant, MerchantError, RedeemError},
     neighbour::{client_ip, Neighbours},
+    portal::{self, Answer},
     protocol::{self, Metric, Notice, NoticeCode, ProtocolError},
     valve::MacAddr,
 };
@@ -50,6 +55,8 @@ pub struct AppState {
     pub portal_port: u16,
     /// The upstream buyer, in reseller mode (`GET /upstream` on the admin API).
     pub upstream: Option<Arc<crate::upstream::Upstream>>,
+    /// Connections accepted with this mark came through the portal redirect.
+    pub portal_mark: Option<u32>,
 }
 
 impl AppState {
@@ -66,6 +73,7 @@ impl AppState {
             limiter: Arc::new(RateLimiter::new(cfg.post_rate_per_minute)),
             portal_port: cfg.portal_port,
             upstream: None,
+            portal_mark: cfg.portal_mark,
         }
     }
 
@@ -252,8 +260,14 @@ pub fn router(state: AppState) -> Router {
         .route("/usage", get(usage))
         .route("/balance", get(balance))
         .route("/captive", get(captive))
+        .route("/portal", get(portal_page))
+        .route("/portal/app.js", get(portal_js))
+        .route("/portal/style.css", get(portal_css))
+        // Layers wrap only routes: an explicit fallback lets the portal gate see every path.
+        .fallback(|| async { StatusCode::NOT_FOUND })
         .layer(DefaultBodyLimit::max(protocol::MAX_BODY_BYTES))
         .layer(middleware::from_fn(cors))
+        .layer(middleware::from_fn_with_state(state.clone(), portal_gate))
         .with_state(state)
 }
 
@@ -428,14 +442,6 @@ async fn balance(
     Ok(Json(v).into_response())
 }
 
-/// A Host header we are willing to reflect into the portal URL.
-fn sane_host(h: &str) -> bool {
-    !h.is_empty()
-        && h.len() < 256
-        && h.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c))
-}
-
 async fn captive(
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -449,7 +455,7 @@ async fn captive(
     let host = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
-        .filter(|h| sane_host(h))
+        .filter(|h| portal::sane_host(h))
         .map(|h| {
             h.rsplit_once(':')
                 .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()) && !h.ends_with(']'))
@@ -457,7 +463,7 @@ async fn captive(
                 .to_string()
         })
         .unwrap_or_else(|| "192.168.1.1".into());
-    let portal = format!("http://{host}:{}/", st.portal_port);
+    let portal = format!("http://{host}:{}/portal", st.portal_port);
     let mut v = serde_json::json!({
         "captive": s.is_none(),
         "user-portal-url": portal,
@@ -478,6 +484,153 @@ async fn captive(
         v.to_string(),
     )
         .into_response()
+}
+
+// ------------------------------------------------------------------ captive portal
+
+/// The connection a request arrived on: what `ConnectInfo<SocketAddr>` is for the handlers,
+/// plus the address it reached and its skb mark (the portal redirect's sign).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+    /// `SO_MARK` of the accepted socket: with `tcp_fwmark_accept` the mark of its SYN.
+    pub mark: u32,
+}
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
+    for Peer
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        let remote = *s.remote_addr();
+        let local = s.io().local_addr().unwrap_or(remote);
+        Peer {
+            remote,
+            local,
+            mark: socket_mark(s.io()).unwrap_or(0),
+        }
+    }
+}
+
+fn socket_mark(s: &tokio::net::TcpStream) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut mark: u32 = 0;
+    let mut len = std::mem::size_of::<u32>() as libc::socklen_t;
+    // SAFETY: valid fd owned by `s`; `mark` is a u32 buffer of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&raw mut mark).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(mark)
+}
+
+/// Outermost layer: gives handlers `ConnectInfo<SocketAddr>` and answers every request on a
+/// redirected connection itself (the routes are for clients that talk to us on purpose).
+async fn portal_gate(
+    State(st): State<AppState>,
+    mut req: Request<axum::body::Body>,
+    next: Next,
+) -> Response {
+    let ext = req.extensions();
+    let peer = ext.get::<ConnectInfo<Peer>>().map(|c| c.0).or_else(|| {
+        ext.get::<axum::extract::connect_info::MockConnectInfo<Peer>>()
+            .map(|m| m.0)
+    });
+    let Some(peer) = peer else {
+        return next.run(req).await;
+    };
+    req.extensions_mut().insert(ConnectInfo(peer.remote));
+    let redirected = st.portal_mark.is_some_and(|m| m == peer.mark);
+    if !redirected {
+        return next.run(req).await;
+    }
+    // Unpaid is the rule here (the kernel marks only unpaid clients); a client that paid
+    // since this keep-alive connection was redirected is sent back to the real server.
+    let paid = match mac_of(&st, peer.remote, &HeaderMap::new()).await {
+        Ok(mac) => session_of(&st, mac).ok().flatten().is_some(),
+        Err(_) => false,
+    };
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok());
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let answer = portal::answer(req.method().as_str(), host, target, paid);
+    tracing::debug!(peer = %peer.remote, %target, paid, ?answer, "redirected request");
+    portal_response(answer, &portal::portal_url(peer.local))
+}
+
+fn portal_response(answer: Answer, portal_url: &str) -> Response {
+    let no_store = (header::CACHE_CONTROL, "no-store");
+    match answer {
+        Answer::Portal { status } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FOUND);
+            // The URL is an IP literal and a port: nothing to escape.
+            let body = format!(
+                "<!doctype html><title>Sign in</title><a href=\"{portal_url}\">Sign in to the network</a>\n"
+            );
+            (
+                status,
+                [
+                    (header::LOCATION, portal_url),
+                    (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                    no_store,
+                ],
+                body,
+            )
+                .into_response()
+        }
+        Answer::ProbeSuccess(p) => {
+            let (status, ct, body) = p.success().unwrap_or((204, "text/plain", ""));
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::NO_CONTENT);
+            (status, [(header::CONTENT_TYPE, ct), no_store], body).into_response()
+        }
+        Answer::Retry { location } => (
+            StatusCode::TEMPORARY_REDIRECT,
+            [
+                (header::LOCATION, location.as_str()),
+                (header::CONNECTION, "close"),
+                no_store,
+            ],
+        )
+            .into_response(),
+    }
+}
+
+fn portal_asset(ct: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, ct),
+            (header::CONTENT_SECURITY_POLICY, portal::CSP),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn portal_page() -> Response {
+    portal_asset("text/html; charset=utf-8", portal::PAGE_HTML)
+}
+
+async fn portal_js() -> Response {
+    portal_asset("text/javascript; charset=utf-8", portal::PAGE_JS)
+}
+
+async fn portal_css() -> Response {
+    portal_asset("text/css; charset=utf-8", portal::PAGE_CSS)
 }
 
 /// Is this `Origin` a page served from the local network (the gateway's own portal)?
@@ -649,18 +802,16 @@ pub fn bind_lan(addr: SocketAddr, iface: Option<&str>) -> std::io::Result<tokio:
     tokio::net::TcpListener::from_std(l)
 }
 
-/// Serves `app` with the peer address available to handlers, until `shutdown` completes.
+/// Serves `app` with the peer ([`Peer`], and `ConnectInfo<SocketAddr>` through [`router`]'s
+/// gate) available to handlers, until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ pub mod http;
 pub mod merchant;
 pub mod neighbour;
 pub mod ops;
+pub mod portal;
 pub mod protocol;
 pub mod store;
 pub mod upstream;

@@ -48,6 +48,7 @@ fn setup(price: u64, min: u64, rate: u32) -> T {
         lan_interface: None,
         post_rate_per_minute: rate,
         portal_port: 2121,
+        portal_mark: Some(0x7467),
     };
     let state = AppState::new(
         &cfg,
@@ -457,7 +458,7 @@ async fn captive_api() {
     assert_eq!(h["cache-control"], "no-store");
     let v: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(v["captive"], true);
-    assert_eq!(v["user-portal-url"], "http://10.0.0.1:2121/");
+    assert_eq!(v["user-portal-url"], "http://10.0.0.1:2121/portal");
     let tok = token(1);
     t.rig.redeemer.add(&tok, MINT, 2, Ok(()));
     send(&t.app, "POST", "/", None, tok.into_bytes(), PEER).await;
@@ -530,6 +531,7 @@ async fn admin_grant_and_close() {
         lan_interface: None,
         post_rate_per_minute: 60,
         portal_port: 2121,
+        portal_mark: Some(0x7467),
     };
     let admin = admin_router(AppState::new(
         &cfg,
@@ -585,4 +587,178 @@ async fn bind_lan_pins_to_interface() {
         Err(e) => eprintln!("SKIP bind_lan_pins_to_interface: SO_BINDTODEVICE refused: {e}"),
     }
     assert!(bind_lan("127.0.0.1:0".parse().expect("addr"), Some("no-such-if0")).is_err());
+}
+
+// ------------------------------------------------------------------ captive portal
+
+/// A request on a connection with `mark` that reached `10.0.0.1:2121` from `peer`.
+async fn send_marked(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    host: &str,
+    peer: &str,
+    mark: u32,
+) -> (StatusCode, HeaderMap, String) {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("host", host)
+        .body(Body::empty())
+        .expect("request");
+    let p = Peer {
+        remote: peer.parse().expect("peer"),
+        local: "10.0.0.1:2121".parse().expect("local"),
+        mark,
+    };
+    let resp = app
+        .clone()
+        .layer(MockConnectInfo(p))
+        .oneshot(req)
+        .await
+        .expect("infallible");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (
+        status,
+        headers,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+}
+
+const PROBES: [&str; 9] = [
+    "/generate_204",
+    "/gen_204",
+    "/hotspot-detect.html",
+    "/library/test/success.html",
+    "/connecttest.txt",
+    "/ncsi.txt",
+    "/success.txt",
+    "/canonical.html",
+    "/redirect",
+];
+
+#[tokio::test]
+async fn redirected_connections_of_unpaid_clients_go_to_the_portal() {
+    let t = setup(1, 0, 60);
+    // Even the API's own paths: on a redirected connection the client meant another server.
+    for path in PROBES
+        .iter()
+        .chain(&["/", "/usage", "/portal", "/any/page?x=%3Cb%3E"])
+    {
+        let (s, h, body) = send_marked(&t.app, "GET", path, "example.com", PEER, 0x7467).await;
+        assert_eq!(s, StatusCode::FOUND, "{path}");
+        assert_eq!(h["location"], "http://10.0.0.1:2121/portal", "{path}");
+        assert_eq!(h["cache-control"], "no-store");
+        assert!(body.contains("http://10.0.0.1:2121/portal"), "{body}");
+    }
+    let (s, h, _) = send_marked(&t.app, "POST", "/form", "example.com", PEER, 0x7467).await;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    assert_eq!(h["location"], "http://10.0.0.1:2121/portal");
+    // A client whose MAC is unknown is unpaid too.
+    let (s, _, _) = send_marked(&t.app, "GET", "/generate_204", "x", UNKNOWN_PEER, 0x7467).await;
+    assert_eq!(s, StatusCode::FOUND);
+}
+
+#[tokio::test]
+async fn unmarked_or_foreign_marked_connections_reach_the_api() {
+    let t = setup(1, 0, 60);
+    for mark in [0, 0x7468, 0xffff_ffff] {
+        let (s, h, body) = send_marked(&t.app, "GET", "/", "10.0.0.1:2121", PEER, mark).await;
+        assert_eq!(s, StatusCode::OK, "mark {mark:#x}");
+        assert_eq!(h["content-type"], "application/json");
+        assert!(body.contains("10021"), "{body}");
+        let (s, _, body) = send_marked(&t.app, "GET", "/usage", "h", PEER, mark).await;
+        assert_eq!((s, body.as_str()), (StatusCode::OK, "-1/-1"));
+        let (s, _, _) = send_marked(&t.app, "GET", "/generate_204", "h", PEER, mark).await;
+        assert_eq!(
+            s,
+            StatusCode::NOT_FOUND,
+            "no probe answers off the redirect"
+        );
+    }
+}
+
+#[tokio::test]
+async fn paid_clients_on_a_stale_redirected_connection_get_success_or_a_retry() {
+    let t = setup(1, 0, 60);
+    let tok = token(7);
+    t.rig.redeemer.add(&tok, MINT, 2, Ok(()));
+    let (s, _, _) = send(&t.app, "POST", "/", None, tok.into_bytes(), PEER).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, body) = send_marked(&t.app, "GET", "/generate_204", "g.co", PEER, 0x7467).await;
+    assert_eq!((s, body.as_str()), (StatusCode::NO_CONTENT, ""));
+    let (s, _, body) = send_marked(
+        &t.app,
+        "GET",
+        "/hotspot-detect.html",
+        "captive.apple.com",
+        PEER,
+        0x7467,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(body.contains("Success"));
+    let (s, h, _) = send_marked(&t.app, "GET", "/a?b=1", "example.com", PEER, 0x7467).await;
+    assert_eq!(s, StatusCode::TEMPORARY_REDIRECT);
+    assert_eq!(h["location"], "http://example.com/a?b=1");
+    assert_eq!(h["connection"], "close");
+    let (s, h, _) = send_marked(&t.app, "GET", "/a", "evil/x", PEER, 0x7467).await;
+    assert_eq!(s, StatusCode::FOUND, "insane Host: the portal");
+    assert_eq!(h["location"], "http://10.0.0.1:2121/portal");
+}
+
+#[tokio::test]
+async fn redirect_off_means_no_mark_is_special() {
+    let rig = rig(1, 0, Duration::from_secs(5));
+    let cfg = HttpConfig {
+        listen: "0.0.0.0:2121".parse().expect("addr"),
+        admin_listen: "127.0.0.1:2122".parse().expect("addr"),
+        lan_interface: None,
+        post_rate_per_minute: 60,
+        portal_port: 2121,
+        portal_mark: None,
+    };
+    let app = router(AppState::new(
+        &cfg,
+        rig.merchant.clone(),
+        rig.chandler.clone(),
+        Arc::new(StaticNeighbours(HashMap::new())),
+    ));
+    let (s, _, _) = send_marked(&app, "GET", "/", "h", PEER, 0x7467).await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn portal_page_and_assets_with_csp() {
+    let t = setup(1, 0, 60);
+    for (path, ct, needle) in [
+        ("/portal", "text/html; charset=utf-8", "id=\"token\""),
+        (
+            "/portal/app.js",
+            "text/javascript; charset=utf-8",
+            "textContent",
+        ),
+        ("/portal/style.css", "text/css; charset=utf-8", "textarea"),
+    ] {
+        let (s, h, body) = send(&t.app, "GET", path, None, vec![], PEER).await;
+        assert_eq!(s, StatusCode::OK, "{path}");
+        assert_eq!(h["content-type"], ct);
+        let csp = h["content-security-policy"].to_str().expect("csp");
+        assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'"));
+        assert!(!csp.contains("unsafe"), "{csp}");
+        assert_eq!(h["x-content-type-options"], "nosniff");
+        assert!(body.contains(needle), "{path}");
+    }
+    let (_, _, html) = send(&t.app, "GET", "/portal", None, vec![], PEER).await;
+    // No external resources, no inline script or style (the CSP would block them).
+    assert!(!html.contains("http://") && !html.contains("https://") && !html.contains("//cdn"));
+    assert!(!html.contains("<script>") && !html.contains("style="));
+    let (_, _, js) = send(&t.app, "GET", "/portal/app.js", None, vec![], PEER).await;
+    assert!(!js.contains("innerHTML") && !js.contains("eval(") && !js.contains("document.write"));
+    // The API routes are untouched.
+    let (s, h, _) = send(&t.app, "GET", "/", None, vec![], PEER).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(h["content-type"], "application/json");
 }
