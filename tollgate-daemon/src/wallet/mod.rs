@@ -347,7 +347,8 @@ pub struct OutgoingRecord {
     pub mint: String,
     pub amount: u64,
     pub value: u64,
-    /// `creating` (not handed out yet), `issued`, `reclaimed`, `revoked` or `failed`.
+    /// `creating` (not handed out yet), `issued`, `claimed` (the payee redeemed it, seen at
+    /// a later open), `reclaimed`, `revoked` or `failed`.
     pub state: String,
 }
 
@@ -563,6 +564,9 @@ impl Wallet {
             if let Err(e) = w.finalize_pending_melts().await {
                 tracing::warn!(mint = %state.url, error = %e, "finalising pending melts failed");
             }
+            if let Err(e) = self.release_orphaned_proofs(state, &w).await {
+                tracing::warn!(mint = %state.url, error = %e, "releasing orphaned proofs failed");
+            }
         }
         for (token_id, token) in self.inner.store.pending_receipts()? {
             if let Err(e) = self.resolve_pending_receipt(&token_id, &token).await {
@@ -575,6 +579,86 @@ impl Wallet {
         Ok(())
     }
 
+    /// cdk reserves proofs *before* it writes the saga that would release them (send, swap
+    /// and melt `prepare`): a crash in between leaves our own proofs `Reserved` with no
+    /// saga, which no recovery ever looks at — the balance silently drops by them. After
+    /// saga recovery, any of our proofs (deterministic, so derived from our seed) still
+    /// reserved or pending without an open saga is settled by the mint's word (NUT-07):
+    /// unspent → spendable again, spent → spent. Foreign proofs (a customer's, mid-receive)
+    /// are left to the receipt logic.
+    async fn release_orphaned_proofs(
+        &self,
+        state: &MintState,
+        w: &cdk::Wallet,
+    ) -> Result<(), WalletError> {
+        let db = &self.inner.db;
+        let storage = |e: cdk::cdk_database::Error| WalletError::Storage {
+            message: e.to_string(),
+        };
+        let unit = unit_of(&state.settings.unit)?;
+        let held = db
+            .get_proofs(
+                Some(state.url.clone()),
+                Some(unit),
+                Some(vec![State::Reserved, State::Pending, State::PendingSpent]),
+                None,
+            )
+            .await
+            .map_err(storage)?;
+        if held.is_empty() {
+            return Ok(());
+        }
+        let open: Vec<uuid::Uuid> = db
+            .get_incomplete_sagas()
+            .await
+            .map_err(storage)?
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        let orphans: Vec<PublicKey> = held
+            .iter()
+            .filter(|p| p.derivation_index.is_some())
+            .filter(|p| p.used_by_operation.is_none_or(|op| !open.contains(&op)))
+            .map(|p| p.y)
+            .collect();
+        if orphans.is_empty() {
+            return Ok(());
+        }
+        let states = w
+            .mint_connector()
+            .post_check_state(CheckStateRequest {
+                ys: orphans.clone(),
+            })
+            .await
+            .map_err(|e| WalletError::from_cdk(&state.settings.url, e))?;
+        let pick = |want: State| -> Vec<PublicKey> {
+            states
+                .states
+                .iter()
+                .filter(|s| s.state == want && orphans.contains(&s.y))
+                .map(|s| s.y)
+                .collect()
+        };
+        let (unspent, spent) = (pick(State::Unspent), pick(State::Spent));
+        tracing::warn!(
+            mint = %state.url,
+            released = unspent.len(),
+            spent = spent.len(),
+            "settled proofs a crash left reserved without a saga"
+        );
+        if !unspent.is_empty() {
+            db.update_proofs_state(unspent, State::Unspent)
+                .await
+                .map_err(storage)?;
+        }
+        if !spent.is_empty() {
+            db.update_proofs_state(spent, State::Spent)
+                .await
+                .map_err(storage)?;
+        }
+        Ok(())
+    }
+
     fn hook(&self, point: &'static str) {
         self.inner.settings.test_hook.at(point);
     }
@@ -583,6 +667,17 @@ impl Wallet {
     /// nobody else can hold them, so take them back. A row whose cdk saga is gone was
     /// compensated by cdk itself (the crash came before the token existed).
     async fn recover_unissued_tokens(&self) -> Result<(), WalletError> {
+        // Issued tokens whose cdk saga is gone were settled (redeemed by the payee; cdk's
+        // recovery saw the proofs spent): say so, so the ledger does not offer them for
+        // reclaiming.
+        for (op_id, _) in self.inner.store.outgoing_in_state("issued")? {
+            let Ok(uuid) = uuid::Uuid::parse_str(&op_id) else {
+                continue;
+            };
+            if let Ok(None) = self.inner.db.get_saga(&uuid).await {
+                self.inner.store.set_outgoing_state(&op_id, "claimed")?;
+            }
+        }
         for (op_id, mint) in self.inner.store.outgoing_in_state("creating")? {
             let Ok(state) = self.mint_state(&mint) else {
                 continue;
