@@ -799,3 +799,51 @@ async fn token_spent_mid_receive_leaves_no_stuck_saga() {
         .expect("send");
     assert_eq!(w.reclaim(&out.op_id).await.expect("reclaim"), out.value);
 }
+
+/// The state a kill leaves when it lands inside cdk between `reserve_proofs` and writing the
+/// saga (send/swap/melt `prepare`; the random kills above hit it now and then): our proofs
+/// `Reserved` by an operation that has no saga. Open must give them back, by the mint's word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proofs_reserved_without_saga_are_released_at_open() {
+    let mint = TestMint::start(0).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let w = Wallet::open(dir.path(), settings(&mint, None))
+            .await
+            .expect("open");
+        w.receive(&mint.mint_token(300).await)
+            .await
+            .expect("fund");
+    }
+    {
+        let db = cdk_sqlite::WalletSqliteDatabase::new(dir.path().join("wallet.sqlite"))
+            .await
+            .expect("db");
+        let proofs = db
+            .get_proofs(None, None, Some(vec![State::Unspent]), None)
+            .await
+            .expect("proofs");
+        let ys: Vec<_> = proofs.iter().take(2).map(|p| p.y).collect();
+        db.reserve_proofs(ys, &uuid::Uuid::new_v4())
+            .await
+            .expect("reserve like an interrupted prepare");
+    }
+    let w = Wallet::open(dir.path(), settings(&mint, None))
+        .await
+        .expect("reopen");
+    assert_eq!(w.available_balance(&mint.url()).await.expect("b"), 300);
+    let out = w
+        .create_payment_token(&mint.url(), 299, None)
+        .await
+        .expect("all of it spendable");
+    let got: u64 = mint
+        .new_wallet()
+        .await
+        .receive(&out.token, Default::default())
+        .await
+        .expect("upstream redeems")
+        .into();
+    assert_eq!(got, 299);
+    drop(w);
+    assert_clean(dir.path(), &mint, 1, "after release").await;
+}
