@@ -845,5 +845,11 @@ async fn proofs_reserved_without_saga_are_released_at_open() {
         .into();
     assert_eq!(got, 299);
     drop(w);
+    // Reopen so cdk settles the redeemed token's saga, then audit.
+    drop(
+        Wallet::open(dir.path(), settings(&mint, None))
+            .await
+            .expect("reopen"),
+    );
     assert_clean(dir.path(), &mint, 1, "after release").await;
 }
