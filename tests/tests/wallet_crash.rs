@@ -299,7 +299,11 @@ fn iters() -> usize {
 
 /// Kills for one operation: each named point, each gate, then random delays over about the
 /// time a clean run took (so most land inside the mint round trip).
-fn kills(points: &[&'static str], gates: &[(&'static str, GateMode)], clean: Duration) -> Vec<Kill> {
+fn kills(
+    points: &[&'static str],
+    gates: &[(&'static str, GateMode)],
+    clean: Duration,
+) -> Vec<Kill> {
     let mut rng = Rng::new();
     let mut v: Vec<Kill> = points.iter().map(|p| Kill::At(p)).collect();
     v.extend(gates.iter().map(|(p, m)| Kill::Gate(p, *m)));
@@ -346,7 +350,10 @@ async fn receive_survives_kill_anywhere() {
         let token = mint.mint_token(gross).await;
         let run = run_harness(dir.path(), &mint, None, &["receive"], Some(&token), kill).await;
         killed += run.killed as u32;
-        let ctx = format!("iteration {i} {kill:?} killed={} {:?}", run.killed, run.lines);
+        let ctx = format!(
+            "iteration {i} {kill:?} killed={} {:?}",
+            run.killed, run.lines
+        );
         let w = Wallet::open(dir.path(), settings(&mint, None))
             .await
             .unwrap_or_else(|e| panic!("{ctx}: reopen: {e}"));
@@ -362,7 +369,10 @@ async fn receive_survives_kill_anywhere() {
         credited_by_crashed_run += (run.killed && r.replayed) as u32;
         assert!(r.gross - r.net <= 2, "{ctx}: fee {r:?}");
         credited += r.net;
-        assert!(token_spent(&mint, &token).await, "{ctx}: token not redeemed");
+        assert!(
+            token_spent(&mint, &token).await,
+            "{ctx}: token not redeemed"
+        );
         let balance = w.available_balance(&mint.url()).await.expect("balance");
         assert_eq!(balance, credited, "{ctx}");
         drop(w);
@@ -391,9 +401,7 @@ async fn token_creation_survives_kill_anywhere() {
         let w = Wallet::open(dir.path(), settings(&mint, None))
             .await
             .expect("open");
-        w.receive(&mint.mint_token(6000).await)
-            .await
-            .expect("fund");
+        w.receive(&mint.mint_token(6000).await).await.expect("fund");
     }
     let upstream = mint.new_wallet().await;
     let clean = run_harness(dir.path(), &mint, None, &["send", "37"], None, &Kill::Never).await;
@@ -404,7 +412,9 @@ async fn token_creation_survives_kill_anywhere() {
         let mut it = l.split(' ');
         (
             it.next().expect("op").to_string(),
-            it.next().and_then(|v| v.parse::<u64>().ok()).expect("value"),
+            it.next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .expect("value"),
         )
     };
     assert!(value >= 37);
@@ -418,10 +428,7 @@ async fn token_creation_survives_kill_anywhere() {
     }
     let plan = kills(
         &["send:prepared", "send:confirmed", "send:issued"],
-        &[
-            ("/v1/swap", GateMode::Drop),
-            ("/v1/swap", GateMode::Commit),
-        ],
+        &[("/v1/swap", GateMode::Drop), ("/v1/swap", GateMode::Commit)],
         clean.op_time,
     );
     let (mut killed, mut recovered_unissued) = (0, 0);
@@ -440,7 +447,10 @@ async fn token_creation_survives_kill_anywhere() {
         };
         let run = run_harness(dir.path(), &mint, None, &["send", &amount], None, kill).await;
         killed += run.killed as u32;
-        let ctx = format!("iteration {i} {kill:?} killed={} {:?}", run.killed, run.lines);
+        let ctx = format!(
+            "iteration {i} {kill:?} killed={} {:?}",
+            run.killed, run.lines
+        );
         let w = Wallet::open(dir.path(), settings(&mint, None))
             .await
             .unwrap_or_else(|e| panic!("{ctx}: reopen: {e}"));
@@ -474,7 +484,10 @@ async fn token_creation_survives_kill_anywhere() {
                 }
             }
         } else {
-            assert!(run.line("TOKEN").is_none(), "{ctx}: handed out but not recorded");
+            assert!(
+                run.line("TOKEN").is_none(),
+                "{ctx}: handed out but not recorded"
+            );
             recovered_unissued += w
                 .outgoing_tokens()
                 .expect("outgoing")
@@ -582,7 +595,10 @@ async fn payout_survives_kill_anywhere() {
         let (paid_before, invoices_before) = paid_melts(&mint).await;
         let run = run_harness(dir.path(), &mint, Some(&owner), &["payout"], None, kill).await;
         killed += run.killed as u32;
-        let ctx = format!("iteration {i} {kill:?} killed={} {:?}", run.killed, run.lines);
+        let ctx = format!(
+            "iteration {i} {kill:?} killed={} {:?}",
+            run.killed, run.lines
+        );
         let w = Wallet::open(dir.path(), settings(&mint, Some(&owner)))
             .await
             .unwrap_or_else(|e| panic!("{ctx}: reopen: {e}"));
@@ -772,7 +788,11 @@ async fn token_spent_mid_receive_leaves_no_stuck_saga() {
         .expect("thief redeems");
     let done = mint.gate().finished_count();
     mint.gate().release();
-    assert!(mint.gate().wait_finished(done, Duration::from_secs(30)).await);
+    assert!(
+        mint.gate()
+            .wait_finished(done, Duration::from_secs(30))
+            .await
+    );
     let w = Wallet::open(dir.path(), settings(&mint, None))
         .await
         .expect("open after crash with a foreign-spent token");
@@ -811,9 +831,7 @@ async fn proofs_reserved_without_saga_are_released_at_open() {
         let w = Wallet::open(dir.path(), settings(&mint, None))
             .await
             .expect("open");
-        w.receive(&mint.mint_token(300).await)
-            .await
-            .expect("fund");
+        w.receive(&mint.mint_token(300).await).await.expect("fund");
     }
     {
         let db = cdk_sqlite::WalletSqliteDatabase::new(dir.path().join("wallet.sqlite"))

@@ -193,9 +193,7 @@ impl Wallet {
                         // Unpaid with no melt saga left in cdk: the melt never reached the
                         // mint (crash before confirm) or cdk rolled it back; the proofs are
                         // back in the wallet and nothing is in flight.
-                        MeltQuoteState::Unpaid if !self.melt_in_flight(quote_id).await => {
-                            "failed"
-                        }
+                        MeltQuoteState::Unpaid if !self.melt_in_flight(quote_id).await => "failed",
                         // Pending/Unknown, or a saga still open: not settled yet; keep waiting.
                         _ => continue,
                     };
