@@ -30,6 +30,12 @@
 //! | done    | credited `net`                   | returns the first receipt, `replayed = true`  |
 //! | spent   | someone else spent the proofs    | `TokenSpent` again                            |
 //!
+//! Crash recovery at every open, in this order: cdk's saga recovery and pending melts →
+//! our own proofs left reserved/pending without a saga, settled by NUT-07 → pending receipts
+//! → outgoing tokens still `creating` (never handed out) revoked → `pending` payouts whose
+//! melt never reached the mint marked `failed`. `tests/tests/wallet_crash.rs` SIGKILLs a
+//! harness process at each step and checks the result against the mint.
+//!
 //! Payout states: `pending` (melt sent, Lightning unresolved; finalised on later ticks and at
 //! open) → `paid` | `failed` (proofs returned to the wallet by cdk's melt saga).
 //! A `skipped` row records an unreachable recipient; the share stays in the wallet.
