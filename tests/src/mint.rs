@@ -12,6 +12,10 @@
 //! FakeWallet settles every incoming mint quote at once and "pays" every bolt11 on melt. An
 //! invoice whose description is a JSON [`FakeInvoiceDescription`] makes a melt fail or stay
 //! pending: see [`fake_invoice`]. Dropping the `TestMint` stops the server.
+//!
+//! [`TestMint::gate`] catches the next request to one endpoint and holds it, so a crash test
+//! can kill the wallet process while its request is in flight at the mint: dropped unseen,
+//! processed with the answer lost, or forwarded only later (see [`GateMode`]).
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -27,9 +31,130 @@ use cdk::Amount;
 pub use cdk_fake_wallet::FakeInvoiceDescription;
 use cdk_fake_wallet::FakeWallet;
 
+/// What the [`Gate`] does with the request it catches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateMode {
+    /// Hold it; on release it is dropped and never reaches the mint.
+    Drop,
+    /// Let the mint process it at once (detached from the client, so a dead client does not
+    /// cancel it), then hold the answer: "the mint did it, the wallet never heard".
+    Commit,
+    /// Hold it, then forward it to the mint on release: "the request arrived late".
+    Delay,
+}
+
+/// Catches the next request whose path starts with a prefix. See [`TestMint::gate`].
+pub struct Gate {
+    armed: std::sync::Mutex<Option<(String, GateMode)>>,
+    /// Requests caught so far (for `Commit`: caught and processed by the mint).
+    held: tokio::sync::watch::Sender<u32>,
+    /// Releases counted; a held request waits for the next one.
+    released: tokio::sync::watch::Sender<u32>,
+    /// Caught requests fully dealt with after release (a `Delay` one forwarded and answered).
+    finished: tokio::sync::watch::Sender<u32>,
+}
+
+impl Gate {
+    fn new() -> Gate {
+        Gate {
+            armed: std::sync::Mutex::new(None),
+            held: tokio::sync::watch::channel(0).0,
+            released: tokio::sync::watch::channel(0).0,
+            finished: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    /// Catch the next request to a path starting with `path_prefix` (only that one).
+    pub fn arm(&self, path_prefix: &str, mode: GateMode) {
+        *self.armed.lock().expect("gate") = Some((path_prefix.to_string(), mode));
+    }
+
+    /// Disarm without catching anything.
+    pub fn disarm(&self) {
+        *self.armed.lock().expect("gate") = None;
+    }
+
+    /// Requests caught so far.
+    pub fn held_count(&self) -> u32 {
+        *self.held.borrow()
+    }
+
+    /// Wait until more than `seen` requests were caught; false on timeout.
+    pub async fn wait_held(&self, seen: u32, timeout: Duration) -> bool {
+        let mut rx = self.held.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|n| *n > seen))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Wait until more than `seen` caught requests were dealt with after their release.
+    pub async fn wait_finished(&self, seen: u32, timeout: Duration) -> bool {
+        let mut rx = self.finished.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|n| *n > seen))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Caught requests dealt with after release so far.
+    pub fn finished_count(&self) -> u32 {
+        *self.finished.borrow()
+    }
+
+    /// Let the caught request go (as its mode says).
+    pub fn release(&self) {
+        self.released.send_modify(|n| *n += 1);
+    }
+
+    fn take(&self, path: &str) -> Option<GateMode> {
+        let mut armed = self.armed.lock().expect("gate");
+        match armed.as_ref() {
+            Some((prefix, mode)) if path.starts_with(prefix.as_str()) => {
+                let mode = *mode;
+                *armed = None;
+                Some(mode)
+            }
+            _ => None,
+        }
+    }
+}
+
+async fn gate_layer(
+    axum::extract::State(gate): axum::extract::State<Arc<Gate>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let Some(mode) = gate.take(req.uri().path()) else {
+        return next.run(req).await;
+    };
+    let released_before = *gate.released.borrow();
+    // Everything in a task of its own: when the test kills the client, hyper drops this
+    // future, but what the mint does with the request must not depend on that.
+    tokio::spawn(async move {
+        let mut pending = Some(req);
+        let mut answer = None;
+        if mode == GateMode::Commit {
+            answer = Some(next.clone().run(pending.take().expect("request")).await);
+        }
+        gate.held.send_modify(|n| *n += 1);
+        let mut rx = gate.released.subscribe();
+        let _ = rx.wait_for(|n| *n > released_before).await;
+        let response = match (answer, pending) {
+            (Some(answer), _) => answer,
+            (None, Some(req)) if mode == GateMode::Delay => next.run(req).await,
+            _ => axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response(),
+        };
+        gate.finished.send_modify(|n| *n += 1);
+        response
+    })
+    .await
+    .unwrap_or_else(|_| axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
 /// An in-process mint over HTTP on loopback.
 pub struct TestMint {
     addr: SocketAddr,
+    gate: Arc<Gate>,
     fee_ppk: u64,
     mint: Arc<cdk::Mint>,
     server: tokio::task::JoinHandle<()>,
@@ -94,7 +219,13 @@ impl TestMint {
         let mint = Arc::new(builder.build_with_seed(db, &seed).await?);
         mint.start().await?;
 
-        let router = cdk_axum::create_mint_router(mint.clone(), vec!["bolt11".into()]).await?;
+        let gate = Arc::new(Gate::new());
+        let router = cdk_axum::create_mint_router(mint.clone(), vec!["bolt11".into()])
+            .await?
+            .layer(axum::middleware::from_fn_with_state(
+                gate.clone(),
+                gate_layer,
+            ));
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
         });
@@ -109,6 +240,7 @@ impl TestMint {
 
         Ok(TestMint {
             addr,
+            gate,
             fee_ppk,
             mint,
             server,
@@ -119,6 +251,11 @@ impl TestMint {
     /// The mint's URL, `http://127.0.0.1:<port>` (no trailing slash).
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The request gate in front of this mint's HTTP API (disarmed unless a test arms it).
+    pub fn gate(&self) -> &Gate {
+        &self.gate
     }
 
     /// The input fee in parts per thousand this mint charges.

@@ -159,16 +159,19 @@ async fn pending_melt_survives_restart_and_is_not_repaid() {
     assert!(records.iter().all(|r| r.amount + r.fee <= after - 50));
 }
 
-/// The seed's race, under real concurrency: each iteration the chandler reserves, a payout
-/// round is spawned on another worker (it drains everything payable), the chandler waits
-/// 5–24 ms (long enough for the round to reach the mint) and creates its token; a refill task keeps customers paying. With reservations, no token creation after a successful reserve ever
-/// fails for lack of funds, and payouts never touch reserved funds. Iterations:
-/// `TOLLGATE_RACE_ITERS` (default 300).
-async fn race(bypass: bool) -> (u64, u64) {
+/// The seed's race. Concurrent mode (`forced = false`): each iteration the chandler reserves,
+/// a payout round is spawned on another worker (it drains everything payable), the chandler
+/// waits 5–24 ms (long enough for the round to reach the mint) and creates its token; a
+/// refill task keeps customers paying. Forced mode: the payout round runs to completion
+/// exactly between the reservation and the token creation — the seed's interleaving, every
+/// iteration, no timing involved. With reservations, no token creation after a successful
+/// reserve ever fails for lack of funds, and payouts never touch reserved funds.
+/// Iterations: `TOLLGATE_RACE_ITERS` (default 300 concurrent, 10 forced).
+async fn race(bypass: bool, forced: bool) -> (u64, u64) {
     let iters: u64 = std::env::var("TOLLGATE_RACE_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
+        .unwrap_or(if forced { 10 } else { 300 });
     let mint = TestMint::start(0).await;
     let recipient_mint = TestMint::start(0).await;
     let ln = LnurlServer::start(&recipient_mint).await;
@@ -187,7 +190,7 @@ async fn race(bypass: bool) -> (u64, u64) {
     let refill = {
         let (w, url, done, mint) = (wallet.clone(), url.clone(), done.clone(), mint.clone());
         tokio::spawn(async move {
-            while !done.is_cancelled() {
+            while !forced && !done.is_cancelled() {
                 if w.available_balance(&url).await.unwrap_or(0) < 64 {
                     let t = mint.mint_token(256).await;
                     w.receive(&t).await.expect("refill receive");
@@ -198,6 +201,11 @@ async fn race(bypass: bool) -> (u64, u64) {
     };
     for i in 0..iters {
         let amount = 8 + (i % 8);
+        if forced && wallet.available_balance(&url).await.expect("b") < 64 {
+            // Refill only here, so nothing tops the wallet up inside the window.
+            let t = mint.mint_token(256).await;
+            wallet.receive(&t).await.expect("refill receive");
+        }
         let r = match wallet.reserve(&url, amount, Duration::from_secs(30)).await {
             Ok(r) => r,
             Err(WalletError::InsufficientFunds { .. }) => {
@@ -212,9 +220,15 @@ async fn race(bypass: bool) -> (u64, u64) {
             let (w, url) = (wallet.clone(), url.clone());
             tokio::spawn(async move { w.payout_once(&url).await })
         };
-        tokio::time::sleep(Duration::from_millis(5 + i % 20)).await;
-        let created = wallet.create_payment_token(&url, amount, Some(r)).await;
-        tick.await.expect("payout task").expect("payout round");
+        let created = if forced {
+            tick.await.expect("payout task").expect("payout round");
+            wallet.create_payment_token(&url, amount, Some(r)).await
+        } else {
+            tokio::time::sleep(Duration::from_millis(5 + i % 20)).await;
+            let created = wallet.create_payment_token(&url, amount, Some(r)).await;
+            tick.await.expect("payout task").expect("payout round");
+            created
+        };
         match created {
             Ok(_) => {
                 ok.fetch_add(1, Ordering::Relaxed);
@@ -235,20 +249,28 @@ async fn race(bypass: bool) -> (u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reservations_prevent_payout_race() {
-    let (ok, spurious) = race(false).await;
+    let (ok, spurious) = race(false, false).await;
     assert!(ok > 0, "some payments went through");
     assert_eq!(spurious, 0, "spurious insufficient-funds after reserve");
 }
 
-/// The same run with reservations switched off must show the seed's failure, proving the
-/// test above can see the race at all.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "timing-dependent: on a loaded 2-core CI machine the refill task often tops the \
-            wallet up before the racing creation, so the bypass run sometimes sees no failure \
-            (it failed one of two fresh-clone CI runs). Run it on an idle machine with \
-            `cargo test -p tollgate-tests --test wallet_payout -- --ignored`."]
+/// The seed's interleaving forced every iteration: with reservations every creation succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_survive_a_payout_between_check_and_creation() {
+    let (ok, spurious) = race(false, true).await;
+    assert!(ok > 0, "some payments went through");
+    assert_eq!(spurious, 0, "spurious insufficient-funds after reserve");
+}
+
+/// The same forced interleaving with reservations switched off must show the seed's failure
+/// (every iteration), proving the tests above can see the race at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_reservations_the_race_is_caught() {
-    let (ok, spurious) = race(true).await;
+    let (ok, spurious) = race(true, true).await;
     eprintln!("bypass: ok {ok}, spurious {spurious}");
-    assert!(spurious > 0, "the bypass variant should hit the race");
+    assert_eq!(
+        ok, 0,
+        "a payout drained the wallet between check and creation"
+    );
+    assert!(spurious > 0, "the bypass variant must hit the race");
 }

@@ -30,6 +30,12 @@
 //! | done    | credited `net`                   | returns the first receipt, `replayed = true`  |
 //! | spent   | someone else spent the proofs    | `TokenSpent` again                            |
 //!
+//! Crash recovery at every open, in this order: cdk's saga recovery and pending melts →
+//! our own proofs left reserved/pending without a saga, settled by NUT-07 → pending receipts
+//! → outgoing tokens still `creating` (never handed out) revoked → `pending` payouts whose
+//! melt never reached the mint marked `failed`. `tests/tests/wallet_crash.rs` SIGKILLs a
+//! harness process at each step and checks the result against the mint.
+//!
 //! Payout states: `pending` (melt sent, Lightning unresolved; finalised on later ticks and at
 //! open) → `paid` | `failed` (proofs returned to the wallet by cdk's melt saga).
 //! A `skipped` row records an unreachable recipient; the share stays in the wallet.
@@ -117,6 +123,41 @@ pub struct WalletSettings {
     /// TEST ONLY: make reservations no-ops, to prove the race test catches the seed's bug.
     #[doc(hidden)]
     pub bypass_reservations_for_tests: bool,
+    /// TEST ONLY: called at named points inside money-moving operations (see [`TestHook`]),
+    /// so crash tests can kill the process exactly there.
+    #[doc(hidden)]
+    pub test_hook: TestHook,
+}
+
+/// TEST ONLY: a callback the wallet calls with a point name (`receive:pending`,
+/// `send:prepared`, `send:confirmed`, `melt:recorded`, …) right before or after a step that
+/// moves money. The crash harness uses it to SIGKILL itself at that point; production
+/// settings leave it empty, which costs one `Option` check per point.
+#[doc(hidden)]
+#[derive(Clone, Default)]
+pub struct TestHook(Option<Arc<dyn Fn(&'static str) + Send + Sync>>);
+
+impl TestHook {
+    /// A hook calling `f` at every point.
+    pub fn new(f: impl Fn(&'static str) + Send + Sync + 'static) -> TestHook {
+        TestHook(Some(Arc::new(f)))
+    }
+
+    fn at(&self, point: &'static str) {
+        if let Some(f) = &self.0 {
+            f(point);
+        }
+    }
+}
+
+impl fmt::Debug for TestHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "TestHook(set)"
+        } else {
+            "TestHook(none)"
+        })
+    }
 }
 
 impl WalletSettings {
@@ -129,6 +170,7 @@ impl WalletSettings {
             reservation_ttl: Duration::from_secs(30),
             allow_loopback_lnurl: false,
             bypass_reservations_for_tests: false,
+            test_hook: TestHook::default(),
         }
     }
 }
@@ -329,6 +371,18 @@ impl fmt::Debug for OutgoingToken {
             .field("receiver_fee", &self.receiver_fee)
             .finish()
     }
+}
+
+/// An outgoing token as recorded in the ledger (the token itself is not kept there).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingRecord {
+    pub op_id: String,
+    pub mint: String,
+    pub amount: u64,
+    pub value: u64,
+    /// `creating` (not handed out yet), `issued`, `claimed` (the payee redeemed it, seen at
+    /// a later open), `reclaimed`, `revoked` or `failed`.
+    pub state: String,
 }
 
 /// The wallet. Cheap to clone.
@@ -543,14 +597,152 @@ impl Wallet {
             if let Err(e) = w.finalize_pending_melts().await {
                 tracing::warn!(mint = %state.url, error = %e, "finalising pending melts failed");
             }
+            if let Err(e) = self.release_orphaned_proofs(state, &w).await {
+                tracing::warn!(mint = %state.url, error = %e, "releasing orphaned proofs failed");
+            }
         }
         for (token_id, token) in self.inner.store.pending_receipts()? {
             if let Err(e) = self.resolve_pending_receipt(&token_id, &token).await {
                 tracing::warn!(%token_id, error = %e, "pending receipt unresolved");
             }
         }
+        self.recover_unissued_tokens().await?;
         self.inner.store.prune_reservations()?;
         self.finalize_pending_payouts().await;
+        Ok(())
+    }
+
+    /// cdk reserves proofs *before* it writes the saga that would release them (send, swap
+    /// and melt `prepare`): a crash in between leaves our own proofs `Reserved` with no
+    /// saga, which no recovery ever looks at — the balance silently drops by them. After
+    /// saga recovery, any of our proofs (deterministic, so derived from our seed) still
+    /// reserved or pending without an open saga is settled by the mint's word (NUT-07):
+    /// unspent → spendable again, spent → spent. Foreign proofs (a customer's, mid-receive)
+    /// are left to the receipt logic.
+    async fn release_orphaned_proofs(
+        &self,
+        state: &MintState,
+        w: &cdk::Wallet,
+    ) -> Result<(), WalletError> {
+        let db = &self.inner.db;
+        let storage = |e: cdk::cdk_database::Error| WalletError::Storage {
+            message: e.to_string(),
+        };
+        let unit = unit_of(&state.settings.unit)?;
+        let held = db
+            .get_proofs(
+                Some(state.url.clone()),
+                Some(unit),
+                Some(vec![State::Reserved, State::Pending, State::PendingSpent]),
+                None,
+            )
+            .await
+            .map_err(storage)?;
+        if held.is_empty() {
+            return Ok(());
+        }
+        let open: Vec<uuid::Uuid> = db
+            .get_incomplete_sagas()
+            .await
+            .map_err(storage)?
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        let orphans: Vec<PublicKey> = held
+            .iter()
+            .filter(|p| p.derivation_index.is_some())
+            .filter(|p| p.used_by_operation.is_none_or(|op| !open.contains(&op)))
+            .map(|p| p.y)
+            .collect();
+        if orphans.is_empty() {
+            return Ok(());
+        }
+        let states = w
+            .mint_connector()
+            .post_check_state(CheckStateRequest {
+                ys: orphans.clone(),
+            })
+            .await
+            .map_err(|e| WalletError::from_cdk(&state.settings.url, e))?;
+        let pick = |want: State| -> Vec<PublicKey> {
+            states
+                .states
+                .iter()
+                .filter(|s| s.state == want && orphans.contains(&s.y))
+                .map(|s| s.y)
+                .collect()
+        };
+        let (unspent, spent) = (pick(State::Unspent), pick(State::Spent));
+        tracing::warn!(
+            mint = %state.url,
+            released = unspent.len(),
+            spent = spent.len(),
+            "settled proofs a crash left reserved without a saga"
+        );
+        if !unspent.is_empty() {
+            db.update_proofs_state(unspent, State::Unspent)
+                .await
+                .map_err(storage)?;
+        }
+        if !spent.is_empty() {
+            db.update_proofs_state(spent, State::Spent)
+                .await
+                .map_err(storage)?;
+        }
+        Ok(())
+    }
+
+    fn hook(&self, point: &'static str) {
+        self.inner.settings.test_hook.at(point);
+    }
+
+    /// Tokens created but never handed out (crash between cdk's confirm and our return):
+    /// nobody else can hold them, so take them back. A row whose cdk saga is gone was
+    /// compensated by cdk itself (the crash came before the token existed).
+    async fn recover_unissued_tokens(&self) -> Result<(), WalletError> {
+        // Issued tokens whose cdk saga is gone were settled (redeemed by the payee; cdk's
+        // recovery saw the proofs spent): say so, so the ledger does not offer them for
+        // reclaiming.
+        for (op_id, _) in self.inner.store.outgoing_in_state("issued")? {
+            let Ok(uuid) = uuid::Uuid::parse_str(&op_id) else {
+                continue;
+            };
+            if let Ok(None) = self.inner.db.get_saga(&uuid).await {
+                self.inner.store.set_outgoing_state(&op_id, "claimed")?;
+            }
+        }
+        for (op_id, mint) in self.inner.store.outgoing_in_state("creating")? {
+            let Ok(state) = self.mint_state(&mint) else {
+                continue;
+            };
+            let Ok(uuid) = uuid::Uuid::parse_str(&op_id) else {
+                self.inner.store.set_outgoing_state(&op_id, "failed")?;
+                continue;
+            };
+            let saga = self
+                .inner
+                .db
+                .get_saga(&uuid)
+                .await
+                .map_err(|e| WalletError::Storage {
+                    message: e.to_string(),
+                })?;
+            if saga.is_none() {
+                tracing::info!(%op_id, "unissued token never created; nothing to reclaim");
+                self.inner.store.set_outgoing_state(&op_id, "failed")?;
+                continue;
+            }
+            let _guard = state.lock.lock().await;
+            let w = self.cdk_wallet(state).await?;
+            match w.revoke_send(uuid).await {
+                Ok(amount) => {
+                    tracing::info!(%op_id, %amount, "reclaimed a token a crash kept from its payee");
+                    self.inner.store.set_outgoing_state(&op_id, "reclaimed")?;
+                }
+                // Mint down or the saga is mid-rollback: the row stays, next open retries.
+                Err(e) => tracing::warn!(%op_id, error = %e, "reclaiming unissued token"),
+            }
+        }
         Ok(())
     }
 
@@ -744,8 +936,10 @@ impl Wallet {
         self.inner
             .store
             .put_receipt_pending(&info.token_id, &info.mint, &info.unit, raw)?;
+        self.hook("receive:pending");
         match w.receive(raw, ReceiveOptions::default()).await {
             Ok(net) => {
+                self.hook("receive:swapped");
                 let net: u64 = net.into();
                 self.inner
                     .store
@@ -1044,10 +1238,20 @@ impl Wallet {
                 }
             })?;
             let op_id = prepared.operation_id();
+            let op = op_id.to_string();
+            self.hook("send:prepared");
+            // Write-ahead: once confirmed, the token exists only in cdk's saga until we hand
+            // it out. A crash in between would leave its proofs pending-spent with no record
+            // to reclaim them by; with this row the next open revokes it.
+            if let Err(e) = self.inner.store.put_outgoing_creating(&op, &key, amount) {
+                let _ = prepared.cancel().await;
+                return Err(e);
+            }
             let token = prepared
                 .confirm(None)
                 .await
                 .map_err(|e| WalletError::from_cdk(&key, e))?;
+            self.hook("send:confirmed");
             let value: u64 = token
                 .value()
                 .map_err(|e| WalletError::InvalidToken {
@@ -1059,14 +1263,17 @@ impl Wallet {
             let net = value.saturating_sub(receiver_fee);
             self.inner
                 .store
-                .put_outgoing(&op_id.to_string(), &key, amount, value, receiver_fee)?;
+                .set_outgoing_value(&op, value, receiver_fee)?;
             if net >= amount && net <= amount + tolerance {
                 if let Some(r) = &reservation {
                     self.inner.store.delete_reservation(&r.id)?;
                 }
+                // From here the caller holds the token: never revoke it behind its back.
+                self.inner.store.set_outgoing_state(&op, "issued")?;
+                self.hook("send:issued");
                 return Ok(OutgoingToken {
                     token: token.to_string(),
-                    op_id: op_id.to_string(),
+                    op_id: op,
                     mint: key,
                     amount,
                     value,
@@ -1095,6 +1302,12 @@ impl Wallet {
             fee: ask.saturating_sub(amount),
             budget: tolerance,
         })
+    }
+
+    /// Every outgoing token recorded, oldest first: after a crash, `issued` ones whose payee
+    /// never got them can be taken back with [`Wallet::reclaim`].
+    pub fn outgoing_tokens(&self) -> Result<Vec<OutgoingRecord>, WalletError> {
+        self.inner.store.outgoing()
     }
 
     /// Take back an outgoing token the upstream did not claim (or rejected). Returns the

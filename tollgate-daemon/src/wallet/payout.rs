@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use std::sync::Mutex as StdMutex;
 use std::time::{Duration, Instant};
 
+use cdk::cdk_database::WalletDatabase;
 use cdk::nuts::{MeltQuoteState, PaymentMethod};
 use cdk::wallet::MeltOutcome;
 use tokio::task::JoinHandle;
@@ -188,8 +189,12 @@ impl Wallet {
                 Ok(q) => {
                     let outcome = match q.state {
                         MeltQuoteState::Paid => "paid",
-                        // Unpaid/Pending/Unknown: not settled either way yet; keep waiting.
                         MeltQuoteState::Failed => "failed",
+                        // Unpaid with no melt saga left in cdk: the melt never reached the
+                        // mint (crash before confirm) or cdk rolled it back; the proofs are
+                        // back in the wallet and nothing is in flight.
+                        MeltQuoteState::Unpaid if !self.melt_in_flight(quote_id).await => "failed",
+                        // Pending/Unknown, or a saga still open: not settled yet; keep waiting.
                         _ => continue,
                     };
                     let _ = self
@@ -199,6 +204,17 @@ impl Wallet {
                 }
                 Err(e) => tracing::debug!(quote_id, error = %e, "melt status"),
             }
+        }
+    }
+
+    /// Whether cdk still holds an unfinished melt saga for `quote_id`.
+    async fn melt_in_flight(&self, quote_id: &str) -> bool {
+        match self.inner.db.get_incomplete_sagas().await {
+            Ok(sagas) => sagas
+                .iter()
+                .any(|s| s.quote_id.as_deref() == Some(quote_id)),
+            // Cannot tell: assume in flight, never mark a maybe-paid melt failed.
+            Err(_) => true,
         }
     }
 
@@ -328,8 +344,11 @@ impl Wallet {
             // Record before confirming: a crash after the mint took the melt still leaves a
             // row whose quote id the next start finalises.
             let id = record(invoice_amount, 0, "pending", Some(&quote.id), None)?;
+            self.hook("melt:recorded");
             let balance_before = balance;
-            let outcome = match prepared.confirm_prefer_async().await {
+            let confirmed = prepared.confirm_prefer_async().await;
+            self.hook("melt:confirmed");
+            let outcome = match confirmed {
                 // The mint answered asynchronously: give Lightning a moment, then leave the
                 // rest to finalize_pending_payouts (the melt saga stays in cdk's database).
                 Ok(MeltOutcome::Pending(pending)) => {

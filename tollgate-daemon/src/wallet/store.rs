@@ -252,22 +252,75 @@ impl Store {
 
     // ---- outgoing tokens ----
 
-    pub(crate) fn put_outgoing(
+    /// Write-ahead row for a token about to be created (`state = 'creating'`): if we crash
+    /// before handing the token out, the next open revokes it (nobody else can hold it).
+    pub(crate) fn put_outgoing_creating(
         &self,
         op_id: &str,
         mint: &str,
         amount: u64,
+    ) -> Result<(), WalletError> {
+        self.conn()
+            .execute(
+                "INSERT OR REPLACE INTO outgoing (op_id, mint, amount, value, receiver_fee, state,
+                 created_at) VALUES (?1, ?2, ?3, 0, 0, 'creating', ?4)",
+                params![op_id, mint, amount, now_ms()],
+            )
+            .map_err(storage)?;
+        Ok(())
+    }
+
+    /// The token exists; record its value (still `creating` until handed out).
+    pub(crate) fn set_outgoing_value(
+        &self,
+        op_id: &str,
         value: u64,
         receiver_fee: u64,
     ) -> Result<(), WalletError> {
         self.conn()
             .execute(
-                "INSERT OR REPLACE INTO outgoing (op_id, mint, amount, value, receiver_fee, state,
-                 created_at) VALUES (?1, ?2, ?3, ?4, ?5, 'issued', ?6)",
-                params![op_id, mint, amount, value, receiver_fee, now_ms()],
+                "UPDATE outgoing SET value = ?2, receiver_fee = ?3 WHERE op_id = ?1",
+                params![op_id, value, receiver_fee],
             )
             .map_err(storage)?;
         Ok(())
+    }
+
+    pub(crate) fn outgoing(&self) -> Result<Vec<super::OutgoingRecord>, WalletError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT op_id, mint, amount, value, state FROM outgoing
+                 ORDER BY created_at, op_id",
+            )
+            .map_err(storage)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(super::OutgoingRecord {
+                    op_id: r.get(0)?,
+                    mint: r.get(1)?,
+                    amount: r.get(2)?,
+                    value: r.get(3)?,
+                    state: r.get(4)?,
+                })
+            })
+            .map_err(storage)?;
+        rows.collect::<Result<_, _>>().map_err(storage)
+    }
+
+    /// `(op_id, mint)` of every outgoing token in `state`.
+    pub(crate) fn outgoing_in_state(
+        &self,
+        state: &str,
+    ) -> Result<Vec<(String, String)>, WalletError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT op_id, mint FROM outgoing WHERE state = ?1")
+            .map_err(storage)?;
+        let rows = stmt
+            .query_map(params![state], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(storage)?;
+        rows.collect::<Result<_, _>>().map_err(storage)
     }
 
     pub(crate) fn outgoing_mint(&self, op_id: &str) -> Result<Option<String>, WalletError> {
