@@ -706,3 +706,51 @@ async fn dataplane(cmd: DataplaneCmd) -> Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The command lines the packaging files run (systemd's ExecStart*, procd's command),
+    /// with shell variables expanded the way the init script sets them.
+    fn packaged_command_lines() -> Vec<String> {
+        let unit = include_str!("../dist/tollgate.service");
+        let init = include_str!("../dist/tollgate.init");
+        let mut lines: Vec<String> = unit
+            .lines()
+            .filter_map(|l| l.strip_prefix("ExecStart=").or(l.strip_prefix("ExecStartPre=")))
+            .map(str::to_string)
+            .collect();
+        let vars = [
+            ("\"$PROG\"", "/usr/bin/tollgate"),
+            ("\"$CONFIG_DIR\"", "/etc/tollgate"),
+            ("\"$STATE_DIR\"", "/etc/tollgate/state"),
+        ];
+        for l in init.lines().map(str::trim) {
+            let cmd = l
+                .strip_prefix("procd_set_param command ")
+                .or_else(|| l.strip_suffix(" || return 1"));
+            if let Some(c) = cmd {
+                let mut c = c.to_string();
+                for (k, v) in vars {
+                    c = c.replace(k, v);
+                }
+                lines.push(c);
+            }
+        }
+        lines
+    }
+
+    #[test]
+    fn packaging_files_run_commands_this_binary_accepts() {
+        let lines = packaged_command_lines();
+        assert_eq!(lines.len(), 4, "two systemd and two procd command lines: {lines:?}");
+        for line in lines {
+            let argv: Vec<&str> = line.split_whitespace().collect();
+            assert!(argv[0].ends_with("/tollgate"), "{line}");
+            if let Err(e) = Cli::try_parse_from(&argv) {
+                panic!("`{line}` does not parse: {e}");
+            }
+        }
+    }
+}
