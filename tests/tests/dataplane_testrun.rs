@@ -953,3 +953,164 @@ fn pinned_maps_survive_a_reload() {
         assert!(cfg.pin_dir().join(name).exists(), "{name} is pinned");
     }
 }
+
+// ---- The WAN meter (reseller mode): meter-only instance -----------------------------------
+
+/// The upstream gateway's MAC and address as our WAN side sees them, and our WAN address.
+const UP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+const WAN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
+const UP4: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
+const WAN4: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 2);
+
+fn meter_lab(tag: &str) -> Lab {
+    let pins = PinBase::new(tag);
+    let valve = Valve::load(&ValveConfig::meter("lo", pins.path()))
+        .expect("load the eBPF object (root and BPF required)");
+    Lab { valve, _pins: pins }
+}
+
+/// From the upstream to us (WAN ingress) and from us to the upstream (WAN egress).
+fn from_up() -> Frame {
+    Frame::new(UP_MAC, WAN_MAC)
+}
+fn to_up() -> Frame {
+    Frame::new(WAN_MAC, UP_MAC)
+}
+
+#[test]
+fn meter_only_passes_everything_and_counts_only_the_watched_mac_both_ways() {
+    use tollgate::valve::WanMeter;
+    let l = meter_lab("meter");
+    use Hook::{TcEgress as E, TcIngress as I};
+    use Verdict::*;
+    let tcp = L4::Tcp {
+        sport: 443,
+        dport: 40000,
+    };
+    let rx = from_up().ipv4(NET4, WAN4, tcp.clone(), 1200);
+    let tx = to_up().ipv4(WAN4, NET4, tcp.clone(), 300);
+    // Nothing watched yet: everything passes, nothing is counted (no random-host entries).
+    l.expect(I, &rx, PassLink);
+    l.expect(E, &tx, PassLink);
+    assert_eq!(WanMeter::read(&l.valve, MacAddr(UP_MAC)).unwrap(), None);
+    assert_eq!(l.valve.gates().unwrap(), vec![], "no entry was created");
+
+    WanMeter::watch(&l.valve, MacAddr(UP_MAC), UP4).unwrap();
+    // The watched peer's policy entry is CLOSED with zero limits: in meter-only mode that
+    // must neither drop nor stop the counting.
+    l.expect(I, &rx, PassPaid);
+    l.expect(E, &tx, PassPaid);
+    l.expect(I, &rx, PassPaid);
+    let u = WanMeter::read(&l.valve, MacAddr(UP_MAC)).unwrap().unwrap();
+    assert_eq!(u.bytes_down, 2 * l3_len(&rx, 0), "received = WAN ingress");
+    assert_eq!(u.bytes_up, l3_len(&tx, 0), "sent = WAN egress");
+    assert_eq!((u.packets_up, u.packets_down), (1, 2));
+
+    // IPv6 and tagged frames are counted in L3 bytes too.
+    let rx6 = from_up().ipv6(net6(), cl6(), &[0], L4::Udp { sport: 1, dport: 2 }, 100);
+    let tx_tagged = to_up()
+        .vlan(5)
+        .ipv4(WAN4, NET4, L4::Udp { sport: 2, dport: 1 }, 60);
+    l.expect(I, &rx6, PassPaid);
+    l.expect(E, &tx_tagged, PassPaid);
+    let u2 = WanMeter::read(&l.valve, MacAddr(UP_MAC)).unwrap().unwrap();
+    assert_eq!(u2.bytes_down, u.bytes_down + l3_len(&rx6, 0));
+    assert_eq!(u2.bytes_up, u.bytes_up + l3_len(&tx_tagged, 1));
+
+    // Not counted, but passed: the upstream's own address (it bills none of that), neighbour
+    // discovery, ARP, broadcast, other MACs on the WAN, malformed frames.
+    let api = L4::Tcp {
+        sport: 40001,
+        dport: 2121,
+    };
+    l.expect(E, &to_up().ipv4(WAN4, UP4, api.clone(), 100), PassGateway);
+    l.expect(I, &from_up().ipv4(UP4, WAN4, api, 900), PassGateway);
+    l.expect(
+        I,
+        &from_up().ipv6(
+            "fe80::1".parse().unwrap(),
+            "fe80::2".parse().unwrap(),
+            &[],
+            L4::Icmpv6 { ty: 135 },
+            24,
+        ),
+        PassGarden,
+    );
+    l.expect(I, &from_up().arp(), PassLink);
+    l.expect(I, &Frame::new(UP_MAC, BROADCAST).arp(), PassMulticast);
+    l.expect(
+        I,
+        &Frame::new(OTHER, WAN_MAC).ipv4(NET4, WAN4, tcp.clone(), 500),
+        PassLink,
+    );
+    l.expect(
+        E,
+        &Frame::new(WAN_MAC, OTHER).ipv4(WAN4, NET4, tcp.clone(), 500),
+        PassLink,
+    );
+    let mut bad_version = rx.clone();
+    bad_version[14] = 0x65;
+    l.expect(I, &bad_version, PassLink);
+    l.expect(I, &rx[..14 + 20 + 2], PassLink);
+    assert_eq!(
+        WanMeter::read(&l.valve, MacAddr(UP_MAC)).unwrap().unwrap(),
+        u2,
+        "none of that moved the counters"
+    );
+    assert_eq!(WanMeter::read(&l.valve, MacAddr(OTHER)).unwrap(), None);
+
+    // A new upstream: the old one stops being counted, its counters stay.
+    WanMeter::watch(&l.valve, MacAddr(OTHER), Ipv4Addr::new(10, 78, 0, 9)).unwrap();
+    l.expect(I, &rx, PassLink);
+    assert_eq!(
+        WanMeter::read(&l.valve, MacAddr(UP_MAC)).unwrap().unwrap(),
+        u2
+    );
+    l.expect(
+        I,
+        &Frame::new(OTHER, WAN_MAC).ipv4(CL4, WAN4, tcp, 500),
+        PassPaid,
+    );
+}
+
+#[test]
+fn meter_instance_is_separate_from_the_gating_one() {
+    use tollgate::valve::WanMeter;
+    let pins = PinBase::new("metersep");
+    let mut cfg = ValveConfig::new("lo");
+    cfg.pin_base = pins.path().to_path_buf();
+    cfg.gateway_v4 = Some(GW4);
+    let lan = Valve::load(&cfg).unwrap();
+    let wan = Valve::load(&ValveConfig::meter("lo", pins.path())).unwrap();
+    assert_ne!(lan.pin_dir(), wan.pin_dir(), "own pin directory");
+    // The gating instance refuses to become a meter: a POLICY entry there would be a gate.
+    assert!(WanMeter::watch(&lan, MacAddr(CLIENT), GW4).is_err());
+    let mut bad = ValveConfig::meter("lo", pins.path());
+    bad.portal_mark = Some(1);
+    assert!(Valve::load(&bad).is_err(), "a meter never redirects");
+    // Normal mode is unchanged next to a meter: unpaid and malformed frames are still dropped.
+    WanMeter::watch(&wan, MacAddr(CLIENT), GW4).unwrap();
+    let f = up().ipv4(CL4, NET4, L4::Tcp { sport: 1, dport: 2 }, 0);
+    assert!(!lan
+        .test_run(Hook::TcIngress, &f, 1)
+        .unwrap()
+        .passed(Hook::TcIngress));
+    assert!(!lan
+        .test_run(Hook::TcIngress, &f[..14 + 20 + 2], 1)
+        .unwrap()
+        .passed(Hook::TcIngress));
+    assert!(wan
+        .test_run(Hook::TcIngress, &f, 1)
+        .unwrap()
+        .passed(Hook::TcIngress));
+    assert_eq!(
+        lan.gate(MacAddr(CLIENT)).unwrap(),
+        None,
+        "the meter's entry is not a gate"
+    );
+    // Tearing the data plane down removes the meter's pins as well.
+    let wan_dir = wan.pin_dir().to_path_buf();
+    drop((lan, wan));
+    Valve::remove_pins(pins.path()).unwrap();
+    assert!(!wan_dir.exists() && !pins.path().exists());
+}

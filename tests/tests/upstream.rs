@@ -327,6 +327,36 @@ fn reseller_buys_upstream_access_and_the_client_reaches_the_internet() {
     say(format!(
         "client downloaded {got} bytes; B counts {used} for A"
     ));
+    // A's own WAN meter (keyed by B's MAC) counts what B bills, from the purchase on.
+    let b_mac = lab
+        .chain
+        .b
+        .mac("lan0")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let s = lab.wait_status("A's WAN meter to see B's count", |s| {
+        u(&s["meter"]["theirs"]) >= used
+    });
+    let m = &s["meter"];
+    say(format!("A's WAN meter: {m}"));
+    assert_eq!(m["upstream_mac"], b_mac.as_str(), "keyed by B's MAC: {m}");
+    let (ours, theirs) = (u(&m["ours"]), u(&m["theirs"]));
+    assert!(ours >= 50_000, "A's meter saw the client's download: {m}");
+    assert!(
+        u(&m["received"]) >= 50_000 && u(&m["sent"]) > 0,
+        "both directions are counted: {m}"
+    );
+    // Both count L3 bytes of the same frames on the same link, so the difference is only
+    // what was in flight between B's answer and A's read (tiny here: the transfer is over).
+    // The tolerance is a tenth, far tighter than the daemon's max(10 %, 64 KiB) flag.
+    assert!(
+        ours.abs_diff(theirs) <= theirs / 10,
+        "A's meter ({ours}) and B's /usage ({theirs}) agree: {m}"
+    );
+    assert_eq!(m["large"], false, "{m}");
+    assert!(m["warning"].is_null(), "{m}");
 
     // A restarts mid-session: it finds its session at B (via /usage) and does not pay again.
     a.stop();
@@ -346,6 +376,13 @@ fn reseller_buys_upstream_access_and_the_client_reaches_the_internet() {
         "A restarted and resumed its session at B: {}/{}",
         s["used"], s["allotment"]
     ));
+    // The pinned meter survived the restart and compares again, from the resumed session.
+    let s = lab.wait_status("the meter after the restart", |s| {
+        s["meter"]["theirs"].is_u64()
+    });
+    assert_eq!(s["meter"]["upstream_mac"], b_mac.as_str(), "{s}");
+    assert!(u(&s["meter"]["received"]) >= 50_000, "counts kept: {s}");
+    assert_eq!(s["meter"]["large"], false, "{s}");
 
     let paid = u(&s["paid"]);
     a.stop();

@@ -144,6 +144,13 @@ pub mod config_flags {
     /// The configuration has been written (before that, every client is treated as unpaid
     /// and only ARP/DHCP/ND pass).
     pub const CONFIGURED: u32 = 1 << 1;
+    /// Meter only (the WAN side of a reseller): every frame passes, nothing is gated or
+    /// redirected. IP packets from (ingress) / to (egress) a MAC that has a `POLICY` entry are
+    /// counted in `USAGE` with no limit or deadline checks, except traffic to/from the
+    /// addresses in `gateway_v4`/`gateway_v6` (the upstream gateway itself) and neighbour
+    /// discovery, which an upstream TollGate does not bill either. Frames from or to any other
+    /// MAC are not counted, so random hosts on the WAN cannot fill the map.
+    pub const METER_ONLY: u32 = 1 << 2;
 }
 
 /// The gateway's own addresses and the ports unpaid clients may reach on it.

@@ -244,6 +244,15 @@ pub async fn run_with(
             &cfg.store.state_dir,
         )
         .context("opening the upstream buyer")?;
+        if let Some(wan) = &cfg.dataplane.wan_interface {
+            // Our own count of the upstream traffic (advisory: the buyer runs without it).
+            // Like the LAN data plane it stays attached at shutdown; it passes every frame,
+            // so that is harmless, and its counters survive a restart.
+            match Valve::attach_meter(wan, &vcfg.pin_base) {
+                Ok(m) => up.set_meter(Arc::new(m)),
+                Err(e) => tracing::warn!(iface = %wan, error = %e, "no WAN meter"),
+            }
+        }
         state = state.with_upstream(up.clone());
         Some(tokio::spawn(up.run(cancel.clone())))
     } else {

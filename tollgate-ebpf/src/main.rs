@@ -11,6 +11,13 @@
 //!                POLICY[mac] open, in time, within quota ────────> meter in USAGE, pass
 //!                otherwise: portal redirect (TCP/80) / allow-list / drop (+1 event on exhaustion)
 //! ```
+//! In meter-only mode (`config_flags::METER_ONLY`, the WAN side of a reseller) every frame
+//! passes; IP packets from/to a MAC with a POLICY entry are counted in USAGE (ingress in
+//! `bytes_up`, egress in `bytes_down`) with no limit or deadline, except those to/from the
+//! configured gateway addresses (the upstream itself) and neighbour discovery, which the
+//! upstream does not bill. Verdicts there: PassPaid = counted, PassGateway/PassGarden = the
+//! exceptions, PassLink = anything else (other MACs, non-IP, unparseable).
+//!
 //! The metered quantity is the L3 length (see `tollgate-common`). Quota checks read the
 //! counters and then add atomically, so concurrent CPUs can overshoot a limit by at most one
 //! packet each; the exhaustion event is claimed with an atomic exchange on the usage entry, so
@@ -432,12 +439,55 @@ fn not_entitled(cfg: &GateConfig, p: &Packet, dir: u8, skb_mark: u32, reason: Ve
     verdict(reason)
 }
 
+/// Meter-only mode: count what a registered MAC sends and receives, never drop.
+#[inline(always)]
+fn meter_only(cfg: &GateConfig, p: &Packet, dir: u8) -> Decision {
+    if !(p.ethertype == ETH_P_IP || p.ethertype == ETH_P_IPV6) {
+        return verdict(Verdict::PassLink);
+    }
+    // `local` is the far end in both directions (source on ingress, destination on egress).
+    if is_gateway(cfg, &p.local, p.is_v4) {
+        return verdict(Verdict::PassGateway);
+    }
+    if p.proto == IPPROTO_ICMPV6 && p.l4 && (133..=137).contains(&p.icmp_type) {
+        return verdict(Verdict::PassGarden);
+    }
+    let key = MacKey::new(p.mac);
+    // SAFETY: only presence is checked; the value is not read.
+    if unsafe { TG_POLICY.get(&key) }.is_none() {
+        return verdict(Verdict::PassLink);
+    }
+    let u = match usage_slot(&key) {
+        Some(u) => u,
+        None => return verdict(Verdict::PassLink),
+    };
+    let len = p.l3_len;
+    // SAFETY: atomic adds on a live map value; the return values are unused.
+    unsafe {
+        if dir == direction::UP {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*u).bytes_up, len);
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*u).packets_up, 1);
+        } else {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*u).bytes_down, len);
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*u).packets_down, 1);
+        }
+        (*u).last_seen_mono_ns = bpf_ktime_get_coarse_ns();
+    }
+    verdict(Verdict::PassPaid)
+}
+
 /// The whole decision for one frame.
 #[inline(always)]
 fn decide(f: &Frame, total_len: u64, dir: u8, skb_mark: u32) -> Decision {
     let p = match parse(f, total_len, dir) {
         Ok(p) => p,
-        Err(()) => return verdict(Verdict::DropMalformed),
+        Err(()) => {
+            // Off the hot path: only unparseable frames pay for this config read.
+            return match TG_CONFIG.get(0) {
+                Some(c) if c.flags & config_flags::METER_ONLY != 0 => verdict(Verdict::PassLink),
+                _ => verdict(Verdict::DropMalformed),
+            };
+        }
     };
     if p.l2_group {
         return verdict(Verdict::PassMulticast);
@@ -450,6 +500,9 @@ fn decide(f: &Frame, total_len: u64, dir: u8, skb_mark: u32) -> Decision {
         // Not configured yet: nothing but link traffic (handled above) passes.
         _ => return verdict(Verdict::DropUnpaid),
     };
+    if cfg.flags & config_flags::METER_ONLY != 0 {
+        return meter_only(cfg, &p, dir);
+    }
     let ip = p.ethertype == ETH_P_IP || p.ethertype == ETH_P_IPV6;
     if ip {
         if dir == direction::UP {

@@ -17,9 +17,14 @@
 //! and kept in [`UpstreamStatus`]. Payments are persisted ([`db`]); a payment a crash left
 //! `pending` is settled at start by trying to reclaim it: the mint tells whether the upstream
 //! already swapped it.
+//!
+//! With a WAN meter ([`Upstream::set_meter`]) each `/usage` poll also compares the upstream's
+//! count with our own data plane's ([`meter`]): [`UpstreamStatus::meter`], and a warning in the
+//! log and in `warnings` when they disagree by more than max(10 %, 64 KiB).
 
 pub mod client;
 pub mod db;
+pub mod meter;
 pub mod policy;
 pub mod route;
 pub mod settings;
@@ -27,13 +32,15 @@ pub mod settings;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::neighbour::{KernelNeighbours, Neighbours};
 use crate::protocol::Metric;
+use crate::valve::{MacAddr, WanMeter};
 use crate::wallet::{Reservation, Wallet, WalletError};
 use client::SignedAd;
 use db::{Db, PaymentRow, SessionRow};
@@ -76,13 +83,29 @@ pub enum UpstreamError {
     },
 }
 
-/// Our own count of the traffic through the upstream compared with its `/usage`.
+/// Our own count of the traffic through the upstream compared with its `/usage` (see
+/// [`meter`] for what each side counts).
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct MeterStatus {
+    /// The upstream gateway's MAC, the key of our WAN meter.
+    pub upstream_mac: String,
+    /// L3 bytes we exchanged with the upstream since the comparison started.
     pub ours: u64,
-    pub theirs: u64,
+    /// Our cumulative counters (since the meter was first attached): sent to the upstream,
+    /// received from it.
+    pub sent: u64,
+    pub received: u64,
+    /// The upstream's `used` since the comparison started (`None` unless it meters bytes).
+    pub theirs: Option<u64>,
+    /// `ours − theirs`.
+    pub difference: Option<i64>,
     /// `|ours − theirs| / max(ours, theirs)`.
     pub disagreement: f64,
+    /// The difference above which the meters disagree: max(10 %, 64 KiB).
+    pub threshold: u64,
+    /// The difference is above `threshold`.
+    pub large: bool,
+    pub warning: Option<String>,
 }
 
 /// What the upstream buyer is doing, for the admin API and logs.
@@ -128,6 +151,8 @@ struct Run {
     failures: u32,
     next_attempt: Instant,
     hold: Option<Reservation>,
+    /// The MAC the WAN meter watches and where the comparison (re)started.
+    metered: Option<(Ipv4Addr, MacAddr, Option<meter::Reference>)>,
 }
 
 /// The upstream buyer. Create with [`Upstream::new`], drive with [`Upstream::run`].
@@ -137,6 +162,7 @@ pub struct Upstream {
     wallet: Wallet,
     db: Db,
     status: Mutex<UpstreamStatus>,
+    meter: OnceLock<Arc<dyn WanMeter>>,
 }
 
 impl Upstream {
@@ -160,7 +186,13 @@ impl Upstream {
             wallet,
             db,
             status: Mutex::new(status),
+            meter: OnceLock::new(),
         }))
+    }
+
+    /// Compares the upstream's `/usage` with our own count on the WAN (once, before `run`).
+    pub fn set_meter(&self, meter: Arc<dyn WanMeter>) {
+        let _ = self.meter.set(meter);
     }
 
     /// A snapshot of what the buyer is doing.
@@ -258,6 +290,7 @@ impl Upstream {
             failures: 0,
             next_attempt: Instant::now(),
             hold: None,
+            metered: None,
         };
         loop {
             tokio::select! {
@@ -268,8 +301,11 @@ impl Upstream {
                 // Not raced against shutdown: a purchase in flight is finished and recorded.
                 self.step(&mut run).await;
             }
-            let warnings = self.wallet.warnings().await;
-            self.with_status(|s| s.warnings = warnings);
+            let mut warnings = self.wallet.warnings().await;
+            self.with_status(|s| {
+                warnings.extend(s.meter.as_ref().and_then(|m| m.warning.clone()));
+                s.warnings = warnings;
+            });
             let wait = tokio::time::sleep(self.settings.poll_interval);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -405,6 +441,7 @@ impl Upstream {
             s.used = usage.map(|u| u.0);
             s.allotment = usage.map(|u| u.1);
         });
+        self.update_meter(run, gw, signed.ad.metric, usage.map(|u| u.0));
         if usage.is_some() {
             let _ = self.db.put_session(&SessionRow {
                 pubkey: signed.pubkey.clone(),
@@ -451,6 +488,10 @@ impl Upstream {
         });
         match self.purchase(gw, &signed, &choice, run).await {
             Ok(allot) => {
+                if usage.is_none() {
+                    // A new session starts now at zero: compare from here.
+                    self.restart_meter(run, Some(0));
+                }
                 run.failures = 0;
                 run.next_attempt = Instant::now();
                 tracing::info!(gateway = %gw, mint = %choice.mint, amount = choice.amount,
@@ -477,6 +518,83 @@ impl Upstream {
                 }
             }
             Err(e) => self.error(run, e),
+        }
+    }
+
+    /// Our WAN meter's count next to the upstream's `used` (see [`meter`]).
+    fn update_meter(&self, run: &mut Run, gw: Ipv4Addr, metric: Metric, used: Option<u64>) {
+        let Some(m) = self.meter.get() else { return };
+        // The poll just talked to the gateway, so the kernel has its neighbour entry.
+        let mac = match KernelNeighbours::new(None).mac_of(IpAddr::V4(gw)) {
+            Ok(mac) => mac,
+            Err(e) => {
+                tracing::debug!(gateway = %gw, error = %e, "upstream MAC unknown; not metering");
+                return;
+            }
+        };
+        if run.metered.as_ref().map(|(g, m, _)| (*g, *m)) != Some((gw, mac)) {
+            if let Err(e) = m.watch(mac, gw) {
+                tracing::warn!(gateway = %gw, %mac, error = %e, "WAN meter: cannot watch the upstream");
+                return;
+            }
+            tracing::info!(gateway = %gw, %mac, "WAN meter counting the upstream's traffic");
+            run.metered = Some((gw, mac, None));
+            self.with_status(|s| s.meter = None);
+        }
+        let ours = match m.read(mac) {
+            Ok(u) => u.unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(error = %e, "WAN meter: reading the counters");
+                return;
+            }
+        };
+        let total = ours.bytes();
+        let Some((_, _, reference)) = &mut run.metered else {
+            return;
+        };
+        let theirs = used.filter(|_| metric == Metric::Bytes);
+        match (*reference, theirs) {
+            (None, Some(t)) => {
+                *reference = Some(meter::Reference {
+                    ours: total,
+                    theirs: t,
+                })
+            }
+            // The upstream's count went down: a new session we did not start ourselves.
+            (Some(r), Some(t)) if t < r.theirs => {
+                *reference = Some(meter::Reference {
+                    ours: total,
+                    theirs: t,
+                })
+            }
+            _ => {}
+        }
+        let reference = reference.unwrap_or(meter::Reference {
+            ours: total,
+            theirs: 0,
+        });
+        let status = meter::compare(mac, ours.bytes_up, ours.bytes_down, reference, theirs);
+        let was_large = self.status().meter.is_some_and(|m| m.large);
+        if status.large && !was_large {
+            tracing::warn!(ours = status.ours, theirs = ?status.theirs, difference = ?status.difference,
+                "the upstream's usage and our WAN meter disagree: {}",
+                status.warning.as_deref().unwrap_or_default());
+        } else if !status.large && was_large {
+            tracing::info!(ours = status.ours, theirs = ?status.theirs, "the upstream's usage and our WAN meter agree again");
+        }
+        self.with_status(|s| s.meter = Some(status));
+    }
+
+    /// Restarts the comparison at our current count and the upstream's `theirs`.
+    fn restart_meter(&self, run: &mut Run, theirs: Option<u64>) {
+        let (Some(m), Some((_, mac, reference))) = (self.meter.get(), &mut run.metered) else {
+            return;
+        };
+        if let Ok(u) = m.read(*mac) {
+            *reference = theirs.map(|t| meter::Reference {
+                ours: u.unwrap_or_default().bytes(),
+                theirs: t,
+            });
         }
     }
 

@@ -13,6 +13,14 @@
 //! ```
 //! Dropping a `Valve` leaves everything attached and enforcing (fail closed, counts kept);
 //! [`Valve::remove_pins`] tears a data plane down.
+//!
+//! ```text
+//!  Valve::attach_meter(wan, pin_base)   a second instance, pins at <pin_base>/wan/v<SCHEMA>/,
+//!    CONFIG = CONFIGURED | METER_ONLY   every frame passes; only watched MACs are counted
+//!  WanMeter::watch(upstream mac, ip)    POLICY[mac] present (its limits are ignored) +
+//!                                       the upstream's own address (not counted, not billed)
+//!  WanMeter::read(mac)               <── USAGE[mac] from our side: sent / received
+//! ```
 
 mod types;
 
@@ -166,6 +174,10 @@ pub struct ValveConfig {
     pub garden: Vec<Prefix>,
     /// Mark for captive-portal redirects of unpaid TCP/80 (None = no redirect).
     pub portal_mark: Option<u32>,
+    /// Meter only: nothing is gated, watched MACs are counted (see
+    /// `tollgate_common::config_flags::METER_ONLY`). `gateway_v4`/`gateway_v6` then name the
+    /// peer's own addresses, whose traffic is not counted.
+    pub meter_only: bool,
 }
 
 impl ValveConfig {
@@ -179,7 +191,17 @@ impl ValveConfig {
             tcp_ports: vec![2121],
             garden: Vec::new(),
             portal_mark: None,
+            meter_only: false,
         }
+    }
+
+    /// The WAN meter's configuration: meter-only, pins under `<pin_base>/wan`.
+    pub fn meter(iface: impl Into<String>, pin_base: &Path) -> Self {
+        let mut c = Self::new(iface);
+        c.pin_base = meter_pin_base(pin_base);
+        c.tcp_ports = Vec::new();
+        c.meter_only = true;
+        c
     }
 
     pub fn pin_dir(&self) -> PathBuf {
@@ -200,6 +222,14 @@ impl ValveConfig {
         }
         let mut c = GateConfig::EMPTY;
         c.flags = config_flags::CONFIGURED;
+        if self.meter_only {
+            if self.portal_mark.is_some() {
+                return Err(ValveError::Config(
+                    "a meter-only data plane redirects nothing (no portal mark)".into(),
+                ));
+            }
+            c.flags |= config_flags::METER_ONLY;
+        }
         if let Some(m) = self.portal_mark {
             if m == 0 {
                 return Err(ValveError::Config("portal mark must be non-zero".into()));
@@ -221,6 +251,24 @@ impl ValveConfig {
 /// `<base>/v<SCHEMA_VERSION>`
 pub fn pin_dir(base: &Path) -> PathBuf {
     base.join(format!("v{SCHEMA_VERSION}"))
+}
+
+/// `<base>/wan`: the WAN meter's own pin base, so it never shares maps or links with the LAN
+/// data plane pinned at `<base>/v<SCHEMA_VERSION>`.
+pub fn meter_pin_base(base: &Path) -> PathBuf {
+    base.join("wan")
+}
+
+/// Our own count of the traffic exchanged with one peer on the WAN (reseller mode: the
+/// upstream gateway), next to the upstream's own accounting.
+pub trait WanMeter: Send + Sync + 'static {
+    /// Counts traffic from and to `mac` from now on (counters already there are kept) and
+    /// leaves traffic to/from `peer` itself uncounted, as the upstream does not bill it.
+    /// Any previously watched MAC stops being counted.
+    fn watch(&self, mac: MacAddr, peer: Ipv4Addr) -> Result<(), ValveError>;
+    /// Cumulative L3 bytes from our side: `bytes_up` = sent to `mac`, `bytes_down` =
+    /// received from it (`None` before anything was counted).
+    fn read(&self, mac: MacAddr) -> Result<Option<ClientUsage>, ValveError>;
 }
 
 /// Which program a `test_run` drives.
@@ -420,6 +468,14 @@ impl Valve {
             "data plane attached"
         );
         Ok(valve)
+    }
+
+    /// Attaches the meter-only instance to the WAN interface `iface`, pins under
+    /// `<pin_base>/wan` (see [`WanMeter`]). Like the LAN instance it stays attached when the
+    /// valve is dropped: it passes every frame, so that is harmless, and its counts survive
+    /// a daemon restart.
+    pub fn attach_meter(iface: &str, pin_base: &Path) -> Result<Valve, ValveError> {
+        Self::attach(&ValveConfig::meter(iface, pin_base))
     }
 
     fn attach_programs(&mut self) -> Result<(), ValveError> {
@@ -705,9 +761,13 @@ impl Valve {
         })
     }
 
-    /// Removes every pin of the data plane under `pin_base` (links detach once the last
-    /// reference is gone, i.e. when no process holds them).
+    /// Removes every pin of the data plane under `pin_base`, its WAN meter's included (links
+    /// detach once the last reference is gone, i.e. when no process holds them).
     pub fn remove_pins(pin_base: &Path) -> io::Result<()> {
+        let meter = meter_pin_base(pin_base);
+        if meter.exists() {
+            Self::remove_pins(&meter)?;
+        }
         let dir = pin_dir(pin_base);
         match std::fs::read_dir(&dir) {
             Ok(rd) => {
@@ -852,6 +912,49 @@ fn parse_event(bytes: &[u8]) -> Option<Exhaustion> {
         },
         at_boot_ns: ev.at_ns,
     })
+}
+
+impl WanMeter for Valve {
+    fn watch(&self, mac: MacAddr, peer: Ipv4Addr) -> Result<(), ValveError> {
+        let mut m = self.maps();
+        let c = m.config.get(&0, 0).map_err(map_err(maps::CONFIG))?;
+        if c.flags & config_flags::METER_ONLY == 0 {
+            // A policy entry here would be a gate; never hand the LAN instance a meter's job.
+            return Err(ValveError::Config(
+                "watch needs a meter-only data plane (Valve::attach_meter)".into(),
+            ));
+        }
+        let key = MacKey::new(mac.0);
+        Self::ensure_usage(&mut m, mac, &key)?;
+        Self::write_policy(&mut m, mac, &key, Policy::CLOSED)?;
+        let others: Vec<MacKey> = m
+            .policy
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| *k != key)
+            .collect();
+        for k in others {
+            let _ = m.policy.remove(&k);
+        }
+        let mut c = c;
+        c.gateway_v4 = peer.octets();
+        m.config.set(0, c, 0).map_err(map_err(maps::CONFIG))?;
+        Ok(())
+    }
+
+    fn read(&self, mac: MacAddr) -> Result<Option<ClientUsage>, ValveError> {
+        let m = self.maps();
+        // The kernel counts ingress (from the MAC) as "up": turn it into our point of view.
+        Ok(
+            Self::read_usage(&m, &MacKey::new(mac.0))?.map(|u| ClientUsage {
+                bytes_up: u.bytes_down,
+                bytes_down: u.bytes_up,
+                packets_up: u.packets_down,
+                packets_down: u.packets_up,
+                last_seen_ns: u.last_seen_mono_ns,
+            }),
+        )
+    }
 }
 
 impl Gates for Valve {
