@@ -718,7 +718,10 @@ mod tests {
         let init = include_str!("../dist/tollgate.init");
         let mut lines: Vec<String> = unit
             .lines()
-            .filter_map(|l| l.strip_prefix("ExecStart=").or(l.strip_prefix("ExecStartPre=")))
+            .filter_map(|l| {
+                l.strip_prefix("ExecStart=")
+                    .or(l.strip_prefix("ExecStartPre="))
+            })
             .map(str::to_string)
             .collect();
         let vars = [
@@ -744,7 +747,11 @@ mod tests {
     #[test]
     fn packaging_files_run_commands_this_binary_accepts() {
         let lines = packaged_command_lines();
-        assert_eq!(lines.len(), 4, "two systemd and two procd command lines: {lines:?}");
+        assert_eq!(
+            lines.len(),
+            4,
+            "two systemd and two procd command lines: {lines:?}"
+        );
         for line in lines {
             let argv: Vec<&str> = line.split_whitespace().collect();
             assert!(argv[0].ends_with("/tollgate"), "{line}");
