@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  client ns: load generator ──keep-alive HTTP/1.1──> gateway ns: tollgate run :2121
-//!                                                               static axum :2199 (baseline)
+//!                                 (baseline: static axum on :2121 while the daemon is stopped)
 //!                                                               TestMint 127.0.0.1 (fee 0)
 //!  1. GET /  for D seconds at each connection count: req/s, p50, p99
 //!     (baseline: a minimal axum server answering the same bytes)
@@ -36,7 +36,6 @@ use tollgate_tests::{
 };
 
 const TOKEN_SAT: u64 = 16;
-const BASELINE_PORT: u16 = 2199;
 /// Every payment comes from the one client IP: the per-IP limiter (default 30/min) must not
 /// be what we measure.
 const POST_RATE_PER_MINUTE: u32 = 6_000_000;
@@ -359,44 +358,23 @@ fn main() -> Result<()> {
         "post_rate_per_minute": POST_RATE_PER_MINUTE,
     });
     write_config_value(&config_dir, &config);
-    let daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
+    let mut daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
     eprintln!(
         "[bench] daemon {} up; mint {}",
         tollgate_tests::tollgate_bin().display(),
         mint.url()
     );
-
-    // The baseline serves the daemon's own advertisement bytes: same size on the wire.
     let (st, ad) = http(&lab.client, "GET", "/", None);
     if st != 200 {
         bail!("GET / answered {st}");
     }
-    let ad_file = tmp.path().join("ad.json");
-    std::fs::write(&ad_file, ad.as_bytes())?;
-    let baseline_addr = SocketAddr::from((GW_LAN_IP, BASELINE_PORT));
-    let _baseline = Reaped(
-        lab.gateway
-            .command(std::env::current_exe()?.to_str().context("exe path")?)
-            .arg("serve-static")
-            .arg(baseline_addr.to_string())
-            .arg(&ad_file)
-            .stdout(Stdio::null())
-            .spawn()
-            .context("baseline server")?,
-    );
-    wait_listening(&lab, baseline_addr)?;
     let api = SocketAddr::from((GW_LAN_IP, 2121));
-
-    // 1. GET /
     let crt = ns_runtime(&lab.client);
     let mut get_rows = Vec::new();
-    for (name, addr) in [
-        ("tollgate `GET /`", api),
-        ("baseline: static axum, same body", baseline_addr),
-    ] {
+    let get_sweep = |name: &'static str, rows: &mut Vec<(&'static str, usize, Run)>| {
         for &c in &o.connections {
             let d = o.duration;
-            let r = in_ns(&lab.client, &crt, move || get_load(addr, c, d))?;
+            let r = in_ns(&lab.client, &crt, move || get_load(api, c, d))?;
             eprintln!(
                 "[bench] {name} c={c}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
                 r.rate(),
@@ -404,9 +382,35 @@ fn main() -> Result<()> {
                 r.latency.p(99.0),
                 r.errors
             );
-            get_rows.push((name, c, r));
+            rows.push((name, c, r));
         }
-    }
+        anyhow::Ok(())
+    };
+
+    // 1a. The baseline takes the daemon's place on 10.77.0.1:2121 while the daemon is stopped
+    // (its data plane stays attached): the same port through the same walled-garden path,
+    // answering the daemon's own advertisement bytes.
+    daemon.stop();
+    let ad_file = tmp.path().join("ad.json");
+    std::fs::write(&ad_file, ad.as_bytes())?;
+    let baseline = Reaped(
+        lab.gateway
+            .command(std::env::current_exe()?.to_str().context("exe path")?)
+            .arg("serve-static")
+            .arg(api.to_string())
+            .arg(&ad_file)
+            .stdout(Stdio::null())
+            .spawn()
+            .context("baseline server")?,
+    );
+    wait_listening(&lab, api)?;
+    get_sweep("baseline: static axum, same body", &mut get_rows)?;
+    drop(baseline);
+
+    // 1b. The daemon again, same state and pins.
+    let daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
+    get_sweep("tollgate `GET /`", &mut get_rows)?;
+    get_rows.rotate_left(o.connections.len()); // tollgate rows first
 
     // 2. POST /: tokens first, outside the timed part.
     let per_level = o.payments;
@@ -468,13 +472,20 @@ fn main() -> Result<()> {
     writeln!(out, "{}\n", m.describe("cargo xtask bench api"))?;
     writeln!(
         out,
-        "Setup: a release `tollgate run` in the gateway namespace of a three-namespace lab \
+        "Setup: `tollgate run` ({} build) in the gateway namespace of a three-namespace lab \
          (real TC data plane, SQLite state, log level info), a cdk test mint (fee 0, fake \
          Lightning) on the gateway's loopback, and the load generator \
          (`tests/src/bin/bench-api.rs`, keep-alive HTTP/1.1) in the client namespace, all \
          on the same {} cores. The bench config raises `post_rate_per_minute` to {POST_RATE_PER_MINUTE} \
          (default 30 per client IP) because every payment comes from the one client IP; \
-         `GET /` has no rate limit.\n",
+         `GET /` has no rate limit. The baseline for `GET /` is a minimal axum server \
+         answering the daemon's advertisement bytes on 10.77.0.1:2121 while the daemon is \
+         stopped (its data plane stays attached, so requests take the same kernel path).\n",
+        if tollgate_tests::tollgate_bin().to_string_lossy().contains("/release/") {
+            "release"
+        } else {
+            "**not a release**"
+        },
         m.cores
     )?;
     writeln!(

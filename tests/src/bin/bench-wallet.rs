@@ -198,13 +198,18 @@ fn main() -> Result<()> {
     writeln!(out, "{}\n", m.describe("cargo xtask bench wallet"))?;
     writeln!(
         out,
-        "Setup (`tests/src/bin/bench-wallet.rs`, release build): a cdk test mint (fake Lightning) \
+        "Setup (`tests/src/bin/bench-wallet.rs`, {} build): a cdk test mint (fake Lightning) \
          on 127.0.0.1 with its own 2-thread runtime, the wallets on another 2-thread runtime in \
          the same process, {TOKEN_SAT}-sat tokens minted before the clock starts, one untimed \
          warm-up receive per wallet. \"tollgate wallet\" is `tollgate::wallet::Wallet::receive` \
          (SQLite ledger + write-ahead receipt + NUT-07 check + cdk receive on SQLite); \"bare \
          cdk wallet\" is `cdk::Wallet::receive` on a SQLite file. The mint's handlers are timed \
-         server-side.\n"
+         server-side.\n",
+        if cfg!(debug_assertions) {
+            "**debug**"
+        } else {
+            "release"
+        }
     )?;
     writeln!(
         out,
