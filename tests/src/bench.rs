@@ -79,6 +79,25 @@ impl Machine {
     }
 }
 
+/// `fsync` latency of a 4 KiB append in `dir` over `n` tries, as `Latencies`: every durable
+/// SQLite commit of the daemon (WAL, `synchronous=FULL`) pays one, so it bounds how cheap a
+/// payment can be on this disk.
+pub fn fsync_probe(dir: &std::path::Path, n: usize) -> Result<Latencies> {
+    use std::io::Write as _;
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::File::create(&path)?;
+    let mut l = Latencies::default();
+    for _ in 0..n {
+        f.write_all(&[0u8; 4096])?;
+        let t = std::time::Instant::now();
+        f.sync_all()?;
+        l.push(t.elapsed());
+    }
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok(l)
+}
+
 /// Latency samples.
 #[derive(Default, Clone)]
 pub struct Latencies(pub Vec<Duration>);
@@ -292,6 +311,14 @@ mod tests {
         assert_eq!(l.p(99.0), 99.0);
         assert_eq!(l.p(100.0), 100.0);
         assert!(Latencies::default().p(50.0).is_nan());
+    }
+
+    #[test]
+    fn fsync_probe_measures_and_cleans_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let l = fsync_probe(dir.path(), 3).expect("probe");
+        assert_eq!(l.len(), 3);
+        assert!(std::fs::read_dir(dir.path()).expect("dir").next().is_none());
     }
 
     #[test]

@@ -465,6 +465,7 @@ fn main() -> Result<()> {
         pay_rows.push((c, r, b, (mint_ms, mint_reqs), (mint_ms_b, mint_reqs_b)));
     }
     drop(daemon);
+    let fsync = tollgate_tests::bench::fsync_probe(&state_dir, 100)?;
 
     // Report.
     let mut out = String::new();
@@ -583,6 +584,14 @@ fn main() -> Result<()> {
             server.p(99.0)
         )?;
     }
+    writeln!(
+        out,
+        "\nFor scale: one `fsync` on the state directory's filesystem took p50 {:.2} / p99 {:.2} ms \
+         in this run; a payment makes three durable commits of the daemon's own (grant row, \
+         redeemed, session + grant applied) besides the wallet's.",
+        fsync.p(50.0),
+        fsync.p(99.0)
+    )?;
     writeln!(
         out,
         "\nTarget daemon overhead ≤ 5 ms p99 (latency − redeem): worst p99 {worst_p99:.2} ms — {}.\n",
