@@ -1,6 +1,7 @@
 //! Fixtures shared by tollgate's integration tests: crafted frames, namespace labs,
 //! data-plane pins, a real Cashu mint and an LNURL-pay server on loopback.
 
+pub mod bench;
 pub mod chain;
 pub mod chromium;
 pub mod frames;

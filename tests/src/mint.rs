@@ -19,8 +19,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cdk::mint::{MintBuilder, MintMeltLimits};
 use cdk::nuts::nut00::KnownMethod;
@@ -160,6 +161,8 @@ pub struct TestMint {
     server: tokio::task::JoinHandle<()>,
     /// The customer-side wallet that funds [`TestMint::mint_token`] (in-memory, random seed).
     customer: Wallet,
+    /// Requests served and nanoseconds spent in the mint's HTTP handlers (benchmarks).
+    served: Arc<(AtomicU64, AtomicU64)>,
 }
 
 impl TestMint {
@@ -220,8 +223,11 @@ impl TestMint {
         mint.start().await?;
 
         let gate = Arc::new(Gate::new());
+        let served: Arc<(AtomicU64, AtomicU64)> = Arc::default();
+        // The gate is outermost, so a held request does not count as handler time.
         let router = cdk_axum::create_mint_router(mint.clone(), vec!["bolt11".into()])
             .await?
+            .layer(axum::middleware::from_fn_with_state(served.clone(), timed))
             .layer(axum::middleware::from_fn_with_state(
                 gate.clone(),
                 gate_layer,
@@ -245,7 +251,28 @@ impl TestMint {
             mint,
             server,
             customer,
+            served,
         })
+    }
+
+    /// `(requests, total time)` the mint's HTTP handlers have served so far, measured
+    /// server-side (from the request's arrival to the response's headers).
+    pub fn handler_time(&self) -> (u64, Duration) {
+        (
+            self.served.0.load(Ordering::Relaxed),
+            Duration::from_nanos(self.served.1.load(Ordering::Relaxed)),
+        )
+    }
+
+    /// `count` tokens worth `amount` sat each, funded by one mint quote (benchmarks).
+    pub async fn mint_tokens(&self, amount: u64, count: usize) -> Vec<String> {
+        let total = (amount + 4) * count as u64;
+        self.fund_customer(total).await.expect("fund customer");
+        let mut out = Vec::with_capacity(count);
+        for _ in 0..count {
+            out.push(self.mint_token(amount).await);
+        }
+        out
     }
 
     /// The mint's URL, `http://127.0.0.1:<port>` (no trailing slash).
@@ -330,6 +357,20 @@ impl Drop for TestMint {
     fn drop(&mut self) {
         self.server.abort();
     }
+}
+
+async fn timed(
+    axum::extract::State(served): axum::extract::State<Arc<(AtomicU64, AtomicU64)>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    served.0.fetch_add(1, Ordering::Relaxed);
+    served
+        .1
+        .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    resp
 }
 
 /// A bolt11 invoice that FakeWallet pays (or not) as `description` says: for a melt that

@@ -5,6 +5,7 @@
 //! POST /         token | kind-21000 event (text/*, json, form, none; ≤ 1 MiB)
 //!                  peer IP ─> neighbour table ─> MAC ─> merchant.purchase ─> 200 kind 1022
 //!                  any failure ─> ApiError ─> kind 21023 notice (400 / 429 / 500 / 503)
+//!                  success carries `Server-Timing: redeem;dur=<ms>, total;dur=<ms>`
 //! GET  /whoami   text/plain  mac=aa:bb:…           GET /usage   used/allotment | -1/-1
 //! GET  /balance  JSON session summary             GET /captive RFC 8908 captive API
 //! GET  /portal   the portal page (+ /portal/app.js, /portal/style.css; strict CSP)
@@ -20,7 +21,7 @@ use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use axum::{
@@ -343,6 +344,7 @@ async fn pay(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let started = Instant::now();
     let ip = client_ip(
         peer,
         headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()),
@@ -383,8 +385,28 @@ async fn pay(
         .map_err(|e| protocol_error(&st, e))?;
     let customer = payment.customer;
     match st.merchant.purchase(mac, payment).await {
-        Ok(p) => Ok(([(header::CONTENT_TYPE, "application/json")], p.session_json).into_response()),
+        Ok(p) => {
+            let timing = server_timing(p.redeem, started.elapsed());
+            let mut resp =
+                ([(header::CONTENT_TYPE, "application/json")], p.session_json).into_response();
+            if let Ok(v) = HeaderValue::from_str(&timing) {
+                resp.headers_mut()
+                    .insert(header::HeaderName::from_static("server-timing"), v);
+            }
+            Ok(resp)
+        }
         Err(e) => Err(merchant_error(&st, e).with_customer(customer)),
+    }
+}
+
+/// A `Server-Timing` value (W3C): `redeem` is the wallet's swap at the mint (absent on a
+/// replay), `total` the whole handler. Their difference is the gateway's own cost of a
+/// payment, which `cargo xtask bench api` reports; milliseconds with microsecond precision.
+pub fn server_timing(redeem: Option<Duration>, total: Duration) -> String {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    match redeem {
+        Some(r) => format!("redeem;dur={:.3}, total;dur={:.3}", ms(r), ms(total)),
+        None => format!("total;dur={:.3}", ms(total)),
     }
 }
 

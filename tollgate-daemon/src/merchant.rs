@@ -21,6 +21,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex, Weak},
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
@@ -175,6 +176,9 @@ impl MerchantError {
 pub struct Purchase {
     pub session_json: String,
     pub replayed: bool,
+    /// Time spent in the wallet's receive (the swap at the mint) for this request; `None`
+    /// when nothing was redeemed (a replay). The API reports it in `Server-Timing`.
+    pub redeem: Option<Duration>,
 }
 
 /// Payments of one (mint, outcome): how many, and the sats credited (net, first acceptance
@@ -207,6 +211,11 @@ pub struct Merchant {
     locks: Arc<Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>>,
     /// (mint, outcome) → (count, sats): in memory, since the daemon started.
     counts: Arc<Mutex<PaymentTally>>,
+    /// The last signed advertisement and the second it was signed for. `GET /` is the
+    /// hottest path and a Schnorr signature per request would dominate it; `created_at` has
+    /// one-second resolution, so within that second the cached event is exactly what a
+    /// fresh signature would say.
+    ad_cache: Arc<Mutex<Option<(u64, String)>>>,
 }
 
 impl Merchant {
@@ -224,6 +233,7 @@ impl Merchant {
             store,
             locks: Arc::default(),
             counts: Arc::default(),
+            ad_cache: Arc::default(),
         }
     }
 
@@ -235,8 +245,22 @@ impl Merchant {
         &self.cfg
     }
 
-    /// The signed kind-10021 advertisement, with a real `created_at`.
+    /// The signed kind-10021 advertisement, with a real `created_at` (the current second;
+    /// signed at most once per second, see `ad_cache`).
     pub fn advertisement(&self) -> Result<String, MerchantError> {
+        let now = protocol::unix_now();
+        if let Some((at, json)) = &*self.ad_cache.lock().unwrap_or_else(|p| p.into_inner()) {
+            if *at == now {
+                return Ok(json.clone());
+            }
+        }
+        // Signed outside the lock: two requests racing at a second boundary both sign.
+        let json = self.sign_advertisement(now)?;
+        *self.ad_cache.lock().unwrap_or_else(|p| p.into_inner()) = Some((now, json.clone()));
+        Ok(json)
+    }
+
+    fn sign_advertisement(&self, created_at: u64) -> Result<String, MerchantError> {
         let ad = Advertisement {
             metric: self.cfg.metric,
             step_size: self.cfg.step_size,
@@ -253,7 +277,7 @@ impl Merchant {
                 })
                 .collect(),
         };
-        Ok(ad.to_event(&self.cfg.keys, protocol::unix_now())?.as_json())
+        Ok(ad.to_event(&self.cfg.keys, created_at)?.as_json())
     }
 
     /// A signed kind-21023 notice.
@@ -401,11 +425,13 @@ impl Merchant {
 
     /// Drives one grant to its end state (shared by purchase retries and reconcile).
     async fn finish(&self, mut grant: Grant) -> Result<Purchase, MerchantError> {
+        let mut redeem = None;
         match grant.status {
             GrantStatus::Applied => {
                 return Ok(Purchase {
                     session_json: grant.answer.unwrap_or_default(),
                     replayed: true,
+                    redeem: None,
                 })
             }
             GrantStatus::RejectedBelowMin => {
@@ -417,7 +443,10 @@ impl Merchant {
                 });
             }
             GrantStatus::Redeeming | GrantStatus::Failed => {
-                match self.redeemer.receive(&grant.token).await {
+                let started = Instant::now();
+                let received = self.redeemer.receive(&grant.token).await;
+                redeem = Some(started.elapsed());
+                match received {
                     Ok(r) => {
                         self.store.mark_redeemed(&grant.token_id, r.gross, r.net)?;
                         grant.gross = r.gross;
@@ -441,7 +470,9 @@ impl Merchant {
             }
             GrantStatus::Redeemed => {}
         }
-        self.apply(grant)
+        let mut p = self.apply(grant)?;
+        p.redeem = redeem;
+        Ok(p)
     }
 
     fn apply(&self, grant: Grant) -> Result<Purchase, MerchantError> {
@@ -525,6 +556,7 @@ impl Merchant {
         Ok(Purchase {
             session_json: stored,
             replayed: false,
+            redeem: None,
         })
     }
 

@@ -6,7 +6,7 @@
 //!
 //! Prints a Markdown report and writes it to `BENCHMARKS.md` (section "Data plane").
 
-use std::{fmt::Write as _, net::Ipv4Addr, process::Command, time::Duration};
+use std::{fmt::Write as _, net::Ipv4Addr, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use tollgate::valve::{Allowance, DataPlaneMode, Gates, Hook, MacAddr, Valve, ValveConfig};
@@ -241,42 +241,17 @@ fn throughput_table(out: &mut String) -> Result<()> {
 
 fn main() -> Result<()> {
     let mut out = String::new();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
+    let m = tollgate_tests::bench::machine();
     writeln!(out, "## Data plane\n")?;
-    writeln!(out, "Command: `cargo xtask bench dataplane`. Machine: {cpus} cores ({cpu}), kernel {}. Shared, noisy machine: single runs, read the ratios rather than the absolute numbers.\n", kernel.trim())?;
+    writeln!(
+        out,
+        "{} Single runs: read the ratios rather than the absolute numbers.\n",
+        m.describe("cargo xtask bench dataplane")
+    )?;
     testrun_table(&mut out)?;
     throughput_table(&mut out)?;
     print!("{out}");
-    let path = std::env::var("TOLLGATE_BENCHMARKS_MD").unwrap_or_else(|_| "BENCHMARKS.md".into());
-    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
-    let new = replace_section(&old, "## Data plane", &out);
-    std::fs::write(&path, new)?;
+    let path = tollgate_tests::bench::write_section("## Data plane", &out)?;
     eprintln!("[bench] wrote {path}");
-    let _ = Command::new("true").status();
     Ok(())
-}
-
-/// Replaces the `## ...` section starting with `heading` (up to the next `## `), or appends it.
-pub fn replace_section(doc: &str, heading: &str, section: &str) -> String {
-    match doc.find(heading) {
-        Some(start) => {
-            let rest = &doc[start + heading.len()..];
-            let end = rest
-                .find("\n## ")
-                .map_or(doc.len(), |i| start + heading.len() + i + 1);
-            format!("{}{}{}", &doc[..start], section, &doc[end..])
-        }
-        None => format!("{}\n{}", doc.trim_end(), format_args!("\n\n{section}")),
-    }
 }

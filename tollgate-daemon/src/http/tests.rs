@@ -762,3 +762,109 @@ async fn portal_page_and_assets_with_csp() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(h["content-type"], "application/json");
 }
+
+/// `(name, dur ms)` pairs of a `Server-Timing` header.
+fn timings(h: &HeaderMap) -> Vec<(String, f64)> {
+    let v = h
+        .get("server-timing")
+        .expect("server-timing header")
+        .to_str()
+        .expect("ascii");
+    v.split(',')
+        .map(|m| {
+            let (name, dur) = m.trim().split_once(";dur=").expect("name;dur=");
+            (name.to_string(), dur.parse().expect("ms"))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn paid_post_reports_the_redeem_time_in_server_timing() {
+    let t = setup(1, 0, 600);
+    *t.rig.redeemer.delay.lock().expect("lock") = Duration::from_millis(40);
+    let tok = token(7);
+    t.rig.redeemer.add(&tok, MINT, 2, Ok(()));
+    let (s, h, body) = send(
+        &t.app,
+        "POST",
+        "/",
+        Some("text/plain"),
+        tok.clone().into_bytes(),
+        PEER,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let m = timings(&h);
+    assert_eq!(m.len(), 2, "{m:?}");
+    assert_eq!(m[0].0, "redeem");
+    assert_eq!(m[1].0, "total");
+    assert!(
+        m[0].1 >= 40.0,
+        "the wallet's 40 ms are the redeem share: {m:?}"
+    );
+    assert!(m[1].1 >= m[0].1, "total includes redeem: {m:?}");
+
+    // A replay redeems nothing: only the total is reported.
+    let (s, h, _) = send(
+        &t.app,
+        "POST",
+        "/",
+        Some("text/plain"),
+        tok.into_bytes(),
+        PEER,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let m = timings(&h);
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_eq!(m[0].0, "total");
+}
+
+#[test]
+fn server_timing_format() {
+    assert_eq!(
+        server_timing(
+            Some(Duration::from_micros(12_345)),
+            Duration::from_micros(14_000)
+        ),
+        "redeem;dur=12.345, total;dur=14.000"
+    );
+    assert_eq!(
+        server_timing(None, Duration::from_micros(1_500)),
+        "total;dur=1.500"
+    );
+}
+
+#[tokio::test]
+async fn advertisement_is_cached_within_a_second_and_created_at_moves_on() {
+    let t = setup(1, 0, 60);
+    let created = |body: &str| Event::from_json(body).expect("ev").created_at.as_secs();
+    let (_, _, first) = send(&t.app, "GET", "/", None, vec![], PEER).await;
+    independently_verify(&first);
+    let (_, _, second) = send(&t.app, "GET", "/", None, vec![], PEER).await;
+    if created(&first) == created(&second) {
+        assert_eq!(first, second, "same second: the cached event");
+    }
+    // A later second gets a freshly signed event with the real time.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let before = protocol::unix_now();
+        let (_, _, body) = send(&t.app, "GET", "/", None, vec![], PEER).await;
+        let after = protocol::unix_now();
+        independently_verify(&body);
+        let c = created(&body);
+        assert!(
+            before <= c && c <= after,
+            "created_at {c} is now ({before}..={after})"
+        );
+        if c > created(&first) {
+            assert_ne!(body, first);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "created_at never moved on"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
