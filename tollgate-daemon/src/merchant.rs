@@ -416,7 +416,13 @@ impl Merchant {
             Some(g) => g,
             None => {
                 // Durable before the mint sees the token: a crash after the swap is recoverable.
-                self.store.insert_grant(&new)?;
+                // The fsync runs off the async workers so other requests keep being served.
+                let (store, g) = (self.store.clone(), new.clone());
+                tokio::task::spawn_blocking(move || store.insert_grant(&g))
+                    .await
+                    .map_err(|e| MerchantError::Internal {
+                        message: format!("recording the grant: {e}"),
+                    })??;
                 new
             }
         };
