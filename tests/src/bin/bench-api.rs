@@ -567,12 +567,16 @@ fn main() -> Result<()> {
         "| in flight | redeem p50 / p99 ms | latency − redeem p50 / p99 ms | server total − redeem p50 / p99 ms |"
     )?;
     writeln!(out, "|---:|---:|---:|---:|")?;
-    let mut worst_p99: f64 = 0.0;
+    let mut verdicts = Vec::new();
     for (c, r, ..) in &pay_rows {
         let redeem = lat_of(&r.timings.iter().map(|t| t.1).collect::<Vec<_>>());
         let client = lat_of(&r.timings.iter().map(|t| t.0 - t.1).collect::<Vec<_>>());
         let server = lat_of(&r.timings.iter().map(|t| t.2 - t.1).collect::<Vec<_>>());
-        worst_p99 = worst_p99.max(client.p(99.0));
+        let p99 = client.p(99.0);
+        verdicts.push(format!(
+            "{c} in flight: p99 {p99:.2} ms — {}",
+            if p99 <= 5.0 { "met" } else { "not met" }
+        ));
         writeln!(
             out,
             "| {c} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} / {:.2} |",
@@ -587,19 +591,17 @@ fn main() -> Result<()> {
     writeln!(
         out,
         "\nFor scale: one `fsync` on the state directory's filesystem took p50 {:.2} / p99 {:.2} ms \
-         in this run; a payment makes three durable commits of the daemon's own (grant row, \
-         redeemed, session + grant applied) besides the wallet's.",
+         in this run; a payment makes one durable (fully synced) commit of the daemon's own, the \
+         grant row before the redeem, besides the wallet's.",
         fsync.p(50.0),
         fsync.p(99.0)
     )?;
     writeln!(
         out,
-        "\nTarget daemon overhead ≤ 5 ms p99 (latency − redeem): worst p99 {worst_p99:.2} ms — {}.\n",
-        if worst_p99 <= 5.0 {
-            "met"
-        } else {
-            "not met in this run"
-        }
+        "\nTarget daemon overhead ≤ 5 ms p99 (latency − redeem): {}. With many payments in \
+         flight on 2 cores, latency − redeem also holds the time a request waits for a CPU that \
+         the mint, the load generator and the other payments are using.\n",
+        verdicts.join("; ")
     )?;
     print!("{out}");
     let path = write_section("## API", &out)?;
