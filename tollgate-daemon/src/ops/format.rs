@@ -173,6 +173,14 @@ pub fn status(r: &StatusReport) -> String {
             }
         ),
     );
+    if let Some(m) = r
+        .upstream
+        .as_ref()
+        .map(|v| &v["meter"])
+        .filter(|m| !m.is_null())
+    {
+        line(&mut o, format!("           {}", meter_line(m)));
+    }
     line(&mut o, "");
     line(
         &mut o,
@@ -432,6 +440,22 @@ pub fn payouts(rows: &[PayoutRow]) -> String {
     o
 }
 
+/// Our WAN meter against the upstream's `/usage`.
+fn meter_line(m: &serde_json::Value) -> String {
+    let ours = m["ours"].as_u64().unwrap_or(0);
+    match m["theirs"].as_u64() {
+        Some(theirs) => format!(
+            "meter: ours {ours} B, theirs {theirs} B{}",
+            if m["large"].as_bool() == Some(true) {
+                " — DISAGREE"
+            } else {
+                ""
+            }
+        ),
+        None => format!("meter: ours {ours} B (upstream sells time)"),
+    }
+}
+
 /// One line for the upstream session: where, how much of the allotment is used, what was paid.
 fn upstream_line(v: &serde_json::Value) -> String {
     let gw = v["gateway"].as_str().unwrap_or("not found");
@@ -638,5 +662,23 @@ mod tests {
             t.contains(&u64::MAX.to_string()),
             "exact verdict counts: {t}"
         );
+    }
+
+    #[test]
+    fn upstream_and_meter_lines() {
+        let v = serde_json::json!({
+            "gateway": "10.78.0.1", "used": 1200, "allotment": 200000, "paid": 200,
+            "purchases": 1,
+            "meter": {"ours": 1234, "theirs": 1200, "large": false}
+        });
+        assert_eq!(
+            upstream_line(&v),
+            "10.78.0.1, 1200/200000, paid 200 sat in 1 purchases"
+        );
+        assert_eq!(meter_line(&v["meter"]), "meter: ours 1234 B, theirs 1200 B");
+        let big = serde_json::json!({"ours": 9, "theirs": 900000, "large": true});
+        assert!(meter_line(&big).ends_with("DISAGREE"));
+        let time = serde_json::json!({"ours": 9, "theirs": null});
+        assert!(meter_line(&time).contains("sells time"));
     }
 }

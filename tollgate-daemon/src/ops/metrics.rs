@@ -30,6 +30,8 @@ pub struct Snapshot {
     pub payouts: BTreeMap<String, (u64, u64)>,
     /// Upstream purchases by outcome (empty when not in reseller mode).
     pub upstream_purchases: BTreeMap<String, u64>,
+    /// The WAN meter's comparison: (our bytes, the upstream's bytes) since it started.
+    pub upstream_meter: Option<(u64, Option<u64>)>,
     pub policy_entries: u64,
     pub usage_entries: u64,
     pub map_capacity: u64,
@@ -86,8 +88,10 @@ pub async fn collect(st: &OpsState) -> Result<Snapshot, OpsError> {
         Err(e) => tracing::warn!(error = %e, "metrics: payouts"),
     }
     if let Some(up) = &st.app.upstream {
+        let status = up.status();
         s.upstream_purchases
-            .insert("accepted".into(), up.status().purchases);
+            .insert("accepted".into(), status.purchases);
+        s.upstream_meter = status.meter.as_ref().map(|m| (m.ours, m.theirs));
     }
     let (policy, usage) = st.valve.occupancy();
     s.policy_entries = policy.into();
@@ -283,6 +287,17 @@ pub fn render(s: &Snapshot) -> String {
             &[("outcome", outcome)],
             *n,
         );
+    }
+    if let Some((ours, theirs)) = s.upstream_meter {
+        p.family(
+            "tollgate_upstream_meter_bytes",
+            "gauge",
+            "L3 bytes exchanged with the upstream since the comparison started, by who counted.",
+        );
+        p.sample("tollgate_upstream_meter_bytes", &[("side", "ours")], ours);
+        if let Some(t) = theirs {
+            p.sample("tollgate_upstream_meter_bytes", &[("side", "theirs")], t);
+        }
     }
     p.family(
         "tollgate_map_entries",
@@ -558,12 +573,29 @@ mod tests {
             Some(900.0)
         );
         assert_eq!(v("tollgate_upstream_purchases_total", &[]), Some(0.0));
+        assert_eq!(
+            v("tollgate_upstream_meter_bytes", &[("side", "ours")]),
+            None,
+            "no meter, no samples"
+        );
         assert_eq!(v("tollgate_map_entries", &[("map", "usage")]), Some(4.0));
         // Every family has HELP and TYPE, every sample line is a declared family.
         let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         assert_eq!(helps, types);
         assert!(text.ends_with('\n'));
+    }
+
+    #[test]
+    fn the_upstream_meter_is_exported_by_side() {
+        let s = Snapshot {
+            upstream_meter: Some((58_079, Some(58_000))),
+            ..Snapshot::default()
+        };
+        let samples = parse(&render(&s)).expect("parses");
+        let v = |side: &str| value(&samples, "tollgate_upstream_meter_bytes", &[("side", side)]);
+        assert_eq!(v("ours"), Some(58_079.0));
+        assert_eq!(v("theirs"), Some(58_000.0));
     }
 
     #[test]
