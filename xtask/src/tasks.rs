@@ -69,6 +69,11 @@ pub fn demo() -> Result<()> {
             swept.join(", ")
         );
     }
+    use std::os::unix::process::ExitStatusExt;
+    if st.signal() == Some(libc::SIGINT) {
+        println!("[demo] interrupted; everything it created is gone");
+        std::process::exit(130);
+    }
     if !st.success() {
         bail!("the demo did not finish ({st})");
     }
