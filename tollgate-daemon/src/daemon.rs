@@ -163,13 +163,9 @@ pub fn valve_config(cfg: &Config, pin_base: Option<&PathBuf>) -> Result<ValveCon
     Ok(v)
 }
 
-/// Runs the daemon until SIGINT/SIGTERM.
-pub async fn run(cfg: Config, pin_base: Option<PathBuf>) -> Result<()> {
-    run_with(cfg, pin_base, None).await
-}
-
-/// [`run`] with the control socket at `control_socket` (default `<state_dir>/control.sock`).
-pub async fn run_with(
+/// Runs the daemon until SIGINT/SIGTERM, with the control socket at `control_socket`
+/// (default `<state_dir>/control.sock`).
+pub async fn run(
     cfg: Config,
     pin_base: Option<PathBuf>,
     control_socket: Option<PathBuf>,

@@ -416,7 +416,7 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::Dataplane(c) => dataplane(c).await,
         Cmd::Run { o } => {
             let cfg = tollgate::daemon::load_config(&o.config_dir, &o.overrides())?;
-            tollgate::daemon::run_with(cfg, o.pin_base.clone(), o.control_socket.clone()).await
+            tollgate::daemon::run(cfg, o.pin_base.clone(), o.control_socket.clone()).await
         }
         Cmd::Status { c } => {
             let r: StatusReport = c.client().get_json("/ops/status").await?;
@@ -581,13 +581,7 @@ async fn wallet(cmd: WalletCmd) -> Result<()> {
                 .balances()
                 .await?
                 .into_iter()
-                .map(|b| BalanceRow {
-                    mint: b.mint,
-                    unit: b.unit,
-                    balance: b.balance,
-                    reserved: b.reserved,
-                    available: b.available,
-                })
+                .map(BalanceRow::from)
                 .collect();
             print_out(json, &rows, |r| format::balances(r))
         }

@@ -114,33 +114,29 @@ fn usable(mac: MacAddr) -> bool {
 }
 
 /// `/proc/net/arp`: `IP  HWtype  Flags  HWaddr  Mask  Device`; only complete (0x2) entries.
-pub fn parse_proc_net_arp(text: &str, ip: IpAddr) -> Option<MacAddr> {
-    text.lines().skip(1).find_map(|line| {
+fn arp_entries(text: &str) -> impl Iterator<Item = (IpAddr, MacAddr)> + '_ {
+    text.lines().skip(1).filter_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 4 || f[0].parse::<IpAddr>().ok()? != ip {
+        if f.len() < 4 {
             return None;
         }
+        let ip: IpAddr = f[0].parse().ok()?;
         let flags = u32::from_str_radix(f[2].trim_start_matches("0x"), 16).ok()?;
         let mac: MacAddr = f[3].parse().ok()?;
-        (flags & 0x2 != 0 && usable(mac)).then_some(mac)
+        (flags & 0x2 != 0 && usable(mac)).then_some((ip, mac))
     })
+}
+
+/// The MAC of `ip` in `/proc/net/arp` (complete entries only).
+pub fn parse_proc_net_arp(text: &str, ip: IpAddr) -> Option<MacAddr> {
+    arp_entries(text)
+        .find(|(i, _)| *i == ip)
+        .map(|(_, mac)| mac)
 }
 
 /// Every complete entry of `/proc/net/arp`, MAC → IPv4 (the operator's client list).
 pub fn arp_table(text: &str) -> HashMap<MacAddr, IpAddr> {
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 4 {
-                return None;
-            }
-            let ip: IpAddr = f[0].parse().ok()?;
-            let flags = u32::from_str_radix(f[2].trim_start_matches("0x"), 16).ok()?;
-            let mac: MacAddr = f[3].parse().ok()?;
-            (flags & 0x2 != 0 && usable(mac)).then_some((mac, ip))
-        })
-        .collect()
+    arp_entries(text).map(|(ip, mac)| (mac, ip)).collect()
 }
 
 /// `ip -j neigh show` output: `[{"dst":…,"lladdr":…,"state":["REACHABLE"]},…]`.

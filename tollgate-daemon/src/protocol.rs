@@ -140,13 +140,7 @@ impl Advertisement {
     /// Parses and verifies an advertisement (an upstream's, or ours in tests).
     pub fn from_event(event: &Event) -> Result<Self, ProtocolError> {
         verified(event, KIND_ADVERTISEMENT)?;
-        let metric = tag_value(event, "metric")?
-            .ok_or(ProtocolError::MissingTag { tag: "metric" })?
-            .parse()
-            .map_err(|reason| ProtocolError::BadTag {
-                tag: "metric",
-                reason,
-            })?;
+        let metric = metric_tag(event)?;
         let step_size = parse_u64_tag(event, "step_size")?;
         let tips = find_tag(event, "tips")
             .map(|t| t[1..].to_vec())
@@ -224,13 +218,7 @@ impl Session {
             tag: "device-identifier",
         })?;
         let allotment = parse_u64_tag(event, "allotment")?;
-        let metric = tag_value(event, "metric")?
-            .ok_or(ProtocolError::MissingTag { tag: "metric" })?
-            .parse()
-            .map_err(|reason| ProtocolError::BadTag {
-                tag: "metric",
-                reason,
-            })?;
+        let metric = metric_tag(event)?;
         Ok(Session {
             customer,
             mac,
@@ -520,6 +508,16 @@ fn parse_u64_tag(event: &Event, name: &'static str) -> Result<u64, ProtocolError
         .map_err(|_| ProtocolError::BadTag {
             tag: name,
             reason: "not an unsigned integer".into(),
+        })
+}
+
+fn metric_tag(event: &Event) -> Result<Metric, ProtocolError> {
+    tag_value(event, "metric")?
+        .ok_or(ProtocolError::MissingTag { tag: "metric" })?
+        .parse()
+        .map_err(|reason| ProtocolError::BadTag {
+            tag: "metric",
+            reason,
         })
 }
 

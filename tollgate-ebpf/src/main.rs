@@ -402,6 +402,22 @@ fn usage_slot(key: &MacKey) -> Option<*mut Usage> {
     TG_USAGE.get_ptr_mut(key)
 }
 
+/// Counts one metered packet of `len` L3 bytes in direction `dir`.
+#[inline(always)]
+fn add_usage(u: *mut Usage, dir: u8, len: u64) {
+    // SAFETY: atomic adds on a live map value; the return values are unused.
+    unsafe {
+        if dir == direction::UP {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*u).bytes_up, len);
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*u).packets_up, 1);
+        } else {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*u).bytes_down, len);
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*u).packets_down, 1);
+        }
+        (*u).last_seen_mono_ns = bpf_ktime_get_coarse_ns();
+    }
+}
+
 /// Result of the decision: verdict and, for portal redirects, the mark to set.
 struct Decision {
     verdict: Verdict,
@@ -462,17 +478,7 @@ fn meter_only(cfg: &GateConfig, p: &Packet, dir: u8) -> Decision {
         None => return verdict(Verdict::PassLink),
     };
     let len = p.l3_len;
-    // SAFETY: atomic adds on a live map value; the return values are unused.
-    unsafe {
-        if dir == direction::UP {
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*u).bytes_up, len);
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*u).packets_up, 1);
-        } else {
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*u).bytes_down, len);
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*u).packets_down, 1);
-        }
-        (*u).last_seen_mono_ns = bpf_ktime_get_coarse_ns();
-    }
+    add_usage(u, dir, len);
     verdict(Verdict::PassPaid)
 }
 
@@ -567,17 +573,7 @@ fn decide(f: &Frame, total_len: u64, dir: u8, skb_mark: u32) -> Decision {
         };
         return not_entitled(cfg, &p, dir, skb_mark, Verdict::DropQuota);
     }
-    // SAFETY: atomic adds on a live map value; the return values are unused.
-    unsafe {
-        if dir == direction::UP {
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*u).bytes_up, len);
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*u).packets_up, 1);
-        } else {
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*u).bytes_down, len);
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*u).packets_down, 1);
-        }
-        (*u).last_seen_mono_ns = bpf_ktime_get_coarse_ns();
-    }
+    add_usage(u, dir, len);
     verdict(Verdict::PassPaid)
 }
 

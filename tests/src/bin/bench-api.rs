@@ -120,6 +120,20 @@ struct Run {
 }
 
 impl Run {
+    /// Merges the workers' runs; the elapsed time is the whole row's.
+    async fn gather(set: &mut tokio::task::JoinSet<Run>, start: Instant) -> anyhow::Result<Run> {
+        let mut total = Run::default();
+        while let Some(r) = set.join_next().await {
+            let r = r?;
+            total.ok += r.ok;
+            total.errors += r.errors;
+            total.latency.extend(r.latency);
+            total.timings.extend(r.timings);
+        }
+        total.elapsed = start.elapsed();
+        Ok(total)
+    }
+
     fn rate(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64()
     }
@@ -174,15 +188,7 @@ async fn get_load(addr: SocketAddr, conns: usize, duration: Duration) -> Result<
             r
         });
     }
-    let mut total = Run::default();
-    while let Some(r) = set.join_next().await {
-        let r = r?;
-        total.ok += r.ok;
-        total.errors += r.errors;
-        total.latency.extend(r.latency);
-    }
-    total.elapsed = start.elapsed();
-    Ok(total)
+    Run::gather(&mut set, start).await
 }
 
 /// `conc` connections each POSTing tokens from the shared queue until it is empty.
@@ -246,16 +252,7 @@ async fn post_load(addr: SocketAddr, conc: usize, tokens: Vec<String>) -> Result
             r
         });
     }
-    let mut total = Run::default();
-    while let Some(r) = set.join_next().await {
-        let r = r?;
-        total.ok += r.ok;
-        total.errors += r.errors;
-        total.latency.extend(r.latency);
-        total.timings.extend(r.timings);
-    }
-    total.elapsed = start.elapsed();
-    Ok(total)
+    Run::gather(&mut set, start).await
 }
 
 /// The same tokens received by a bare cdk wallet (SQLite file, like the daemon's) with
@@ -298,15 +295,7 @@ async fn cdk_receive_load(
             r
         });
     }
-    let mut total = Run::default();
-    while let Some(r) = set.join_next().await {
-        let r = r?;
-        total.ok += r.ok;
-        total.errors += r.errors;
-        total.latency.extend(r.latency);
-    }
-    total.elapsed = start.elapsed();
-    Ok(total)
+    Run::gather(&mut set, start).await
 }
 
 fn wait_listening(lab: &Lab3, addr: SocketAddr) -> Result<()> {

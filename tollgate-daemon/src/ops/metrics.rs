@@ -63,18 +63,7 @@ pub async fn collect(st: &OpsState) -> Result<Snapshot, OpsError> {
         .collect();
     s.payments = st.app.merchant.payment_counts();
     match st.wallet.balances().await {
-        Ok(b) => {
-            s.wallet = b
-                .into_iter()
-                .map(|b| BalanceRow {
-                    mint: b.mint,
-                    unit: b.unit,
-                    balance: b.balance,
-                    reserved: b.reserved,
-                    available: b.available,
-                })
-                .collect()
-        }
+        Ok(b) => s.wallet = b.into_iter().map(BalanceRow::from).collect(),
         Err(e) => tracing::warn!(error = %e, "metrics: wallet balances"),
     }
     match st.wallet.payouts().await {

@@ -152,6 +152,34 @@ pub struct PayoutRow {
     pub created_at: u64,
 }
 
+impl From<crate::wallet::MintBalance> for BalanceRow {
+    fn from(b: crate::wallet::MintBalance) -> Self {
+        BalanceRow {
+            mint: b.mint,
+            unit: b.unit,
+            balance: b.balance,
+            reserved: b.reserved,
+            available: b.available,
+        }
+    }
+}
+
+impl From<crate::wallet::PayoutRecord> for PayoutRow {
+    fn from(p: crate::wallet::PayoutRecord) -> Self {
+        PayoutRow {
+            id: p.id,
+            mint: p.mint,
+            identity: p.identity,
+            lightning_address: p.lightning_address,
+            amount: p.amount,
+            fee: p.fee,
+            outcome: p.outcome,
+            message: p.message,
+            created_at: p.created_at,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReceiveRequest {
     pub token: String,
@@ -459,13 +487,7 @@ async fn balance(State(st): State<OpsState>) -> Result<Json<Vec<BalanceRow>>, Op
             .balances()
             .await?
             .into_iter()
-            .map(|b| BalanceRow {
-                mint: b.mint,
-                unit: b.unit,
-                balance: b.balance,
-                reserved: b.reserved,
-                available: b.available,
-            })
+            .map(BalanceRow::from)
             .collect(),
     ))
 }
@@ -476,17 +498,7 @@ async fn payouts(State(st): State<OpsState>) -> Result<Json<Vec<PayoutRow>>, Ops
             .payouts()
             .await?
             .into_iter()
-            .map(|p| PayoutRow {
-                id: p.id,
-                mint: p.mint,
-                identity: p.identity,
-                lightning_address: p.lightning_address,
-                amount: p.amount,
-                fee: p.fee,
-                outcome: p.outcome,
-                message: p.message,
-                created_at: p.created_at,
-            })
+            .map(PayoutRow::from)
             .collect(),
     ))
 }
