@@ -192,3 +192,38 @@ mod tests {
         assert!(a > 0 && b >= a);
     }
 }
+
+/// The DNS budget of an unpaid MAC, enforced in the kernel (per-MAC token bucket on DNS to
+/// and from the gateway, both directions' L3 bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsBudget {
+    /// Sustained bytes per second.
+    pub rate: u32,
+    /// Bucket size in bytes (what a fresh MAC may send at once).
+    pub burst: u32,
+    /// UDP queries with a larger payload are dropped.
+    pub max_udp_payload: u16,
+}
+
+impl Default for DnsBudget {
+    fn default() -> Self {
+        Self {
+            rate: tollgate_common::DNS_RATE_DEFAULT,
+            burst: tollgate_common::DNS_BURST_DEFAULT,
+            max_udp_payload: tollgate_common::DNS_MAX_UDP_DEFAULT,
+        }
+    }
+}
+
+/// Where a program sits in an interface's TCX chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TcxPosition {
+    /// `ingress` or `egress`.
+    pub hook: &'static str,
+    /// Programs before ours (id and name), the ones that can bypass the gate.
+    pub before: Vec<String>,
+    /// Number of programs after ours (they run on what we pass).
+    pub after: usize,
+    /// Ours was found in the chain at all.
+    pub attached: bool,
+}
