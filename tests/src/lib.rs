@@ -11,6 +11,7 @@ pub mod mint;
 pub mod netns;
 pub mod pins;
 pub mod web;
+pub mod wire;
 
 /// The `tollgate` binary under test: `$TOLLGATE_BIN`, else next to the test executable's
 /// `deps/` directory or next to it (where `cargo build -p tollgate-daemon`, run by `cargo xtask test`, puts it).

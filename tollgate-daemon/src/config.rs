@@ -272,6 +272,20 @@ struct RawDataplane {
     /// skb mark the data plane sets on unpaid TCP/80 (default [`DEFAULT_PORTAL_MARK`]).
     #[serde(default)]
     portal_mark: Option<u32>,
+    /// DNS budget of unpaid clients (kernel token bucket); defaults in `tollgate-common`.
+    #[serde(default)]
+    dns_budget: Option<RawDnsBudget>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawDnsBudget {
+    #[serde(default)]
+    rate_bytes_per_second: Option<u32>,
+    #[serde(default)]
+    burst_bytes: Option<u32>,
+    #[serde(default)]
+    max_udp_query_bytes: Option<u16>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -368,6 +382,8 @@ pub struct DataplaneConfig {
     pub portal_port: u16,
     /// Mark unpaid TCP/80 with this and redirect it to `portal_port` (None: redirect off).
     pub portal_mark: Option<u32>,
+    /// DNS budget of unpaid clients, enforced in the kernel.
+    pub dns_budget: crate::valve::DnsBudget,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -716,6 +732,26 @@ impl Config {
                 Some(m)
             }
         };
+        let dns_budget = {
+            let d = crate::valve::DnsBudget::default();
+            let r = dp.and_then(|d| d.dns_budget.as_ref());
+            let b = crate::valve::DnsBudget {
+                rate: r.and_then(|r| r.rate_bytes_per_second).unwrap_or(d.rate),
+                burst: r.and_then(|r| r.burst_bytes).unwrap_or(d.burst),
+                max_udp_payload: r
+                    .and_then(|r| r.max_udp_query_bytes)
+                    .unwrap_or(d.max_udp_payload),
+            };
+            if b.rate == 0 || (b.burst as u64) < b.max_udp_payload as u64 + 48 {
+                return Err(c.err(
+                    "dataplane.dns_budget",
+                    "rate_bytes_per_second must be > 0 and burst_bytes must hold one largest \
+                     query (max_udp_query_bytes + 48)",
+                    "omit it for the defaults (4096 B/s, 32768 B burst, 512 B queries)",
+                ));
+            }
+            b
+        };
         let post_rate_per_minute = raw.post_rate_per_minute.unwrap_or(30);
         if post_rate_per_minute == 0 {
             return Err(c.err(
@@ -775,6 +811,7 @@ impl Config {
                 garden_allow,
                 portal_port,
                 portal_mark,
+                dns_budget,
             },
             neighbour: NeighbourConfig {
                 device_leases_file: raw.device_leases_file.clone(),

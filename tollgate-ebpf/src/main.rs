@@ -387,7 +387,8 @@ fn local_garden(cfg: &GateConfig, p: &Packet) -> bool {
             false
         }
         IPPROTO_TCP => to_gw && p.dport != 53 && tcp_port_open(cfg, p.dport),
-        IPPROTO_ICMPV6 => {
+        // ICMPv6 only inside IPv6 (protocol 58 in IPv4 is no neighbour discovery).
+        IPPROTO_ICMPV6 if !p.is_v4 => {
             // RS, RA, NS, NA, redirect — only to link-local/multicast/the gateway, so ND
             // cannot be used as a tunnel to a routed destination.
             (133..=137).contains(&p.icmp_type)
@@ -409,7 +410,7 @@ fn dns_to_gateway(cfg: &GateConfig, p: &Packet) -> bool {
 /// ICMPv6 router/neighbour discovery (RS, RA, NS, NA, redirect).
 #[inline(always)]
 fn is_nd(p: &Packet) -> bool {
-    p.proto == IPPROTO_ICMPV6 && p.l4 && (133..=137).contains(&p.icmp_type)
+    !p.is_v4 && p.proto == IPPROTO_ICMPV6 && p.l4 && (133..=137).contains(&p.icmp_type)
 }
 
 /// Does `key` have an open gate, before its deadline and below its total limit right now?

@@ -409,6 +409,7 @@ async fn status(State(st): State<OpsState>) -> Result<Json<StatusReport>, OpsErr
             }
         })
         .collect();
+    warnings.extend(st.valve.tcx_warnings());
     let (policy, usage) = st.valve.occupancy();
     let sessions = st.app.chandler.clients()?;
     let active = sessions.iter().filter(|s| s.active).count() as u64;

@@ -743,6 +743,38 @@ impl Valve {
         Ok(out)
     }
 
+    /// Operator warnings about the TCX chains: foreign programs before ours (they can pass
+    /// frames around the gate) or ours missing. Empty when not attached here.
+    pub fn tcx_warnings(&self) -> Vec<String> {
+        if !self.attached {
+            return Vec::new();
+        }
+        match self.tcx_positions() {
+            Ok(ps) => ps
+                .into_iter()
+                .filter_map(|p| {
+                    if !p.attached {
+                        Some(format!(
+                            "data plane: our tcx {} program is not attached to {}",
+                            p.hook, self.iface
+                        ))
+                    } else if !p.before.is_empty() {
+                        Some(format!(
+                            "data plane: foreign tcx {} programs run before the gate on {} and \
+                             can bypass it: {}",
+                            p.hook,
+                            self.iface,
+                            p.before.join(", ")
+                        ))
+                    } else {
+                        None
+                    }
+                })
+                .collect(),
+            Err(e) => vec![format!("data plane: tcx chain unreadable: {e}")],
+        }
+    }
+
     /// Capacity of the per-client maps.
     pub fn capacity(&self) -> u32 {
         MAX_CLIENTS
