@@ -397,7 +397,9 @@ fn foreign_tcx_programs_neither_open_the_gate_nor_are_skipped() {
     open(&valve, lab.client_mac(), 10_000_000);
     let got = download(&lab.client, 100_000, Duration::from_secs(2));
     assert_eq!(got, 100_000, "a paid client downloads");
-    // ... and a drop-all after ours sees what we pass (TCX_NEXT), so it stops it.
+    // ... and a drop-all after ours sees what we pass (TCX_NEXT), so it stops it. (The
+    // pass-all programs go first: their TC_ACT_OK would end the chain before it.)
+    drop(early);
     let late = lab
         .gateway
         .run(|| ForeignTcx::attach(LAN_IFACE, TcxHook::Egress, TcxPlace::Last, 2));
@@ -407,7 +409,6 @@ fn foreign_tcx_programs_neither_open_the_gate_nor_are_skipped() {
         "the program after ours did not run on passed packets"
     );
     drop(late);
-    drop(early);
 }
 
 /// Sets offloads with ethtool inside `ns`.

@@ -321,8 +321,9 @@ pub struct TestRunOutcome {
 impl TestRunOutcome {
     pub fn passed(&self, hook: Hook) -> bool {
         match hook {
-            // TCX_NEXT (-1): pass and let later programs run; TC_ACT_OK would end the chain.
-            Hook::TcIngress | Hook::TcEgress => self.ret == u32::MAX,
+            // TCX_NEXT (-1, what the programs return: pass and let later programs run) or
+            // TC_ACT_OK (0).
+            Hook::TcIngress | Hook::TcEgress => self.ret == u32::MAX || self.ret == 0,
             Hook::XdpIngress => self.ret == 2,
         }
     }
