@@ -278,6 +278,21 @@ fn forged_nd_from_upstream_does_not_reach_an_unpaid_client() {
         .ip(&["-6", "route", "add", "fd77::/64", "via", "fd78::1"]);
     lab.client
         .ip(&["-6", "route", "add", "default", "via", "fd77::1"]);
+    // A permanent neighbour entry: the forged packets must not depend on neighbour
+    // discovery between the gateway and the client succeeding first.
+    let mac = MacAddr(lab.client_mac()).to_string();
+    lab.gateway.ip(&[
+        "-6",
+        "neigh",
+        "replace",
+        "fd77::2",
+        "lladdr",
+        &mac,
+        "dev",
+        LAN_IFACE,
+        "nud",
+        "permanent",
+    ]);
     let mut cfg = valve_config(&pins);
     cfg.gateway_v6 = vec!["fd77::1".parse().unwrap()];
     let _valve = attach_cfg(&lab, cfg);
@@ -285,6 +300,10 @@ fn forged_nd_from_upstream_does_not_reach_an_unpaid_client() {
     let cap = Capture::start(&lab.client, "eth0", move |s| {
         !s.outgoing && s.src() == up6.octets()
     });
+    // The upstream's route to the gateway is resolved before the burst (else the burst waits
+    // in the neighbour queue and is mostly dropped there, which would prove nothing).
+    lab.upstream
+        .sh("for i in 1 2 3 4 5 6 7 8 9 10; do ping -6 -c1 -W1 fd78::1 >/dev/null && exit 0; done; exit 1");
     let sent = lab.upstream.run(|| {
         // SAFETY: plain socket(2); the kernel fills in the ICMPv6 checksum.
         let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_ICMPV6) };
