@@ -137,7 +137,7 @@ impl Capture {
                 }
                 let seen = Seen {
                     ip: &f[off + 2..],
-                    outgoing: sll.sll_pkttype == libc::PACKET_OUTGOING as u8,
+                    outgoing: sll.sll_pkttype == libc::PACKET_OUTGOING,
                     group: f[0] & 1 == 1,
                 };
                 if filter(&seen) {

@@ -1694,3 +1694,74 @@ fn random_and_mutated_frames_pass_only_the_garden() {
         "the generator reaches several garden classes: {passed:?}"
     );
 }
+
+/// The pinned POLICY map, opened behind the valve's back (to write what a stale CPU holds).
+fn policy_map(
+    l: &Lab,
+) -> aya::maps::HashMap<aya::maps::MapData, tollgate_common::MacKey, tollgate_common::Policy> {
+    let path = l._pins.path().join(format!(
+        "v{}/{}",
+        tollgate_common::SCHEMA_VERSION,
+        tollgate_common::maps::POLICY
+    ));
+    let md = aya::maps::MapData::from_pin(&path).expect("pinned policy map");
+    aya::maps::HashMap::try_from(aya::maps::Map::HashMap(md)).expect("a hash map")
+}
+
+/// Item 9. The exhaustion claim only moves the generation forward: a CPU still holding an
+/// older policy (simulated by writing the previous generation back into the pinned map, as
+/// a stale copy would read) neither emits a second event for it nor makes the current
+/// generation fire again (old code: an unconditional exchange did both).
+#[tokio::test]
+async fn a_stale_policy_never_moves_the_exhaustion_generation_back() {
+    let l = lab("stalegen");
+    let mut events = l.valve.events().unwrap();
+    let mac = MacAddr(CLIENT);
+    let f = up().ipv4(CL4, NET4, L4::Udp { sport: 1, dport: 9 }, 72); // 100 bytes
+    l.valve
+        .open(
+            mac,
+            Allowance {
+                bytes: Some(100),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    l.expect(Hook::TcIngress, &f, Verdict::PassPaid);
+    l.expect(Hook::TcIngress, &f, Verdict::DropQuota);
+    let first = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("first exhaustion")
+        .unwrap();
+    let stale = policy_map(&l)
+        .get(&tollgate_common::MacKey::new(CLIENT), 0)
+        .unwrap();
+    l.valve.extend(mac, 100, 0).unwrap();
+    l.expect(Hook::TcIngress, &f, Verdict::PassPaid);
+    l.expect(Hook::TcIngress, &f, Verdict::DropQuota);
+    let second = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("second exhaustion")
+        .unwrap();
+    assert!(second.generation > first.generation);
+    let current = {
+        let mut m = policy_map(&l);
+        let key = tollgate_common::MacKey::new(CLIENT);
+        let current = m.get(&key, 0).unwrap();
+        // The stale view: the first generation with a limit that is exhausted too.
+        let mut old = stale;
+        old.limit_total = current.limit_total;
+        m.insert(key, old, 0).unwrap();
+        l.expect(Hook::TcIngress, &f, Verdict::DropQuota);
+        m.insert(key, current, 0).unwrap();
+        l.expect(Hook::TcIngress, &f, Verdict::DropQuota);
+        current
+    };
+    assert_eq!(current.generation, second.generation);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let extra: Vec<_> = std::iter::from_fn(|| events.try_recv().ok()).collect();
+    assert!(
+        extra.is_empty(),
+        "no event for a stale generation, none again for the current one: {extra:?}"
+    );
+}
