@@ -1264,4 +1264,45 @@ mod tests {
         );
         let _ = fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn dns_budget_defaults_overrides_and_refusals() {
+        let c = load(&patched(|_| {}), IDS).expect("config");
+        assert_eq!(c.dataplane.dns_budget, crate::valve::DnsBudget::default());
+        assert_eq!(
+            (c.dataplane.dns_budget.rate, c.dataplane.dns_budget.burst),
+            (4096, 32768)
+        );
+        let c = load(
+            &patched(|v| {
+                v["dataplane"] = serde_json::json!({"dns_budget": {"rate_bytes_per_second": 1000,
+                    "burst_bytes": 8000, "max_udp_query_bytes": 300}})
+            }),
+            IDS,
+        )
+        .expect("config");
+        assert_eq!(
+            c.dataplane.dns_budget,
+            crate::valve::DnsBudget {
+                rate: 1000,
+                burst: 8000,
+                max_udp_payload: 300
+            }
+        );
+        for bad in [
+            serde_json::json!({"rate_bytes_per_second": 0}),
+            serde_json::json!({"burst_bytes": 100}),
+        ] {
+            let (field, _) = field_of(
+                &patched(|v| v["dataplane"] = serde_json::json!({"dns_budget": bad})),
+                IDS,
+            );
+            assert_eq!(field, "dataplane.dns_budget");
+        }
+        assert!(load(
+            &patched(|v| v["dataplane"] = serde_json::json!({"dns_budget": {"rate": 1}})),
+            IDS
+        )
+        .is_err());
+    }
 }

@@ -1219,6 +1219,24 @@ mod tests {
     }
 
     #[test]
+    fn dns_budget_in_the_gate_config() {
+        let mut c = ValveConfig::new("lan0");
+        let g = c.gate_config().unwrap();
+        assert_ne!(g.flags & config_flags::DNS_BUDGET, 0, "on by default");
+        assert_eq!((g.dns_rate, g.dns_burst, g.dns_max_udp), (4096, 32768, 512));
+        c.dns_budget = None;
+        assert_eq!(c.gate_config().unwrap().flags & config_flags::DNS_BUDGET, 0);
+        c.dns_budget = Some(DnsBudget {
+            rate: 1,
+            burst: 100,
+            max_udp_payload: 512,
+        });
+        assert!(c.gate_config().is_err(), "a burst below one query");
+        let m = ValveConfig::meter("wan0", Path::new("/sys/fs/bpf/x"));
+        assert_eq!(m.gate_config().unwrap().flags & config_flags::DNS_BUDGET, 0);
+    }
+
+    #[test]
     fn remaining_is_min_of_limits_and_closed_is_zero() {
         let mac = MacAddr([2, 0, 0, 0, 0, 1]);
         let u = Usage {
