@@ -1765,3 +1765,15 @@ async fn a_stale_policy_never_moves_the_exhaustion_generation_back() {
         "no event for a stale generation, none again for the current one: {extra:?}"
     );
 }
+
+/// The WAN meter never drops: unicast IP in group frames passes there in both directions
+/// (the LAN gate's group-MAC rule must not leak into meter-only mode).
+#[test]
+fn meter_only_passes_unicast_ip_in_group_frames() {
+    let l = meter_lab("metergroup");
+    for dst in [BROADCAST, MCAST4_MAC] {
+        let f = Frame::new(WAN_MAC, dst).ipv4(NET4, CL4, udp(9, 1), 100);
+        assert!(l.pass(Hook::TcEgress, &f), "meter egress");
+        assert!(l.pass(Hook::TcIngress, &f), "meter ingress");
+    }
+}

@@ -671,7 +671,12 @@ fn decide_packet(p: &Packet, dir: u8, skb_mark: u32) -> Decision {
             return verdict(Verdict::PassMulticast);
         }
         if dir == direction::DOWN {
-            return verdict(Verdict::DropGroupUnicast);
+            // Off the hot path: only these frames pay for this config read. A meter never
+            // drops anything.
+            return match TG_CONFIG.get(0) {
+                Some(c) if c.flags & config_flags::METER_ONLY != 0 => verdict(Verdict::PassLink),
+                _ => verdict(Verdict::DropGroupUnicast),
+            };
         }
     }
     if p.ethertype == ETH_P_ARP {
