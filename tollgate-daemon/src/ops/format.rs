@@ -624,6 +624,7 @@ mod tests {
                 gateway_v6: vec!["fe80::1234:5678:9abc:def0".parse().unwrap()],
                 tcp_ports: vec![2121, 80, 65535, 443],
                 garden: (0..20).map(|i| format!("192.0.{i}.0/24")).collect(),
+                dns_budget: None,
             },
             occupancy: Occupancy {
                 policy: 1,

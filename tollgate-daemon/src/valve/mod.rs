@@ -689,6 +689,11 @@ impl Valve {
                 .collect(),
             tcp_ports: c.tcp_ports.iter().copied().filter(|p| *p != 0).collect(),
             garden,
+            dns_budget: (c.flags & config_flags::DNS_BUDGET != 0).then_some(DnsBudget {
+                rate: c.dns_rate,
+                burst: c.dns_burst,
+                max_udp_payload: c.dns_max_udp,
+            }),
         })
     }
 

@@ -148,6 +148,8 @@ pub struct ConfigView {
     pub tcp_ports: Vec<u16>,
     /// Walled-garden prefixes (`addr/len`).
     pub garden: Vec<String>,
+    /// DNS budget of unpaid MACs (None = unlimited).
+    pub dns_budget: Option<DnsBudget>,
 }
 
 /// `CLOCK_BOOTTIME` in nanoseconds: the clock `bpf_ktime_get_boot_ns()` reads, so deadlines
@@ -195,7 +197,7 @@ mod tests {
 
 /// The DNS budget of an unpaid MAC, enforced in the kernel (per-MAC token bucket on DNS to
 /// and from the gateway, both directions' L3 bytes).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct DnsBudget {
     /// Sustained bytes per second.
     pub rate: u32,
