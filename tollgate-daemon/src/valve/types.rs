@@ -149,6 +149,7 @@ pub struct ConfigView {
     /// Walled-garden prefixes (`addr/len`).
     pub garden: Vec<String>,
     /// DNS budget of unpaid MACs (None = unlimited).
+    #[serde(default)]
     pub dns_budget: Option<DnsBudget>,
 }
 
@@ -197,7 +198,7 @@ mod tests {
 
 /// The DNS budget of an unpaid MAC, enforced in the kernel (per-MAC token bucket on DNS to
 /// and from the gateway, both directions' L3 bytes).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DnsBudget {
     /// Sustained bytes per second.
     pub rate: u32,
