@@ -5,6 +5,11 @@
 //! - `an_old_http_connection_carries_nothing_after_the_gate_closes`: a TCP/80 connection opened
 //!   while paid is still marked for the portal once the gate shuts, but NAT only rewrites a
 //!   connection's first packet; the nft table's forward chain must drop it.
+//! - `hostile_payments_from_two_thousand_macs_leave_no_kernel_entry`: junk, foreign-mint and
+//!   spent tokens never create a kernel entry (the pre-flight is a capacity check only).
+//! - `two_thousand_payers_leave_at_most_the_retention_and_a_full_map_admits_a_payer`: entries
+//!   of ended sessions are evicted after the retention; a map full of closed entries still
+//!   admits a new payer; an active client is never evicted.
 
 use std::{
     io::{Read, Write},
@@ -19,7 +24,8 @@ use std::{
 };
 
 use tollgate_tests::{
-    gateway::{http, in_ns, ns_runtime, write_config, Daemon},
+    crowd::Crowd,
+    gateway::{http, in_ns, ns_runtime, write_config, write_config_value, Daemon},
     mint::TestMint,
     netns::{Lab3, Netns, UPSTREAM_IP},
     pins::PinBase,
@@ -147,5 +153,239 @@ fn an_old_http_connection_carries_nothing_after_the_gate_closes() {
         "bytes reached the upstream on a connection opened while paid, after the gate closed"
     );
     drop(conn);
+    daemon.stop();
+}
+
+/// `tollgate maps --json`: (policy entries, usage entries, capacity), read from the pins.
+fn occupancy(pins: &PinBase) -> (u64, u64, u64) {
+    let out = tg(&[
+        "maps",
+        "--json",
+        "--pin-base",
+        pins.path().to_str().expect("utf-8 path"),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("maps json");
+    let o = &v["occupancy"];
+    (
+        o["policy"].as_u64().expect("policy"),
+        o["usage"].as_u64().expect("usage"),
+        o["capacity"].as_u64().expect("capacity"),
+    )
+}
+
+/// A config selling `metric` in `step`s at 1 sat each (minimum 10 steps) with a `dataplane`
+/// section and a payment rate high enough for a crowd.
+fn crowd_config(dir: &Path, mint: &str, metric: &str, step: u64, dataplane: serde_json::Value) {
+    let config = serde_json::json!({
+        "config_version": "v0.0.8", "log_level": "info",
+        "metric": metric, "step_size": step,
+        "accepted_mints": [{
+            "url": mint, "price_per_step": 1, "price_unit": "sat",
+            "purchase_min_steps": 10, "min_balance": 64, "min_payout_amount": 1000000,
+            "payout_interval_seconds": 3600, "balance_tolerance_percent": 10
+        }],
+        "profit_share": [{"identity": "owner", "factor": 1.0}],
+        "reseller_mode": false,
+        "usage_snapshot_interval": "500ms",
+        "post_rate_per_minute": 100000,
+        "dataplane": dataplane
+    });
+    write_config_value(dir, &config);
+}
+
+const CROWD: usize = 2000;
+
+/// 1. A gateway with a real mint; one legitimate payment from the lab's client (its token is
+///    spent from then on).
+/// 2. 2 000 devices (macvlans, distinct MACs and addresses) each POST one hostile body: junk
+///    that looks like a token, a token of a mint the gateway does not accept, the spent token.
+/// 3. Every POST is refused, and the kernel maps hold exactly what they held before.
+#[test]
+fn hostile_payments_from_two_thousand_macs_leave_no_kernel_entry() {
+    let lab = Lab3::new("adj");
+    let pins = PinBase::new("adj");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (config_dir, state_dir) = (tmp.path().join("etc"), tmp.path().join("state"));
+    let rt = ns_runtime(&lab.gateway);
+    let mint = Arc::new(in_ns(&lab.gateway, &rt, || TestMint::start(0)));
+    let foreign = Arc::new(in_ns(&lab.gateway, &rt, || TestMint::start(0)));
+    crowd_config(
+        &config_dir,
+        &mint.url(),
+        "bytes",
+        1_000,
+        serde_json::json!({}),
+    );
+    let mut daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
+    let crowd = Crowd::new(&lab, CROWD);
+
+    let spent = {
+        let m = mint.clone();
+        in_ns(
+            &lab.gateway,
+            &rt,
+            move || async move { m.mint_token(20).await },
+        )
+    };
+    let (st, body) = http(&lab.client, "POST", "/", Some(("text/plain", &spent)));
+    assert_eq!(
+        st,
+        200,
+        "legitimate payment: {body}; log: {}",
+        log(&state_dir)
+    );
+    let foreign_tokens = {
+        let f = foreign.clone();
+        in_ns(&lab.gateway, &rt, move || async move {
+            f.mint_tokens(20, 4).await
+        })
+    };
+    let before = occupancy(&pins);
+    assert_eq!((before.0, before.1), (1, 1), "the paying client's entries");
+
+    let bodies: Vec<String> = (0..CROWD)
+        .map(|i| match i % 4 {
+            0 => format!("cashuBo2FteBhodHRwOi8vMTI3LjAuMC4xOjEvbm90LWEtbWludGF1{i:08}"),
+            1 => foreign_tokens[i % foreign_tokens.len()].clone(),
+            2 => spent.clone(),
+            _ => format!("cashuA{}", "x".repeat(i % 97 + 1)),
+        })
+        .collect();
+    let statuses = crowd.post(0, &bodies);
+    let answered = statuses.iter().filter(|s| **s != 0).count();
+    assert_eq!(answered, CROWD, "every hostile POST got an answer");
+    let granted = statuses.iter().filter(|s| **s == 200).count();
+    // The spent token replayed answers with the session it bought (for its own device), so
+    // 200s may come back for those; they must not open anything for the crowd.
+    assert!(
+        granted <= CROWD / 4,
+        "only replays of the spent token may answer 200: {granted}"
+    );
+    let after = occupancy(&pins);
+    assert_eq!(
+        (after.0, after.1),
+        (before.0, before.1),
+        "hostile payments left kernel entries behind; log: {}",
+        log(&state_dir)
+    );
+    daemon.stop();
+}
+
+/// 1. A gateway selling 1 s of access (10 steps of 100 ms) with `max_clients` 256 and a 2 s
+///    retention for closed entries.
+/// 2. 2 000 devices each pay once (in waves, so active sessions fit in the map): every payment
+///    is granted although 2 000 > 256, because ended sessions' entries are evicted.
+/// 3. After the last session ended and the retention passed, the maps are empty again.
+/// 4. A second gateway with `max_clients` 16 and a retention of an hour: 16 devices pay and
+///    their sessions end, so the map is full of closed entries; a 17th device still pays and
+///    gets in (the oldest closed entry makes room); one device paying for an hour is never
+///    evicted while others come and go.
+#[test]
+fn two_thousand_payers_leave_at_most_the_retention_and_a_full_map_admits_a_payer() {
+    let lab = Lab3::new("adp");
+    let pins = PinBase::new("adp");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (config_dir, state_dir) = (tmp.path().join("etc"), tmp.path().join("state"));
+    let rt = ns_runtime(&lab.gateway);
+    let mint = Arc::new(in_ns(&lab.gateway, &rt, || TestMint::start(0)));
+    crowd_config(
+        &config_dir,
+        &mint.url(),
+        "milliseconds",
+        100,
+        serde_json::json!({"max_clients": 256, "closed_retention": "2s"}),
+    );
+    let mut daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
+    assert_eq!(occupancy(&pins).2, 256, "dataplane.max_clients applied");
+    let crowd = Crowd::new(&lab, CROWD);
+    let tokens = {
+        let m = mint.clone();
+        in_ns(&lab.gateway, &rt, move || async move {
+            m.mint_tokens(10, CROWD).await
+        })
+    };
+    for (w, wave) in tokens.chunks(200).enumerate() {
+        let statuses = crowd.post(w * 200, wave);
+        let ok = statuses.iter().filter(|s| **s == 200).count();
+        assert_eq!(
+            ok,
+            wave.len(),
+            "every payer admitted; log: {}",
+            log(&state_dir)
+        );
+        assert!(occupancy(&pins).0 <= 256);
+        // This wave's 1 s sessions end (and the chandler closes them) before the next wave.
+        std::thread::sleep(Duration::from_millis(1600));
+    }
+    wait_for(
+        20,
+        "entries of ended sessions evicted after the retention",
+        || occupancy(&pins).0 == 0,
+    );
+    assert_eq!(occupancy(&pins).1, 0, "no counters left either");
+    daemon.stop();
+
+    // A small map and a long retention: only room-making evicts (and the pinned 256-entry maps
+    // are recreated at 16).
+    crowd_config(
+        &config_dir,
+        &mint.url(),
+        "milliseconds",
+        100,
+        serde_json::json!({"max_clients": 16, "closed_retention": "1h"}),
+    );
+    let mut daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
+    assert_eq!(occupancy(&pins).2, 16, "maps recreated at the new size");
+    let hour = {
+        let m = mint.clone();
+        in_ns(&lab.gateway, &rt, move || async move {
+            m.mint_token(36_000).await
+        })
+    };
+    let (st, body) = http(&lab.client, "POST", "/", Some(("text/plain", &hour)));
+    assert_eq!(st, 200, "an hour for the lab's client: {body}");
+    let tokens = {
+        let m = mint.clone();
+        in_ns(&lab.gateway, &rt, move || async move {
+            m.mint_tokens(10, 45).await
+        })
+    };
+    // 15 devices fill the map with the paying client; their sessions end.
+    let statuses = crowd.post(0, &tokens[..15]);
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    std::thread::sleep(Duration::from_millis(1600));
+    assert_eq!(
+        occupancy(&pins).0,
+        16,
+        "full of closed entries (retention 1 h)"
+    );
+    // Full: a new payer still gets in, and again, wave after wave.
+    for (w, wave) in tokens[15..].chunks(10).enumerate() {
+        let statuses = crowd.post(15 + w * 10, wave);
+        assert!(
+            statuses.iter().all(|s| *s == 200),
+            "a full map admits new payers: {statuses:?}; log: {}",
+            log(&state_dir)
+        );
+        assert!(occupancy(&pins).0 <= 16);
+        std::thread::sleep(Duration::from_millis(1600));
+    }
+    // The paying client was never evicted: its gate is open and its traffic passes.
+    let maps: serde_json::Value = serde_json::from_str(&tg(&[
+        "maps",
+        "--json",
+        "--pin-base",
+        pins.path().to_str().expect("utf-8 path"),
+    ]))
+    .expect("maps json");
+    let me = mac_text(lab.client_mac());
+    let gate = maps["gates"]
+        .as_array()
+        .expect("gates")
+        .iter()
+        .find(|g| g["mac"] == me.as_str())
+        .unwrap_or_else(|| panic!("the active client's entry is still there: {maps}"));
+    assert_eq!(gate["open"], true, "{gate}");
+    lab.client.sh("ping -c1 -W3 10.78.0.2 >/dev/null");
     daemon.stop();
 }

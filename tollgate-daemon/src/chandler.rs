@@ -7,6 +7,11 @@
 //! kernel ──Exhaustion{mac, generation}──> run() ──> session closed (quota / expiry), recorded
 //! start ──reconcile()──> DB is the truth for allotments, kernel counters for usage
 //! ```
+//! Kernel entries: `check` only asks whether there is room (nothing is created before the
+//! money is taken); `open` at grant time creates the entry; a closed gate's entry is evicted
+//! by `run()`'s sweep after `closed_retention` (sooner, oldest first, when the map is near
+//! full). An open gate is never evicted.
+//!
 //! States of a session row: active ──exhausted / admin-close / reconcile──> closed; a payment
 //! for a closed session starts a new one. Top-ups add to what remains and never interrupt
 //! traffic: time `new_end = max(now, old_end) + added`, bytes `remaining + added` (`extend`
@@ -540,7 +545,15 @@ impl Chandler {
         Ok(report)
     }
 
-    /// Background task: consumes exhaustion events and snapshots usage until `shutdown` flips.
+    /// Evicts kernel entries of closed gates (see [`Gates::sweep`]). Under the guard, so no
+    /// grant is between reading a gate and opening it while its entry goes.
+    pub fn sweep(&self) -> Result<crate::valve::SweepReport, ChandlerError> {
+        let _g = self.guard();
+        Ok(self.gates.sweep(self.cfg.closed_retention)?)
+    }
+
+    /// Background task: consumes exhaustion events, snapshots usage and sweeps closed kernel
+    /// entries until `shutdown` flips.
     pub async fn run(
         self: Arc<Self>,
         mut exhaustion: mpsc::Receiver<Exhaustion>,
@@ -550,6 +563,11 @@ impl Chandler {
             self.cfg
                 .usage_snapshot_interval
                 .max(Duration::from_millis(100)),
+        );
+        // Often enough that an entry outlives its retention by at most a quarter of it.
+        let mut sweep = tokio::time::interval(
+            (self.cfg.closed_retention / 4)
+                .clamp(Duration::from_millis(250), Duration::from_secs(30)),
         );
         loop {
             tokio::select! {
@@ -570,6 +588,16 @@ impl Chandler {
                         tracing::warn!(error = %e, "usage snapshot");
                     }
                 }
+                _ = sweep.tick() => match self.sweep() {
+                    Ok(r) if r.evicted > 0 => tracing::info!(
+                        evicted = r.evicted,
+                        occupied = r.occupied,
+                        capacity = r.capacity,
+                        "closed client entries evicted"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "sweeping closed client entries"),
+                },
                 _ = shutdown.changed() => break,
             }
         }
@@ -701,6 +729,16 @@ pub(crate) mod fake {
             }
             Ok(())
         }
+        fn sweep(&self, _retention: Duration) -> Result<crate::valve::SweepReport, ValveError> {
+            let mut i = self.lock();
+            let before = i.gates.len();
+            i.gates.retain(|_, g| g.open);
+            Ok(crate::valve::SweepReport {
+                evicted: (before - i.gates.len()) as u32,
+                occupied: i.gates.len() as u32,
+                capacity: u32::MAX,
+            })
+        }
         fn gate(&self, mac: MacAddr) -> Result<Option<GateState>, ValveError> {
             Ok(self.lock().gates.get(&mac).copied())
         }
@@ -728,6 +766,7 @@ mod tests {
             ChandlerConfig {
                 metric,
                 usage_snapshot_interval: Duration::from_secs(1),
+                closed_retention: Duration::from_secs(60),
             },
             gates.clone(),
             store.clone(),

@@ -75,6 +75,9 @@ pub struct DataplaneInfo {
     pub policy_entries: u32,
     pub usage_entries: u32,
     pub capacity: u32,
+    /// Closed clients' entries evicted since the daemon started.
+    #[serde(default)]
+    pub evictions: crate::valve::Evictions,
 }
 
 /// One accepted mint: reachability, price and our funds there.
@@ -423,6 +426,7 @@ async fn status(State(st): State<OpsState>) -> Result<Json<StatusReport>, OpsErr
             policy_entries: policy,
             usage_entries: usage,
             capacity: st.valve.capacity(),
+            evictions: st.valve.evictions(),
         },
         mints,
         clients: ClientCounts {
