@@ -271,7 +271,7 @@ fn hostile_payments_from_two_thousand_macs_leave_no_kernel_entry() {
     daemon.stop();
 }
 
-/// 1. A gateway selling 1 s of access (10 steps of 100 ms) with `max_clients` 256 and a 2 s
+/// 1. A gateway selling 100 ms steps (a 16 sat token buys 1.6 s) with `max_clients` 256 and a 2 s
 ///    retention for closed entries.
 /// 2. 2 000 devices each pay once (in waves, so active sessions fit in the map): every payment
 ///    is granted although 2 000 > 256, because ended sessions' entries are evicted.
@@ -301,7 +301,7 @@ fn two_thousand_payers_leave_at_most_the_retention_and_a_full_map_admits_a_payer
     let tokens = {
         let m = mint.clone();
         in_ns(&lab.gateway, &rt, move || async move {
-            m.mint_tokens(10, CROWD).await
+            m.mint_tokens(16, CROWD).await
         })
     };
     for (w, wave) in tokens.chunks(200).enumerate() {
@@ -314,8 +314,8 @@ fn two_thousand_payers_leave_at_most_the_retention_and_a_full_map_admits_a_payer
             log(&state_dir)
         );
         assert!(occupancy(&pins).0 <= 256);
-        // This wave's 1 s sessions end (and the chandler closes them) before the next wave.
-        std::thread::sleep(Duration::from_millis(1600));
+        // This wave's 1.6 s sessions end (and the chandler closes them) before the next wave.
+        std::thread::sleep(Duration::from_millis(2300));
     }
     wait_for(
         20,
@@ -347,13 +347,13 @@ fn two_thousand_payers_leave_at_most_the_retention_and_a_full_map_admits_a_payer
     let tokens = {
         let m = mint.clone();
         in_ns(&lab.gateway, &rt, move || async move {
-            m.mint_tokens(10, 45).await
+            m.mint_tokens(16, 45).await
         })
     };
     // 15 devices fill the map with the paying client; their sessions end.
     let statuses = crowd.post(0, &tokens[..15]);
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
-    std::thread::sleep(Duration::from_millis(1600));
+    std::thread::sleep(Duration::from_millis(2300));
     assert_eq!(
         occupancy(&pins).0,
         16,
@@ -368,7 +368,7 @@ fn two_thousand_payers_leave_at_most_the_retention_and_a_full_map_admits_a_payer
             log(&state_dir)
         );
         assert!(occupancy(&pins).0 <= 16);
-        std::thread::sleep(Duration::from_millis(1600));
+        std::thread::sleep(Duration::from_millis(2300));
     }
     // The paying client was never evicted: its gate is open and its traffic passes.
     let maps: serde_json::Value = serde_json::from_str(&tg(&[
@@ -388,4 +388,120 @@ fn two_thousand_payers_leave_at_most_the_retention_and_a_full_map_admits_a_payer
     assert_eq!(gate["open"], true, "{gate}");
     lab.client.sh("ping -c1 -W3 10.78.0.2 >/dev/null");
     daemon.stop();
+}
+
+/// A UDP server on `addr` in `ns` counting the payload bytes it receives.
+fn udp_counter(ns: &Netns, addr: SocketAddr) -> Arc<AtomicU64> {
+    let count = Arc::new(AtomicU64::new(0));
+    let c = count.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    ns.spawn(move || {
+        let s = std::net::UdpSocket::bind(addr).expect("bind udp counter");
+        tx.send(()).expect("ready");
+        let mut b = [0u8; 65536];
+        while let Ok(n) = s.recv(&mut b) {
+            c.fetch_add(n as u64, Ordering::SeqCst);
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("udp counter up");
+    count
+}
+
+/// Sends `n` datagrams of 500 bytes from `from` to `to`, inside `ns`.
+fn udp_send(ns: &Netns, from: std::net::Ipv4Addr, to: SocketAddr, n: usize) {
+    ns.run(move || {
+        let s = std::net::UdpSocket::bind((from, 0)).expect("bind sender");
+        for _ in 0..n {
+            let _ = s.send_to(&[7u8; 500], to);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+}
+
+/// 1. The lab's client pays from 10.77.0.2: its gate is bound to that address.
+/// 2. A second device with the same MAC (the client's own NIC with a second address,
+///    10.77.0.99: to the gateway exactly a clone elsewhere on the segment) sends UDP and
+///    opens TCP to the upstream.
+/// 3. The upstream receives nothing from the clone (counted there), while the payer's own
+///    datagrams arrive; the drops are reported in the status warnings, the verdict counters
+///    and the log.
+#[test]
+fn a_clone_of_a_paid_mac_from_another_address_gets_nothing() {
+    let lab = Lab3::new("adc");
+    let pins = PinBase::new("adc");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (config_dir, state_dir) = (tmp.path().join("etc"), tmp.path().join("state"));
+    let far = SocketAddr::from((UPSTREAM_IP, 9009));
+    let udp = udp_counter(&lab.upstream, far);
+    let tcp = counting_server(&lab.upstream, far);
+    let rt = ns_runtime(&lab.gateway);
+    let mint = Arc::new(in_ns(&lab.gateway, &rt, || TestMint::start(0)));
+    crowd_config(
+        &config_dir,
+        &mint.url(),
+        "bytes",
+        1_000,
+        serde_json::json!({}),
+    );
+    let mut daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
+    let token = {
+        let m = mint.clone();
+        in_ns(&lab.gateway, &rt, move || async move {
+            m.mint_token(1000).await
+        })
+    };
+    let (st, body) = http(&lab.client, "POST", "/", Some(("text/plain", &token)));
+    assert_eq!(st, 200, "paid: {body}; log: {}", log(&state_dir));
+
+    let clone = std::net::Ipv4Addr::new(10, 77, 0, 99);
+    lab.client
+        .ip(&["addr", "add", "10.77.0.99/24", "dev", "eth0"]);
+    udp_send(&lab.client, clone, far, 100);
+    let tcp_ok = lab.client.run(move || tcp_connects_from(clone, far));
+    // The payer itself still gets through (so the far side is listening and reachable).
+    udp_send(&lab.client, tollgate_tests::netns::CLIENT_IP, far, 10);
+    wait_for(10, "the payer's datagrams arrive", || {
+        udp.load(Ordering::SeqCst) == 10 * 500
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        udp.load(Ordering::SeqCst),
+        10 * 500,
+        "the clone's datagrams reached the upstream"
+    );
+    assert!(!tcp_ok, "the clone opened a TCP connection to the upstream");
+    assert_eq!(tcp.load(Ordering::SeqCst), 0);
+
+    let sock = state_dir.join("control.sock");
+    let status: serde_json::Value = serde_json::from_str(&tg(&[
+        "status",
+        "--json",
+        "--control-socket",
+        sock.to_str().expect("utf-8 path"),
+    ]))
+    .expect("status json");
+    let warnings = status["warnings"].to_string();
+    assert!(warnings.contains("MAC cloning"), "status warns: {warnings}");
+    wait_for(10, "the drops are logged", || {
+        log(&state_dir).contains("a cloned MAC or a spoofed address")
+    });
+    daemon.stop();
+}
+
+/// Whether a TCP connection from `from` to `to` can be opened within 3 s (run inside a
+/// namespace: the socket lives there).
+fn tcp_connects_from(from: std::net::Ipv4Addr, to: SocketAddr) -> bool {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let s = tokio::net::TcpSocket::new_v4().expect("socket");
+        s.bind(SocketAddr::from((from, 0))).expect("bind");
+        matches!(
+            tokio::time::timeout(Duration::from_secs(3), s.connect(to)).await,
+            Ok(Ok(_))
+        )
+    })
 }

@@ -545,6 +545,24 @@ impl Chandler {
         Ok(report)
     }
 
+    /// Binds the device's open gate to the IPv4 address its payment came from, so a second
+    /// device cloning the MAC from another address gets nothing (the kernel drops its upload
+    /// as `drop_spoofed`). IPv6 payers are not bound (the kernel binds IPv4 only).
+    pub fn bind(&self, mac: MacAddr, from: std::net::IpAddr) -> Result<(), ChandlerError> {
+        let _g = self.guard();
+        let std::net::IpAddr::V4(v4) = crate::neighbour::unmap(from) else {
+            tracing::debug!(%mac, %from, "IPv6 payer: gate not bound to an address");
+            return Ok(());
+        };
+        let open = self.gates.gate(mac)?.is_some_and(|g| g.open);
+        if !open {
+            return Ok(());
+        }
+        self.gates.bind_ipv4(mac, Some(v4))?;
+        tracing::info!(%mac, address = %v4, "gate bound to the address the payment came from");
+        Ok(())
+    }
+
     /// Evicts kernel entries of closed gates (see [`Gates::sweep`]). Under the guard, so no
     /// grant is between reading a gate and opening it while its entry goes.
     pub fn sweep(&self) -> Result<crate::valve::SweepReport, ChandlerError> {
@@ -565,6 +583,7 @@ impl Chandler {
                 .max(Duration::from_millis(100)),
         );
         // Often enough that an entry outlives its retention by at most a quarter of it.
+        let mut spoofed = self.gates.spoofed_drops().unwrap_or(0);
         let mut sweep = tokio::time::interval(
             (self.cfg.closed_retention / 4)
                 .clamp(Duration::from_millis(250), Duration::from_secs(30)),
@@ -587,8 +606,21 @@ impl Chandler {
                     if let Err(e) = self.snapshot_all() {
                         tracing::warn!(error = %e, "usage snapshot");
                     }
+                    // MAC cloning shows as drops of a bound MAC's packets from elsewhere.
+                    if let Ok(now) = self.gates.spoofed_drops() {
+                        if now > spoofed {
+                            tracing::warn!(
+                                packets = now - spoofed,
+                                total = now,
+                                "packets from a paid MAC with another source address dropped \
+                                 (a cloned MAC or a spoofed address)"
+                            );
+                        }
+                        spoofed = now;
+                    }
                 }
-                _ = sweep.tick() => match self.sweep() {
+                _ = sweep.tick() => {
+                    match self.sweep() {
                     Ok(r) if r.evicted > 0 => tracing::info!(
                         evicted = r.evicted,
                         occupied = r.occupied,
@@ -597,7 +629,8 @@ impl Chandler {
                     ),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "sweeping closed client entries"),
-                },
+                    }
+                }
                 _ = shutdown.changed() => break,
             }
         }
@@ -728,6 +761,19 @@ pub(crate) mod fake {
                 g.open = false;
             }
             Ok(())
+        }
+        fn bind_ipv4(
+            &self,
+            mac: MacAddr,
+            ip: Option<std::net::Ipv4Addr>,
+        ) -> Result<(), ValveError> {
+            if let Some(g) = self.lock().gates.get_mut(&mac) {
+                g.bound_ipv4 = ip;
+            }
+            Ok(())
+        }
+        fn spoofed_drops(&self) -> Result<u64, ValveError> {
+            Ok(0)
         }
         fn sweep(&self, _retention: Duration) -> Result<crate::valve::SweepReport, ValveError> {
             let mut i = self.lock();

@@ -379,6 +379,15 @@ async fn status(State(st): State<OpsState>) -> Result<Json<StatusReport>, OpsErr
         st.wallet.balances()
     );
     let mut warnings = st.wallet.warnings().await;
+    if let Ok(v) = st.valve.verdicts() {
+        let n = v.packets(crate::valve::Verdict::DropSpoofed);
+        if n > 0 {
+            warnings.push(format!(
+                "{n} packets from paid MACs with another source address dropped (MAC cloning \
+                 or address spoofing; see the log)"
+            ));
+        }
+    }
     let balances = balances.unwrap_or_else(|e| {
         warnings.push(format!("wallet balances unavailable: {e}"));
         Vec::new()

@@ -103,6 +103,11 @@ pub trait Gates: Send + Sync + 'static {
     /// Evicts closed entries: those closed for at least `retention`, and, when the map is
     /// near full, those idle longest. Never an open gate.
     fn sweep(&self, retention: Duration) -> Result<SweepReport, ValveError>;
+    /// Binds an open gate to the IPv4 source address `ip` (upload from the MAC with any other
+    /// IPv4 source is dropped as `drop_spoofed`); `None` unbinds. Kept by `extend`.
+    fn bind_ipv4(&self, mac: MacAddr, ip: Option<Ipv4Addr>) -> Result<(), ValveError>;
+    /// Packets the kernel dropped because a bound MAC sent from another address (cumulative).
+    fn spoofed_drops(&self) -> Result<u64, ValveError>;
     /// One client's gate and counters; `None` if the kernel has never heard of it.
     fn gate(&self, mac: MacAddr) -> Result<Option<GateState>, ValveError>;
     /// All clients with a gate or counters.
@@ -1245,6 +1250,29 @@ impl Gates for Valve {
             m.slots.closed_since.entry(key).or_insert_with(Instant::now);
         }
         Ok(())
+    }
+
+    fn spoofed_drops(&self) -> Result<u64, ValveError> {
+        Ok(self.verdicts()?.packets(Verdict::DropSpoofed))
+    }
+
+    fn bind_ipv4(&self, mac: MacAddr, ip: Option<Ipv4Addr>) -> Result<(), ValveError> {
+        let mut m = self.maps();
+        let key = MacKey::new(mac.0);
+        let Some(mut p) = Self::read_policy(&m, &key)? else {
+            return Err(ValveError::Other(format!("no gate for {mac} to bind")));
+        };
+        match ip {
+            Some(ip) => {
+                p.flags |= policy_flags::BIND_IPV4;
+                p.bound_ipv4 = ip.octets();
+            }
+            None => {
+                p.flags &= !policy_flags::BIND_IPV4;
+                p.bound_ipv4 = [0; 4];
+            }
+        }
+        Self::write_policy(&mut m, mac, &key, p)
     }
 
     fn sweep(&self, retention: Duration) -> Result<SweepReport, ValveError> {
