@@ -28,6 +28,15 @@ pub const IDENTITIES_FILE: &str = "identities.json";
 /// skb mark for the captive-portal redirect unless `dataplane.portal_mark` says otherwise
 /// ("tg"; pick another if your firewall already uses it).
 pub const DEFAULT_PORTAL_MARK: u32 = 0x7467;
+/// Per-client map capacity unless `dataplane.max_clients` says otherwise: devices at once
+/// (paid, or closed within the retention), enough for a large venue; see README for the
+/// memory it costs.
+pub const DEFAULT_MAX_CLIENTS: u32 = 32_768;
+/// Upper bound for `dataplane.max_clients` (the maps are preallocated kernel memory).
+pub const MAX_MAX_CLIENTS: u32 = 1 << 20;
+/// How long a closed gate's kernel entry stays unless `dataplane.closed_retention` says
+/// otherwise.
+pub const DEFAULT_CLOSED_RETENTION: Duration = Duration::from_secs(300);
 
 /// Errors of loading and validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -272,6 +281,12 @@ struct RawDataplane {
     /// skb mark the data plane sets on unpaid TCP/80 (default [`DEFAULT_PORTAL_MARK`]).
     #[serde(default)]
     portal_mark: Option<u32>,
+    /// Capacity of the per-client maps (default [`DEFAULT_MAX_CLIENTS`]).
+    #[serde(default)]
+    max_clients: Option<u32>,
+    /// How long a closed gate's kernel entry is kept (default [`DEFAULT_CLOSED_RETENTION`]).
+    #[serde(default)]
+    closed_retention: Option<Dur>,
     /// DNS budget of unpaid clients (kernel token bucket); defaults in `tollgate-common`.
     #[serde(default)]
     dns_budget: Option<RawDnsBudget>,
@@ -364,6 +379,8 @@ pub struct HttpConfig {
 pub struct ChandlerConfig {
     pub metric: Metric,
     pub usage_snapshot_interval: Duration,
+    /// A closed gate's kernel entry is evicted this long after it closed.
+    pub closed_retention: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -382,6 +399,8 @@ pub struct DataplaneConfig {
     pub portal_port: u16,
     /// Mark unpaid TCP/80 with this and redirect it to `portal_port` (None: redirect off).
     pub portal_mark: Option<u32>,
+    /// Capacity of the per-client maps (POLICY, USAGE), applied at load time.
+    pub max_clients: u32,
     /// DNS budget of unpaid clients, enforced in the kernel.
     pub dns_budget: crate::valve::DnsBudget,
 }
@@ -732,6 +751,19 @@ impl Config {
                 Some(m)
             }
         };
+        let max_clients = dp
+            .and_then(|d| d.max_clients)
+            .unwrap_or(DEFAULT_MAX_CLIENTS);
+        if !(1..=MAX_MAX_CLIENTS).contains(&max_clients) {
+            return Err(c.err(
+                "dataplane.max_clients",
+                format!("{max_clients} is out of range"),
+                format!("use 1..={MAX_MAX_CLIENTS} (default {DEFAULT_MAX_CLIENTS})"),
+            ));
+        }
+        let closed_retention = dp
+            .and_then(|d| d.closed_retention)
+            .map_or(DEFAULT_CLOSED_RETENTION, |d| d.0);
         let dns_budget = {
             let d = crate::valve::DnsBudget::default();
             let r = dp.and_then(|d| d.dns_budget.as_ref());
@@ -803,6 +835,7 @@ impl Config {
                 usage_snapshot_interval: raw
                     .usage_snapshot_interval
                     .map_or(Duration::from_secs(10), |d| d.0),
+                closed_retention,
             },
             dataplane: DataplaneConfig {
                 mode,
@@ -811,6 +844,7 @@ impl Config {
                 garden_allow,
                 portal_port,
                 portal_mark,
+                max_clients,
                 dns_budget,
             },
             neighbour: NeighbourConfig {

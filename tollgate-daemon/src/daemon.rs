@@ -151,6 +151,7 @@ pub fn valve_config(cfg: &Config, pin_base: Option<&PathBuf>) -> Result<ValveCon
     v.tcp_ports = ports;
     // XDP cannot mark packets: config validation leaves the mark unset in that mode.
     v.portal_mark = cfg.dataplane.portal_mark;
+    v.max_clients = Some(cfg.dataplane.max_clients);
     v.dns_budget = Some(cfg.dataplane.dns_budget);
     v.garden = cfg
         .dataplane

@@ -386,6 +386,12 @@ async fn pay(
     let customer = payment.customer;
     match st.merchant.purchase(mac, payment).await {
         Ok(p) => {
+            // Bind the gate to where the money came from (a MAC clone elsewhere gets nothing).
+            if !p.replayed {
+                if let Err(e) = st.chandler.bind(mac, ip) {
+                    tracing::warn!(%mac, %ip, error = %e, "binding the gate to the payer's address");
+                }
+            }
             let timing = server_timing(p.redeem, started.elapsed());
             let mut resp =
                 ([(header::CONTENT_TYPE, "application/json")], p.session_json).into_response();

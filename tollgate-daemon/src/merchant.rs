@@ -706,6 +706,7 @@ pub(crate) mod tests {
             ChandlerConfig {
                 metric: Metric::Bytes,
                 usage_snapshot_interval: Duration::from_secs(1),
+                closed_retention: Duration::from_secs(60),
             },
             gates.clone(),
             store.clone(),

@@ -159,6 +159,13 @@ pub fn status(r: &StatusReport) -> String {
     line(
         &mut o,
         format!(
+            "           evicted {} retention, {} room",
+            d.evictions.retention, d.evictions.pressure
+        ),
+    );
+    line(
+        &mut o,
+        format!(
             "clients    {} active, {} closed",
             r.clients.active, r.clients.closed
         ),
@@ -535,6 +542,10 @@ mod tests {
                 policy_entries: 131_072,
                 usage_entries: 131_072,
                 capacity: 131_072,
+                evictions: crate::valve::Evictions {
+                    retention: u64::MAX,
+                    pressure: u64::MAX,
+                },
             },
             mints: vec![MintStatus {
                 mint: LONG.into(),

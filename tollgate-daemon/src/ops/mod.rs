@@ -75,6 +75,9 @@ pub struct DataplaneInfo {
     pub policy_entries: u32,
     pub usage_entries: u32,
     pub capacity: u32,
+    /// Closed clients' entries evicted since the daemon started.
+    #[serde(default)]
+    pub evictions: crate::valve::Evictions,
 }
 
 /// One accepted mint: reachability, price and our funds there.
@@ -376,6 +379,15 @@ async fn status(State(st): State<OpsState>) -> Result<Json<StatusReport>, OpsErr
         st.wallet.balances()
     );
     let mut warnings = st.wallet.warnings().await;
+    if let Ok(v) = st.valve.verdicts() {
+        let n = v.packets(crate::valve::Verdict::DropSpoofed);
+        if n > 0 {
+            warnings.push(format!(
+                "{n} packets from paid MACs with another source address dropped (MAC cloning \
+                 or address spoofing; see the log)"
+            ));
+        }
+    }
     let balances = balances.unwrap_or_else(|e| {
         warnings.push(format!("wallet balances unavailable: {e}"));
         Vec::new()
@@ -424,6 +436,7 @@ async fn status(State(st): State<OpsState>) -> Result<Json<StatusReport>, OpsErr
             policy_entries: policy,
             usage_entries: usage,
             capacity: st.valve.capacity(),
+            evictions: st.valve.evictions(),
         },
         mints,
         clients: ClientCounts {
