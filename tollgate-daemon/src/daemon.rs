@@ -283,24 +283,32 @@ pub async fn run(
     } else {
         None
     };
+    cfg.http_limits
+        .check_admin_listen(cfg.http.admin_listen)
+        .map_err(anyhow::Error::msg)?;
     let admin = http::bind_lan(cfg.http.admin_listen, None)
         .with_context(|| format!("admin listener on {}", cfg.http.admin_listen))?;
     tracing::info!(listen = %cfg.http.listen, admin = %cfg.http.admin_listen, control = %control_path.display(), "tollgate is serving");
+    // The LAN API and the portal port count against the same caps; the admin its own.
+    let lan_caps = http::Caps::new(&cfg.http_limits);
     let api = tokio::spawn(http::serve(
         lan,
         http::router(state.clone()),
+        lan_caps.clone(),
         cancel.clone().cancelled_owned(),
     ));
     let portal_api = portal_lan.map(|l| {
         tokio::spawn(http::serve(
             l,
             http::router(state.clone()),
+            lan_caps.clone(),
             cancel.clone().cancelled_owned(),
         ))
     });
     let admin_api = tokio::spawn(http::serve(
         admin,
-        ops::admin_tcp_router(ops.clone()),
+        ops::admin_tcp_router(ops.clone(), cfg.http_limits.admin_token.clone()),
+        http::Caps::new(&cfg.http_limits),
         cancel.clone().cancelled_owned(),
     ));
     let control_api = {

@@ -3,8 +3,11 @@
 //! the exposition text.
 //!
 //! ```text
-//! control socket (0600) ── control_router = http::admin_router + /ops/* + /metrics
-//! admin TCP (loopback)  ── http::admin_router + /metrics        (nothing that moves money)
+//! control socket (0600) ── control_router = http::admin_router + admin_verbs_router (grant,
+//!                          close) + /ops/* + /metrics
+//! admin TCP (loopback, or any address with admin_token ─> Bearer required)
+//!                       ── http::admin_router + GET /ops/status + /metrics  (read-only: nothing
+//!                          that moves money or access)
 //!
 //! GET  /ops/status               gateway, data plane, mints (probed), balances, warnings
 //! GET  /ops/clients              sessions + kernel counters + IPv4 from the ARP table
@@ -343,27 +346,67 @@ pub struct OpsState {
 
 /// Everything, for the control socket (its file mode is the access control).
 pub fn control_router(st: OpsState) -> Router {
-    http::admin_router(st.app.clone()).merge(
-        Router::new()
-            .route("/ops/status", get(status))
-            .route("/ops/clients", get(clients))
-            .route("/ops/wallet/balance", get(balance))
-            .route("/ops/wallet/payouts", get(payouts))
-            .route("/ops/wallet/receive", post(receive))
-            .route("/ops/wallet/send", post(send))
-            .route("/ops/gate/{mac}/{action}", post(gate))
-            .route("/metrics", get(metrics_page))
-            .with_state(st),
-    )
+    http::admin_router(st.app.clone())
+        .merge(http::admin_verbs_router(st.app.clone()))
+        .merge(
+            Router::new()
+                .route("/ops/status", get(status))
+                .route("/ops/clients", get(clients))
+                .route("/ops/wallet/balance", get(balance))
+                .route("/ops/wallet/payouts", get(payouts))
+                .route("/ops/wallet/receive", post(receive))
+                .route("/ops/wallet/send", post(send))
+                .route("/ops/gate/{mac}/{action}", post(gate))
+                .route("/metrics", get(metrics_page))
+                .with_state(st),
+        )
 }
 
-/// The admin TCP address: the existing admin API plus `/metrics` (for a scraper).
-pub fn admin_tcp_router(st: OpsState) -> Router {
-    http::admin_router(st.app.clone()).merge(
+/// The admin TCP address: read-only (the admin API's GETs, `/ops/status`, `/metrics` for a
+/// scraper); with a `token`, every request must carry `Authorization: Bearer <token>`.
+pub fn admin_tcp_router(st: OpsState, token: Option<String>) -> Router {
+    let app = http::admin_router(st.app.clone()).merge(
         Router::new()
+            .route("/ops/status", get(status))
             .route("/metrics", get(metrics_page))
             .with_state(st),
-    )
+    );
+    match token {
+        Some(t) => app.layer(axum::middleware::from_fn(move |req, next| {
+            bearer_only(t.clone(), req, next)
+        })),
+        None => app,
+    }
+}
+
+/// 401 unless the request carries the admin token (compared in constant time).
+async fn bearer_only(
+    token: String,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let same = given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        next.run(req).await
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "admin token required\n",
+        )
+            .into_response()
+    }
 }
 
 fn metric_name(m: Metric) -> String {
