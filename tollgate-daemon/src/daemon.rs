@@ -170,6 +170,10 @@ pub async fn run(
     pin_base: Option<PathBuf>,
     control_socket: Option<PathBuf>,
 ) -> Result<()> {
+    // Before anything is attached: an exposed admin API without a token is a config error.
+    cfg.http_limits
+        .check_admin_listen(cfg.http.admin_listen)
+        .map_err(anyhow::Error::msg)?;
     let control_path =
         control_socket.unwrap_or_else(|| crate::control::default_socket(&cfg.store.state_dir));
     std::fs::create_dir_all(&cfg.store.state_dir)
@@ -283,9 +287,6 @@ pub async fn run(
     } else {
         None
     };
-    cfg.http_limits
-        .check_admin_listen(cfg.http.admin_listen)
-        .map_err(anyhow::Error::msg)?;
     let admin = http::bind_lan(cfg.http.admin_listen, None)
         .with_context(|| format!("admin listener on {}", cfg.http.admin_listen))?;
     tracing::info!(listen = %cfg.http.listen, admin = %cfg.http.admin_listen, control = %control_path.display(), "tollgate is serving");
