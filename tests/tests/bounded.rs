@@ -91,7 +91,8 @@ fn admin(lab: &Lab3, method: &str, path: &str, token: Option<&str>) -> (u16, Str
     );
     lab.client.run(move || {
         let mut s = TcpStream::connect_timeout(&ADMIN, Duration::from_secs(5)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
         s.write_all(req.as_bytes()).expect("write");
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
@@ -155,7 +156,11 @@ fn slowloris_from_2000_connections_does_not_stop_a_payment_and_admin_tcp_is_read
     // 3. A real payment from the customer while every hostile connection is still open.
     let token = {
         let m = mint.clone();
-        in_ns(&lab.gateway, &rt, move || async move { m.mint_token(100).await })
+        in_ns(
+            &lab.gateway,
+            &rt,
+            move || async move { m.mint_token(100).await },
+        )
     };
     let (st, body) = http(&lab.client, "POST", "/", Some(("text/plain", &token)));
     assert_eq!(st, 200, "payment during the slowloris: {body}");
@@ -176,7 +181,10 @@ fn slowloris_from_2000_connections_does_not_stop_a_payment_and_admin_tcp_is_read
             })
             .count()
     });
-    assert!(still_open <= 32, "{still_open} hostile connections held open");
+    assert!(
+        still_open <= 32,
+        "{still_open} hostile connections held open"
+    );
 
     // 4. Admin over TCP: the token is required; reads work; grant/close are not served.
     let (st, _) = admin(&lab, "GET", "/metrics", None);
@@ -191,8 +199,10 @@ fn slowloris_from_2000_connections_does_not_stop_a_payment_and_admin_tcp_is_read
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":");
-    for verb in [format!("/clients/{mac}/grant?amount=1000000"), format!("/clients/{mac}/close")]
-    {
+    for verb in [
+        format!("/clients/{mac}/grant?amount=1000000"),
+        format!("/clients/{mac}/close"),
+    ] {
         let (st, body) = admin(&lab, "POST", &verb, Some(TOKEN));
         assert!(
             st == 404 || st == 405,
@@ -252,8 +262,14 @@ fn an_exposed_admin_api_without_a_token_refuses_to_start() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (config_dir, state_dir) = (tmp.path().join("etc"), tmp.path().join("state"));
     config(&config_dir, "http://127.0.0.1:1", serde_json::json!({}));
-    let out = Command::new(tollgate_bin())
-        .args(["--netns", &lab.gateway.name, "run", "--lan-iface", LAN_IFACE])
+    let mut child = Command::new(tollgate_bin())
+        .args([
+            "--netns",
+            &lab.gateway.name,
+            "run",
+            "--lan-iface",
+            LAN_IFACE,
+        ])
         .args(["--admin-listen", &ADMIN.to_string()])
         .arg("--config-dir")
         .arg(&config_dir)
@@ -262,9 +278,28 @@ fn an_exposed_admin_api_without_a_token_refuses_to_start() {
         .arg("--pin-base")
         .arg(pins.path())
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run tollgate");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "must refuse to start: {err}");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the daemon started with an unauthenticated admin API on {ADMIN}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    let _ = child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err);
+    assert!(!status.success(), "must refuse to start: {err}");
     assert!(err.contains("admin_token"), "says why: {err}");
 }

@@ -10,7 +10,9 @@
 //! States of a session row: active ──exhausted / admin-close / reconcile──> closed; a payment
 //! for a closed session starts a new one. Top-ups add to what remains and never interrupt
 //! traffic: time `new_end = max(now, old_end) + added`, bytes `remaining + added` (`extend`
-//! while the gate is open, `open` with the sum otherwise).
+//! while the gate is open, `open` with the sum otherwise). Both are set from the database's
+//! numbers (the byte limit to `baseline + allotment - used_before`, the deadline replaced), so
+//! a grant retried after a failed commit is never credited twice in the kernel.
 //!
 //! Why the kernel op comes before the DB commit: if we crash in between, the kernel has more
 //! than the DB says and the grant is still `redeemed`; `reconcile()` first trims the kernel to
@@ -138,16 +140,19 @@ impl Chandler {
         Ok(self.gates.check(mac)?)
     }
 
-    /// The end of a time session in boot ns, if it is valid for this boot (else from unix ms).
+    /// The end of a time session in boot ns. From another boot (the boot clock restarted) it
+    /// is now + what remained at the last snapshot: never the wall clock, which a router sets
+    /// by NTP only after we start (a jump either way would shorten or lengthen sessions). The
+    /// time the gateway was down is not charged; at most one snapshot interval is given back.
     fn end_boot(&self, row: &SessionRow, now_boot: u64) -> Option<u64> {
         if row.boot_id == self.boot_id {
             if let Some(e) = row.end_boot_ns {
                 return Some(e);
             }
         }
-        let end_ms = row.end_unix_ms?;
-        let now_ms = unix_ms();
-        Some(now_boot.saturating_add(end_ms.saturating_sub(now_ms).saturating_mul(NS_PER_MS)))
+        row.end_boot_ns.or(row.end_unix_ms)?;
+        let left_ms = row.allotment.saturating_sub(row.used_snapshot);
+        Some(now_boot.saturating_add(left_ms.saturating_mul(NS_PER_MS)))
     }
 
     /// Used so far, metric units.
@@ -232,8 +237,19 @@ impl Chandler {
             Metric::Bytes => {
                 let gate_live = current.is_some()
                     && gate.is_some_and(|g| g.open && g.remaining_bytes.is_some_and(|r| r > 0));
-                let st = if gate_live {
-                    self.gates.extend(mac, amount, 0)?
+                let st = if let Some(g) = gate.filter(|_| gate_live) {
+                    // The kernel's limit is set from the database's numbers, not moved by
+                    // `amount` from wherever it is: after a failed commit the kernel already
+                    // has this grant, and the retry must not credit it twice (issue 10).
+                    let kernel_limit = g
+                        .usage
+                        .bytes()
+                        .saturating_add(g.remaining_bytes.unwrap_or(0));
+                    let target = row
+                        .baseline
+                        .saturating_add(new_allotment.saturating_sub(row.used_before));
+                    self.gates
+                        .extend(mac, target.saturating_sub(kernel_limit), 0)?
                 } else {
                     let allowance = topup_bytes(row.allotment, used, amount);
                     let st = self.gates.open(
@@ -260,21 +276,17 @@ impl Chandler {
                 } else {
                     None
                 };
+                // Absolute, from the database's deadline: the kernel's (maybe already
+                // extended by a grant whose commit failed) is replaced, never added to.
+                // Replacing the policy is one map update: no gap for a live session.
                 let want_end = topup_end(now_boot, old_end, add_ns);
-                let gate_live = current.is_some()
-                    && gate
-                        .is_some_and(|g| g.open && g.until_boot_ns.is_some_and(|d| d > now_boot));
-                let st = if gate_live {
-                    self.gates.extend(mac, 0, add_ns)?
-                } else {
-                    self.gates.open(
-                        mac,
-                        Allowance {
-                            until_boot_ns: Some(want_end),
-                            ..Allowance::default()
-                        },
-                    )?
-                };
+                let st = self.gates.open(
+                    mac,
+                    Allowance {
+                        until_boot_ns: Some(want_end),
+                        ..Allowance::default()
+                    },
+                )?;
                 let end = st.until_boot_ns.unwrap_or(want_end);
                 row.end_boot_ns = Some(end);
                 row.end_unix_ms = Some(unix_ms() + end.saturating_sub(now_boot) / NS_PER_MS);
@@ -868,19 +880,14 @@ mod tests {
         assert_eq!(store.log(mac(), 1).expect("log")[0].action, "admin-close");
     }
 
-    #[test]
-    fn time_session_survives_reboot() {
-        let (gates, store, c) = chandler(Metric::Milliseconds);
-        c.add(mac(), 60_000, None, "grant").expect("open");
-        // Reboot: the boot clock restarts, kernel state is gone, the boot id changes.
-        {
-            let mut g = gates.lock();
-            g.gates.clear();
-            g.now = 5_000_000_000;
-        }
+    /// Rewrites the stored row as a previous boot left it (boot id, deadlines as written then).
+    fn from_previous_boot(store: &Store, end_unix_ms: Option<u64>) {
         let mut row = store.session(mac()).expect("get").expect("row");
         row.boot_id = "previous-boot".into();
         row.end_boot_ns = Some(u64::MAX / 2);
+        if end_unix_ms.is_some() {
+            row.end_unix_ms = end_unix_ms;
+        }
         let log = LogEntry {
             mac: mac(),
             action: "test".into(),
@@ -888,22 +895,114 @@ mod tests {
             detail: String::new(),
         };
         store.commit_session(&row, None, &log).expect("commit");
+    }
+
+    /// Reboot: the boot clock restarts, kernel state is gone, the boot id changes.
+    fn reboot(gates: &FakeGates) {
+        let mut g = gates.lock();
+        g.gates.clear();
+        g.now = 5_000_000_000;
+    }
+
+    #[test]
+    fn time_session_survives_reboot() {
+        let (gates, store, c) = chandler(Metric::Milliseconds);
+        c.add(mac(), 60_000, None, "grant").expect("open");
+        gates.advance_ms(20_000);
+        c.snapshot_all().expect("snapshot");
+        reboot(&gates);
+        from_previous_boot(&store, None);
         let r = c.reconcile().expect("reconcile");
         assert_eq!(r.reopened, vec![mac()]);
         let end = gates.lock().gates[&mac()].until_boot_ns.expect("deadline");
-        let left_ms = (end - 5_000_000_000) / NS_PER_MS;
-        assert!(
-            (59_000..=60_000).contains(&left_ms),
-            "deadline re-derived from unix time: {left_ms}"
+        assert_eq!(
+            (end - 5_000_000_000) / NS_PER_MS,
+            40_000,
+            "what remained at the last snapshot"
         );
-        // Expired while down: closed, not reopened.
+        // Used up before the reboot: closed, not reopened.
+        c.snapshot_all().expect("snapshot");
         let mut row = store.session(mac()).expect("get").expect("row");
-        row.boot_id = "previous-boot".into();
-        row.end_unix_ms = Some(1);
-        store.commit_session(&row, None, &log).expect("commit");
+        row.used_snapshot = row.allotment;
+        store
+            .commit_session(
+                &row,
+                None,
+                &LogEntry {
+                    mac: mac(),
+                    action: "test".into(),
+                    amount: 0,
+                    detail: String::new(),
+                },
+            )
+            .expect("commit");
+        from_previous_boot(&store, None);
         let r = c.reconcile().expect("reconcile");
         assert_eq!(r.expired, vec![mac()]);
         assert!(!gates.lock().gates[&mac()].open);
+    }
+
+    /// Issue 11: the wall clock at start (no NTP yet on a router) differs wildly from the one
+    /// the deadline was written with — years behind, or years ahead. Neither shortens nor
+    /// lengthens the session: 40 s remained at the last snapshot, 40 s it gets.
+    #[test]
+    fn a_wall_clock_jump_at_start_neither_shortens_nor_lengthens_sessions() {
+        for (what, written_end_unix_ms) in [
+            // Written by a clock far ahead of today's (today's looks like the distant past).
+            ("clock behind at start", unix_ms() + 10 * 365 * 86_400_000),
+            // Written by a clock far behind today's (1970: an unset RTC then, NTP now).
+            ("clock ahead at start", 1),
+        ] {
+            let (gates, store, c) = chandler(Metric::Milliseconds);
+            c.add(mac(), 60_000, None, "grant").expect("open");
+            gates.advance_ms(20_000);
+            c.snapshot_all().expect("snapshot");
+            reboot(&gates);
+            from_previous_boot(&store, Some(written_end_unix_ms));
+            c.reconcile().expect("reconcile");
+            let g = gates.lock().gates[&mac()];
+            assert!(g.open, "{what}: session still open");
+            let left_ms = (g.until_boot_ns.expect("deadline") - 5_000_000_000) / NS_PER_MS;
+            assert_eq!(left_ms, 40_000, "{what}");
+        }
+    }
+
+    /// Issue 10 item 6: the kernel is changed before the database commit. When the commit
+    /// fails and the grant is applied again, the kernel must end where the database does —
+    /// not with the grant credited twice.
+    #[test]
+    fn a_grant_retried_after_a_failed_commit_is_credited_once() {
+        for metric in [Metric::Milliseconds, Metric::Bytes] {
+            let (gates, store, c) = chandler(metric);
+            c.add(mac(), 60_000, None, "grant").expect("open");
+            gates.traffic(mac(), 10_000);
+            gates.advance_ms(10_000);
+            store.execute_batch_for_test(
+                "CREATE TRIGGER fail_commit BEFORE UPDATE ON sessions
+                 BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
+            );
+            c.add(mac(), 30_000, None, "grant")
+                .expect_err("the commit fails");
+            store.execute_batch_for_test("DROP TRIGGER fail_commit;");
+            let v = c.add(mac(), 30_000, None, "grant").expect("retried");
+            assert_eq!(v.allotment, 90_000, "{metric:?}");
+            let g = gates.lock().gates[&mac()];
+            let row = store.session(mac()).expect("get").expect("row");
+            match metric {
+                Metric::Milliseconds => {
+                    let start = 1_000_000_000_000;
+                    assert_eq!(g.until_boot_ns, row.end_boot_ns, "kernel = database");
+                    assert_eq!(g.until_boot_ns, Some(start + 90_000 * NS_PER_MS));
+                }
+                Metric::Bytes => {
+                    assert_eq!(
+                        g.remaining_bytes,
+                        Some(90_000 - 10_000),
+                        "kernel = database"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

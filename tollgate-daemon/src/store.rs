@@ -255,6 +255,12 @@ impl Store {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Raw SQL against the database (tests inject failures with triggers).
+    #[cfg(test)]
+    pub(crate) fn execute_batch_for_test(&self, sql: &str) {
+        self.conn().execute_batch(sql).expect("test sql");
+    }
+
     // ------------------------------------------------------------ grants
 
     pub fn grant(&self, token_id: &str) -> Result<Option<Grant>, StoreError> {
