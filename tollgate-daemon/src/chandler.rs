@@ -101,7 +101,12 @@ pub struct Chandler {
     /// Serialises session changes (kernel op + DB commit are one step per device).
     lock: Mutex<()>,
     boot_id: String,
+    /// Boot ns of the last history prune (None: not yet this run).
+    last_prune: Mutex<Option<u64>>,
 }
+
+/// History is pruned at most this often (boot ns).
+const PRUNE_EVERY_NS: u64 = 3_600 * 1_000_000_000;
 
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -124,6 +129,7 @@ impl Chandler {
             store,
             lock: Mutex::new(()),
             boot_id: read_boot_id(),
+            last_prune: Mutex::new(None),
         }
     }
 
@@ -439,8 +445,9 @@ impl Chandler {
             .collect())
     }
 
-    /// Persists usage of every active session; closes sessions the kernel already ended
-    /// (a safety net for lost exhaustion events).
+    /// Persists usage of every active session (one transaction; closed rows are not loaded);
+    /// closes sessions the kernel already ended (a safety net for lost exhaustion events);
+    /// once an hour prunes history older than the retention.
     pub fn snapshot_all(&self) -> Result<(), ChandlerError> {
         let _g = self.guard();
         let gates: HashMap<MacAddr, GateState> = self
@@ -450,18 +457,38 @@ impl Chandler {
             .map(|g| (g.mac, g))
             .collect();
         let now = self.gates.now_boot_ns();
-        for mut row in self.store.sessions()?.into_iter().filter(|r| r.active) {
+        let mut usages = Vec::new();
+        let mut ended = Vec::new();
+        for mut row in self.store.active_sessions()? {
             let used = self.used(&row, gates.get(&row.mac), now);
-            self.store.snapshot_usage(row.mac, used, row.allotment)?;
+            usages.push((row.mac, used, row.allotment));
             if used >= row.allotment {
                 row.used_snapshot = used;
-                let reason = if row.metric == Metric::Bytes {
-                    "quota"
-                } else {
-                    "expiry"
-                };
-                self.gates.close(row.mac)?;
-                self.close_row(row, reason)?;
+                ended.push(row);
+            }
+        }
+        self.store.snapshot_usages(&usages)?;
+        for row in ended {
+            let reason = if row.metric == Metric::Bytes {
+                "quota"
+            } else {
+                "expiry"
+            };
+            self.gates.close(row.mac)?;
+            self.close_row(row, reason)?;
+        }
+        let due = {
+            let mut last = self.last_prune.lock().unwrap_or_else(|p| p.into_inner());
+            let due = last.is_none_or(|t| now.saturating_sub(t) >= PRUNE_EVERY_NS);
+            if due {
+                *last = Some(now);
+            }
+            due
+        };
+        if due {
+            let r = self.store.prune()?;
+            if r != crate::store::PruneReport::default() {
+                tracing::info!(?r, "pruned history older than the retention");
             }
         }
         Ok(())
@@ -478,7 +505,7 @@ impl Chandler {
             .map(|g| (g.mac, g))
             .collect();
         let now = self.gates.now_boot_ns();
-        for mut row in self.store.sessions()?.into_iter().filter(|r| r.active) {
+        for mut row in self.store.active_sessions()? {
             let gate = gates.remove(&row.mac);
             let mac = row.mac;
             match row.metric {
@@ -1003,6 +1030,101 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The retention soak (issue 11), in-process: the store on a real file with an injected
+    /// wall clock, the chandler with the fake gates. 10 000 sessions are opened, used and
+    /// closed while 24 h of 60 s snapshot ticks run over ~50 live sessions; the database
+    /// stays under a fixed size (before: a history row per session per tick, ≈ 72 000 rows);
+    /// 31 days later the closed history is pruned and active sessions are untouched.
+    #[test]
+    fn soak_10000_sessions_and_24h_of_ticks_stay_bounded() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        // A real file; in RAM when the machine has /dev/shm (the test measures rows and pages,
+        // not the disk).
+        let dir = tempfile::tempdir_in("/dev/shm")
+            .or_else(|_| tempfile::tempdir())
+            .expect("tempdir");
+        let unix = Arc::new(AtomicU64::new(1_800_000_000));
+        let clock = unix.clone();
+        let store = Arc::new(
+            Store::open(&dir.path().join("tollgate.sqlite"))
+                .expect("db")
+                .with_clock(Arc::new(move || clock.load(Ordering::Relaxed))),
+        );
+        let gates = Arc::new(FakeGates::new());
+        let c = Chandler::new(
+            ChandlerConfig {
+                metric: Metric::Bytes,
+                usage_snapshot_interval: Duration::from_secs(TICK_S),
+            },
+            gates.clone(),
+            store.clone(),
+        );
+        let mac_of = |n: u32| {
+            let b = n.to_be_bytes();
+            MacAddr([0x02, 0x00, b[0], b[1], b[2], b[3]])
+        };
+        const TICK_S: u64 = 60; // a router's snapshot interval; 10 s only multiplies the work
+        const TICKS: u32 = (24 * 3_600 / TICK_S) as u32;
+        const SESSIONS: u32 = 10_000;
+        const LIVE: u32 = 50;
+        let (mut opened, mut closed) = (0u32, 0u32);
+        for tick in 0..TICKS {
+            // Open sessions at the rate that reaches 10 000 in 24 h; close the oldest
+            // beyond LIVE (half by quota, half by the operator).
+            while opened < (tick + 1) * SESSIONS / TICKS {
+                c.add(mac_of(opened), 1_000_000, None, "grant")
+                    .expect("open");
+                opened += 1;
+            }
+            while opened - closed > LIVE {
+                let m = mac_of(closed);
+                if closed % 2 == 0 {
+                    // Used up: this tick's snapshot closes it (quota).
+                    gates.traffic(m, 1_000_000);
+                } else {
+                    c.close(m, "admin-close").expect("close");
+                }
+                closed += 1;
+            }
+            for n in closed..opened {
+                gates.traffic(mac_of(n), 10);
+            }
+            gates.advance_ms(TICK_S * 1_000);
+            unix.fetch_add(TICK_S, Ordering::Relaxed);
+            c.snapshot_all().expect("tick");
+        }
+        assert_eq!(opened, SESSIONS);
+        let size = store.size_bytes().expect("size");
+        let [sessions, log, snapshots, grants] = store.row_counts().expect("counts");
+        eprintln!("after 24 h: {size} bytes; rows: {sessions} sessions, {log} log, {snapshots} snapshots, {grants} grants");
+        // ≤ 1 history row per device per hour it was live, not 1 per tick.
+        assert!(
+            snapshots <= u64::from(SESSIONS) + u64::from(LIVE) * 25,
+            "{snapshots}"
+        );
+        assert!(size < 6 * 1024 * 1024, "database {size} bytes after 24 h");
+        // 31 days later: everything closed is history past the retention.
+        unix.fetch_add(31 * 86_400, Ordering::Relaxed);
+        gates.advance_ms(31 * 86_400_000);
+        *c.last_prune.lock().expect("lock") = None;
+        for n in closed..opened {
+            gates.traffic(mac_of(n), 1);
+        }
+        c.snapshot_all().expect("prune tick");
+        let [sessions, log, snapshots, _] = store.row_counts().expect("counts");
+        assert_eq!(sessions, u64::from(LIVE), "only the live sessions remain");
+        assert_eq!(log, 0, "log lines older than 30 days are gone");
+        assert_eq!(
+            snapshots,
+            u64::from(LIVE),
+            "one fresh history row per live session"
+        );
+        assert!(store.active_sessions().expect("active").len() == LIVE as usize);
+        let after = store.size_bytes().expect("size");
+        eprintln!("after pruning: {after} bytes");
+        assert!(after < size, "pruning frees pages ({after} vs {size})");
     }
 
     #[test]

@@ -233,6 +233,9 @@ struct RawConfig {
     #[serde(default)]
     #[serde(skip_serializing_if = "Option::is_none")]
     admin_token: Option<String>,
+    #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retention: Option<Dur>,
 }
 
 /// `http_limits` in config.json: every field optional (the defaults are [`HttpLimits::default`]).
@@ -441,6 +444,8 @@ pub struct NeighbourConfig {
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
     pub state_dir: PathBuf,
+    /// Closed sessions, logs, usage history and finished grants are kept this long.
+    pub retention: Duration,
 }
 
 impl StoreConfig {
@@ -852,6 +857,16 @@ impl Config {
                 })?;
 
         let http_limits = http_limits(&c, &raw)?;
+        let retention = raw
+            .retention
+            .map_or(crate::store::DEFAULT_RETENTION, |d| d.0);
+        if retention < Duration::from_secs(86_400) {
+            return Err(c.err(
+                "retention",
+                "must be at least a day (history answers customers' questions)",
+                "omit it for the default (30d)",
+            ));
+        }
 
         Ok(Config {
             dir: dir.to_path_buf(),
@@ -894,6 +909,7 @@ impl Config {
                     .state_dir
                     .clone()
                     .unwrap_or_else(|| PathBuf::from("/var/lib/tollgate")),
+                retention,
             },
             payout: PayoutConfig { shares },
             upstream: UpstreamConfig {

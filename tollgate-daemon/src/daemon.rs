@@ -208,7 +208,7 @@ pub async fn run(
     let wallet = Wallet::open(&cfg.store.state_dir, cfg.wallet_settings())
         .await
         .context("opening the wallet")?;
-    let store = Arc::new(Store::open(&cfg.store.db_path())?);
+    let store = Arc::new(Store::open(&cfg.store.db_path())?.with_retention(cfg.store.retention));
     let gates: Arc<dyn Gates> = valve.clone();
     let chandler = Arc::new(Chandler::new(cfg.chandler.clone(), gates, store.clone()));
     let report = chandler
