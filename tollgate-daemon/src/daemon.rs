@@ -273,6 +273,7 @@ pub async fn run(
         },
         probe_timeout: std::time::Duration::from_secs(3),
         arp_path: PathBuf::from("/proc/net/arp"),
+        state_dir: cfg.store.state_dir.clone(),
     };
     let control = crate::control::bind(&control_path)?;
     let lan = http::bind_lan(cfg.http.listen, cfg.http.lan_interface.as_deref())

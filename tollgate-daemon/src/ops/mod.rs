@@ -110,6 +110,27 @@ pub struct StatusReport {
     /// The upstream session this gateway buys from (`null` unless in reseller mode).
     pub upstream: Option<serde_json::Value>,
     pub warnings: Vec<String>,
+    /// The state directory's databases and their size on disk (+ WAL), bytes.
+    #[serde(default)]
+    pub databases: Vec<(String, u64)>,
+}
+
+/// Size on disk of each SQLite database in `dir` (file + `-wal`), by name.
+pub fn database_sizes(dir: &std::path::Path) -> Vec<(String, u64)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, u64)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let db = name.strip_suffix(".sqlite")?.to_string();
+            let wal = std::fs::metadata(dir.join(format!("{name}-wal"))).map_or(0, |m| m.len());
+            Some((db, e.metadata().ok()?.len() + wal))
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// One device, as `tollgate clients` shows it. Amounts are in the session's metric units;
@@ -342,6 +363,8 @@ pub struct OpsState {
     pub probe_timeout: Duration,
     /// Where the MAC → IPv4 table comes from (`/proc/net/arp`).
     pub arp_path: PathBuf,
+    /// The state directory (its databases' sizes are in `status`).
+    pub state_dir: PathBuf,
 }
 
 /// Everything, for the control socket (its file mode is the access control).
@@ -474,6 +497,7 @@ async fn status(State(st): State<OpsState>) -> Result<Json<StatusReport>, OpsErr
         },
         upstream,
         warnings,
+        databases: database_sizes(&st.state_dir),
     }))
 }
 
