@@ -232,7 +232,8 @@ impl Lab {
         (json, v["pubkey"].as_str().unwrap().to_string())
     }
 
-    /// Gives the client `bytes` at A through A's admin API (no payment to A involved).
+    /// Gives the client `bytes` at A through A's control socket (no payment to A involved;
+    /// the admin TCP API is read-only).
     fn grant_client(&self, bytes: u64) {
         let mac = self.chain.client.mac("eth0");
         let mac = mac
@@ -240,14 +241,18 @@ impl Lab {
             .map(|b| format!("{b:02x}"))
             .collect::<Vec<_>>()
             .join(":");
-        let (st, body) = http_to(
-            &self.chain.a,
-            SocketAddr::from(([127, 0, 0, 1], 2122)),
-            "POST",
-            &format!("/clients/{mac}/grant?amount={bytes}"),
-            Some(("text/plain", "")),
+        let sock = self.path("a-state").join("control.sock");
+        let out = std::process::Command::new(tollgate_tests::tollgate_bin())
+            .args(["gate", "open", &mac, "--bytes", &bytes.to_string()])
+            .arg("--control-socket")
+            .arg(&sock)
+            .output()
+            .expect("run tollgate gate open");
+        assert!(
+            out.status.success(),
+            "grant: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
-        assert_eq!(st, 200, "grant: {body}");
     }
 }
 

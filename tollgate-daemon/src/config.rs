@@ -236,6 +236,29 @@ struct RawConfig {
     usage_snapshot_interval: Option<Dur>,
     #[serde(default)]
     post_rate_per_minute: Option<u32>,
+    #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_limits: Option<RawHttpLimits>,
+    #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    admin_token: Option<String>,
+    #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retention: Option<Dur>,
+}
+
+/// `http_limits` in config.json: every field optional (the defaults are [`HttpLimits::default`]).
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttpLimits {
+    #[serde(default)]
+    header_read_timeout: Option<Dur>,
+    #[serde(default)]
+    body_read_timeout: Option<Dur>,
+    #[serde(default)]
+    max_connections: Option<usize>,
+    #[serde(default)]
+    max_connections_per_ip: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -375,6 +398,49 @@ pub struct HttpConfig {
     pub portal_mark: Option<u32>,
 }
 
+/// How every TCP listener (LAN API, portal port, admin) is served: `http_limits` and
+/// `admin_token` in config.json.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// A request head (and the wait for the next one on a keep-alive connection) must arrive
+    /// within this: slowloris and idle connections are closed.
+    pub header_read_timeout: Duration,
+    /// A request body must arrive within this of its head.
+    pub body_read_timeout: Duration,
+    /// Connections open at once per listener group (LAN + portal port share one).
+    pub max_connections: usize,
+    /// Connections open at once from one client address.
+    pub max_connections_per_ip: usize,
+    /// Bearer token the admin TCP API requires (mandatory for a non-loopback `admin_listen`).
+    pub admin_token: Option<String>,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(15),
+            max_connections: 512,
+            max_connections_per_ip: 32,
+            admin_token: None,
+        }
+    }
+}
+
+impl HttpLimits {
+    /// Refuses an admin API reachable from other hosts without a token.
+    pub fn check_admin_listen(&self, admin_listen: SocketAddr) -> Result<(), String> {
+        if admin_listen.ip().is_loopback() || self.admin_token.is_some() {
+            Ok(())
+        } else {
+            Err(format!(
+                "admin_listen {admin_listen} is not a loopback address and no admin_token is set: \
+                 set admin_token (clients then send `Authorization: Bearer <token>`) or listen on 127.0.0.1"
+            ))
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ChandlerConfig {
     pub metric: Metric,
@@ -413,6 +479,8 @@ pub struct NeighbourConfig {
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
     pub state_dir: PathBuf,
+    /// Closed sessions, logs, usage history and finished grants are kept this long.
+    pub retention: Duration,
 }
 
 impl StoreConfig {
@@ -448,12 +516,56 @@ pub struct Config {
     pub log_level: String,
     pub merchant: MerchantConfig,
     pub http: HttpConfig,
+    pub http_limits: HttpLimits,
     pub chandler: ChandlerConfig,
     pub dataplane: DataplaneConfig,
     pub neighbour: NeighbourConfig,
     pub store: StoreConfig,
     pub payout: PayoutConfig,
     pub upstream: UpstreamConfig,
+}
+
+/// `http_limits` + `admin_token`: zero limits and an empty token are refused.
+fn http_limits(c: &Ctx<'_>, raw: &RawConfig) -> Result<HttpLimits, ConfigError> {
+    let d = HttpLimits::default();
+    let r = raw.http_limits.as_ref();
+    let limits = HttpLimits {
+        header_read_timeout: r
+            .and_then(|r| r.header_read_timeout)
+            .map_or(d.header_read_timeout, |x| x.0),
+        body_read_timeout: r
+            .and_then(|r| r.body_read_timeout)
+            .map_or(d.body_read_timeout, |x| x.0),
+        max_connections: r
+            .and_then(|r| r.max_connections)
+            .unwrap_or(d.max_connections),
+        max_connections_per_ip: r
+            .and_then(|r| r.max_connections_per_ip)
+            .unwrap_or(d.max_connections_per_ip),
+        admin_token: raw.admin_token.clone(),
+    };
+    for (field, zero) in [
+        ("header_read_timeout", limits.header_read_timeout.is_zero()),
+        ("body_read_timeout", limits.body_read_timeout.is_zero()),
+        ("max_connections", limits.max_connections == 0),
+        ("max_connections_per_ip", limits.max_connections_per_ip == 0),
+    ] {
+        if zero {
+            return Err(c.err(
+                format!("http_limits.{field}"),
+                "must be greater than 0",
+                "omit it for the default",
+            ));
+        }
+    }
+    if limits.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
+        return Err(c.err(
+            "admin_token",
+            "too short to be a secret",
+            "use at least 16 random characters (e.g. `openssl rand -hex 16`)",
+        ));
+    }
+    Ok(limits)
 }
 
 struct Ctx<'a> {
@@ -812,6 +924,18 @@ impl Config {
                     other => c.err("upstream_session_manager", other.to_string(), "see README"),
                 })?;
 
+        let http_limits = http_limits(&c, &raw)?;
+        let retention = raw
+            .retention
+            .map_or(crate::store::DEFAULT_RETENTION, |d| d.0);
+        if retention < Duration::from_secs(86_400) {
+            return Err(c.err(
+                "retention",
+                "must be at least a day (history answers customers' questions)",
+                "omit it for the default (30d)",
+            ));
+        }
+
         Ok(Config {
             dir: dir.to_path_buf(),
             log_level: raw.log_level.clone().unwrap_or_else(|| "info".into()),
@@ -830,6 +954,7 @@ impl Config {
                 portal_port,
                 portal_mark,
             },
+            http_limits,
             chandler: ChandlerConfig {
                 metric,
                 usage_snapshot_interval: raw
@@ -855,6 +980,7 @@ impl Config {
                     .state_dir
                     .clone()
                     .unwrap_or_else(|| PathBuf::from("/var/lib/tollgate")),
+                retention,
             },
             payout: PayoutConfig { shares },
             upstream: UpstreamConfig {

@@ -172,6 +172,10 @@ pub async fn run(
     pin_base: Option<PathBuf>,
     control_socket: Option<PathBuf>,
 ) -> Result<()> {
+    // Before anything is attached: an exposed admin API without a token is a config error.
+    cfg.http_limits
+        .check_admin_listen(cfg.http.admin_listen)
+        .map_err(anyhow::Error::msg)?;
     let control_path =
         control_socket.unwrap_or_else(|| crate::control::default_socket(&cfg.store.state_dir));
     std::fs::create_dir_all(&cfg.store.state_dir)
@@ -206,7 +210,7 @@ pub async fn run(
     let wallet = Wallet::open(&cfg.store.state_dir, cfg.wallet_settings())
         .await
         .context("opening the wallet")?;
-    let store = Arc::new(Store::open(&cfg.store.db_path())?);
+    let store = Arc::new(Store::open(&cfg.store.db_path())?.with_retention(cfg.store.retention));
     let gates: Arc<dyn Gates> = valve.clone();
     let chandler = Arc::new(Chandler::new(cfg.chandler.clone(), gates, store.clone()));
     let report = chandler
@@ -271,6 +275,7 @@ pub async fn run(
         },
         probe_timeout: std::time::Duration::from_secs(3),
         arp_path: PathBuf::from("/proc/net/arp"),
+        state_dir: cfg.store.state_dir.clone(),
     };
     let control = crate::control::bind(&control_path)?;
     let lan = http::bind_lan(cfg.http.listen, cfg.http.lan_interface.as_deref())
@@ -288,21 +293,26 @@ pub async fn run(
     let admin = http::bind_lan(cfg.http.admin_listen, None)
         .with_context(|| format!("admin listener on {}", cfg.http.admin_listen))?;
     tracing::info!(listen = %cfg.http.listen, admin = %cfg.http.admin_listen, control = %control_path.display(), "tollgate is serving");
+    // The LAN API and the portal port count against the same caps; the admin its own.
+    let lan_caps = http::Caps::new(&cfg.http_limits);
     let api = tokio::spawn(http::serve(
         lan,
         http::router(state.clone()),
+        lan_caps.clone(),
         cancel.clone().cancelled_owned(),
     ));
     let portal_api = portal_lan.map(|l| {
         tokio::spawn(http::serve(
             l,
             http::router(state.clone()),
+            lan_caps.clone(),
             cancel.clone().cancelled_owned(),
         ))
     });
     let admin_api = tokio::spawn(http::serve(
         admin,
-        ops::admin_tcp_router(ops.clone()),
+        ops::admin_tcp_router(ops.clone(), cfg.http_limits.admin_token.clone()),
+        http::Caps::new(&cfg.http_limits),
         cancel.clone().cancelled_owned(),
     ));
     let control_api = {

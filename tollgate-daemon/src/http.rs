@@ -272,14 +272,21 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The admin API (bind it to loopback only: `admin_listen`).
+/// The read-only admin API (served on `admin_listen` and on the control socket).
 pub fn admin_router(state: AppState) -> Router {
     Router::new()
         .route("/clients", get(admin_clients))
         .route("/clients/{mac}", get(admin_client))
+        .route("/upstream", get(admin_upstream))
+        .with_state(state)
+}
+
+/// The admin verbs that give or take access: served only on the control socket (mode 0600),
+/// never on TCP, where any local user or a forwarded port could reach them.
+pub fn admin_verbs_router(state: AppState) -> Router {
+    Router::new()
         .route("/clients/{mac}/grant", post(admin_grant))
         .route("/clients/{mac}/close", post(admin_close))
-        .route("/upstream", get(admin_upstream))
         .with_state(state)
 }
 
@@ -531,12 +538,17 @@ impl
     for Peer
 {
     fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
-        let remote = *s.remote_addr();
-        let local = s.io().local_addr().unwrap_or(remote);
+        Peer::of(s.io(), *s.remote_addr())
+    }
+}
+
+impl Peer {
+    /// The peer of an accepted connection from `remote`.
+    pub fn of(s: &tokio::net::TcpStream, remote: SocketAddr) -> Peer {
         Peer {
             remote,
-            local,
-            mark: socket_mark(s.io()).unwrap_or(0),
+            local: s.local_addr().unwrap_or(remote),
+            mark: socket_mark(s).unwrap_or(0),
         }
     }
 }
@@ -830,17 +842,8 @@ pub fn bind_lan(addr: SocketAddr, iface: Option<&str>) -> std::io::Result<tokio:
     tokio::net::TcpListener::from_std(l)
 }
 
-/// Serves `app` with the peer ([`Peer`], and `ConnectInfo<SocketAddr>` through [`router`]'s
-/// gate) available to handlers, until `shutdown` completes.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
-        .with_graceful_shutdown(shutdown)
-        .await
-}
+pub use listener::{serve, Caps};
 
+mod listener;
 #[cfg(test)]
 mod tests;

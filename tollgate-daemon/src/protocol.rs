@@ -396,8 +396,13 @@ fn form_field(text: &str) -> Option<String> {
 /// Trims, strips a `cashu:` URI prefix and checks that the token decodes (v3 or v4).
 pub fn normalize_token(raw: &str) -> Result<String, ProtocolError> {
     let mut t = raw.trim();
-    if t.len() >= 6 && t[..6].eq_ignore_ascii_case("cashu:") {
-        t = t[6..].trim_start_matches('/').trim();
+    // `get`, not `[..6]`: byte 6 of a hostile body may fall inside a multi-byte character.
+    if let Some(rest) = t
+        .get(..6)
+        .filter(|p| p.eq_ignore_ascii_case("cashu:"))
+        .and_then(|_| t.get(6..))
+    {
+        t = rest.trim_start_matches('/').trim();
     }
     if !(t.starts_with("cashuA") || t.starts_with("cashuB")) {
         let shown: String = t.chars().take(12).collect();
@@ -752,6 +757,27 @@ pub(crate) mod tests {
             parse_payment(None, tampered.as_bytes(), None),
             Err(ProtocolError::BadSignature)
         ));
+    }
+
+    /// Regression (issue 11): byte 6 inside a multi-byte character panicked in `t[..6]`.
+    #[test]
+    fn non_ascii_prefix_is_an_error_not_a_panic() {
+        for body in [
+            "cashuéB",
+            "ééé",
+            "12345é",
+            "cashu:é",
+            "€€",
+            "cashu\u{1F600}",
+        ] {
+            assert!(
+                normalize_token(body).is_err(),
+                "{body:?} is not a token and must not panic"
+            );
+            assert!(parse_payment(Some("text/plain"), body.as_bytes(), None).is_err());
+        }
+        // The URI prefix still works, in any case.
+        assert!(normalize_token(&format!("CASHU:{TOKEN_B}")).is_ok());
     }
 
     #[test]

@@ -533,12 +533,30 @@ async fn admin_grant_and_close() {
         portal_port: 2121,
         portal_mark: Some(0x7467),
     };
-    let admin = admin_router(AppState::new(
+    let st = AppState::new(
         &cfg,
         t.rig.merchant.clone(),
         t.rig.chandler.clone(),
         Arc::new(StaticNeighbours(map)),
-    ));
+    );
+    // The read-only half (what admin_listen serves) refuses the verbs (issue 11).
+    let read_only = admin_router(st.clone());
+    for verb in ["grant?amount=500", "close"] {
+        let (s, _, _) = send(
+            &read_only,
+            "POST",
+            &format!("/clients/aa:bb:cc:00:00:05/{verb}"),
+            None,
+            vec![],
+            "127.0.0.1:1",
+        )
+        .await;
+        assert!(
+            s.is_client_error(),
+            "{verb} on the read-only admin API: {s}"
+        );
+    }
+    let admin = admin_router(st.clone()).merge(admin_verbs_router(st));
     let (s, _, body) = send(
         &admin,
         "POST",

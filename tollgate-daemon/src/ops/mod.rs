@@ -3,8 +3,11 @@
 //! the exposition text.
 //!
 //! ```text
-//! control socket (0600) ── control_router = http::admin_router + /ops/* + /metrics
-//! admin TCP (loopback)  ── http::admin_router + /metrics        (nothing that moves money)
+//! control socket (0600) ── control_router = http::admin_router + admin_verbs_router (grant,
+//!                          close) + /ops/* + /metrics
+//! admin TCP (loopback, or any address with admin_token ─> Bearer required)
+//!                       ── http::admin_router + GET /ops/status + /metrics  (read-only: nothing
+//!                          that moves money or access)
 //!
 //! GET  /ops/status               gateway, data plane, mints (probed), balances, warnings
 //! GET  /ops/clients              sessions + kernel counters + IPv4 from the ARP table
@@ -110,6 +113,27 @@ pub struct StatusReport {
     /// The upstream session this gateway buys from (`null` unless in reseller mode).
     pub upstream: Option<serde_json::Value>,
     pub warnings: Vec<String>,
+    /// The state directory's databases and their size on disk (+ WAL), bytes.
+    #[serde(default)]
+    pub databases: Vec<(String, u64)>,
+}
+
+/// Size on disk of each SQLite database in `dir` (file + `-wal`), by name.
+pub fn database_sizes(dir: &std::path::Path) -> Vec<(String, u64)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, u64)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let db = name.strip_suffix(".sqlite")?.to_string();
+            let wal = std::fs::metadata(dir.join(format!("{name}-wal"))).map_or(0, |m| m.len());
+            Some((db, e.metadata().ok()?.len() + wal))
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// One device, as `tollgate clients` shows it. Amounts are in the session's metric units;
@@ -342,31 +366,73 @@ pub struct OpsState {
     pub probe_timeout: Duration,
     /// Where the MAC → IPv4 table comes from (`/proc/net/arp`).
     pub arp_path: PathBuf,
+    /// The state directory (its databases' sizes are in `status`).
+    pub state_dir: PathBuf,
 }
 
 /// Everything, for the control socket (its file mode is the access control).
 pub fn control_router(st: OpsState) -> Router {
-    http::admin_router(st.app.clone()).merge(
-        Router::new()
-            .route("/ops/status", get(status))
-            .route("/ops/clients", get(clients))
-            .route("/ops/wallet/balance", get(balance))
-            .route("/ops/wallet/payouts", get(payouts))
-            .route("/ops/wallet/receive", post(receive))
-            .route("/ops/wallet/send", post(send))
-            .route("/ops/gate/{mac}/{action}", post(gate))
-            .route("/metrics", get(metrics_page))
-            .with_state(st),
-    )
+    http::admin_router(st.app.clone())
+        .merge(http::admin_verbs_router(st.app.clone()))
+        .merge(
+            Router::new()
+                .route("/ops/status", get(status))
+                .route("/ops/clients", get(clients))
+                .route("/ops/wallet/balance", get(balance))
+                .route("/ops/wallet/payouts", get(payouts))
+                .route("/ops/wallet/receive", post(receive))
+                .route("/ops/wallet/send", post(send))
+                .route("/ops/gate/{mac}/{action}", post(gate))
+                .route("/metrics", get(metrics_page))
+                .with_state(st),
+        )
 }
 
-/// The admin TCP address: the existing admin API plus `/metrics` (for a scraper).
-pub fn admin_tcp_router(st: OpsState) -> Router {
-    http::admin_router(st.app.clone()).merge(
+/// The admin TCP address: read-only (the admin API's GETs, `/ops/status`, `/metrics` for a
+/// scraper); with a `token`, every request must carry `Authorization: Bearer <token>`.
+pub fn admin_tcp_router(st: OpsState, token: Option<String>) -> Router {
+    let app = http::admin_router(st.app.clone()).merge(
         Router::new()
+            .route("/ops/status", get(status))
             .route("/metrics", get(metrics_page))
             .with_state(st),
-    )
+    );
+    match token {
+        Some(t) => app.layer(axum::middleware::from_fn(move |req, next| {
+            bearer_only(t.clone(), req, next)
+        })),
+        None => app,
+    }
+}
+
+/// 401 unless the request carries the admin token (compared in constant time).
+async fn bearer_only(
+    token: String,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let same = given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        next.run(req).await
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "admin token required\n",
+        )
+            .into_response()
+    }
 }
 
 fn metric_name(m: Metric) -> String {
@@ -445,6 +511,7 @@ async fn status(State(st): State<OpsState>) -> Result<Json<StatusReport>, OpsErr
         },
         upstream,
         warnings,
+        databases: database_sizes(&st.state_dir),
     }))
 }
 

@@ -111,7 +111,8 @@ fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, String> {
         if size == 0 {
             return Ok(out);
         }
-        if b.len() < size + 2 {
+        // A hostile size (usize::MAX) must not overflow into a panic.
+        if size.checked_add(2).is_none_or(|n| b.len() < n) {
             return Err("chunk cut short".into());
         }
         out.extend_from_slice(&b[..size]);
@@ -298,6 +299,8 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
             b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
             b"HTTP/1.1 200 OK\r\n\r\n\xff\xfe",
+            // Regression (issue 11): a chunk size of usize::MAX overflowed `size + 2`.
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nab\r\n",
         ] {
             assert!(
                 parse_answer(bad).is_err(),

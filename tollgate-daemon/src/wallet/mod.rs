@@ -43,6 +43,7 @@
 mod lnurl;
 mod payout;
 mod store;
+mod transport;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -555,11 +556,17 @@ impl Wallet {
                     mint: m.url.clone(),
                 })?;
             let unit = unit_of(&m.unit)?;
-            if !repo.has_wallet(&url, &unit).await {
-                repo.create_wallet(url.clone(), unit, None)
-                    .await
-                    .map_err(|e| WalletError::Cdk { source: e })?;
-            }
+            // Every wallet (new or loaded from the database) talks to its mint through the
+            // bounded transport: no mint call waits forever.
+            let connector = cdk::wallet::BaseHttpClient::with_transport(
+                url.clone(),
+                transport::Bounded::new(transport::DEFAULT_CALL_TIMEOUT),
+                None,
+            );
+            let config = cdk::wallet::WalletConfig::new().with_mint_connector(Arc::new(connector));
+            repo.create_wallet(url.clone(), unit, Some(config))
+                .await
+                .map_err(|e| WalletError::Cdk { source: e })?;
             mints.insert(
                 url.to_string(),
                 MintState {
