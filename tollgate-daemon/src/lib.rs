@@ -24,6 +24,7 @@ pub mod ops;
 pub mod portal;
 pub mod protocol;
 pub mod store;
+pub mod supervisor;
 pub mod upstream;
 pub mod valve;
 pub mod wallet;
