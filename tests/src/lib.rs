@@ -6,6 +6,7 @@ pub mod chain;
 pub mod chromium;
 pub mod frames;
 pub mod gateway;
+pub mod hostile;
 pub mod lnurl;
 pub mod mint;
 pub mod netns;
