@@ -7,6 +7,7 @@ pub mod chromium;
 pub mod crowd;
 pub mod frames;
 pub mod gateway;
+pub mod hostile;
 pub mod lnurl;
 pub mod mint;
 pub mod netns;

@@ -31,6 +31,7 @@ use crate::{
     ops::{self, GatewayInfo, OpsState},
     portal,
     store::Store,
+    supervisor::{Policy, Supervisor},
     upstream::Upstream,
     valve::{DataPlaneMode, Gates, Prefix, Valve, ValveConfig},
     wallet::Wallet,
@@ -231,14 +232,32 @@ pub async fn run(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let cancel = CancellationToken::new();
-    let chandler_task = tokio::spawn(chandler.clone().run(events, stop_rx.clone()));
-    let payouts = wallet.spawn_payouts(cancel.clone());
+    // Every long-running task is named and supervised: restarted with back-off when it ends
+    // or panics, shown in `status` and `/metrics`; a critical one that cannot run stops the
+    // daemon with a non-zero exit (systemd/procd restart it).
+    let tasks = Supervisor::new(cancel.clone());
+    {
+        // The kernel's event channel cannot be re-opened: the reader is one-shot.
+        let c = chandler.clone();
+        let stop = stop_rx.clone();
+        tasks.spawn_once("chandler", async move {
+            c.run(events, stop).await;
+            Ok(())
+        });
+    }
+    {
+        let (w, c) = (wallet.clone(), cancel.clone());
+        tasks.spawn("payouts", Policy::best_effort(), move || {
+            let (w, c) = (w.clone(), c.clone());
+            async move { w.spawn_payouts(c).await.map_err(|e| e.to_string()) }
+        });
+    }
     let neighbours = Arc::new(KernelNeighbours::new(
         cfg.neighbour.device_leases_file.clone(),
     ));
     let mut state = AppState::new(&cfg.http, merchant, chandler.clone(), neighbours);
     // Reseller mode: our own uplink is a paid TollGate; buy and renew access there.
-    let upstream_task = if cfg.upstream.reseller_mode {
+    if cfg.upstream.reseller_mode {
         let up = Upstream::new(
             cfg.upstream.settings.clone(),
             cfg.dataplane.wan_interface.clone(),
@@ -256,10 +275,15 @@ pub async fn run(
             }
         }
         state = state.with_upstream(up.clone());
-        Some(tokio::spawn(up.run(cancel.clone())))
-    } else {
-        None
-    };
+        let c = cancel.clone();
+        tasks.spawn("upstream", Policy::critical(), move || {
+            let (up, c) = (up.clone(), c.clone());
+            async move {
+                up.run(c).await;
+                Ok(())
+            }
+        });
+    }
     let ops = OpsState {
         app: state.clone(),
         wallet: wallet.clone(),
@@ -276,6 +300,7 @@ pub async fn run(
         probe_timeout: std::time::Duration::from_secs(3),
         arp_path: PathBuf::from("/proc/net/arp"),
         state_dir: cfg.store.state_dir.clone(),
+        tasks: tasks.clone(),
     };
     let control = crate::control::bind(&control_path)?;
     let lan = http::bind_lan(cfg.http.listen, cfg.http.lan_interface.as_deref())
@@ -293,49 +318,64 @@ pub async fn run(
     let admin = http::bind_lan(cfg.http.admin_listen, None)
         .with_context(|| format!("admin listener on {}", cfg.http.admin_listen))?;
     tracing::info!(listen = %cfg.http.listen, admin = %cfg.http.admin_listen, control = %control_path.display(), "tollgate is serving");
-    // The LAN API and the portal port count against the same caps; the admin its own.
+    // The servers own their listening sockets: one-shot, critical. The LAN API and the portal
+    // port count against the same caps; the admin its own.
+    let served = |r: std::io::Result<()>| r.map_err(|e| e.to_string());
     let lan_caps = http::Caps::new(&cfg.http_limits);
-    let api = tokio::spawn(http::serve(
-        lan,
-        http::router(state.clone()),
-        lan_caps.clone(),
-        cancel.clone().cancelled_owned(),
-    ));
-    let portal_api = portal_lan.map(|l| {
-        tokio::spawn(http::serve(
-            l,
+    {
+        let (app, caps, stop) = (
             http::router(state.clone()),
             lan_caps.clone(),
             cancel.clone().cancelled_owned(),
-        ))
-    });
-    let admin_api = tokio::spawn(http::serve(
-        admin,
-        ops::admin_tcp_router(ops.clone(), cfg.http_limits.admin_token.clone()),
-        http::Caps::new(&cfg.http_limits),
-        cancel.clone().cancelled_owned(),
-    ));
-    let control_api = {
+        );
+        tasks.spawn_once(
+            "api",
+            async move { served(http::serve(lan, app, caps, stop).await) },
+        );
+    }
+    if let Some(l) = portal_lan {
+        let (app, caps, stop) = (
+            http::router(state.clone()),
+            lan_caps.clone(),
+            cancel.clone().cancelled_owned(),
+        );
+        tasks.spawn_once(
+            "portal",
+            async move { served(http::serve(l, app, caps, stop).await) },
+        );
+    }
+    {
+        let (app, caps, stop) = (
+            ops::admin_tcp_router(ops.clone(), cfg.http_limits.admin_token.clone()),
+            http::Caps::new(&cfg.http_limits),
+            cancel.clone().cancelled_owned(),
+        );
+        tasks.spawn_once("admin", async move {
+            served(http::serve(admin, app, caps, stop).await)
+        });
+    }
+    {
         let stop = cancel.clone().cancelled_owned();
         let app = ops::control_router(ops);
-        tokio::spawn(async move { axum::serve(control, app).with_graceful_shutdown(stop).await })
-    };
+        tasks.spawn_once("control", async move {
+            served(axum::serve(control, app).with_graceful_shutdown(stop).await)
+        });
+    }
 
-    wait_for_signal().await;
-    tracing::info!("shutting down: the data plane stays attached and enforcing");
+    let fatal = tokio::select! {
+        _ = wait_for_signal() => None,
+        why = tasks.fatal() => Some(why),
+    };
+    match &fatal {
+        None => tracing::info!("shutting down: the data plane stays attached and enforcing"),
+        Some(why) => {
+            tracing::error!(reason = %why, "a critical task cannot run; shutting down (the data plane stays attached and enforcing)")
+        }
+    }
     cancel.cancel();
     let _ = stop_tx.send(true);
-    // Reverse start order.
-    let _ = control_api.await;
+    tasks.join().await;
     let _ = std::fs::remove_file(&control_path);
-    let _ = admin_api.await;
-    if let Some(p) = portal_api {
-        let _ = p.await;
-    }
-    let _ = api.await;
-    if let Some(t) = upstream_task {
-        let _ = t.await;
-    }
     if let Some(r) = redirect {
         if let Err(e) = valve.configure(&unmarked) {
             tracing::warn!(error = %e, "clearing the portal mark in the data plane");
@@ -346,10 +386,11 @@ pub async fn run(
             Err(e) => tracing::warn!(error = %e, "removing the portal redirect"),
         }
     }
-    let _ = payouts.await;
-    let _ = chandler_task.await;
     chandler.snapshot_all().ok();
-    Ok(())
+    match fatal {
+        Some(why) => anyhow::bail!("stopped because {why}"),
+        None => Ok(()),
+    }
 }
 
 async fn wait_for_signal() {

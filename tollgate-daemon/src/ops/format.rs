@@ -570,6 +570,7 @@ mod tests {
                 closed: 4,
             },
             upstream: None,
+            tasks: Vec::new(),
             warnings: vec![format!(
                 "mint {LONG} unreachable: a long error message {LONG}"
             )],

@@ -112,6 +112,9 @@ pub struct StatusReport {
     pub clients: ClientCounts,
     /// The upstream session this gateway buys from (`null` unless in reseller mode).
     pub upstream: Option<serde_json::Value>,
+    /// The supervised background tasks (see `supervisor`).
+    #[serde(default)]
+    pub tasks: Vec<crate::supervisor::TaskStatus>,
     pub warnings: Vec<String>,
     /// The state directory's databases and their size on disk (+ WAL), bytes.
     #[serde(default)]
@@ -368,6 +371,8 @@ pub struct OpsState {
     pub arp_path: PathBuf,
     /// The state directory (its databases' sizes are in `status`).
     pub state_dir: PathBuf,
+    /// The daemon's background tasks.
+    pub tasks: Arc<crate::supervisor::Supervisor>,
 }
 
 /// Everything, for the control socket (its file mode is the access control).
@@ -466,6 +471,16 @@ async fn status(State(st): State<OpsState>) -> Result<Json<StatusReport>, OpsErr
         }
         serde_json::to_value(&s).unwrap_or_default()
     });
+    let tasks = st.tasks.status();
+    for t in tasks.iter().filter(|t| t.state != "running") {
+        warnings.push(format!(
+            "task {} is {} ({} restarts; last exit: {})",
+            t.name,
+            t.state,
+            t.restarts,
+            t.last_exit.as_deref().unwrap_or("-")
+        ));
+    }
     let cfg = st.app.merchant.config();
     let mints = probes
         .into_iter()
@@ -510,6 +525,7 @@ async fn status(State(st): State<OpsState>) -> Result<Json<StatusReport>, OpsErr
             closed: sessions.len() as u64 - active,
         },
         upstream,
+        tasks,
         warnings,
         databases: database_sizes(&st.state_dir),
     }))

@@ -1340,6 +1340,13 @@ impl Wallet {
         Ok(amount)
     }
 
+    /// True when this wallet already has a receipt for the token (received, being received,
+    /// or found spent), whoever asked for it: the merchant refuses to sell access for a token
+    /// the operator already received with `tollgate wallet receive`.
+    pub fn has_receipt(&self, token_id: &str) -> Result<bool, WalletError> {
+        Ok(self.inner.store.receipt(token_id)?.is_some())
+    }
+
     /// The chandler registers the smallest purchase an upstream accepts at `mint`, so that
     /// [`Wallet::warnings`] can tell the operator before a purchase fails.
     pub fn set_minimum_purchase(&self, mint: &str, amount: u64) {
