@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod chain;
 pub mod chromium;
+pub mod crash;
 pub mod frames;
 pub mod gateway;
 pub mod lnurl;

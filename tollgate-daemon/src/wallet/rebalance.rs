@@ -131,7 +131,12 @@ impl Wallet {
         let sw = self.cdk_wallet(source).await?;
         // Costs nothing: an unpaid quote at the target simply expires.
         let quote = tw
-            .mint_quote(PaymentMethod::BOLT11, Some(Amount::from(amount)), None, None)
+            .mint_quote(
+                PaymentMethod::BOLT11,
+                Some(Amount::from(amount)),
+                None,
+                None,
+            )
             .await
             .map_err(|e| WalletError::from_cdk(&target_key, e))?;
 
