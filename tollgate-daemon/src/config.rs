@@ -227,6 +227,17 @@ struct RawConfig {
     usage_snapshot_interval: Option<Dur>,
     #[serde(default)]
     post_rate_per_minute: Option<u32>,
+    #[serde(default)]
+    rebalance: Option<RawRebalance>,
+}
+
+/// `"rebalance": {"auto": true, "fee_budget_percent": 2}` (ours).
+#[derive(Debug, Deserialize, Serialize)]
+struct RawRebalance {
+    #[serde(default)]
+    auto: Option<bool>,
+    #[serde(default)]
+    fee_budget_percent: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -407,6 +418,15 @@ pub struct UpstreamConfig {
     pub settings: crate::upstream::UpstreamSettings,
 }
 
+/// Moving funds between accepted mints (`rebalance` in config.json): whether the upstream
+/// buyer may do it by itself, and the fee budget of every rebalance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RebalanceConfig {
+    pub auto: bool,
+    /// Lightning + input fees at most this percent of the amount, plus 1 sat.
+    pub fee_budget_percent: u64,
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub dir: PathBuf,
@@ -419,6 +439,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub payout: PayoutConfig,
     pub upstream: UpstreamConfig,
+    pub rebalance: RebalanceConfig,
 }
 
 struct Ctx<'a> {
@@ -733,6 +754,22 @@ impl Config {
             ));
         }
 
+        let rebalance = RebalanceConfig {
+            auto: raw.rebalance.as_ref().and_then(|r| r.auto).unwrap_or(true),
+            fee_budget_percent: raw
+                .rebalance
+                .as_ref()
+                .and_then(|r| r.fee_budget_percent)
+                .unwrap_or(2),
+        };
+        if rebalance.fee_budget_percent > 50 {
+            return Err(c.err(
+                "rebalance.fee_budget_percent",
+                "must be at most 50",
+                "omit it for the default (2)",
+            ));
+        }
+
         let upstream_settings =
             crate::upstream::UpstreamSettings::parse(raw.upstream_session_manager.as_ref())
                 .map_err(|e| match e {
@@ -791,6 +828,7 @@ impl Config {
                 raw: raw.upstream_session_manager.clone(),
                 settings: upstream_settings,
             },
+            rebalance,
         })
     }
 
@@ -923,6 +961,8 @@ impl Config {
                 lightning_address: p.lightning_address.clone(),
             })
             .collect();
+        s.rebalance_fee_budget_percent = self.rebalance.fee_budget_percent;
+        s.auto_rebalance = self.rebalance.auto;
         s
     }
 }

@@ -119,8 +119,10 @@ pub struct WalletSettings {
     pub mints: Vec<MintSettings>,
     /// Profit-share recipients.
     pub profit_share: Vec<ProfitShare>,
-    /// Maximum Lightning + input fees for a rebalance, in percent of the amount.
+    /// Maximum Lightning + input fees for a rebalance, in percent of the amount (+ 1 sat).
     pub rebalance_fee_budget_percent: u64,
+    /// Let the upstream buyer move a shortfall from another accepted mint before a purchase.
+    pub auto_rebalance: bool,
     /// Default reservation lifetime.
     pub reservation_ttl: Duration,
     /// Allow plain-http LNURL on loopback hosts. Tests only.
@@ -172,6 +174,7 @@ impl WalletSettings {
             mints,
             profit_share: Vec::new(),
             rebalance_fee_budget_percent: 2,
+            auto_rebalance: true,
             reservation_ttl: Duration::from_secs(30),
             allow_loopback_lnurl: false,
             bypass_reservations_for_tests: false,

@@ -94,6 +94,11 @@ impl Wallet {
         self.inner.store.rebalances(false)
     }
 
+    /// Whether the upstream buyer may rebalance by itself (`rebalance.auto`).
+    pub fn auto_rebalance(&self) -> bool {
+        self.inner.settings.auto_rebalance
+    }
+
     /// The most a rebalance of `amount` may cost in fees.
     pub fn rebalance_fee_budget(&self, amount: u64) -> u64 {
         amount.saturating_mul(self.inner.settings.rebalance_fee_budget_percent) / 100 + 1
