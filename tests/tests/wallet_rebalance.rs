@@ -121,8 +121,9 @@ enum Side {
 ///    melt/mint requests held at the mint and dropped unseen or processed with the answer lost
 ///    — run `wallet-harness rebalance B 100 A` and SIGKILL it there.
 /// 3. Let the mints finish what they hold, reopen the wallet (recovery), and ask both mints:
-///    the 100 sat are at exactly one side — A unchanged and B unchanged, or B +100 and A −100
-///    − fee within the budget — never lost and never doubled; no rebalance is left open.
+///    the 100 sat are at exactly one side — B unchanged and A unchanged but for a swap's input
+///    fee, or B +100 and A −100 − fees within the budget — never lost and never doubled; no
+///    rebalance is left open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebalance_survives_kill_at_every_step() {
     let (_net, a, b, dir) = lab(1500).await;
@@ -197,7 +198,9 @@ async fn rebalance_survives_kill_at_every_step() {
             at_mint(dir.path(), &a, &ctx).await,
             at_mint(dir.path(), &b, &ctx).await,
         );
-        let side = if b1 == b0 && a1 == a0 {
+        // At the source, A may still have paid the input fee of the swap cdk makes to get
+        // exact proofs for the melt; nothing else.
+        let side = if b1 == b0 && a1 <= a0 && a0 - a1 <= budget(amount) {
             Side::Source
         } else {
             assert_eq!(b1, b0 + amount, "{ctx}: B {b0} -> {b1}, A {a0} -> {a1}");
