@@ -1235,6 +1235,29 @@ mod tests {
     }
 
     #[test]
+    fn rebalance_section_defaults_and_bounds() {
+        let c = load(EXAMPLE, IDS).expect("example config");
+        let d = RebalanceConfig {
+            auto: true,
+            fee_budget_percent: 2,
+        };
+        assert_eq!(c.rebalance, d);
+        let w = c.wallet_settings();
+        assert!(w.auto_rebalance);
+        assert_eq!(w.rebalance_fee_budget_percent, 2);
+        let text = patched(|v| {
+            v["rebalance"] = serde_json::json!({"auto": false, "fee_budget_percent": 5})
+        });
+        let w = load(&text, IDS).expect("config").wallet_settings();
+        assert_eq!(
+            (w.auto_rebalance, w.rebalance_fee_budget_percent),
+            (false, 5)
+        );
+        let text = patched(|v| v["rebalance"] = serde_json::json!({"fee_budget_percent": 51}));
+        assert_eq!(field_of(&text, IDS).0, "rebalance.fee_budget_percent");
+    }
+
+    #[test]
     fn duplicate_mint_after_canonicalisation_is_rejected() {
         let text = patched(|v| {
             let m = v["accepted_mints"][0].clone();

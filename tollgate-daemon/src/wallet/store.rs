@@ -548,6 +548,48 @@ mod tests {
     }
 
     #[test]
+    fn rebalance_rows_and_growing_reservations() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("t.sqlite")).expect("open");
+        let row = super::super::RebalanceRecord {
+            id: "r1".into(),
+            source: "a".into(),
+            target: "b".into(),
+            amount: 100,
+            fee: 0,
+            mint_quote_id: "mq".into(),
+            melt_quote_id: "lq".into(),
+            state: "melting".into(),
+            message: None,
+            created_at: 0,
+        };
+        store.put_rebalance(&row).expect("put");
+        assert!(store.put_rebalance(&row).is_err(), "one row per rebalance");
+        assert_eq!(store.rebalances(true).expect("open").len(), 1);
+        store
+            .set_rebalance_state("r1", "minting", Some(2), None)
+            .expect("minting");
+        store
+            .set_rebalance_state("r1", "done", None, None)
+            .expect("done");
+        assert!(store.rebalances(true).expect("open").is_empty());
+        let all = store.rebalances(false).expect("all");
+        assert_eq!((all[0].state.as_str(), all[0].fee), ("done", 2), "fee kept");
+
+        let far = now_ms() + 60_000;
+        store.put_reservation("h", "b", 10, far).expect("put");
+        assert!(store.grow_reservation("h", 5, far).expect("grow"));
+        assert_eq!(store.reserved("b").expect("sum"), 15);
+        store
+            .put_reservation("x", "b", 1, now_ms() - 1)
+            .expect("put");
+        assert!(
+            !store.grow_reservation("x", 5, far).expect("grow"),
+            "expired stays gone"
+        );
+    }
+
+    #[test]
     fn receipt_lifecycle() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("t.sqlite")).expect("open");
