@@ -5,6 +5,7 @@ pub mod bench;
 pub mod chain;
 pub mod chromium;
 pub mod crowd;
+pub mod crash;
 pub mod frames;
 pub mod gateway;
 pub mod hostile;

@@ -245,6 +245,8 @@ struct RawConfig {
     #[serde(default)]
     #[serde(skip_serializing_if = "Option::is_none")]
     retention: Option<Dur>,
+    #[serde(default)]
+    rebalance: Option<RawRebalance>,
 }
 
 /// `http_limits` in config.json: every field optional (the defaults are [`HttpLimits::default`]).
@@ -259,6 +261,15 @@ struct RawHttpLimits {
     max_connections: Option<usize>,
     #[serde(default)]
     max_connections_per_ip: Option<usize>,
+}
+
+/// `"rebalance": {"auto": true, "fee_budget_percent": 2}` (ours).
+#[derive(Debug, Deserialize, Serialize)]
+struct RawRebalance {
+    #[serde(default)]
+    auto: Option<bool>,
+    #[serde(default)]
+    fee_budget_percent: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -510,6 +521,15 @@ pub struct UpstreamConfig {
     pub settings: crate::upstream::UpstreamSettings,
 }
 
+/// Moving funds between accepted mints (`rebalance` in config.json): whether the upstream
+/// buyer may do it by itself, and the fee budget of every rebalance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RebalanceConfig {
+    pub auto: bool,
+    /// Lightning + input fees at most this percent of the amount, plus 1 sat.
+    pub fee_budget_percent: u64,
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub dir: PathBuf,
@@ -523,6 +543,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub payout: PayoutConfig,
     pub upstream: UpstreamConfig,
+    pub rebalance: RebalanceConfig,
 }
 
 /// `http_limits` + `admin_token`: zero limits and an empty token are refused.
@@ -913,6 +934,22 @@ impl Config {
             ));
         }
 
+        let rebalance = RebalanceConfig {
+            auto: raw.rebalance.as_ref().and_then(|r| r.auto).unwrap_or(true),
+            fee_budget_percent: raw
+                .rebalance
+                .as_ref()
+                .and_then(|r| r.fee_budget_percent)
+                .unwrap_or(2),
+        };
+        if rebalance.fee_budget_percent > 50 {
+            return Err(c.err(
+                "rebalance.fee_budget_percent",
+                "must be at most 50",
+                "omit it for the default (2)",
+            ));
+        }
+
         let upstream_settings =
             crate::upstream::UpstreamSettings::parse(raw.upstream_session_manager.as_ref())
                 .map_err(|e| match e {
@@ -988,6 +1025,7 @@ impl Config {
                 raw: raw.upstream_session_manager.clone(),
                 settings: upstream_settings,
             },
+            rebalance,
         })
     }
 
@@ -1120,6 +1158,8 @@ impl Config {
                 lightning_address: p.lightning_address.clone(),
             })
             .collect();
+        s.rebalance_fee_budget_percent = self.rebalance.fee_budget_percent;
+        s.auto_rebalance = self.rebalance.auto;
         s
     }
 }
@@ -1389,6 +1429,29 @@ mod tests {
         // Unparsable JSON names the file.
         let e = load("{", IDS).expect_err("bad json");
         assert!(e.to_string().contains("config.json"));
+    }
+
+    #[test]
+    fn rebalance_section_defaults_and_bounds() {
+        let c = load(EXAMPLE, IDS).expect("example config");
+        let d = RebalanceConfig {
+            auto: true,
+            fee_budget_percent: 2,
+        };
+        assert_eq!(c.rebalance, d);
+        let w = c.wallet_settings();
+        assert!(w.auto_rebalance);
+        assert_eq!(w.rebalance_fee_budget_percent, 2);
+        let text = patched(|v| {
+            v["rebalance"] = serde_json::json!({"auto": false, "fee_budget_percent": 5})
+        });
+        let w = load(&text, IDS).expect("config").wallet_settings();
+        assert_eq!(
+            (w.auto_rebalance, w.rebalance_fee_budget_percent),
+            (false, 5)
+        );
+        let text = patched(|v| v["rebalance"] = serde_json::json!({"fee_budget_percent": 51}));
+        assert_eq!(field_of(&text, IDS).0, "rebalance.fee_budget_percent");
     }
 
     #[test]

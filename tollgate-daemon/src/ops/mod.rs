@@ -15,6 +15,7 @@
 //! GET  /ops/wallet/payouts       every payout attempt
 //! POST /ops/wallet/receive       {"token": …}              → receipt (manual funding)
 //! POST /ops/wallet/send          {"mint": …, "amount": n}  → a token (bearer money!)
+//! POST /ops/wallet/rebalance     {"to": …, "amount": n, "from": …?} → the rebalance record
 //! POST /ops/gate/{mac}/open|extend|close  {"bytes": n} | {"seconds": n}
 //!                                recorded in the session log as admin-open/-extend/-close
 //! GET  /metrics                  Prometheus text format 0.0.4
@@ -241,6 +242,39 @@ pub struct SendAnswer {
     pub receiver_fee: u64,
 }
 
+/// Move `amount` to mint `to` over Lightning, from `from` or the richest other mint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebalanceRequest {
+    pub to: String,
+    pub amount: u64,
+    #[serde(default)]
+    pub from: Option<String>,
+}
+
+/// A rebalance as recorded (`state`: done, minting = finished at the next start, failed).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebalanceAnswer {
+    pub id: String,
+    pub source: String,
+    pub target: String,
+    pub amount: u64,
+    pub fee: u64,
+    pub state: String,
+}
+
+impl From<crate::wallet::RebalanceRecord> for RebalanceAnswer {
+    fn from(r: crate::wallet::RebalanceRecord) -> Self {
+        RebalanceAnswer {
+            id: r.id,
+            source: r.source,
+            target: r.target,
+            amount: r.amount,
+            fee: r.fee,
+            state: r.state,
+        }
+    }
+}
+
 /// Exactly one of the two, matching the gateway's metric.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GateRequest {
@@ -329,7 +363,9 @@ impl OpsError {
                 | WalletError::WrongUnit { .. }
                 | WalletError::Locked
                 | WalletError::TokenSpent
-                | WalletError::InsufficientFunds { .. } => StatusCode::BAD_REQUEST,
+                | WalletError::InsufficientFunds { .. }
+                | WalletError::InvalidRequest { .. }
+                | WalletError::FeeBudget { .. } => StatusCode::BAD_REQUEST,
                 WalletError::TokenPending
                 | WalletError::MintUnavailable { .. }
                 | WalletError::RateLimited { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -387,6 +423,7 @@ pub fn control_router(st: OpsState) -> Router {
                 .route("/ops/wallet/payouts", get(payouts))
                 .route("/ops/wallet/receive", post(receive))
                 .route("/ops/wallet/send", post(send))
+                .route("/ops/wallet/rebalance", post(rebalance))
                 .route("/ops/gate/{mac}/{action}", post(gate))
                 .route("/metrics", get(metrics_page))
                 .with_state(st),
@@ -641,6 +678,20 @@ async fn send(
         value: t.value,
         receiver_fee: t.receiver_fee,
     }))
+}
+
+async fn rebalance(
+    State(st): State<OpsState>,
+    body: axum::body::Bytes,
+) -> Result<Json<RebalanceAnswer>, OpsError> {
+    let req: RebalanceRequest = json_body(&body)?;
+    let r = st
+        .wallet
+        .rebalance(&req.to, req.amount, req.from.as_deref())
+        .await?;
+    tracing::info!(source = %r.source, target = %r.target, amount = r.amount, fee = r.fee,
+        state = %r.state, id = %r.id, "operator rebalanced");
+    Ok(Json(r.into()))
 }
 
 /// The amount in the session's metric units for an admin request.
