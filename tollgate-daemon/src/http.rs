@@ -300,9 +300,16 @@ async fn advertisement(State(st): State<AppState>) -> Result<Response, ApiError>
     Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response())
 }
 
+/// The client address a reverse proxy on loopback names: `X-Real-IP` first, then the first
+/// `X-Forwarded-For` entry (the reference's order). `client_ip` trusts it only from loopback.
+fn forwarded(headers: &HeaderMap) -> Option<&str> {
+    ["x-real-ip", "x-forwarded-for"]
+        .iter()
+        .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
+}
+
 async fn mac_of(st: &AppState, peer: SocketAddr, headers: &HeaderMap) -> Result<MacAddr, ApiError> {
-    let xff = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
-    let ip = client_ip(peer, xff);
+    let ip = client_ip(peer, forwarded(headers));
     let n = st.neighbours.clone();
     // The kernel lookup may spawn `ip` (IPv6): keep it off the async workers.
     let r = tokio::task::spawn_blocking(move || n.mac_of(ip))
@@ -345,10 +352,7 @@ async fn pay(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let ip = client_ip(
-        peer,
-        headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()),
-    );
+    let ip = client_ip(peer, forwarded(&headers));
     if let Err(wait) = st.limiter.check(ip) {
         let mut e = st.err(
             StatusCode::TOO_MANY_REQUESTS,
@@ -415,8 +419,16 @@ async fn whoami(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let mac = mac_of(&st, peer, &headers).await?;
-    Ok(([(header::CONTENT_TYPE, "text/plain")], format!("mac={mac}")).into_response())
+    // HTTP-02/03 clients poll these and give up on an error status: an unknown device is
+    // answered 200 with "no session" (the lookup failure is logged, not a client error).
+    let text = match mac_of(&st, peer, &headers).await {
+        Ok(mac) => format!("mac={mac}"),
+        Err(e) => {
+            tracing::debug!(%peer, error = %e.notice.message, "whoami without a MAC");
+            "mac=unknown".to_string()
+        }
+    };
+    Ok(([(header::CONTENT_TYPE, "text/plain")], text).into_response())
 }
 
 fn session_of(st: &AppState, mac: MacAddr) -> Result<Option<SessionView>, ApiError> {
@@ -437,7 +449,9 @@ async fn usage(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let mac = mac_of(&st, peer, &headers).await?;
+    let Ok(mac) = mac_of(&st, peer, &headers).await else {
+        return Ok(([(header::CONTENT_TYPE, "text/plain")], "-1/-1").into_response());
+    };
     let text = match session_of(&st, mac)? {
         Some(s) => format!("{}/{}", s.used, s.allotment),
         None => "-1/-1".to_string(),
@@ -450,10 +464,26 @@ async fn balance(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let mac = mac_of(&st, peer, &headers).await?;
-    let s = session_of(&st, mac)?;
     let metric = st.chandler.metric();
+    let mac = match mac_of(&st, peer, &headers).await {
+        Ok(mac) => mac,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e.notice.message, "balance without a MAC");
+            return Ok(Json(serde_json::json!({
+                "status": 1,
+                "session_active": false,
+                "metric": metric.as_str(),
+                "usage": 0,
+                "allotment": 0,
+                "remaining": 0,
+            }))
+            .into_response());
+        }
+    };
+    let s = session_of(&st, mac)?;
     let v = serde_json::json!({
+        // The reference's field: 1 = this answer is valid (0 only with `error`, never here).
+        "status": 1,
         "session_active": s.is_some(),
         "metric": metric.as_str(),
         "usage": s.as_ref().map_or(0, |s| s.used),
@@ -687,6 +717,21 @@ pub fn is_local_origin(origin: &str) -> bool {
     }
 }
 
+/// Is `origin` a page from the host this request is addressed to (another port of the same
+/// router, e.g. the shipped portal on :80 calling :2121)? The browser sets `Origin` and the
+/// request reached us under `host`, so the page's server is us or our own host name.
+pub fn same_host(origin: &str, host: Option<&str>) -> bool {
+    let (Ok(o), Some(h)) = (url::Url::parse(origin), host) else {
+        return false;
+    };
+    let Ok(h) = url::Url::parse(&format!("http://{h}")) else {
+        return false;
+    };
+    matches!(o.scheme(), "http" | "https")
+        && o.host_str().is_some()
+        && o.host_str().map(str::to_ascii_lowercase) == h.host_str().map(str::to_ascii_lowercase)
+}
+
 /// CORS for local origins only; a foreign origin's preflight or POST is refused.
 async fn cors(req: Request<axum::body::Body>, next: Next) -> Response {
     let origin = req
@@ -697,7 +742,11 @@ async fn cors(req: Request<axum::body::Body>, next: Next) -> Response {
     let Some(origin) = origin else {
         return next.run(req).await;
     };
-    let local = is_local_origin(&origin);
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok());
+    let local = is_local_origin(&origin) || same_host(&origin, host);
     if !local && (req.method() == Method::OPTIONS || req.method() == Method::POST) {
         return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
     }
