@@ -230,7 +230,19 @@ pub async fn run(
     let neighbours = Arc::new(KernelNeighbours::new(
         cfg.neighbour.device_leases_file.clone(),
     ));
-    let mut state = AppState::new(&cfg.http, merchant, chandler.clone(), neighbours);
+    // Lightning checkout: quotes paid while we were down are granted now, then polled.
+    let checkout = Arc::new(crate::lightning::Checkout::new(
+        wallet.clone(),
+        merchant.clone(),
+        store.clone(),
+    ));
+    let granted = checkout.settle_open().await;
+    if granted > 0 {
+        tracing::info!(granted, "lightning quotes paid while down were granted");
+    }
+    let lightning_task = tokio::spawn(checkout.clone().run(cancel.clone()));
+    let mut state =
+        AppState::new(&cfg.http, merchant, chandler.clone(), neighbours).with_lightning(checkout);
     // Reseller mode: our own uplink is a paid TollGate; buy and renew access there.
     let upstream_task = if cfg.upstream.reseller_mode {
         let up = Upstream::new(
@@ -334,6 +346,7 @@ pub async fn run(
             Err(e) => tracing::warn!(error = %e, "removing the portal redirect"),
         }
     }
+    let _ = lightning_task.await;
     let _ = payouts.await;
     let _ = chandler_task.await;
     chandler.snapshot_all().ok();

@@ -58,6 +58,8 @@ pub struct AppState {
     pub upstream: Option<Arc<crate::upstream::Upstream>>,
     /// Connections accepted with this mark came through the portal redirect.
     pub portal_mark: Option<u32>,
+    /// The Lightning checkout (`/ln-invoice`), when the daemon runs with a wallet.
+    pub lightning: Option<Arc<crate::lightning::Checkout>>,
 }
 
 impl AppState {
@@ -75,7 +77,14 @@ impl AppState {
             portal_port: cfg.portal_port,
             upstream: None,
             portal_mark: cfg.portal_mark,
+            lightning: None,
         }
+    }
+
+    /// Adds the Lightning checkout (`/ln-invoice`).
+    pub fn with_lightning(mut self, checkout: Arc<crate::lightning::Checkout>) -> Self {
+        self.lightning = Some(checkout);
+        self
     }
 
     /// Adds the upstream buyer (reseller mode).
@@ -261,6 +270,10 @@ pub fn router(state: AppState) -> Router {
         .route("/usage", get(usage))
         .route("/balance", get(balance))
         .route("/captive", get(captive))
+        .route(
+            "/ln-invoice",
+            get(ln_invoice_status).post(ln_invoice_create),
+        )
         .route("/portal", get(portal_page))
         .route("/portal/app.js", get(portal_js))
         .route("/portal/style.css", get(portal_css))
@@ -536,6 +549,124 @@ async fn captive(
         v.to_string(),
     )
         .into_response()
+}
+
+// ------------------------------------------------------------------ Lightning checkout
+
+/// The reference's `/ln-invoice` body: `{"amount": N, "mint_url": "…"}` (`mint` also read).
+#[derive(Deserialize)]
+struct LnInvoiceRequest {
+    amount: u64,
+    #[serde(default)]
+    mint_url: Option<String>,
+    #[serde(default)]
+    mint: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct LnQuoteQuery {
+    #[serde(default)]
+    quote: Option<String>,
+}
+
+/// The reference's failure shape: `{"status":0,"error":"…"}` (the portal shows `error`).
+fn ln_error(status: u16, error: impl Into<String>) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let v = serde_json::json!({"status": 0, "error": error.into()});
+    (status, Json(v)).into_response()
+}
+
+fn ln_view(v: &crate::lightning::QuoteView, with_invoice: bool) -> Response {
+    let mut j = serde_json::json!({
+        "status": 1,
+        "quote": v.quote,
+        "mint_url": v.mint_url,
+        "amount": v.amount,
+        "state": v.state,
+        "access_granted": v.access_granted,
+        "metric": v.metric.as_str(),
+    });
+    if with_invoice {
+        j["invoice"] = v.invoice.clone().into();
+        j["expiry"] = v.expiry.into();
+    }
+    if v.access_granted {
+        j["allotment"] = v.allotment.into();
+    }
+    ([(header::CACHE_CONTROL, "no-store")], Json(j)).into_response()
+}
+
+async fn ln_invoice_create(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let Some(ln) = st.lightning.clone() else {
+        return ln_error(404, "lightning checkout is not enabled on this gateway");
+    };
+    let ip = client_ip(peer, forwarded(&headers));
+    if let Err(wait) = st.limiter.check(ip) {
+        let mut r = ln_error(429, format!("too many requests; retry in {wait}s"));
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(wait.max(1)));
+        return r;
+    }
+    let Ok(body) = body else {
+        return ln_error(400, "invalid request body");
+    };
+    let Ok(req) = serde_json::from_slice::<LnInvoiceRequest>(&body) else {
+        return ln_error(
+            400,
+            "invalid request body: expected {\"amount\",\"mint_url\"}",
+        );
+    };
+    let mint = req
+        .mint_url
+        .or(req.mint)
+        .map(|m| m.trim().to_string())
+        .unwrap_or_default();
+    if req.amount == 0 || mint.is_empty() {
+        return ln_error(400, "amount and mint_url are required");
+    }
+    let mac = match mac_of(&st, peer, &headers).await {
+        Ok(m) => m,
+        Err(_) => return ln_error(400, "failed to resolve device MAC address"),
+    };
+    match ln.create(mac, &mint, req.amount).await {
+        Ok(v) => ln_view(&v, true),
+        Err(e) => {
+            tracing::info!(%mac, error = %e, "lightning invoice refused");
+            ln_error(e.status(), e.to_string())
+        }
+    }
+}
+
+async fn ln_invoice_status(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(q): Query<LnQuoteQuery>,
+) -> Response {
+    let Some(ln) = st.lightning.clone() else {
+        return ln_error(404, "lightning checkout is not enabled on this gateway");
+    };
+    let quote = q.quote.unwrap_or_default();
+    let quote = quote.trim();
+    if quote.is_empty() || quote.len() > 256 {
+        return ln_error(400, "quote is required");
+    }
+    let mac = match mac_of(&st, peer, &headers).await {
+        Ok(m) => m,
+        Err(_) => return ln_error(400, "failed to resolve device MAC address"),
+    };
+    match ln.status(mac, quote).await {
+        Ok(v) => ln_view(&v, false),
+        Err(e) => {
+            tracing::debug!(%mac, error = %e, "lightning status");
+            ln_error(e.status(), e.to_string())
+        }
+    }
 }
 
 // ------------------------------------------------------------------ captive portal

@@ -17,6 +17,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod http;
+pub mod lightning;
 pub mod merchant;
 pub mod neighbour;
 pub mod ops;

@@ -573,6 +573,54 @@ impl Merchant {
         })
     }
 
+    /// Can a gate open for `mac` (before a customer is asked to pay)?
+    pub fn preflight(&self, mac: MacAddr) -> Result<(), MerchantError> {
+        self.chandler
+            .check(mac)
+            .map_err(|source| MerchantError::Unavailable { mac, source })
+    }
+
+    /// Grants value already in our wallet (a paid Lightning quote, minted): the same
+    /// allotment rules and top-up as a token. `grant_id` (`ln:<quote>`) is the grant's key,
+    /// so however often this runs (polls, restarts) the device is credited once.
+    pub async fn grant_minted(
+        &self,
+        grant_id: &str,
+        mac: MacAddr,
+        mint: &str,
+        amount: u64,
+    ) -> Result<Purchase, MerchantError> {
+        let offer = self.offer_for(mint, "sat")?.clone();
+        let lock = self.token_lock(grant_id);
+        let _held = lock.lock().await;
+        let grant = match self.store.grant(grant_id)? {
+            Some(g) => g,
+            None => {
+                let g = Grant {
+                    token_id: grant_id.to_string(),
+                    token: grant_id.to_string(),
+                    mac,
+                    customer: None,
+                    mint: offer.url.clone(),
+                    unit: offer.unit.clone(),
+                    gross: amount,
+                    net: amount,
+                    steps: 0,
+                    allotment: 0,
+                    metric: self.cfg.metric,
+                    status: GrantStatus::Redeemed,
+                    answer: None,
+                    error: None,
+                    created_unix: protocol::unix_now(),
+                };
+                self.store.insert_grant(&g)?;
+                self.count(&offer.url, "lightning", amount);
+                g
+            }
+        };
+        self.finish(grant).await
+    }
+
     /// Start-up: finish grants stuck in `redeeming` / `redeemed` (receive is idempotent).
     /// Returns how many were applied.
     pub async fn reconcile(&self) -> Result<usize, MerchantError> {
