@@ -10,6 +10,7 @@ pub mod lnurl;
 pub mod mint;
 pub mod netns;
 pub mod pins;
+pub mod refpeer;
 pub mod web;
 
 /// The `tollgate` binary under test: `$TOLLGATE_BIN`, else next to the test executable's

@@ -179,11 +179,28 @@ impl TestMint {
             .expect("start test mint")
     }
 
+    /// Like [`TestMint::start_on`], but the fake Lightning backend settles an incoming quote
+    /// (and a melt) only `secs` seconds after it was made: a Lightning payment that arrives
+    /// while the gateway is down.
+    pub async fn start_with_payment_delay(ip: std::net::IpAddr, secs: u64) -> TestMint {
+        Self::try_start_with(0, ip, secs)
+            .await
+            .expect("start test mint")
+    }
+
     async fn try_start(fee_ppk: u64) -> anyhow::Result<TestMint> {
         Self::try_start_on(fee_ppk, std::net::Ipv4Addr::LOCALHOST.into()).await
     }
 
     async fn try_start_on(fee_ppk: u64, ip: std::net::IpAddr) -> anyhow::Result<TestMint> {
+        Self::try_start_with(fee_ppk, ip, 0).await
+    }
+
+    async fn try_start_with(
+        fee_ppk: u64,
+        ip: std::net::IpAddr,
+        payment_delay_secs: u64,
+    ) -> anyhow::Result<TestMint> {
         let db = Arc::new(cdk_sqlite::mint::memory::empty().await?);
         let mut builder = MintBuilder::new(db.clone());
         // 1 % / at least 1 sat, like a small real Lightning node would reserve.
@@ -191,12 +208,12 @@ impl TestMint {
             min_fee_reserve: 1.into(),
             percent_fee_reserve: 0.01,
         };
-        // Delay 0: incoming quotes are paid at once so tests never sleep.
+        // Delay 0 (the default): incoming quotes are paid at once so tests never sleep.
         let backend = FakeWallet::new(
             fee_reserve,
             HashMap::default(),
             HashSet::default(),
-            0,
+            payment_delay_secs,
             CurrencyUnit::Sat,
         );
         builder
