@@ -267,3 +267,53 @@ fn laptop_client_pays_polls_and_tops_up() {
         "the claimed MAC has no session"
     );
 }
+
+/// The portal page's Lightning tab in a real browser (headless Chromium in the client
+/// namespace): the mint list and amount come from the advertisement, the invoice is shown as
+/// text and as a QR code (an SVG image from the gateway itself, allowed by the page's CSP),
+/// and the page follows the invoice live until access is granted.
+#[test]
+fn portal_lightning_tab_shows_invoice_and_qr_then_grants() {
+    use tollgate_tests::chromium::Chromium;
+    let gw = Gw::new("cmpbr", 2);
+    let _d = gw.start();
+    let mut chrome = Chromium::launch(&gw.lab.client);
+    let tab = chrome.open("http://10.77.0.1:2121/portal");
+    chrome.wait_for(
+        &tab,
+        "(m => m && m.options.length === 1)(document.getElementById('ln-mint'))",
+        "the mint list from the advertisement",
+    );
+    chrome.click(&tab, "#tab-ln");
+    chrome.wait_for(
+        &tab,
+        "document.getElementById('ln-amount').value === '10' && \
+         !document.getElementById('pane-ln').hidden",
+        "the Lightning tab with the minimum amount",
+    );
+    chrome.click(&tab, "#ln-get");
+    let invoice = chrome.wait_for(
+        &tab,
+        "(v => v.startsWith('lnbc') ? v : '')(document.getElementById('ln-invoice').value)",
+        "the invoice as text",
+    );
+    say(format!("invoice shown: {invoice}"));
+    let qr = chrome.wait_for(
+        &tab,
+        "(i => i.complete && !i.hidden ? i.naturalWidth : 0)(document.getElementById('ln-qr'))",
+        "the QR code image loaded",
+    );
+    assert!(qr.as_u64().is_some_and(|w| w > 0), "{qr}");
+    chrome.wait_for(
+        &tab,
+        "document.getElementById('ln-state').textContent.startsWith('Paid: access granted')",
+        "the page follows the invoice until access is granted",
+    );
+    chrome.wait_for(
+        &tab,
+        "document.getElementById('status').textContent === 'Connected.'",
+        "connected status",
+    );
+    drop(chrome);
+    assert_eq!(gw.allotment(), Some(10 * STEP));
+}

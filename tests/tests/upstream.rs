@@ -682,5 +682,9 @@ fn reseller_buys_and_renews_from_a_reference_shaped_upstream() {
     assert_eq!(up.sales.load(SeqCst), 2, "one renewal, not a burst");
     assert_eq!(up.allotment.load(SeqCst), 400_000);
     a.stop();
-    assert_eq!(lab.balance(&lab.path("a-state")), 1000 - 400, "paid exactly twice");
+    assert_eq!(
+        lab.balance(&lab.path("a-state")),
+        1000 - 400,
+        "paid exactly twice"
+    );
 }

@@ -274,6 +274,7 @@ pub fn router(state: AppState) -> Router {
             "/ln-invoice",
             get(ln_invoice_status).post(ln_invoice_create),
         )
+        .route("/ln-invoice/qr.svg", get(ln_invoice_qr))
         .route("/portal", get(portal_page))
         .route("/portal/app.js", get(portal_js))
         .route("/portal/style.css", get(portal_css))
@@ -666,6 +667,40 @@ async fn ln_invoice_status(
             tracing::debug!(%mac, error = %e, "lightning status");
             ln_error(e.status(), e.to_string())
         }
+    }
+}
+
+/// The QR code of the device's own invoice, as SVG (the portal's `<img>`).
+async fn ln_invoice_qr(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(q): Query<LnQuoteQuery>,
+) -> Response {
+    let Some(ln) = st.lightning.clone() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let Ok(mac) = mac_of(&st, peer, &headers).await else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    let quote = q.quote.unwrap_or_default();
+    match ln
+        .invoice_of(mac, quote.trim())
+        .and_then(|i| crate::lightning::invoice_qr_svg(&i))
+    {
+        Ok(svg) => (
+            [
+                (header::CONTENT_TYPE, "image/svg+xml"),
+                (header::CACHE_CONTROL, "no-store"),
+                (header::CONTENT_SECURITY_POLICY, portal::CSP),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            ],
+            svg,
+        )
+            .into_response(),
+        Err(e) => StatusCode::from_u16(e.status())
+            .unwrap_or(StatusCode::NOT_FOUND)
+            .into_response(),
     }
 }
 

@@ -198,6 +198,14 @@ impl Checkout {
         }
     }
 
+    /// The bolt11 of the device's own quote (no mint contact), for the QR code.
+    pub fn invoice_of(&self, mac: MacAddr, quote: &str) -> Result<String, LightningError> {
+        match self.store.ln_quote(quote)? {
+            Some(row) if row.mac == mac => Ok(row.request),
+            _ => Err(LightningError::NotFound),
+        }
+    }
+
     /// Settles every open quote (at start and every [`POLL`]); returns how many were granted.
     pub async fn settle_open(&self) -> usize {
         let rows = match self.store.open_ln_quotes(1000) {
@@ -339,4 +347,63 @@ impl Checkout {
 /// The grants-table key of a Lightning quote (a token's key is a sha256 hex: no collision).
 pub fn grant_id(quote: &str) -> String {
     format!("ln:{quote}")
+}
+
+/// A QR code of a bolt11 invoice as a self-contained SVG (no script, no external resource), so
+/// the portal can show it under its CSP (`img-src 'self'`). The invoice is upper-cased with the
+/// `LIGHTNING:` scheme (BOLT-11 allows it; QR's alphanumeric mode makes the code smaller).
+pub fn invoice_qr_svg(invoice: &str) -> Result<String, LightningError> {
+    use qrcode::{Color, EcLevel, QrCode};
+    let text = format!("LIGHTNING:{}", invoice.to_ascii_uppercase());
+    let code = QrCode::with_error_correction_level(text.as_bytes(), EcLevel::M).map_err(|e| {
+        LightningError::BadRequest {
+            reason: format!("invoice does not fit a QR code: {e}"),
+        }
+    })?;
+    let width = code.width();
+    let quiet = 4;
+    let size = width + 2 * quiet;
+    let mut path = String::with_capacity(width * width * 4);
+    for (i, c) in code.to_colors().iter().enumerate() {
+        if *c == Color::Dark {
+            let (x, y) = (i % width + quiet, i / width + quiet);
+            path.push_str(&format!("M{x} {y}h1v1h-1z"));
+        }
+    }
+    Ok(format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {size} {size}\" \
+         shape-rendering=\"crispEdges\"><rect width=\"{size}\" height=\"{size}\" fill=\"#fff\"/>\
+         <path fill=\"#000\" d=\"{path}\"/></svg>"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qr_svg_is_self_contained_and_sized_for_the_invoice() {
+        let invoice = format!("lnbc200n1{}", "q".repeat(300));
+        let svg = invoice_qr_svg(&invoice).expect("fits");
+        assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
+        assert!(
+            !svg.contains("href") && !svg.contains("<script"),
+            "nothing external"
+        );
+        let code = qrcode::QrCode::with_error_correction_level(
+            format!("LIGHTNING:{}", invoice.to_ascii_uppercase()).as_bytes(),
+            qrcode::EcLevel::M,
+        )
+        .expect("code");
+        let dark = code
+            .to_colors()
+            .iter()
+            .filter(|c| **c == qrcode::Color::Dark)
+            .count();
+        assert_eq!(svg.matches('z').count(), dark, "one square per dark module");
+        assert!(
+            invoice_qr_svg(&"x".repeat(10_000)).is_err(),
+            "too long for any QR version"
+        );
+    }
 }
