@@ -243,6 +243,11 @@ pub async fn run(
     let lightning_task = tokio::spawn(checkout.clone().run(cancel.clone()));
     let mut state =
         AppState::new(&cfg.http, merchant, chandler.clone(), neighbours).with_lightning(checkout);
+    let mint_watch = tokio::spawn(watch_mints(
+        wallet.clone(),
+        state.mints_reachable.clone(),
+        cancel.clone(),
+    ));
     // Reseller mode: our own uplink is a paid TollGate; buy and renew access there.
     let upstream_task = if cfg.upstream.reseller_mode {
         let up = Upstream::new(
@@ -346,11 +351,36 @@ pub async fn run(
             Err(e) => tracing::warn!(error = %e, "removing the portal redirect"),
         }
     }
+    let _ = mint_watch.await;
     let _ = lightning_task.await;
     let _ = payouts.await;
     let _ = chandler_task.await;
     chandler.snapshot_all().ok();
     Ok(())
+}
+
+/// Probes the accepted mints every 30 s (at once at start) and records whether any answers:
+/// `GET /` warns `no-reachable-mints` while none does.
+async fn watch_mints(
+    wallet: Wallet,
+    reachable: Arc<std::sync::atomic::AtomicBool>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let probes = tokio::select! {
+            _ = cancel.cancelled() => return,
+            p = wallet.probe_mints(std::time::Duration::from_secs(5)) => p,
+        };
+        let any = probes.is_empty() || probes.iter().any(|p| p.reachable);
+        let was = reachable.swap(any, std::sync::atomic::Ordering::Relaxed);
+        if was != any {
+            tracing::warn!(reachable = any, "accepted mints reachable: {any}");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+        }
+    }
 }
 
 async fn wait_for_signal() {

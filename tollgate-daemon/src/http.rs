@@ -60,6 +60,10 @@ pub struct AppState {
     pub portal_mark: Option<u32>,
     /// The Lightning checkout (`/ln-invoice`), when the daemon runs with a wallet.
     pub lightning: Option<Arc<crate::lightning::Checkout>>,
+    /// False while no accepted mint answers (the daemon probes them): `GET /` then answers the
+    /// reference's kind-21023 `no-reachable-mints` warning instead of selling what we cannot
+    /// redeem.
+    pub mints_reachable: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AppState {
@@ -78,6 +82,7 @@ impl AppState {
             upstream: None,
             portal_mark: cfg.portal_mark,
             lightning: None,
+            mints_reachable: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         }
     }
 
@@ -307,6 +312,19 @@ async fn admin_upstream(State(st): State<AppState>) -> Response {
 }
 
 async fn advertisement(State(st): State<AppState>) -> Result<Response, ApiError> {
+    if !st
+        .mints_reachable
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        let mut e = st.err(
+            status_for(NoticeCode::NoReachableMints),
+            NoticeCode::NoReachableMints,
+            "none of the accepted mints can be reached right now; try again shortly",
+        );
+        e.notice.level = protocol::Level::Warning;
+        e.retry_after = Some(30);
+        return Err(e);
+    }
     let json = st
         .merchant
         .advertisement()

@@ -453,6 +453,46 @@ async fn unknown_device_gets_200_no_session_answers() {
     );
 }
 
+/// Issue 12 item 8: with no accepted mint reachable, `GET /` answers the reference's
+/// kind-21023 warning `no-reachable-mints` (the shipped portal shows it and retries).
+#[tokio::test]
+async fn advertisement_warns_when_no_mint_is_reachable() {
+    let rig = rig(1, 0, Duration::from_secs(5));
+    let cfg = HttpConfig {
+        listen: "0.0.0.0:2121".parse().expect("addr"),
+        admin_listen: "127.0.0.1:2122".parse().expect("addr"),
+        lan_interface: None,
+        post_rate_per_minute: 60,
+        portal_port: 2121,
+        portal_mark: None,
+    };
+    let state = AppState::new(
+        &cfg,
+        rig.merchant.clone(),
+        rig.chandler.clone(),
+        Arc::new(StaticNeighbours(HashMap::new())),
+    );
+    state
+        .mints_reachable
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    let app = router(state.clone());
+    let (s, h, body) = send(&app, "GET", "/", None, vec![], PEER).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(notice_code(&body), "no-reachable-mints");
+    let ev: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert!(ev["tags"]
+        .as_array()
+        .expect("tags")
+        .iter()
+        .any(|t| t[0] == "level" && t[1] == "warning"));
+    assert!(h.contains_key("retry-after"));
+    state
+        .mints_reachable
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let (s, _, _) = send(&app, "GET", "/", None, vec![], PEER).await;
+    assert_eq!(s, StatusCode::OK, "back to the advertisement");
+}
+
 /// Issue 12 item 8: the laptop client POSTs to `/?mac=<its MAC>`. The query is accepted
 /// and ignored: the session goes to the MAC of the source address, never the claimed one.
 #[tokio::test]
