@@ -4,8 +4,10 @@
 //!  config ─> valve (attach, reuse pins) ─> wallet (recover sagas) ─> store
 //!        ─> chandler.reconcile()   kernel ⇄ database: no free access, no lost allotment
 //!        ─> merchant.reconcile()   grants redeemed before a crash are applied
+//!        ─> lightning settle_open  invoices paid while we were down are minted and granted
 //!        ─> portal redirect (sysctl + nft table, when dataplane.portal_redirect is on)
-//!        ─> tasks: chandler (exhaustion events), payouts, upstream buyer (reseller mode),
+//!        ─> tasks: chandler (exhaustion events), payouts, lightning quotes, mint probe,
+//!           upstream buyer (reseller mode),
 //!           HTTP (LAN; + portal port), admin HTTP (loopback, + /metrics),
 //!           control socket (<state_dir>/control.sock, 0600: the operator API)
 //!  SIGINT/SIGTERM ─> tasks stop in reverse order, the nft table is removed; the data plane

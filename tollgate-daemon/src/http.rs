@@ -8,6 +8,8 @@
 //!                  success carries `Server-Timing: redeem;dur=<ms>, total;dur=<ms>`
 //! GET  /whoami   text/plain  mac=aa:bb:…           GET /usage   used/allotment | -1/-1
 //! GET  /balance  JSON session summary             GET /captive RFC 8908 captive API
+//! POST /ln-invoice {"amount","mint_url"}  GET /ln-invoice?quote=  (lightning.rs; reference
+//!                shape: {"status":1,…} | {"status":0,"error"})   GET /ln-invoice/qr.svg?quote=
 //! GET  /portal   the portal page (+ /portal/app.js, /portal/style.css; strict CSP)
 //!
 //! any request on a connection that came through the captive-portal redirect (its socket
