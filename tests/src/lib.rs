@@ -13,6 +13,7 @@ pub mod lnurl;
 pub mod mint;
 pub mod netns;
 pub mod pins;
+pub mod refpeer;
 pub mod web;
 pub mod wire;
 

@@ -401,9 +401,19 @@ impl TestMint {
             fee_ppk,
             std::net::Ipv4Addr::LOCALHOST.into(),
             Some(lightning.clone()),
+            0,
         )
         .await
         .expect("start linked test mint")
+    }
+
+    /// Like [`TestMint::start_on`], but the fake Lightning backend settles an incoming quote
+    /// (and a melt) only `secs` seconds after it was made: a Lightning payment that arrives
+    /// while the gateway is down.
+    pub async fn start_with_payment_delay(ip: std::net::IpAddr, secs: u64) -> TestMint {
+        Self::try_start_with(0, ip, None, secs)
+            .await
+            .expect("start test mint")
     }
 
     async fn try_start(fee_ppk: u64) -> anyhow::Result<TestMint> {
@@ -411,13 +421,14 @@ impl TestMint {
     }
 
     async fn try_start_on(fee_ppk: u64, ip: std::net::IpAddr) -> anyhow::Result<TestMint> {
-        Self::try_start_with(fee_ppk, ip, None).await
+        Self::try_start_with(fee_ppk, ip, None, 0).await
     }
 
     async fn try_start_with(
         fee_ppk: u64,
         ip: std::net::IpAddr,
         lightning: Option<Lightning>,
+        payment_delay_secs: u64,
     ) -> anyhow::Result<TestMint> {
         let db = Arc::new(cdk_sqlite::mint::memory::empty().await?);
         let mut builder = MintBuilder::new(db.clone());
@@ -426,12 +437,12 @@ impl TestMint {
             min_fee_reserve: 1.into(),
             percent_fee_reserve: 0.01,
         };
-        // Delay 0: incoming quotes are paid at once so tests never sleep.
+        // Delay 0 (the default): incoming quotes are paid at once so tests never sleep.
         let backend = FakeWallet::new(
             fee_reserve,
             HashMap::default(),
             HashSet::default(),
-            0,
+            payment_delay_secs,
             CurrencyUnit::Sat,
         );
         let processor: cdk::cdk_payment::DynMintPayment = match &lightning {

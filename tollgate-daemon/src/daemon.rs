@@ -4,8 +4,10 @@
 //!  config ─> valve (attach, reuse pins) ─> wallet (recover sagas) ─> store
 //!        ─> chandler.reconcile()   kernel ⇄ database: no free access, no lost allotment
 //!        ─> merchant.reconcile()   grants redeemed before a crash are applied
+//!        ─> lightning settle_open  invoices paid while we were down are minted and granted
 //!        ─> portal redirect (sysctl + nft table, when dataplane.portal_redirect is on)
-//!        ─> tasks: chandler (exhaustion events), payouts, upstream buyer (reseller mode),
+//!        ─> tasks: chandler (exhaustion events), payouts, lightning quotes, mint probe,
+//!           upstream buyer (reseller mode),
 //!           HTTP (LAN; + portal port), admin HTTP (loopback, + /metrics),
 //!           control socket (<state_dir>/control.sock, 0600: the operator API)
 //!  SIGINT/SIGTERM ─> tasks stop in reverse order, the nft table is removed; the data plane
@@ -255,7 +257,42 @@ pub async fn run(
     let neighbours = Arc::new(KernelNeighbours::new(
         cfg.neighbour.device_leases_file.clone(),
     ));
-    let mut state = AppState::new(&cfg.http, merchant, chandler.clone(), neighbours);
+    // Lightning checkout: quotes paid while we were down are granted now, then polled.
+    let checkout = Arc::new(crate::lightning::Checkout::new(
+        wallet.clone(),
+        merchant.clone(),
+        store.clone(),
+    ));
+    let granted = checkout.settle_open().await;
+    if granted > 0 {
+        tracing::info!(granted, "lightning quotes paid while down were granted");
+    }
+    {
+        let (ck, c) = (checkout.clone(), cancel.clone());
+        tasks.spawn("lightning", Policy::best_effort(), move || {
+            let (ck, c) = (ck.clone(), c.clone());
+            async move {
+                ck.run(c).await;
+                Ok(())
+            }
+        });
+    }
+    let mut state =
+        AppState::new(&cfg.http, merchant, chandler.clone(), neighbours).with_lightning(checkout);
+    {
+        let (w, r, c) = (
+            wallet.clone(),
+            state.mints_reachable.clone(),
+            cancel.clone(),
+        );
+        tasks.spawn("mint-watch", Policy::best_effort(), move || {
+            let (w, r, c) = (w.clone(), r.clone(), c.clone());
+            async move {
+                watch_mints(w, r, c).await;
+                Ok(())
+            }
+        });
+    }
     // Reseller mode: our own uplink is a paid TollGate; buy and renew access there.
     if cfg.upstream.reseller_mode {
         let up = Upstream::new(
@@ -390,6 +427,30 @@ pub async fn run(
     match fatal {
         Some(why) => anyhow::bail!("stopped because {why}"),
         None => Ok(()),
+    }
+}
+
+/// Probes the accepted mints every 30 s (at once at start) and records whether any answers:
+/// `GET /` warns `no-reachable-mints` while none does.
+async fn watch_mints(
+    wallet: Wallet,
+    reachable: Arc<std::sync::atomic::AtomicBool>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let probes = tokio::select! {
+            _ = cancel.cancelled() => return,
+            p = wallet.probe_mints(std::time::Duration::from_secs(5)) => p,
+        };
+        let any = probes.is_empty() || probes.iter().any(|p| p.reachable);
+        let was = reachable.swap(any, std::sync::atomic::Ordering::Relaxed);
+        if was != any {
+            tracing::warn!(reachable = any, "accepted mints reachable: {any}");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+        }
     }
 }
 

@@ -816,7 +816,7 @@ impl Upstream {
             "POST",
             "/",
             Some(&token.token),
-            self.settings.probe_timeout,
+            self.settings.purchase_timeout,
         )
         .await;
         let failure = match answer {

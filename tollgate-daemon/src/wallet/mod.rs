@@ -43,6 +43,7 @@
 //! open) → `paid` | `failed` (proofs returned to the wallet by cdk's melt saga).
 //! A `skipped` row records an unreachable recipient; the share stays in the wallet.
 
+mod issue;
 mod lnurl;
 mod payout;
 mod rebalance;
@@ -64,6 +65,7 @@ use cdk::Amount;
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
+pub use issue::{MintQuote, QuoteState};
 pub use payout::PayoutRecord;
 pub use rebalance::RebalanceRecord;
 use store::{ReceiptState, Store};
