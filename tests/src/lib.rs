@@ -4,12 +4,16 @@
 pub mod bench;
 pub mod chain;
 pub mod chromium;
+pub mod crash;
+pub mod crowd;
 pub mod frames;
 pub mod gateway;
+pub mod hostile;
 pub mod lnurl;
 pub mod mint;
 pub mod netns;
 pub mod pins;
+pub mod refpeer;
 pub mod web;
 pub mod wire;
 

@@ -121,6 +121,31 @@ pub struct Exhaustion {
     pub at_boot_ns: u64,
 }
 
+/// Why a client's entry was evicted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvictReason {
+    /// Closed for longer than the retention.
+    Retention,
+    /// The map was near full: the closed entry idle longest made room.
+    Pressure,
+}
+
+/// Evictions since the valve was loaded, by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Evictions {
+    pub retention: u64,
+    pub pressure: u64,
+}
+
+/// What one [`super::Gates::sweep`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    pub evicted: u32,
+    /// POLICY entries after the sweep.
+    pub occupied: u32,
+    pub capacity: u32,
+}
+
 /// Packet and byte counts by verdict, summed over CPUs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VerdictCounts(pub Vec<(Verdict, u64, u64)>);
