@@ -305,7 +305,26 @@ fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> Result<OwnedFd, std::io::Erro
     Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
 }
 
+const BPF_OBJ_PIN: libc::c_long = 6;
+
 impl ForeignTcx {
+    /// Pins the link at `path` (bpffs), so it outlives this value (as a daemon's links do).
+    pub fn pin(&self, path: &std::path::Path) {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        let mut a = [0u8; 128];
+        a[0..8].copy_from_slice(&(c.as_ptr() as u64).to_le_bytes());
+        a[8..12].copy_from_slice(&(self._link.as_raw_fd() as u32).to_le_bytes());
+        // SAFETY: BPF_OBJ_PIN returns 0, not an fd; `bpf` would wrap it, so call directly.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, a.as_mut_ptr(), a.len()) };
+        assert_eq!(
+            rc,
+            0,
+            "BPF_OBJ_PIN {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+
     pub fn attach(dev: &str, hook: TcxHook, place: TcxPlace, ret: i32) -> ForeignTcx {
         // r0 = ret; exit
         let mut insns = [0u8; 16];

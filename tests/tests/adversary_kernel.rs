@@ -536,3 +536,35 @@ impl Drop for IperfServer {
         let _ = self.child.wait();
     }
 }
+
+/// Item 5, upgrades: a data plane pinned by an older schema (here a drop-all link pinned at
+/// `<pins>/v1/link_tc_egress`) is detached when the new one attaches, so it cannot drop the
+/// clients the new maps let through (old code: it stayed attached behind ours).
+#[test]
+fn an_older_schemas_links_are_detached_on_attach() {
+    let lab = Lab3::new("oldv");
+    let pins = PinBase::new("oldv");
+    serve_bulk(&lab.upstream);
+    let old = pins.path().join("v1");
+    std::fs::create_dir_all(&old).unwrap();
+    let link = old.join("link_tc_egress");
+    let l2 = link.clone();
+    lab.gateway.run(move || {
+        ForeignTcx::attach(LAN_IFACE, TcxHook::Egress, TcxPlace::Last, 2).pin(&l2);
+    });
+    let valve = attach_cfg(&lab, valve_config(&pins));
+    open(&valve, lab.client_mac(), 10_000_000);
+    let got = download(&lab.client, 100_000, Duration::from_secs(2));
+    let v = valve.clone();
+    let pos = lab
+        .gateway
+        .run(move || v.tcx_positions().expect("query tcx"));
+    println!("after attach over an old schema: {pos:?}, downloaded {got} B");
+    assert!(!link.exists(), "the old link pin is removed");
+    assert!(
+        pos.iter().all(|p| p.after == 0),
+        "nothing left behind ours: {pos:?}"
+    );
+    assert_eq!(got, 100_000, "a paid client downloads");
+    let _ = std::fs::remove_dir_all(&old);
+}

@@ -30,6 +30,7 @@ use tollgate_tests::{
     netns::{download, serve_bulk, Lab3, Netns},
     pins::PinBase,
     tollgate_bin,
+    wire::{ForeignTcx, TcxHook, TcxPlace},
 };
 
 const STEP: u64 = 1_000;
@@ -219,6 +220,24 @@ fn the_operator_sees_and_steers_a_real_gateway() {
     let (code, text, _) = tg(&["status", "--control-socket", &sock], None);
     assert_eq!(code, 0);
     assert!(text.contains("tc_egress, tc_ingress"), "{text}");
+    assert!(!text.contains("foreign tcx"), "{text}");
+    // A foreign TCX program put in front of the gate (it could pass frames around it) is
+    // reported by status.
+    let front = lab.gateway.run(|| {
+        ForeignTcx::attach(
+            tollgate_tests::netns::LAN_IFACE,
+            TcxHook::Ingress,
+            TcxPlace::First,
+            0,
+        )
+    });
+    let status = tg_json(&["status", "--json", "--control-socket", &sock], None);
+    drop(front);
+    let warnings = status["warnings"].to_string();
+    assert!(
+        warnings.contains("foreign tcx ingress programs run before the gate"),
+        "{warnings}"
+    );
 
     let bal = tg_json(
         &["wallet", "balance", "--json", "--control-socket", &sock],

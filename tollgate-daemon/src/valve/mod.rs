@@ -617,6 +617,7 @@ impl Valve {
                 }
             }
         }
+        self.detach_older_schemas();
         if self.mode == DataPlaneMode::Xdp {
             let prog: &mut Xdp = ebpf
                 .program_mut(programs::XDP_INGRESS)
@@ -647,6 +648,44 @@ impl Valve {
             let _ = std::fs::remove_file(&ingress_xdp);
         }
         Ok(())
+    }
+
+    /// After an upgrade that bumped the schema, the previous version's links would still be
+    /// attached next to ours (after them, since ours go first) and would drop every client
+    /// opened only in the new maps: remove their pins so they detach. Their maps stay pinned
+    /// (`<pin_base>/v<N>/TG_*`) for inspection; `rm -r` them when done.
+    fn detach_older_schemas(&self) {
+        let Some(base) = self.pin_dir.parent() else {
+            return;
+        };
+        let current = format!("v{SCHEMA_VERSION}");
+        for dir in std::fs::read_dir(base).into_iter().flatten().flatten() {
+            let name = dir.file_name().to_string_lossy().into_owned();
+            let versioned = name.len() > 1
+                && name.starts_with('v')
+                && name[1..].bytes().all(|b| b.is_ascii_digit());
+            if !versioned || name == current {
+                continue;
+            }
+            for link in std::fs::read_dir(dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if link.file_name().to_string_lossy().starts_with("link_") {
+                    match std::fs::remove_file(link.path()) {
+                        Ok(()) => tracing::warn!(
+                            link = %link.path().display(),
+                            "detached a data plane pinned by an older schema"
+                        ),
+                        Err(e) => tracing::error!(
+                            link = %link.path().display(),
+                            "cannot detach an older schema's link: {e}"
+                        ),
+                    }
+                }
+            }
+        }
     }
 
     /// (Re)writes CONFIG and makes GARDEN equal to the configured prefixes.
