@@ -32,6 +32,8 @@ pub struct Snapshot {
     pub upstream_purchases: BTreeMap<String, u64>,
     /// The WAN meter's comparison: (our bytes, the upstream's bytes) since it started.
     pub upstream_meter: Option<(u64, Option<u64>)>,
+    /// Supervised tasks: (name, running?, restarts).
+    pub tasks: Vec<(String, bool, u64)>,
     pub policy_entries: u64,
     pub usage_entries: u64,
     pub map_capacity: u64,
@@ -84,6 +86,12 @@ pub async fn collect(st: &OpsState) -> Result<Snapshot, OpsError> {
             .insert("accepted".into(), status.purchases);
         s.upstream_meter = status.meter.as_ref().map(|m| (m.ours, m.theirs));
     }
+    s.tasks = st
+        .tasks
+        .status()
+        .into_iter()
+        .map(|t| (t.name, t.state == "running", t.restarts.into()))
+        .collect();
     let (policy, usage) = st.valve.occupancy();
     s.policy_entries = policy.into();
     s.usage_entries = usage.into();
@@ -289,6 +297,24 @@ pub fn render(s: &Snapshot) -> String {
         p.sample("tollgate_upstream_meter_bytes", &[("side", "ours")], ours);
         if let Some(t) = theirs {
             p.sample("tollgate_upstream_meter_bytes", &[("side", "theirs")], t);
+        }
+    }
+    if !s.tasks.is_empty() {
+        p.family(
+            "tollgate_task_up",
+            "gauge",
+            "1 while a supervised background task runs, 0 while it restarts or has failed.",
+        );
+        for (name, up, _) in &s.tasks {
+            p.sample("tollgate_task_up", &[("task", name)], u64::from(*up));
+        }
+        p.family(
+            "tollgate_task_restarts_total",
+            "counter",
+            "Restarts of a supervised background task since the daemon started.",
+        );
+        for (name, _, restarts) in &s.tasks {
+            p.sample("tollgate_task_restarts_total", &[("task", name)], *restarts);
         }
     }
     p.family(

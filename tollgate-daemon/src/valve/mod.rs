@@ -5,7 +5,9 @@
 //!    mount bpffs if missing ── load the embedded object with every map pinned at
 //!    <pin_base>/v<SCHEMA>/<MAP> (reused when present, so counts survive restarts)
 //!    ── write CONFIG + GARDEN ── attach TC ingress/egress (or XDP ingress + TC egress):
-//!       a pinned link is *updated in place* (bpf_link_update: no gap), else attached and pinned
+//!       a pinned link is *updated in place* (bpf_link_update: no gap, same chain position),
+//!       else attached FIRST in the TCX chain and pinned; `tcx_positions` reports programs
+//!       another party put before ours
 //!  open / extend / close  ──> POLICY[mac]   (limits are absolute on the kernel's counters)
 //!  check(mac)             capacity only: never creates an entry (money is not taken yet)
 //!  sweep(retention)       closed entries ──(closed ≥ retention, or oldest last-seen first
@@ -44,9 +46,9 @@ use aya::{
     },
     programs::{
         links::{FdLink, LinkError, PinnedLink},
-        tc::SchedClassifierLink,
+        tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
-        SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
+        LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
     },
     sys::SyscallError,
     Ebpf, EbpfLoader,
@@ -194,6 +196,8 @@ pub struct ValveConfig {
     /// recreated at this size with their entries carried over (refused if they do not fit).
     /// `None`: the pinned maps' size, or [`MAX_CLIENTS`] when nothing is pinned.
     pub max_clients: Option<u32>,
+    /// DNS budget of unpaid MACs (None = unlimited DNS to the gateway).
+    pub dns_budget: Option<DnsBudget>,
 }
 
 impl ValveConfig {
@@ -209,6 +213,7 @@ impl ValveConfig {
             portal_mark: None,
             meter_only: false,
             max_clients: None,
+            dns_budget: Some(DnsBudget::default()),
         }
     }
 
@@ -218,6 +223,7 @@ impl ValveConfig {
         c.pin_base = meter_pin_base(pin_base);
         c.tcp_ports = Vec::new();
         c.meter_only = true;
+        c.dns_budget = None;
         c
     }
 
@@ -253,6 +259,19 @@ impl ValveConfig {
             }
             c.flags |= config_flags::PORTAL_REDIRECT;
             c.portal_mark = m;
+        }
+        if let Some(b) = self.dns_budget.filter(|_| !self.meter_only) {
+            if b.rate == 0 || (b.burst as u64) < b.max_udp_payload as u64 + 48 {
+                return Err(ValveError::Config(format!(
+                    "dns budget: the rate must be > 0 and the burst must hold one largest \
+                     query ({} bytes)",
+                    b.max_udp_payload as u64 + 48
+                )));
+            }
+            c.flags |= config_flags::DNS_BUDGET;
+            c.dns_rate = b.rate;
+            c.dns_burst = b.burst;
+            c.dns_max_udp = b.max_udp_payload;
         }
         c.gateway_v4 = self.gateway_v4.map_or([0; 4], |a| a.octets());
         for (i, p) in self.tcp_ports.iter().enumerate() {
@@ -309,7 +328,8 @@ impl Hook {
 /// Outcome of one `BPF_PROG_TEST_RUN`.
 #[derive(Clone, Copy, Debug)]
 pub struct TestRunOutcome {
-    /// The program's return value (TC_ACT_OK = 0, TC_ACT_SHOT = 2; XDP_DROP = 1, XDP_PASS = 2).
+    /// The program's return value (TCX_NEXT = -1 as u32, TC_ACT_SHOT = 2; XDP_DROP = 1,
+    /// XDP_PASS = 2).
     pub ret: u32,
     /// Average time per run as measured by the kernel.
     pub duration: Duration,
@@ -318,7 +338,9 @@ pub struct TestRunOutcome {
 impl TestRunOutcome {
     pub fn passed(&self, hook: Hook) -> bool {
         match hook {
-            Hook::TcIngress | Hook::TcEgress => self.ret == 0,
+            // TCX_NEXT (-1, what the programs return: pass and let later programs run) or
+            // TC_ACT_OK (0).
+            Hook::TcIngress | Hook::TcEgress => self.ret == u32::MAX || self.ret == 0,
             Hook::XdpIngress => self.ret == 2,
         }
     }
@@ -439,6 +461,7 @@ impl Valve {
             maps::GARDEN,
             maps::VERDICTS,
             maps::EVENTS,
+            maps::DNS,
         ];
         let capacity = match cfg.max_clients {
             Some(0) => return Err(ValveError::Config("max_clients must be at least 1".into())),
@@ -574,8 +597,14 @@ impl Valve {
                         .map_err(|e| err(format!("updating {}: {e}", pin.display())))?;
                 }
                 None => {
+                    // First in the TCX chain: a program before ours could pass a frame
+                    // (TC_ACT_OK ends the chain) around the gate.
                     let id = prog
-                        .attach(&self.iface, at)
+                        .attach_with_options(
+                            &self.iface,
+                            at,
+                            TcAttachOptions::TcxOrder(LinkOrder::first()),
+                        )
                         .map_err(|e| err(format!("attach {name}: {e}")))?;
                     let link = prog
                         .take_link(id)
@@ -723,6 +752,11 @@ impl Valve {
                 .collect(),
             tcp_ports: c.tcp_ports.iter().copied().filter(|p| *p != 0).collect(),
             garden,
+            dns_budget: (c.flags & config_flags::DNS_BUDGET != 0).then_some(DnsBudget {
+                rate: c.dns_rate,
+                burst: c.dns_burst,
+                max_udp_payload: c.dns_max_udp,
+            }),
         })
     }
 
@@ -739,6 +773,75 @@ impl Valve {
             .collect();
         out.sort();
         out
+    }
+
+    /// Our place in the interface's TCX chains (TC mode: ingress and egress; XDP mode:
+    /// egress). Programs before ours see every frame first and can pass it around the gate.
+    pub fn tcx_positions(&self) -> Result<Vec<TcxPosition>, ValveError> {
+        let err = |m: String| ValveError::Attach {
+            iface: self.iface.clone(),
+            message: m,
+        };
+        let ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        let mut hooks = vec![("egress", programs::TC_EGRESS, TcAttachType::Egress)];
+        if self.mode == DataPlaneMode::Tc {
+            hooks.insert(0, ("ingress", programs::TC_INGRESS, TcAttachType::Ingress));
+        }
+        let mut out = Vec::new();
+        for (hook, name, at) in hooks {
+            let ours = ebpf
+                .program(name)
+                .ok_or_else(|| err(format!("program {name} missing")))?
+                .info()
+                .map_err(|e| err(format!("{name} info: {e}")))?
+                .id();
+            let (_, chain) = SchedClassifier::query_tcx(&self.iface, at)
+                .map_err(|e| err(format!("query tcx {hook}: {e}")))?;
+            let pos = chain.iter().position(|p| p.id() == ours);
+            let before = chain[..pos.unwrap_or(0)]
+                .iter()
+                .map(|p| format!("{} ({})", p.id(), p.name_as_str().unwrap_or("?")))
+                .collect();
+            out.push(TcxPosition {
+                hook,
+                before,
+                after: pos.map_or(0, |i| chain.len() - i - 1),
+                attached: pos.is_some(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Operator warnings about the TCX chains: foreign programs before ours (they can pass
+    /// frames around the gate) or ours missing. Empty when not attached here.
+    pub fn tcx_warnings(&self) -> Vec<String> {
+        if !self.attached {
+            return Vec::new();
+        }
+        match self.tcx_positions() {
+            Ok(ps) => ps
+                .into_iter()
+                .filter_map(|p| {
+                    if !p.attached {
+                        Some(format!(
+                            "data plane: our tcx {} program is not attached to {}",
+                            p.hook, self.iface
+                        ))
+                    } else if !p.before.is_empty() {
+                        Some(format!(
+                            "data plane: foreign tcx {} programs run before the gate on {} and \
+                             can bypass it: {}",
+                            p.hook,
+                            self.iface,
+                            p.before.join(", ")
+                        ))
+                    } else {
+                        None
+                    }
+                })
+                .collect(),
+            Err(e) => vec![format!("data plane: tcx chain unreadable: {e}")],
+        }
     }
 
     /// Capacity of the per-client maps.
@@ -1222,10 +1325,18 @@ impl Gates for Valve {
         let used = u.bytes_up.saturating_add(u.bytes_down);
         let mut p = old;
         p.generation = Self::next_generation(Some(&old), &u);
-        if p.limit_total != UNLIMITED {
-            // remaining + added: what was used stays used, an overshoot is absorbed.
-            p.limit_total = p.limit_total.max(used).saturating_add(add_bytes);
-        }
+        // remaining + added on every finite limit (total and each direction): what was used
+        // stays used, an overshoot is absorbed, and a gate with directional limits reopens.
+        let raise = |limit: u64, used: u64| {
+            if limit == UNLIMITED {
+                UNLIMITED
+            } else {
+                limit.max(used).saturating_add(add_bytes)
+            }
+        };
+        p.limit_total = raise(p.limit_total, used);
+        p.limit_up = raise(p.limit_up, u.bytes_up);
+        p.limit_down = raise(p.limit_down, u.bytes_down);
         if add_ns > 0 {
             let now = boot_time_ns();
             let base = if p.expires_at_ns == 0 {
@@ -1403,6 +1514,24 @@ mod tests {
         let g = c.gate_config().unwrap();
         assert_eq!(g.tcp_ports, [2121, 80, 0, 0]);
         assert_ne!(g.flags & config_flags::PORTAL_REDIRECT, 0);
+    }
+
+    #[test]
+    fn dns_budget_in_the_gate_config() {
+        let mut c = ValveConfig::new("lan0");
+        let g = c.gate_config().unwrap();
+        assert_ne!(g.flags & config_flags::DNS_BUDGET, 0, "on by default");
+        assert_eq!((g.dns_rate, g.dns_burst, g.dns_max_udp), (4096, 32768, 512));
+        c.dns_budget = None;
+        assert_eq!(c.gate_config().unwrap().flags & config_flags::DNS_BUDGET, 0);
+        c.dns_budget = Some(DnsBudget {
+            rate: 1,
+            burst: 100,
+            max_udp_payload: 512,
+        });
+        assert!(c.gate_config().is_err(), "a burst below one query");
+        let m = ValveConfig::meter("wan0", Path::new("/sys/fs/bpf/x"));
+        assert_eq!(m.gate_config().unwrap().flags & config_flags::DNS_BUDGET, 0);
     }
 
     #[test]

@@ -173,6 +173,9 @@ pub struct ConfigView {
     pub tcp_ports: Vec<u16>,
     /// Walled-garden prefixes (`addr/len`).
     pub garden: Vec<String>,
+    /// DNS budget of unpaid MACs (None = unlimited).
+    #[serde(default)]
+    pub dns_budget: Option<DnsBudget>,
 }
 
 /// `CLOCK_BOOTTIME` in nanoseconds: the clock `bpf_ktime_get_boot_ns()` reads, so deadlines
@@ -216,4 +219,39 @@ mod tests {
         let b = boot_time_ns();
         assert!(a > 0 && b >= a);
     }
+}
+
+/// The DNS budget of an unpaid MAC, enforced in the kernel (per-MAC token bucket on DNS to
+/// and from the gateway, both directions' L3 bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsBudget {
+    /// Sustained bytes per second.
+    pub rate: u32,
+    /// Bucket size in bytes (what a fresh MAC may send at once).
+    pub burst: u32,
+    /// UDP queries with a larger payload are dropped.
+    pub max_udp_payload: u16,
+}
+
+impl Default for DnsBudget {
+    fn default() -> Self {
+        Self {
+            rate: tollgate_common::DNS_RATE_DEFAULT,
+            burst: tollgate_common::DNS_BURST_DEFAULT,
+            max_udp_payload: tollgate_common::DNS_MAX_UDP_DEFAULT,
+        }
+    }
+}
+
+/// Where a program sits in an interface's TCX chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TcxPosition {
+    /// `ingress` or `egress`.
+    pub hook: &'static str,
+    /// Programs before ours (id and name), the ones that can bypass the gate.
+    pub before: Vec<String>,
+    /// Number of programs after ours (they run on what we pass).
+    pub after: usize,
+    /// Ours was found in the chain at all.
+    pub attached: bool,
 }
