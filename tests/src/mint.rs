@@ -546,11 +546,12 @@ impl TestMint {
 
     async fn mint_single_proof_tokens(&self, amount: u64, count: usize) -> Vec<String> {
         let url: cdk::mint_url::MintUrl = self.url().parse().expect("mint url");
+        // A wallet of its own: the proofs leave as tokens, so no wallet may count them after.
+        let wallet = self.new_wallet().await;
         let mut out = Vec::with_capacity(count);
         while out.len() < count {
             let n = (count - out.len()).min(250);
-            let quote = self
-                .customer
+            let quote = wallet
                 .mint_quote(
                     PaymentMethod::BOLT11,
                     Some(Amount::from(amount * n as u64)),
@@ -559,8 +560,7 @@ impl TestMint {
                 )
                 .await
                 .expect("mint quote");
-            let proofs = self
-                .customer
+            let proofs = wallet
                 .wait_and_mint_quote(
                     quote,
                     cdk::amount::SplitTarget::Values(vec![Amount::from(amount); n]),

@@ -7,7 +7,7 @@
 //!   connection's first packet; the nft table's forward chain must drop it.
 //! - `hostile_payments_from_two_thousand_macs_leave_no_kernel_entry`: junk, foreign-mint and
 //!   spent tokens never create a kernel entry (the pre-flight is a capacity check only).
-//! - `two_thousand_payers_leave_at_most_the_retention_and_a_full_map_admits_a_payer`: entries
+//! - `payers_leave_at_most_the_retention_and_a_full_map_admits_a_payer`: entries
 //!   of ended sessions are evicted after the retention; a map full of closed entries still
 //!   admits a new payer; an active client is never evicted.
 
@@ -194,6 +194,12 @@ fn crowd_config(dir: &Path, mint: &str, metric: &str, step: u64, dataplane: serd
 }
 
 const CROWD: usize = 2000;
+/// Real payments: the wallet swaps each token at the mint, about 5–10 a second on a loaded
+/// 2-core machine (and slower as the wallet's proofs accumulate), so the payers' crowd is
+/// smaller than the hostile one; the map is sized down with it so it still turns over
+/// several times.
+const PAYERS: usize = 192;
+const PAYER_WAVE: usize = 48;
 
 /// 1. A gateway with a real mint; one legitimate payment from the lab's client (its token is
 ///    spent from then on).
@@ -271,17 +277,17 @@ fn hostile_payments_from_two_thousand_macs_leave_no_kernel_entry() {
     daemon.stop();
 }
 
-/// 1. A gateway selling 100 ms steps (a 16 sat token buys 1.6 s) with `max_clients` 256 and a 2 s
+/// 1. A gateway selling 100 ms steps (a 16 sat token buys 1.6 s) with `max_clients` 64 and a 2 s
 ///    retention for closed entries.
-/// 2. 2 000 devices each pay once (in waves, so active sessions fit in the map): every payment
-///    is granted although 2 000 > 256, because ended sessions' entries are evicted.
+/// 2. 192 devices each pay once (in waves of 48, so active sessions fit in the map): every
+///    payment is granted although 192 > 64, because ended sessions' entries are evicted.
 /// 3. After the last session ended and the retention passed, the maps are empty again.
-/// 4. A second gateway with `max_clients` 16 and a retention of an hour: 16 devices pay and
+/// 4. A second gateway with `max_clients` 16 and a retention of an hour: the lab's client pays for an hour, 15 devices pay and
 ///    their sessions end, so the map is full of closed entries; a 17th device still pays and
 ///    gets in (the oldest closed entry makes room); one device paying for an hour is never
 ///    evicted while others come and go.
 #[test]
-fn two_thousand_payers_leave_at_most_the_retention_and_a_full_map_admits_a_payer() {
+fn payers_leave_at_most_the_retention_and_a_full_map_admits_a_payer() {
     let lab = Lab3::new("adp");
     let pins = PinBase::new("adp");
     let tmp = tempfile::tempdir().expect("tmp");
@@ -293,19 +299,19 @@ fn two_thousand_payers_leave_at_most_the_retention_and_a_full_map_admits_a_payer
         &mint.url(),
         "milliseconds",
         100,
-        serde_json::json!({"max_clients": 256, "closed_retention": "2s"}),
+        serde_json::json!({"max_clients": 64, "closed_retention": "2s"}),
     );
     let mut daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
-    assert_eq!(occupancy(&pins).2, 256, "dataplane.max_clients applied");
-    let crowd = Crowd::new(&lab, CROWD);
+    assert_eq!(occupancy(&pins).2, 64, "dataplane.max_clients applied");
+    let crowd = Crowd::new(&lab, PAYERS + 35);
     let tokens = {
         let m = mint.clone();
         in_ns(&lab.gateway, &rt, move || async move {
-            m.mint_tokens(16, CROWD).await
+            m.mint_tokens(16, PAYERS).await
         })
     };
-    for (w, wave) in tokens.chunks(200).enumerate() {
-        let statuses = crowd.post(w * 200, wave);
+    for (w, wave) in tokens.chunks(PAYER_WAVE).enumerate() {
+        let statuses = crowd.post(w * PAYER_WAVE, wave);
         let ok = statuses.iter().filter(|s| **s == 200).count();
         assert_eq!(
             ok,
@@ -313,7 +319,7 @@ fn two_thousand_payers_leave_at_most_the_retention_and_a_full_map_admits_a_payer
             "every payer admitted; log: {}",
             log(&state_dir)
         );
-        assert!(occupancy(&pins).0 <= 256);
+        assert!(occupancy(&pins).0 <= 64);
         // This wave's 1.6 s sessions end (and the chandler closes them) before the next wave.
         std::thread::sleep(Duration::from_millis(2300));
     }
@@ -325,7 +331,7 @@ fn two_thousand_payers_leave_at_most_the_retention_and_a_full_map_admits_a_payer
     assert_eq!(occupancy(&pins).1, 0, "no counters left either");
     daemon.stop();
 
-    // A small map and a long retention: only room-making evicts (and the pinned 256-entry maps
+    // A small map and a long retention: only room-making evicts (and the pinned 64-entry maps
     // are recreated at 16).
     crowd_config(
         &config_dir,
@@ -347,11 +353,11 @@ fn two_thousand_payers_leave_at_most_the_retention_and_a_full_map_admits_a_payer
     let tokens = {
         let m = mint.clone();
         in_ns(&lab.gateway, &rt, move || async move {
-            m.mint_tokens(16, 45).await
+            m.mint_tokens(16, 35).await
         })
     };
     // 15 devices fill the map with the paying client; their sessions end.
-    let statuses = crowd.post(0, &tokens[..15]);
+    let statuses = crowd.post(PAYERS, &tokens[..15]);
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     std::thread::sleep(Duration::from_millis(2300));
     assert_eq!(
@@ -361,7 +367,7 @@ fn two_thousand_payers_leave_at_most_the_retention_and_a_full_map_admits_a_payer
     );
     // Full: a new payer still gets in, and again, wave after wave.
     for (w, wave) in tokens[15..].chunks(10).enumerate() {
-        let statuses = crowd.post(15 + w * 10, wave);
+        let statuses = crowd.post(PAYERS + 15 + w * 10, wave);
         assert!(
             statuses.iter().all(|s| *s == 200),
             "a full map admits new payers: {statuses:?}; log: {}",
@@ -462,7 +468,7 @@ fn a_clone_of_a_paid_mac_from_another_address_gets_nothing() {
     // The payer itself still gets through (so the far side is listening and reachable).
     udp_send(&lab.client, tollgate_tests::netns::CLIENT_IP, far, 10);
     wait_for(10, "the payer's datagrams arrive", || {
-        udp.load(Ordering::SeqCst) == 10 * 500
+        udp.load(Ordering::SeqCst) >= 10 * 500
     });
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
