@@ -4,8 +4,10 @@
 //!  config ─> valve (attach, reuse pins) ─> wallet (recover sagas) ─> store
 //!        ─> chandler.reconcile()   kernel ⇄ database: no free access, no lost allotment
 //!        ─> merchant.reconcile()   grants redeemed before a crash are applied
+//!        ─> lightning settle_open  invoices paid while we were down are minted and granted
 //!        ─> portal redirect (sysctl + nft table, when dataplane.portal_redirect is on)
-//!        ─> tasks: chandler (exhaustion events), payouts, upstream buyer (reseller mode),
+//!        ─> tasks: chandler (exhaustion events), payouts, lightning quotes, mint probe,
+//!           upstream buyer (reseller mode),
 //!           HTTP (LAN; + portal port), admin HTTP (loopback, + /metrics),
 //!           control socket (<state_dir>/control.sock, 0600: the operator API)
 //!  SIGINT/SIGTERM ─> tasks stop in reverse order, the nft table is removed; the data plane
@@ -45,7 +47,6 @@ pub struct Overrides {
     pub wan_iface: Option<String>,
     pub listen: Option<std::net::SocketAddr>,
     pub admin_listen: Option<std::net::SocketAddr>,
-    pub pin_base: Option<PathBuf>,
 }
 
 /// Loads `config.json` + `identities.json`, creating a working default set when the directory
@@ -72,6 +73,12 @@ pub fn load_config(dir: &std::path::Path, o: &Overrides) -> Result<Config> {
         cfg.dataplane.wan_interface = Some(w.clone());
     }
     if let Some(l) = o.listen {
+        // `dataplane.portal_port` defaults to the listen port, derived when the file was
+        // validated: follow the override unless the file named another port.
+        if cfg.http.portal_port == cfg.http.listen.port() {
+            cfg.http.portal_port = l.port();
+            cfg.dataplane.portal_port = l.port();
+        }
         cfg.http.listen = l;
     }
     if let Some(a) = o.admin_listen {
@@ -152,6 +159,8 @@ pub fn valve_config(cfg: &Config, pin_base: Option<&PathBuf>) -> Result<ValveCon
     v.tcp_ports = ports;
     // XDP cannot mark packets: config validation leaves the mark unset in that mode.
     v.portal_mark = cfg.dataplane.portal_mark;
+    v.max_clients = Some(cfg.dataplane.max_clients);
+    v.dns_budget = Some(cfg.dataplane.dns_budget);
     v.garden = cfg
         .dataplane
         .garden_allow
@@ -171,6 +180,10 @@ pub async fn run(
     pin_base: Option<PathBuf>,
     control_socket: Option<PathBuf>,
 ) -> Result<()> {
+    // Before anything is attached: an exposed admin API without a token is a config error.
+    cfg.http_limits
+        .check_admin_listen(cfg.http.admin_listen)
+        .map_err(anyhow::Error::msg)?;
     let control_path =
         control_socket.unwrap_or_else(|| crate::control::default_socket(&cfg.store.state_dir));
     std::fs::create_dir_all(&cfg.store.state_dir)
@@ -205,7 +218,7 @@ pub async fn run(
     let wallet = Wallet::open(&cfg.store.state_dir, cfg.wallet_settings())
         .await
         .context("opening the wallet")?;
-    let store = Arc::new(Store::open(&cfg.store.db_path())?);
+    let store = Arc::new(Store::open(&cfg.store.db_path())?.with_retention(cfg.store.retention));
     let gates: Arc<dyn Gates> = valve.clone();
     let chandler = Arc::new(Chandler::new(cfg.chandler.clone(), gates, store.clone()));
     let report = chandler
@@ -249,7 +262,42 @@ pub async fn run(
     let neighbours = Arc::new(KernelNeighbours::new(
         cfg.neighbour.device_leases_file.clone(),
     ));
-    let mut state = AppState::new(&cfg.http, merchant, chandler.clone(), neighbours);
+    // Lightning checkout: quotes paid while we were down are granted now, then polled.
+    let checkout = Arc::new(crate::lightning::Checkout::new(
+        wallet.clone(),
+        merchant.clone(),
+        store.clone(),
+    ));
+    let granted = checkout.settle_open().await;
+    if granted > 0 {
+        tracing::info!(granted, "lightning quotes paid while down were granted");
+    }
+    {
+        let (ck, c) = (checkout.clone(), cancel.clone());
+        tasks.spawn("lightning", Policy::best_effort(), move || {
+            let (ck, c) = (ck.clone(), c.clone());
+            async move {
+                ck.run(c).await;
+                Ok(())
+            }
+        });
+    }
+    let mut state =
+        AppState::new(&cfg.http, merchant, chandler.clone(), neighbours).with_lightning(checkout);
+    {
+        let (w, r, c) = (
+            wallet.clone(),
+            state.mints_reachable.clone(),
+            cancel.clone(),
+        );
+        tasks.spawn("mint-watch", Policy::best_effort(), move || {
+            let (w, r, c) = (w.clone(), r.clone(), c.clone());
+            async move {
+                watch_mints(w, r, c).await;
+                Ok(())
+            }
+        });
+    }
     // Reseller mode: our own uplink is a paid TollGate; buy and renew access there.
     if cfg.upstream.reseller_mode {
         let up = Upstream::new(
@@ -293,6 +341,7 @@ pub async fn run(
         },
         probe_timeout: std::time::Duration::from_secs(3),
         arp_path: PathBuf::from("/proc/net/arp"),
+        state_dir: cfg.store.state_dir.clone(),
         tasks: tasks.clone(),
     };
     let control = crate::control::bind(&control_path)?;
@@ -311,35 +360,38 @@ pub async fn run(
     let admin = http::bind_lan(cfg.http.admin_listen, None)
         .with_context(|| format!("admin listener on {}", cfg.http.admin_listen))?;
     tracing::info!(listen = %cfg.http.listen, admin = %cfg.http.admin_listen, control = %control_path.display(), "tollgate is serving");
-    // The servers own their listening sockets: one-shot, critical.
+    // The servers own their listening sockets: one-shot, critical. The LAN API and the portal
+    // port count against the same caps; the admin its own.
     let served = |r: std::io::Result<()>| r.map_err(|e| e.to_string());
+    let lan_caps = http::Caps::new(&cfg.http_limits);
     {
-        let (app, stop) = (
+        let (app, caps, stop) = (
             http::router(state.clone()),
+            lan_caps.clone(),
             cancel.clone().cancelled_owned(),
         );
-        tasks.spawn_once(
-            "api",
-            async move { served(http::serve(lan, app, stop).await) },
-        );
+        tasks.spawn_once("api", async move {
+            served(http::serve(lan, app, caps, stop).await)
+        });
     }
     if let Some(l) = portal_lan {
-        let (app, stop) = (
+        let (app, caps, stop) = (
             http::router(state.clone()),
+            lan_caps.clone(),
             cancel.clone().cancelled_owned(),
         );
-        tasks.spawn_once(
-            "portal",
-            async move { served(http::serve(l, app, stop).await) },
-        );
+        tasks.spawn_once("portal", async move {
+            served(http::serve(l, app, caps, stop).await)
+        });
     }
     {
-        let (app, stop) = (
-            ops::admin_tcp_router(ops.clone()),
+        let (app, caps, stop) = (
+            ops::admin_tcp_router(ops.clone(), cfg.http_limits.admin_token.clone()),
+            http::Caps::new(&cfg.http_limits),
             cancel.clone().cancelled_owned(),
         );
         tasks.spawn_once("admin", async move {
-            served(http::serve(admin, app, stop).await)
+            served(http::serve(admin, app, caps, stop).await)
         });
     }
     {
@@ -381,11 +433,64 @@ pub async fn run(
     }
 }
 
+/// Probes the accepted mints every 30 s (at once at start) and records whether any answers:
+/// `GET /` warns `no-reachable-mints` while none does.
+async fn watch_mints(
+    wallet: Wallet,
+    reachable: Arc<std::sync::atomic::AtomicBool>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let probes = tokio::select! {
+            _ = cancel.cancelled() => return,
+            p = wallet.probe_mints(std::time::Duration::from_secs(5)) => p,
+        };
+        let any = probes.is_empty() || probes.iter().any(|p| p.reachable);
+        let was = reachable.swap(any, std::sync::atomic::Ordering::Relaxed);
+        if was != any {
+            tracing::warn!(reachable = any, "accepted mints reachable: {any}");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+        }
+    }
+}
+
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--listen` moves the portal port with it (it used to stay at the file's 2121), but an
+    /// explicit `dataplane.portal_port` stays.
+    #[test]
+    fn listen_override_moves_the_derived_portal_port() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        load_config(dir.path(), &Overrides::default()).expect("write the default config");
+        let o = Overrides {
+            listen: Some("0.0.0.0:8080".parse().expect("addr")),
+            ..Overrides::default()
+        };
+        let cfg = load_config(dir.path(), &o).expect("load");
+        assert_eq!(cfg.http.listen.port(), 8080);
+        assert_eq!(cfg.http.portal_port, 8080);
+        assert_eq!(cfg.dataplane.portal_port, 8080);
+
+        let path = dir.path().join("config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+        v["dataplane"]["portal_port"] = serde_json::json!(80);
+        std::fs::write(&path, v.to_string()).expect("write");
+        let cfg = load_config(dir.path(), &o).expect("load");
+        assert_eq!((cfg.http.portal_port, cfg.dataplane.portal_port), (80, 80));
     }
 }

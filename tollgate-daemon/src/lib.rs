@@ -18,6 +18,7 @@ pub mod control;
 pub mod daemon;
 pub mod fetch;
 pub mod http;
+pub mod lightning;
 pub mod merchant;
 pub mod neighbour;
 pub mod ops;

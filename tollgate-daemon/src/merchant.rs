@@ -279,7 +279,8 @@ impl Merchant {
                     price_per_step: m.price_per_step,
                     unit: m.unit.clone(),
                     mint_url: m.url.clone(),
-                    min_steps: m.purchase_min_steps,
+                    // What we enforce (`steps_for`): at least one step. Wally rejects 0.
+                    min_steps: m.purchase_min_steps.max(1),
                 })
                 .collect(),
         };
@@ -465,6 +466,12 @@ impl Merchant {
                     new
                 }
             }
+            // Another device's token (already applied to it, or being redeemed for it): for
+            // this device it is spent. Its answer would hand over A's session and identity.
+            Some(g) if g.mac != new.mac => {
+                tracing::info!(token_id = %g.token_id, "token of another device posted again");
+                return Err(RedeemError::TokenSpent.into());
+            }
             Some(g) => g,
             None => {
                 self.refuse_if_received_elsewhere(&new.token_id)?;
@@ -619,6 +626,54 @@ impl Merchant {
         })
     }
 
+    /// Can a gate open for `mac` (before a customer is asked to pay)?
+    pub fn preflight(&self, mac: MacAddr) -> Result<(), MerchantError> {
+        self.chandler
+            .check(mac)
+            .map_err(|source| MerchantError::Unavailable { mac, source })
+    }
+
+    /// Grants value already in our wallet (a paid Lightning quote, minted): the same
+    /// allotment rules and top-up as a token. `grant_id` (`ln:<quote>`) is the grant's key,
+    /// so however often this runs (polls, restarts) the device is credited once.
+    pub async fn grant_minted(
+        &self,
+        grant_id: &str,
+        mac: MacAddr,
+        mint: &str,
+        amount: u64,
+    ) -> Result<Purchase, MerchantError> {
+        let offer = self.offer_for(mint, "sat")?.clone();
+        let lock = self.token_lock(grant_id);
+        let _held = lock.lock().await;
+        let grant = match self.store.grant(grant_id)? {
+            Some(g) => g,
+            None => {
+                let g = Grant {
+                    token_id: grant_id.to_string(),
+                    token: grant_id.to_string(),
+                    mac,
+                    customer: None,
+                    mint: offer.url.clone(),
+                    unit: offer.unit.clone(),
+                    gross: amount,
+                    net: amount,
+                    steps: 0,
+                    allotment: 0,
+                    metric: self.cfg.metric,
+                    status: GrantStatus::Redeemed,
+                    answer: None,
+                    error: None,
+                    created_unix: protocol::unix_now(),
+                };
+                self.store.insert_grant(&g)?;
+                self.count(&offer.url, "lightning", amount);
+                g
+            }
+        };
+        self.finish(grant).await
+    }
+
     /// Start-up: finish grants stuck in `redeeming` / `redeemed` (receive is idempotent).
     /// Returns how many were applied.
     pub async fn reconcile(&self) -> Result<usize, MerchantError> {
@@ -767,6 +822,7 @@ pub(crate) mod tests {
             ChandlerConfig {
                 metric: Metric::Bytes,
                 usage_snapshot_interval: Duration::from_secs(1),
+                closed_retention: Duration::from_secs(60),
             },
             gates.clone(),
             store.clone(),
@@ -838,6 +894,54 @@ pub(crate) mod tests {
         assert!(again.replayed);
         assert_eq!(r.redeemer.calls(), 1);
         assert_eq!(r.gates.lock().gates[&mac()].remaining_bytes, Some(5000));
+    }
+
+    /// Issue 12 item 3: device B posts the token already applied to device A. The shipped
+    /// portal treats any 200 as "access granted", and A's kind 1022 names A's MAC.
+    #[tokio::test]
+    async fn another_devices_token_is_spent_and_does_not_leak_its_session() {
+        let r = rig(1, 0, Duration::from_secs(5));
+        r.redeemer.add("cashuBa", MINT, 5, Ok(()));
+        r.merchant
+            .purchase(mac(), pay("cashuBa"))
+            .await
+            .expect("A pays");
+        let b: MacAddr = "02:00:00:00:00:02".parse().expect("mac");
+        let e = r
+            .merchant
+            .purchase(b, pay("cashuBa"))
+            .await
+            .expect_err("B must not get A's session");
+        assert_eq!(e.code(), NoticeCode::TokenSpent, "{e}");
+        assert!(!e.to_string().contains(&mac().to_string()), "{e}");
+        assert!(
+            r.chandler.usage(b).expect("usage").is_none(),
+            "B got nothing"
+        );
+        assert_eq!(r.redeemer.calls(), 1, "no second swap");
+        // A's own retry still gets its stored answer.
+        let again = r.merchant.purchase(mac(), pay("cashuBa")).await;
+        assert!(again.expect("A retries").replayed);
+    }
+
+    /// Issue 12 item 5: we enforce at least one step, so we advertise at least one (Wally
+    /// rejects an advertisement whose minimum is 0).
+    #[test]
+    fn advertises_the_minimum_it_enforces() {
+        let r = rig(1, 0, Duration::from_secs(5));
+        let ev = nostr::Event::from_json(r.merchant.advertisement().expect("ad")).expect("ev");
+        let ad = Advertisement::from_event(&ev).expect("10021");
+        assert_eq!(ad.prices[0].min_steps, 1);
+        let limits: Vec<&[String]> = ev
+            .tags
+            .iter()
+            .map(|t| t.as_slice())
+            .filter(|t| t[0] == "step_purchase_limits")
+            .collect();
+        assert_eq!(
+            limits,
+            vec![&["step_purchase_limits", "1", "0"].map(String::from)[..]]
+        );
     }
 
     #[tokio::test]

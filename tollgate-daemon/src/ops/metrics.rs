@@ -37,6 +37,8 @@ pub struct Snapshot {
     pub policy_entries: u64,
     pub usage_entries: u64,
     pub map_capacity: u64,
+    /// Client entries evicted since start, by reason.
+    pub evictions: crate::valve::Evictions,
 }
 
 /// Reads everything once. A wallet that cannot answer leaves its families empty rather than
@@ -94,6 +96,7 @@ pub async fn collect(st: &OpsState) -> Result<Snapshot, OpsError> {
     s.policy_entries = policy.into();
     s.usage_entries = usage.into();
     s.map_capacity = st.valve.capacity().into();
+    s.evictions = st.valve.evictions();
     Ok(s)
 }
 
@@ -331,6 +334,21 @@ pub fn render(s: &Snapshot) -> String {
         "Capacity of each per-client BPF map.",
     );
     p.sample("tollgate_map_capacity", &[], s.map_capacity);
+    p.family(
+        "tollgate_map_evictions_total",
+        "counter",
+        "Closed clients' entries evicted since start: retention passed, or room made when near full.",
+    );
+    p.sample(
+        "tollgate_map_evictions_total",
+        &[("reason", "retention")],
+        s.evictions.retention,
+    );
+    p.sample(
+        "tollgate_map_evictions_total",
+        &[("reason", "pressure")],
+        s.evictions.pressure,
+    );
     p.0
 }
 
@@ -594,6 +612,10 @@ mod tests {
             "no meter, no samples"
         );
         assert_eq!(v("tollgate_map_entries", &[("map", "usage")]), Some(4.0));
+        assert_eq!(
+            v("tollgate_map_evictions_total", &[("reason", "pressure")]),
+            Some(0.0)
+        );
         // Every family has HELP and TYPE, every sample line is a declared family.
         let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
@@ -623,7 +645,7 @@ mod tests {
         );
         assert_eq!(
             text.lines().filter(|l| l.starts_with("# TYPE ")).count(),
-            14
+            15
         );
     }
 

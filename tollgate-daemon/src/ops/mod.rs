@@ -3,8 +3,11 @@
 //! the exposition text.
 //!
 //! ```text
-//! control socket (0600) ── control_router = http::admin_router + /ops/* + /metrics
-//! admin TCP (loopback)  ── http::admin_router + /metrics        (nothing that moves money)
+//! control socket (0600) ── control_router = http::admin_router + admin_verbs_router (grant,
+//!                          close) + /ops/* + /metrics
+//! admin TCP (loopback, or any address with admin_token ─> Bearer required)
+//!                       ── http::admin_router + GET /ops/status + /metrics  (read-only: nothing
+//!                          that moves money or access)
 //!
 //! GET  /ops/status               gateway, data plane, mints (probed), balances, warnings
 //! GET  /ops/clients              sessions + kernel counters + IPv4 from the ARP table
@@ -12,6 +15,7 @@
 //! GET  /ops/wallet/payouts       every payout attempt
 //! POST /ops/wallet/receive       {"token": …}              → receipt (manual funding)
 //! POST /ops/wallet/send          {"mint": …, "amount": n}  → a token (bearer money!)
+//! POST /ops/wallet/rebalance     {"to": …, "amount": n, "from": …?} → the rebalance record
 //! POST /ops/gate/{mac}/open|extend|close  {"bytes": n} | {"seconds": n}
 //!                                recorded in the session log as admin-open/-extend/-close
 //! GET  /metrics                  Prometheus text format 0.0.4
@@ -75,6 +79,9 @@ pub struct DataplaneInfo {
     pub policy_entries: u32,
     pub usage_entries: u32,
     pub capacity: u32,
+    /// Closed clients' entries evicted since the daemon started.
+    #[serde(default)]
+    pub evictions: crate::valve::Evictions,
 }
 
 /// One accepted mint: reachability, price and our funds there.
@@ -110,6 +117,27 @@ pub struct StatusReport {
     #[serde(default)]
     pub tasks: Vec<crate::supervisor::TaskStatus>,
     pub warnings: Vec<String>,
+    /// The state directory's databases and their size on disk (+ WAL), bytes.
+    #[serde(default)]
+    pub databases: Vec<(String, u64)>,
+}
+
+/// Size on disk of each SQLite database in `dir` (file + `-wal`), by name.
+pub fn database_sizes(dir: &std::path::Path) -> Vec<(String, u64)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, u64)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let db = name.strip_suffix(".sqlite")?.to_string();
+            let wal = std::fs::metadata(dir.join(format!("{name}-wal"))).map_or(0, |m| m.len());
+            Some((db, e.metadata().ok()?.len() + wal))
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// One device, as `tollgate clients` shows it. Amounts are in the session's metric units;
@@ -214,6 +242,39 @@ pub struct SendAnswer {
     pub receiver_fee: u64,
 }
 
+/// Move `amount` to mint `to` over Lightning, from `from` or the richest other mint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebalanceRequest {
+    pub to: String,
+    pub amount: u64,
+    #[serde(default)]
+    pub from: Option<String>,
+}
+
+/// A rebalance as recorded (`state`: done, minting = finished at the next start, failed).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebalanceAnswer {
+    pub id: String,
+    pub source: String,
+    pub target: String,
+    pub amount: u64,
+    pub fee: u64,
+    pub state: String,
+}
+
+impl From<crate::wallet::RebalanceRecord> for RebalanceAnswer {
+    fn from(r: crate::wallet::RebalanceRecord) -> Self {
+        RebalanceAnswer {
+            id: r.id,
+            source: r.source,
+            target: r.target,
+            amount: r.amount,
+            fee: r.fee,
+            state: r.state,
+        }
+    }
+}
+
 /// Exactly one of the two, matching the gateway's metric.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GateRequest {
@@ -302,7 +363,9 @@ impl OpsError {
                 | WalletError::WrongUnit { .. }
                 | WalletError::Locked
                 | WalletError::TokenSpent
-                | WalletError::InsufficientFunds { .. } => StatusCode::BAD_REQUEST,
+                | WalletError::InsufficientFunds { .. }
+                | WalletError::InvalidRequest { .. }
+                | WalletError::FeeBudget { .. } => StatusCode::BAD_REQUEST,
                 WalletError::TokenPending
                 | WalletError::MintUnavailable { .. }
                 | WalletError::RateLimited { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -342,33 +405,76 @@ pub struct OpsState {
     pub probe_timeout: Duration,
     /// Where the MAC → IPv4 table comes from (`/proc/net/arp`).
     pub arp_path: PathBuf,
+    /// The state directory (its databases' sizes are in `status`).
+    pub state_dir: PathBuf,
     /// The daemon's background tasks.
     pub tasks: Arc<crate::supervisor::Supervisor>,
 }
 
 /// Everything, for the control socket (its file mode is the access control).
 pub fn control_router(st: OpsState) -> Router {
-    http::admin_router(st.app.clone()).merge(
-        Router::new()
-            .route("/ops/status", get(status))
-            .route("/ops/clients", get(clients))
-            .route("/ops/wallet/balance", get(balance))
-            .route("/ops/wallet/payouts", get(payouts))
-            .route("/ops/wallet/receive", post(receive))
-            .route("/ops/wallet/send", post(send))
-            .route("/ops/gate/{mac}/{action}", post(gate))
-            .route("/metrics", get(metrics_page))
-            .with_state(st),
-    )
+    http::admin_router(st.app.clone())
+        .merge(http::admin_verbs_router(st.app.clone()))
+        .merge(
+            Router::new()
+                .route("/ops/status", get(status))
+                .route("/ops/clients", get(clients))
+                .route("/ops/wallet/balance", get(balance))
+                .route("/ops/wallet/payouts", get(payouts))
+                .route("/ops/wallet/receive", post(receive))
+                .route("/ops/wallet/send", post(send))
+                .route("/ops/wallet/rebalance", post(rebalance))
+                .route("/ops/gate/{mac}/{action}", post(gate))
+                .route("/metrics", get(metrics_page))
+                .with_state(st),
+        )
 }
 
-/// The admin TCP address: the existing admin API plus `/metrics` (for a scraper).
-pub fn admin_tcp_router(st: OpsState) -> Router {
-    http::admin_router(st.app.clone()).merge(
+/// The admin TCP address: read-only (the admin API's GETs, `/ops/status`, `/metrics` for a
+/// scraper); with a `token`, every request must carry `Authorization: Bearer <token>`.
+pub fn admin_tcp_router(st: OpsState, token: Option<String>) -> Router {
+    let app = http::admin_router(st.app.clone()).merge(
         Router::new()
+            .route("/ops/status", get(status))
             .route("/metrics", get(metrics_page))
             .with_state(st),
-    )
+    );
+    match token {
+        Some(t) => app.layer(axum::middleware::from_fn(move |req, next| {
+            bearer_only(t.clone(), req, next)
+        })),
+        None => app,
+    }
+}
+
+/// 401 unless the request carries the admin token (compared in constant time).
+async fn bearer_only(
+    token: String,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let same = given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        next.run(req).await
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "admin token required\n",
+        )
+            .into_response()
+    }
 }
 
 fn metric_name(m: Metric) -> String {
@@ -381,6 +487,15 @@ async fn status(State(st): State<OpsState>) -> Result<Json<StatusReport>, OpsErr
         st.wallet.balances()
     );
     let mut warnings = st.wallet.warnings().await;
+    if let Ok(v) = st.valve.verdicts() {
+        let n = v.packets(crate::valve::Verdict::DropSpoofed);
+        if n > 0 {
+            warnings.push(format!(
+                "{n} packets from paid MACs with another source address dropped (MAC cloning \
+                 or address spoofing; see the log)"
+            ));
+        }
+    }
     let balances = balances.unwrap_or_else(|e| {
         warnings.push(format!("wallet balances unavailable: {e}"));
         Vec::new()
@@ -424,6 +539,7 @@ async fn status(State(st): State<OpsState>) -> Result<Json<StatusReport>, OpsErr
             }
         })
         .collect();
+    warnings.extend(st.valve.tcx_warnings());
     let (policy, usage) = st.valve.occupancy();
     let sessions = st.app.chandler.clients()?;
     let active = sessions.iter().filter(|s| s.active).count() as u64;
@@ -438,6 +554,7 @@ async fn status(State(st): State<OpsState>) -> Result<Json<StatusReport>, OpsErr
             policy_entries: policy,
             usage_entries: usage,
             capacity: st.valve.capacity(),
+            evictions: st.valve.evictions(),
         },
         mints,
         clients: ClientCounts {
@@ -447,6 +564,7 @@ async fn status(State(st): State<OpsState>) -> Result<Json<StatusReport>, OpsErr
         upstream,
         tasks,
         warnings,
+        databases: database_sizes(&st.state_dir),
     }))
 }
 
@@ -560,6 +678,20 @@ async fn send(
         value: t.value,
         receiver_fee: t.receiver_fee,
     }))
+}
+
+async fn rebalance(
+    State(st): State<OpsState>,
+    body: axum::body::Bytes,
+) -> Result<Json<RebalanceAnswer>, OpsError> {
+    let req: RebalanceRequest = json_body(&body)?;
+    let r = st
+        .wallet
+        .rebalance(&req.to, req.amount, req.from.as_deref())
+        .await?;
+    tracing::info!(source = %r.source, target = %r.target, amount = r.amount, fee = r.fee,
+        state = %r.state, id = %r.id, "operator rebalanced");
+    Ok(Json(r.into()))
 }
 
 /// The amount in the session's metric units for an admin request.

@@ -37,6 +37,7 @@ pub mod meter;
 pub mod policy;
 pub mod route;
 pub mod settings;
+pub mod shortfall;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -556,7 +557,7 @@ impl Upstream {
         for p in self.db.payments(Some("pending")).unwrap_or_default() {
             self.settle_unanswered(&p.op_id, "retrying reclaim").await;
         }
-        let choice = match self.choose(&signed, remaining, run.hold.as_ref()).await {
+        let choice = match self.choose(&signed, remaining, &mut run.hold).await {
             Ok(c) => c,
             Err(e) => {
                 self.refuse(e);
@@ -702,12 +703,41 @@ impl Upstream {
         }
     }
 
+    /// [`policy::choose`]; when the cheapest mint is short, first try to cover the shortfall
+    /// from another mint ([`shortfall`]) — the moved amount then becomes our hold there.
     async fn choose(
         &self,
         signed: &SignedAd,
         remaining: u64,
-        hold: Option<&Reservation>,
+        hold: &mut Option<Reservation>,
     ) -> Result<Choice, String> {
+        let spent = self
+            .db
+            .spent_within(HOUR)
+            .map_err(|e| format!("counting the last hour's payments: {e}"))?;
+        let funds = self.funds(hold.as_ref()).await?;
+        let refusal = match policy::choose(signed, &self.settings, &funds, remaining, spent) {
+            Err(r @ Refusal::FundsLow { .. }) => r,
+            other => return other.map_err(|r| r.to_string()),
+        };
+        let ours = hold
+            .as_ref()
+            .filter(|h| matches!(&refusal, Refusal::FundsLow { mint, .. } if *mint == h.mint));
+        let Some(held) = shortfall::cover(&self.wallet, &refusal, ours).await else {
+            return Err(refusal.to_string());
+        };
+        if let Some(old) = hold.replace(held.clone()) {
+            if old.id != held.id {
+                let _ = self.wallet.release(&old);
+            }
+        }
+        self.with_status(|s| s.held = held.amount);
+        let funds = self.funds(hold.as_ref()).await?;
+        policy::choose(signed, &self.settings, &funds, remaining, spent).map_err(|r| r.to_string())
+    }
+
+    /// Available funds per accepted mint, our own standing hold counted as ours.
+    async fn funds(&self, hold: Option<&Reservation>) -> Result<BTreeMap<String, u64>, String> {
         let mut funds = BTreeMap::new();
         for b in self
             .wallet
@@ -719,11 +749,7 @@ impl Upstream {
             let own = hold.filter(|h| h.mint == b.mint).map_or(0, |h| h.amount);
             funds.insert(b.mint, b.available + own);
         }
-        let spent = self
-            .db
-            .spent_within(HOUR)
-            .map_err(|e| format!("counting the last hour's payments: {e}"))?;
-        policy::choose(signed, &self.settings, &funds, remaining, spent).map_err(|r| r.to_string())
+        Ok(funds)
     }
 
     /// Reserve, make the token, record it, pay, verify; on any failure reclaim. Returns the
@@ -790,7 +816,7 @@ impl Upstream {
             "POST",
             "/",
             Some(&token.token),
-            self.settings.probe_timeout,
+            self.settings.purchase_timeout,
         )
         .await;
         let failure = match answer {

@@ -46,6 +46,9 @@ pub struct UpstreamSettings {
     /// Timeout of one probe / payment request, and how many probe tries.
     pub probe_timeout: Duration,
     pub probe_tries: u32,
+    /// How long to wait for the answer to a payment: the reference's seller allows 30 s for
+    /// its mint swap, so a shorter wait reclaims tokens the upstream is still redeeming.
+    pub purchase_timeout: Duration,
     /// Periodic re-check of the default gateway and advertisement, besides netlink events.
     pub recheck_interval: Duration,
     /// Longest wait between failed purchase attempts (doubling from `poll_interval`).
@@ -76,6 +79,7 @@ impl Default for UpstreamSettings {
             poll_interval: Duration::from_secs(1),
             probe_timeout: Duration::from_secs(10),
             probe_tries: 3,
+            purchase_timeout: Duration::from_secs(30),
             recheck_interval: Duration::from_secs(30),
             max_backoff: Duration::from_secs(60),
             max_sat_per_purchase: None,
@@ -279,6 +283,9 @@ impl UpstreamSettings {
         if let Some(d) = duration(v, "probe_timeout")? {
             s.probe_timeout = d;
         }
+        if let Some(d) = duration(v, "purchase_timeout")? {
+            s.purchase_timeout = d;
+        }
         if let Some(d) = duration(v, "recheck_interval")? {
             s.recheck_interval = d;
         }
@@ -435,6 +442,14 @@ mod tests {
         assert_eq!(s.ms_renewal_offset, 10_000);
         assert_eq!(s.poll_interval, Duration::from_millis(250));
         assert_eq!(s.probe_timeout, Duration::from_secs(2));
+        assert_eq!(
+            UpstreamSettings::default().purchase_timeout,
+            Duration::from_secs(30),
+            "the reference's seller takes up to 30 s for its mint swap"
+        );
+        v["purchase_timeout"] = json!("45s");
+        let s2 = UpstreamSettings::parse(Some(&v)).expect("parse");
+        assert_eq!(s2.purchase_timeout, Duration::from_secs(45));
         assert!(s.trusts(KEY).is_ok());
         assert!(s.trusts(&"1".repeat(64)).is_err());
     }
