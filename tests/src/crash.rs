@@ -300,9 +300,9 @@ pub async fn incomplete_sagas(dir: &Path) -> usize {
 }
 
 /// Seeded xorshift: random kill delays, reproducible from the printed seed.
-pub struct Rng(u64);
+struct Rng(u64);
 impl Rng {
-    pub fn new() -> Rng {
+    fn new() -> Rng {
         let seed = std::env::var("TOLLGATE_CRASH_SEED")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -316,7 +316,7 @@ impl Rng {
         eprintln!("crash test seed {seed} (TOLLGATE_CRASH_SEED to replay)");
         Rng(seed)
     }
-    pub fn below(&mut self, n: u64) -> u64 {
+    fn below(&mut self, n: u64) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
