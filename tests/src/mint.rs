@@ -401,9 +401,19 @@ impl TestMint {
             fee_ppk,
             std::net::Ipv4Addr::LOCALHOST.into(),
             Some(lightning.clone()),
+            0,
         )
         .await
         .expect("start linked test mint")
+    }
+
+    /// Like [`TestMint::start_on`], but the fake Lightning backend settles an incoming quote
+    /// (and a melt) only `secs` seconds after it was made: a Lightning payment that arrives
+    /// while the gateway is down.
+    pub async fn start_with_payment_delay(ip: std::net::IpAddr, secs: u64) -> TestMint {
+        Self::try_start_with(0, ip, None, secs)
+            .await
+            .expect("start test mint")
     }
 
     async fn try_start(fee_ppk: u64) -> anyhow::Result<TestMint> {
@@ -411,13 +421,14 @@ impl TestMint {
     }
 
     async fn try_start_on(fee_ppk: u64, ip: std::net::IpAddr) -> anyhow::Result<TestMint> {
-        Self::try_start_with(fee_ppk, ip, None).await
+        Self::try_start_with(fee_ppk, ip, None, 0).await
     }
 
     async fn try_start_with(
         fee_ppk: u64,
         ip: std::net::IpAddr,
         lightning: Option<Lightning>,
+        payment_delay_secs: u64,
     ) -> anyhow::Result<TestMint> {
         let db = Arc::new(cdk_sqlite::mint::memory::empty().await?);
         let mut builder = MintBuilder::new(db.clone());
@@ -426,12 +437,12 @@ impl TestMint {
             min_fee_reserve: 1.into(),
             percent_fee_reserve: 0.01,
         };
-        // Delay 0: incoming quotes are paid at once so tests never sleep.
+        // Delay 0 (the default): incoming quotes are paid at once so tests never sleep.
         let backend = FakeWallet::new(
             fee_reserve,
             HashMap::default(),
             HashSet::default(),
-            0,
+            payment_delay_secs,
             CurrencyUnit::Sat,
         );
         let processor: cdk::cdk_payment::DynMintPayment = match &lightning {
@@ -517,12 +528,52 @@ impl TestMint {
     }
 
     /// `count` tokens worth `amount` sat each, funded by one mint quote (benchmarks).
+    ///
+    /// A power-of-two `amount` takes the fast path: one proof per token, minted 250 at a time
+    /// and wrapped into tokens offline (no swap per token), so thousands take seconds.
     pub async fn mint_tokens(&self, amount: u64, count: usize) -> Vec<String> {
+        if amount.is_power_of_two() {
+            return self.mint_single_proof_tokens(amount, count).await;
+        }
         let total = (amount + 4) * count as u64;
         self.fund_customer(total).await.expect("fund customer");
         let mut out = Vec::with_capacity(count);
         for _ in 0..count {
             out.push(self.mint_token(amount).await);
+        }
+        out
+    }
+
+    async fn mint_single_proof_tokens(&self, amount: u64, count: usize) -> Vec<String> {
+        let url: cdk::mint_url::MintUrl = self.url().parse().expect("mint url");
+        let mut out = Vec::with_capacity(count);
+        while out.len() < count {
+            let n = (count - out.len()).min(250);
+            let quote = self
+                .customer
+                .mint_quote(
+                    PaymentMethod::BOLT11,
+                    Some(Amount::from(amount * n as u64)),
+                    None,
+                    None,
+                )
+                .await
+                .expect("mint quote");
+            let proofs = self
+                .customer
+                .wait_and_mint_quote(
+                    quote,
+                    cdk::amount::SplitTarget::Values(vec![Amount::from(amount); n]),
+                    Default::default(),
+                    Duration::from_secs(30),
+                )
+                .await
+                .expect("mint proofs");
+            assert_eq!(proofs.len(), n, "one proof per token");
+            for p in proofs {
+                let t = cdk::nuts::Token::new(url.clone(), vec![p], None, CurrencyUnit::Sat);
+                out.push(t.to_string());
+            }
         }
         out
     }

@@ -206,6 +206,16 @@ fn the_operator_sees_and_steers_a_real_gateway() {
     assert_eq!(m0["reachable"], true, "{status}");
     assert_eq!(m0["balance"], 200);
     assert_eq!(status["clients"]["active"], 1);
+    // Supervised background tasks, all running.
+    let tasks: Vec<(&str, &str)> = status["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .map(|t| (t["name"].as_str().unwrap(), t["state"].as_str().unwrap()))
+        .collect();
+    for name in ["admin", "api", "chandler", "control", "payouts"] {
+        assert!(tasks.contains(&(name, "running")), "{name}: {tasks:?}");
+    }
     let (code, text, _) = tg(&["status", "--control-socket", &sock], None);
     assert_eq!(code, 0);
     assert!(text.contains("tc_egress, tc_ingress"), "{text}");
@@ -222,6 +232,11 @@ fn the_operator_sees_and_steers_a_real_gateway() {
     let samples = metrics::parse(&page).unwrap_or_else(|e| panic!("{e}\n{page}"));
     let v = |n: &str, l: &[(&str, &str)]| metrics::value(&samples, n, l);
     let murl = mint.url().trim_end_matches('/').to_string();
+    assert_eq!(v("tollgate_task_up", &[("task", "chandler")]), Some(1.0));
+    assert_eq!(
+        v("tollgate_task_restarts_total", &[("task", "payouts")]),
+        Some(0.0)
+    );
     assert_eq!(
         v(
             "tollgate_payments_total",

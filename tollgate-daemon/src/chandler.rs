@@ -7,10 +7,17 @@
 //! kernel ──Exhaustion{mac, generation}──> run() ──> session closed (quota / expiry), recorded
 //! start ──reconcile()──> DB is the truth for allotments, kernel counters for usage
 //! ```
+//! Kernel entries: `check` only asks whether there is room (nothing is created before the
+//! money is taken); `open` at grant time creates the entry; a closed gate's entry is evicted
+//! by `run()`'s sweep after `closed_retention` (sooner, oldest first, when the map is near
+//! full). An open gate is never evicted.
+//!
 //! States of a session row: active ──exhausted / admin-close / reconcile──> closed; a payment
 //! for a closed session starts a new one. Top-ups add to what remains and never interrupt
 //! traffic: time `new_end = max(now, old_end) + added`, bytes `remaining + added` (`extend`
-//! while the gate is open, `open` with the sum otherwise).
+//! while the gate is open, `open` with the sum otherwise). Both are set from the database's
+//! numbers (the byte limit to `baseline + allotment - used_before`, the deadline replaced), so
+//! a grant retried after a failed commit is never credited twice in the kernel.
 //!
 //! Why the kernel op comes before the DB commit: if we crash in between, the kernel has more
 //! than the DB says and the grant is still `redeemed`; `reconcile()` first trims the kernel to
@@ -99,7 +106,12 @@ pub struct Chandler {
     /// Serialises session changes (kernel op + DB commit are one step per device).
     lock: Mutex<()>,
     boot_id: String,
+    /// Boot ns of the last history prune (None: not yet this run).
+    last_prune: Mutex<Option<u64>>,
 }
+
+/// History is pruned at most this often (boot ns).
+const PRUNE_EVERY_NS: u64 = 3_600 * 1_000_000_000;
 
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -122,6 +134,7 @@ impl Chandler {
             store,
             lock: Mutex::new(()),
             boot_id: read_boot_id(),
+            last_prune: Mutex::new(None),
         }
     }
 
@@ -138,16 +151,19 @@ impl Chandler {
         Ok(self.gates.check(mac)?)
     }
 
-    /// The end of a time session in boot ns, if it is valid for this boot (else from unix ms).
+    /// The end of a time session in boot ns. From another boot (the boot clock restarted) it
+    /// is now + what remained at the last snapshot: never the wall clock, which a router sets
+    /// by NTP only after we start (a jump either way would shorten or lengthen sessions). The
+    /// time the gateway was down is not charged; at most one snapshot interval is given back.
     fn end_boot(&self, row: &SessionRow, now_boot: u64) -> Option<u64> {
         if row.boot_id == self.boot_id {
             if let Some(e) = row.end_boot_ns {
                 return Some(e);
             }
         }
-        let end_ms = row.end_unix_ms?;
-        let now_ms = unix_ms();
-        Some(now_boot.saturating_add(end_ms.saturating_sub(now_ms).saturating_mul(NS_PER_MS)))
+        row.end_boot_ns.or(row.end_unix_ms)?;
+        let left_ms = row.allotment.saturating_sub(row.used_snapshot);
+        Some(now_boot.saturating_add(left_ms.saturating_mul(NS_PER_MS)))
     }
 
     /// Used so far, metric units.
@@ -232,8 +248,19 @@ impl Chandler {
             Metric::Bytes => {
                 let gate_live = current.is_some()
                     && gate.is_some_and(|g| g.open && g.remaining_bytes.is_some_and(|r| r > 0));
-                let st = if gate_live {
-                    self.gates.extend(mac, amount, 0)?
+                let st = if let Some(g) = gate.filter(|_| gate_live) {
+                    // The kernel's limit is set from the database's numbers, not moved by
+                    // `amount` from wherever it is: after a failed commit the kernel already
+                    // has this grant, and the retry must not credit it twice (issue 10).
+                    let kernel_limit = g
+                        .usage
+                        .bytes()
+                        .saturating_add(g.remaining_bytes.unwrap_or(0));
+                    let target = row
+                        .baseline
+                        .saturating_add(new_allotment.saturating_sub(row.used_before));
+                    self.gates
+                        .extend(mac, target.saturating_sub(kernel_limit), 0)?
                 } else {
                     let allowance = topup_bytes(row.allotment, used, amount);
                     let st = self.gates.open(
@@ -260,21 +287,17 @@ impl Chandler {
                 } else {
                     None
                 };
+                // Absolute, from the database's deadline: the kernel's (maybe already
+                // extended by a grant whose commit failed) is replaced, never added to.
+                // Replacing the policy is one map update: no gap for a live session.
                 let want_end = topup_end(now_boot, old_end, add_ns);
-                let gate_live = current.is_some()
-                    && gate
-                        .is_some_and(|g| g.open && g.until_boot_ns.is_some_and(|d| d > now_boot));
-                let st = if gate_live {
-                    self.gates.extend(mac, 0, add_ns)?
-                } else {
-                    self.gates.open(
-                        mac,
-                        Allowance {
-                            until_boot_ns: Some(want_end),
-                            ..Allowance::default()
-                        },
-                    )?
-                };
+                let st = self.gates.open(
+                    mac,
+                    Allowance {
+                        until_boot_ns: Some(want_end),
+                        ..Allowance::default()
+                    },
+                )?;
                 let end = st.until_boot_ns.unwrap_or(want_end);
                 row.end_boot_ns = Some(end);
                 row.end_unix_ms = Some(unix_ms() + end.saturating_sub(now_boot) / NS_PER_MS);
@@ -427,8 +450,9 @@ impl Chandler {
             .collect())
     }
 
-    /// Persists usage of every active session; closes sessions the kernel already ended
-    /// (a safety net for lost exhaustion events).
+    /// Persists usage of every active session (one transaction; closed rows are not loaded);
+    /// closes sessions the kernel already ended (a safety net for lost exhaustion events);
+    /// once an hour prunes history older than the retention.
     pub fn snapshot_all(&self) -> Result<(), ChandlerError> {
         let _g = self.guard();
         let gates: HashMap<MacAddr, GateState> = self
@@ -438,18 +462,38 @@ impl Chandler {
             .map(|g| (g.mac, g))
             .collect();
         let now = self.gates.now_boot_ns();
-        for mut row in self.store.sessions()?.into_iter().filter(|r| r.active) {
+        let mut usages = Vec::new();
+        let mut ended = Vec::new();
+        for mut row in self.store.active_sessions()? {
             let used = self.used(&row, gates.get(&row.mac), now);
-            self.store.snapshot_usage(row.mac, used, row.allotment)?;
+            usages.push((row.mac, used, row.allotment));
             if used >= row.allotment {
                 row.used_snapshot = used;
-                let reason = if row.metric == Metric::Bytes {
-                    "quota"
-                } else {
-                    "expiry"
-                };
-                self.gates.close(row.mac)?;
-                self.close_row(row, reason)?;
+                ended.push(row);
+            }
+        }
+        self.store.snapshot_usages(&usages)?;
+        for row in ended {
+            let reason = if row.metric == Metric::Bytes {
+                "quota"
+            } else {
+                "expiry"
+            };
+            self.gates.close(row.mac)?;
+            self.close_row(row, reason)?;
+        }
+        let due = {
+            let mut last = self.last_prune.lock().unwrap_or_else(|p| p.into_inner());
+            let due = last.is_none_or(|t| now.saturating_sub(t) >= PRUNE_EVERY_NS);
+            if due {
+                *last = Some(now);
+            }
+            due
+        };
+        if due {
+            let r = self.store.prune()?;
+            if r != crate::store::PruneReport::default() {
+                tracing::info!(?r, "pruned history older than the retention");
             }
         }
         Ok(())
@@ -466,7 +510,7 @@ impl Chandler {
             .map(|g| (g.mac, g))
             .collect();
         let now = self.gates.now_boot_ns();
-        for mut row in self.store.sessions()?.into_iter().filter(|r| r.active) {
+        for mut row in self.store.active_sessions()? {
             let gate = gates.remove(&row.mac);
             let mac = row.mac;
             match row.metric {
@@ -540,7 +584,33 @@ impl Chandler {
         Ok(report)
     }
 
-    /// Background task: consumes exhaustion events and snapshots usage until `shutdown` flips.
+    /// Binds the device's open gate to the IPv4 address its payment came from, so a second
+    /// device cloning the MAC from another address gets nothing (the kernel drops its upload
+    /// as `drop_spoofed`). IPv6 payers are not bound (the kernel binds IPv4 only).
+    pub fn bind(&self, mac: MacAddr, from: std::net::IpAddr) -> Result<(), ChandlerError> {
+        let _g = self.guard();
+        let std::net::IpAddr::V4(v4) = crate::neighbour::unmap(from) else {
+            tracing::debug!(%mac, %from, "IPv6 payer: gate not bound to an address");
+            return Ok(());
+        };
+        let open = self.gates.gate(mac)?.is_some_and(|g| g.open);
+        if !open {
+            return Ok(());
+        }
+        self.gates.bind_ipv4(mac, Some(v4))?;
+        tracing::info!(%mac, address = %v4, "gate bound to the address the payment came from");
+        Ok(())
+    }
+
+    /// Evicts kernel entries of closed gates (see [`Gates::sweep`]). Under the guard, so no
+    /// grant is between reading a gate and opening it while its entry goes.
+    pub fn sweep(&self) -> Result<crate::valve::SweepReport, ChandlerError> {
+        let _g = self.guard();
+        Ok(self.gates.sweep(self.cfg.closed_retention)?)
+    }
+
+    /// Background task: consumes exhaustion events, snapshots usage and sweeps closed kernel
+    /// entries until `shutdown` flips.
     pub async fn run(
         self: Arc<Self>,
         mut exhaustion: mpsc::Receiver<Exhaustion>,
@@ -550,6 +620,12 @@ impl Chandler {
             self.cfg
                 .usage_snapshot_interval
                 .max(Duration::from_millis(100)),
+        );
+        // Often enough that an entry outlives its retention by at most a quarter of it.
+        let mut spoofed = self.gates.spoofed_drops().unwrap_or(0);
+        let mut sweep = tokio::time::interval(
+            (self.cfg.closed_retention / 4)
+                .clamp(Duration::from_millis(250), Duration::from_secs(30)),
         );
         loop {
             tokio::select! {
@@ -568,6 +644,30 @@ impl Chandler {
                 _ = tick.tick() => {
                     if let Err(e) = self.snapshot_all() {
                         tracing::warn!(error = %e, "usage snapshot");
+                    }
+                    // MAC cloning shows as drops of a bound MAC's packets from elsewhere.
+                    if let Ok(now) = self.gates.spoofed_drops() {
+                        if now > spoofed {
+                            tracing::warn!(
+                                packets = now - spoofed,
+                                total = now,
+                                "packets from a paid MAC with another source address dropped \
+                                 (a cloned MAC or a spoofed address)"
+                            );
+                        }
+                        spoofed = now;
+                    }
+                }
+                _ = sweep.tick() => {
+                    match self.sweep() {
+                    Ok(r) if r.evicted > 0 => tracing::info!(
+                        evicted = r.evicted,
+                        occupied = r.occupied,
+                        capacity = r.capacity,
+                        "closed client entries evicted"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "sweeping closed client entries"),
                     }
                 }
                 _ = shutdown.changed() => break,
@@ -701,6 +801,29 @@ pub(crate) mod fake {
             }
             Ok(())
         }
+        fn bind_ipv4(
+            &self,
+            mac: MacAddr,
+            ip: Option<std::net::Ipv4Addr>,
+        ) -> Result<(), ValveError> {
+            if let Some(g) = self.lock().gates.get_mut(&mac) {
+                g.bound_ipv4 = ip;
+            }
+            Ok(())
+        }
+        fn spoofed_drops(&self) -> Result<u64, ValveError> {
+            Ok(0)
+        }
+        fn sweep(&self, _retention: Duration) -> Result<crate::valve::SweepReport, ValveError> {
+            let mut i = self.lock();
+            let before = i.gates.len();
+            i.gates.retain(|_, g| g.open);
+            Ok(crate::valve::SweepReport {
+                evicted: (before - i.gates.len()) as u32,
+                occupied: i.gates.len() as u32,
+                capacity: u32::MAX,
+            })
+        }
         fn gate(&self, mac: MacAddr) -> Result<Option<GateState>, ValveError> {
             Ok(self.lock().gates.get(&mac).copied())
         }
@@ -728,6 +851,7 @@ mod tests {
             ChandlerConfig {
                 metric,
                 usage_snapshot_interval: Duration::from_secs(1),
+                closed_retention: Duration::from_secs(60),
             },
             gates.clone(),
             store.clone(),
@@ -868,19 +992,14 @@ mod tests {
         assert_eq!(store.log(mac(), 1).expect("log")[0].action, "admin-close");
     }
 
-    #[test]
-    fn time_session_survives_reboot() {
-        let (gates, store, c) = chandler(Metric::Milliseconds);
-        c.add(mac(), 60_000, None, "grant").expect("open");
-        // Reboot: the boot clock restarts, kernel state is gone, the boot id changes.
-        {
-            let mut g = gates.lock();
-            g.gates.clear();
-            g.now = 5_000_000_000;
-        }
+    /// Rewrites the stored row as a previous boot left it (boot id, deadlines as written then).
+    fn from_previous_boot(store: &Store, end_unix_ms: Option<u64>) {
         let mut row = store.session(mac()).expect("get").expect("row");
         row.boot_id = "previous-boot".into();
         row.end_boot_ns = Some(u64::MAX / 2);
+        if end_unix_ms.is_some() {
+            row.end_unix_ms = end_unix_ms;
+        }
         let log = LogEntry {
             mac: mac(),
             action: "test".into(),
@@ -888,22 +1007,209 @@ mod tests {
             detail: String::new(),
         };
         store.commit_session(&row, None, &log).expect("commit");
+    }
+
+    /// Reboot: the boot clock restarts, kernel state is gone, the boot id changes.
+    fn reboot(gates: &FakeGates) {
+        let mut g = gates.lock();
+        g.gates.clear();
+        g.now = 5_000_000_000;
+    }
+
+    #[test]
+    fn time_session_survives_reboot() {
+        let (gates, store, c) = chandler(Metric::Milliseconds);
+        c.add(mac(), 60_000, None, "grant").expect("open");
+        gates.advance_ms(20_000);
+        c.snapshot_all().expect("snapshot");
+        reboot(&gates);
+        from_previous_boot(&store, None);
         let r = c.reconcile().expect("reconcile");
         assert_eq!(r.reopened, vec![mac()]);
         let end = gates.lock().gates[&mac()].until_boot_ns.expect("deadline");
-        let left_ms = (end - 5_000_000_000) / NS_PER_MS;
-        assert!(
-            (59_000..=60_000).contains(&left_ms),
-            "deadline re-derived from unix time: {left_ms}"
+        assert_eq!(
+            (end - 5_000_000_000) / NS_PER_MS,
+            40_000,
+            "what remained at the last snapshot"
         );
-        // Expired while down: closed, not reopened.
+        // Used up before the reboot: closed, not reopened.
+        c.snapshot_all().expect("snapshot");
         let mut row = store.session(mac()).expect("get").expect("row");
-        row.boot_id = "previous-boot".into();
-        row.end_unix_ms = Some(1);
-        store.commit_session(&row, None, &log).expect("commit");
+        row.used_snapshot = row.allotment;
+        store
+            .commit_session(
+                &row,
+                None,
+                &LogEntry {
+                    mac: mac(),
+                    action: "test".into(),
+                    amount: 0,
+                    detail: String::new(),
+                },
+            )
+            .expect("commit");
+        from_previous_boot(&store, None);
         let r = c.reconcile().expect("reconcile");
         assert_eq!(r.expired, vec![mac()]);
         assert!(!gates.lock().gates[&mac()].open);
+    }
+
+    /// Issue 11: the wall clock at start (no NTP yet on a router) differs wildly from the one
+    /// the deadline was written with — years behind, or years ahead. Neither shortens nor
+    /// lengthens the session: 40 s remained at the last snapshot, 40 s it gets.
+    #[test]
+    fn a_wall_clock_jump_at_start_neither_shortens_nor_lengthens_sessions() {
+        for (what, written_end_unix_ms) in [
+            // Written by a clock far ahead of today's (today's looks like the distant past).
+            ("clock behind at start", unix_ms() + 10 * 365 * 86_400_000),
+            // Written by a clock far behind today's (1970: an unset RTC then, NTP now).
+            ("clock ahead at start", 1),
+        ] {
+            let (gates, store, c) = chandler(Metric::Milliseconds);
+            c.add(mac(), 60_000, None, "grant").expect("open");
+            gates.advance_ms(20_000);
+            c.snapshot_all().expect("snapshot");
+            reboot(&gates);
+            from_previous_boot(&store, Some(written_end_unix_ms));
+            c.reconcile().expect("reconcile");
+            let g = gates.lock().gates[&mac()];
+            assert!(g.open, "{what}: session still open");
+            let left_ms = (g.until_boot_ns.expect("deadline") - 5_000_000_000) / NS_PER_MS;
+            assert_eq!(left_ms, 40_000, "{what}");
+        }
+    }
+
+    /// Issue 10 item 6: the kernel is changed before the database commit. When the commit
+    /// fails and the grant is applied again, the kernel must end where the database does —
+    /// not with the grant credited twice.
+    #[test]
+    fn a_grant_retried_after_a_failed_commit_is_credited_once() {
+        for metric in [Metric::Milliseconds, Metric::Bytes] {
+            let (gates, store, c) = chandler(metric);
+            c.add(mac(), 60_000, None, "grant").expect("open");
+            gates.traffic(mac(), 10_000);
+            gates.advance_ms(10_000);
+            store.execute_batch_for_test(
+                "CREATE TRIGGER fail_commit BEFORE UPDATE ON sessions
+                 BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
+            );
+            c.add(mac(), 30_000, None, "grant")
+                .expect_err("the commit fails");
+            store.execute_batch_for_test("DROP TRIGGER fail_commit;");
+            let v = c.add(mac(), 30_000, None, "grant").expect("retried");
+            assert_eq!(v.allotment, 90_000, "{metric:?}");
+            let g = gates.lock().gates[&mac()];
+            let row = store.session(mac()).expect("get").expect("row");
+            match metric {
+                Metric::Milliseconds => {
+                    let start = 1_000_000_000_000;
+                    assert_eq!(g.until_boot_ns, row.end_boot_ns, "kernel = database");
+                    assert_eq!(g.until_boot_ns, Some(start + 90_000 * NS_PER_MS));
+                }
+                Metric::Bytes => {
+                    assert_eq!(
+                        g.remaining_bytes,
+                        Some(90_000 - 10_000),
+                        "kernel = database"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The retention soak (issue 11), in-process: the store on a real file with an injected
+    /// wall clock, the chandler with the fake gates. 10 000 sessions are opened, used and
+    /// closed while 24 h of 60 s snapshot ticks run over ~50 live sessions; the database
+    /// stays under a fixed size (before: a history row per session per tick, ≈ 72 000 rows);
+    /// 31 days later the closed history is pruned and active sessions are untouched.
+    #[test]
+    fn soak_10000_sessions_and_24h_of_ticks_stay_bounded() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        // A real file; in RAM when the machine has /dev/shm (the test measures rows and pages,
+        // not the disk).
+        let dir = tempfile::tempdir_in("/dev/shm")
+            .or_else(|_| tempfile::tempdir())
+            .expect("tempdir");
+        let unix = Arc::new(AtomicU64::new(1_800_000_000));
+        let clock = unix.clone();
+        let store = Arc::new(
+            Store::open(&dir.path().join("tollgate.sqlite"))
+                .expect("db")
+                .with_clock(Arc::new(move || clock.load(Ordering::Relaxed))),
+        );
+        let gates = Arc::new(FakeGates::new());
+        let c = Chandler::new(
+            ChandlerConfig {
+                metric: Metric::Bytes,
+                usage_snapshot_interval: Duration::from_secs(TICK_S),
+            },
+            gates.clone(),
+            store.clone(),
+        );
+        let mac_of = |n: u32| {
+            let b = n.to_be_bytes();
+            MacAddr([0x02, 0x00, b[0], b[1], b[2], b[3]])
+        };
+        const TICK_S: u64 = 60; // a router's snapshot interval; 10 s only multiplies the work
+        const TICKS: u32 = (24 * 3_600 / TICK_S) as u32;
+        const SESSIONS: u32 = 10_000;
+        const LIVE: u32 = 50;
+        let (mut opened, mut closed) = (0u32, 0u32);
+        for tick in 0..TICKS {
+            // Open sessions at the rate that reaches 10 000 in 24 h; close the oldest
+            // beyond LIVE (half by quota, half by the operator).
+            while opened < (tick + 1) * SESSIONS / TICKS {
+                c.add(mac_of(opened), 1_000_000, None, "grant")
+                    .expect("open");
+                opened += 1;
+            }
+            while opened - closed > LIVE {
+                let m = mac_of(closed);
+                if closed % 2 == 0 {
+                    // Used up: this tick's snapshot closes it (quota).
+                    gates.traffic(m, 1_000_000);
+                } else {
+                    c.close(m, "admin-close").expect("close");
+                }
+                closed += 1;
+            }
+            for n in closed..opened {
+                gates.traffic(mac_of(n), 10);
+            }
+            gates.advance_ms(TICK_S * 1_000);
+            unix.fetch_add(TICK_S, Ordering::Relaxed);
+            c.snapshot_all().expect("tick");
+        }
+        assert_eq!(opened, SESSIONS);
+        let size = store.size_bytes().expect("size");
+        let [sessions, log, snapshots, grants] = store.row_counts().expect("counts");
+        eprintln!("after 24 h: {size} bytes; rows: {sessions} sessions, {log} log, {snapshots} snapshots, {grants} grants");
+        // ≤ 1 history row per device per hour it was live, not 1 per tick.
+        assert!(
+            snapshots <= u64::from(SESSIONS) + u64::from(LIVE) * 25,
+            "{snapshots}"
+        );
+        assert!(size < 6 * 1024 * 1024, "database {size} bytes after 24 h");
+        // 31 days later: everything closed is history past the retention.
+        unix.fetch_add(31 * 86_400, Ordering::Relaxed);
+        gates.advance_ms(31 * 86_400_000);
+        *c.last_prune.lock().expect("lock") = None;
+        for n in closed..opened {
+            gates.traffic(mac_of(n), 1);
+        }
+        c.snapshot_all().expect("prune tick");
+        let [sessions, log, snapshots, _] = store.row_counts().expect("counts");
+        assert_eq!(sessions, u64::from(LIVE), "only the live sessions remain");
+        assert_eq!(log, 0, "log lines older than 30 days are gone");
+        assert_eq!(
+            snapshots,
+            u64::from(LIVE),
+            "one fresh history row per live session"
+        );
+        assert!(store.active_sessions().expect("active").len() == LIVE as usize);
+        let after = store.size_bytes().expect("size");
+        eprintln!("after pruning: {after} bytes");
+        assert!(after < size, "pruning frees pages ({after} vs {size})");
     }
 
     #[test]

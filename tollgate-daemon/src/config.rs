@@ -28,6 +28,15 @@ pub const IDENTITIES_FILE: &str = "identities.json";
 /// skb mark for the captive-portal redirect unless `dataplane.portal_mark` says otherwise
 /// ("tg"; pick another if your firewall already uses it).
 pub const DEFAULT_PORTAL_MARK: u32 = 0x7467;
+/// Per-client map capacity unless `dataplane.max_clients` says otherwise: devices at once
+/// (paid, or closed within the retention), enough for a large venue; see README for the
+/// memory it costs.
+pub const DEFAULT_MAX_CLIENTS: u32 = 32_768;
+/// Upper bound for `dataplane.max_clients` (the maps are preallocated kernel memory).
+pub const MAX_MAX_CLIENTS: u32 = 1 << 20;
+/// How long a closed gate's kernel entry stays unless `dataplane.closed_retention` says
+/// otherwise.
+pub const DEFAULT_CLOSED_RETENTION: Duration = Duration::from_secs(300);
 
 /// Errors of loading and validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -228,7 +237,30 @@ struct RawConfig {
     #[serde(default)]
     post_rate_per_minute: Option<u32>,
     #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_limits: Option<RawHttpLimits>,
+    #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    admin_token: Option<String>,
+    #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retention: Option<Dur>,
+    #[serde(default)]
     rebalance: Option<RawRebalance>,
+}
+
+/// `http_limits` in config.json: every field optional (the defaults are [`HttpLimits::default`]).
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttpLimits {
+    #[serde(default)]
+    header_read_timeout: Option<Dur>,
+    #[serde(default)]
+    body_read_timeout: Option<Dur>,
+    #[serde(default)]
+    max_connections: Option<usize>,
+    #[serde(default)]
+    max_connections_per_ip: Option<usize>,
 }
 
 /// `"rebalance": {"auto": true, "fee_budget_percent": 2}` (ours).
@@ -283,6 +315,26 @@ struct RawDataplane {
     /// skb mark the data plane sets on unpaid TCP/80 (default [`DEFAULT_PORTAL_MARK`]).
     #[serde(default)]
     portal_mark: Option<u32>,
+    /// Capacity of the per-client maps (default [`DEFAULT_MAX_CLIENTS`]).
+    #[serde(default)]
+    max_clients: Option<u32>,
+    /// How long a closed gate's kernel entry is kept (default [`DEFAULT_CLOSED_RETENTION`]).
+    #[serde(default)]
+    closed_retention: Option<Dur>,
+    /// DNS budget of unpaid clients (kernel token bucket); defaults in `tollgate-common`.
+    #[serde(default)]
+    dns_budget: Option<RawDnsBudget>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawDnsBudget {
+    #[serde(default)]
+    rate_bytes_per_second: Option<u32>,
+    #[serde(default)]
+    burst_bytes: Option<u32>,
+    #[serde(default)]
+    max_udp_query_bytes: Option<u16>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -357,10 +409,55 @@ pub struct HttpConfig {
     pub portal_mark: Option<u32>,
 }
 
+/// How every TCP listener (LAN API, portal port, admin) is served: `http_limits` and
+/// `admin_token` in config.json.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// A request head (and the wait for the next one on a keep-alive connection) must arrive
+    /// within this: slowloris and idle connections are closed.
+    pub header_read_timeout: Duration,
+    /// A request body must arrive within this of its head.
+    pub body_read_timeout: Duration,
+    /// Connections open at once per listener group (LAN + portal port share one).
+    pub max_connections: usize,
+    /// Connections open at once from one client address.
+    pub max_connections_per_ip: usize,
+    /// Bearer token the admin TCP API requires (mandatory for a non-loopback `admin_listen`).
+    pub admin_token: Option<String>,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(15),
+            max_connections: 512,
+            max_connections_per_ip: 32,
+            admin_token: None,
+        }
+    }
+}
+
+impl HttpLimits {
+    /// Refuses an admin API reachable from other hosts without a token.
+    pub fn check_admin_listen(&self, admin_listen: SocketAddr) -> Result<(), String> {
+        if admin_listen.ip().is_loopback() || self.admin_token.is_some() {
+            Ok(())
+        } else {
+            Err(format!(
+                "admin_listen {admin_listen} is not a loopback address and no admin_token is set: \
+                 set admin_token (clients then send `Authorization: Bearer <token>`) or listen on 127.0.0.1"
+            ))
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ChandlerConfig {
     pub metric: Metric,
     pub usage_snapshot_interval: Duration,
+    /// A closed gate's kernel entry is evicted this long after it closed.
+    pub closed_retention: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -379,6 +476,10 @@ pub struct DataplaneConfig {
     pub portal_port: u16,
     /// Mark unpaid TCP/80 with this and redirect it to `portal_port` (None: redirect off).
     pub portal_mark: Option<u32>,
+    /// Capacity of the per-client maps (POLICY, USAGE), applied at load time.
+    pub max_clients: u32,
+    /// DNS budget of unpaid clients, enforced in the kernel.
+    pub dns_budget: crate::valve::DnsBudget,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -389,6 +490,8 @@ pub struct NeighbourConfig {
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
     pub state_dir: PathBuf,
+    /// Closed sessions, logs, usage history and finished grants are kept this long.
+    pub retention: Duration,
 }
 
 impl StoreConfig {
@@ -433,6 +536,7 @@ pub struct Config {
     pub log_level: String,
     pub merchant: MerchantConfig,
     pub http: HttpConfig,
+    pub http_limits: HttpLimits,
     pub chandler: ChandlerConfig,
     pub dataplane: DataplaneConfig,
     pub neighbour: NeighbourConfig,
@@ -440,6 +544,49 @@ pub struct Config {
     pub payout: PayoutConfig,
     pub upstream: UpstreamConfig,
     pub rebalance: RebalanceConfig,
+}
+
+/// `http_limits` + `admin_token`: zero limits and an empty token are refused.
+fn http_limits(c: &Ctx<'_>, raw: &RawConfig) -> Result<HttpLimits, ConfigError> {
+    let d = HttpLimits::default();
+    let r = raw.http_limits.as_ref();
+    let limits = HttpLimits {
+        header_read_timeout: r
+            .and_then(|r| r.header_read_timeout)
+            .map_or(d.header_read_timeout, |x| x.0),
+        body_read_timeout: r
+            .and_then(|r| r.body_read_timeout)
+            .map_or(d.body_read_timeout, |x| x.0),
+        max_connections: r
+            .and_then(|r| r.max_connections)
+            .unwrap_or(d.max_connections),
+        max_connections_per_ip: r
+            .and_then(|r| r.max_connections_per_ip)
+            .unwrap_or(d.max_connections_per_ip),
+        admin_token: raw.admin_token.clone(),
+    };
+    for (field, zero) in [
+        ("header_read_timeout", limits.header_read_timeout.is_zero()),
+        ("body_read_timeout", limits.body_read_timeout.is_zero()),
+        ("max_connections", limits.max_connections == 0),
+        ("max_connections_per_ip", limits.max_connections_per_ip == 0),
+    ] {
+        if zero {
+            return Err(c.err(
+                format!("http_limits.{field}"),
+                "must be greater than 0",
+                "omit it for the default",
+            ));
+        }
+    }
+    if limits.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
+        return Err(c.err(
+            "admin_token",
+            "too short to be a secret",
+            "use at least 16 random characters (e.g. `openssl rand -hex 16`)",
+        ));
+    }
+    Ok(limits)
 }
 
 struct Ctx<'a> {
@@ -737,6 +884,39 @@ impl Config {
                 Some(m)
             }
         };
+        let max_clients = dp
+            .and_then(|d| d.max_clients)
+            .unwrap_or(DEFAULT_MAX_CLIENTS);
+        if !(1..=MAX_MAX_CLIENTS).contains(&max_clients) {
+            return Err(c.err(
+                "dataplane.max_clients",
+                format!("{max_clients} is out of range"),
+                format!("use 1..={MAX_MAX_CLIENTS} (default {DEFAULT_MAX_CLIENTS})"),
+            ));
+        }
+        let closed_retention = dp
+            .and_then(|d| d.closed_retention)
+            .map_or(DEFAULT_CLOSED_RETENTION, |d| d.0);
+        let dns_budget = {
+            let d = crate::valve::DnsBudget::default();
+            let r = dp.and_then(|d| d.dns_budget.as_ref());
+            let b = crate::valve::DnsBudget {
+                rate: r.and_then(|r| r.rate_bytes_per_second).unwrap_or(d.rate),
+                burst: r.and_then(|r| r.burst_bytes).unwrap_or(d.burst),
+                max_udp_payload: r
+                    .and_then(|r| r.max_udp_query_bytes)
+                    .unwrap_or(d.max_udp_payload),
+            };
+            if b.rate == 0 || (b.burst as u64) < b.max_udp_payload as u64 + 48 {
+                return Err(c.err(
+                    "dataplane.dns_budget",
+                    "rate_bytes_per_second must be > 0 and burst_bytes must hold one largest \
+                     query (max_udp_query_bytes + 48)",
+                    "omit it for the defaults (4096 B/s, 32768 B burst, 512 B queries)",
+                ));
+            }
+            b
+        };
         let post_rate_per_minute = raw.post_rate_per_minute.unwrap_or(30);
         if post_rate_per_minute == 0 {
             return Err(c.err(
@@ -781,6 +961,18 @@ impl Config {
                     other => c.err("upstream_session_manager", other.to_string(), "see README"),
                 })?;
 
+        let http_limits = http_limits(&c, &raw)?;
+        let retention = raw
+            .retention
+            .map_or(crate::store::DEFAULT_RETENTION, |d| d.0);
+        if retention < Duration::from_secs(86_400) {
+            return Err(c.err(
+                "retention",
+                "must be at least a day (history answers customers' questions)",
+                "omit it for the default (30d)",
+            ));
+        }
+
         Ok(Config {
             dir: dir.to_path_buf(),
             log_level: raw.log_level.clone().unwrap_or_else(|| "info".into()),
@@ -799,11 +991,13 @@ impl Config {
                 portal_port,
                 portal_mark,
             },
+            http_limits,
             chandler: ChandlerConfig {
                 metric,
                 usage_snapshot_interval: raw
                     .usage_snapshot_interval
                     .map_or(Duration::from_secs(10), |d| d.0),
+                closed_retention,
             },
             dataplane: DataplaneConfig {
                 mode,
@@ -812,6 +1006,8 @@ impl Config {
                 garden_allow,
                 portal_port,
                 portal_mark,
+                max_clients,
+                dns_budget,
             },
             neighbour: NeighbourConfig {
                 device_leases_file: raw.device_leases_file.clone(),
@@ -821,6 +1017,7 @@ impl Config {
                     .state_dir
                     .clone()
                     .unwrap_or_else(|| PathBuf::from("/var/lib/tollgate")),
+                retention,
             },
             payout: PayoutConfig { shares },
             upstream: UpstreamConfig {
@@ -1289,5 +1486,46 @@ mod tests {
             c.merchant.keys.public_key()
         );
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn dns_budget_defaults_overrides_and_refusals() {
+        let c = load(&patched(|_| {}), IDS).expect("config");
+        assert_eq!(c.dataplane.dns_budget, crate::valve::DnsBudget::default());
+        assert_eq!(
+            (c.dataplane.dns_budget.rate, c.dataplane.dns_budget.burst),
+            (4096, 32768)
+        );
+        let c = load(
+            &patched(|v| {
+                v["dataplane"] = serde_json::json!({"dns_budget": {"rate_bytes_per_second": 1000,
+                    "burst_bytes": 8000, "max_udp_query_bytes": 300}})
+            }),
+            IDS,
+        )
+        .expect("config");
+        assert_eq!(
+            c.dataplane.dns_budget,
+            crate::valve::DnsBudget {
+                rate: 1000,
+                burst: 8000,
+                max_udp_payload: 300
+            }
+        );
+        for bad in [
+            serde_json::json!({"rate_bytes_per_second": 0}),
+            serde_json::json!({"burst_bytes": 100}),
+        ] {
+            let (field, _) = field_of(
+                &patched(|v| v["dataplane"] = serde_json::json!({"dns_budget": bad})),
+                IDS,
+            );
+            assert_eq!(field, "dataplane.dns_budget");
+        }
+        assert!(load(
+            &patched(|v| v["dataplane"] = serde_json::json!({"dns_budget": {"rate": 1}})),
+            IDS
+        )
+        .is_err());
     }
 }

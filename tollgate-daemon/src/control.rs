@@ -313,7 +313,8 @@ fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
         if size == 0 {
             return Some(out);
         }
-        if b.len() < size + 2 {
+        // A hostile size (usize::MAX) must not overflow into a panic.
+        if size.checked_add(2).is_none_or(|n| b.len() < n) {
             return None;
         }
         out.extend_from_slice(&b[..size]);
@@ -341,6 +342,11 @@ mod tests {
         assert_eq!((a.status, a.body.as_slice()), (404, b"abcde".as_slice()));
         let a = parse_response(b"HTTP/1.0 204 No Content\r\n\r\n").expect("empty");
         assert_eq!((a.status, a.body.len()), (204, 0));
+        // Regression (issue 11): a chunk size of usize::MAX overflowed `size + 2`.
+        assert!(parse_response(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nab\r\n"
+        )
+        .is_err());
     }
 
     #[test]
@@ -356,6 +362,8 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nff\r\nab\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nab\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffe\r\nab\r\n",
         ] {
             assert!(
                 matches!(parse_response(raw), Err(ControlError::BadResponse { .. })),

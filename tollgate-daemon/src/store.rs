@@ -6,7 +6,12 @@
 //!                          └──receive failed──> failed (a retry may run it again)
 //! sessions: one row per MAC (active or closed), allotment cumulative, usage baseline/snapshot,
 //!           deadline both as unix ms and as CLOCK_BOOTTIME ns (+ the boot id it belongs to)
-//! session_log / usage_snapshots: append-only history (grants, admin actions, exhaustion)
+//! session_log / usage_snapshots: history (grants, admin actions, exhaustion; usage at most
+//!           once per hour per device — the latest usage lives in the session row)
+//! retention: `prune` deletes closed sessions, log lines, usage history and finished grants
+//!           (applied / rejected / failed) older than the retention (default 30 days); a grant
+//!           still `redeeming`/`redeemed` is never pruned (it is money not yet applied), and the
+//!           wallet's receipts live in its own database
 //! ```
 //! WAL. Durability is chosen per write, because every fsync is paid by a waiting customer:
 //! - a grant is recorded with `synchronous=FULL` (on disk, with everything before it in the WAL)
@@ -22,7 +27,11 @@
 //! The connection sits behind a std mutex; every call is a short local transaction, never held
 //! across an await.
 
-use std::{path::Path, sync::Mutex};
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
@@ -139,6 +148,26 @@ pub struct LogEntry {
 
 pub struct Store {
     conn: Mutex<Connection>,
+    /// Unix seconds (a test clock in the soak test).
+    clock: Clock,
+    retention: Duration,
+}
+
+/// The store's wall clock, unix seconds: row ages for retention, never deadlines.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// Default retention of finished history.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 86_400);
+/// Usage history is kept at most this often per device (the session row has the latest).
+pub const HISTORY_EVERY_SECS: u64 = 3_600;
+
+/// What one `prune` deleted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    pub sessions: usize,
+    pub log_lines: usize,
+    pub snapshots: usize,
+    pub grants: usize,
 }
 
 const SCHEMA: &str = "
@@ -192,6 +221,12 @@ CREATE TABLE IF NOT EXISTS usage_snapshots (
     used INTEGER NOT NULL,
     allotment INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS sessions_active ON sessions(active, updated_unix);
+CREATE INDEX IF NOT EXISTS session_log_at ON session_log(at_unix);
+CREATE INDEX IF NOT EXISTS session_log_mac ON session_log(mac, id);
+CREATE INDEX IF NOT EXISTS usage_snapshots_mac ON usage_snapshots(mac, at_unix);
+CREATE INDEX IF NOT EXISTS usage_snapshots_at ON usage_snapshots(at_unix);
+CREATE INDEX IF NOT EXISTS grants_updated ON grants(status, updated_unix);
 ";
 
 // SQLite integers are i64; our amounts fit (allotments are far below 2^63), and the cast
@@ -201,10 +236,6 @@ fn i(v: u64) -> i64 {
 }
 fn u(v: i64) -> u64 {
     v as u64
-}
-
-fn now_unix() -> u64 {
-    crate::protocol::unix_now()
 }
 
 impl Store {
@@ -231,9 +262,29 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Store {
+        let store = Store {
             conn: Mutex::new(conn),
-        })
+            clock: Arc::new(crate::protocol::unix_now),
+            retention: DEFAULT_RETENTION,
+        };
+        store.ln_schema()?;
+        Ok(store)
+    }
+
+    /// Keeps finished history for `retention` (see the module doc).
+    pub fn with_retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Ages rows by `clock` instead of the system's wall clock (the soak test's 24 h).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    fn now_unix(&self) -> u64 {
+        (self.clock)()
     }
 
     /// Runs `f` with `synchronous=FULL`: its commit (and every earlier one in the WAL) is on
@@ -255,6 +306,12 @@ impl Store {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Raw SQL against the database (tests inject failures with triggers).
+    #[cfg(test)]
+    pub(crate) fn execute_batch_for_test(&self, sql: &str) {
+        self.conn().execute_batch(sql).expect("test sql");
+    }
+
     // ------------------------------------------------------------ grants
 
     pub fn grant(&self, token_id: &str) -> Result<Option<Grant>, StoreError> {
@@ -266,7 +323,7 @@ impl Store {
 
     /// Records a payment before the mint is contacted. Returns false if the token id is known.
     pub fn insert_grant(&self, g: &Grant) -> Result<bool, StoreError> {
-        let now = now_unix();
+        let now = self.now_unix();
         let n = self.durable(|c| {
             c.execute(
                 "INSERT OR IGNORE INTO grants (token_id, token, mac, customer, mint, unit, gross,
@@ -309,7 +366,7 @@ impl Store {
                     g.mac.to_string(),
                     g.customer,
                     g.status.as_str(),
-                    i(now_unix()),
+                    i(self.now_unix()),
                 ],
             )
         })?;
@@ -325,7 +382,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.conn().execute(
             "UPDATE grants SET status = ?2, error = ?3, updated_unix = ?4 WHERE token_id = ?1",
-            params![token_id, status.as_str(), error, i(now_unix())],
+            params![token_id, status.as_str(), error, i(self.now_unix())],
         )?;
         Ok(())
     }
@@ -335,7 +392,7 @@ impl Store {
         self.conn().execute(
             "UPDATE grants SET status = 'redeemed', gross = ?2, net = ?3, error = NULL,
                updated_unix = ?4 WHERE token_id = ?1 AND status IN ('redeeming', 'failed', 'redeemed')",
-            params![token_id, i(gross), i(net), i(now_unix())],
+            params![token_id, i(gross), i(net), i(self.now_unix())],
         )?;
         Ok(())
     }
@@ -350,7 +407,7 @@ impl Store {
         self.conn().execute(
             "UPDATE grants SET status = 'rejected-below-min', steps = ?2, answer = ?3,
                updated_unix = ?4 WHERE token_id = ?1",
-            params![token_id, i(steps), notice_json, i(now_unix())],
+            params![token_id, i(steps), notice_json, i(self.now_unix())],
         )?;
         Ok(())
     }
@@ -393,7 +450,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut c = self.conn();
         let tx = c.transaction()?;
-        let now = i(now_unix());
+        let now = i(self.now_unix());
         tx.execute(
             "INSERT INTO sessions (mac, metric, allotment, used_before, baseline, used_snapshot,
                generation, end_unix_ms, end_boot_ns, boot_id, started_unix, active, close_reason,
@@ -433,26 +490,103 @@ impl Store {
         Ok(())
     }
 
-    /// Records usage: updates the session's snapshot and appends to the history.
+    /// Only the active sessions (what the periodic snapshot and reconciliation walk; closed
+    /// rows are history).
+    pub fn active_sessions(&self) -> Result<Vec<SessionRow>, StoreError> {
+        let c = self.conn();
+        let mut st = c.prepare_cached("SELECT * FROM sessions WHERE active = 1 ORDER BY mac")?;
+        let rows = st.query_map([], session_from_row)?;
+        rows.map(|r| r?).collect()
+    }
+
+    /// Records usage of one device (see [`Store::snapshot_usages`]).
     pub fn snapshot_usage(
         &self,
         mac: MacAddr,
         used: u64,
         allotment: u64,
     ) -> Result<(), StoreError> {
+        self.snapshot_usages(&[(mac, used, allotment)])
+    }
+
+    /// Records usage of many devices in one transaction: each session's snapshot is updated;
+    /// the history gains a row per device at most every [`HISTORY_EVERY_SECS`] (the row of the
+    /// current hour is updated in place), so a tick every 10 s does not grow the file.
+    pub fn snapshot_usages(&self, rows: &[(MacAddr, u64, u64)]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let now = self.now_unix();
+        let bucket = i(now - now % HISTORY_EVERY_SECS);
         let mut c = self.conn();
         let tx = c.transaction()?;
-        let now = i(now_unix());
-        tx.execute(
-            "UPDATE sessions SET used_snapshot = MAX(used_snapshot, ?2), updated_unix = ?3 WHERE mac = ?1",
-            params![mac.to_string(), i(used), now],
-        )?;
-        tx.execute(
-            "INSERT INTO usage_snapshots (at_unix, mac, used, allotment) VALUES (?1,?2,?3,?4)",
-            params![now, mac.to_string(), i(used), i(allotment)],
-        )?;
+        for (mac, used, allotment) in rows {
+            let m = mac.to_string();
+            tx.execute(
+                "UPDATE sessions SET used_snapshot = MAX(used_snapshot, ?2), updated_unix = ?3 WHERE mac = ?1",
+                params![m, i(*used), i(now)],
+            )?;
+            let n = tx.execute(
+                "UPDATE usage_snapshots SET used = ?2, allotment = ?3, at_unix = ?4
+                 WHERE mac = ?1 AND at_unix >= ?5",
+                params![m, i(*used), i(*allotment), i(now), bucket],
+            )?;
+            if n == 0 {
+                tx.execute(
+                    "INSERT INTO usage_snapshots (at_unix, mac, used, allotment) VALUES (?1,?2,?3,?4)",
+                    params![i(now), m, i(*used), i(*allotment)],
+                )?;
+            }
+        }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Deletes finished history older than the retention. Never an active session, never a
+    /// grant whose money is not yet applied (`redeeming`, `redeemed`).
+    pub fn prune(&self) -> Result<PruneReport, StoreError> {
+        let cutoff = i(self.now_unix().saturating_sub(self.retention.as_secs()));
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let report = PruneReport {
+            sessions: tx.execute(
+                "DELETE FROM sessions WHERE active = 0 AND updated_unix < ?1",
+                [cutoff],
+            )?,
+            log_lines: tx.execute("DELETE FROM session_log WHERE at_unix < ?1", [cutoff])?,
+            snapshots: tx.execute("DELETE FROM usage_snapshots WHERE at_unix < ?1", [cutoff])?,
+            grants: tx.execute(
+                "DELETE FROM grants WHERE status IN ('applied', 'rejected-below-min', 'failed')
+                   AND updated_unix < ?1",
+                [cutoff],
+            )?,
+        };
+        tx.commit()?;
+        Ok(report)
+    }
+
+    /// Rows in (sessions, session_log, usage_snapshots, grants).
+    pub fn row_counts(&self) -> Result<[u64; 4], StoreError> {
+        let c = self.conn();
+        let mut out = [0u64; 4];
+        for (n, t) in ["sessions", "session_log", "usage_snapshots", "grants"]
+            .iter()
+            .enumerate()
+        {
+            out[n] = u(c.query_row(&format!("SELECT COUNT(*) FROM {t}"), [], |r| r.get(0))?);
+        }
+        Ok(out)
+    }
+
+    /// Bytes the database occupies (pages in use, excluding free pages; the WAL is
+    /// checkpointed into it).
+    pub fn size_bytes(&self) -> Result<u64, StoreError> {
+        let c = self.conn();
+        let _ = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let free: i64 = c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+        let size: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        Ok(u((pages - free) * size))
     }
 
     /// The last `limit` history lines for a MAC, newest first.
@@ -554,6 +688,119 @@ fn session_from_row(r: &Row<'_>) -> rusqlite::Result<Result<SessionRow, StoreErr
         })
     })();
     Ok(s)
+}
+
+// ------------------------------------------------------------ Lightning quotes
+
+/// The Lightning checkout's quotes (`lightning.rs`): which device a mint quote was bought for.
+/// `open` until it is handed to the grants table (then `settled`, the grant `ln:<quote>` says
+/// how it ended) or expires unpaid (`expired`).
+const LN_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS ln_quotes (
+    quote TEXT PRIMARY KEY,
+    mint TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    mac TEXT NOT NULL,
+    request TEXT NOT NULL,
+    expiry INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    created_unix INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ln_quotes_state ON ln_quotes(state);
+";
+
+/// One Lightning quote row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LnQuote {
+    pub quote: String,
+    pub mint: String,
+    pub amount: u64,
+    pub mac: MacAddr,
+    pub request: String,
+    pub expiry: u64,
+    /// `open`, `settled` or `expired`.
+    pub state: String,
+    pub created_unix: u64,
+}
+
+impl Store {
+    fn ln_schema(&self) -> Result<(), StoreError> {
+        Ok(self.conn().execute_batch(LN_SCHEMA)?)
+    }
+
+    /// Records a new quote (durably: the bolt11 is about to be shown to the customer).
+    pub fn insert_ln_quote(&self, q: &LnQuote) -> Result<(), StoreError> {
+        self.durable(|c| {
+            c.execute(
+                "INSERT INTO ln_quotes (quote, mint, amount, mac, request, expiry, state,
+                   created_unix) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+                params![
+                    q.quote,
+                    q.mint,
+                    i(q.amount),
+                    q.mac.to_string(),
+                    q.request,
+                    i(q.expiry),
+                    q.state,
+                    i(q.created_unix),
+                ],
+            )
+        })?;
+        Ok(())
+    }
+
+    pub fn ln_quote(&self, quote: &str) -> Result<Option<LnQuote>, StoreError> {
+        let c = self.conn();
+        let mut st = c.prepare_cached("SELECT * FROM ln_quotes WHERE quote = ?1")?;
+        st.query_row([quote], ln_quote_from_row)
+            .optional()?
+            .transpose()
+    }
+
+    /// Quotes still `open` (oldest first, at most `limit`).
+    pub fn open_ln_quotes(&self, limit: u32) -> Result<Vec<LnQuote>, StoreError> {
+        let c = self.conn();
+        let mut st = c.prepare_cached(
+            "SELECT * FROM ln_quotes WHERE state = 'open' ORDER BY created_unix LIMIT ?1",
+        )?;
+        let rows = st.query_map([limit], ln_quote_from_row)?;
+        rows.map(|r| r?).collect()
+    }
+
+    /// Open quotes of one device not yet expired at `now`.
+    pub fn open_ln_quotes_of(&self, mac: MacAddr, now: u64) -> Result<u64, StoreError> {
+        let c = self.conn();
+        let n: i64 = c.query_row(
+            "SELECT COUNT(*) FROM ln_quotes WHERE state = 'open' AND mac = ?1 AND expiry > ?2",
+            params![mac.to_string(), i(now)],
+            |r| r.get(0),
+        )?;
+        Ok(u(n))
+    }
+
+    pub fn set_ln_quote_state(&self, quote: &str, state: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE ln_quotes SET state = ?2 WHERE quote = ?1",
+            params![quote, state],
+        )?;
+        Ok(())
+    }
+}
+
+fn ln_quote_from_row(r: &Row<'_>) -> rusqlite::Result<Result<LnQuote, StoreError>> {
+    let mac: String = r.get("mac")?;
+    Ok((|| {
+        Ok(LnQuote {
+            quote: r.get("quote")?,
+            mint: r.get("mint")?,
+            amount: u(r.get("amount")?),
+            mac: parse_mac("ln_quotes", &mac)?,
+            request: r.get("request")?,
+            expiry: u(r.get("expiry")?),
+            state: r.get("state")?,
+            created_unix: u(r.get("created_unix")?),
+        })
+    })())
 }
 
 #[cfg(test)]

@@ -159,10 +159,25 @@ pub fn status(r: &StatusReport) -> String {
     line(
         &mut o,
         format!(
+            "           evicted {} retention, {} room",
+            d.evictions.retention, d.evictions.pressure
+        ),
+    );
+    line(
+        &mut o,
+        format!(
             "clients    {} active, {} closed",
             r.clients.active, r.clients.closed
         ),
     );
+    if !r.databases.is_empty() {
+        let dbs: Vec<String> = r
+            .databases
+            .iter()
+            .map(|(name, bytes)| format!("{name} {}", self::bytes(*bytes)))
+            .collect();
+        line(&mut o, format!("databases  {}", dbs.join(", ")));
+    }
     line(
         &mut o,
         format!(
@@ -535,6 +550,10 @@ mod tests {
                 policy_entries: 131_072,
                 usage_entries: 131_072,
                 capacity: 131_072,
+                evictions: crate::valve::Evictions {
+                    retention: u64::MAX,
+                    pressure: u64::MAX,
+                },
             },
             mints: vec![MintStatus {
                 mint: LONG.into(),
@@ -551,13 +570,16 @@ mod tests {
                 closed: 4,
             },
             upstream: None,
+            tasks: Vec::new(),
             warnings: vec![format!(
                 "mint {LONG} unreachable: a long error message {LONG}"
             )],
+            databases: vec![("tollgate".into(), 4_562_944), ("wallet".into(), 81_920)],
         };
         let t = status(&r);
         assert_fits(&t);
         assert!(t.contains("tc_egress, tc_ingress"), "{t}");
+        assert!(t.contains("databases  tollgate 4.6M, wallet 81.9k"), "{t}");
         assert!(t.contains("3 active, 4 closed"), "{t}");
         assert!(t.contains("upstream   none"), "{t}");
         assert!(t.contains(" NO "), "{t}");
@@ -624,6 +646,7 @@ mod tests {
                 gateway_v6: vec!["fe80::1234:5678:9abc:def0".parse().unwrap()],
                 tcp_ports: vec![2121, 80, 65535, 443],
                 garden: (0..20).map(|i| format!("192.0.{i}.0/24")).collect(),
+                dns_budget: None,
             },
             occupancy: Occupancy {
                 policy: 1,

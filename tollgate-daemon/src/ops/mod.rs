@@ -3,8 +3,11 @@
 //! the exposition text.
 //!
 //! ```text
-//! control socket (0600) ── control_router = http::admin_router + /ops/* + /metrics
-//! admin TCP (loopback)  ── http::admin_router + /metrics        (nothing that moves money)
+//! control socket (0600) ── control_router = http::admin_router + admin_verbs_router (grant,
+//!                          close) + /ops/* + /metrics
+//! admin TCP (loopback, or any address with admin_token ─> Bearer required)
+//!                       ── http::admin_router + GET /ops/status + /metrics  (read-only: nothing
+//!                          that moves money or access)
 //!
 //! GET  /ops/status               gateway, data plane, mints (probed), balances, warnings
 //! GET  /ops/clients              sessions + kernel counters + IPv4 from the ARP table
@@ -76,6 +79,9 @@ pub struct DataplaneInfo {
     pub policy_entries: u32,
     pub usage_entries: u32,
     pub capacity: u32,
+    /// Closed clients' entries evicted since the daemon started.
+    #[serde(default)]
+    pub evictions: crate::valve::Evictions,
 }
 
 /// One accepted mint: reachability, price and our funds there.
@@ -107,7 +113,31 @@ pub struct StatusReport {
     pub clients: ClientCounts,
     /// The upstream session this gateway buys from (`null` unless in reseller mode).
     pub upstream: Option<serde_json::Value>,
+    /// The supervised background tasks (see `supervisor`).
+    #[serde(default)]
+    pub tasks: Vec<crate::supervisor::TaskStatus>,
     pub warnings: Vec<String>,
+    /// The state directory's databases and their size on disk (+ WAL), bytes.
+    #[serde(default)]
+    pub databases: Vec<(String, u64)>,
+}
+
+/// Size on disk of each SQLite database in `dir` (file + `-wal`), by name.
+pub fn database_sizes(dir: &std::path::Path) -> Vec<(String, u64)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, u64)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let db = name.strip_suffix(".sqlite")?.to_string();
+            let wal = std::fs::metadata(dir.join(format!("{name}-wal"))).map_or(0, |m| m.len());
+            Some((db, e.metadata().ok()?.len() + wal))
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// One device, as `tollgate clients` shows it. Amounts are in the session's metric units;
@@ -375,32 +405,76 @@ pub struct OpsState {
     pub probe_timeout: Duration,
     /// Where the MAC → IPv4 table comes from (`/proc/net/arp`).
     pub arp_path: PathBuf,
+    /// The state directory (its databases' sizes are in `status`).
+    pub state_dir: PathBuf,
+    /// The daemon's background tasks.
+    pub tasks: Arc<crate::supervisor::Supervisor>,
 }
 
 /// Everything, for the control socket (its file mode is the access control).
 pub fn control_router(st: OpsState) -> Router {
-    http::admin_router(st.app.clone()).merge(
-        Router::new()
-            .route("/ops/status", get(status))
-            .route("/ops/clients", get(clients))
-            .route("/ops/wallet/balance", get(balance))
-            .route("/ops/wallet/payouts", get(payouts))
-            .route("/ops/wallet/receive", post(receive))
-            .route("/ops/wallet/send", post(send))
-            .route("/ops/wallet/rebalance", post(rebalance))
-            .route("/ops/gate/{mac}/{action}", post(gate))
-            .route("/metrics", get(metrics_page))
-            .with_state(st),
-    )
+    http::admin_router(st.app.clone())
+        .merge(http::admin_verbs_router(st.app.clone()))
+        .merge(
+            Router::new()
+                .route("/ops/status", get(status))
+                .route("/ops/clients", get(clients))
+                .route("/ops/wallet/balance", get(balance))
+                .route("/ops/wallet/payouts", get(payouts))
+                .route("/ops/wallet/receive", post(receive))
+                .route("/ops/wallet/send", post(send))
+                .route("/ops/wallet/rebalance", post(rebalance))
+                .route("/ops/gate/{mac}/{action}", post(gate))
+                .route("/metrics", get(metrics_page))
+                .with_state(st),
+        )
 }
 
-/// The admin TCP address: the existing admin API plus `/metrics` (for a scraper).
-pub fn admin_tcp_router(st: OpsState) -> Router {
-    http::admin_router(st.app.clone()).merge(
+/// The admin TCP address: read-only (the admin API's GETs, `/ops/status`, `/metrics` for a
+/// scraper); with a `token`, every request must carry `Authorization: Bearer <token>`.
+pub fn admin_tcp_router(st: OpsState, token: Option<String>) -> Router {
+    let app = http::admin_router(st.app.clone()).merge(
         Router::new()
+            .route("/ops/status", get(status))
             .route("/metrics", get(metrics_page))
             .with_state(st),
-    )
+    );
+    match token {
+        Some(t) => app.layer(axum::middleware::from_fn(move |req, next| {
+            bearer_only(t.clone(), req, next)
+        })),
+        None => app,
+    }
+}
+
+/// 401 unless the request carries the admin token (compared in constant time).
+async fn bearer_only(
+    token: String,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let same = given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        next.run(req).await
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "admin token required\n",
+        )
+            .into_response()
+    }
 }
 
 fn metric_name(m: Metric) -> String {
@@ -413,6 +487,15 @@ async fn status(State(st): State<OpsState>) -> Result<Json<StatusReport>, OpsErr
         st.wallet.balances()
     );
     let mut warnings = st.wallet.warnings().await;
+    if let Ok(v) = st.valve.verdicts() {
+        let n = v.packets(crate::valve::Verdict::DropSpoofed);
+        if n > 0 {
+            warnings.push(format!(
+                "{n} packets from paid MACs with another source address dropped (MAC cloning \
+                 or address spoofing; see the log)"
+            ));
+        }
+    }
     let balances = balances.unwrap_or_else(|e| {
         warnings.push(format!("wallet balances unavailable: {e}"));
         Vec::new()
@@ -425,6 +508,16 @@ async fn status(State(st): State<OpsState>) -> Result<Json<StatusReport>, OpsErr
         }
         serde_json::to_value(&s).unwrap_or_default()
     });
+    let tasks = st.tasks.status();
+    for t in tasks.iter().filter(|t| t.state != "running") {
+        warnings.push(format!(
+            "task {} is {} ({} restarts; last exit: {})",
+            t.name,
+            t.state,
+            t.restarts,
+            t.last_exit.as_deref().unwrap_or("-")
+        ));
+    }
     let cfg = st.app.merchant.config();
     let mints = probes
         .into_iter()
@@ -446,6 +539,7 @@ async fn status(State(st): State<OpsState>) -> Result<Json<StatusReport>, OpsErr
             }
         })
         .collect();
+    warnings.extend(st.valve.tcx_warnings());
     let (policy, usage) = st.valve.occupancy();
     let sessions = st.app.chandler.clients()?;
     let active = sessions.iter().filter(|s| s.active).count() as u64;
@@ -460,6 +554,7 @@ async fn status(State(st): State<OpsState>) -> Result<Json<StatusReport>, OpsErr
             policy_entries: policy,
             usage_entries: usage,
             capacity: st.valve.capacity(),
+            evictions: st.valve.evictions(),
         },
         mints,
         clients: ClientCounts {
@@ -467,7 +562,9 @@ async fn status(State(st): State<OpsState>) -> Result<Json<StatusReport>, OpsErr
             closed: sessions.len() as u64 - active,
         },
         upstream,
+        tasks,
         warnings,
+        databases: database_sizes(&st.state_dir),
     }))
 }
 

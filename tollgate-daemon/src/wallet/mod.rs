@@ -43,10 +43,12 @@
 //! open) → `paid` | `failed` (proofs returned to the wallet by cdk's melt saga).
 //! A `skipped` row records an unreachable recipient; the share stays in the wallet.
 
+mod issue;
 mod lnurl;
 mod payout;
 mod rebalance;
 mod store;
+mod transport;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -63,6 +65,7 @@ use cdk::Amount;
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
+pub use issue::{MintQuote, QuoteState};
 pub use payout::PayoutRecord;
 pub use rebalance::RebalanceRecord;
 use store::{ReceiptState, Store};
@@ -566,11 +569,17 @@ impl Wallet {
                     mint: m.url.clone(),
                 })?;
             let unit = unit_of(&m.unit)?;
-            if !repo.has_wallet(&url, &unit).await {
-                repo.create_wallet(url.clone(), unit, None)
-                    .await
-                    .map_err(|e| WalletError::Cdk { source: e })?;
-            }
+            // Every wallet (new or loaded from the database) talks to its mint through the
+            // bounded transport: no mint call waits forever.
+            let connector = cdk::wallet::BaseHttpClient::with_transport(
+                url.clone(),
+                transport::Bounded::new(transport::DEFAULT_CALL_TIMEOUT),
+                None,
+            );
+            let config = cdk::wallet::WalletConfig::new().with_mint_connector(Arc::new(connector));
+            repo.create_wallet(url.clone(), unit, Some(config))
+                .await
+                .map_err(|e| WalletError::Cdk { source: e })?;
             mints.insert(
                 url.to_string(),
                 MintState {
@@ -1343,6 +1352,13 @@ impl Wallet {
             .into();
         self.inner.store.set_outgoing_state(op_id, "reclaimed")?;
         Ok(amount)
+    }
+
+    /// True when this wallet already has a receipt for the token (received, being received,
+    /// or found spent), whoever asked for it: the merchant refuses to sell access for a token
+    /// the operator already received with `tollgate wallet receive`.
+    pub fn has_receipt(&self, token_id: &str) -> Result<bool, WalletError> {
+        Ok(self.inner.store.receipt(token_id)?.is_some())
     }
 
     /// The chandler registers the smallest purchase an upstream accepts at `mint`, so that
