@@ -47,7 +47,6 @@ pub struct Overrides {
     pub wan_iface: Option<String>,
     pub listen: Option<std::net::SocketAddr>,
     pub admin_listen: Option<std::net::SocketAddr>,
-    pub pin_base: Option<PathBuf>,
 }
 
 /// Loads `config.json` + `identities.json`, creating a working default set when the directory
@@ -74,6 +73,12 @@ pub fn load_config(dir: &std::path::Path, o: &Overrides) -> Result<Config> {
         cfg.dataplane.wan_interface = Some(w.clone());
     }
     if let Some(l) = o.listen {
+        // `dataplane.portal_port` defaults to the listen port, derived when the file was
+        // validated: follow the override unless the file named another port.
+        if cfg.http.portal_port == cfg.http.listen.port() {
+            cfg.http.portal_port = l.port();
+            cfg.dataplane.portal_port = l.port();
+        }
         cfg.http.listen = l;
     }
     if let Some(a) = o.admin_listen {
@@ -458,5 +463,34 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--listen` moves the portal port with it (it used to stay at the file's 2121), but an
+    /// explicit `dataplane.portal_port` stays.
+    #[test]
+    fn listen_override_moves_the_derived_portal_port() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        load_config(dir.path(), &Overrides::default()).expect("write the default config");
+        let o = Overrides {
+            listen: Some("0.0.0.0:8080".parse().expect("addr")),
+            ..Overrides::default()
+        };
+        let cfg = load_config(dir.path(), &o).expect("load");
+        assert_eq!(cfg.http.listen.port(), 8080);
+        assert_eq!(cfg.http.portal_port, 8080);
+        assert_eq!(cfg.dataplane.portal_port, 8080);
+
+        let path = dir.path().join("config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+        v["dataplane"]["portal_port"] = serde_json::json!(80);
+        std::fs::write(&path, v.to_string()).expect("write");
+        let cfg = load_config(dir.path(), &o).expect("load");
+        assert_eq!((cfg.http.portal_port, cfg.dataplane.portal_port), (80, 80));
     }
 }

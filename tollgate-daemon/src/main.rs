@@ -258,7 +258,6 @@ impl RunOpts {
             wan_iface: self.wan_iface.clone(),
             listen: self.listen,
             admin_listen: self.admin_listen,
-            pin_base: self.pin_base.clone(),
         }
     }
 }
