@@ -298,3 +298,52 @@ pub async fn incomplete_sagas(dir: &Path) -> usize {
         .expect("open wallet db");
     db.get_incomplete_sagas().await.expect("sagas").len()
 }
+
+/// Seeded xorshift: random kill delays, reproducible from the printed seed.
+struct Rng(u64);
+impl Rng {
+    fn new() -> Rng {
+        let seed = std::env::var("TOLLGATE_CRASH_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+                    | 1
+            });
+        eprintln!("crash test seed {seed} (TOLLGATE_CRASH_SEED to replay)");
+        Rng(seed)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+pub fn iters() -> usize {
+    std::env::var("TOLLGATE_CRASH_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12)
+}
+
+/// Kills for one operation: each named point, each gate, then random delays over about the
+/// time a clean run took (so most land inside the mint round trip).
+pub fn kills(
+    points: &[&'static str],
+    gates: &[(&'static str, GateMode)],
+    clean: Duration,
+) -> Vec<Kill> {
+    let mut rng = Rng::new();
+    let mut v: Vec<Kill> = points.iter().map(|p| Kill::At(p)).collect();
+    v.extend(gates.iter().map(|(p, m)| Kill::Gate(p, *m)));
+    let span = (clean.as_micros() as u64 * 12 / 10).max(1000);
+    for _ in 0..iters() {
+        v.push(Kill::After(Duration::from_micros(rng.below(span))));
+    }
+    v
+}
