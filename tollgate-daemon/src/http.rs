@@ -426,17 +426,22 @@ async fn whoami(
     Ok(([(header::CONTENT_TYPE, "text/plain")], format!("mac={mac}")).into_response())
 }
 
-fn session_of(st: &AppState, mac: MacAddr) -> Result<Option<SessionView>, ApiError> {
-    st.chandler
-        .usage(mac)
+/// The device's active session. SQLite runs on the blocking pool: the store's mutex may be
+/// held across a full fsync, which must not stall an async worker serving other clients.
+async fn session_of(st: &AppState, mac: MacAddr) -> Result<Option<SessionView>, ApiError> {
+    let chandler = st.chandler.clone();
+    let internal = |e: String| {
+        st.err(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            NoticeCode::InternalError,
+            e,
+        )
+    };
+    tokio::task::spawn_blocking(move || chandler.usage(mac))
+        .await
+        .map_err(|e| internal(e.to_string()))?
         .map(|s| s.filter(|s| s.active))
-        .map_err(|e| {
-            st.err(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                NoticeCode::InternalError,
-                e.to_string(),
-            )
-        })
+        .map_err(|e| internal(e.to_string()))
 }
 
 async fn usage(
@@ -445,7 +450,7 @@ async fn usage(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let mac = mac_of(&st, peer, &headers).await?;
-    let text = match session_of(&st, mac)? {
+    let text = match session_of(&st, mac).await? {
         Some(s) => format!("{}/{}", s.used, s.allotment),
         None => "-1/-1".to_string(),
     };
@@ -458,7 +463,7 @@ async fn balance(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let mac = mac_of(&st, peer, &headers).await?;
-    let s = session_of(&st, mac)?;
+    let s = session_of(&st, mac).await?;
     let metric = st.chandler.metric();
     let v = serde_json::json!({
         "session_active": s.is_some(),
@@ -478,7 +483,7 @@ async fn captive(
 ) -> Response {
     // Without a MAC we still answer (captive: true): this API must never fail for a client.
     let s = match mac_of(&st, peer, &headers).await {
-        Ok(mac) => session_of(&st, mac).ok().flatten(),
+        Ok(mac) => session_of(&st, mac).await.ok().flatten(),
         Err(_) => None,
     };
     let host = headers
@@ -590,7 +595,7 @@ async fn portal_gate(
     // Unpaid is the rule here (the kernel marks only unpaid clients); a client that paid
     // since this keep-alive connection was redirected is sent back to the real server.
     let paid = match mac_of(&st, peer.remote, &HeaderMap::new()).await {
-        Ok(mac) => session_of(&st, mac).ok().flatten().is_some(),
+        Ok(mac) => session_of(&st, mac).await.ok().flatten().is_some(),
         Err(_) => false,
     };
     let host = req
