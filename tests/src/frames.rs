@@ -132,6 +132,19 @@ impl Frame {
         l4: L4,
         payload: usize,
     ) -> Vec<u8> {
+        self.ipv6_hops(src, dst, ext, l4, payload, 64)
+    }
+
+    /// [`Frame::ipv6`] with the given hop limit (neighbour discovery needs 255).
+    pub fn ipv6_hops(
+        &self,
+        src: Ipv6Addr,
+        dst: Ipv6Addr,
+        ext: &[u8],
+        l4: L4,
+        payload: usize,
+        hops: u8,
+    ) -> Vec<u8> {
         let l4h = l4.header(payload);
         let mut exts = Vec::new();
         for (i, ty) in ext.iter().enumerate() {
@@ -146,7 +159,7 @@ impl Frame {
         let mut f = self.eth(ETH_P_IPV6);
         f.extend([0x60, 0, 0, 0]);
         f.extend((plen as u16).to_be_bytes());
-        f.extend([first, 64]);
+        f.extend([first, hops]);
         f.extend(src.octets());
         f.extend(dst.octets());
         f.extend(exts);
@@ -168,6 +181,24 @@ impl Frame {
         f
     }
 
+    /// ARP request "who has `target`? tell `sender_ip` at `sender_mac`" in a frame from `self.src`
+    /// (the sender MAC inside may differ from the frame's: that is how a neighbour entry is
+    /// poisoned with a group address).
+    pub fn arp_request(
+        &self,
+        sender_mac: [u8; 6],
+        sender_ip: Ipv4Addr,
+        target: Ipv4Addr,
+    ) -> Vec<u8> {
+        let mut f = self.eth(ETH_P_ARP);
+        f.extend([0, 1, 8, 0, 6, 4, 0, 1]);
+        f.extend(sender_mac);
+        f.extend(sender_ip.octets());
+        f.extend([0; 6]);
+        f.extend(target.octets());
+        f
+    }
+
     pub fn arp(&self) -> Vec<u8> {
         let mut f = self.eth(ETH_P_ARP);
         f.extend([0, 1, 8, 0, 6, 4, 0, 1]);
@@ -182,4 +213,13 @@ impl Frame {
 /// L3 length of a frame built by [`Frame`] (what the data plane meters).
 pub fn l3_len(frame: &[u8], vlans: usize) -> u64 {
     (frame.len() - 14 - 4 * vlans) as u64
+}
+
+/// `frame` padded with zeros to the Ethernet minimum of 60 bytes (what a NIC adds to short
+/// frames; not part of the IP packet).
+pub fn padded(mut frame: Vec<u8>) -> Vec<u8> {
+    if frame.len() < 60 {
+        frame.resize(60, 0);
+    }
+    frame
 }

@@ -216,6 +216,14 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// SIGKILL: the daemon dies mid-whatever, as on a power cut of the process.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -4,13 +4,18 @@
 pub mod bench;
 pub mod chain;
 pub mod chromium;
+pub mod crash;
+pub mod crowd;
 pub mod frames;
 pub mod gateway;
+pub mod hostile;
 pub mod lnurl;
 pub mod mint;
 pub mod netns;
 pub mod pins;
+pub mod refpeer;
 pub mod web;
+pub mod wire;
 
 /// The `tollgate` binary under test: `$TOLLGATE_BIN`, else next to the test executable's
 /// `deps/` directory or next to it (where `cargo build -p tollgate-daemon`, run by `cargo xtask test`, puts it).

@@ -6,7 +6,8 @@
 //! recipient side: [`LnurlServer::invoices`] and, by minting the quote, the recipient's balance.
 //! Users registered with [`Behaviour::FailingMelt`] or [`Behaviour::PendingMelt`] get a fake
 //! invoice whose description makes the paying mint's FakeWallet fail or hang the payment;
-//! [`Behaviour::Unreachable`] answers every request with HTTP 503.
+//! [`Behaviour::Unreachable`] answers every request with HTTP 503; [`Behaviour::Redirect`]
+//! and [`Behaviour::Oversized`] play a hostile LNURL server.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,7 +35,16 @@ pub enum Behaviour {
     PendingMelt,
     /// HTTP 503 on every request.
     Unreachable,
+    /// Pay parameters answered with `302 Location:` the well-known URL of the (normal) user
+    /// `redirect-target` on this same loopback server: a client following redirects would
+    /// pay it, bypassing its own check of the first host.
+    Redirect,
+    /// Valid pay parameters padded to 1 MiB: a client without a body cap reads it all.
+    Oversized,
 }
+
+/// The user a [`Behaviour::Redirect`] user redirects to (register it as `Normal`).
+pub const REDIRECT_TARGET: &str = "redirect-target";
 
 /// An invoice the server handed out.
 #[derive(Debug, Clone)]
@@ -136,6 +146,26 @@ async fn pay_params(State(shared): State<Arc<Shared>>, Path(user): Path<String>)
     match behaviour(&shared, &user) {
         None => StatusCode::NOT_FOUND.into_response(),
         Some(Behaviour::Unreachable) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+        Some(Behaviour::Redirect) => (
+            StatusCode::FOUND,
+            [(
+                axum::http::header::LOCATION,
+                format!(
+                    "http://{}/.well-known/lnurlp/{REDIRECT_TARGET}",
+                    shared.addr
+                ),
+            )],
+        )
+            .into_response(),
+        Some(Behaviour::Oversized) => Json(json!({
+            "tag": "payRequest",
+            "callback": format!("http://{}/cb/{user}", shared.addr),
+            "minSendable": 1000,
+            "maxSendable": 100_000_000_000u64,
+            "metadata": "[[\"text/plain\",\"tollgate test\"]]",
+            "padding": "x".repeat(1024 * 1024),
+        }))
+        .into_response(),
         Some(_) => Json(json!({
             "tag": "payRequest",
             "callback": format!("http://{}/cb/{user}", shared.addr),
@@ -158,9 +188,10 @@ async fn callback(
     let (bolt11, quote_id) = match behaviour(&shared, &user) {
         None => return StatusCode::NOT_FOUND.into_response(),
         Some(Behaviour::Unreachable) => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
+        Some(Behaviour::Redirect) => return StatusCode::NOT_FOUND.into_response(),
         Some(Behaviour::FailingMelt) => (fake_invoice(msat, &failing_description()), None),
         Some(Behaviour::PendingMelt) => (fake_invoice(msat, &pending_description()), None),
-        Some(Behaviour::Normal) => {
+        Some(Behaviour::Normal | Behaviour::Oversized) => {
             match shared
                 .recipient
                 .mint_quote(

@@ -13,6 +13,11 @@
 //! invoice whose description is a JSON [`FakeInvoiceDescription`] makes a melt fail or stay
 //! pending: see [`fake_invoice`]. Dropping the `TestMint` stops the server.
 //!
+//! Mints started with [`TestMint::start_linked`] share a [`Lightning`] network instead: an
+//! invoice such a mint issues is paid when, and only when, a melt at another linked mint pays
+//! it (or the test pays it with [`Lightning::pay`]) — what cross-mint rebalancing needs to be
+//! tested honestly, since FakeWallet alone settles its own invoices at once and pays nothing.
+//!
 //! [`TestMint::gate`] catches the next request to one endpoint and holds it, so a crash test
 //! can kill the wallet process while its request is in flight at the mint: dropped unseen,
 //! processed with the answer lost, or forwarded only later (see [`GateMode`]).
@@ -23,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cdk::cdk_payment::{MintPayment, PaymentIdentifier, WaitPaymentResponse};
 use cdk::mint::{MintBuilder, MintMeltLimits};
 use cdk::nuts::nut00::KnownMethod;
 use cdk::nuts::{CurrencyUnit, MeltQuoteState, PaymentMethod};
@@ -152,6 +158,212 @@ async fn gate_layer(
     .unwrap_or_else(|_| axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
+/// A Lightning network between linked test mints (see [`TestMint::start_linked`]): a bolt11
+/// invoice a linked mint issued is settled at that mint when a linked mint's melt pays it.
+/// Cheap to clone; all clones are one network.
+#[derive(Clone, Default)]
+pub struct Lightning {
+    /// Open and settled invoices by payment hash: (amount in sat, the issuing mint's side).
+    invoices: Arc<std::sync::Mutex<HashMap<String, Invoice>>>,
+}
+
+/// An invoice a linked mint issued.
+struct Invoice {
+    /// In sat.
+    amount: u64,
+    id: PaymentIdentifier,
+    to: Arc<Receiving>,
+    paid: bool,
+}
+
+/// The receiving side of one linked mint's backend.
+struct Receiving {
+    events: tokio::sync::mpsc::UnboundedSender<WaitPaymentResponse>,
+    settled: std::sync::Mutex<HashMap<PaymentIdentifier, Vec<WaitPaymentResponse>>>,
+}
+
+impl Lightning {
+    /// A new, empty network.
+    pub fn new() -> Lightning {
+        Lightning::default()
+    }
+
+    /// Pay `bolt11` from outside the linked mints (the test's own node). False if no linked
+    /// mint issued it or it was paid already.
+    pub fn pay(&self, bolt11: &str) -> bool {
+        match bolt11.parse::<cdk::Bolt11Invoice>() {
+            Ok(inv) => self.settle(&inv.payment_hash().to_string()),
+            Err(_) => false,
+        }
+    }
+
+    /// Whether a linked mint issued this invoice and it has been paid.
+    pub fn is_paid(&self, bolt11: &str) -> bool {
+        let Ok(inv) = bolt11.parse::<cdk::Bolt11Invoice>() else {
+            return false;
+        };
+        let invoices = self.invoices.lock().expect("lightning");
+        invoices
+            .get(&inv.payment_hash().to_string())
+            .is_some_and(|i| i.paid)
+    }
+
+    fn settle(&self, hash: &str) -> bool {
+        let (amount, id, to) = {
+            let mut invoices = self.invoices.lock().expect("lightning");
+            match invoices.get_mut(hash) {
+                Some(i) if !i.paid => {
+                    i.paid = true;
+                    (i.amount, i.id.clone(), i.to.clone())
+                }
+                _ => return false,
+            }
+        };
+        let response = WaitPaymentResponse {
+            payment_identifier: id.clone(),
+            payment_amount: cdk::Amount::new(amount, CurrencyUnit::Sat),
+            payment_id: hash.to_string(),
+        };
+        to.settled
+            .lock()
+            .expect("settled")
+            .entry(id)
+            .or_default()
+            .push(response.clone());
+        let _ = to.events.send(response);
+        true
+    }
+}
+
+/// FakeWallet for everything except bolt11 invoices the mint issues (registered with the
+/// [`Lightning`] network, paid only when someone pays them) and bolt11 payments (made by
+/// FakeWallet, then settled at the linked mint that issued the invoice, if any).
+struct LinkedBackend {
+    fake: FakeWallet,
+    lightning: Lightning,
+    receiving: Arc<Receiving>,
+    events: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<WaitPaymentResponse>>>,
+    active: std::sync::atomic::AtomicBool,
+}
+
+type PaymentErr = cdk::cdk_payment::Error;
+
+#[async_trait::async_trait]
+impl MintPayment for LinkedBackend {
+    type Err = PaymentErr;
+
+    async fn get_settings(&self) -> Result<cdk::cdk_payment::SettingsResponse, PaymentErr> {
+        self.fake.get_settings().await
+    }
+
+    async fn create_incoming_payment_request(
+        &self,
+        options: cdk::cdk_payment::IncomingPaymentOptions,
+    ) -> Result<cdk::cdk_payment::CreateIncomingPaymentResponse, PaymentErr> {
+        let cdk::cdk_payment::IncomingPaymentOptions::Bolt11(o) = options else {
+            return self.fake.create_incoming_payment_request(options).await;
+        };
+        let sat = o.amount.value();
+        let invoice = cdk_fake_wallet::create_fake_invoice(
+            sat * 1000,
+            o.description.clone().unwrap_or_default(),
+        );
+        let id = PaymentIdentifier::PaymentHash(*invoice.payment_hash().as_ref());
+        self.lightning.invoices.lock().expect("lightning").insert(
+            invoice.payment_hash().to_string(),
+            Invoice {
+                amount: sat,
+                id: id.clone(),
+                to: self.receiving.clone(),
+                paid: false,
+            },
+        );
+        Ok(cdk::cdk_payment::CreateIncomingPaymentResponse {
+            request_lookup_id: id,
+            request: invoice.to_string(),
+            expiry: o.unix_expiry,
+            extra_json: None,
+        })
+    }
+
+    async fn get_payment_quote(
+        &self,
+        unit: &CurrencyUnit,
+        options: cdk::cdk_payment::OutgoingPaymentOptions,
+    ) -> Result<cdk::cdk_payment::PaymentQuoteResponse, PaymentErr> {
+        self.fake.get_payment_quote(unit, options).await
+    }
+
+    async fn make_payment(
+        &self,
+        unit: &CurrencyUnit,
+        options: cdk::cdk_payment::OutgoingPaymentOptions,
+    ) -> Result<cdk::cdk_payment::MakePaymentResponse, PaymentErr> {
+        let hash = match &options {
+            cdk::cdk_payment::OutgoingPaymentOptions::Bolt11(o) => {
+                Some(o.bolt11.payment_hash().to_string())
+            }
+            _ => None,
+        };
+        let made = self.fake.make_payment(unit, options).await?;
+        if made.status == MeltQuoteState::Paid {
+            if let Some(h) = hash {
+                self.lightning.settle(&h);
+            }
+        }
+        Ok(made)
+    }
+
+    async fn wait_payment_event(
+        &self,
+    ) -> Result<
+        std::pin::Pin<Box<dyn futures::Stream<Item = cdk::cdk_payment::Event> + Send>>,
+        PaymentErr,
+    > {
+        let rx = self
+            .events
+            .lock()
+            .expect("events")
+            .take()
+            .ok_or_else(|| PaymentErr::Custom("payment event stream taken twice".into()))?;
+        self.active.store(true, Ordering::SeqCst);
+        Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|r| (cdk::cdk_payment::Event::PaymentReceived(r), rx))
+        })))
+    }
+
+    fn is_payment_event_stream_active(&self) -> bool {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    fn cancel_payment_event_stream(&self) {
+        self.active.store(false, Ordering::SeqCst);
+    }
+
+    async fn check_incoming_payment_status(
+        &self,
+        id: &PaymentIdentifier,
+    ) -> Result<Vec<WaitPaymentResponse>, PaymentErr> {
+        Ok(self
+            .receiving
+            .settled
+            .lock()
+            .expect("settled")
+            .get(id)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    async fn check_outgoing_payment(
+        &self,
+        id: &PaymentIdentifier,
+    ) -> Result<cdk::cdk_payment::MakePaymentResponse, PaymentErr> {
+        self.fake.check_outgoing_payment(id).await
+    }
+}
+
 /// An in-process mint over HTTP on loopback.
 pub struct TestMint {
     addr: SocketAddr,
@@ -163,6 +375,8 @@ pub struct TestMint {
     customer: Wallet,
     /// Requests served and nanoseconds spent in the mint's HTTP handlers (benchmarks).
     served: Arc<(AtomicU64, AtomicU64)>,
+    /// The network this mint's invoices are paid over, when linked.
+    lightning: Option<Lightning>,
 }
 
 impl TestMint {
@@ -179,11 +393,43 @@ impl TestMint {
             .expect("start test mint")
     }
 
+    /// Like [`TestMint::start`] but on the `lightning` network: its invoices are paid only
+    /// when a linked mint's melt (or [`Lightning::pay`]) pays them. Customer funding
+    /// ([`TestMint::mint_token`]) pays through the network by itself.
+    pub async fn start_linked(fee_ppk: u64, lightning: &Lightning) -> TestMint {
+        Self::try_start_with(
+            fee_ppk,
+            std::net::Ipv4Addr::LOCALHOST.into(),
+            Some(lightning.clone()),
+            0,
+        )
+        .await
+        .expect("start linked test mint")
+    }
+
+    /// Like [`TestMint::start_on`], but the fake Lightning backend settles an incoming quote
+    /// (and a melt) only `secs` seconds after it was made: a Lightning payment that arrives
+    /// while the gateway is down.
+    pub async fn start_with_payment_delay(ip: std::net::IpAddr, secs: u64) -> TestMint {
+        Self::try_start_with(0, ip, None, secs)
+            .await
+            .expect("start test mint")
+    }
+
     async fn try_start(fee_ppk: u64) -> anyhow::Result<TestMint> {
         Self::try_start_on(fee_ppk, std::net::Ipv4Addr::LOCALHOST.into()).await
     }
 
     async fn try_start_on(fee_ppk: u64, ip: std::net::IpAddr) -> anyhow::Result<TestMint> {
+        Self::try_start_with(fee_ppk, ip, None, 0).await
+    }
+
+    async fn try_start_with(
+        fee_ppk: u64,
+        ip: std::net::IpAddr,
+        lightning: Option<Lightning>,
+        payment_delay_secs: u64,
+    ) -> anyhow::Result<TestMint> {
         let db = Arc::new(cdk_sqlite::mint::memory::empty().await?);
         let mut builder = MintBuilder::new(db.clone());
         // 1 % / at least 1 sat, like a small real Lightning node would reserve.
@@ -191,20 +437,36 @@ impl TestMint {
             min_fee_reserve: 1.into(),
             percent_fee_reserve: 0.01,
         };
-        // Delay 0: incoming quotes are paid at once so tests never sleep.
+        // Delay 0 (the default): incoming quotes are paid at once so tests never sleep.
         let backend = FakeWallet::new(
             fee_reserve,
             HashMap::default(),
             HashSet::default(),
-            0,
+            payment_delay_secs,
             CurrencyUnit::Sat,
         );
+        let processor: cdk::cdk_payment::DynMintPayment = match &lightning {
+            None => Arc::new(backend),
+            Some(net) => {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                Arc::new(LinkedBackend {
+                    fake: backend,
+                    lightning: net.clone(),
+                    receiving: Arc::new(Receiving {
+                        events: tx,
+                        settled: Default::default(),
+                    }),
+                    events: std::sync::Mutex::new(Some(rx)),
+                    active: Default::default(),
+                })
+            }
+        };
         builder
             .add_payment_processor(
                 CurrencyUnit::Sat,
                 PaymentMethod::Known(KnownMethod::Bolt11),
                 MintMeltLimits::new(1, 1_000_000),
-                Arc::new(backend),
+                processor,
             )
             .await?;
         builder.set_unit_fee(&CurrencyUnit::Sat, fee_ppk)?;
@@ -252,6 +514,7 @@ impl TestMint {
             server,
             customer,
             served,
+            lightning,
         })
     }
 
@@ -265,12 +528,52 @@ impl TestMint {
     }
 
     /// `count` tokens worth `amount` sat each, funded by one mint quote (benchmarks).
+    ///
+    /// A power-of-two `amount` takes the fast path: one proof per token, minted 250 at a time
+    /// and wrapped into tokens offline (no swap per token), so thousands take seconds.
     pub async fn mint_tokens(&self, amount: u64, count: usize) -> Vec<String> {
+        if amount.is_power_of_two() {
+            return self.mint_single_proof_tokens(amount, count).await;
+        }
         let total = (amount + 4) * count as u64;
         self.fund_customer(total).await.expect("fund customer");
         let mut out = Vec::with_capacity(count);
         for _ in 0..count {
             out.push(self.mint_token(amount).await);
+        }
+        out
+    }
+
+    async fn mint_single_proof_tokens(&self, amount: u64, count: usize) -> Vec<String> {
+        let url: cdk::mint_url::MintUrl = self.url().parse().expect("mint url");
+        let mut out = Vec::with_capacity(count);
+        while out.len() < count {
+            let n = (count - out.len()).min(250);
+            let quote = self
+                .customer
+                .mint_quote(
+                    PaymentMethod::BOLT11,
+                    Some(Amount::from(amount * n as u64)),
+                    None,
+                    None,
+                )
+                .await
+                .expect("mint quote");
+            let proofs = self
+                .customer
+                .wait_and_mint_quote(
+                    quote,
+                    cdk::amount::SplitTarget::Values(vec![Amount::from(amount); n]),
+                    Default::default(),
+                    Duration::from_secs(30),
+                )
+                .await
+                .expect("mint proofs");
+            assert_eq!(proofs.len(), n, "one proof per token");
+            for p in proofs {
+                let t = cdk::nuts::Token::new(url.clone(), vec![p], None, CurrencyUnit::Sat);
+                out.push(t.to_string());
+            }
         }
         out
     }
@@ -324,6 +627,12 @@ impl TestMint {
             .customer
             .mint_quote(PaymentMethod::BOLT11, Some(Amount::from(want)), None, None)
             .await?;
+        if let Some(net) = &self.lightning {
+            anyhow::ensure!(
+                net.pay(&quote.request),
+                "funding invoice unknown to the network"
+            );
+        }
         self.customer
             .wait_and_mint_quote(
                 quote,

@@ -206,6 +206,16 @@ fn the_operator_sees_and_steers_a_real_gateway() {
     assert_eq!(m0["reachable"], true, "{status}");
     assert_eq!(m0["balance"], 200);
     assert_eq!(status["clients"]["active"], 1);
+    // Supervised background tasks, all running.
+    let tasks: Vec<(&str, &str)> = status["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .map(|t| (t["name"].as_str().unwrap(), t["state"].as_str().unwrap()))
+        .collect();
+    for name in ["admin", "api", "chandler", "control", "payouts"] {
+        assert!(tasks.contains(&(name, "running")), "{name}: {tasks:?}");
+    }
     let (code, text, _) = tg(&["status", "--control-socket", &sock], None);
     assert_eq!(code, 0);
     assert!(text.contains("tc_egress, tc_ingress"), "{text}");
@@ -222,6 +232,11 @@ fn the_operator_sees_and_steers_a_real_gateway() {
     let samples = metrics::parse(&page).unwrap_or_else(|e| panic!("{e}\n{page}"));
     let v = |n: &str, l: &[(&str, &str)]| metrics::value(&samples, n, l);
     let murl = mint.url().trim_end_matches('/').to_string();
+    assert_eq!(v("tollgate_task_up", &[("task", "chandler")]), Some(1.0));
+    assert_eq!(
+        v("tollgate_task_restarts_total", &[("task", "payouts")]),
+        Some(0.0)
+    );
     assert_eq!(
         v(
             "tollgate_payments_total",
@@ -474,4 +489,164 @@ fn the_operator_sees_and_steers_a_real_gateway() {
         Some(&words),
     );
     assert_eq!(r[0]["balance"], 200, "restored from the mint: {r}");
+}
+
+/// `tollgate wallet rebalance` against a real daemon with two accepted mints whose Lightning
+/// backends are linked (B's invoice is paid only by A's melt):
+/// 1. The operator funds 400 sat at A with `wallet receive`.
+/// 2. Refused without moving anything: `--amount 0` (exit 1), an unaccepted `--to`, more than
+///    A can spend (min_balance 64 stays), `--from` equal to `--to`.
+/// 3. `wallet rebalance --to B --amount 100` moves 100: the answer says `done`; both mints,
+///    asked proof by proof about the daemon's wallet, hold A −100 − fee and B +100;
+///    `wallet balance --json` agrees.
+#[test]
+fn the_operator_rebalances_between_two_real_mints() {
+    use tollgate_tests::crash::audit;
+    use tollgate_tests::mint::Lightning;
+
+    let lab = Lab3::new("clirb");
+    let pins = PinBase::new("clirb");
+    let tmp = tempfile::tempdir().unwrap();
+    let (config_dir, state_dir) = (tmp.path().join("etc"), tmp.path().join("state"));
+    let rt = ns_runtime(&lab.gateway);
+    let net = Lightning::new();
+    let (na, nb) = (net.clone(), net.clone());
+    let a = Arc::new(in_ns(&lab.gateway, &rt, move || async move {
+        TestMint::start_linked(100, &na).await
+    }));
+    let b = Arc::new(in_ns(&lab.gateway, &rt, move || async move {
+        TestMint::start_linked(0, &nb).await
+    }));
+    write_config(&config_dir, "bytes", STEP, &[(&a.url(), 1), (&b.url(), 1)]);
+    let sock = state_dir.join("control.sock");
+    let sock = sock.to_str().unwrap().to_string();
+    let at_mint = |m: &Arc<TestMint>| {
+        let (m, dir) = (m.clone(), state_dir.clone());
+        in_ns(&lab.gateway, &rt, move || async move {
+            let a = audit(&dir, &m).await;
+            assert_eq!((a.phantom, a.stuck), (0, 0), "{a:?}");
+            a.unspent
+        })
+    };
+    let _daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
+
+    // 1. Funding at A.
+    let token = {
+        let m = a.clone();
+        in_ns(
+            &lab.gateway,
+            &rt,
+            move || async move { m.mint_token(400).await },
+        )
+    };
+    let r = tg_json(
+        &["wallet", "receive", "--json", "--control-socket", &sock],
+        Some(&token),
+    );
+    let a0 = r["net"].as_u64().unwrap();
+    assert_eq!(at_mint(&a), a0);
+
+    // 2. Refusals.
+    let (code, _, err) = tg(
+        &[
+            "wallet",
+            "rebalance",
+            "--to",
+            &b.url(),
+            "--amount",
+            "0",
+            "--control-socket",
+            &sock,
+        ],
+        None,
+    );
+    assert_eq!(code, 1, "{err}");
+    let (code, _, err) = tg(
+        &[
+            "wallet",
+            "rebalance",
+            "--to",
+            "http://127.0.0.1:9",
+            "--amount",
+            "10",
+            "--control-socket",
+            &sock,
+        ],
+        None,
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not accepted"), "{err}");
+    let (code, _, err) = tg(
+        &[
+            "wallet",
+            "rebalance",
+            "--to",
+            &b.url(),
+            "--amount",
+            "380",
+            "--control-socket",
+            &sock,
+        ],
+        None,
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("insufficient funds"), "{err}");
+    let (code, _, err) = tg(
+        &[
+            "wallet",
+            "rebalance",
+            "--to",
+            &b.url(),
+            "--from",
+            &b.url(),
+            "--amount",
+            "10",
+            "--control-socket",
+            &sock,
+        ],
+        None,
+    );
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        (at_mint(&a), at_mint(&b)),
+        (a0, 0),
+        "refusals moved nothing"
+    );
+
+    // 3. The move.
+    let (code, out, err) = tg(
+        &[
+            "wallet",
+            "rebalance",
+            "--to",
+            &b.url(),
+            "--amount",
+            "100",
+            "--control-socket",
+            &sock,
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("moved 100 sat"), "{out}");
+    let (a1, b1) = (at_mint(&a), at_mint(&b));
+    assert_eq!(b1, 100, "B's mint holds the amount");
+    assert!(
+        a1 + 100 <= a0 && a0 - a1 - 100 <= 100 * 2 / 100 + 1,
+        "A {a0} -> {a1}"
+    );
+    let bal = tg_json(
+        &["wallet", "balance", "--json", "--control-socket", &sock],
+        None,
+    );
+    let of = |url: String| {
+        bal.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["mint"] == url.as_str())
+            .unwrap_or_else(|| panic!("{url} in {bal}"))["balance"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!((of(a.url()), of(b.url())), (a1, b1), "{bal}");
 }

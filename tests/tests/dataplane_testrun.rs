@@ -13,7 +13,7 @@ use tollgate::valve::{
     Allowance, ExhaustReason, Gates, Hook, MacAddr, Valve, ValveConfig, Verdict,
 };
 use tollgate_tests::{
-    frames::{l3_len, Frame, BROADCAST, L4},
+    frames::{l3_len, padded, Frame, BROADCAST, L4},
     pins::PinBase,
 };
 
@@ -41,6 +41,11 @@ struct Lab {
 }
 
 fn lab(tag: &str) -> Lab {
+    lab_with(tag, |_| {})
+}
+
+/// [`lab`] with a change to the valve configuration.
+fn lab_with(tag: &str, change: impl FnOnce(&mut ValveConfig)) -> Lab {
     let pins = PinBase::new(tag);
     let mut cfg = ValveConfig::new("lo");
     cfg.pin_base = pins.path().to_path_buf();
@@ -52,6 +57,7 @@ fn lab(tag: &str) -> Lab {
         "2001:db8:ffff::/48".parse().unwrap(),
     ];
     cfg.portal_mark = Some(0x7467);
+    change(&mut cfg);
     let valve = Valve::load(&cfg).expect("load the eBPF object (root and BPF required)");
     Lab { valve, _pins: pins }
 }
@@ -64,6 +70,13 @@ fn down() -> Frame {
 }
 
 impl Lab {
+    /// `None` when the kernel refuses to run the frame at all (BPF_PROG_TEST_RUN's own checks).
+    fn try_pass(&self, hook: Hook, frame: &[u8]) -> Option<bool> {
+        self.valve
+            .test_run(hook, frame, 1)
+            .ok()
+            .map(|o| o.passed(hook))
+    }
     fn pass(&self, hook: Hook, frame: &[u8]) -> bool {
         self.valve
             .test_run(hook, frame, 1)
@@ -1113,4 +1126,654 @@ fn meter_instance_is_separate_from_the_gating_one() {
     drop((lan, wan));
     Valve::remove_pins(pins.path()).unwrap();
     assert!(!wan_dir.exists() && !pins.path().exists());
+}
+
+// ---- issue 9: the gate against a hostile customer (kernel side) ----
+
+const MCAST4_MAC: [u8; 6] = [0x01, 0x00, 0x5e, 0x00, 0x00, 0x01];
+const MCAST6_MAC: [u8; 6] = [0x33, 0x33, 0x00, 0x00, 0x00, 0x01];
+
+fn udp(sport: u16, dport: u16) -> L4 {
+    L4::Udp { sport, dport }
+}
+
+/// Item 1. A group-addressed frame passes only when it is not IP or its IP destination is
+/// itself broadcast/multicast; unicast IP inside is gated like any unicast packet of the
+/// sender on ingress and dropped on egress (old code: every group frame passed unmetered).
+#[test]
+fn unicast_ip_in_group_frames_is_gated() {
+    let l = lab("groupmac");
+    use Hook::{TcEgress as E, TcIngress as I};
+    use Verdict::*;
+    for dst in [BROADCAST, MCAST4_MAC, MCAST6_MAC] {
+        let f = Frame::new(CLIENT, dst);
+        // Unicast IP to the internet and to the gateway's local UDP services: gated.
+        l.expect(I, &f.ipv4(CL4, NET4, udp(1, 9), 100), DropUnpaid);
+        l.expect(I, &f.ipv4(CL4, GW4, udp(1, 9999), 100), DropUnpaid);
+        l.expect(I, &f.ipv6(cl6(), net6(), &[], udp(1, 9), 100), DropUnpaid);
+        // Link-wide traffic still passes: ARP, IPv4 broadcast/multicast, IPv6 multicast.
+        l.expect(I, &f.arp(), PassMulticast);
+        l.expect(
+            I,
+            &f.ipv4(CL4, Ipv4Addr::BROADCAST, udp(68, 67), 300),
+            PassMulticast,
+        );
+        l.expect(
+            I,
+            &f.ipv4(CL4, Ipv4Addr::new(224, 0, 0, 251), udp(5353, 5353), 50),
+            PassMulticast,
+        );
+        l.expect(
+            I,
+            &f.ipv6(cl6(), "ff02::fb".parse().unwrap(), &[], udp(5353, 5353), 50),
+            PassMulticast,
+        );
+        // Downloads to a poisoned (group) neighbour entry: dropped, paid or not.
+        let d = Frame::new(GW_MAC, dst);
+        l.expect(E, &d.ipv4(NET4, CL4, udp(9, 1), 100), DropGroupUnicast);
+        l.expect(
+            E,
+            &d.ipv6(net6(), cl6(), &[], udp(9, 1), 100),
+            DropGroupUnicast,
+        );
+        l.expect(
+            E,
+            &d.ipv4(GW4, Ipv4Addr::new(224, 0, 0, 1), udp(9, 1), 10),
+            PassMulticast,
+        );
+    }
+    // A paid client's unicast IP in a broadcast frame is metered like any other upload.
+    let mac = MacAddr(CLIENT);
+    l.valve
+        .open(
+            mac,
+            Allowance {
+                bytes: Some(1_000_000),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let f = Frame::new(CLIENT, BROADCAST).ipv4(CL4, NET4, udp(1, 9), 100);
+    l.expect(I, &f, PassPaid);
+    assert_eq!(
+        l.valve.gate(mac).unwrap().unwrap().usage.bytes_up,
+        l3_len(&f, 0)
+    );
+    l.expect(
+        E,
+        &Frame::new(GW_MAC, BROADCAST).ipv4(NET4, CL4, udp(9, 1), 100),
+        DropGroupUnicast,
+    );
+}
+
+/// Item 3. Unpaid DNS to the gateway is held to the per-MAC budget (here a 4 000-byte burst
+/// refilled at 1 B/s, so the loop's own duration adds nothing that matters), oversized UDP
+/// queries are dropped, and a paid client is not limited (old code: any amount).
+#[test]
+fn unpaid_dns_is_held_to_the_budget() {
+    const BURST: u32 = 4_000;
+    let l = lab_with("dnsbudget", |c| {
+        c.dns_budget = Some(tollgate::valve::DnsBudget {
+            rate: 1,
+            burst: BURST,
+            max_udp_payload: 512,
+        })
+    });
+    use Hook::{TcEgress as E, TcIngress as I};
+    use Verdict::*;
+    let q = up().ipv4(CL4, GW4, udp(40000, 53), 200);
+    let qlen = l3_len(&q, 0);
+    // 600-byte UDP payload: over the 512-byte default.
+    l.expect(I, &up().ipv4(CL4, GW4, udp(40000, 53), 600), DropDnsBudget);
+    let mut passed = 0u64;
+    for _ in 0..100 {
+        if l.pass(I, &q) {
+            passed += qlen;
+        }
+    }
+    let burst = BURST as u64;
+    // The clock may refill a byte or two while the loop runs (1 B/s).
+    assert!(
+        passed <= burst + 10 && passed + qlen > burst,
+        "unpaid DNS through: {passed} bytes (burst {burst})"
+    );
+    l.expect(I, &q, DropDnsBudget);
+    // TCP 53 draws from the same bucket; the gateway's answers stay deliverable.
+    l.expect(
+        I,
+        &up().ipv4(
+            CL4,
+            GW4,
+            L4::Tcp {
+                sport: 40001,
+                dport: 53,
+            },
+            100,
+        ),
+        DropDnsBudget,
+    );
+    l.expect(E, &down().ipv4(GW4, CL4, udp(53, 40000), 300), PassGateway);
+    // Another MAC has its own bucket.
+    l.expect(
+        I,
+        &Frame::new(OTHER, GW_MAC).ipv4(CL4, GW4, udp(1, 53), 200),
+        PassGarden,
+    );
+    // Paid: unlimited and unmetered.
+    let mac = MacAddr(CLIENT);
+    l.valve
+        .open(
+            mac,
+            Allowance {
+                bytes: Some(1_000_000),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    for _ in 0..400 {
+        l.expect(I, &q, PassGarden);
+    }
+    assert_eq!(l.valve.gate(mac).unwrap().unwrap().usage.bytes_up, 0);
+}
+
+/// Item 4. ICMPv6 ND on egress passes only with hop limit 255 from a link-local source (or
+/// from the gateway); forged ND from a routed host is dropped (old code: passed any ND).
+#[test]
+fn neighbour_discovery_on_egress_needs_hop_limit_255_and_a_link_local_source() {
+    let l = lab("ndegress");
+    use Hook::TcEgress as E;
+    use Verdict::*;
+    let ll: Ipv6Addr = "fe80::99".parse().unwrap();
+    for ty in 133..=137u8 {
+        let nd = L4::Icmpv6 { ty };
+        l.expect(
+            E,
+            &down().ipv6_hops(net6(), cl6(), &[], nd.clone(), 1000, 255),
+            DropUnpaid,
+        );
+        l.expect(
+            E,
+            &down().ipv6_hops(net6(), cl6(), &[], nd.clone(), 1000, 254),
+            DropUnpaid,
+        );
+        l.expect(
+            E,
+            &down().ipv6_hops(ll, cl6(), &[], nd.clone(), 24, 254),
+            DropUnpaid,
+        );
+        l.expect(
+            E,
+            &down().ipv6_hops(ll, cl6(), &[], nd.clone(), 24, 255),
+            PassGarden,
+        );
+        l.expect(
+            E,
+            &down().ipv6_hops(gw6(), cl6(), &[], nd, 24, 255),
+            PassGateway,
+        );
+    }
+}
+
+/// Item 8. The IP length is metered, not the frame: Ethernet padding is not billed, and the
+/// verdict counters count the same L3 bytes (old code: padding billed, counters in L2 bytes).
+#[test]
+fn padding_is_not_metered_and_verdict_counters_count_l3() {
+    let l = lab("padding");
+    let mac = MacAddr(CLIENT);
+    l.valve
+        .open(
+            mac,
+            Allowance {
+                bytes: Some(1_000_000),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let short = up().ipv4(CL4, NET4, udp(1, 9), 4); // 32 bytes of IP in a 46-byte frame
+    let f = padded(short.clone());
+    assert_eq!(f.len(), 60);
+    let before = l.valve.verdicts().unwrap();
+    l.expect(Hook::TcIngress, &f, Verdict::PassPaid);
+    let after = l.valve.verdicts().unwrap();
+    assert_eq!(l.valve.gate(mac).unwrap().unwrap().usage.bytes_up, 32);
+    assert_eq!(
+        after.bytes(Verdict::PassPaid) - before.bytes(Verdict::PassPaid),
+        32,
+        "verdict bytes are L3"
+    );
+    let before = l.valve.verdicts().unwrap();
+    l.expect(
+        Hook::TcIngress,
+        &Frame::new(OTHER, GW_MAC).ipv4(CL4, NET4, udp(1, 9), 100),
+        Verdict::DropUnpaid,
+    );
+    let after = l.valve.verdicts().unwrap();
+    assert_eq!(
+        after.bytes(Verdict::DropUnpaid) - before.bytes(Verdict::DropUnpaid),
+        128
+    );
+}
+
+/// Item 9. `extend` raises directional limits too: a gate shut by its upload limit reopens
+/// (old code: only the total limit moved, the gate stayed shut).
+#[test]
+fn extend_raises_directional_limits() {
+    let l = lab("extdir");
+    let mac = MacAddr(CLIENT);
+    let f = up().ipv4(CL4, NET4, udp(1, 9), 72); // 100 bytes L3
+    l.valve
+        .open(
+            mac,
+            Allowance {
+                bytes: Some(10_000),
+                bytes_up: Some(150),
+                bytes_down: Some(150),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    l.expect(Hook::TcIngress, &f, Verdict::PassPaid);
+    l.expect(Hook::TcIngress, &f, Verdict::DropQuota);
+    l.valve.extend(mac, 200, 0).unwrap();
+    l.expect(Hook::TcIngress, &f, Verdict::PassPaid);
+    l.expect(Hook::TcIngress, &f, Verdict::PassPaid);
+    l.expect(Hook::TcIngress, &f, Verdict::DropQuota);
+}
+
+/// xorshift64*: a seeded PRNG so a failure can be replayed (`TG_FUZZ_SEED=<seed>`).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// The documented garden, written independently of the kernel: may an UNPAID client's frame
+/// pass (ingress: from it; egress: to it)? Returns the class name, `None` = must be dropped.
+fn oracle(f: &[u8], ingress: bool) -> Option<&'static str> {
+    let b = |i: usize| f.get(i).copied();
+    let be16 = |i: usize| Some(u16::from_be_bytes([b(i)?, b(i + 1)?]));
+    f.get(..14)?;
+    let group = f[0] & 1 == 1;
+    let mut off = 12;
+    let mut et = be16(off)?;
+    off += 2;
+    for _ in 0..2 {
+        if et == 0x8100 || et == 0x88a8 {
+            et = be16(off + 2)?;
+            off += 4;
+        }
+    }
+    if et == 0x8100 || et == 0x88a8 {
+        return None;
+    }
+    let ip = et == 0x0800 || et == 0x86dd;
+    if group && !ip {
+        return Some("link-wide non-IP");
+    }
+    if et == 0x0806 {
+        return Some("arp");
+    }
+    if !ip {
+        return None;
+    }
+    // (src, dst) as 16 bytes (IPv4 mapped), protocol, L4 offset (None: no L4 header), hops.
+    let mapped = |a: &[u8]| {
+        let mut m = [0u8; 16];
+        m[10] = 0xff;
+        m[11] = 0xff;
+        m[12..].copy_from_slice(a);
+        m
+    };
+    let (src, dst, proto, l4, hops, v4) = if et == 0x0800 {
+        let vihl = b(off)?;
+        let ihl = (vihl & 15) as usize * 4;
+        if vihl >> 4 != 4 || ihl < 20 {
+            return None;
+        }
+        f.get(off..off + 20)?;
+        let frag = be16(off + 6)?;
+        let (s, d) = (
+            mapped(&f[off + 12..off + 16]),
+            mapped(&f[off + 16..off + 20]),
+        );
+        let l4 = (frag & 0x1fff == 0).then_some(off + ihl);
+        (s, d, b(off + 9)?, l4, 0, true)
+    } else {
+        if b(off)? >> 4 != 6 {
+            return None;
+        }
+        let s: [u8; 16] = f.get(off + 8..off + 24)?.try_into().ok()?;
+        let d: [u8; 16] = f.get(off + 24..off + 40)?.try_into().ok()?;
+        let hops = b(off + 7)?;
+        let mut nh = b(off + 6)?;
+        let mut o = off + 40;
+        let mut l4 = None;
+        for i in 0..=6 {
+            match nh {
+                0 | 43 | 60 | 44 | 51 if i == 6 => break,
+                0 | 43 | 60 => {
+                    let len = b(o + 1)? as usize;
+                    nh = b(o)?;
+                    o += (len + 1) * 8;
+                }
+                44 => {
+                    let fo = be16(o + 2)?;
+                    nh = b(o)?;
+                    o += 8;
+                    if fo & 0xfff8 != 0 {
+                        break;
+                    }
+                }
+                51 => {
+                    let len = b(o + 1)? as usize;
+                    nh = b(o)?;
+                    o += (len + 2) * 4;
+                }
+                _ => {
+                    l4 = Some(o);
+                    break;
+                }
+            }
+        }
+        (s, d, nh, l4, hops, false)
+    };
+    let (peer, client_side) = if ingress { (dst, src) } else { (src, dst) };
+    let _ = client_side;
+    let l3_dst_group = if v4 {
+        dst[12] & 0xf0 == 0xe0 || dst[12..] == [255; 4]
+    } else {
+        dst[0] == 0xff
+    };
+    if group && l3_dst_group {
+        return Some("link-wide multicast/broadcast");
+    }
+    if group && !ingress {
+        return None;
+    }
+    let gw = |a: &[u8; 16]| {
+        *a == mapped(&GW4.octets())
+            || *a == gw6().octets()
+            || *a == "fe80::1".parse::<Ipv6Addr>().unwrap().octets()
+    };
+    let in_prefix = |a: &[u8; 16]| {
+        (a[..12] == mapped(&[0; 4])[..12] && a[12..15] == [203, 0, 113])
+            || a[..6] == [0x20, 0x01, 0x0d, 0xb8, 0xff, 0xff]
+    };
+    if in_prefix(&peer) {
+        return Some("allow-list");
+    }
+    if !ingress && gw(&peer) {
+        return Some("from the gateway");
+    }
+    let l4 = l4?;
+    let dport = if ingress { be16(l4 + 2) } else { be16(l4) };
+    let link_local = |a: &[u8; 16]| a[0] == 0xfe && a[1] & 0xc0 == 0x80;
+    match proto {
+        17 => {
+            let dport = dport?;
+            if ingress && dport == 53 && gw(&peer) {
+                return Some("dns to the gateway");
+            }
+            if ingress && v4 && dport == 67 && (gw(&peer) || peer[12..] == [255; 4]) {
+                return Some("dhcpv4");
+            }
+            if ingress && !v4 && dport == 547 && (gw(&peer) || peer[0] == 0xff) {
+                return Some("dhcpv6");
+            }
+            None
+        }
+        6 => {
+            let dport = dport?;
+            if ingress && gw(&peer) && [53, 2121, 8080].contains(&dport) {
+                return Some("dns/portal/payment on the gateway");
+            }
+            if ingress && dport == 80 {
+                return Some("portal redirect (marked)");
+            }
+            None
+        }
+        58 if !v4 => {
+            let ty = b(l4)?;
+            if !(133..=137).contains(&ty) {
+                return None;
+            }
+            if ingress && (peer[0] == 0xff || link_local(&peer) || gw(&peer)) {
+                return Some("nd to link-local/multicast/gateway");
+            }
+            if !ingress && hops == 255 && link_local(&peer) {
+                return Some("nd from link-local, hop limit 255");
+            }
+            None
+        }
+        _ => None,
+    }
+}
+
+/// Item 7. Thousands of random and mutated frames from (ingress) and to (egress) an unpaid MAC:
+/// none passes unless the independent oracle above names its garden class.
+#[test]
+fn random_and_mutated_frames_pass_only_the_garden() {
+    let l = lab("fuzz");
+    let seed = std::env::var("TG_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    println!("random frame test: TG_FUZZ_SEED={seed}");
+    let mut rng = Rng(seed);
+    let dsts = [GW_MAC, BROADCAST, MCAST4_MAC, MCAST6_MAC, CLIENT];
+    let v4s = [
+        GW4,
+        NET4,
+        MINT4,
+        Ipv4Addr::BROADCAST,
+        Ipv4Addr::new(224, 0, 0, 1),
+        CL4,
+    ];
+    let v6s = [
+        gw6(),
+        net6(),
+        "fe80::1".parse().unwrap(),
+        "ff02::1".parse().unwrap(),
+        "2001:db8:ffff::9".parse().unwrap(),
+        cl6(),
+    ];
+    let ports = [53u16, 67, 68, 80, 443, 547, 2121, 8080, 9];
+    let mut passed: std::collections::BTreeMap<&str, u32> = Default::default();
+    let mut total = 0;
+    let mut refused = 0;
+    for hook in [Hook::TcIngress, Hook::TcEgress] {
+        let ingress = hook == Hook::TcIngress;
+        for _ in 0..4000 {
+            let mut fr = if ingress {
+                Frame::new(CLIENT, dsts[rng.below(dsts.len())])
+            } else {
+                Frame::new(
+                    GW_MAC,
+                    if rng.below(4) == 0 {
+                        dsts[rng.below(4) + 1]
+                    } else {
+                        CLIENT
+                    },
+                )
+            };
+            for _ in 0..rng.below(4).saturating_sub(1) {
+                fr = fr.vlan(rng.below(4095) as u16);
+            }
+            let sp = ports[rng.below(ports.len())];
+            let dp = ports[rng.below(ports.len())];
+            let l4 = match rng.below(5) {
+                0 => L4::Tcp {
+                    sport: sp,
+                    dport: dp,
+                },
+                1 => L4::Udp {
+                    sport: sp,
+                    dport: dp,
+                },
+                2 => L4::Icmpv6 {
+                    ty: 128 + rng.below(12) as u8,
+                },
+                3 => L4::Raw {
+                    proto: rng.below(256) as u8,
+                },
+                _ => L4::Udp {
+                    sport: sp,
+                    dport: dp,
+                },
+            };
+            let payload = rng.below(300);
+            let mut f = match rng.below(6) {
+                0 => (0..14 + rng.below(200)).map(|_| rng.next() as u8).collect(),
+                1 => fr.arp(),
+                2 | 3 => fr.ipv4(v4s[rng.below(6)], v4s[rng.below(6)], l4, payload),
+                _ => {
+                    let ext: Vec<u8> = (0..rng.below(4))
+                        .map(|_| [0u8, 43, 60, 44][rng.below(4)])
+                        .collect();
+                    fr.ipv6_hops(
+                        v6s[rng.below(6)],
+                        v6s[rng.below(6)],
+                        &ext,
+                        l4,
+                        payload,
+                        [64, 254, 255][rng.below(3)],
+                    )
+                }
+            };
+            // Mutations: flipped bytes, a truncation.
+            for _ in 0..rng.below(4) {
+                let i = rng.below(f.len());
+                f[i] ^= 1 << rng.below(8);
+                if rng.below(3) == 0 {
+                    f[i] = rng.next() as u8;
+                }
+            }
+            if rng.below(6) == 0 && f.len() > 15 {
+                let n = 14 + rng.below(f.len() - 14);
+                f.truncate(n);
+            }
+            // Never the paid-free gateway's own MAC as a client, never a second client MAC.
+            if ingress {
+                f[6..12].copy_from_slice(&CLIENT);
+            }
+            total += 1;
+            let Some(pass) = l.try_pass(hook, &f) else {
+                refused += 1;
+                continue;
+            };
+            if pass {
+                match oracle(&f, ingress) {
+                    Some(class) => *passed.entry(class).or_default() += 1,
+                    None => panic!(
+                        "seed {seed}: {hook:?} passed a frame outside the garden: {}",
+                        f.iter().map(|b| format!("{b:02x}")).collect::<String>()
+                    ),
+                }
+            }
+        }
+    }
+    println!(
+        "{total} frames ({refused} refused by BPF_PROG_TEST_RUN itself), passed by class: {passed:?}"
+    );
+    assert!(refused * 10 < total, "most frames reach the program");
+    assert!(
+        passed.len() >= 5,
+        "the generator reaches several garden classes: {passed:?}"
+    );
+}
+
+/// The pinned POLICY map, opened behind the valve's back (to write what a stale CPU holds).
+fn policy_map(
+    l: &Lab,
+) -> aya::maps::HashMap<aya::maps::MapData, tollgate_common::MacKey, tollgate_common::Policy> {
+    let path = l._pins.path().join(format!(
+        "v{}/{}",
+        tollgate_common::SCHEMA_VERSION,
+        tollgate_common::maps::POLICY
+    ));
+    let md = aya::maps::MapData::from_pin(&path).expect("pinned policy map");
+    aya::maps::HashMap::try_from(aya::maps::Map::HashMap(md)).expect("a hash map")
+}
+
+/// Item 9. The exhaustion claim only moves the generation forward: a CPU still holding an
+/// older policy (simulated by writing the previous generation back into the pinned map, as
+/// a stale copy would read) neither emits a second event for it nor makes the current
+/// generation fire again (old code: an unconditional exchange did both).
+#[tokio::test]
+async fn a_stale_policy_never_moves_the_exhaustion_generation_back() {
+    let l = lab("stalegen");
+    let mut events = l.valve.events().unwrap();
+    let mac = MacAddr(CLIENT);
+    let f = up().ipv4(CL4, NET4, L4::Udp { sport: 1, dport: 9 }, 72); // 100 bytes
+    l.valve
+        .open(
+            mac,
+            Allowance {
+                bytes: Some(100),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    l.expect(Hook::TcIngress, &f, Verdict::PassPaid);
+    l.expect(Hook::TcIngress, &f, Verdict::DropQuota);
+    let first = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("first exhaustion")
+        .unwrap();
+    let stale = policy_map(&l)
+        .get(&tollgate_common::MacKey::new(CLIENT), 0)
+        .unwrap();
+    l.valve.extend(mac, 100, 0).unwrap();
+    l.expect(Hook::TcIngress, &f, Verdict::PassPaid);
+    l.expect(Hook::TcIngress, &f, Verdict::DropQuota);
+    let second = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("second exhaustion")
+        .unwrap();
+    assert!(second.generation > first.generation);
+    let current = {
+        let mut m = policy_map(&l);
+        let key = tollgate_common::MacKey::new(CLIENT);
+        let current = m.get(&key, 0).unwrap();
+        // The stale view: the first generation with a limit that is exhausted too.
+        let mut old = stale;
+        old.limit_total = current.limit_total;
+        m.insert(key, old, 0).unwrap();
+        l.expect(Hook::TcIngress, &f, Verdict::DropQuota);
+        m.insert(key, current, 0).unwrap();
+        l.expect(Hook::TcIngress, &f, Verdict::DropQuota);
+        current
+    };
+    assert_eq!(current.generation, second.generation);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let extra: Vec<_> = std::iter::from_fn(|| events.try_recv().ok()).collect();
+    assert!(
+        extra.is_empty(),
+        "no event for a stale generation, none again for the current one: {extra:?}"
+    );
+}
+
+/// The WAN meter never drops: unicast IP in group frames passes there in both directions
+/// (the LAN gate's group-MAC rule must not leak into meter-only mode).
+#[test]
+fn meter_only_passes_unicast_ip_in_group_frames() {
+    let l = meter_lab("metergroup");
+    for dst in [BROADCAST, MCAST4_MAC] {
+        let f = Frame::new(WAN_MAC, dst).ipv4(NET4, CL4, udp(9, 1), 100);
+        assert!(l.pass(Hook::TcEgress, &f), "meter egress");
+        assert!(l.pass(Hook::TcIngress, &f), "meter ingress");
+    }
 }

@@ -645,3 +645,51 @@ fn untrusted_overpriced_or_forged_upstreams_are_not_paid() {
         "A's wallet untouched"
     );
 }
+
+/// Issue 12 item 1: the upstream is a reference-shaped seller (`refpeer::RefUpstream`): its
+/// advertisement has `created_at` 0, `step_purchase_limits` and a price tag for another asset
+/// type; its kind 1022 carries A's MAC in `p` and a `start-time`. A buys from it and renews
+/// when the seller's `/usage` reports the allotment nearly used.
+#[test]
+fn reseller_buys_and_renews_from_a_reference_shaped_upstream() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let lab = Lab::new("upref");
+    lab.a_config(upstream_cfg(200_000, 20_000));
+    lab.fund(&lab.path("a-state"), 1000);
+    let m = lab.mint.clone();
+    let wallet = in_ns(&lab.chain.internet, &lab.rt, move || async move {
+        m.new_wallet().await
+    });
+    let a_mac = lab
+        .chain
+        .a
+        .mac("wan0")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let up = tollgate_tests::refpeer::RefUpstream::start(
+        &lab.chain.b,
+        B_LAN_IP,
+        &lab.mint.url(),
+        wallet,
+        STEP,
+        &a_mac,
+    );
+    let mut a = lab.start_a();
+    let s = lab.wait_status("the first purchase", |s| u(&s["purchases"]) >= 1);
+    say(format!("bought from the reference-shaped upstream: {s}"));
+    assert_eq!(s["pubkey"], up.pubkey().as_str());
+    assert_eq!(up.allotment.load(SeqCst), 200_000);
+    up.used.store(190_000, SeqCst);
+    let s = lab.wait_status("the renewal", |s| u(&s["purchases"]) >= 2);
+    say(format!("renewed: {s}"));
+    assert_eq!(up.sales.load(SeqCst), 2, "one renewal, not a burst");
+    assert_eq!(up.allotment.load(SeqCst), 400_000);
+    a.stop();
+    assert_eq!(
+        lab.balance(&lab.path("a-state")),
+        1000 - 400,
+        "paid exactly twice"
+    );
+}

@@ -12,275 +12,18 @@
 //! reserved/pending, and the value is where it should be. Iterations of the random part:
 //! `TOLLGATE_CRASH_ITERS` (default 12 per operation).
 
-use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use cdk::cdk_database::WalletDatabase;
-use cdk::nuts::{CheckStateRequest, MeltQuoteState, State, Token};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tollgate::wallet::{MintSettings, ProfitShare, Wallet, WalletError, WalletSettings};
+use cdk::nuts::{MeltQuoteState, State};
+use tollgate::wallet::{Wallet, WalletError};
+use tollgate_tests::crash::{
+    assert_clean, incomplete_sagas, run_harness, settings, settle_mint, token_spent, Kill,
+};
 use tollgate_tests::lnurl::{Behaviour, LnurlServer};
 use tollgate_tests::mint::{GateMode, TestMint};
 
 const HARNESS: &str = env!("CARGO_BIN_EXE_wallet-harness");
-
-/// How a harness run ends.
-#[derive(Debug, Clone)]
-enum Kill {
-    /// Runs to completion.
-    Never,
-    /// SIGKILLs itself at this wallet hook point.
-    At(&'static str),
-    /// Killed while the mint holds its next request to this path.
-    Gate(&'static str, GateMode),
-    /// Killed this long after it reported the wallet open.
-    After(Duration),
-}
-
-struct Run {
-    lines: Vec<String>,
-    killed: bool,
-    /// Time from `OPENED` to exit.
-    op_time: Duration,
-    stderr: String,
-}
-
-impl Run {
-    fn line(&self, prefix: &str) -> Option<&str> {
-        self.lines
-            .iter()
-            .find_map(|l| l.strip_prefix(prefix).map(str::trim))
-    }
-}
-
-/// Settings the harness uses too (see src/bin/wallet-harness.rs).
-fn settings(mint: &TestMint, owner: Option<&str>) -> WalletSettings {
-    let mut m = MintSettings::new(mint.url());
-    m.min_payout_amount = 1;
-    let mut s = WalletSettings::new(vec![m]);
-    s.allow_loopback_lnurl = true;
-    if let Some(addr) = owner {
-        s.profit_share = vec![ProfitShare {
-            identity: "owner".to_string(),
-            factor: 1.0,
-            lightning_address: addr.to_string(),
-        }];
-    }
-    s
-}
-
-async fn run_harness(
-    dir: &Path,
-    mint: &TestMint,
-    owner: Option<&str>,
-    op: &[&str],
-    stdin: Option<&str>,
-    kill: &Kill,
-) -> Run {
-    let mut cmd = tokio::process::Command::new(HARNESS);
-    cmd.arg("--state")
-        .arg(dir)
-        .arg("--mint")
-        .arg(mint.url())
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    if let Some(o) = owner {
-        cmd.arg("--owner").arg(o);
-    }
-    if let Kill::At(point) = kill {
-        cmd.arg("--kill-at").arg(point);
-    }
-    cmd.args(op);
-    let seen = mint.gate().held_count();
-    if let Kill::Gate(path, mode) = kill {
-        mint.gate().arm(path, *mode);
-    }
-    let mut child = cmd.spawn().expect("spawn wallet-harness");
-    if let Some(input) = stdin {
-        let mut w = child.stdin.take().expect("stdin");
-        w.write_all(input.as_bytes()).await.expect("write stdin");
-        drop(w);
-    }
-    let mut out = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let mut err = child.stderr.take().expect("stderr");
-    let stderr_task = tokio::spawn(async move {
-        let mut s = String::new();
-        let _ = tokio::io::AsyncReadExt::read_to_string(&mut err, &mut s).await;
-        s
-    });
-    let mut lines = Vec::new();
-    let mut opened = None;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let kill_now = tokio::select! {
-            line = out.next_line() => match line.expect("read harness stdout") {
-                Some(l) => {
-                    if l.starts_with("OPENED") {
-                        opened = Some(Instant::now());
-                    }
-                    lines.push(l);
-                    false
-                }
-                None => break,
-            },
-            true = async {
-                match (kill, opened) {
-                    (Kill::After(d), Some(t)) => {
-                        tokio::time::sleep_until(tokio::time::Instant::from_std(t + *d)).await;
-                        true
-                    }
-                    (Kill::Gate(..), _) => mint.gate().wait_held(seen, Duration::from_secs(60)).await,
-                    _ => std::future::pending().await,
-                }
-            } => true,
-            _ = tokio::time::sleep_until(deadline) => panic!("harness hung: {lines:?}"),
-        };
-        if kill_now {
-            let _ = child.start_kill();
-            // Whatever it managed to print before dying.
-            while let Ok(Some(l)) = out.next_line().await {
-                lines.push(l);
-            }
-            break;
-        }
-    }
-    let status = child.wait().await.expect("wait harness");
-    if let Kill::Gate(..) = kill {
-        // The operation may have finished without touching that endpoint.
-        mint.gate().disarm();
-        if mint.gate().held_count() > seen {
-            let done = mint.gate().finished_count();
-            mint.gate().release();
-            assert!(
-                mint.gate()
-                    .wait_finished(done, Duration::from_secs(30))
-                    .await,
-                "gate never finished"
-            );
-        }
-    }
-    use std::os::unix::process::ExitStatusExt;
-    Run {
-        killed: status.signal() == Some(libc::SIGKILL),
-        op_time: opened.map(|t| t.elapsed()).unwrap_or_default(),
-        lines,
-        stderr: stderr_task.await.unwrap_or_default(),
-    }
-}
-
-/// What the wallet's database holds, checked proof by proof with the mint (NUT-07).
-#[derive(Debug, Default)]
-struct Audit {
-    /// Locally unspent and unspent at the mint.
-    unspent: u64,
-    /// Locally unspent but spent or pending at the mint: value the wallet counts but has not.
-    phantom: u64,
-    /// Locally reserved / pending / pending-spent.
-    stuck: u64,
-}
-
-async fn audit(dir: &Path, mint: &TestMint) -> Audit {
-    let db = cdk_sqlite::WalletSqliteDatabase::new(dir.join("wallet.sqlite"))
-        .await
-        .expect("open wallet db");
-    let proofs = db.get_proofs(None, None, None, None).await.expect("proofs");
-    let mut a = Audit::default();
-    let unspent: Vec<_> = proofs
-        .iter()
-        .filter(|p| p.state == State::Unspent)
-        .collect();
-    for p in &proofs {
-        if matches!(
-            p.state,
-            State::Reserved | State::Pending | State::PendingSpent
-        ) {
-            a.stuck += u64::from(p.proof.amount);
-        }
-    }
-    if !unspent.is_empty() {
-        let states = mint_states(mint, unspent.iter().map(|p| p.y).collect()).await;
-        for (p, s) in unspent.iter().zip(states) {
-            if s == State::Unspent {
-                a.unspent += u64::from(p.proof.amount);
-            } else {
-                a.phantom += u64::from(p.proof.amount);
-            }
-        }
-    }
-    a
-}
-
-async fn mint_states(mint: &TestMint, ys: Vec<cdk::nuts::PublicKey>) -> Vec<State> {
-    let w = mint.new_wallet().await;
-    let resp = w
-        .mint_connector()
-        .post_check_state(CheckStateRequest { ys: ys.clone() })
-        .await
-        .expect("checkstate");
-    // The mint answers in request order; match by Y to be sure.
-    ys.iter()
-        .map(|y| {
-            resp.states
-                .iter()
-                .find(|s| s.y == *y)
-                .map(|s| s.state)
-                .expect("state for every Y")
-        })
-        .collect()
-}
-
-async fn token_spent(mint: &TestMint, token: &str) -> bool {
-    let t: Token = token.parse().expect("token");
-    let ys = t
-        .token_secrets()
-        .iter()
-        .map(|s| cdk::dhke::hash_to_curve(s.as_bytes()).expect("y"))
-        .collect();
-    let states = mint_states(mint, ys).await;
-    assert!(
-        states.iter().all(|s| *s == states[0]),
-        "token half spent: {states:?}"
-    );
-    states[0] == State::Spent
-}
-
-async fn assert_clean(dir: &Path, mint: &TestMint, balance: u64, ctx: &str) {
-    let a = audit(dir, mint).await;
-    assert_eq!(a.phantom, 0, "{ctx}: wallet counts spent proofs: {a:?}");
-    assert_eq!(a.stuck, 0, "{ctx}: proofs stuck reserved/pending: {a:?}");
-    assert_eq!(a.unspent, balance, "{ctx}: balance vs proofs: {a:?}");
-}
-
-/// After a kill the mint may hold the dead client's swap or melt half-done: hyper cancels
-/// the handler when the client's connection closes, and cdk's mint only resolves such sagas
-/// in its start-up recovery. Model "the mint restarts too": give in-flight work a moment,
-/// then run that recovery. (Nothing of ours is in flight: the harness is dead and the gate
-/// has finished.)
-async fn settle_mint(mint: &TestMint) {
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    mint.inner()
-        .recover_from_incomplete_sagas()
-        .await
-        .expect("mint swap recovery");
-    mint.inner()
-        .recover_from_incomplete_melt_sagas()
-        .await
-        .expect("mint melt recovery");
-}
-
-async fn incomplete_sagas(dir: &Path) -> usize {
-    let db = cdk_sqlite::WalletSqliteDatabase::new(dir.join("wallet.sqlite"))
-        .await
-        .expect("open wallet db");
-    db.get_incomplete_sagas().await.expect("sagas").len()
-}
 
 /// Seeded xorshift: random kill delays, reproducible from the printed seed.
 struct Rng(u64);
@@ -339,8 +82,9 @@ async fn receive_survives_kill_anywhere() {
     let mint = TestMint::start(100).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let clean = run_harness(
+        HARNESS,
         dir.path(),
-        &mint,
+        &[&mint],
         None,
         &["receive"],
         Some(&mint.mint_token(40).await),
@@ -365,13 +109,22 @@ async fn receive_survives_kill_anywhere() {
     for (i, kill) in plan.iter().enumerate() {
         let gross = 41 + i as u64;
         let token = mint.mint_token(gross).await;
-        let run = run_harness(dir.path(), &mint, None, &["receive"], Some(&token), kill).await;
+        let run = run_harness(
+            HARNESS,
+            dir.path(),
+            &[&mint],
+            None,
+            &["receive"],
+            Some(&token),
+            kill,
+        )
+        .await;
         killed += run.killed as u32;
         let ctx = format!(
             "iteration {i} {kill:?} killed={} {:?}",
             run.killed, run.lines
         );
-        let w = Wallet::open(dir.path(), settings(&mint, None))
+        let w = Wallet::open(dir.path(), settings(&[&mint], None))
             .await
             .unwrap_or_else(|e| panic!("{ctx}: reopen: {e}"));
         // A kill mid-swap can leave the proofs pending at the mint: for a moment while it
@@ -439,13 +192,22 @@ async fn token_creation_survives_kill_anywhere() {
     let mint = TestMint::start(0).await;
     let dir = tempfile::tempdir().expect("tempdir");
     {
-        let w = Wallet::open(dir.path(), settings(&mint, None))
+        let w = Wallet::open(dir.path(), settings(&[&mint], None))
             .await
             .expect("open");
         w.receive(&mint.mint_token(6000).await).await.expect("fund");
     }
     let upstream = mint.new_wallet().await;
-    let clean = run_harness(dir.path(), &mint, None, &["send", "37"], None, &Kill::Never).await;
+    let clean = run_harness(
+        HARNESS,
+        dir.path(),
+        &[&mint],
+        None,
+        &["send", "37"],
+        None,
+        &Kill::Never,
+    )
+    .await;
     let (op, value) = {
         let l = clean
             .line("TOKEN")
@@ -461,7 +223,7 @@ async fn token_creation_survives_kill_anywhere() {
     assert!(value >= 37);
     let mut expected = 6000;
     {
-        let w = Wallet::open(dir.path(), settings(&mint, None))
+        let w = Wallet::open(dir.path(), settings(&[&mint], None))
             .await
             .expect("open");
         assert_eq!(w.reclaim(&op).await.expect("reclaim"), value);
@@ -477,7 +239,7 @@ async fn token_creation_survives_kill_anywhere() {
         // Odd amounts that the wallet's denominations never cover exactly: a swap is needed.
         let amount = (37 + 2 * i as u64).to_string();
         let known: Vec<String> = {
-            let w = Wallet::open(dir.path(), settings(&mint, None))
+            let w = Wallet::open(dir.path(), settings(&[&mint], None))
                 .await
                 .expect("open");
             w.outgoing_tokens()
@@ -486,7 +248,16 @@ async fn token_creation_survives_kill_anywhere() {
                 .map(|o| o.op_id)
                 .collect()
         };
-        let run = run_harness(dir.path(), &mint, None, &["send", &amount], None, kill).await;
+        let run = run_harness(
+            HARNESS,
+            dir.path(),
+            &[&mint],
+            None,
+            &["send", &amount],
+            None,
+            kill,
+        )
+        .await;
         killed += run.killed as u32;
         if run.killed {
             settle_mint(&mint).await;
@@ -495,7 +266,7 @@ async fn token_creation_survives_kill_anywhere() {
             "iteration {i} {kill:?} killed={} {:?}",
             run.killed, run.lines
         );
-        let w = Wallet::open(dir.path(), settings(&mint, None))
+        let w = Wallet::open(dir.path(), settings(&[&mint], None))
             .await
             .unwrap_or_else(|e| panic!("{ctx}: reopen: {e}"));
         // Tokens the wallet says it handed out: the harness printed one, or died right after
@@ -541,7 +312,7 @@ async fn token_creation_survives_kill_anywhere() {
         }
         drop(w);
         // Reopen once more so cdk settles the sagas of redeemed tokens.
-        let w = Wallet::open(dir.path(), settings(&mint, None))
+        let w = Wallet::open(dir.path(), settings(&[&mint], None))
             .await
             .expect("reopen");
         let balance = w.available_balance(&mint.url()).await.expect("balance");
@@ -594,7 +365,7 @@ async fn payout_survives_kill_anywhere() {
     let fund = |amount| {
         let (dir, mint, owner) = (dir.path().to_path_buf(), &mint, owner.clone());
         async move {
-            let w = Wallet::open(&dir, settings(mint, Some(&owner)))
+            let w = Wallet::open(&dir, settings(&[mint], Some(&owner)))
                 .await
                 .expect("open");
             w.receive(&mint.mint_token(amount).await)
@@ -604,8 +375,9 @@ async fn payout_survives_kill_anywhere() {
     };
     fund(300).await;
     let clean = run_harness(
+        HARNESS,
         dir.path(),
-        &mint,
+        &[&mint],
         Some(&owner),
         &["payout"],
         None,
@@ -631,13 +403,22 @@ async fn payout_survives_kill_anywhere() {
     for (i, kill) in plan.iter().enumerate() {
         fund(200 + i as u64).await;
         let before = {
-            let w = Wallet::open(dir.path(), settings(&mint, Some(&owner)))
+            let w = Wallet::open(dir.path(), settings(&[&mint], Some(&owner)))
                 .await
                 .expect("open");
             w.available_balance(&mint.url()).await.expect("b")
         };
         let (paid_before, invoices_before) = paid_melts(&mint).await;
-        let run = run_harness(dir.path(), &mint, Some(&owner), &["payout"], None, kill).await;
+        let run = run_harness(
+            HARNESS,
+            dir.path(),
+            &[&mint],
+            Some(&owner),
+            &["payout"],
+            None,
+            kill,
+        )
+        .await;
         killed += run.killed as u32;
         if run.killed {
             settle_mint(&mint).await;
@@ -646,7 +427,7 @@ async fn payout_survives_kill_anywhere() {
             "iteration {i} {kill:?} killed={} {:?}",
             run.killed, run.lines
         );
-        let w = Wallet::open(dir.path(), settings(&mint, Some(&owner)))
+        let w = Wallet::open(dir.path(), settings(&[&mint], Some(&owner)))
             .await
             .unwrap_or_else(|e| panic!("{ctx}: reopen: {e}"));
         let (paid_after, invoices_after) = paid_melts(&mint).await;
@@ -710,7 +491,7 @@ async fn restore_from_mnemonic_after_losing_the_state_dir() {
     let state = dir.path().join("a");
     let upstream = mint.new_wallet().await;
     let (words, balance) = {
-        let w = Wallet::open(&state, settings(&mint, None))
+        let w = Wallet::open(&state, settings(&[&mint], None))
             .await
             .expect("open");
         for n in [100, 250, 33] {
@@ -732,7 +513,7 @@ async fn restore_from_mnemonic_after_losing_the_state_dir() {
     std::fs::remove_dir_all(&state).expect("lose the state dir");
 
     let fresh = dir.path().join("b");
-    let w = Wallet::restore(&fresh, &words, settings(&mint, None))
+    let w = Wallet::restore(&fresh, &words, settings(&[&mint], None))
         .await
         .expect("restore");
     assert_eq!(w.mnemonic(), words);
@@ -761,7 +542,7 @@ async fn restore_from_mnemonic_after_losing_the_state_dir() {
     assert!(left + out.value <= balance && balance - left - out.value <= 2);
     drop(w);
     // Reopen to let cdk settle the redeemed token's saga, then audit.
-    let w = Wallet::open(&fresh, settings(&mint, None))
+    let w = Wallet::open(&fresh, settings(&[&mint], None))
         .await
         .expect("reopen");
     let left = w.available_balance(&mint.url()).await.expect("b");
@@ -780,7 +561,7 @@ async fn token_spent_mid_receive_leaves_no_stuck_saga() {
     let thief = mint.new_wallet().await;
 
     // In process: the receive's swap is held, the thief redeems, the swap arrives late.
-    let w = Wallet::open(dir.path(), settings(&mint, None))
+    let w = Wallet::open(dir.path(), settings(&[&mint], None))
         .await
         .expect("open");
     let token = mint.mint_token(32).await;
@@ -810,9 +591,11 @@ async fn token_spent_mid_receive_leaves_no_stuck_saga() {
     // Crashed: the harness is killed while its swap is held; the thief redeems; the held
     // swap then reaches the mint (and fails). The next open must clean up.
     let token = mint.mint_token(40).await;
+    let mints = [&mint];
     let run = run_harness(
+        HARNESS,
         dir.path(),
-        &mint,
+        &mints,
         None,
         &["receive"],
         Some(&token),
@@ -840,7 +623,7 @@ async fn token_spent_mid_receive_leaves_no_stuck_saga() {
             .wait_finished(done, Duration::from_secs(30))
             .await
     );
-    let w = Wallet::open(dir.path(), settings(&mint, None))
+    let w = Wallet::open(dir.path(), settings(&[&mint], None))
         .await
         .expect("open after crash with a foreign-spent token");
     assert!(matches!(
@@ -852,7 +635,7 @@ async fn token_spent_mid_receive_leaves_no_stuck_saga() {
     assert_eq!(incomplete_sagas(dir.path()).await, 0, "stuck receive saga");
     assert_clean(dir.path(), &mint, 0, "after crash").await;
     // And the wallet still works.
-    let w = Wallet::open(dir.path(), settings(&mint, None))
+    let w = Wallet::open(dir.path(), settings(&[&mint], None))
         .await
         .expect("reopen");
     let r = w
@@ -875,7 +658,7 @@ async fn proofs_reserved_without_saga_are_released_at_open() {
     let mint = TestMint::start(0).await;
     let dir = tempfile::tempdir().expect("tempdir");
     {
-        let w = Wallet::open(dir.path(), settings(&mint, None))
+        let w = Wallet::open(dir.path(), settings(&[&mint], None))
             .await
             .expect("open");
         w.receive(&mint.mint_token(300).await).await.expect("fund");
@@ -893,7 +676,7 @@ async fn proofs_reserved_without_saga_are_released_at_open() {
             .await
             .expect("reserve like an interrupted prepare");
     }
-    let w = Wallet::open(dir.path(), settings(&mint, None))
+    let w = Wallet::open(dir.path(), settings(&[&mint], None))
         .await
         .expect("reopen");
     assert_eq!(w.available_balance(&mint.url()).await.expect("b"), 300);
@@ -912,7 +695,7 @@ async fn proofs_reserved_without_saga_are_released_at_open() {
     drop(w);
     // Reopen so cdk settles the redeemed token's saga, then audit.
     drop(
-        Wallet::open(dir.path(), settings(&mint, None))
+        Wallet::open(dir.path(), settings(&[&mint], None))
             .await
             .expect("reopen"),
     );

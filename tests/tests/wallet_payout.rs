@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tollgate::wallet::{MintSettings, ProfitShare, Wallet, WalletError, WalletSettings};
-use tollgate_tests::lnurl::{Behaviour, LnurlServer};
+use tollgate_tests::lnurl::{Behaviour, LnurlServer, REDIRECT_TARGET};
 use tollgate_tests::mint::TestMint;
 
 fn settings(mint: &TestMint, min_balance: u64, shares: Vec<ProfitShare>) -> WalletSettings {
@@ -117,6 +117,38 @@ async fn unreachable_recipient_and_failing_melt_lose_nothing() {
     assert_eq!(records[0].identity, "owner");
     assert_eq!(records[0].outcome, "failed");
     assert_eq!(wallet.balances().await.expect("b")[0].balance, balance);
+}
+
+/// A hostile LNURL server: a redirect (to a payable address on loopback) is refused, not
+/// followed, and a 1 MiB answer is refused unread past 64 KiB. Both shares stay in the wallet
+/// (recorded `skipped`) and no invoice is paid. Before: both were paid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lnurl_redirects_and_oversized_answers_are_refused() {
+    let mint = TestMint::start(0).await;
+    let recipient_mint = TestMint::start(0).await;
+    let ln = LnurlServer::start(&recipient_mint).await;
+    ln.add_user(REDIRECT_TARGET, Behaviour::Normal);
+    for (user, behaviour, why) in [
+        ("redirector", Behaviour::Redirect, "redirect refused"),
+        ("big", Behaviour::Oversized, "larger than"),
+    ] {
+        let shares = vec![share("owner", 1.0, ln.add_user(user, behaviour))];
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wallet = Wallet::open(dir.path(), settings(&mint, 0, shares))
+            .await
+            .expect("open");
+        wallet
+            .receive(&mint.mint_token(400).await)
+            .await
+            .expect("fund");
+        let records = wallet.payout_once(&mint.url()).await.expect("payout");
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!(records[0].outcome, "skipped", "{records:?}");
+        let message = records[0].message.clone().unwrap_or_default();
+        assert!(message.contains(why), "{user}: {message}");
+        assert!(ln.invoices().is_empty(), "{:?}", ln.invoices());
+        assert_eq!(wallet.balances().await.expect("b")[0].balance, 400);
+    }
 }
 
 /// A melt that stays pending is recorded once, survives a restart still pending, is not

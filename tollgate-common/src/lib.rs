@@ -11,8 +11,10 @@
 //! ```
 //!
 //! **Metered quantity**: L3 bytes — the IP packet including its IP header, excluding the
-//! Ethernet header and any 802.1Q tags — as RFC 8908 `bytes-remaining` counts them. For a
-//! GSO/GRO aggregate the kernel sees one skb, and it is metered as one packet of its L3 length.
+//! Ethernet header and any 802.1Q tags — as RFC 8908 `bytes-remaining` counts them, taken from
+//! the IP header's length field (Ethernet padding is not counted). A GSO/GRO aggregate is
+//! metered as the segments it stands for: its L3 length plus the L3+L4 headers repeated in
+//! every segment after the first, i.e. the sum of the IP packets' lengths on the wire.
 //!
 //! **Quotas are cumulative limits**: a `Policy` carries limits on the *cumulative* counters in
 //! `Usage` (`limit_total` applies to `bytes_up + bytes_down`). Opening a gate with an allowance
@@ -24,7 +26,7 @@
 #![no_std]
 
 /// Version of the map layouts below; pins live in `<pin base>/v<SCHEMA_VERSION>/`.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Map names (the pin file names under the schema directory).
 pub mod maps {
@@ -34,6 +36,7 @@ pub mod maps {
     pub const GARDEN: &str = "TG_GARDEN";
     pub const VERDICTS: &str = "TG_VERDICTS";
     pub const EVENTS: &str = "TG_EVENTS";
+    pub const DNS: &str = "TG_DNS";
 }
 
 /// Program names (the ELF symbol names in the object).
@@ -51,6 +54,17 @@ pub const MAX_GARDEN_PREFIXES: u32 = 1_024;
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 /// Number of TCP ports on the gateway reachable by unpaid clients.
 pub const GARDEN_TCP_PORTS: usize = 4;
+/// Capacity of the DNS budget map (an LRU hash: per-MAC token buckets of unpaid clients; the
+/// least recently used bucket is recycled, which only ever hands a MAC a fresh burst).
+pub const DNS_BUCKETS: u32 = 16_384;
+/// Default DNS budget of an unpaid MAC: sustained bytes per second (L3 bytes of queries to
+/// and answers from the gateway's port 53).
+pub const DNS_RATE_DEFAULT: u32 = 4 * 1024;
+/// Default DNS burst of an unpaid MAC in bytes.
+pub const DNS_BURST_DEFAULT: u32 = 32 * 1024;
+/// Default largest UDP DNS query payload an unpaid MAC may send (the classic DNS limit;
+/// a name is at most 255 bytes, so every legitimate query fits).
+pub const DNS_MAX_UDP_DEFAULT: u16 = 512;
 /// A limit that never binds.
 pub const UNLIMITED: u64 = u64::MAX;
 
@@ -151,6 +165,9 @@ pub mod config_flags {
     /// discovery, which an upstream TollGate does not bill either. Frames from or to any other
     /// MAC are not counted, so random hosts on the WAN cannot fill the map.
     pub const METER_ONLY: u32 = 1 << 2;
+    /// Unpaid clients' DNS to the gateway is held to a per-MAC token bucket
+    /// (`dns_rate`/`dns_burst`) and UDP queries above `dns_max_udp` payload bytes are dropped.
+    pub const DNS_BUDGET: u32 = 1 << 3;
 }
 
 /// The gateway's own addresses and the ports unpaid clients may reach on it.
@@ -169,7 +186,13 @@ pub struct GateConfig {
     pub _pad: [u8; 4],
     /// Gateway IPv6 addresses on the LAN (typically link-local and global; zero = none).
     pub gateway_v6: [[u8; 16]; 2],
-    pub _pad2: [u8; 24],
+    /// Unpaid DNS budget: sustained L3 bytes per second per MAC (with `DNS_BUDGET`).
+    pub dns_rate: u32,
+    /// Unpaid DNS budget: bucket size in bytes (with `DNS_BUDGET`).
+    pub dns_burst: u32,
+    /// Largest UDP payload of an unpaid client's DNS query (with `DNS_BUDGET`).
+    pub dns_max_udp: u16,
+    pub _pad2: [u8; 14],
 }
 
 impl GateConfig {
@@ -180,7 +203,10 @@ impl GateConfig {
         tcp_ports: [0; GARDEN_TCP_PORTS],
         _pad: [0; 4],
         gateway_v6: [[0; 16]; 2],
-        _pad2: [0; 24],
+        dns_rate: 0,
+        dns_burst: 0,
+        dns_max_udp: 0,
+        _pad2: [0; 14],
     };
 }
 
@@ -212,10 +238,15 @@ pub enum Verdict {
     DropMalformed = 10,
     /// No room left in the usage map (fail closed).
     DropNoSlot = 11,
+    /// An unpaid client's DNS beyond its budget, or an oversized query.
+    DropDnsBudget = 12,
+    /// Unicast IP in a broadcast/multicast frame towards a client (a poisoned neighbour
+    /// entry must not carry downloads past the gate).
+    DropGroupUnicast = 13,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 14;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Verdict::PassPaid,
         Verdict::PassGarden,
@@ -229,6 +260,8 @@ impl Verdict {
         Verdict::DropSpoofed,
         Verdict::DropMalformed,
         Verdict::DropNoSlot,
+        Verdict::DropDnsBudget,
+        Verdict::DropGroupUnicast,
     ];
 
     pub const fn from_u8(v: u8) -> Option<Verdict> {
@@ -258,8 +291,23 @@ impl Verdict {
             Verdict::DropSpoofed => "drop_spoofed",
             Verdict::DropMalformed => "drop_malformed",
             Verdict::DropNoSlot => "drop_no_slot",
+            Verdict::DropDnsBudget => "drop_dns_budget",
+            Verdict::DropGroupUnicast => "drop_group_unicast",
         }
     }
+}
+
+/// An unpaid client's DNS token bucket, written only by the kernel.
+///
+/// layout: 16 bytes, align 8
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsBucket {
+    /// Bytes the client may still send; answers may take it below zero (a debt the next
+    /// queries wait out), so the sustained rate holds for both directions together.
+    pub tokens: i64,
+    /// `bpf_ktime_get_coarse_ns() / 1 000 000` of the last refill.
+    pub last_ms: u64,
 }
 
 /// Per-CPU count for one verdict.
@@ -336,6 +384,7 @@ mod pod {
     unsafe impl aya::Pod for super::GateConfig {}
     unsafe impl aya::Pod for super::VerdictCount {}
     unsafe impl aya::Pod for super::GateEvent {}
+    unsafe impl aya::Pod for super::DnsBucket {}
 }
 
 #[cfg(test)]
@@ -355,6 +404,7 @@ mod tests {
             (16, 8)
         );
         assert_eq!((size_of::<GateEvent>(), align_of::<GateEvent>()), (48, 8));
+        assert_eq!((size_of::<DnsBucket>(), align_of::<DnsBucket>()), (16, 8));
     }
 
     #[test]
@@ -364,6 +414,8 @@ mod tests {
         assert_eq!(core::mem::offset_of!(Policy, bound_ipv4), 40);
         assert_eq!(core::mem::offset_of!(Usage, notified_generation), 40);
         assert_eq!(core::mem::offset_of!(GateConfig, gateway_v6), 24);
+        assert_eq!(core::mem::offset_of!(GateConfig, dns_rate), 56);
+        assert_eq!(core::mem::offset_of!(GateConfig, dns_max_udp), 64);
         assert_eq!(core::mem::offset_of!(GateEvent, generation), 8);
         assert_eq!(core::mem::offset_of!(GateEvent, bytes_up), 16);
     }

@@ -7,6 +7,11 @@
 //! kernel ──Exhaustion{mac, generation}──> run() ──> session closed (quota / expiry), recorded
 //! start ──reconcile()──> DB is the truth for allotments, kernel counters for usage
 //! ```
+//! Kernel entries: `check` only asks whether there is room (nothing is created before the
+//! money is taken); `open` at grant time creates the entry; a closed gate's entry is evicted
+//! by `run()`'s sweep after `closed_retention` (sooner, oldest first, when the map is near
+//! full). An open gate is never evicted.
+//!
 //! States of a session row: active ──exhausted / admin-close / reconcile──> closed; a payment
 //! for a closed session starts a new one. Top-ups add to what remains and never interrupt
 //! traffic: time `new_end = max(now, old_end) + added`, bytes `remaining + added` (`extend`
@@ -579,7 +584,33 @@ impl Chandler {
         Ok(report)
     }
 
-    /// Background task: consumes exhaustion events and snapshots usage until `shutdown` flips.
+    /// Binds the device's open gate to the IPv4 address its payment came from, so a second
+    /// device cloning the MAC from another address gets nothing (the kernel drops its upload
+    /// as `drop_spoofed`). IPv6 payers are not bound (the kernel binds IPv4 only).
+    pub fn bind(&self, mac: MacAddr, from: std::net::IpAddr) -> Result<(), ChandlerError> {
+        let _g = self.guard();
+        let std::net::IpAddr::V4(v4) = crate::neighbour::unmap(from) else {
+            tracing::debug!(%mac, %from, "IPv6 payer: gate not bound to an address");
+            return Ok(());
+        };
+        let open = self.gates.gate(mac)?.is_some_and(|g| g.open);
+        if !open {
+            return Ok(());
+        }
+        self.gates.bind_ipv4(mac, Some(v4))?;
+        tracing::info!(%mac, address = %v4, "gate bound to the address the payment came from");
+        Ok(())
+    }
+
+    /// Evicts kernel entries of closed gates (see [`Gates::sweep`]). Under the guard, so no
+    /// grant is between reading a gate and opening it while its entry goes.
+    pub fn sweep(&self) -> Result<crate::valve::SweepReport, ChandlerError> {
+        let _g = self.guard();
+        Ok(self.gates.sweep(self.cfg.closed_retention)?)
+    }
+
+    /// Background task: consumes exhaustion events, snapshots usage and sweeps closed kernel
+    /// entries until `shutdown` flips.
     pub async fn run(
         self: Arc<Self>,
         mut exhaustion: mpsc::Receiver<Exhaustion>,
@@ -589,6 +620,12 @@ impl Chandler {
             self.cfg
                 .usage_snapshot_interval
                 .max(Duration::from_millis(100)),
+        );
+        // Often enough that an entry outlives its retention by at most a quarter of it.
+        let mut spoofed = self.gates.spoofed_drops().unwrap_or(0);
+        let mut sweep = tokio::time::interval(
+            (self.cfg.closed_retention / 4)
+                .clamp(Duration::from_millis(250), Duration::from_secs(30)),
         );
         loop {
             tokio::select! {
@@ -616,6 +653,30 @@ impl Chandler {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => tracing::warn!(error = %e, "usage snapshot"),
                         Err(e) => tracing::warn!(error = %e, "usage snapshot task"),
+                    }
+                    // MAC cloning shows as drops of a bound MAC's packets from elsewhere.
+                    if let Ok(now) = self.gates.spoofed_drops() {
+                        if now > spoofed {
+                            tracing::warn!(
+                                packets = now - spoofed,
+                                total = now,
+                                "packets from a paid MAC with another source address dropped \
+                                 (a cloned MAC or a spoofed address)"
+                            );
+                        }
+                        spoofed = now;
+                    }
+                }
+                _ = sweep.tick() => {
+                    match self.sweep() {
+                    Ok(r) if r.evicted > 0 => tracing::info!(
+                        evicted = r.evicted,
+                        occupied = r.occupied,
+                        capacity = r.capacity,
+                        "closed client entries evicted"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "sweeping closed client entries"),
                     }
                 }
                 _ = shutdown.changed() => break,
@@ -749,6 +810,29 @@ pub(crate) mod fake {
             }
             Ok(())
         }
+        fn bind_ipv4(
+            &self,
+            mac: MacAddr,
+            ip: Option<std::net::Ipv4Addr>,
+        ) -> Result<(), ValveError> {
+            if let Some(g) = self.lock().gates.get_mut(&mac) {
+                g.bound_ipv4 = ip;
+            }
+            Ok(())
+        }
+        fn spoofed_drops(&self) -> Result<u64, ValveError> {
+            Ok(0)
+        }
+        fn sweep(&self, _retention: Duration) -> Result<crate::valve::SweepReport, ValveError> {
+            let mut i = self.lock();
+            let before = i.gates.len();
+            i.gates.retain(|_, g| g.open);
+            Ok(crate::valve::SweepReport {
+                evicted: (before - i.gates.len()) as u32,
+                occupied: i.gates.len() as u32,
+                capacity: u32::MAX,
+            })
+        }
         fn gate(&self, mac: MacAddr) -> Result<Option<GateState>, ValveError> {
             Ok(self.lock().gates.get(&mac).copied())
         }
@@ -776,6 +860,7 @@ mod tests {
             ChandlerConfig {
                 metric,
                 usage_snapshot_interval: Duration::from_secs(1),
+                closed_retention: Duration::from_secs(60),
             },
             gates.clone(),
             store.clone(),
@@ -1066,6 +1151,7 @@ mod tests {
             ChandlerConfig {
                 metric: Metric::Bytes,
                 usage_snapshot_interval: Duration::from_secs(TICK_S),
+                closed_retention: Duration::from_secs(60),
             },
             gates.clone(),
             store.clone(),

@@ -28,6 +28,15 @@ pub const IDENTITIES_FILE: &str = "identities.json";
 /// skb mark for the captive-portal redirect unless `dataplane.portal_mark` says otherwise
 /// ("tg"; pick another if your firewall already uses it).
 pub const DEFAULT_PORTAL_MARK: u32 = 0x7467;
+/// Per-client map capacity unless `dataplane.max_clients` says otherwise: devices at once
+/// (paid, or closed within the retention), enough for a large venue; see README for the
+/// memory it costs.
+pub const DEFAULT_MAX_CLIENTS: u32 = 32_768;
+/// Upper bound for `dataplane.max_clients` (the maps are preallocated kernel memory).
+pub const MAX_MAX_CLIENTS: u32 = 1 << 20;
+/// How long a closed gate's kernel entry stays unless `dataplane.closed_retention` says
+/// otherwise.
+pub const DEFAULT_CLOSED_RETENTION: Duration = Duration::from_secs(300);
 
 /// Errors of loading and validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -236,6 +245,8 @@ struct RawConfig {
     #[serde(default)]
     #[serde(skip_serializing_if = "Option::is_none")]
     retention: Option<Dur>,
+    #[serde(default)]
+    rebalance: Option<RawRebalance>,
 }
 
 /// `http_limits` in config.json: every field optional (the defaults are [`HttpLimits::default`]).
@@ -250,6 +261,15 @@ struct RawHttpLimits {
     max_connections: Option<usize>,
     #[serde(default)]
     max_connections_per_ip: Option<usize>,
+}
+
+/// `"rebalance": {"auto": true, "fee_budget_percent": 2}` (ours).
+#[derive(Debug, Deserialize, Serialize)]
+struct RawRebalance {
+    #[serde(default)]
+    auto: Option<bool>,
+    #[serde(default)]
+    fee_budget_percent: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -295,6 +315,26 @@ struct RawDataplane {
     /// skb mark the data plane sets on unpaid TCP/80 (default [`DEFAULT_PORTAL_MARK`]).
     #[serde(default)]
     portal_mark: Option<u32>,
+    /// Capacity of the per-client maps (default [`DEFAULT_MAX_CLIENTS`]).
+    #[serde(default)]
+    max_clients: Option<u32>,
+    /// How long a closed gate's kernel entry is kept (default [`DEFAULT_CLOSED_RETENTION`]).
+    #[serde(default)]
+    closed_retention: Option<Dur>,
+    /// DNS budget of unpaid clients (kernel token bucket); defaults in `tollgate-common`.
+    #[serde(default)]
+    dns_budget: Option<RawDnsBudget>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawDnsBudget {
+    #[serde(default)]
+    rate_bytes_per_second: Option<u32>,
+    #[serde(default)]
+    burst_bytes: Option<u32>,
+    #[serde(default)]
+    max_udp_query_bytes: Option<u16>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -416,6 +456,8 @@ impl HttpLimits {
 pub struct ChandlerConfig {
     pub metric: Metric,
     pub usage_snapshot_interval: Duration,
+    /// A closed gate's kernel entry is evicted this long after it closed.
+    pub closed_retention: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -434,6 +476,10 @@ pub struct DataplaneConfig {
     pub portal_port: u16,
     /// Mark unpaid TCP/80 with this and redirect it to `portal_port` (None: redirect off).
     pub portal_mark: Option<u32>,
+    /// Capacity of the per-client maps (POLICY, USAGE), applied at load time.
+    pub max_clients: u32,
+    /// DNS budget of unpaid clients, enforced in the kernel.
+    pub dns_budget: crate::valve::DnsBudget,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -475,6 +521,15 @@ pub struct UpstreamConfig {
     pub settings: crate::upstream::UpstreamSettings,
 }
 
+/// Moving funds between accepted mints (`rebalance` in config.json): whether the upstream
+/// buyer may do it by itself, and the fee budget of every rebalance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RebalanceConfig {
+    pub auto: bool,
+    /// Lightning + input fees at most this percent of the amount, plus 1 sat.
+    pub fee_budget_percent: u64,
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub dir: PathBuf,
@@ -488,6 +543,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub payout: PayoutConfig,
     pub upstream: UpstreamConfig,
+    pub rebalance: RebalanceConfig,
 }
 
 /// `http_limits` + `admin_token`: zero limits and an empty token are refused.
@@ -828,6 +884,39 @@ impl Config {
                 Some(m)
             }
         };
+        let max_clients = dp
+            .and_then(|d| d.max_clients)
+            .unwrap_or(DEFAULT_MAX_CLIENTS);
+        if !(1..=MAX_MAX_CLIENTS).contains(&max_clients) {
+            return Err(c.err(
+                "dataplane.max_clients",
+                format!("{max_clients} is out of range"),
+                format!("use 1..={MAX_MAX_CLIENTS} (default {DEFAULT_MAX_CLIENTS})"),
+            ));
+        }
+        let closed_retention = dp
+            .and_then(|d| d.closed_retention)
+            .map_or(DEFAULT_CLOSED_RETENTION, |d| d.0);
+        let dns_budget = {
+            let d = crate::valve::DnsBudget::default();
+            let r = dp.and_then(|d| d.dns_budget.as_ref());
+            let b = crate::valve::DnsBudget {
+                rate: r.and_then(|r| r.rate_bytes_per_second).unwrap_or(d.rate),
+                burst: r.and_then(|r| r.burst_bytes).unwrap_or(d.burst),
+                max_udp_payload: r
+                    .and_then(|r| r.max_udp_query_bytes)
+                    .unwrap_or(d.max_udp_payload),
+            };
+            if b.rate == 0 || (b.burst as u64) < b.max_udp_payload as u64 + 48 {
+                return Err(c.err(
+                    "dataplane.dns_budget",
+                    "rate_bytes_per_second must be > 0 and burst_bytes must hold one largest \
+                     query (max_udp_query_bytes + 48)",
+                    "omit it for the defaults (4096 B/s, 32768 B burst, 512 B queries)",
+                ));
+            }
+            b
+        };
         let post_rate_per_minute = raw.post_rate_per_minute.unwrap_or(30);
         if post_rate_per_minute == 0 {
             return Err(c.err(
@@ -842,6 +931,22 @@ impl Config {
                 "payment_timeout",
                 "must be greater than 0",
                 "use e.g. \"20s\"",
+            ));
+        }
+
+        let rebalance = RebalanceConfig {
+            auto: raw.rebalance.as_ref().and_then(|r| r.auto).unwrap_or(true),
+            fee_budget_percent: raw
+                .rebalance
+                .as_ref()
+                .and_then(|r| r.fee_budget_percent)
+                .unwrap_or(2),
+        };
+        if rebalance.fee_budget_percent > 50 {
+            return Err(c.err(
+                "rebalance.fee_budget_percent",
+                "must be at most 50",
+                "omit it for the default (2)",
             ));
         }
 
@@ -892,6 +997,7 @@ impl Config {
                 usage_snapshot_interval: raw
                     .usage_snapshot_interval
                     .map_or(Duration::from_secs(10), |d| d.0),
+                closed_retention,
             },
             dataplane: DataplaneConfig {
                 mode,
@@ -900,6 +1006,8 @@ impl Config {
                 garden_allow,
                 portal_port,
                 portal_mark,
+                max_clients,
+                dns_budget,
             },
             neighbour: NeighbourConfig {
                 device_leases_file: raw.device_leases_file.clone(),
@@ -917,6 +1025,7 @@ impl Config {
                 raw: raw.upstream_session_manager.clone(),
                 settings: upstream_settings,
             },
+            rebalance,
         })
     }
 
@@ -1049,6 +1158,8 @@ impl Config {
                 lightning_address: p.lightning_address.clone(),
             })
             .collect();
+        s.rebalance_fee_budget_percent = self.rebalance.fee_budget_percent;
+        s.auto_rebalance = self.rebalance.auto;
         s
     }
 }
@@ -1375,6 +1486,29 @@ mod tests {
     }
 
     #[test]
+    fn rebalance_section_defaults_and_bounds() {
+        let c = load(EXAMPLE, IDS).expect("example config");
+        let d = RebalanceConfig {
+            auto: true,
+            fee_budget_percent: 2,
+        };
+        assert_eq!(c.rebalance, d);
+        let w = c.wallet_settings();
+        assert!(w.auto_rebalance);
+        assert_eq!(w.rebalance_fee_budget_percent, 2);
+        let text = patched(|v| {
+            v["rebalance"] = serde_json::json!({"auto": false, "fee_budget_percent": 5})
+        });
+        let w = load(&text, IDS).expect("config").wallet_settings();
+        assert_eq!(
+            (w.auto_rebalance, w.rebalance_fee_budget_percent),
+            (false, 5)
+        );
+        let text = patched(|v| v["rebalance"] = serde_json::json!({"fee_budget_percent": 51}));
+        assert_eq!(field_of(&text, IDS).0, "rebalance.fee_budget_percent");
+    }
+
+    #[test]
     fn duplicate_mint_after_canonicalisation_is_rejected() {
         let text = patched(|v| {
             let m = v["accepted_mints"][0].clone();
@@ -1406,5 +1540,46 @@ mod tests {
             c.merchant.keys.public_key()
         );
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn dns_budget_defaults_overrides_and_refusals() {
+        let c = load(&patched(|_| {}), IDS).expect("config");
+        assert_eq!(c.dataplane.dns_budget, crate::valve::DnsBudget::default());
+        assert_eq!(
+            (c.dataplane.dns_budget.rate, c.dataplane.dns_budget.burst),
+            (4096, 32768)
+        );
+        let c = load(
+            &patched(|v| {
+                v["dataplane"] = serde_json::json!({"dns_budget": {"rate_bytes_per_second": 1000,
+                    "burst_bytes": 8000, "max_udp_query_bytes": 300}})
+            }),
+            IDS,
+        )
+        .expect("config");
+        assert_eq!(
+            c.dataplane.dns_budget,
+            crate::valve::DnsBudget {
+                rate: 1000,
+                burst: 8000,
+                max_udp_payload: 300
+            }
+        );
+        for bad in [
+            serde_json::json!({"rate_bytes_per_second": 0}),
+            serde_json::json!({"burst_bytes": 100}),
+        ] {
+            let (field, _) = field_of(
+                &patched(|v| v["dataplane"] = serde_json::json!({"dns_budget": bad})),
+                IDS,
+            );
+            assert_eq!(field, "dataplane.dns_budget");
+        }
+        assert!(load(
+            &patched(|v| v["dataplane"] = serde_json::json!({"dns_budget": {"rate": 1}})),
+            IDS
+        )
+        .is_err());
     }
 }

@@ -4,8 +4,10 @@
 //!  config ─> valve (attach, reuse pins) ─> wallet (recover sagas) ─> store
 //!        ─> chandler.reconcile()   kernel ⇄ database: no free access, no lost allotment
 //!        ─> merchant.reconcile()   grants redeemed before a crash are applied
+//!        ─> lightning settle_open  invoices paid while we were down are minted and granted
 //!        ─> portal redirect (sysctl + nft table, when dataplane.portal_redirect is on)
-//!        ─> tasks: chandler (exhaustion events), payouts, upstream buyer (reseller mode),
+//!        ─> tasks: chandler (exhaustion events), payouts, lightning quotes, mint probe,
+//!           upstream buyer (reseller mode),
 //!           HTTP (LAN; + portal port), admin HTTP (loopback, + /metrics),
 //!           control socket (<state_dir>/control.sock, 0600: the operator API)
 //!  SIGINT/SIGTERM ─> tasks stop in reverse order, the nft table is removed; the data plane
@@ -31,6 +33,7 @@ use crate::{
     ops::{self, GatewayInfo, OpsState},
     portal,
     store::Store,
+    supervisor::{Policy, Supervisor},
     upstream::Upstream,
     valve::{DataPlaneMode, Gates, Prefix, Valve, ValveConfig},
     wallet::Wallet,
@@ -44,7 +47,6 @@ pub struct Overrides {
     pub wan_iface: Option<String>,
     pub listen: Option<std::net::SocketAddr>,
     pub admin_listen: Option<std::net::SocketAddr>,
-    pub pin_base: Option<PathBuf>,
 }
 
 /// Loads `config.json` + `identities.json`, creating a working default set when the directory
@@ -71,6 +73,12 @@ pub fn load_config(dir: &std::path::Path, o: &Overrides) -> Result<Config> {
         cfg.dataplane.wan_interface = Some(w.clone());
     }
     if let Some(l) = o.listen {
+        // `dataplane.portal_port` defaults to the listen port, derived when the file was
+        // validated: follow the override unless the file named another port.
+        if cfg.http.portal_port == cfg.http.listen.port() {
+            cfg.http.portal_port = l.port();
+            cfg.dataplane.portal_port = l.port();
+        }
         cfg.http.listen = l;
     }
     if let Some(a) = o.admin_listen {
@@ -151,6 +159,8 @@ pub fn valve_config(cfg: &Config, pin_base: Option<&PathBuf>) -> Result<ValveCon
     v.tcp_ports = ports;
     // XDP cannot mark packets: config validation leaves the mark unset in that mode.
     v.portal_mark = cfg.dataplane.portal_mark;
+    v.max_clients = Some(cfg.dataplane.max_clients);
+    v.dns_budget = Some(cfg.dataplane.dns_budget);
     v.garden = cfg
         .dataplane
         .garden_allow
@@ -229,14 +239,67 @@ pub async fn run(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let cancel = CancellationToken::new();
-    let chandler_task = tokio::spawn(chandler.clone().run(events, stop_rx.clone()));
-    let payouts = wallet.spawn_payouts(cancel.clone());
+    // Every long-running task is named and supervised: restarted with back-off when it ends
+    // or panics, shown in `status` and `/metrics`; a critical one that cannot run stops the
+    // daemon with a non-zero exit (systemd/procd restart it).
+    let tasks = Supervisor::new(cancel.clone());
+    {
+        // The kernel's event channel cannot be re-opened: the reader is one-shot.
+        let c = chandler.clone();
+        let stop = stop_rx.clone();
+        tasks.spawn_once("chandler", async move {
+            c.run(events, stop).await;
+            Ok(())
+        });
+    }
+    {
+        let (w, c) = (wallet.clone(), cancel.clone());
+        tasks.spawn("payouts", Policy::best_effort(), move || {
+            let (w, c) = (w.clone(), c.clone());
+            async move { w.spawn_payouts(c).await.map_err(|e| e.to_string()) }
+        });
+    }
     let neighbours = Arc::new(KernelNeighbours::new(
         cfg.neighbour.device_leases_file.clone(),
     ));
-    let mut state = AppState::new(&cfg.http, merchant, chandler.clone(), neighbours);
+    // Lightning checkout: quotes paid while we were down are granted now, then polled.
+    let checkout = Arc::new(crate::lightning::Checkout::new(
+        wallet.clone(),
+        merchant.clone(),
+        store.clone(),
+    ));
+    let granted = checkout.settle_open().await;
+    if granted > 0 {
+        tracing::info!(granted, "lightning quotes paid while down were granted");
+    }
+    {
+        let (ck, c) = (checkout.clone(), cancel.clone());
+        tasks.spawn("lightning", Policy::best_effort(), move || {
+            let (ck, c) = (ck.clone(), c.clone());
+            async move {
+                ck.run(c).await;
+                Ok(())
+            }
+        });
+    }
+    let mut state =
+        AppState::new(&cfg.http, merchant, chandler.clone(), neighbours).with_lightning(checkout);
+    {
+        let (w, r, c) = (
+            wallet.clone(),
+            state.mints_reachable.clone(),
+            cancel.clone(),
+        );
+        tasks.spawn("mint-watch", Policy::best_effort(), move || {
+            let (w, r, c) = (w.clone(), r.clone(), c.clone());
+            async move {
+                watch_mints(w, r, c).await;
+                Ok(())
+            }
+        });
+    }
     // Reseller mode: our own uplink is a paid TollGate; buy and renew access there.
-    let upstream_task = if cfg.upstream.reseller_mode {
+    if cfg.upstream.reseller_mode {
         let up = Upstream::new(
             cfg.upstream.settings.clone(),
             cfg.dataplane.wan_interface.clone(),
@@ -254,10 +317,15 @@ pub async fn run(
             }
         }
         state = state.with_upstream(up.clone());
-        Some(tokio::spawn(up.run(cancel.clone())))
-    } else {
-        None
-    };
+        let c = cancel.clone();
+        tasks.spawn("upstream", Policy::critical(), move || {
+            let (up, c) = (up.clone(), c.clone());
+            async move {
+                up.run(c).await;
+                Ok(())
+            }
+        });
+    }
     let ops = OpsState {
         app: state.clone(),
         wallet: wallet.clone(),
@@ -274,6 +342,7 @@ pub async fn run(
         probe_timeout: std::time::Duration::from_secs(3),
         arp_path: PathBuf::from("/proc/net/arp"),
         state_dir: cfg.store.state_dir.clone(),
+        tasks: tasks.clone(),
     };
     let control = crate::control::bind(&control_path)?;
     let lan = http::bind_lan(cfg.http.listen, cfg.http.lan_interface.as_deref())
@@ -291,49 +360,62 @@ pub async fn run(
     let admin = http::bind_lan(cfg.http.admin_listen, None)
         .with_context(|| format!("admin listener on {}", cfg.http.admin_listen))?;
     tracing::info!(listen = %cfg.http.listen, admin = %cfg.http.admin_listen, control = %control_path.display(), "tollgate is serving");
-    // The LAN API and the portal port count against the same caps; the admin its own.
+    // The servers own their listening sockets: one-shot, critical. The LAN API and the portal
+    // port count against the same caps; the admin its own.
+    let served = |r: std::io::Result<()>| r.map_err(|e| e.to_string());
     let lan_caps = http::Caps::new(&cfg.http_limits);
-    let api = tokio::spawn(http::serve(
-        lan,
-        http::router(state.clone()),
-        lan_caps.clone(),
-        cancel.clone().cancelled_owned(),
-    ));
-    let portal_api = portal_lan.map(|l| {
-        tokio::spawn(http::serve(
-            l,
+    {
+        let (app, caps, stop) = (
             http::router(state.clone()),
             lan_caps.clone(),
             cancel.clone().cancelled_owned(),
-        ))
-    });
-    let admin_api = tokio::spawn(http::serve(
-        admin,
-        ops::admin_tcp_router(ops.clone(), cfg.http_limits.admin_token.clone()),
-        http::Caps::new(&cfg.http_limits),
-        cancel.clone().cancelled_owned(),
-    ));
-    let control_api = {
+        );
+        tasks.spawn_once("api", async move {
+            served(http::serve(lan, app, caps, stop).await)
+        });
+    }
+    if let Some(l) = portal_lan {
+        let (app, caps, stop) = (
+            http::router(state.clone()),
+            lan_caps.clone(),
+            cancel.clone().cancelled_owned(),
+        );
+        tasks.spawn_once("portal", async move {
+            served(http::serve(l, app, caps, stop).await)
+        });
+    }
+    {
+        let (app, caps, stop) = (
+            ops::admin_tcp_router(ops.clone(), cfg.http_limits.admin_token.clone()),
+            http::Caps::new(&cfg.http_limits),
+            cancel.clone().cancelled_owned(),
+        );
+        tasks.spawn_once("admin", async move {
+            served(http::serve(admin, app, caps, stop).await)
+        });
+    }
+    {
         let stop = cancel.clone().cancelled_owned();
         let app = ops::control_router(ops);
-        tokio::spawn(async move { axum::serve(control, app).with_graceful_shutdown(stop).await })
-    };
+        tasks.spawn_once("control", async move {
+            served(axum::serve(control, app).with_graceful_shutdown(stop).await)
+        });
+    }
 
-    wait_for_signal().await;
-    tracing::info!("shutting down: the data plane stays attached and enforcing");
+    let fatal = tokio::select! {
+        _ = wait_for_signal() => None,
+        why = tasks.fatal() => Some(why),
+    };
+    match &fatal {
+        None => tracing::info!("shutting down: the data plane stays attached and enforcing"),
+        Some(why) => {
+            tracing::error!(reason = %why, "a critical task cannot run; shutting down (the data plane stays attached and enforcing)")
+        }
+    }
     cancel.cancel();
     let _ = stop_tx.send(true);
-    // Reverse start order.
-    let _ = control_api.await;
+    tasks.join().await;
     let _ = std::fs::remove_file(&control_path);
-    let _ = admin_api.await;
-    if let Some(p) = portal_api {
-        let _ = p.await;
-    }
-    let _ = api.await;
-    if let Some(t) = upstream_task {
-        let _ = t.await;
-    }
     if let Some(r) = redirect {
         if let Err(e) = valve.configure(&unmarked) {
             tracing::warn!(error = %e, "clearing the portal mark in the data plane");
@@ -344,10 +426,35 @@ pub async fn run(
             Err(e) => tracing::warn!(error = %e, "removing the portal redirect"),
         }
     }
-    let _ = payouts.await;
-    let _ = chandler_task.await;
     chandler.snapshot_all().ok();
-    Ok(())
+    match fatal {
+        Some(why) => anyhow::bail!("stopped because {why}"),
+        None => Ok(()),
+    }
+}
+
+/// Probes the accepted mints every 30 s (at once at start) and records whether any answers:
+/// `GET /` warns `no-reachable-mints` while none does.
+async fn watch_mints(
+    wallet: Wallet,
+    reachable: Arc<std::sync::atomic::AtomicBool>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let probes = tokio::select! {
+            _ = cancel.cancelled() => return,
+            p = wallet.probe_mints(std::time::Duration::from_secs(5)) => p,
+        };
+        let any = probes.is_empty() || probes.iter().any(|p| p.reachable);
+        let was = reachable.swap(any, std::sync::atomic::Ordering::Relaxed);
+        if was != any {
+            tracing::warn!(reachable = any, "accepted mints reachable: {any}");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+        }
+    }
 }
 
 async fn wait_for_signal() {
@@ -356,5 +463,34 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--listen` moves the portal port with it (it used to stay at the file's 2121), but an
+    /// explicit `dataplane.portal_port` stays.
+    #[test]
+    fn listen_override_moves_the_derived_portal_port() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        load_config(dir.path(), &Overrides::default()).expect("write the default config");
+        let o = Overrides {
+            listen: Some("0.0.0.0:8080".parse().expect("addr")),
+            ..Overrides::default()
+        };
+        let cfg = load_config(dir.path(), &o).expect("load");
+        assert_eq!(cfg.http.listen.port(), 8080);
+        assert_eq!(cfg.http.portal_port, 8080);
+        assert_eq!(cfg.dataplane.portal_port, 8080);
+
+        let path = dir.path().join("config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+        v["dataplane"]["portal_port"] = serde_json::json!(80);
+        std::fs::write(&path, v.to_string()).expect("write");
+        let cfg = load_config(dir.path(), &o).expect("load");
+        assert_eq!((cfg.http.portal_port, cfg.dataplane.portal_port), (80, 80));
     }
 }

@@ -8,6 +8,8 @@
 //!                  success carries `Server-Timing: redeem;dur=<ms>, total;dur=<ms>`
 //! GET  /whoami   text/plain  mac=aa:bb:…           GET /usage   used/allotment | -1/-1
 //! GET  /balance  JSON session summary             GET /captive RFC 8908 captive API
+//! POST /ln-invoice {"amount","mint_url"}  GET /ln-invoice?quote=  (lightning.rs; reference
+//!                shape: {"status":1,…} | {"status":0,"error"})   GET /ln-invoice/qr.svg?quote=
 //! GET  /portal   the portal page (+ /portal/app.js, /portal/style.css; strict CSP)
 //!
 //! any request on a connection that came through the captive-portal redirect (its socket
@@ -58,6 +60,12 @@ pub struct AppState {
     pub upstream: Option<Arc<crate::upstream::Upstream>>,
     /// Connections accepted with this mark came through the portal redirect.
     pub portal_mark: Option<u32>,
+    /// The Lightning checkout (`/ln-invoice`), when the daemon runs with a wallet.
+    pub lightning: Option<Arc<crate::lightning::Checkout>>,
+    /// False while no accepted mint answers (the daemon probes them): `GET /` then answers the
+    /// reference's kind-21023 `no-reachable-mints` warning instead of selling what we cannot
+    /// redeem.
+    pub mints_reachable: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AppState {
@@ -75,7 +83,15 @@ impl AppState {
             portal_port: cfg.portal_port,
             upstream: None,
             portal_mark: cfg.portal_mark,
+            lightning: None,
+            mints_reachable: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         }
+    }
+
+    /// Adds the Lightning checkout (`/ln-invoice`).
+    pub fn with_lightning(mut self, checkout: Arc<crate::lightning::Checkout>) -> Self {
+        self.lightning = Some(checkout);
+        self
     }
 
     /// Adds the upstream buyer (reseller mode).
@@ -261,6 +277,11 @@ pub fn router(state: AppState) -> Router {
         .route("/usage", get(usage))
         .route("/balance", get(balance))
         .route("/captive", get(captive))
+        .route(
+            "/ln-invoice",
+            get(ln_invoice_status).post(ln_invoice_create),
+        )
+        .route("/ln-invoice/qr.svg", get(ln_invoice_qr))
         .route("/portal", get(portal_page))
         .route("/portal/app.js", get(portal_js))
         .route("/portal/style.css", get(portal_css))
@@ -300,6 +321,19 @@ async fn admin_upstream(State(st): State<AppState>) -> Response {
 }
 
 async fn advertisement(State(st): State<AppState>) -> Result<Response, ApiError> {
+    if !st
+        .mints_reachable
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        let mut e = st.err(
+            status_for(NoticeCode::NoReachableMints),
+            NoticeCode::NoReachableMints,
+            "none of the accepted mints can be reached right now; try again shortly",
+        );
+        e.notice.level = protocol::Level::Warning;
+        e.retry_after = Some(30);
+        return Err(e);
+    }
     let json = st
         .merchant
         .advertisement()
@@ -307,9 +341,16 @@ async fn advertisement(State(st): State<AppState>) -> Result<Response, ApiError>
     Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response())
 }
 
+/// The client address a reverse proxy on loopback names: `X-Real-IP` first, then the first
+/// `X-Forwarded-For` entry (the reference's order). `client_ip` trusts it only from loopback.
+fn forwarded(headers: &HeaderMap) -> Option<&str> {
+    ["x-real-ip", "x-forwarded-for"]
+        .iter()
+        .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
+}
+
 async fn mac_of(st: &AppState, peer: SocketAddr, headers: &HeaderMap) -> Result<MacAddr, ApiError> {
-    let xff = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
-    let ip = client_ip(peer, xff);
+    let ip = client_ip(peer, forwarded(headers));
     let n = st.neighbours.clone();
     // The kernel lookup may spawn `ip` (IPv6): keep it off the async workers.
     let r = tokio::task::spawn_blocking(move || n.mac_of(ip))
@@ -352,10 +393,7 @@ async fn pay(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let ip = client_ip(
-        peer,
-        headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()),
-    );
+    let ip = client_ip(peer, forwarded(&headers));
     if let Err(wait) = st.limiter.check(ip) {
         let mut e = st.err(
             StatusCode::TOO_MANY_REQUESTS,
@@ -393,6 +431,12 @@ async fn pay(
     let customer = payment.customer;
     match st.merchant.purchase(mac, payment).await {
         Ok(p) => {
+            // Bind the gate to where the money came from (a MAC clone elsewhere gets nothing).
+            if !p.replayed {
+                if let Err(e) = st.chandler.bind(mac, ip) {
+                    tracing::warn!(%mac, %ip, error = %e, "binding the gate to the payer's address");
+                }
+            }
             let timing = server_timing(p.redeem, started.elapsed());
             let mut resp =
                 ([(header::CONTENT_TYPE, "application/json")], p.session_json).into_response();
@@ -422,8 +466,16 @@ async fn whoami(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let mac = mac_of(&st, peer, &headers).await?;
-    Ok(([(header::CONTENT_TYPE, "text/plain")], format!("mac={mac}")).into_response())
+    // HTTP-02/03 clients poll these and give up on an error status: an unknown device is
+    // answered 200 with "no session" (the lookup failure is logged, not a client error).
+    let text = match mac_of(&st, peer, &headers).await {
+        Ok(mac) => format!("mac={mac}"),
+        Err(e) => {
+            tracing::debug!(%peer, error = %e.notice.message, "whoami without a MAC");
+            "mac=unknown".to_string()
+        }
+    };
+    Ok(([(header::CONTENT_TYPE, "text/plain")], text).into_response())
 }
 
 /// The device's active session. SQLite runs on the blocking pool: the store's mutex may be
@@ -449,7 +501,9 @@ async fn usage(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let mac = mac_of(&st, peer, &headers).await?;
+    let Ok(mac) = mac_of(&st, peer, &headers).await else {
+        return Ok(([(header::CONTENT_TYPE, "text/plain")], "-1/-1").into_response());
+    };
     let text = match session_of(&st, mac).await? {
         Some(s) => format!("{}/{}", s.used, s.allotment),
         None => "-1/-1".to_string(),
@@ -462,10 +516,26 @@ async fn balance(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let mac = mac_of(&st, peer, &headers).await?;
-    let s = session_of(&st, mac).await?;
     let metric = st.chandler.metric();
+    let mac = match mac_of(&st, peer, &headers).await {
+        Ok(mac) => mac,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e.notice.message, "balance without a MAC");
+            return Ok(Json(serde_json::json!({
+                "status": 1,
+                "session_active": false,
+                "metric": metric.as_str(),
+                "usage": 0,
+                "allotment": 0,
+                "remaining": 0,
+            }))
+            .into_response());
+        }
+    };
+    let s = session_of(&st, mac).await?;
     let v = serde_json::json!({
+        // The reference's field: 1 = this answer is valid (0 only with `error`, never here).
+        "status": 1,
         "session_active": s.is_some(),
         "metric": metric.as_str(),
         "usage": s.as_ref().map_or(0, |s| s.used),
@@ -518,6 +588,158 @@ async fn captive(
         v.to_string(),
     )
         .into_response()
+}
+
+// ------------------------------------------------------------------ Lightning checkout
+
+/// The reference's `/ln-invoice` body: `{"amount": N, "mint_url": "…"}` (`mint` also read).
+#[derive(Deserialize)]
+struct LnInvoiceRequest {
+    amount: u64,
+    #[serde(default)]
+    mint_url: Option<String>,
+    #[serde(default)]
+    mint: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct LnQuoteQuery {
+    #[serde(default)]
+    quote: Option<String>,
+}
+
+/// The reference's failure shape: `{"status":0,"error":"…"}` (the portal shows `error`).
+fn ln_error(status: u16, error: impl Into<String>) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let v = serde_json::json!({"status": 0, "error": error.into()});
+    (status, Json(v)).into_response()
+}
+
+fn ln_view(v: &crate::lightning::QuoteView, with_invoice: bool) -> Response {
+    let mut j = serde_json::json!({
+        "status": 1,
+        "quote": v.quote,
+        "mint_url": v.mint_url,
+        "amount": v.amount,
+        "state": v.state,
+        "access_granted": v.access_granted,
+        "metric": v.metric.as_str(),
+    });
+    if with_invoice {
+        j["invoice"] = v.invoice.clone().into();
+        j["expiry"] = v.expiry.into();
+    }
+    if v.access_granted {
+        j["allotment"] = v.allotment.into();
+    }
+    ([(header::CACHE_CONTROL, "no-store")], Json(j)).into_response()
+}
+
+async fn ln_invoice_create(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let Some(ln) = st.lightning.clone() else {
+        return ln_error(404, "lightning checkout is not enabled on this gateway");
+    };
+    let ip = client_ip(peer, forwarded(&headers));
+    if let Err(wait) = st.limiter.check(ip) {
+        let mut r = ln_error(429, format!("too many requests; retry in {wait}s"));
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(wait.max(1)));
+        return r;
+    }
+    let Ok(body) = body else {
+        return ln_error(400, "invalid request body");
+    };
+    let Ok(req) = serde_json::from_slice::<LnInvoiceRequest>(&body) else {
+        return ln_error(
+            400,
+            "invalid request body: expected {\"amount\",\"mint_url\"}",
+        );
+    };
+    let mint = req
+        .mint_url
+        .or(req.mint)
+        .map(|m| m.trim().to_string())
+        .unwrap_or_default();
+    if req.amount == 0 || mint.is_empty() {
+        return ln_error(400, "amount and mint_url are required");
+    }
+    let mac = match mac_of(&st, peer, &headers).await {
+        Ok(m) => m,
+        Err(_) => return ln_error(400, "failed to resolve device MAC address"),
+    };
+    match ln.create(mac, &mint, req.amount).await {
+        Ok(v) => ln_view(&v, true),
+        Err(e) => {
+            tracing::info!(%mac, error = %e, "lightning invoice refused");
+            ln_error(e.status(), e.to_string())
+        }
+    }
+}
+
+async fn ln_invoice_status(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(q): Query<LnQuoteQuery>,
+) -> Response {
+    let Some(ln) = st.lightning.clone() else {
+        return ln_error(404, "lightning checkout is not enabled on this gateway");
+    };
+    let quote = q.quote.unwrap_or_default();
+    let quote = quote.trim();
+    if quote.is_empty() || quote.len() > 256 {
+        return ln_error(400, "quote is required");
+    }
+    let mac = match mac_of(&st, peer, &headers).await {
+        Ok(m) => m,
+        Err(_) => return ln_error(400, "failed to resolve device MAC address"),
+    };
+    match ln.status(mac, quote).await {
+        Ok(v) => ln_view(&v, false),
+        Err(e) => {
+            tracing::debug!(%mac, error = %e, "lightning status");
+            ln_error(e.status(), e.to_string())
+        }
+    }
+}
+
+/// The QR code of the device's own invoice, as SVG (the portal's `<img>`).
+async fn ln_invoice_qr(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(q): Query<LnQuoteQuery>,
+) -> Response {
+    let Some(ln) = st.lightning.clone() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let Ok(mac) = mac_of(&st, peer, &headers).await else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    let quote = q.quote.unwrap_or_default();
+    match ln
+        .invoice_of(mac, quote.trim())
+        .and_then(|i| crate::lightning::invoice_qr_svg(&i))
+    {
+        Ok(svg) => (
+            [
+                (header::CONTENT_TYPE, "image/svg+xml"),
+                (header::CACHE_CONTROL, "no-store"),
+                (header::CONTENT_SECURITY_POLICY, portal::CSP),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            ],
+            svg,
+        )
+            .into_response(),
+        Err(e) => StatusCode::from_u16(e.status())
+            .unwrap_or(StatusCode::NOT_FOUND)
+            .into_response(),
+    }
 }
 
 // ------------------------------------------------------------------ captive portal
@@ -704,6 +926,21 @@ pub fn is_local_origin(origin: &str) -> bool {
     }
 }
 
+/// Is `origin` a page from the host this request is addressed to (another port of the same
+/// router, e.g. the shipped portal on :80 calling :2121)? The browser sets `Origin` and the
+/// request reached us under `host`, so the page's server is us or our own host name.
+pub fn same_host(origin: &str, host: Option<&str>) -> bool {
+    let (Ok(o), Some(h)) = (url::Url::parse(origin), host) else {
+        return false;
+    };
+    let Ok(h) = url::Url::parse(&format!("http://{h}")) else {
+        return false;
+    };
+    matches!(o.scheme(), "http" | "https")
+        && o.host_str().is_some()
+        && o.host_str().map(str::to_ascii_lowercase) == h.host_str().map(str::to_ascii_lowercase)
+}
+
 /// CORS for local origins only; a foreign origin's preflight or POST is refused.
 async fn cors(req: Request<axum::body::Body>, next: Next) -> Response {
     let origin = req
@@ -714,7 +951,11 @@ async fn cors(req: Request<axum::body::Body>, next: Next) -> Response {
     let Some(origin) = origin else {
         return next.run(req).await;
     };
-    let local = is_local_origin(&origin);
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok());
+    let local = is_local_origin(&origin) || same_host(&origin, host);
     if !local && (req.method() == Method::OPTIONS || req.method() == Method::POST) {
         return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
     }

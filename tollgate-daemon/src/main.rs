@@ -6,8 +6,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tollgate::control::{exit, ControlClient, ControlError};
 use tollgate::ops::{
-    self, format, BalanceRow, ClientRow, GateRequest, PayoutRow, ReceiveAnswer, ReceiveRequest,
-    SendAnswer, SendRequest, StatusReport,
+    self, format, BalanceRow, ClientRow, GateRequest, PayoutRow, RebalanceAnswer, RebalanceRequest,
+    ReceiveAnswer, ReceiveRequest, SendAnswer, SendRequest, StatusReport,
 };
 use tollgate::valve::{self, Allowance, DataPlaneMode, Gates, MacAddr, Prefix, Valve, ValveConfig};
 
@@ -145,6 +145,19 @@ enum WalletCmd {
         #[arg(long)]
         amount: u64,
     },
+    /// Move AMOUNT sat to the accepted mint --to over Lightning, from --from or else from the
+    /// accepted mint with the most available. Fees (Lightning + input fees) are capped by
+    /// rebalance.fee_budget_percent; a kill midway is finished or undone at the next start.
+    Rebalance {
+        #[command(flatten)]
+        c: CtlOpts,
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        amount: u64,
+        #[arg(long)]
+        from: Option<String>,
+    },
     /// Print the wallet's BIP-39 words (read from the state directory; no daemon needed).
     /// Refuses when stdout is not a terminal (a pipe or a log file would keep the seed)
     /// unless --force.
@@ -245,7 +258,6 @@ impl RunOpts {
             wan_iface: self.wan_iface.clone(),
             listen: self.listen,
             admin_listen: self.admin_listen,
-            pin_base: self.pin_base.clone(),
         }
     }
 }
@@ -523,6 +535,35 @@ async fn wallet(cmd: WalletCmd) -> Result<()> {
                 println!("{}", r.token);
             }
             Ok(())
+        }
+        WalletCmd::Rebalance {
+            c,
+            to,
+            amount,
+            from,
+        } => {
+            if amount == 0 {
+                bail!("--amount must be at least 1");
+            }
+            let r: RebalanceAnswer = c
+                .client()
+                .post_json(
+                    "/ops/wallet/rebalance",
+                    &RebalanceRequest { to, amount, from },
+                )
+                .await?;
+            print_out(c.json, &r, |r| {
+                match r.state.as_str() {
+                "done" => format!(
+                    "moved {} sat from {} to {} (fee {}); rebalance {}\n",
+                    r.amount, r.source, r.target, r.fee, r.id
+                ),
+                other => format!(
+                    "rebalance {} of {} sat from {} to {} is {other}; the daemon finishes it at its next start\n",
+                    r.id, r.amount, r.source, r.target
+                ),
+            }
+            })
         }
         WalletCmd::Backup {
             state_dir,

@@ -4,11 +4,15 @@
 //! ```text
 //! purchase(mac, payment)
 //!  1 chandler.check(mac)                 pre-flight: can a gate open? (before taking money)
-//!  2 redeemer.inspect(token)             offline: decode, mint accepted, unit, not locked
+//!  2 redeemer.inspect(token)             offline: decode, mint accepted, unit, not locked,
+//!                                        face value below purchase_min_steps → refused, the
+//!                                        token is not redeemed and stays the customer's
 //!  3 ── spawned task (survives the request timeout) ──────────────────────────────────────
-//!    per-token lock; grant row (redeeming, token stored, fsync)  ─ known token? replay answer
+//!    per-token lock; known token? replay answer; received by the wallet outside a grant
+//!    (`tollgate wallet receive`)? → token-spent; grant row (redeeming, token stored, fsync)
 //!    redeemer.receive(token)             idempotent per token id → grant redeemed (gross, net)
-//!  4 steps = net / price_per_step        below purchase_min_steps → rejected-below-min notice
+//!  4 steps = net / price_per_step        below purchase_min_steps (the mint's input fee took
+//!                                        the difference) → rejected-below-min notice
 //!  5 chandler.add(mac, steps × step_size, grant)  kernel op, then ONE tx: session + grant
 //!                                                 applied + the signed kind-1022 answer
 //! ```
@@ -90,6 +94,8 @@ pub trait Redeemer: Send + Sync + 'static {
     fn inspect(&self, token: &str) -> Result<TokenInfo, RedeemError>;
     /// Swaps the token at its mint; idempotent and durable per token id.
     async fn receive(&self, token: &str) -> Result<Receipt, RedeemError>;
+    /// Whether the wallet already received (or is receiving) this token, by any path.
+    fn has_receipt(&self, token_id: &str) -> Result<bool, RedeemError>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -273,7 +279,8 @@ impl Merchant {
                     price_per_step: m.price_per_step,
                     unit: m.unit.clone(),
                     mint_url: m.url.clone(),
-                    min_steps: m.purchase_min_steps,
+                    // What we enforce (`steps_for`): at least one step. Wally rejects 0.
+                    min_steps: m.purchase_min_steps.max(1),
                 })
                 .collect(),
         };
@@ -345,6 +352,12 @@ impl Merchant {
         let info = self.redeemer.inspect(&payment.token)?;
         let offer = self.offer_for(&info.mint, &info.unit)?;
         let token_id = info.token_id.clone();
+        // The face value bounds what the swap can credit: too little is refused before the
+        // mint sees the token, so it stays the customer's. (A grant already stored for this
+        // token keeps its own answer.)
+        if !steps_for(info.amount, offer).1 && self.store.grant(&token_id)?.is_none() {
+            return Err(self.below_minimum_unredeemed(info.amount, offer, payment.customer)?);
+        }
         let grant = Grant {
             token_id: info.token_id,
             token: payment.token,
@@ -373,6 +386,42 @@ impl Merchant {
             }),
             Err(_) => Err(MerchantError::Timeout { token_id }),
         }
+    }
+
+    /// The refusal of a token whose face value is below the minimum purchase.
+    fn below_minimum_unredeemed(
+        &self,
+        amount: u64,
+        offer: &MintOffer,
+        customer: Option<PublicKey>,
+    ) -> Result<MerchantError, MerchantError> {
+        let (steps, _) = steps_for(amount, offer);
+        let mut notice = Notice::error(
+            NoticeCode::SessionError,
+            format!(
+                "the token is worth {amount} {unit} = {steps} steps at {price} {unit}/step, below \
+                 the minimum purchase of {min} steps; it was not redeemed and is still yours",
+                unit = offer.unit,
+                price = offer.price_per_step,
+                min = offer.purchase_min_steps.max(1),
+            ),
+        );
+        notice.customer = customer;
+        Ok(MerchantError::BelowMinimum {
+            steps,
+            min_steps: offer.purchase_min_steps,
+            notice_json: self.notice(&notice)?,
+        })
+    }
+
+    /// A token the wallet received outside any grant (e.g. `tollgate wallet receive`) is the
+    /// operator's already: selling access for it again would credit one token twice.
+    fn refuse_if_received_elsewhere(&self, token_id: &str) -> Result<(), MerchantError> {
+        if self.redeemer.has_receipt(token_id)? {
+            tracing::warn!(%token_id, "token already received by the wallet outside a grant; refused");
+            return Err(RedeemError::TokenSpent.into());
+        }
+        Ok(())
     }
 
     fn offer_for(&self, mint: &str, unit: &str) -> Result<&MintOffer, MerchantError> {
@@ -408,13 +457,24 @@ impl Merchant {
         let grant = match self.store.grant(&new.token_id)? {
             // A definitive failure swapped nothing: this request's own token string gets its
             // chance (a corrupted copy of a token must not poison the genuine one).
-            Some(g)
-                if g.status == GrantStatus::Failed && self.store.retry_failed_grant(&new)? =>
-            {
-                new
+            Some(g) if g.status == GrantStatus::Failed => {
+                // A failed grant swapped nothing, so a receipt means another path received it.
+                self.refuse_if_received_elsewhere(&new.token_id)?;
+                if !self.store.retry_failed_grant(&new)? {
+                    g
+                } else {
+                    new
+                }
+            }
+            // Another device's token (already applied to it, or being redeemed for it): for
+            // this device it is spent. Its answer would hand over A's session and identity.
+            Some(g) if g.mac != new.mac => {
+                tracing::info!(token_id = %g.token_id, "token of another device posted again");
+                return Err(RedeemError::TokenSpent.into());
             }
             Some(g) => g,
             None => {
+                self.refuse_if_received_elsewhere(&new.token_id)?;
                 // Durable before the mint sees the token: a crash after the swap is recoverable.
                 // The fsync runs off the async workers so other requests keep being served.
                 let (store, g) = (self.store.clone(), new.clone());
@@ -566,6 +626,54 @@ impl Merchant {
         })
     }
 
+    /// Can a gate open for `mac` (before a customer is asked to pay)?
+    pub fn preflight(&self, mac: MacAddr) -> Result<(), MerchantError> {
+        self.chandler
+            .check(mac)
+            .map_err(|source| MerchantError::Unavailable { mac, source })
+    }
+
+    /// Grants value already in our wallet (a paid Lightning quote, minted): the same
+    /// allotment rules and top-up as a token. `grant_id` (`ln:<quote>`) is the grant's key,
+    /// so however often this runs (polls, restarts) the device is credited once.
+    pub async fn grant_minted(
+        &self,
+        grant_id: &str,
+        mac: MacAddr,
+        mint: &str,
+        amount: u64,
+    ) -> Result<Purchase, MerchantError> {
+        let offer = self.offer_for(mint, "sat")?.clone();
+        let lock = self.token_lock(grant_id);
+        let _held = lock.lock().await;
+        let grant = match self.store.grant(grant_id)? {
+            Some(g) => g,
+            None => {
+                let g = Grant {
+                    token_id: grant_id.to_string(),
+                    token: grant_id.to_string(),
+                    mac,
+                    customer: None,
+                    mint: offer.url.clone(),
+                    unit: offer.unit.clone(),
+                    gross: amount,
+                    net: amount,
+                    steps: 0,
+                    allotment: 0,
+                    metric: self.cfg.metric,
+                    status: GrantStatus::Redeemed,
+                    answer: None,
+                    error: None,
+                    created_unix: protocol::unix_now(),
+                };
+                self.store.insert_grant(&g)?;
+                self.count(&offer.url, "lightning", amount);
+                g
+            }
+        };
+        self.finish(grant).await
+    }
+
     /// Start-up: finish grants stuck in `redeeming` / `redeemed` (receive is idempotent).
     /// Returns how many were applied.
     pub async fn reconcile(&self) -> Result<usize, MerchantError> {
@@ -665,6 +773,9 @@ pub(crate) mod fake {
                 replayed,
             })
         }
+        fn has_receipt(&self, token_id: &str) -> Result<bool, RedeemError> {
+            Ok(self.received.lock().expect("lock").contains_key(token_id))
+        }
     }
 }
 
@@ -700,17 +811,26 @@ pub(crate) mod tests {
     }
 
     pub fn rig(price: u64, min: u64, timeout: Duration) -> Rig {
+        rig_with_fee(price, min, timeout, 0)
+    }
+
+    /// A rig whose fake mint takes `fee` per receive.
+    pub fn rig_with_fee(price: u64, min: u64, timeout: Duration, fee: u64) -> Rig {
         let gates = Arc::new(FakeGates::new());
         let store = Arc::new(Store::open_in_memory().expect("db"));
         let chandler = Arc::new(Chandler::new(
             ChandlerConfig {
                 metric: Metric::Bytes,
                 usage_snapshot_interval: Duration::from_secs(1),
+                closed_retention: Duration::from_secs(60),
             },
             gates.clone(),
             store.clone(),
         ));
-        let redeemer = Arc::new(FakeRedeemer::default());
+        let redeemer = Arc::new(FakeRedeemer {
+            fee,
+            ..Default::default()
+        });
         let cfg = MerchantConfig {
             metric: Metric::Bytes,
             step_size: 1000,
@@ -776,6 +896,54 @@ pub(crate) mod tests {
         assert_eq!(r.gates.lock().gates[&mac()].remaining_bytes, Some(5000));
     }
 
+    /// Issue 12 item 3: device B posts the token already applied to device A. The shipped
+    /// portal treats any 200 as "access granted", and A's kind 1022 names A's MAC.
+    #[tokio::test]
+    async fn another_devices_token_is_spent_and_does_not_leak_its_session() {
+        let r = rig(1, 0, Duration::from_secs(5));
+        r.redeemer.add("cashuBa", MINT, 5, Ok(()));
+        r.merchant
+            .purchase(mac(), pay("cashuBa"))
+            .await
+            .expect("A pays");
+        let b: MacAddr = "02:00:00:00:00:02".parse().expect("mac");
+        let e = r
+            .merchant
+            .purchase(b, pay("cashuBa"))
+            .await
+            .expect_err("B must not get A's session");
+        assert_eq!(e.code(), NoticeCode::TokenSpent, "{e}");
+        assert!(!e.to_string().contains(&mac().to_string()), "{e}");
+        assert!(
+            r.chandler.usage(b).expect("usage").is_none(),
+            "B got nothing"
+        );
+        assert_eq!(r.redeemer.calls(), 1, "no second swap");
+        // A's own retry still gets its stored answer.
+        let again = r.merchant.purchase(mac(), pay("cashuBa")).await;
+        assert!(again.expect("A retries").replayed);
+    }
+
+    /// Issue 12 item 5: we enforce at least one step, so we advertise at least one (Wally
+    /// rejects an advertisement whose minimum is 0).
+    #[test]
+    fn advertises_the_minimum_it_enforces() {
+        let r = rig(1, 0, Duration::from_secs(5));
+        let ev = nostr::Event::from_json(r.merchant.advertisement().expect("ad")).expect("ev");
+        let ad = Advertisement::from_event(&ev).expect("10021");
+        assert_eq!(ad.prices[0].min_steps, 1);
+        let limits: Vec<&[String]> = ev
+            .tags
+            .iter()
+            .map(|t| t.as_slice())
+            .filter(|t| t[0] == "step_purchase_limits")
+            .collect();
+        assert_eq!(
+            limits,
+            vec![&["step_purchase_limits", "1", "0"].map(String::from)[..]]
+        );
+    }
+
     #[tokio::test]
     async fn a_corrupted_copy_does_not_poison_the_genuine_token() {
         let r = rig(1, 0, Duration::from_secs(5));
@@ -829,9 +997,11 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
-    async fn below_minimum_keeps_value_and_says_so() {
-        let r = rig(2, 3, Duration::from_secs(5));
-        r.redeemer.add("cashuBsmall", MINT, 5, Ok(()));
+    async fn below_minimum_after_the_fee_keeps_value_and_says_so() {
+        // Face value 6 = 3 steps passes the check before redeeming; the mint's fee of 1
+        // leaves 5 = 2 steps, below the minimum of 3.
+        let r = rig_with_fee(2, 3, Duration::from_secs(5), 1);
+        r.redeemer.add("cashuBsmall", MINT, 6, Ok(()));
         let e = r
             .merchant
             .purchase(mac(), pay("cashuBsmall"))
@@ -865,6 +1035,54 @@ pub(crate) mod tests {
             matches!(e2, MerchantError::BelowMinimum { notice_json: ref n, .. } if n == notice_json)
         );
         assert_eq!(r.redeemer.calls(), 1);
+    }
+
+    /// Before: the token was redeemed first and refused after (kept by the gateway).
+    #[tokio::test]
+    async fn below_minimum_face_value_is_refused_before_redeeming() {
+        let r = rig(2, 3, Duration::from_secs(5));
+        r.redeemer.add("cashuBsmall", MINT, 5, Ok(()));
+        for _ in 0..2 {
+            let e = r
+                .merchant
+                .purchase(mac(), pay("cashuBsmall"))
+                .await
+                .expect_err("below min");
+            let MerchantError::BelowMinimum {
+                steps, notice_json, ..
+            } = &e
+            else {
+                panic!("{e:?}")
+            };
+            assert_eq!(*steps, 2);
+            assert!(notice_json.contains("still yours"), "{notice_json}");
+            assert_eq!(e.code(), NoticeCode::SessionError);
+        }
+        assert_eq!(r.redeemer.calls(), 0, "the mint never saw the token");
+        assert!(r.store.grant("id-cashuBsmall").expect("g").is_none());
+        assert!(r.chandler.usage(mac()).expect("usage").is_none());
+    }
+
+    /// Before: the wallet's `replayed` receipt was ignored and a second grant was created.
+    #[tokio::test]
+    async fn a_token_the_operator_already_received_is_token_spent() {
+        let r = rig(1, 0, Duration::from_secs(5));
+        r.redeemer.add("cashuBmine", MINT, 5, Ok(()));
+        // `tollgate wallet receive cashuBmine`: the wallet credits it, no grant exists.
+        Redeemer::receive(&*r.redeemer, "cashuBmine")
+            .await
+            .expect("operator receive");
+        for _ in 0..2 {
+            let e = r
+                .merchant
+                .purchase(mac(), pay("cashuBmine"))
+                .await
+                .expect_err("replay");
+            assert_eq!(e.code(), NoticeCode::TokenSpent, "{e:?}");
+        }
+        assert!(r.chandler.usage(mac()).expect("usage").is_none());
+        assert!(r.store.grant("id-cashuBmine").expect("g").is_none());
+        assert_eq!(r.redeemer.calls(), 1, "only the operator's receive");
     }
 
     #[tokio::test]
@@ -1126,5 +1344,9 @@ impl Redeemer for Wallet {
         Wallet::receive(self, token)
             .await
             .map_err(RedeemError::from)
+    }
+
+    fn has_receipt(&self, token_id: &str) -> Result<bool, RedeemError> {
+        Wallet::has_receipt(self, token_id).map_err(RedeemError::from)
     }
 }

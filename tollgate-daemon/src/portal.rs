@@ -4,6 +4,8 @@
 //! ```text
 //!  unpaid client ── TCP/80 SYN ──> tc ingress (eBPF): skb mark = portal_mark
 //!      ──> nft `inet tollgate_<lan>` prerouting: iif lan, mark, dport 80 ─> redirect :portal_port
+//!          forward: iif lan, mark ─> drop (NAT only rewrites a connection's first packet, so a
+//!          connection opened while paid would otherwise still be forwarded after the gate shut)
 //!      ──> accept(): tcp_fwmark_accept=1 ─> the socket inherits the mark
 //!            http: SO_MARK == portal_mark ─> [`answer`] (302 to /portal, probes included)
 //!            replies carry the mark ─> tc egress lets source-port-80 answers through
@@ -77,6 +79,10 @@ pub fn ruleset(iface: &str, mark: u32, port: u16) -> Result<String, PortalError>
          \tchain portal_redirect {{\n\
          \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
          \t\tiifname \"{iface}\" meta mark {mark:#010x} tcp dport 80 redirect to :{port}\n\
+         \t}}\n\
+         \tchain portal_forward {{\n\
+         \t\ttype filter hook forward priority filter; policy accept;\n\
+         \t\tiifname \"{iface}\" meta mark {mark:#010x} drop\n\
          \t}}\n\
          }}\n"
     ))
@@ -314,7 +320,10 @@ mod tests {
             "table inet tollgate_lan0 {\n}\ndelete table inet tollgate_lan0\n\
              table inet tollgate_lan0 {\n\tchain portal_redirect {\n\
              \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
-             \t\tiifname \"lan0\" meta mark 0x00007467 tcp dport 80 redirect to :2121\n\t}\n}\n"
+             \t\tiifname \"lan0\" meta mark 0x00007467 tcp dport 80 redirect to :2121\n\t}\n\
+             \tchain portal_forward {\n\
+             \t\ttype filter hook forward priority filter; policy accept;\n\
+             \t\tiifname \"lan0\" meta mark 0x00007467 drop\n\t}\n}\n"
         );
         assert_eq!(
             removal("br-lan.10").expect("removal"),

@@ -120,6 +120,15 @@ impl Advertisement {
         let mut tips = vec!["tips".to_string()];
         tips.extend(self.tips.iter().cloned());
         tags.push(tips);
+        // The optional tag the shipped portal reads: the smallest purchase any option allows
+        // (never 0: a purchase is at least one step), no maximum ("0").
+        if let Some(min) = self.prices.iter().map(|p| p.min_steps.max(1)).min() {
+            tags.push(vec![
+                "step_purchase_limits".into(),
+                min.to_string(),
+                "0".into(),
+            ]);
+        }
         for p in &self.prices {
             tags.push(vec![
                 "price_per_step".into(),
@@ -145,27 +154,11 @@ impl Advertisement {
         let tips = find_tag(event, "tips")
             .map(|t| t[1..].to_vec())
             .unwrap_or_default();
-        let mut prices = Vec::new();
-        for t in tags_named(event, "price_per_step") {
-            let bad = |reason: &str| ProtocolError::BadTag {
-                tag: "price_per_step",
-                reason: reason.to_string(),
-            };
-            if t.len() < 5 || t[1] != "cashu" {
-                return Err(bad(
-                    "expected [\"price_per_step\",\"cashu\",price,unit,mint,min]",
-                ));
-            }
-            prices.push(PriceOption {
-                price_per_step: t[2].parse().map_err(|_| bad("price is not an integer"))?,
-                unit: t[3].clone(),
-                mint_url: t[4].clone(),
-                min_steps: match t.get(5) {
-                    Some(v) => v.parse().map_err(|_| bad("min_steps is not an integer"))?,
-                    None => 0,
-                },
-            });
-        }
+        // TIP-02: one tag per bearer asset; a tag we cannot use (another asset type, or
+        // malformed) is skipped like the reference does, the others still sell.
+        let prices: Vec<PriceOption> = tags_named(event, "price_per_step")
+            .filter_map(price_option)
+            .collect();
         if prices.is_empty() {
             return Err(ProtocolError::MissingTag {
                 tag: "price_per_step",
@@ -178,6 +171,22 @@ impl Advertisement {
             prices,
         })
     }
+}
+
+/// One `price_per_step` tag, or `None` when it is not a usable cashu price.
+fn price_option(t: &[String]) -> Option<PriceOption> {
+    if t.len() < 5 || t[1] != "cashu" {
+        return None;
+    }
+    Some(PriceOption {
+        price_per_step: t[2].parse().ok()?,
+        unit: t[3].clone(),
+        mint_url: t[4].clone(),
+        min_steps: match t.get(5) {
+            Some(v) => v.parse().ok()?,
+            None => 0,
+        },
+    })
 }
 
 /// The kind-1022 session answer.
@@ -526,9 +535,12 @@ fn metric_tag(event: &Event) -> Result<Metric, ProtocolError> {
         })
 }
 
+/// The `p` tag of a kind 1022: the spec's customer pubkey, or the customer's MAC, which every
+/// reference release puts there (a known deviation we accept; the MAC is not a customer key).
 fn customer_tag(event: &Event) -> Result<Option<PublicKey>, ProtocolError> {
     match tag_value(event, "p")? {
         None => Ok(None),
+        Some(v) if v.parse::<MacAddr>().is_ok() => Ok(None),
         Some(v) => PublicKey::from_hex(&v)
             .map(Some)
             .map_err(|e| ProtocolError::BadTag {
@@ -632,6 +644,7 @@ pub(crate) mod tests {
                 ["metric", "bytes"],
                 ["step_size", "22020096"],
                 ["tips", "1", "2"],
+                ["step_purchase_limits", "1", "0"],
                 [
                     "price_per_step",
                     "cashu",
@@ -676,6 +689,85 @@ pub(crate) mod tests {
         independently_verify(&ev.as_json());
         assert_eq!(tags_of(&ev.as_json())[0][1], customer.to_hex());
         assert_eq!(Session::from_event(&ev).expect("parse"), s2);
+    }
+
+    /// Issue 12 item 1 / 8: every reference release puts the customer's MAC in `p` and adds
+    /// `start-time`; a hex pubkey in `p` (the spec) still parses as the customer.
+    #[test]
+    fn session_from_the_reference_with_mac_in_p_and_start_time() {
+        let keys = Keys::generate();
+        let tags = vec![
+            vec!["p".into(), "AA:BB:CC:DD:EE:FF".into()],
+            vec![
+                "device-identifier".into(),
+                "mac".into(),
+                "aa:bb:cc:dd:ee:ff".into(),
+            ],
+            vec!["allotment".into(), "131100000".into()],
+            vec!["metric".into(), "bytes".into()],
+            vec!["start-time".into(), "1700000000".into()],
+        ];
+        let ev = sign(&keys, KIND_SESSION, "", tags, 0).expect("sign");
+        let s = Session::from_event(&ev).expect("the reference's kind 1022");
+        assert_eq!(s.customer, None, "a MAC is not a customer key");
+        assert_eq!(s.allotment, 131_100_000);
+        // Garbage in `p` (neither a MAC nor a key) is still refused.
+        let bad = sign(
+            &keys,
+            KIND_SESSION,
+            "",
+            vec![
+                vec!["p".into(), "not-a-key".into()],
+                vec![
+                    "device-identifier".into(),
+                    "mac".into(),
+                    "aa:bb:cc:dd:ee:ff".into(),
+                ],
+                vec!["allotment".into(), "1".into()],
+                vec!["metric".into(), "bytes".into()],
+            ],
+            0,
+        )
+        .expect("sign");
+        assert!(Session::from_event(&bad).is_err());
+    }
+
+    /// Issue 12 item 7: a `price_per_step` tag for another bearer asset (TIP-02) or a malformed
+    /// one is skipped; the usable tags still sell. Only no usable tag at all is fatal.
+    #[test]
+    fn unknown_asset_or_malformed_price_tag_is_skipped() {
+        let keys = Keys::generate();
+        let mut tags = vec![
+            vec!["metric".into(), "bytes".into()],
+            vec!["step_size".into(), "1000".into()],
+            vec![
+                "price_per_step".into(),
+                "lightning".into(),
+                "5".into(),
+                "sat".into(),
+                "".into(),
+                "1".into(),
+            ],
+            vec!["price_per_step".into(), "cashu".into(), "x".into()],
+            vec![
+                "price_per_step".into(),
+                "cashu".into(),
+                "2".into(),
+                "sat".into(),
+                "https://mint.example".into(),
+                "1".into(),
+            ],
+        ];
+        let ev = sign(&keys, KIND_ADVERTISEMENT, "", tags.clone(), 0).expect("sign");
+        let ad = Advertisement::from_event(&ev).expect("the usable tag sells");
+        assert_eq!(ad.prices.len(), 1);
+        assert_eq!(ad.prices[0].price_per_step, 2);
+        tags.pop();
+        let ev = sign(&keys, KIND_ADVERTISEMENT, "", tags, 0).expect("sign");
+        assert!(matches!(
+            Advertisement::from_event(&ev),
+            Err(ProtocolError::MissingTag { .. })
+        ));
     }
 
     #[test]

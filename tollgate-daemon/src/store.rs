@@ -262,11 +262,13 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Store {
+        let store = Store {
             conn: Mutex::new(conn),
             clock: Arc::new(crate::protocol::unix_now),
             retention: DEFAULT_RETENTION,
-        })
+        };
+        store.ln_schema()?;
+        Ok(store)
     }
 
     /// Keeps finished history for `retention` (see the module doc).
@@ -686,6 +688,119 @@ fn session_from_row(r: &Row<'_>) -> rusqlite::Result<Result<SessionRow, StoreErr
         })
     })();
     Ok(s)
+}
+
+// ------------------------------------------------------------ Lightning quotes
+
+/// The Lightning checkout's quotes (`lightning.rs`): which device a mint quote was bought for.
+/// `open` until it is handed to the grants table (then `settled`, the grant `ln:<quote>` says
+/// how it ended) or expires unpaid (`expired`).
+const LN_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS ln_quotes (
+    quote TEXT PRIMARY KEY,
+    mint TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    mac TEXT NOT NULL,
+    request TEXT NOT NULL,
+    expiry INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    created_unix INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ln_quotes_state ON ln_quotes(state);
+";
+
+/// One Lightning quote row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LnQuote {
+    pub quote: String,
+    pub mint: String,
+    pub amount: u64,
+    pub mac: MacAddr,
+    pub request: String,
+    pub expiry: u64,
+    /// `open`, `settled` or `expired`.
+    pub state: String,
+    pub created_unix: u64,
+}
+
+impl Store {
+    fn ln_schema(&self) -> Result<(), StoreError> {
+        Ok(self.conn().execute_batch(LN_SCHEMA)?)
+    }
+
+    /// Records a new quote (durably: the bolt11 is about to be shown to the customer).
+    pub fn insert_ln_quote(&self, q: &LnQuote) -> Result<(), StoreError> {
+        self.durable(|c| {
+            c.execute(
+                "INSERT INTO ln_quotes (quote, mint, amount, mac, request, expiry, state,
+                   created_unix) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+                params![
+                    q.quote,
+                    q.mint,
+                    i(q.amount),
+                    q.mac.to_string(),
+                    q.request,
+                    i(q.expiry),
+                    q.state,
+                    i(q.created_unix),
+                ],
+            )
+        })?;
+        Ok(())
+    }
+
+    pub fn ln_quote(&self, quote: &str) -> Result<Option<LnQuote>, StoreError> {
+        let c = self.conn();
+        let mut st = c.prepare_cached("SELECT * FROM ln_quotes WHERE quote = ?1")?;
+        st.query_row([quote], ln_quote_from_row)
+            .optional()?
+            .transpose()
+    }
+
+    /// Quotes still `open` (oldest first, at most `limit`).
+    pub fn open_ln_quotes(&self, limit: u32) -> Result<Vec<LnQuote>, StoreError> {
+        let c = self.conn();
+        let mut st = c.prepare_cached(
+            "SELECT * FROM ln_quotes WHERE state = 'open' ORDER BY created_unix LIMIT ?1",
+        )?;
+        let rows = st.query_map([limit], ln_quote_from_row)?;
+        rows.map(|r| r?).collect()
+    }
+
+    /// Open quotes of one device not yet expired at `now`.
+    pub fn open_ln_quotes_of(&self, mac: MacAddr, now: u64) -> Result<u64, StoreError> {
+        let c = self.conn();
+        let n: i64 = c.query_row(
+            "SELECT COUNT(*) FROM ln_quotes WHERE state = 'open' AND mac = ?1 AND expiry > ?2",
+            params![mac.to_string(), i(now)],
+            |r| r.get(0),
+        )?;
+        Ok(u(n))
+    }
+
+    pub fn set_ln_quote_state(&self, quote: &str, state: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE ln_quotes SET state = ?2 WHERE quote = ?1",
+            params![quote, state],
+        )?;
+        Ok(())
+    }
+}
+
+fn ln_quote_from_row(r: &Row<'_>) -> rusqlite::Result<Result<LnQuote, StoreError>> {
+    let mac: String = r.get("mac")?;
+    Ok((|| {
+        Ok(LnQuote {
+            quote: r.get("quote")?,
+            mint: r.get("mint")?,
+            amount: u(r.get("amount")?),
+            mac: parse_mac("ln_quotes", &mac)?,
+            request: r.get("request")?,
+            expiry: u(r.get("expiry")?),
+            state: r.get("state")?,
+            created_unix: u(r.get("created_unix")?),
+        })
+    })())
 }
 
 #[cfg(test)]

@@ -4,13 +4,19 @@
 //!            client ──frame──> [TC ingress | XDP]  key = source MAC,      direction UP
 //!            client <──frame── [TC egress]         key = destination MAC, direction DOWN
 //!
-//!  every frame:  L2 multicast/broadcast ─────────────────────────> pass (never forwarded)
+//!  every frame:  L2 group dst, non-IP or L3 group dst ───────────> pass (never forwarded)
+//!                L2 group dst, unicast IP: ingress ──────────────> gated like unicast
+//!                                          egress ───────────────> drop (poisoned neighbour)
 //!                ARP ────────────────────────────────────────────> pass
-//!                DHCP / ND / DNS+portal to the gateway ──────────> pass, not metered
+//!                DHCP / ND / portal to the gateway ──────────────> pass, not metered
+//!                DNS to the gateway, unpaid ─────────────────────> per-MAC token bucket (TG_DNS)
+//!                ND on egress: hop limit 255, link-local source ─> pass
 //!                to/from the gateway's own addresses (paid) ─────> pass, not metered
 //!                POLICY[mac] open, in time, within quota ────────> meter in USAGE, pass
 //!                otherwise: portal redirect (TCP/80) / allow-list / drop (+1 event on exhaustion)
 //! ```
+//! TC programs return `TCX_NEXT` on a pass (later TCX programs and legacy clsact filters, e.g.
+//! SQM, still run) and `TC_ACT_SHOT` on a drop; the valve attaches them first in the chain.
 //! In meter-only mode (`config_flags::METER_ONLY`, the WAN side of a reseller) every frame
 //! passes; IP packets from/to a MAC with a POLICY entry are counted in USAGE (ingress in
 //! `bytes_up`, egress in `bytes_down`) with no limit or deadline, except those to/from the
@@ -20,7 +26,8 @@
 //!
 //! The metered quantity is the L3 length (see `tollgate-common`). Quota checks read the
 //! counters and then add atomically, so concurrent CPUs can overshoot a limit by at most one
-//! packet each; the exhaustion event is claimed with an atomic exchange on the usage entry, so
+//! packet (one wire segment's worth of an aggregate) each; the exhaustion event is claimed with
+//! a compare-and-exchange on the usage entry that only ever moves the generation forward, so
 //! exactly one CPU emits it per policy generation.
 #![no_std]
 #![no_main]
@@ -28,20 +35,21 @@
 #![feature(core_intrinsics)]
 
 use core::{
-    intrinsics::{atomic_xadd, atomic_xchg, AtomicOrdering},
+    intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering},
     mem::size_of,
 };
 
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
-    btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    bindings::{xdp_action, BPF_NOEXIST, TC_ACT_SHOT},
+    btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use tollgate_common::{
-    config_flags, direction, policy_flags, ExhaustReason, GateConfig, GateEvent, MacKey, Policy,
-    Usage, Verdict, VerdictCount, EVENTS_BYTES, GARDEN_TCP_PORTS, MAX_CLIENTS, MAX_GARDEN_PREFIXES,
+    config_flags, direction, policy_flags, DnsBucket, ExhaustReason, GateConfig, GateEvent, MacKey,
+    Policy, Usage, Verdict, VerdictCount, DNS_BUCKETS, EVENTS_BYTES, GARDEN_TCP_PORTS, MAX_CLIENTS,
+    MAX_GARDEN_PREFIXES,
 };
 
 #[btf_map]
@@ -56,6 +64,11 @@ static TG_GARDEN: LpmTrie<[u8; 16], u8, { MAX_GARDEN_PREFIXES as usize }> = LpmT
 static TG_VERDICTS: PerCpuArray<VerdictCount, { Verdict::COUNT as usize }> = PerCpuArray::new();
 #[btf_map]
 static TG_EVENTS: RingBuf<GateEvent, { EVENTS_BYTES as usize }> = RingBuf::new();
+#[btf_map]
+static TG_DNS: LruHashMap<MacKey, DnsBucket, { DNS_BUCKETS as usize }> = LruHashMap::new();
+
+/// `TCX_NEXT`: pass, and let the next program in the TCX chain (or legacy tc) decide too.
+const TCX_NEXT: i32 = -1;
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -128,8 +141,15 @@ struct Packet {
     /// Destination MAC is multicast/broadcast.
     l2_group: bool,
     ethertype: u16,
-    /// Metered bytes: total length minus the L2 header.
+    /// Metered bytes: the IP length field (capped by the frame), plus the headers every
+    /// further segment of a GSO/GRO aggregate repeats; non-IP: frame length minus L2.
     l3_len: u64,
+    /// Destination IP address is broadcast/multicast (IPv4 255.255.255.255 or 224/4, IPv6 ff00::/8).
+    l3_group: bool,
+    /// IPv6 hop limit (0 for IPv4).
+    hop_limit: u8,
+    /// UDP payload bytes (0 unless UDP with a header).
+    udp_payload: u64,
     /// Peer address (destination on ingress, source on egress), 16 bytes, IPv4 as ::ffff:a.b.c.d.
     peer: [u8; 16],
     /// Client-side address (source on ingress), same encoding.
@@ -154,9 +174,10 @@ fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
 }
 
 /// Parses Ethernet (+ up to two 802.1Q/802.1ad tags), IPv4 or IPv6 (+ extension headers) and
-/// the L4 ports. `Err(())` = truncated/malformed headers.
+/// the L4 ports. `segs` is the skb's `gso_segs` (0/1 for a single packet). `Err(())` =
+/// truncated/malformed headers.
 #[inline(always)]
-fn parse(f: &Frame, total_len: u64, dir: u8) -> Result<Packet, ()> {
+fn parse(f: &Frame, total_len: u64, segs: u32, dir: u8) -> Result<Packet, ()> {
     let dst = f.mac(0).ok_or(())?;
     let src = f.mac(6).ok_or(())?;
     let mut off = 12usize;
@@ -184,6 +205,9 @@ fn parse(f: &Frame, total_len: u64, dir: u8) -> Result<Packet, ()> {
         l2_group,
         ethertype,
         l3_len: total_len.saturating_sub(off as u64),
+        l3_group: false,
+        hop_limit: 0,
+        udp_payload: 0,
         peer: [0; 16],
         local: [0; 16],
         is_v4: false,
@@ -194,6 +218,8 @@ fn parse(f: &Frame, total_len: u64, dir: u8) -> Result<Packet, ()> {
         l4: false,
     };
     let l4_off;
+    // Bytes after the L2 header in this skb (the aggregate, for GSO/GRO).
+    let frame_l3 = p.l3_len;
     if ethertype == ETH_P_IP {
         let vihl = f.u8_at(off).ok_or(())?;
         let ihl = ((vihl & 0x0f) as usize) * 4;
@@ -202,6 +228,15 @@ fn parse(f: &Frame, total_len: u64, dir: u8) -> Result<Packet, ()> {
         }
         // The whole header must be present (options included).
         f.ptr::<[u8; 20]>(off).ok_or(())?;
+        let tot = f.be16_at(off + 2).ok_or(())? as u64;
+        // The IP length, not the frame: Ethernet padding is not IP. Zero (BIG TCP) or a
+        // length beyond the frame falls back to the frame.
+        if tot != 0 && tot < frame_l3 {
+            if tot < ihl as u64 {
+                return Err(());
+            }
+            p.l3_len = tot;
+        }
         let frag = f.be16_at(off + 6).ok_or(())?;
         p.proto = f.u8_at(off + 9).ok_or(())?;
         let s = f.bytes4(off + 12).ok_or(())?;
@@ -210,6 +245,7 @@ fn parse(f: &Frame, total_len: u64, dir: u8) -> Result<Packet, ()> {
         p.local = v4_mapped(local);
         p.peer = v4_mapped(peer);
         p.is_v4 = true;
+        p.l3_group = d[0] & 0xf0 == 0xe0 || d == [255, 255, 255, 255];
         if frag & 0x1fff != 0 {
             return Ok(p); // non-first fragment: no L4 header to classify
         }
@@ -219,11 +255,17 @@ fn parse(f: &Frame, total_len: u64, dir: u8) -> Result<Packet, ()> {
         if v >> 4 != 6 {
             return Err(());
         }
+        let plen = f.be16_at(off + 4).ok_or(())? as u64;
+        if plen != 0 && plen + 40 < frame_l3 {
+            p.l3_len = plen + 40;
+        }
+        p.hop_limit = f.u8_at(off + 7).ok_or(())?;
         let s = f.bytes16(off + 8).ok_or(())?;
         let d = f.bytes16(off + 24).ok_or(())?;
         let (local, peer) = if dir == direction::UP { (s, d) } else { (d, s) };
         p.local = local;
         p.peer = peer;
+        p.l3_group = d[0] == 0xff;
         let mut nh = f.u8_at(off + 6).ok_or(())?;
         let mut o = off + 40;
         // Walk extension headers so a chain of them cannot disguise the L4 protocol.
@@ -264,6 +306,8 @@ fn parse(f: &Frame, total_len: u64, dir: u8) -> Result<Packet, ()> {
     } else {
         return Ok(p);
     }
+    // L3 + L4 headers: what every segment of an aggregate repeats.
+    let mut hdrs = (l4_off - off) as u64;
     match p.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
             let a = f.be16_at(l4_off).ok_or(())?;
@@ -276,6 +320,13 @@ fn parse(f: &Frame, total_len: u64, dir: u8) -> Result<Packet, ()> {
                 p.sport = b;
                 p.dport = a;
             }
+            if p.proto == IPPROTO_TCP {
+                let doff = f.u8_at(l4_off + 12).ok_or(())?;
+                hdrs += ((doff >> 4) as u64) * 4;
+            } else {
+                hdrs += 8;
+                p.udp_payload = p.l3_len.saturating_sub(hdrs);
+            }
             p.l4 = true;
         }
         IPPROTO_ICMPV6 => {
@@ -283,6 +334,12 @@ fn parse(f: &Frame, total_len: u64, dir: u8) -> Result<Packet, ()> {
             p.l4 = true;
         }
         _ => {}
+    }
+    if segs > 1 {
+        // Each segment after the first carries its own copy of the headers on the wire.
+        p.l3_len = p
+            .l3_len
+            .saturating_add(((segs - 1) as u64).saturating_mul(hdrs));
     }
     Ok(p)
 }
@@ -310,8 +367,8 @@ fn tcp_port_open(cfg: &GateConfig, port: u16) -> bool {
 }
 
 /// Link-local infrastructure every client needs before paying: DHCP, neighbour discovery,
-/// DNS and the portal/payment ports on the gateway. Never metered. Only on ingress; the
-/// gateway's answers are covered by "from the gateway" on egress.
+/// and the portal/payment ports on the gateway. Never metered. Only on ingress; the
+/// gateway's answers are covered by "from the gateway" on egress. DNS is [`dns_to_gateway`].
 #[inline(always)]
 fn local_garden(cfg: &GateConfig, p: &Packet) -> bool {
     if !p.l4 {
@@ -321,9 +378,6 @@ fn local_garden(cfg: &GateConfig, p: &Packet) -> bool {
     match p.proto {
         IPPROTO_UDP => {
             // p.sport/dport are (client port, server port) on ingress.
-            if p.dport == 53 {
-                return to_gw;
-            }
             if p.is_v4 && p.dport == 67 {
                 return to_gw || p.peer[12..16] == [255, 255, 255, 255];
             }
@@ -332,8 +386,9 @@ fn local_garden(cfg: &GateConfig, p: &Packet) -> bool {
             }
             false
         }
-        IPPROTO_TCP => to_gw && (p.dport == 53 || tcp_port_open(cfg, p.dport)),
-        IPPROTO_ICMPV6 => {
+        IPPROTO_TCP => to_gw && p.dport != 53 && tcp_port_open(cfg, p.dport),
+        // ICMPv6 only inside IPv6 (protocol 58 in IPv4 is no neighbour discovery).
+        IPPROTO_ICMPV6 if !p.is_v4 => {
             // RS, RA, NS, NA, redirect — only to link-local/multicast/the gateway, so ND
             // cannot be used as a tunnel to a routed destination.
             (133..=137).contains(&p.icmp_type)
@@ -341,6 +396,94 @@ fn local_garden(cfg: &GateConfig, p: &Packet) -> bool {
         }
         _ => false,
     }
+}
+
+/// DNS (UDP/TCP 53) between a client and the gateway (`dport` is the gateway's port in both
+/// directions).
+#[inline(always)]
+fn dns_to_gateway(cfg: &GateConfig, p: &Packet) -> bool {
+    p.l4 && (p.proto == IPPROTO_UDP || p.proto == IPPROTO_TCP)
+        && p.dport == 53
+        && is_gateway(cfg, &p.peer, p.is_v4)
+}
+
+/// ICMPv6 router/neighbour discovery (RS, RA, NS, NA, redirect).
+#[inline(always)]
+fn is_nd(p: &Packet) -> bool {
+    !p.is_v4 && p.proto == IPPROTO_ICMPV6 && p.l4 && (133..=137).contains(&p.icmp_type)
+}
+
+/// Does `key` have an open gate, before its deadline and below its total limit right now?
+/// (Only asked for DNS, off the metered fast path.)
+#[inline(always)]
+fn paid_now(key: &MacKey) -> bool {
+    // SAFETY: the value is copied out immediately.
+    let pol = match unsafe { TG_POLICY.get(key) } {
+        Some(pol) if pol.flags & policy_flags::ALLOWED != 0 => *pol,
+        _ => return false,
+    };
+    // SAFETY: helper without preconditions.
+    if pol.expires_at_ns != 0 && unsafe { bpf_ktime_get_boot_ns() } >= pol.expires_at_ns {
+        return false;
+    }
+    // SAFETY: the value is copied out immediately.
+    match unsafe { TG_USAGE.get(key) } {
+        Some(u) => u.bytes_up.saturating_add(u.bytes_down) < pol.limit_total,
+        None => pol.limit_total > 0,
+    }
+}
+
+/// Takes `len` bytes from the DNS bucket of `key`. A query (`strict`) needs the tokens and
+/// takes nothing when they are missing; an answer always passes and may leave a debt.
+/// Concurrent CPUs update the bucket without atomics, so each may admit one query extra.
+#[inline(always)]
+fn dns_take(cfg: &GateConfig, key: &MacKey, len: u64, strict: bool) -> bool {
+    // SAFETY: helper without preconditions.
+    let now_ms = unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000;
+    let burst = cfg.dns_burst as i64;
+    let b = match TG_DNS.get_ptr_mut(key) {
+        Some(b) => b,
+        None => {
+            let fresh = DnsBucket {
+                tokens: burst,
+                last_ms: now_ms,
+            };
+            let _ = TG_DNS.insert(key, fresh, BPF_NOEXIST as u64);
+            match TG_DNS.get_ptr_mut(key) {
+                Some(b) => b,
+                None => return !strict,
+            }
+        }
+    };
+    // SAFETY: `b` points into a live map value; plain reads and writes (see above).
+    unsafe {
+        let mut tokens = (*b).tokens;
+        let last = (*b).last_ms;
+        if now_ms > last {
+            // Capped so the product cannot overflow; a day refills any bucket.
+            let elapsed = if now_ms - last > 86_400_000 {
+                86_400_000
+            } else {
+                now_ms - last
+            };
+            let refill = (elapsed * cfg.dns_rate as u64 / 1000) as i64;
+            if refill > 0 {
+                tokens = if tokens + refill > burst {
+                    burst
+                } else {
+                    tokens + refill
+                };
+                (*b).last_ms = now_ms;
+            }
+        }
+        let len = len as i64;
+        if strict && tokens < len {
+            (*b).tokens = tokens;
+            return false;
+        }
+        (*b).tokens = tokens - len;
+    }
+    true
 }
 
 #[inline(always)]
@@ -361,17 +504,25 @@ fn count(v: Verdict, bytes: u64) {
 }
 
 /// Emits the exhaustion event unless another CPU already did for this policy generation.
+/// Generations only move forward (modulo 2^32, skipping 0): a CPU holding a stale policy
+/// can never move `notified_generation` back and so make a later generation fire twice.
 #[inline(always)]
 fn exhausted(p: &Packet, pol: &Policy, u: *mut Usage, reason: ExhaustReason, dir: u8) {
+    // SAFETY: `u` points into a live hash map value; aligned u32 read.
+    let cur = unsafe { core::ptr::read_volatile(&raw const (*u).notified_generation) };
+    if (pol.generation.wrapping_sub(cur) as i32) <= 0 {
+        return; // already notified for this generation or a newer one
+    }
     // SAFETY: `u` points into a live hash map value; the exchange is atomic across CPUs.
-    let prev = unsafe {
-        atomic_xchg::<u32, { AtomicOrdering::SeqCst }>(
+    let (_, won) = unsafe {
+        atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
             &raw mut (*u).notified_generation,
+            cur,
             pol.generation,
         )
     };
-    if prev == pol.generation {
-        return;
+    if !won {
+        return; // another CPU claimed this generation (or a newer one) meanwhile
     }
     // SAFETY: plain reads of counters (torn values are impossible for aligned u64).
     let (up, down, pup) = unsafe { ((*u).bytes_up, (*u).bytes_down, (*u).packets_up) };
@@ -432,6 +583,12 @@ fn verdict(v: Verdict) -> Decision {
     }
 }
 
+/// The decision and the frame's metered size (for the verdict counters).
+struct Outcome {
+    d: Decision,
+    l3_len: u64,
+}
+
 /// The client is not entitled to general access: portal redirect, allow-list or `reason`.
 #[inline(always)]
 fn not_entitled(cfg: &GateConfig, p: &Packet, dir: u8, skb_mark: u32, reason: Verdict) -> Decision {
@@ -465,7 +622,7 @@ fn meter_only(cfg: &GateConfig, p: &Packet, dir: u8) -> Decision {
     if is_gateway(cfg, &p.local, p.is_v4) {
         return verdict(Verdict::PassGateway);
     }
-    if p.proto == IPPROTO_ICMPV6 && p.l4 && (133..=137).contains(&p.icmp_type) {
+    if is_nd(p) {
         return verdict(Verdict::PassGarden);
     }
     let key = MacKey::new(p.mac);
@@ -482,21 +639,45 @@ fn meter_only(cfg: &GateConfig, p: &Packet, dir: u8) -> Decision {
     verdict(Verdict::PassPaid)
 }
 
-/// The whole decision for one frame.
+/// The whole decision for one frame, with its metered size.
 #[inline(always)]
-fn decide(f: &Frame, total_len: u64, dir: u8, skb_mark: u32) -> Decision {
-    let p = match parse(f, total_len, dir) {
-        Ok(p) => p,
+fn decide(f: &Frame, total_len: u64, segs: u32, dir: u8, skb_mark: u32) -> Outcome {
+    match parse(f, total_len, segs, dir) {
+        Ok(p) => Outcome {
+            d: decide_packet(&p, dir, skb_mark),
+            l3_len: p.l3_len,
+        },
         Err(()) => {
             // Off the hot path: only unparseable frames pay for this config read.
-            return match TG_CONFIG.get(0) {
+            let d = match TG_CONFIG.get(0) {
                 Some(c) if c.flags & config_flags::METER_ONLY != 0 => verdict(Verdict::PassLink),
                 _ => verdict(Verdict::DropMalformed),
             };
+            Outcome {
+                d,
+                l3_len: total_len.saturating_sub(ETH_HLEN as u64),
+            }
         }
-    };
+    }
+}
+
+#[inline(always)]
+fn decide_packet(p: &Packet, dir: u8, skb_mark: u32) -> Decision {
+    let ip = p.ethertype == ETH_P_IP || p.ethertype == ETH_P_IPV6;
     if p.l2_group {
-        return verdict(Verdict::PassMulticast);
+        // Link-wide traffic stays on the segment. Unicast IP in a group frame is a poisoned
+        // neighbour entry (egress) or a way around the gate (ingress): gate it like unicast.
+        if !ip || p.l3_group {
+            return verdict(Verdict::PassMulticast);
+        }
+        if dir == direction::DOWN {
+            // Off the hot path: only these frames pay for this config read. A meter never
+            // drops anything.
+            return match TG_CONFIG.get(0) {
+                Some(c) if c.flags & config_flags::METER_ONLY != 0 => verdict(Verdict::PassLink),
+                _ => verdict(Verdict::DropGroupUnicast),
+            };
+        }
     }
     if p.ethertype == ETH_P_ARP {
         return verdict(Verdict::PassLink);
@@ -507,29 +688,51 @@ fn decide(f: &Frame, total_len: u64, dir: u8, skb_mark: u32) -> Decision {
         _ => return verdict(Verdict::DropUnpaid),
     };
     if cfg.flags & config_flags::METER_ONLY != 0 {
-        return meter_only(cfg, &p, dir);
+        return meter_only(cfg, p, dir);
     }
-    let ip = p.ethertype == ETH_P_IP || p.ethertype == ETH_P_IPV6;
+    let key = MacKey::new(p.mac);
     if ip {
+        if dns_to_gateway(cfg, p) {
+            // Every client may resolve names; an unpaid one only within its DNS budget,
+            // so DNS cannot carry a tunnel. Never metered.
+            if cfg.flags & config_flags::DNS_BUDGET != 0 && !paid_now(&key) {
+                if dir == direction::UP {
+                    if p.proto == IPPROTO_UDP && p.udp_payload > cfg.dns_max_udp as u64 {
+                        return verdict(Verdict::DropDnsBudget);
+                    }
+                    if !dns_take(cfg, &key, p.l3_len, true) {
+                        return verdict(Verdict::DropDnsBudget);
+                    }
+                } else {
+                    dns_take(cfg, &key, p.l3_len, false);
+                }
+            }
+            return verdict(if dir == direction::UP {
+                Verdict::PassGarden
+            } else {
+                Verdict::PassGateway
+            });
+        }
         if dir == direction::UP {
-            if local_garden(cfg, &p) {
+            if local_garden(cfg, p) {
                 return verdict(Verdict::PassGarden);
             }
         } else {
-            // The gateway's own traffic (DHCP/DNS/portal answers, RAs) is never billed.
+            // The gateway's own traffic (DHCP/portal answers, RAs) is never billed.
             if is_gateway(cfg, &p.peer, p.is_v4) {
                 return verdict(Verdict::PassGateway);
             }
-            if p.proto == IPPROTO_ICMPV6 && p.l4 && (133..=137).contains(&p.icmp_type) {
+            // Neighbour discovery only as RFC 4861 sends it: hop limit 255 (never forwarded)
+            // from a link-local source, so no routed host can push payload inside ND.
+            if is_nd(p) && p.hop_limit == 255 && p.peer[0] == 0xfe && p.peer[1] & 0xc0 == 0x80 {
                 return verdict(Verdict::PassGarden);
             }
         }
     }
-    let key = MacKey::new(p.mac);
     // SAFETY: the value is copied out immediately; userspace replaces it atomically.
     let pol = match unsafe { TG_POLICY.get(&key) } {
         Some(pol) if pol.flags & policy_flags::ALLOWED != 0 => *pol,
-        _ => return not_entitled(cfg, &p, dir, skb_mark, Verdict::DropUnpaid),
+        _ => return not_entitled(cfg, p, dir, skb_mark, Verdict::DropUnpaid),
     };
     if dir == direction::UP
         && pol.flags & policy_flags::BIND_IPV4 != 0
@@ -549,8 +752,8 @@ fn decide(f: &Frame, total_len: u64, dir: u8, skb_mark: u32) -> Decision {
         // SAFETY: helper without preconditions.
         let now = unsafe { bpf_ktime_get_boot_ns() };
         if now >= pol.expires_at_ns {
-            exhausted(&p, &pol, u, ExhaustReason::Expired, dir);
-            return not_entitled(cfg, &p, dir, skb_mark, Verdict::DropExpired);
+            exhausted(p, &pol, u, ExhaustReason::Expired, dir);
+            return not_entitled(cfg, p, dir, skb_mark, Verdict::DropExpired);
         }
     }
     let len = p.l3_len;
@@ -566,12 +769,12 @@ fn decide(f: &Frame, total_len: u64, dir: u8, skb_mark: u32) -> Decision {
         None
     };
     if let Some(reason) = over {
-        exhausted(&p, &pol, u, reason, dir);
+        exhausted(p, &pol, u, reason, dir);
         // SAFETY: atomic add on a live map value.
         unsafe {
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*u).bytes_dropped, len)
         };
-        return not_entitled(cfg, &p, dir, skb_mark, Verdict::DropQuota);
+        return not_entitled(cfg, p, dir, skb_mark, Verdict::DropQuota);
     }
     add_usage(u, dir, len);
     verdict(Verdict::PassPaid)
@@ -595,16 +798,15 @@ fn tc_run(ctx: &TcContext, dir: u8) -> i32 {
         let _ = ctx.pull_data(want);
         f = tc_frame(ctx);
     }
-    // SAFETY: reading the mark of the context's own skb.
-    let mark = unsafe { (*ctx.skb.skb).mark };
-    let d = decide(&f, len as u64, dir, mark);
-    let l3 = len as u64;
-    count(d.verdict, l3);
-    if d.mark != 0 {
-        ctx.set_mark(d.mark);
+    // SAFETY: reading fields of the context's own skb.
+    let (mark, segs) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).gso_segs) };
+    let o = decide(&f, len as u64, segs, dir, mark);
+    count(o.d.verdict, o.l3_len);
+    if o.d.mark != 0 {
+        ctx.set_mark(o.d.mark);
     }
-    if d.verdict.is_pass() {
-        TC_ACT_OK
+    if o.d.verdict.is_pass() {
+        TCX_NEXT
     } else {
         TC_ACT_SHOT
     }
@@ -631,11 +833,12 @@ pub fn tollgate_xdp_ingress(ctx: XdpContext) -> u32 {
         end: ctx.data_end(),
     };
     let len = (f.end - f.start) as u64;
-    let mut d = decide(&f, len, direction::UP, 0);
+    let o = decide(&f, len, 1, direction::UP, 0);
+    let mut d = o.d;
     if d.verdict == Verdict::PassPortal {
         d.verdict = Verdict::DropUnpaid;
     }
-    count(d.verdict, len.saturating_sub(ETH_HLEN as u64));
+    count(d.verdict, o.l3_len);
     if d.verdict.is_pass() {
         xdp_action::XDP_PASS
     } else {

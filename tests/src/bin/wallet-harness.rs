@@ -3,11 +3,14 @@
 //! operation, printing progress markers the test waits for:
 //!
 //! ```text
-//! wallet-harness --state DIR --mint URL [--owner ADDR] [--kill-at POINT] <op> [arg]
-//!   op: open | receive (token on stdin) | send <amount> | payout
+//! wallet-harness --state DIR --mint URL [--mint URL2 …] [--owner ADDR] [--kill-at POINT] <op> [arg]
+//!   op: open | receive (token on stdin) | send <amount> | payout | rebalance <to> <amount> [from]
 //! stdout: OPENED <balance> · AT <point> (every wallet test-hook point) ·
-//!         RECEIVED <net> <replayed> · TOKEN <op_id> <value> <token> · PAYOUT <outcomes> · DONE
+//!         RECEIVED <net> <replayed> · TOKEN <op_id> <value> <token> · PAYOUT <outcomes> ·
+//!         REBALANCED <state> <amount> <fee> · DONE
 //! ```
+//! The first `--mint` is the one `open`, `send` and `payout` use; settings are
+//! `tollgate_tests::crash::settings_for`, the same the test reopens the wallet with.
 //! `--kill-at POINT` SIGKILLs the process the moment the wallet reaches that hook point
 //! (`receive:pending`, `send:confirmed`, `melt:recorded`, …): no destructor, no flush, no
 //! SQLite close — the same as a power cut as far as the process is concerned.
@@ -16,7 +19,8 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use tollgate::wallet::{MintSettings, ProfitShare, TestHook, Wallet, WalletSettings};
+use tollgate::wallet::{TestHook, Wallet};
+use tollgate_tests::crash::settings_for;
 
 fn say(line: &str) {
     let mut out = std::io::stdout().lock();
@@ -29,32 +33,22 @@ fn say(line: &str) {
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let mut state = None;
-    let mut mint = None;
+    let mut mints = Vec::new();
     let mut owner = None;
     let mut kill_at: Option<String> = None;
     let mut rest = Vec::new();
     while let Some(a) = args.next() {
         match a.as_str() {
             "--state" => state = args.next().map(PathBuf::from),
-            "--mint" => mint = args.next(),
+            "--mint" => mints.extend(args.next()),
             "--owner" => owner = args.next(),
             "--kill-at" => kill_at = args.next(),
             _ => rest.push(a),
         }
     }
     let state = state.context("--state")?;
-    let mint = mint.context("--mint")?;
-    let mut m = MintSettings::new(mint.clone());
-    m.min_payout_amount = 1;
-    let mut settings = WalletSettings::new(vec![m]);
-    settings.allow_loopback_lnurl = true;
-    if let Some(addr) = owner {
-        settings.profit_share = vec![ProfitShare {
-            identity: "owner".to_string(),
-            factor: 1.0,
-            lightning_address: addr,
-        }];
-    }
+    let mint = mints.first().context("--mint")?.clone();
+    let mut settings = settings_for(&mints, owner.as_deref());
     settings.test_hook = TestHook::new(move |point| {
         say(&format!("AT {point}"));
         if kill_at.as_deref() == Some(point) {
@@ -88,6 +82,14 @@ async fn main() -> anyhow::Result<()> {
                 .map(|r| format!("{}:{}+{}", r.outcome, r.amount, r.fee))
                 .collect();
             say(&format!("PAYOUT {}", outcomes.join(",")));
+        }
+        Some("rebalance") => {
+            let to = rest.get(1).context("rebalance <to> <amount> [from]")?;
+            let amount: u64 = rest.get(2).context("rebalance <to> <amount>")?.parse()?;
+            let r = wallet
+                .rebalance(to, amount, rest.get(3).map(String::as_str))
+                .await?;
+            say(&format!("REBALANCED {} {} {}", r.state, r.amount, r.fee));
         }
         other => bail!("unknown operation {other:?}"),
     }

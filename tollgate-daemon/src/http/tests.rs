@@ -346,13 +346,15 @@ async fn every_notice_code_and_status() {
             assert_eq!(h["retry-after"], "7");
         }
         if code == "session-error" {
-            assert!(resp.contains("kept"), "{resp}");
+            // Refused before redeeming: the token stays the customer's.
+            assert!(resp.contains("still yours"), "{resp}");
         }
     }
-    // Retrying the below-minimum token returns the very same notice.
+    // Retrying the below-minimum token is refused the same way (nothing was redeemed).
     let (_, _, a) = send(&t.app, "POST", "/", None, small.clone().into_bytes(), PEER).await;
     let (_, _, b) = send(&t.app, "POST", "/", None, small.into_bytes(), PEER).await;
-    assert_eq!(a, b);
+    assert_eq!(notice_code(&a), notice_code(&b));
+    assert!(b.contains("still yours"), "{b}");
     // Gate full: 503 service-unavailable before any redemption.
     t.rig.gates.lock().full = true;
     let tok = token(9);
@@ -415,11 +417,157 @@ async fn whoami_usage_balance_without_session() {
     let (_, _, body) = send(&t.app, "GET", "/balance", None, vec![], PEER).await;
     let v: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(v["session_active"], false);
+    assert_eq!(v["status"], 1, "the reference's /balance carries `status`");
+}
+
+/// Issue 12 item 2: HTTP-03 says `/usage` MUST answer 200 (`-1/-1` without a session); the
+/// reference buyer and the laptop client stop on any other status. A device whose MAC we
+/// cannot find has no session: /usage, /balance and /whoami answer 200 saying so.
+#[tokio::test]
+async fn unknown_device_gets_200_no_session_answers() {
+    let t = setup(1, 0, 60);
+    let (s, h, body) = send(&t.app, "GET", "/usage", None, vec![], UNKNOWN_PEER).await;
+    assert_eq!((s, body.as_str()), (StatusCode::OK, "-1/-1"));
+    assert_eq!(h["content-type"], "text/plain");
+    let (s, _, body) = send(&t.app, "GET", "/balance", None, vec![], UNKNOWN_PEER).await;
+    assert_eq!(s, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(
+        (v["status"].clone(), v["session_active"].clone()),
+        (1.into(), false.into())
+    );
+    assert_eq!(v["remaining"], 0);
     let (s, _, body) = send(&t.app, "GET", "/whoami", None, vec![], UNKNOWN_PEER).await;
+    assert_eq!((s, body.as_str()), (StatusCode::OK, "mac=unknown"));
+    // A payment still needs the MAC: refused, and nothing was taken.
+    let (s, _, body) = send(
+        &t.app,
+        "POST",
+        "/",
+        None,
+        token(7).into_bytes(),
+        UNKNOWN_PEER,
+    )
+    .await;
     assert_eq!(
         (s, notice_code(&body).as_str()),
         (StatusCode::BAD_REQUEST, "mac-address-lookup-failed")
     );
+}
+
+/// Issue 12 item 8: with no accepted mint reachable, `GET /` answers the reference's
+/// kind-21023 warning `no-reachable-mints` (the shipped portal shows it and retries).
+#[tokio::test]
+async fn advertisement_warns_when_no_mint_is_reachable() {
+    let rig = rig(1, 0, Duration::from_secs(5));
+    let cfg = HttpConfig {
+        listen: "0.0.0.0:2121".parse().expect("addr"),
+        admin_listen: "127.0.0.1:2122".parse().expect("addr"),
+        lan_interface: None,
+        post_rate_per_minute: 60,
+        portal_port: 2121,
+        portal_mark: None,
+    };
+    let state = AppState::new(
+        &cfg,
+        rig.merchant.clone(),
+        rig.chandler.clone(),
+        Arc::new(StaticNeighbours(HashMap::new())),
+    );
+    state
+        .mints_reachable
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    let app = router(state.clone());
+    let (s, h, body) = send(&app, "GET", "/", None, vec![], PEER).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(notice_code(&body), "no-reachable-mints");
+    let ev: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert!(ev["tags"]
+        .as_array()
+        .expect("tags")
+        .iter()
+        .any(|t| t[0] == "level" && t[1] == "warning"));
+    assert!(h.contains_key("retry-after"));
+    state
+        .mints_reachable
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let (s, _, _) = send(&app, "GET", "/", None, vec![], PEER).await;
+    assert_eq!(s, StatusCode::OK, "back to the advertisement");
+}
+
+/// Issue 12 item 8: the laptop client POSTs to `/?mac=<its MAC>`. The query is accepted
+/// and ignored: the session goes to the MAC of the source address, never the claimed one.
+#[tokio::test]
+async fn post_with_mac_query_is_accepted_but_not_trusted() {
+    let t = setup(1, 0, 60);
+    let tok = token(8);
+    t.rig.redeemer.add(&tok, MINT, 3, Ok(()));
+    let (s, _, body) = send(
+        &t.app,
+        "POST",
+        "/?mac=de:ad:be:ef:00:01",
+        Some("text/plain"),
+        tok.into_bytes(),
+        PEER,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let sess = Session::from_event(&Event::from_json(&body).expect("ev")).expect("1022");
+    assert_eq!(sess.mac, client_mac());
+    let claimed: MacAddr = "de:ad:be:ef:00:01".parse().expect("mac");
+    assert!(t.rig.chandler.usage(claimed).expect("usage").is_none());
+}
+
+/// Issue 12 item 8: `X-Real-IP` from a reverse proxy on loopback names the client (the
+/// reference reads it first); from a LAN peer it is ignored.
+#[tokio::test]
+async fn real_ip_only_from_loopback() {
+    let t = setup(1, 0, 60);
+    let rip = [("x-real-ip", "10.0.0.5")];
+    let (_, _, body) = send_h(
+        &t.app,
+        "GET",
+        "/whoami",
+        None,
+        vec![],
+        "127.0.0.1:1000",
+        &rip,
+    )
+    .await;
+    assert_eq!(body, "mac=aa:bb:cc:00:00:05");
+    let (_, _, body) = send_h(&t.app, "GET", "/whoami", None, vec![], UNKNOWN_PEER, &rip).await;
+    assert_eq!(
+        body, "mac=unknown",
+        "a LAN client cannot claim another's address"
+    );
+}
+
+/// Issue 12 item 8: a page served by this router under a public-looking name (the Host the
+/// request came in with) may call the API from another port.
+#[tokio::test]
+async fn cors_accepts_same_host_origin() {
+    let t = setup(1, 0, 60);
+    let hdr = [
+        ("origin", "http://gate.example.net:8080"),
+        ("host", "gate.example.net:2121"),
+    ];
+    let (s, h, _) = send_h(&t.app, "OPTIONS", "/", None, vec![], PEER, &hdr).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(
+        h["access-control-allow-origin"],
+        "http://gate.example.net:8080"
+    );
+    let other = [
+        ("origin", "http://evil.example.net"),
+        ("host", "gate.example.net:2121"),
+    ];
+    let (s, _, _) = send_h(&t.app, "POST", "/", None, b"x".to_vec(), PEER, &other).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert!(!same_host("http://gate.example.net", None));
+    assert!(!same_host(
+        "file://gate.example.net",
+        Some("gate.example.net")
+    ));
 }
 
 #[tokio::test]
@@ -440,10 +588,9 @@ async fn forwarded_for_only_from_loopback() {
         (s, body.as_str()),
         (StatusCode::OK, "mac=aa:bb:cc:00:00:05")
     );
-    let (s, _, _) = send_h(&t.app, "GET", "/whoami", None, vec![], UNKNOWN_PEER, &xff).await;
+    let (_, _, body) = send_h(&t.app, "GET", "/whoami", None, vec![], UNKNOWN_PEER, &xff).await;
     assert_eq!(
-        s,
-        StatusCode::BAD_REQUEST,
+        body, "mac=unknown",
         "a LAN client cannot claim another's address"
     );
 }

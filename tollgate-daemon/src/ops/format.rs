@@ -159,6 +159,13 @@ pub fn status(r: &StatusReport) -> String {
     line(
         &mut o,
         format!(
+            "           evicted {} retention, {} room",
+            d.evictions.retention, d.evictions.pressure
+        ),
+    );
+    line(
+        &mut o,
+        format!(
             "clients    {} active, {} closed",
             r.clients.active, r.clients.closed
         ),
@@ -543,6 +550,10 @@ mod tests {
                 policy_entries: 131_072,
                 usage_entries: 131_072,
                 capacity: 131_072,
+                evictions: crate::valve::Evictions {
+                    retention: u64::MAX,
+                    pressure: u64::MAX,
+                },
             },
             mints: vec![MintStatus {
                 mint: LONG.into(),
@@ -559,6 +570,7 @@ mod tests {
                 closed: 4,
             },
             upstream: None,
+            tasks: Vec::new(),
             warnings: vec![format!(
                 "mint {LONG} unreachable: a long error message {LONG}"
             )],
@@ -634,6 +646,7 @@ mod tests {
                 gateway_v6: vec!["fe80::1234:5678:9abc:def0".parse().unwrap()],
                 tcp_ports: vec![2121, 80, 65535, 443],
                 garden: (0..20).map(|i| format!("192.0.{i}.0/24")).collect(),
+                dns_budget: None,
             },
             occupancy: Occupancy {
                 policy: 1,

@@ -32,9 +32,13 @@ pub struct Snapshot {
     pub upstream_purchases: BTreeMap<String, u64>,
     /// The WAN meter's comparison: (our bytes, the upstream's bytes) since it started.
     pub upstream_meter: Option<(u64, Option<u64>)>,
+    /// Supervised tasks: (name, running?, restarts).
+    pub tasks: Vec<(String, bool, u64)>,
     pub policy_entries: u64,
     pub usage_entries: u64,
     pub map_capacity: u64,
+    /// Client entries evicted since start, by reason.
+    pub evictions: crate::valve::Evictions,
 }
 
 /// Reads everything once. A wallet that cannot answer leaves its families empty rather than
@@ -82,10 +86,17 @@ pub async fn collect(st: &OpsState) -> Result<Snapshot, OpsError> {
             .insert("accepted".into(), status.purchases);
         s.upstream_meter = status.meter.as_ref().map(|m| (m.ours, m.theirs));
     }
+    s.tasks = st
+        .tasks
+        .status()
+        .into_iter()
+        .map(|t| (t.name, t.state == "running", t.restarts.into()))
+        .collect();
     let (policy, usage) = st.valve.occupancy();
     s.policy_entries = policy.into();
     s.usage_entries = usage.into();
     s.map_capacity = st.valve.capacity().into();
+    s.evictions = st.valve.evictions();
     Ok(s)
 }
 
@@ -288,6 +299,24 @@ pub fn render(s: &Snapshot) -> String {
             p.sample("tollgate_upstream_meter_bytes", &[("side", "theirs")], t);
         }
     }
+    if !s.tasks.is_empty() {
+        p.family(
+            "tollgate_task_up",
+            "gauge",
+            "1 while a supervised background task runs, 0 while it restarts or has failed.",
+        );
+        for (name, up, _) in &s.tasks {
+            p.sample("tollgate_task_up", &[("task", name)], u64::from(*up));
+        }
+        p.family(
+            "tollgate_task_restarts_total",
+            "counter",
+            "Restarts of a supervised background task since the daemon started.",
+        );
+        for (name, _, restarts) in &s.tasks {
+            p.sample("tollgate_task_restarts_total", &[("task", name)], *restarts);
+        }
+    }
     p.family(
         "tollgate_map_entries",
         "gauge",
@@ -305,6 +334,21 @@ pub fn render(s: &Snapshot) -> String {
         "Capacity of each per-client BPF map.",
     );
     p.sample("tollgate_map_capacity", &[], s.map_capacity);
+    p.family(
+        "tollgate_map_evictions_total",
+        "counter",
+        "Closed clients' entries evicted since start: retention passed, or room made when near full.",
+    );
+    p.sample(
+        "tollgate_map_evictions_total",
+        &[("reason", "retention")],
+        s.evictions.retention,
+    );
+    p.sample(
+        "tollgate_map_evictions_total",
+        &[("reason", "pressure")],
+        s.evictions.pressure,
+    );
     p.0
 }
 
@@ -568,6 +612,10 @@ mod tests {
             "no meter, no samples"
         );
         assert_eq!(v("tollgate_map_entries", &[("map", "usage")]), Some(4.0));
+        assert_eq!(
+            v("tollgate_map_evictions_total", &[("reason", "pressure")]),
+            Some(0.0)
+        );
         // Every family has HELP and TYPE, every sample line is a declared family.
         let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
@@ -597,7 +645,7 @@ mod tests {
         );
         assert_eq!(
             text.lines().filter(|l| l.starts_with("# TYPE ")).count(),
-            14
+            15
         );
     }
 

@@ -15,6 +15,7 @@
 //! GET  /ops/wallet/payouts       every payout attempt
 //! POST /ops/wallet/receive       {"token": …}              → receipt (manual funding)
 //! POST /ops/wallet/send          {"mint": …, "amount": n}  → a token (bearer money!)
+//! POST /ops/wallet/rebalance     {"to": …, "amount": n, "from": …?} → the rebalance record
 //! POST /ops/gate/{mac}/open|extend|close  {"bytes": n} | {"seconds": n}
 //!                                recorded in the session log as admin-open/-extend/-close
 //! GET  /metrics                  Prometheus text format 0.0.4
@@ -78,6 +79,9 @@ pub struct DataplaneInfo {
     pub policy_entries: u32,
     pub usage_entries: u32,
     pub capacity: u32,
+    /// Closed clients' entries evicted since the daemon started.
+    #[serde(default)]
+    pub evictions: crate::valve::Evictions,
 }
 
 /// One accepted mint: reachability, price and our funds there.
@@ -109,6 +113,9 @@ pub struct StatusReport {
     pub clients: ClientCounts,
     /// The upstream session this gateway buys from (`null` unless in reseller mode).
     pub upstream: Option<serde_json::Value>,
+    /// The supervised background tasks (see `supervisor`).
+    #[serde(default)]
+    pub tasks: Vec<crate::supervisor::TaskStatus>,
     pub warnings: Vec<String>,
     /// The state directory's databases and their size on disk (+ WAL), bytes.
     #[serde(default)]
@@ -235,6 +242,39 @@ pub struct SendAnswer {
     pub receiver_fee: u64,
 }
 
+/// Move `amount` to mint `to` over Lightning, from `from` or the richest other mint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebalanceRequest {
+    pub to: String,
+    pub amount: u64,
+    #[serde(default)]
+    pub from: Option<String>,
+}
+
+/// A rebalance as recorded (`state`: done, minting = finished at the next start, failed).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebalanceAnswer {
+    pub id: String,
+    pub source: String,
+    pub target: String,
+    pub amount: u64,
+    pub fee: u64,
+    pub state: String,
+}
+
+impl From<crate::wallet::RebalanceRecord> for RebalanceAnswer {
+    fn from(r: crate::wallet::RebalanceRecord) -> Self {
+        RebalanceAnswer {
+            id: r.id,
+            source: r.source,
+            target: r.target,
+            amount: r.amount,
+            fee: r.fee,
+            state: r.state,
+        }
+    }
+}
+
 /// Exactly one of the two, matching the gateway's metric.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GateRequest {
@@ -323,7 +363,9 @@ impl OpsError {
                 | WalletError::WrongUnit { .. }
                 | WalletError::Locked
                 | WalletError::TokenSpent
-                | WalletError::InsufficientFunds { .. } => StatusCode::BAD_REQUEST,
+                | WalletError::InsufficientFunds { .. }
+                | WalletError::InvalidRequest { .. }
+                | WalletError::FeeBudget { .. } => StatusCode::BAD_REQUEST,
                 WalletError::TokenPending
                 | WalletError::MintUnavailable { .. }
                 | WalletError::RateLimited { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -365,6 +407,8 @@ pub struct OpsState {
     pub arp_path: PathBuf,
     /// The state directory (its databases' sizes are in `status`).
     pub state_dir: PathBuf,
+    /// The daemon's background tasks.
+    pub tasks: Arc<crate::supervisor::Supervisor>,
 }
 
 /// Everything, for the control socket (its file mode is the access control).
@@ -379,6 +423,7 @@ pub fn control_router(st: OpsState) -> Router {
                 .route("/ops/wallet/payouts", get(payouts))
                 .route("/ops/wallet/receive", post(receive))
                 .route("/ops/wallet/send", post(send))
+                .route("/ops/wallet/rebalance", post(rebalance))
                 .route("/ops/gate/{mac}/{action}", post(gate))
                 .route("/metrics", get(metrics_page))
                 .with_state(st),
@@ -442,6 +487,15 @@ async fn status(State(st): State<OpsState>) -> Result<Json<StatusReport>, OpsErr
         st.wallet.balances()
     );
     let mut warnings = st.wallet.warnings().await;
+    if let Ok(v) = st.valve.verdicts() {
+        let n = v.packets(crate::valve::Verdict::DropSpoofed);
+        if n > 0 {
+            warnings.push(format!(
+                "{n} packets from paid MACs with another source address dropped (MAC cloning \
+                 or address spoofing; see the log)"
+            ));
+        }
+    }
     let balances = balances.unwrap_or_else(|e| {
         warnings.push(format!("wallet balances unavailable: {e}"));
         Vec::new()
@@ -454,6 +508,16 @@ async fn status(State(st): State<OpsState>) -> Result<Json<StatusReport>, OpsErr
         }
         serde_json::to_value(&s).unwrap_or_default()
     });
+    let tasks = st.tasks.status();
+    for t in tasks.iter().filter(|t| t.state != "running") {
+        warnings.push(format!(
+            "task {} is {} ({} restarts; last exit: {})",
+            t.name,
+            t.state,
+            t.restarts,
+            t.last_exit.as_deref().unwrap_or("-")
+        ));
+    }
     let cfg = st.app.merchant.config();
     let mints = probes
         .into_iter()
@@ -475,6 +539,7 @@ async fn status(State(st): State<OpsState>) -> Result<Json<StatusReport>, OpsErr
             }
         })
         .collect();
+    warnings.extend(st.valve.tcx_warnings());
     let (policy, usage) = st.valve.occupancy();
     let sessions = st.app.chandler.clients()?;
     let active = sessions.iter().filter(|s| s.active).count() as u64;
@@ -489,6 +554,7 @@ async fn status(State(st): State<OpsState>) -> Result<Json<StatusReport>, OpsErr
             policy_entries: policy,
             usage_entries: usage,
             capacity: st.valve.capacity(),
+            evictions: st.valve.evictions(),
         },
         mints,
         clients: ClientCounts {
@@ -496,6 +562,7 @@ async fn status(State(st): State<OpsState>) -> Result<Json<StatusReport>, OpsErr
             closed: sessions.len() as u64 - active,
         },
         upstream,
+        tasks,
         warnings,
         databases: database_sizes(&st.state_dir),
     }))
@@ -611,6 +678,20 @@ async fn send(
         value: t.value,
         receiver_fee: t.receiver_fee,
     }))
+}
+
+async fn rebalance(
+    State(st): State<OpsState>,
+    body: axum::body::Bytes,
+) -> Result<Json<RebalanceAnswer>, OpsError> {
+    let req: RebalanceRequest = json_body(&body)?;
+    let r = st
+        .wallet
+        .rebalance(&req.to, req.amount, req.from.as_deref())
+        .await?;
+    tracing::info!(source = %r.source, target = %r.target, amount = r.amount, fee = r.fee,
+        state = %r.state, id = %r.id, "operator rebalanced");
+    Ok(Json(r.into()))
 }
 
 /// The amount in the session's metric units for an admin request.

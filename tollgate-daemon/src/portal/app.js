@@ -1,5 +1,7 @@
 // The TollGate portal: price list from the advertisement (GET /), payment (POST /), live
-// remaining allowance (GET /captive). Everything received goes into the DOM as textContent.
+// remaining allowance (GET /captive), Lightning checkout (POST /ln-invoice, then GET
+// /ln-invoice?quote= every 2 s; the QR code is an SVG image from /ln-invoice/qr.svg).
+// Everything received goes into the DOM as textContent.
 'use strict';
 (function () {
   const $ = (id) => document.getElementById(id);
@@ -45,8 +47,16 @@
       const metric = tag(ev, 'metric') || '?';
       const step = tag(ev, 'step_size') || '?';
       const items = [];
+      const mints = [];
       for (const t of ev.tags || []) {
         if (!Array.isArray(t) || t[0] !== 'price_per_step') continue;
+        if (t[1] === 'cashu') {
+          const opt = document.createElement('option');
+          opt.value = String(t[4]);
+          opt.textContent = String(t[4]);
+          opt.dataset.min = String(Number(t[2]) * Math.max(1, Number(t[5] || 1)));
+          mints.push(opt);
+        }
         const li = document.createElement('li');
         li.className = 'price';
         li.textContent = String(t[2]) + ' ' + String(t[3]) + ' per ' + stepText(metric, step) +
@@ -59,6 +69,8 @@
         items.push(li);
       }
       ul.replaceChildren(...items);
+      $('ln-mint').replaceChildren(...mints);
+      lnMintChanged();
     } catch (e) {
       const li = document.createElement('li');
       li.className = 'error';
@@ -120,6 +132,86 @@
     }
   }
 
+  // ---------------------------------------------------------------- Lightning
+  let lnTimer = null;
+
+  function showTab(ln) {
+    $('pane-ln').hidden = !ln;
+    $('pane-ecash').hidden = ln;
+    $('tab-ln').setAttribute('aria-selected', String(ln));
+    $('tab-ecash').setAttribute('aria-selected', String(!ln));
+  }
+
+  function lnMintChanged() {
+    const opt = $('ln-mint').selectedOptions[0];
+    if (opt && !$('ln-amount').value) $('ln-amount').value = opt.dataset.min;
+  }
+
+  function lnStop() {
+    if (lnTimer) clearInterval(lnTimer);
+    lnTimer = null;
+  }
+
+  async function lnPoll(quote) {
+    try {
+      const r = await fetch('/ln-invoice?quote=' + encodeURIComponent(quote), { cache: 'no-store' });
+      const p = await r.json();
+      if (!r.ok || !p.status) {
+        say($('ln-state'), 'Invoice status unavailable: ' + String(p.error || r.status), 'error');
+        return;
+      }
+      if (p.access_granted) {
+        lnStop();
+        const allot = p.metric === 'bytes' ? bytes(p.allotment) : stepText(p.metric, p.allotment);
+        say($('ln-state'), 'Paid: access granted (' + allot + ').', 'ok');
+        $('ln-qr').hidden = true;
+        refresh();
+      } else if (p.state === 'EXPIRED') {
+        lnStop();
+        say($('ln-state'), 'The invoice expired unpaid. Get a new one.', 'error');
+        $('ln-qr').hidden = true;
+      } else if (p.state === 'PAID' || p.state === 'ISSUED') {
+        say($('ln-state'), 'Payment received, opening the gate…');
+      } else {
+        say($('ln-state'), 'Waiting for payment…');
+      }
+    } catch (e) {
+      say($('ln-state'), 'Cannot reach the gateway: ' + e.message, 'error');
+    }
+  }
+
+  async function lnInvoice() {
+    const button = $('ln-get');
+    lnStop();
+    button.disabled = true;
+    say($('ln-state'), 'Asking the mint for an invoice…');
+    try {
+      const r = await fetch('/ln-invoice', {
+        method: 'POST', headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ amount: Number($('ln-amount').value), mint_url: $('ln-mint').value }),
+      });
+      const p = await r.json();
+      if (!r.ok || !p.status) {
+        say($('ln-state'), 'No invoice: ' + String(p.error || ('HTTP ' + r.status)), 'error');
+        return;
+      }
+      $('ln-invoice').value = String(p.invoice);
+      $('ln-invoice').hidden = false;
+      $('ln-qr').src = '/ln-invoice/qr.svg?quote=' + encodeURIComponent(p.quote);
+      $('ln-qr').hidden = false;
+      say($('ln-state'), 'Waiting for payment…');
+      lnTimer = setInterval(() => lnPoll(p.quote), 2000);
+    } catch (e) {
+      say($('ln-state'), 'Network error: ' + e.message, 'error');
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  $('tab-ecash').addEventListener('click', () => showTab(false));
+  $('tab-ln').addEventListener('click', () => showTab(true));
+  $('ln-mint').addEventListener('change', () => { $('ln-amount').value = ''; lnMintChanged(); });
+  $('ln-get').addEventListener('click', lnInvoice);
   $('pay').addEventListener('click', pay);
   loadPrices();
   refresh();

@@ -1,16 +1,13 @@
-//! The few HTTP/1.1 requests we make to an upstream gateway (`GET /`, `POST /`, `GET /usage`),
-//! over a plain TCP connection with a timeout on the whole exchange and a cap on the answer.
-//!
-//! A hand-rolled client because the target is never a general web server: one host we
-//! discovered ourselves, port 2121, small answers. Redirects are not followed (an upstream
-//! cannot point us elsewhere), and an answer larger than [`MAX_ANSWER`] is refused unread.
+//! The few HTTP/1.1 requests we make to an upstream gateway (`GET /`, `POST /`, `GET /usage`)
+//! through the shared client ([`crate::fetch`]), with a timeout on the whole exchange and a
+//! cap on the answer. Redirects are not followed (an upstream cannot point us elsewhere), and
+//! an answer larger than [`MAX_ANSWER`] is refused.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 use super::UpstreamError;
+use crate::fetch;
 use crate::protocol::{Advertisement, Metric, Session};
 
 /// The largest answer we read from an upstream (events are a few KiB).
@@ -43,84 +40,11 @@ pub fn check_gateway_addr(ip: IpAddr) -> Result<(), UpstreamError> {
     }
 }
 
-/// One answer: status and body.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Answer {
-    pub status: u16,
-    pub body: String,
-}
+pub use crate::fetch::Answer;
 
-/// Parses a raw HTTP/1.1 answer (Content-Length, chunked, or read-to-close).
-pub fn parse_answer(raw: &[u8]) -> Result<Answer, String> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("no end of headers")?;
-    let head = std::str::from_utf8(&raw[..split]).map_err(|_| "headers are not UTF-8")?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().ok_or("empty answer")?;
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().unwrap_or("");
-    if !version.starts_with("HTTP/1.") {
-        return Err(format!("not an HTTP/1 answer: {status_line:?}"));
-    }
-    let status: u16 = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .filter(|s| (100..600).contains(s))
-        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
-    let mut length = None;
-    let mut chunked = false;
-    for l in lines {
-        let Some((k, v)) = l.split_once(':') else {
-            return Err(format!("bad header line {l:?}"));
-        };
-        let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
-        if k == "content-length" {
-            length = Some(v.parse::<usize>().map_err(|_| "bad content-length")?);
-        } else if k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked") {
-            chunked = true;
-        }
-    }
-    let rest = &raw[split + 4..];
-    let body = if chunked {
-        dechunk(rest)?
-    } else if let Some(n) = length {
-        if rest.len() < n {
-            return Err(format!("body cut short ({} of {n} bytes)", rest.len()));
-        }
-        rest[..n].to_vec()
-    } else {
-        rest.to_vec()
-    };
-    let body = String::from_utf8(body).map_err(|_| "body is not UTF-8")?;
-    Ok(Answer { status, body })
-}
-
-fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    loop {
-        let eol = b
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or("bad chunk header")?;
-        let size_txt = std::str::from_utf8(&b[..eol]).map_err(|_| "bad chunk size")?;
-        let size = usize::from_str_radix(size_txt.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| "bad chunk size")?;
-        b = &b[eol + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        // A hostile size (usize::MAX) must not overflow into a panic.
-        if size.checked_add(2).is_none_or(|n| b.len() < n) {
-            return Err("chunk cut short".into());
-        }
-        out.extend_from_slice(&b[..size]);
-        b = &b[size + 2..];
-    }
-}
-
-/// One request to `addr`; the whole exchange (connect, send, read) is bounded by `timeout`.
+/// One request to `addr` through the shared client ([`crate::fetch`]): the whole exchange
+/// (connect, send, read) is bounded by `timeout`, the body by [`MAX_ANSWER`], and a redirect
+/// is an error.
 pub async fn request(
     addr: SocketAddr,
     method: &str,
@@ -128,52 +52,27 @@ pub async fn request(
     body: Option<&str>,
     timeout: Duration,
 ) -> Result<Answer, UpstreamError> {
-    let fail = |reason: String| UpstreamError::Http {
+    let url = format!("http://{addr}{path}");
+    let limits = fetch::Limits {
+        timeout,
+        max_body: MAX_ANSWER,
+    };
+    let answer = match (method, body) {
+        ("POST", Some(b)) => fetch::post(&url, b, limits).await,
+        ("GET", None) => fetch::get(&url, limits).await,
+        _ => {
+            return Err(UpstreamError::Http {
+                addr,
+                path: path.to_string(),
+                reason: format!("unsupported request {method}"),
+            })
+        }
+    };
+    answer.map_err(|e| UpstreamError::Http {
         addr,
         path: path.to_string(),
-        reason,
-    };
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| fail(format!("connect: {e}")))?;
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nUser-Agent: tollgate\r\n"
-        );
-        match body {
-            Some(b) => req.push_str(&format!(
-                "Content-Type: text/plain\r\nContent-Length: {}\r\n\r\n{b}",
-                b.len()
-            )),
-            None => req.push_str("\r\n"),
-        }
-        s.write_all(req.as_bytes())
-            .await
-            .map_err(|e| fail(format!("send: {e}")))?;
-        let mut raw = Vec::new();
-        let mut buf = [0u8; 8192];
-        loop {
-            let n = s
-                .read(&mut buf)
-                .await
-                .map_err(|e| fail(format!("read: {e}")))?;
-            if n == 0 {
-                break;
-            }
-            raw.extend_from_slice(&buf[..n]);
-            if raw.len() > MAX_ANSWER + 4096 {
-                return Err(fail(format!("answer larger than {MAX_ANSWER} bytes")));
-            }
-        }
-        let answer = parse_answer(&raw).map_err(fail)?;
-        if answer.body.len() > MAX_ANSWER {
-            return Err(fail(format!("answer larger than {MAX_ANSWER} bytes")));
-        }
-        Ok(answer)
-    };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| fail(format!("no answer within {timeout:?}")))?
+        reason: e.to_string(),
+    })
 }
 
 /// A verified advertisement and who signed it.
@@ -275,38 +174,6 @@ mod tests {
         }
         for good in ["10.78.0.1", "192.168.1.1", "2001:db8::1"] {
             assert!(check_gateway_addr(good.parse().unwrap()).is_ok(), "{good}");
-        }
-    }
-
-    #[test]
-    fn answers_parse_and_malformed_are_refused() {
-        let a = parse_answer(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcdef").unwrap();
-        assert_eq!((a.status, a.body.as_str()), (200, "abc"));
-        let a = parse_answer(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
-        )
-        .unwrap();
-        assert_eq!(a.body, "abcde");
-        let a = parse_answer(b"HTTP/1.0 400 Bad\r\n\r\nplain").unwrap();
-        assert_eq!((a.status, a.body.as_str()), (400, "plain"));
-        for bad in [
-            &b""[..],
-            b"garbage",
-            b"SSH-2.0-OpenSSH\r\n\r\n",
-            b"HTTP/1.1 999 x\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
-            b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-            b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\n\r\n\xff\xfe",
-            // Regression (issue 11): a chunk size of usize::MAX overflowed `size + 2`.
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nab\r\n",
-        ] {
-            assert!(
-                parse_answer(bad).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
         }
     }
 

@@ -144,6 +144,21 @@ impl Db {
             .map_err(storage)
     }
 
+    /// What left our wallet (or may have: `pending`) for payments created in the last
+    /// `window`: the amount the hourly spending limit counts. Reclaimed payments cost nothing.
+    pub fn spent_within(&self, window: std::time::Duration) -> Result<u64, UpstreamError> {
+        let since = now_ms().saturating_sub(window.as_millis().min(i64::MAX as u128) as i64);
+        self.conn()
+            .query_row(
+                "SELECT COALESCE(SUM(amount), 0) FROM payments
+                 WHERE state IN ('pending', 'accepted', 'taken') AND created_ms >= ?1",
+                params![since],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|v| v as u64)
+            .map_err(storage)
+    }
+
     pub fn put_session(&self, s: &SessionRow) -> Result<(), UpstreamError> {
         self.conn()
             .execute(
@@ -211,10 +226,24 @@ mod tests {
         .unwrap();
         drop(db);
         let db = Db::open(&path).unwrap();
-        assert_eq!(db.payments(Some("pending")).unwrap(), vec![p]);
+        assert_eq!(db.payments(Some("pending")).unwrap(), vec![p.clone()]);
         db.set_state("op1", "accepted", "").unwrap();
         assert!(db.payments(Some("pending")).unwrap().is_empty());
         assert_eq!(db.total("accepted").unwrap(), 20);
+        let hour = std::time::Duration::from_secs(3600);
+        assert_eq!(db.spent_within(hour).unwrap(), 20);
+        db.put_pending(&PaymentRow {
+            op_id: "op2".into(),
+            amount: 7,
+            ..p.clone()
+        })
+        .unwrap();
+        db.set_state("op2", "reclaimed", "").unwrap();
+        assert_eq!(
+            db.spent_within(hour).unwrap(),
+            20,
+            "reclaimed costs nothing"
+        );
         assert_eq!(db.session("pk").unwrap().unwrap().allotment, 10);
         assert!(db.session("other").unwrap().is_none());
     }

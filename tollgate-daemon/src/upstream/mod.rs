@@ -12,7 +12,16 @@
 //!                                └─ no ──> reclaim ─> 'reclaimed' (or 'taken'), back off
 //! ```
 //! Every purchase goes through a wallet reservation and, between purchases, a standing
-//! reservation holds the next renewal's amount, so a payout tick can never spend it.
+//! reservation holds the next renewal's amount, so a payout tick can never spend it. The hold
+//! is extended on every loop turn, also while the upstream does not answer; it is released
+//! when we give the upstream up (no default gateway, or a gateway with another key).
+//!
+//! Spending limits bound what a hostile upstream (anything answering as the WAN default
+//! gateway under `trust_all`) can take: no purchase above `max_sat_per_purchase`, no more than
+//! `max_sat_per_hour` in any hour (counted from `upstream.sqlite`, so a restart does not reset
+//! it), and after a purchase the upstream kept without a session showing (`-1/-1` before any
+//! live session, or the token swapped without a valid answer) we do not pay that gateway
+//! again for `no_session_backoff`: an alert in the log and in `warnings` instead.
 //! Refusals (untrusted, over budget, funds low, bad advertisement) are logged with the reason
 //! and kept in [`UpstreamStatus`]. Payments are persisted ([`db`]); a payment a crash left
 //! `pending` is settled at start by trying to reclaim it: the mint tells whether the upstream
@@ -28,6 +37,7 @@ pub mod meter;
 pub mod policy;
 pub mod route;
 pub mod settings;
+pub mod shortfall;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -49,6 +59,9 @@ pub use settings::{TrustDefault, UpstreamSettings};
 
 /// How long the standing renewal reservation lives between extensions.
 const HOLD_TTL: Duration = Duration::from_secs(600);
+
+/// The window of `max_sat_per_hour`.
+const HOUR: Duration = Duration::from_secs(3600);
 
 /// The upstream buyer's errors.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +146,10 @@ pub struct UpstreamStatus {
     pub consecutive_failures: u32,
     /// Reserved for the next renewal.
     pub held: u64,
+    /// Spending limits in force for the upstream's metric (sat), and what the last hour cost.
+    pub purchase_limit: Option<u64>,
+    pub hourly_limit: Option<u64>,
+    pub spent_last_hour: u64,
     pub warnings: Vec<String>,
     /// `None` while WAN metering is not running.
     pub meter: Option<MeterStatus>,
@@ -145,12 +162,23 @@ struct Current {
     probed: Instant,
 }
 
+/// A purchase the upstream kept without a session showing up yet.
+struct Unconfirmed {
+    pubkey: String,
+    at: Instant,
+    amount: u64,
+    what: &'static str,
+}
+
 /// Loop state that lives only in the task.
 struct Run {
     current: Option<Current>,
     failures: u32,
     next_attempt: Instant,
     hold: Option<Reservation>,
+    unconfirmed: Option<Unconfirmed>,
+    /// The operator alert while we refuse to pay after an unconfirmed purchase.
+    alert: Option<String>,
     /// The MAC the WAN meter watches and where the comparison (re)started.
     metered: Option<(Ipv4Addr, MacAddr, Option<meter::Reference>)>,
 }
@@ -243,8 +271,9 @@ impl Upstream {
         Ok(())
     }
 
-    /// A token whose payment got no valid session: take it back if we still can.
-    async fn settle_unanswered(&self, op_id: &str, why: &str) {
+    /// A token whose payment got no valid session: take it back if we still can. True when
+    /// the upstream had already swapped it (the money is gone).
+    async fn settle_unanswered(&self, op_id: &str, why: &str) -> bool {
         match self.wallet.reclaim(op_id).await {
             Ok(n) => {
                 tracing::info!(op_id, amount = n, reason = why, "upstream token reclaimed");
@@ -262,6 +291,7 @@ impl Upstream {
                 let _ =
                     self.db
                         .set_state(op_id, "taken", &format!("{why}; swapped by the upstream"));
+                return true;
             }
             Err(e) => {
                 // Stays pending: retried at the next start (and by the next purchase attempt).
@@ -270,6 +300,27 @@ impl Upstream {
                     .db
                     .set_state(op_id, "pending", &format!("{why}; reclaim failed: {e}"));
             }
+        }
+        false
+    }
+
+    /// Extends the standing renewal hold (every loop turn, whether or not the upstream
+    /// answers: an unreachable upstream is not a reason to let payouts spend it).
+    fn keep_hold(&self, run: &mut Run) {
+        if let Some(h) = &run.hold {
+            if !self.wallet.extend(h, HOLD_TTL).unwrap_or(false) {
+                run.hold = None;
+                self.with_status(|s| s.held = 0);
+            }
+        }
+    }
+
+    /// We give the upstream up: its hold goes back to the wallet.
+    fn give_up_hold(&self, run: &mut Run, why: &str) {
+        if let Some(h) = run.hold.take() {
+            tracing::info!(amount = h.amount, mint = %h.mint, reason = why, "releasing the upstream renewal hold");
+            let _ = self.wallet.release(&h);
+            self.with_status(|s| s.held = 0);
         }
     }
 
@@ -290,6 +341,8 @@ impl Upstream {
             failures: 0,
             next_attempt: Instant::now(),
             hold: None,
+            unconfirmed: None,
+            alert: None,
             metered: None,
         };
         loop {
@@ -297,12 +350,16 @@ impl Upstream {
                 _ = shutdown.cancelled() => break,
                 _ = self.discover(&mut run) => {}
             }
+            self.keep_hold(&mut run);
             if run.current.is_some() {
                 // Not raced against shutdown: a purchase in flight is finished and recorded.
                 self.step(&mut run).await;
             }
             let mut warnings = self.wallet.warnings().await;
+            warnings.extend(run.alert.clone());
+            let spent = self.db.spent_within(HOUR).unwrap_or(0);
             self.with_status(|s| {
+                s.spent_last_hour = spent;
                 warnings.extend(s.meter.as_ref().and_then(|m| m.warning.clone()));
                 s.warnings = warnings;
             });
@@ -330,6 +387,7 @@ impl Upstream {
             Ok(Some(g)) => g,
             Ok(None) => {
                 run.current = None;
+                self.give_up_hold(run, "no default gateway");
                 self.with_status(|s| s.gateway = None);
                 self.refuse(format!(
                     "no IPv4 default gateway{}",
@@ -358,15 +416,25 @@ impl Upstream {
                     .current
                     .as_ref()
                     .is_none_or(|c| c.gateway != gw || c.signed != signed);
+                if run
+                    .current
+                    .as_ref()
+                    .is_some_and(|c| c.signed.pubkey != signed.pubkey)
+                {
+                    self.give_up_hold(run, "the gateway's key changed");
+                }
                 if changed {
                     tracing::info!(gateway = %gw, pubkey = %signed.pubkey, metric = %signed.ad.metric,
                         step_size = signed.ad.step_size, options = signed.ad.prices.len(),
                         "upstream TollGate discovered");
                 }
+                let metric = signed.ad.metric;
                 self.with_status(|s| {
                     s.pubkey = Some(signed.pubkey.clone());
-                    s.metric = Some(signed.ad.metric);
+                    s.metric = Some(metric);
                     s.step_size = Some(signed.ad.step_size);
+                    s.purchase_limit = Some(self.settings.purchase_limit(metric));
+                    s.hourly_limit = Some(self.settings.hourly_limit(metric));
                 });
                 run.current = Some(Current {
                     gateway: gw,
@@ -452,10 +520,10 @@ impl Upstream {
                 updated_ms: Db::now_ms(),
             });
         }
-        if let Some(h) = &run.hold {
-            if !self.wallet.extend(h, HOLD_TTL).unwrap_or(false) {
-                run.hold = None;
-                self.with_status(|s| s.held = 0);
+        if usage.is_some() {
+            // A live session: whatever we bought showed up.
+            if run.unconfirmed.take().is_some() && run.alert.take().is_some() {
+                tracing::info!(gateway = %gw, "the upstream shows a session again");
             }
         }
         if usage.is_some() && remaining > self.offset(signed.ad.metric) {
@@ -464,11 +532,32 @@ impl Upstream {
         if Instant::now() < run.next_attempt {
             return;
         }
+        if let Some(u) = run
+            .unconfirmed
+            .as_ref()
+            .filter(|u| u.pubkey == signed.pubkey)
+        {
+            if u.at.elapsed() < self.settings.no_session_backoff {
+                let alert = format!(
+                    "upstream {gw} ({}) kept our payment of {} sat without a session ({}); not \
+                     paying it again for {:?} (no_session_backoff)",
+                    signed.pubkey, u.amount, u.what, self.settings.no_session_backoff
+                );
+                if run.alert.as_deref() != Some(alert.as_str()) {
+                    tracing::error!(%alert, "possible hostile upstream");
+                }
+                self.refuse(alert.clone());
+                run.alert = Some(alert);
+                return;
+            }
+            run.unconfirmed = None;
+            run.alert = None;
+        }
         // Retry the reclaim of anything a failed attempt left pending before spending more.
         for p in self.db.payments(Some("pending")).unwrap_or_default() {
             self.settle_unanswered(&p.op_id, "retrying reclaim").await;
         }
-        let choice = match self.choose(&signed, remaining, run.hold.as_ref()).await {
+        let choice = match self.choose(&signed, remaining, &mut run.hold).await {
             Ok(c) => c,
             Err(e) => {
                 self.refuse(e);
@@ -488,6 +577,12 @@ impl Upstream {
         });
         match self.purchase(gw, &signed, &choice, run).await {
             Ok(allot) => {
+                run.unconfirmed = Some(Unconfirmed {
+                    pubkey: signed.pubkey.clone(),
+                    at: Instant::now(),
+                    amount: choice.amount,
+                    what: "no session on /usage after the purchase",
+                });
                 if usage.is_none() {
                     // A new session starts now at zero: compare from here.
                     self.restart_meter(run, Some(0));
@@ -517,7 +612,17 @@ impl Upstream {
                     }
                 }
             }
-            Err(e) => self.error(run, e),
+            Err((e, taken)) => {
+                if taken {
+                    run.unconfirmed = Some(Unconfirmed {
+                        pubkey: signed.pubkey.clone(),
+                        at: Instant::now(),
+                        amount: choice.amount,
+                        what: "the token was swapped without a valid session answer",
+                    });
+                }
+                self.error(run, e)
+            }
         }
     }
 
@@ -598,12 +703,41 @@ impl Upstream {
         }
     }
 
+    /// [`policy::choose`]; when the cheapest mint is short, first try to cover the shortfall
+    /// from another mint ([`shortfall`]) — the moved amount then becomes our hold there.
     async fn choose(
         &self,
         signed: &SignedAd,
         remaining: u64,
-        hold: Option<&Reservation>,
+        hold: &mut Option<Reservation>,
     ) -> Result<Choice, String> {
+        let spent = self
+            .db
+            .spent_within(HOUR)
+            .map_err(|e| format!("counting the last hour's payments: {e}"))?;
+        let funds = self.funds(hold.as_ref()).await?;
+        let refusal = match policy::choose(signed, &self.settings, &funds, remaining, spent) {
+            Err(r @ Refusal::FundsLow { .. }) => r,
+            other => return other.map_err(|r| r.to_string()),
+        };
+        let ours = hold
+            .as_ref()
+            .filter(|h| matches!(&refusal, Refusal::FundsLow { mint, .. } if *mint == h.mint));
+        let Some(held) = shortfall::cover(&self.wallet, &refusal, ours).await else {
+            return Err(refusal.to_string());
+        };
+        if let Some(old) = hold.replace(held.clone()) {
+            if old.id != held.id {
+                let _ = self.wallet.release(&old);
+            }
+        }
+        self.with_status(|s| s.held = held.amount);
+        let funds = self.funds(hold.as_ref()).await?;
+        policy::choose(signed, &self.settings, &funds, remaining, spent).map_err(|r| r.to_string())
+    }
+
+    /// Available funds per accepted mint, our own standing hold counted as ours.
+    async fn funds(&self, hold: Option<&Reservation>) -> Result<BTreeMap<String, u64>, String> {
         let mut funds = BTreeMap::new();
         for b in self
             .wallet
@@ -615,18 +749,19 @@ impl Upstream {
             let own = hold.filter(|h| h.mint == b.mint).map_or(0, |h| h.amount);
             funds.insert(b.mint, b.available + own);
         }
-        policy::choose(signed, &self.settings, &funds, remaining).map_err(|r| r.to_string())
+        Ok(funds)
     }
 
     /// Reserve, make the token, record it, pay, verify; on any failure reclaim. Returns the
-    /// allotment the upstream's session answer states.
+    /// allotment the upstream's session answer states; on failure the reason and whether the
+    /// upstream kept the token.
     async fn purchase(
         &self,
         gw: Ipv4Addr,
         signed: &SignedAd,
         choice: &Choice,
         run: &mut Run,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, (String, bool)> {
         let reservation = match run.hold.take() {
             Some(h) if h.mint == choice.mint && h.amount >= choice.amount => h,
             other => {
@@ -638,7 +773,10 @@ impl Upstream {
                     .reserve(&choice.mint, choice.amount, self.wallet.reservation_ttl())
                     .await
                     .map_err(|e| {
-                        format!("reserving {} sat at {}: {e}", choice.amount, choice.mint)
+                        (
+                            format!("reserving {} sat at {}: {e}", choice.amount, choice.mint),
+                            false,
+                        )
                     })?
             }
         };
@@ -652,7 +790,7 @@ impl Upstream {
             Ok(t) => t,
             Err(e) => {
                 let _ = self.wallet.release(&held);
-                return Err(format!("creating the token: {e}"));
+                return Err((format!("creating the token: {e}"), false));
             }
         };
         let row = PaymentRow {
@@ -667,9 +805,10 @@ impl Upstream {
         };
         if let Err(e) = self.db.put_pending(&row) {
             // Without a record we must not let the token leave: take it back now.
-            self.settle_unanswered(&token.op_id, "could not record the payment")
+            let taken = self
+                .settle_unanswered(&token.op_id, "could not record the payment")
                 .await;
-            return Err(e.to_string());
+            return Err((e.to_string(), taken));
         }
         let addr = SocketAddr::from((gw, client::PORT));
         let answer = client::request(
@@ -677,7 +816,7 @@ impl Upstream {
             "POST",
             "/",
             Some(&token.token),
-            self.settings.probe_timeout,
+            self.settings.purchase_timeout,
         )
         .await;
         let failure = match answer {
@@ -697,8 +836,8 @@ impl Upstream {
             ),
             Err(e) => e.to_string(),
         };
-        self.settle_unanswered(&token.op_id, &failure).await;
-        Err(failure)
+        let taken = self.settle_unanswered(&token.op_id, &failure).await;
+        Err((failure, taken))
     }
 }
 

@@ -29,6 +29,17 @@ pub enum Refusal {
     },
     #[error("purchase size overflows ({steps} steps × {price} sat)")]
     Overflow { steps: u64, price: u64 },
+    /// The cheapest purchase an option allows (its `min_steps`, our increment) costs more
+    /// than `max_sat_per_purchase`.
+    #[error("every option costs more than the per-purchase limit: cheapest {amount} sat ({steps} steps at {mint}), limit {limit} sat (max_sat_per_purchase)")]
+    OverPurchaseLimit {
+        mint: String,
+        steps: u64,
+        amount: u64,
+        limit: u64,
+    },
+    #[error("hourly spending limit reached: {spent} sat paid in the last hour, {amount} sat more would exceed {limit} sat (max_sat_per_hour)")]
+    OverHourlyLimit { spent: u64, amount: u64, limit: u64 },
 }
 
 /// What to buy.
@@ -74,12 +85,16 @@ pub fn steps_for(
 }
 
 /// Decides. `funds` maps our accepted mints (canonical URL) to their available balance;
-/// `remaining` is what is left of the current upstream allotment (0 without a session).
+/// `remaining` is what is left of the current upstream allotment (0 without a session);
+/// `spent_last_hour` is what we paid upstream (accepted, taken or unsettled) in the last hour.
+/// Spending limits come before funds: an option over `purchase_limit` is never bought, however
+/// rich we are.
 pub fn choose(
     signed: &SignedAd,
     s: &UpstreamSettings,
     funds: &BTreeMap<String, u64>,
     remaining: u64,
+    spent_last_hour: u64,
 ) -> Result<Choice, Refusal> {
     s.trusts(&signed.pubkey)
         .map_err(|reason| Refusal::Untrusted { reason })?;
@@ -133,6 +148,31 @@ pub fn choose(
         priced.push((o, mint, steps, amount));
     }
     priced.sort_by(|a, b| (a.0.price_per_step, a.3, &a.1).cmp(&(b.0.price_per_step, b.3, &b.1)));
+    let limit = s.purchase_limit(ad.metric);
+    let over = priced
+        .iter()
+        .filter(|p| p.3 > limit)
+        .min_by_key(|p| p.3)
+        .map(|(_, mint, steps, amount)| Refusal::OverPurchaseLimit {
+            mint: mint.clone(),
+            steps: *steps,
+            amount: *amount,
+            limit,
+        });
+    priced.retain(|p| p.3 <= limit);
+    if priced.is_empty() {
+        return Err(over.expect("every candidate was over the limit"));
+    }
+    let hourly = s.hourly_limit(ad.metric);
+    let smallest = priced.iter().map(|p| p.3).min().unwrap_or(0);
+    if spent_last_hour.saturating_add(smallest) > hourly {
+        return Err(Refusal::OverHourlyLimit {
+            spent: spent_last_hour,
+            amount: smallest,
+            limit: hourly,
+        });
+    }
+    priced.retain(|p| spent_last_hour.saturating_add(p.3) <= hourly);
     let mut short = None;
     for (o, mint, steps, amount) in priced {
         let available = funds.get(&mint).copied().unwrap_or(0);
@@ -213,6 +253,7 @@ mod tests {
                 ("https://c.example", 1000),
             ]),
             0,
+            0,
         )
         .unwrap();
         assert_eq!(
@@ -229,6 +270,7 @@ mod tests {
                 ("https://c.example", 1000),
             ]),
             0,
+            0,
         )
         .unwrap();
         assert_eq!(c.mint, "https://c.example");
@@ -240,12 +282,12 @@ mod tests {
         let f = funds(&[("https://a.example", 1000)]);
         let over = signed(vec![opt(11, "https://a.example", 0)]); // 0.011 sat/byte
         assert!(matches!(
-            choose(&over, &s, &f, 0),
+            choose(&over, &s, &f, 0, 0),
             Err(Refusal::OverBudget { .. })
         ));
         let foreign = signed(vec![opt(1, "https://z.example", 0)]);
         assert!(matches!(
-            choose(&foreign, &s, &f, 0),
+            choose(&foreign, &s, &f, 0, 0),
             Err(Refusal::NoCommonMint { .. })
         ));
         let msat = signed(vec![PriceOption {
@@ -253,12 +295,14 @@ mod tests {
             ..opt(1, "https://a.example", 0)
         }]);
         assert!(matches!(
-            choose(&msat, &s, &f, 0),
+            choose(&msat, &s, &f, 0, 0),
             Err(Refusal::NoCommonMint { .. })
         ));
         let min = signed(vec![opt(1, "https://a.example", 5000)]);
+        let mut generous = s.clone();
+        generous.max_sat_per_purchase = Some(10_000);
         assert!(matches!(
-            choose(&min, &s, &f, 0),
+            choose(&min, &generous, &f, 0, 0),
             Err(Refusal::FundsLow {
                 needed: 5000,
                 available: 1000,
@@ -272,6 +316,7 @@ mod tests {
                 &signed(vec![opt(1, "https://a.example", 0)]),
                 &blocked,
                 &f,
+                0,
                 0
             ),
             Err(Refusal::Untrusted { .. })
@@ -280,8 +325,60 @@ mod tests {
         let mut rich = s.clone();
         rich.max_price_per_byte = f64::MAX;
         assert!(matches!(
-            choose(&huge, &rich, &f, 0),
+            choose(&huge, &rich, &f, 0, 0),
             Err(Refusal::Overflow { .. })
+        ));
+    }
+
+    #[test]
+    fn hostile_min_steps_is_refused_by_the_purchase_limit() {
+        // A tiny price (well within budget) with min_steps equal to our whole balance: the
+        // old buyer paid all of it in one purchase.
+        let s = settings(); // limit: 2 × 10 000 bytes × 0.01 = 200 sat
+        assert_eq!(s.purchase_limit(Metric::Bytes), 200);
+        let f = funds(&[("https://a.example", 1_000_000)]);
+        let greedy = signed(vec![opt(1, "https://a.example", 1_000_000)]);
+        let r = choose(&greedy, &s, &f, 0, 0).expect_err("over the limit");
+        assert!(
+            matches!(
+                r,
+                Refusal::OverPurchaseLimit {
+                    amount: 1_000_000,
+                    limit: 200,
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+        assert!(r.to_string().contains("max_sat_per_purchase"), "{r}");
+        // A greedy option next to a fair one: the fair one is bought even if the greedy one
+        // is cheaper per step.
+        let mixed = signed(vec![
+            opt(1, "https://a.example", 1_000_000),
+            opt(2, "https://b.example", 0),
+        ]);
+        let f2 = funds(&[("https://a.example", 1_000_000), ("https://b.example", 500)]);
+        let c = choose(&mixed, &s, &f2, 0, 0).expect("fair option");
+        assert_eq!((c.mint.as_str(), c.amount), ("https://b.example", 20));
+    }
+
+    #[test]
+    fn hourly_limit_counts_what_was_spent() {
+        let mut s = settings();
+        s.max_sat_per_hour = Some(50);
+        let f = funds(&[("https://a.example", 1000)]);
+        let ad = signed(vec![opt(2, "https://a.example", 0)]); // 20 sat a purchase
+        assert_eq!(
+            choose(&ad, &s, &f, 0, 30).expect("30 + 20 <= 50").amount,
+            20
+        );
+        assert!(matches!(
+            choose(&ad, &s, &f, 0, 31),
+            Err(Refusal::OverHourlyLimit {
+                spent: 31,
+                amount: 20,
+                limit: 50
+            })
         ));
     }
 

@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use super::UpstreamError;
 use crate::config::parse_duration;
+use crate::protocol::Metric;
 
 /// Who we are willing to pay.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -45,10 +46,21 @@ pub struct UpstreamSettings {
     /// Timeout of one probe / payment request, and how many probe tries.
     pub probe_timeout: Duration,
     pub probe_tries: u32,
+    /// How long to wait for the answer to a payment: the reference's seller allows 30 s for
+    /// its mint swap, so a shorter wait reclaims tokens the upstream is still redeeming.
+    pub purchase_timeout: Duration,
     /// Periodic re-check of the default gateway and advertisement, besides netlink events.
     pub recheck_interval: Duration,
     /// Longest wait between failed purchase attempts (doubling from `poll_interval`).
     pub max_backoff: Duration,
+    /// Most we pay in one purchase (sat); `None` = derived, see [`Self::purchase_limit`].
+    pub max_sat_per_purchase: Option<u64>,
+    /// Most we pay in any hour (sat); `None` = derived, see [`Self::hourly_limit`].
+    pub max_sat_per_hour: Option<u64>,
+    /// After a purchase the upstream kept without a session showing up (`-1/-1` on `/usage`
+    /// before any live session, or a token swapped without a valid answer), how long we do
+    /// not pay that gateway again.
+    pub no_session_backoff: Duration,
 }
 
 impl Default for UpstreamSettings {
@@ -67,8 +79,12 @@ impl Default for UpstreamSettings {
             poll_interval: Duration::from_secs(1),
             probe_timeout: Duration::from_secs(10),
             probe_tries: 3,
+            purchase_timeout: Duration::from_secs(30),
             recheck_interval: Duration::from_secs(30),
             max_backoff: Duration::from_secs(60),
+            max_sat_per_purchase: None,
+            max_sat_per_hour: None,
+            no_session_backoff: Duration::from_secs(3600),
         }
     }
 }
@@ -267,11 +283,35 @@ impl UpstreamSettings {
         if let Some(d) = duration(v, "probe_timeout")? {
             s.probe_timeout = d;
         }
+        if let Some(d) = duration(v, "purchase_timeout")? {
+            s.purchase_timeout = d;
+        }
         if let Some(d) = duration(v, "recheck_interval")? {
             s.recheck_interval = d;
         }
         if let Some(d) = duration(v, "max_backoff")? {
             s.max_backoff = d;
+        }
+        if let Some(d) = duration(v, "no_session_backoff")? {
+            s.no_session_backoff = d;
+        }
+        for (field, slot) in [
+            ("max_sat_per_purchase", &mut s.max_sat_per_purchase),
+            ("max_sat_per_hour", &mut s.max_sat_per_hour),
+        ] {
+            match v.get(field) {
+                None | Some(Value::Null) => {}
+                Some(n) => match n.as_u64() {
+                    Some(x) if x > 0 => *slot = Some(x),
+                    _ => {
+                        return Err(bad(
+                            field,
+                            format!("{n} is not a positive whole number of sat"),
+                            "omit it for the default derived from the increment and budget",
+                        ))
+                    }
+                },
+            }
         }
         match v.get("probe_tries") {
             None | Some(Value::Null) => {}
@@ -287,6 +327,52 @@ impl UpstreamSettings {
             },
         }
         Ok(s)
+    }
+
+    /// The most one purchase may cost (sat): `max_sat_per_purchase`, or by default twice
+    /// what the larger of the preferred increment and one renewal lift (`offset + 1`) costs
+    /// at the budget price (room for step rounding), at least 1.
+    pub fn purchase_limit(&self, metric: Metric) -> u64 {
+        if let Some(x) = self.max_sat_per_purchase {
+            return x;
+        }
+        let (units, budget) = self.per_metric(metric);
+        (units as f64 * budget * 2.0)
+            .ceil()
+            .clamp(1.0, u64::MAX as f64) as u64
+    }
+
+    /// The most we pay in any rolling hour (sat): `max_sat_per_hour`, or by default an hour
+    /// of time at the budget price plus one purchase (milliseconds), or 30 purchases (bytes:
+    /// 30 × 131 MB ≈ 9 Mbit/s sustained with the reference's increment).
+    pub fn hourly_limit(&self, metric: Metric) -> u64 {
+        if let Some(x) = self.max_sat_per_hour {
+            return x;
+        }
+        let one = self.purchase_limit(metric);
+        match metric {
+            Metric::Milliseconds => {
+                let hour = (3_600_000.0 * self.max_price_per_millisecond).ceil();
+                (hour.clamp(0.0, u64::MAX as f64) as u64).saturating_add(one)
+            }
+            Metric::Bytes => one.saturating_mul(30),
+        }
+    }
+
+    /// (units one purchase buys at most by the increment/offset rule, budget per unit).
+    fn per_metric(&self, metric: Metric) -> (u64, f64) {
+        match metric {
+            Metric::Bytes => (
+                self.preferred_increment_bytes
+                    .max(self.bytes_renewal_offset.saturating_add(1)),
+                self.max_price_per_byte,
+            ),
+            Metric::Milliseconds => (
+                self.preferred_increment_ms
+                    .max(self.ms_renewal_offset.saturating_add(1)),
+                self.max_price_per_millisecond,
+            ),
+        }
     }
 
     /// May we pay this gateway? `Err` says why not.
@@ -356,8 +442,40 @@ mod tests {
         assert_eq!(s.ms_renewal_offset, 10_000);
         assert_eq!(s.poll_interval, Duration::from_millis(250));
         assert_eq!(s.probe_timeout, Duration::from_secs(2));
+        assert_eq!(
+            UpstreamSettings::default().purchase_timeout,
+            Duration::from_secs(30),
+            "the reference's seller takes up to 30 s for its mint swap"
+        );
+        v["purchase_timeout"] = json!("45s");
+        let s2 = UpstreamSettings::parse(Some(&v)).expect("parse");
+        assert_eq!(s2.purchase_timeout, Duration::from_secs(45));
         assert!(s.trusts(KEY).is_ok());
         assert!(s.trusts(&"1".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn spending_limits_default_from_increment_and_budget() {
+        let s = UpstreamSettings::parse(Some(&reference())).expect("reference");
+        // 131 100 001 bytes × 0.0000373 sat × 2 = 9780.06, rounded up.
+        assert_eq!(s.purchase_limit(Metric::Bytes), 9781);
+        assert_eq!(s.hourly_limit(Metric::Bytes), 9781 * 30);
+        // 60 000 ms × 0.0028 × 2 = 336; an hour at 0.0028/ms = 10 080, plus one purchase.
+        assert_eq!(s.purchase_limit(Metric::Milliseconds), 336);
+        assert_eq!(s.hourly_limit(Metric::Milliseconds), 10_080 + 336);
+        let mut v = reference();
+        v["max_sat_per_purchase"] = json!(50);
+        v["max_sat_per_hour"] = json!(120);
+        v["no_session_backoff"] = json!("10m");
+        let s = UpstreamSettings::parse(Some(&v)).expect("limits");
+        assert_eq!(s.purchase_limit(Metric::Bytes), 50);
+        assert_eq!(s.hourly_limit(Metric::Milliseconds), 120);
+        assert_eq!(s.no_session_backoff, Duration::from_secs(600));
+        for bad in [json!(0), json!(-3), json!("lots"), json!(1.5)] {
+            let mut v = reference();
+            v["max_sat_per_hour"] = bad;
+            assert_eq!(field_of(v), "upstream_session_manager.max_sat_per_hour");
+        }
     }
 
     #[test]

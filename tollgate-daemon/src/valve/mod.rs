@@ -5,8 +5,14 @@
 //!    mount bpffs if missing ── load the embedded object with every map pinned at
 //!    <pin_base>/v<SCHEMA>/<MAP> (reused when present, so counts survive restarts)
 //!    ── write CONFIG + GARDEN ── attach TC ingress/egress (or XDP ingress + TC egress):
-//!       a pinned link is *updated in place* (bpf_link_update: no gap), else attached and pinned
+//!       a pinned link is *updated in place* (bpf_link_update: no gap, same chain position),
+//!       else attached FIRST in the TCX chain and pinned; `tcx_positions` reports programs
+//!       another party put before ours
 //!  open / extend / close  ──> POLICY[mac]   (limits are absolute on the kernel's counters)
+//!  check(mac)             capacity only: never creates an entry (money is not taken yet)
+//!  sweep(retention)       closed entries ──(closed ≥ retention, or oldest last-seen first
+//!                         when the map is near full)──> deleted from POLICY and USAGE;
+//!                         an open gate (a paid, active client) is never evicted
 //!  gate / gates / verdicts <── USAGE, VERDICTS
 //!  events()               <── EVENTS ring buffer (pinned: events emitted while the daemon was
 //!                             down are still there at the next start)
@@ -25,12 +31,12 @@
 mod types;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap as StdHashMap, HashSet},
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     sync::{Mutex, MutexGuard},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use aya::{
@@ -40,9 +46,9 @@ use aya::{
     },
     programs::{
         links::{FdLink, LinkError, PinnedLink},
-        tc::SchedClassifierLink,
+        tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
-        SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
+        LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
     },
     sys::SyscallError,
     Ebpf, EbpfLoader,
@@ -94,8 +100,16 @@ pub trait Gates: Send + Sync + 'static {
     /// Extends an open gate without a gap: byte limit += `add_bytes`,
     /// deadline = max(now, deadline) + `add_ns` (only if the gate has a deadline or `add_ns` > 0).
     fn extend(&self, mac: MacAddr, add_bytes: u64, add_ns: u64) -> Result<GateState, ValveError>;
-    /// Shuts the gate (counters are kept).
+    /// Shuts the gate (counters are kept until a [`Gates::sweep`] evicts the entry).
     fn close(&self, mac: MacAddr) -> Result<(), ValveError>;
+    /// Evicts closed entries: those closed for at least `retention`, and, when the map is
+    /// near full, those idle longest. Never an open gate.
+    fn sweep(&self, retention: Duration) -> Result<SweepReport, ValveError>;
+    /// Binds an open gate to the IPv4 source address `ip` (upload from the MAC with any other
+    /// IPv4 source is dropped as `drop_spoofed`); `None` unbinds. Kept by `extend`.
+    fn bind_ipv4(&self, mac: MacAddr, ip: Option<Ipv4Addr>) -> Result<(), ValveError>;
+    /// Packets the kernel dropped because a bound MAC sent from another address (cumulative).
+    fn spoofed_drops(&self) -> Result<u64, ValveError>;
     /// One client's gate and counters; `None` if the kernel has never heard of it.
     fn gate(&self, mac: MacAddr) -> Result<Option<GateState>, ValveError>;
     /// All clients with a gate or counters.
@@ -178,6 +192,12 @@ pub struct ValveConfig {
     /// `tollgate_common::config_flags::METER_ONLY`). `gateway_v4`/`gateway_v6` then name the
     /// peer's own addresses, whose traffic is not counted.
     pub meter_only: bool,
+    /// Capacity of POLICY and USAGE, set at load time. Pinned maps of another size are
+    /// recreated at this size with their entries carried over (refused if they do not fit).
+    /// `None`: the pinned maps' size, or [`MAX_CLIENTS`] when nothing is pinned.
+    pub max_clients: Option<u32>,
+    /// DNS budget of unpaid MACs (None = unlimited DNS to the gateway).
+    pub dns_budget: Option<DnsBudget>,
 }
 
 impl ValveConfig {
@@ -192,6 +212,8 @@ impl ValveConfig {
             garden: Vec::new(),
             portal_mark: None,
             meter_only: false,
+            max_clients: None,
+            dns_budget: Some(DnsBudget::default()),
         }
     }
 
@@ -201,6 +223,7 @@ impl ValveConfig {
         c.pin_base = meter_pin_base(pin_base);
         c.tcp_ports = Vec::new();
         c.meter_only = true;
+        c.dns_budget = None;
         c
     }
 
@@ -236,6 +259,19 @@ impl ValveConfig {
             }
             c.flags |= config_flags::PORTAL_REDIRECT;
             c.portal_mark = m;
+        }
+        if let Some(b) = self.dns_budget.filter(|_| !self.meter_only) {
+            if b.rate == 0 || (b.burst as u64) < b.max_udp_payload as u64 + 48 {
+                return Err(ValveError::Config(format!(
+                    "dns budget: the rate must be > 0 and the burst must hold one largest \
+                     query ({} bytes)",
+                    b.max_udp_payload as u64 + 48
+                )));
+            }
+            c.flags |= config_flags::DNS_BUDGET;
+            c.dns_rate = b.rate;
+            c.dns_burst = b.burst;
+            c.dns_max_udp = b.max_udp_payload;
         }
         c.gateway_v4 = self.gateway_v4.map_or([0; 4], |a| a.octets());
         for (i, p) in self.tcp_ports.iter().enumerate() {
@@ -292,7 +328,8 @@ impl Hook {
 /// Outcome of one `BPF_PROG_TEST_RUN`.
 #[derive(Clone, Copy, Debug)]
 pub struct TestRunOutcome {
-    /// The program's return value (TC_ACT_OK = 0, TC_ACT_SHOT = 2; XDP_DROP = 1, XDP_PASS = 2).
+    /// The program's return value (TCX_NEXT = -1 as u32, TC_ACT_SHOT = 2; XDP_DROP = 1,
+    /// XDP_PASS = 2).
     pub ret: u32,
     /// Average time per run as measured by the kernel.
     pub duration: Duration,
@@ -301,7 +338,9 @@ pub struct TestRunOutcome {
 impl TestRunOutcome {
     pub fn passed(&self, hook: Hook) -> bool {
         match hook {
-            Hook::TcIngress | Hook::TcEgress => self.ret == 0,
+            // TCX_NEXT (-1, what the programs return: pass and let later programs run) or
+            // TC_ACT_OK (0).
+            Hook::TcIngress | Hook::TcEgress => self.ret == u32::MAX || self.ret == 0,
             Hook::XdpIngress => self.ret == 2,
         }
     }
@@ -313,6 +352,22 @@ struct Maps {
     config: Array<MapData, GateConfig>,
     garden: LpmTrie<MapData, [u8; 16], u8>,
     verdicts: PerCpuArray<MapData, VerdictCount>,
+    slots: Slots,
+}
+
+/// Bookkeeping of the per-client slots, kept with the maps (under the same lock).
+#[derive(Default)]
+struct Slots {
+    /// POLICY entries: exact after every sweep, kept in step by open and evict in between.
+    occupied: u32,
+    /// max_entries of POLICY and USAGE.
+    capacity: u32,
+    /// When each closed entry was first seen closed (by `close` or a sweep).
+    closed_since: StdHashMap<MacKey, Instant>,
+    /// Highest generation an evicted entry had: a recreated gate starts above it, so an
+    /// exhaustion event of the evicted one still waiting in the ring buffer never matches.
+    gen_floor: u32,
+    evictions: Evictions,
 }
 
 /// The data plane of one LAN interface.
@@ -324,6 +379,8 @@ pub struct Valve {
     iface: String,
     mode: DataPlaneMode,
     attached: bool,
+    /// max_entries of POLICY and USAGE as loaded.
+    capacity: u32,
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -404,11 +461,21 @@ impl Valve {
             maps::GARDEN,
             maps::VERDICTS,
             maps::EVENTS,
+            maps::DNS,
         ];
+        let capacity = match cfg.max_clients {
+            Some(0) => return Err(ValveError::Config("max_clients must be at least 1".into())),
+            Some(n) => n,
+            // A tool never resizes the daemon's maps.
+            None => pinned_capacity(&dir.join(maps::POLICY))?.unwrap_or(MAX_CLIENTS),
+        };
+        let carried = resize_pinned(&dir, capacity)?;
         let mut loader = EbpfLoader::new();
         for n in names {
             loader.map_pin_path(n, dir.join(n));
         }
+        loader.map_max_entries(maps::POLICY, capacity);
+        loader.map_max_entries(maps::USAGE, capacity);
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| attach_err(format!("loading the eBPF object: {e}")))?;
@@ -435,14 +502,32 @@ impl Valve {
                 message: "missing from the object".into(),
             })
         };
-        let maps = Maps {
+        let mut maps = Maps {
             policy: HashMap::try_from(take(maps::POLICY)?).map_err(map_err(maps::POLICY))?,
             usage: HashMap::try_from(take(maps::USAGE)?).map_err(map_err(maps::USAGE))?,
             config: Array::try_from(take(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?,
             garden: LpmTrie::try_from(take(maps::GARDEN)?).map_err(map_err(maps::GARDEN))?,
             verdicts: PerCpuArray::try_from(take(maps::VERDICTS)?)
                 .map_err(map_err(maps::VERDICTS))?,
+            slots: Slots::default(),
         };
+        if let Some((policies, usages)) = carried {
+            // The maps were recreated at the new size: put every entry back before the links
+            // switch to the new programs (counts are the kernel's; nothing is reset).
+            for (k, u) in &usages {
+                maps.usage.insert(k, u, 0).map_err(map_err(maps::USAGE))?;
+            }
+            for (k, p) in &policies {
+                maps.policy.insert(k, p, 0).map_err(map_err(maps::POLICY))?;
+            }
+            tracing::info!(
+                clients = policies.len(),
+                capacity,
+                "per-client maps resized; entries carried over"
+            );
+        }
+        maps.slots.occupied = maps.policy.keys().filter(|k| k.is_ok()).count() as u32;
+        maps.slots.capacity = capacity;
         let events = RingBuf::try_from(take(maps::EVENTS)?).map_err(map_err(maps::EVENTS))?;
         let valve = Valve {
             ebpf: Mutex::new(ebpf),
@@ -452,6 +537,7 @@ impl Valve {
             iface: cfg.iface.clone(),
             mode: cfg.mode,
             attached: false,
+            capacity,
         };
         Ok(valve)
     }
@@ -511,8 +597,14 @@ impl Valve {
                         .map_err(|e| err(format!("updating {}: {e}", pin.display())))?;
                 }
                 None => {
+                    // First in the TCX chain: a program before ours could pass a frame
+                    // (TC_ACT_OK ends the chain) around the gate.
                     let id = prog
-                        .attach(&self.iface, at)
+                        .attach_with_options(
+                            &self.iface,
+                            at,
+                            TcAttachOptions::TcxOrder(LinkOrder::first()),
+                        )
                         .map_err(|e| err(format!("attach {name}: {e}")))?;
                     let link = prog
                         .take_link(id)
@@ -660,6 +752,11 @@ impl Valve {
                 .collect(),
             tcp_ports: c.tcp_ports.iter().copied().filter(|p| *p != 0).collect(),
             garden,
+            dns_budget: (c.flags & config_flags::DNS_BUDGET != 0).then_some(DnsBudget {
+                rate: c.dns_rate,
+                burst: c.dns_burst,
+                max_udp_payload: c.dns_max_udp,
+            }),
         })
     }
 
@@ -678,9 +775,83 @@ impl Valve {
         out
     }
 
+    /// Our place in the interface's TCX chains (TC mode: ingress and egress; XDP mode:
+    /// egress). Programs before ours see every frame first and can pass it around the gate.
+    pub fn tcx_positions(&self) -> Result<Vec<TcxPosition>, ValveError> {
+        let err = |m: String| ValveError::Attach {
+            iface: self.iface.clone(),
+            message: m,
+        };
+        let ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        let mut hooks = vec![("egress", programs::TC_EGRESS, TcAttachType::Egress)];
+        if self.mode == DataPlaneMode::Tc {
+            hooks.insert(0, ("ingress", programs::TC_INGRESS, TcAttachType::Ingress));
+        }
+        let mut out = Vec::new();
+        for (hook, name, at) in hooks {
+            let ours = ebpf
+                .program(name)
+                .ok_or_else(|| err(format!("program {name} missing")))?
+                .info()
+                .map_err(|e| err(format!("{name} info: {e}")))?
+                .id();
+            let (_, chain) = SchedClassifier::query_tcx(&self.iface, at)
+                .map_err(|e| err(format!("query tcx {hook}: {e}")))?;
+            let pos = chain.iter().position(|p| p.id() == ours);
+            let before = chain[..pos.unwrap_or(0)]
+                .iter()
+                .map(|p| format!("{} ({})", p.id(), p.name_as_str().unwrap_or("?")))
+                .collect();
+            out.push(TcxPosition {
+                hook,
+                before,
+                after: pos.map_or(0, |i| chain.len() - i - 1),
+                attached: pos.is_some(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Operator warnings about the TCX chains: foreign programs before ours (they can pass
+    /// frames around the gate) or ours missing. Empty when not attached here.
+    pub fn tcx_warnings(&self) -> Vec<String> {
+        if !self.attached {
+            return Vec::new();
+        }
+        match self.tcx_positions() {
+            Ok(ps) => ps
+                .into_iter()
+                .filter_map(|p| {
+                    if !p.attached {
+                        Some(format!(
+                            "data plane: our tcx {} program is not attached to {}",
+                            p.hook, self.iface
+                        ))
+                    } else if !p.before.is_empty() {
+                        Some(format!(
+                            "data plane: foreign tcx {} programs run before the gate on {} and \
+                             can bypass it: {}",
+                            p.hook,
+                            self.iface,
+                            p.before.join(", ")
+                        ))
+                    } else {
+                        None
+                    }
+                })
+                .collect(),
+            Err(e) => vec![format!("data plane: tcx chain unreadable: {e}")],
+        }
+    }
+
     /// Capacity of the per-client maps.
     pub fn capacity(&self) -> u32 {
-        MAX_CLIENTS
+        self.capacity
+    }
+
+    /// Entries evicted since this valve was loaded.
+    pub fn evictions(&self) -> Evictions {
+        self.maps().slots.evictions
     }
 
     /// Exhaustion events from the kernel. Can be taken once; the stream ends when the
@@ -812,7 +983,7 @@ impl Valve {
             {
                 return Err(ValveError::Full {
                     mac,
-                    capacity: MAX_CLIENTS,
+                    capacity: m.slots.capacity,
                 })
             }
             Err(MapError::SyscallError(SyscallError { io_error, .. }))
@@ -830,11 +1001,59 @@ impl Valve {
             {
                 Err(ValveError::Full {
                     mac,
-                    capacity: MAX_CLIENTS,
+                    capacity: m.slots.capacity,
                 })
             }
             Err(e) => Err(map_err(maps::POLICY)(e)),
         }
+    }
+
+    /// The closed entry idle longest (by the kernel's last-seen time), if any. Walks the map:
+    /// only called when it is full.
+    fn oldest_closed(m: &Maps) -> Result<Option<MacKey>, ValveError> {
+        let mut best: Option<(u64, MacKey)> = None;
+        for kv in m.policy.iter() {
+            let (k, p) = kv.map_err(map_err(maps::POLICY))?;
+            if p.flags & policy_flags::ALLOWED != 0 {
+                continue;
+            }
+            let seen = Self::read_usage(m, &k)?.map_or(0, |u| u.last_seen_mono_ns);
+            if best.is_none_or(|(s, _)| seen < s) {
+                best = Some((seen, k));
+            }
+        }
+        Ok(best.map(|(_, k)| k))
+    }
+
+    /// Deletes a closed client's entries (never an open gate: checked here, under the lock).
+    fn evict(m: &mut Maps, key: &MacKey, why: EvictReason) -> Result<(), ValveError> {
+        let p = Self::read_policy(m, key)?;
+        if p.is_some_and(|p| p.flags & policy_flags::ALLOWED != 0) {
+            return Ok(());
+        }
+        let u = Self::read_usage(m, key)?;
+        let top = p
+            .map_or(0, |p| p.generation)
+            .max(u.map_or(0, |u| u.notified_generation));
+        m.slots.gen_floor = m.slots.gen_floor.max(top);
+        if p.is_some() {
+            match m.policy.remove(key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::POLICY)(e)),
+            }
+            m.slots.occupied = m.slots.occupied.saturating_sub(1);
+        }
+        match m.usage.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(maps::USAGE)(e)),
+        }
+        m.slots.closed_since.remove(key);
+        match why {
+            EvictReason::Retention => m.slots.evictions.retention += 1,
+            EvictReason::Pressure => m.slots.evictions.pressure += 1,
+        }
+        tracing::debug!(mac = %MacAddr(key.addr), reason = ?why, "client entry evicted");
+        Ok(())
     }
 
     fn state(mac: MacAddr, p: Option<Policy>, u: Option<Usage>) -> GateState {
@@ -872,12 +1091,87 @@ impl Valve {
     /// A generation never used for this client: above both the old policy's and the one
     /// the kernel last notified, so the next exhaustion is reported again.
     fn next_generation(old: Option<&Policy>, u: &Usage) -> u32 {
-        let base = old.map_or(0, |p| p.generation).max(u.notified_generation);
+        Self::next_generation_above(old, u, 0)
+    }
+
+    /// [`Self::next_generation`], and above `floor` (the highest generation ever evicted).
+    fn next_generation_above(old: Option<&Policy>, u: &Usage, floor: u32) -> u32 {
+        let base = old
+            .map_or(0, |p| p.generation)
+            .max(u.notified_generation)
+            .max(floor);
         match base.wrapping_add(1) {
             0 => 1,
             g => g,
         }
     }
+}
+
+/// max_entries of the map pinned at `path`, `None` if nothing is pinned there.
+fn pinned_capacity(path: &Path) -> Result<Option<u32>, ValveError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let md = MapData::from_pin(path).map_err(map_err(maps::POLICY))?;
+    let info = md.info().map_err(map_err(maps::POLICY))?;
+    Ok(Some(info.max_entries()))
+}
+
+type Carried = (Vec<(MacKey, Policy)>, Vec<(MacKey, Usage)>);
+
+/// Pinned per-client maps of another size than `want`: read every entry, unpin the old maps
+/// (the loader then creates them at `want`) and hand the entries back to be re-inserted.
+/// Refused when they do not fit. The old maps stay alive (and enforcing) until the pinned
+/// links switch programs, so a packet or two counted in between is not carried over.
+fn resize_pinned(dir: &Path, want: u32) -> Result<Option<Carried>, ValveError> {
+    let (pp, up) = (dir.join(maps::POLICY), dir.join(maps::USAGE));
+    let have = [pinned_capacity(&pp)?, pinned_capacity(&up)?];
+    if have.iter().all(|h| h.is_none_or(|h| h == want)) {
+        return Ok(None);
+    }
+    let policy: HashMap<MapData, MacKey, Policy> = match have[0] {
+        Some(_) => HashMap::try_from(aya::maps::Map::HashMap(
+            MapData::from_pin(&pp).map_err(map_err(maps::POLICY))?,
+        ))
+        .map_err(map_err(maps::POLICY))?,
+        None => return Ok(None),
+    };
+    let usage: Option<HashMap<MapData, MacKey, Usage>> = match have[1] {
+        Some(_) => Some(
+            HashMap::try_from(aya::maps::Map::HashMap(
+                MapData::from_pin(&up).map_err(map_err(maps::USAGE))?,
+            ))
+            .map_err(map_err(maps::USAGE))?,
+        ),
+        None => None,
+    };
+    let policies: Vec<(MacKey, Policy)> = policy.iter().filter_map(|kv| kv.ok()).collect();
+    let usages: Vec<(MacKey, Usage)> = usage
+        .iter()
+        .flat_map(|u| u.iter().filter_map(|kv| kv.ok()))
+        .collect();
+    if policies.len() > want as usize || usages.len() > want as usize {
+        return Err(ValveError::Config(format!(
+            "the pinned per-client maps in {} hold {} clients, more than max_clients = {want}: \
+             raise dataplane.max_clients (or let closed entries be evicted first)",
+            dir.display(),
+            policies.len().max(usages.len())
+        )));
+    }
+    for p in [&pp, &up] {
+        match std::fs::remove_file(p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ValveError::Other(format!("unpin {}: {e}", p.display()))),
+        }
+    }
+    tracing::info!(
+        from = ?have,
+        to = want,
+        clients = policies.len(),
+        "resizing the per-client maps"
+    );
+    Ok(Some((policies, usages)))
 }
 
 /// Opens a pinned link, `None` if there is none.
@@ -959,36 +1253,39 @@ impl WanMeter for Valve {
 
 impl Gates for Valve {
     fn check(&self, mac: MacAddr) -> Result<(), ValveError> {
-        // Claim both slots now (a closed policy and zero counters, created only if absent):
-        // the kernel's E2BIG tells us the maps are full before any money is taken, without
-        // walking 100 000 keys per payment.
-        let mut m = self.maps();
+        // Capacity only: nothing is created before the money is taken (a failed or hostile
+        // payment leaves no entry). The entry is made by `open`, at grant time.
+        let m = self.maps();
         let key = MacKey::new(mac.0);
-        Self::ensure_usage(&mut m, mac, &key)?;
-        match m.policy.insert(key, Policy::CLOSED, BPF_NOEXIST) {
-            Ok(()) => Ok(()),
-            Err(MapError::SyscallError(SyscallError { io_error, .. })) => {
-                match io_error.raw_os_error() {
-                    Some(libc::EEXIST) => Ok(()),
-                    Some(libc::E2BIG) => Err(ValveError::Full {
-                        mac,
-                        capacity: MAX_CLIENTS,
-                    }),
-                    _ => Err(ValveError::Map {
-                        map: maps::POLICY,
-                        message: io_error.to_string(),
-                    }),
-                }
-            }
-            Err(e) => Err(map_err(maps::POLICY)(e)),
+        if Self::read_policy(&m, &key)?.is_some() || m.slots.occupied < m.slots.capacity {
+            return Ok(());
+        }
+        // Full: `open` makes room by evicting a closed entry, if there is one.
+        match Self::oldest_closed(&m)? {
+            Some(_) => Ok(()),
+            None => Err(ValveError::Full {
+                mac,
+                capacity: m.slots.capacity,
+            }),
         }
     }
 
     fn open(&self, mac: MacAddr, a: Allowance) -> Result<GateState, ValveError> {
         let mut m = self.maps();
         let key = MacKey::new(mac.0);
-        let u = Self::ensure_usage(&mut m, mac, &key)?;
         let old = Self::read_policy(&m, &key)?;
+        if old.is_none() && m.slots.occupied >= m.slots.capacity {
+            match Self::oldest_closed(&m)? {
+                Some(victim) => Self::evict(&mut m, &victim, EvictReason::Pressure)?,
+                None => {
+                    return Err(ValveError::Full {
+                        mac,
+                        capacity: m.slots.capacity,
+                    })
+                }
+            }
+        }
+        let u = Self::ensure_usage(&mut m, mac, &key)?;
         let used = u.bytes_up.saturating_add(u.bytes_down);
         let mut flags = policy_flags::ALLOWED;
         if a.bind_ipv4.is_some() {
@@ -996,7 +1293,7 @@ impl Gates for Valve {
         }
         let p = Policy {
             flags,
-            generation: Self::next_generation(old.as_ref(), &u),
+            generation: Self::next_generation_above(old.as_ref(), &u, m.slots.gen_floor),
             limit_total: a.bytes.map_or(UNLIMITED, |b| used.saturating_add(b)),
             limit_up: a
                 .bytes_up
@@ -1009,6 +1306,10 @@ impl Gates for Valve {
             _pad: [0; 4],
         };
         Self::write_policy(&mut m, mac, &key, p)?;
+        if old.is_none() {
+            m.slots.occupied += 1;
+        }
+        m.slots.closed_since.remove(&key);
         Ok(Self::state(mac, Some(p), Some(u)))
     }
 
@@ -1024,10 +1325,18 @@ impl Gates for Valve {
         let used = u.bytes_up.saturating_add(u.bytes_down);
         let mut p = old;
         p.generation = Self::next_generation(Some(&old), &u);
-        if p.limit_total != UNLIMITED {
-            // remaining + added: what was used stays used, an overshoot is absorbed.
-            p.limit_total = p.limit_total.max(used).saturating_add(add_bytes);
-        }
+        // remaining + added on every finite limit (total and each direction): what was used
+        // stays used, an overshoot is absorbed, and a gate with directional limits reopens.
+        let raise = |limit: u64, used: u64| {
+            if limit == UNLIMITED {
+                UNLIMITED
+            } else {
+                limit.max(used).saturating_add(add_bytes)
+            }
+        };
+        p.limit_total = raise(p.limit_total, used);
+        p.limit_up = raise(p.limit_up, u.bytes_up);
+        p.limit_down = raise(p.limit_down, u.bytes_down);
         if add_ns > 0 {
             let now = boot_time_ns();
             let base = if p.expires_at_ns == 0 {
@@ -1045,11 +1354,106 @@ impl Gates for Valve {
         let mut m = self.maps();
         let key = MacKey::new(mac.0);
         if let Some(mut p) = Self::read_policy(&m, &key)? {
-            // Keep the entry (and its generation) so a later open gets a fresh generation.
+            // Keep the entry (and its generation) so a later open gets a fresh generation;
+            // `sweep` deletes it after the retention.
             p.flags = 0;
             Self::write_policy(&mut m, mac, &key, p)?;
+            m.slots.closed_since.entry(key).or_insert_with(Instant::now);
         }
         Ok(())
+    }
+
+    fn spoofed_drops(&self) -> Result<u64, ValveError> {
+        Ok(self.verdicts()?.packets(Verdict::DropSpoofed))
+    }
+
+    fn bind_ipv4(&self, mac: MacAddr, ip: Option<Ipv4Addr>) -> Result<(), ValveError> {
+        let mut m = self.maps();
+        let key = MacKey::new(mac.0);
+        let Some(mut p) = Self::read_policy(&m, &key)? else {
+            return Err(ValveError::Other(format!("no gate for {mac} to bind")));
+        };
+        match ip {
+            Some(ip) => {
+                p.flags |= policy_flags::BIND_IPV4;
+                p.bound_ipv4 = ip.octets();
+            }
+            None => {
+                p.flags &= !policy_flags::BIND_IPV4;
+                p.bound_ipv4 = [0; 4];
+            }
+        }
+        Self::write_policy(&mut m, mac, &key, p)
+    }
+
+    fn sweep(&self, retention: Duration) -> Result<SweepReport, ValveError> {
+        let mut m = self.maps();
+        let now = Instant::now();
+        let policies: Vec<(MacKey, Policy)> = m.policy.iter().filter_map(|kv| kv.ok()).collect();
+        let present: HashSet<MacKey> = policies.iter().map(|(k, _)| *k).collect();
+        let closed: HashSet<MacKey> = policies
+            .iter()
+            .filter(|(_, p)| p.flags & policy_flags::ALLOWED == 0)
+            .map(|(k, _)| *k)
+            .collect();
+        m.slots.occupied = policies.len() as u32;
+        m.slots.closed_since.retain(|k, _| closed.contains(k));
+        for k in &closed {
+            m.slots.closed_since.entry(*k).or_insert(now);
+        }
+        let mut evicted = 0u32;
+        // Counters without a gate (left by an older daemon's pre-flight) are no client at all.
+        let orphans: Vec<MacKey> = m
+            .usage
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !present.contains(k))
+            .collect();
+        for k in orphans {
+            Self::evict(&mut m, &k, EvictReason::Retention)?;
+            evicted += 1;
+        }
+        let expired: Vec<MacKey> = m
+            .slots
+            .closed_since
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= retention)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in expired {
+            Self::evict(&mut m, &k, EvictReason::Retention)?;
+            evicted += 1;
+        }
+        // Near full: make headroom (1/16 of the map) from the closed entries idle longest, so
+        // a burst of new payers never waits for the retention.
+        let high = m.slots.capacity - m.slots.capacity / 16;
+        if m.slots.occupied > high {
+            let mut idle: Vec<(u64, MacKey)> = m
+                .slots
+                .closed_since
+                .keys()
+                .map(|k| {
+                    let seen = Self::read_usage(&m, k)
+                        .ok()
+                        .flatten()
+                        .map_or(0, |u| u.last_seen_mono_ns);
+                    (seen, *k)
+                })
+                .collect();
+            idle.sort();
+            for (_, k) in idle {
+                if m.slots.occupied <= high {
+                    break;
+                }
+                Self::evict(&mut m, &k, EvictReason::Pressure)?;
+                evicted += 1;
+            }
+        }
+        Ok(SweepReport {
+            evicted,
+            occupied: m.slots.occupied,
+            capacity: m.slots.capacity,
+        })
     }
 
     fn gate(&self, mac: MacAddr) -> Result<Option<GateState>, ValveError> {
@@ -1110,6 +1514,24 @@ mod tests {
         let g = c.gate_config().unwrap();
         assert_eq!(g.tcp_ports, [2121, 80, 0, 0]);
         assert_ne!(g.flags & config_flags::PORTAL_REDIRECT, 0);
+    }
+
+    #[test]
+    fn dns_budget_in_the_gate_config() {
+        let mut c = ValveConfig::new("lan0");
+        let g = c.gate_config().unwrap();
+        assert_ne!(g.flags & config_flags::DNS_BUDGET, 0, "on by default");
+        assert_eq!((g.dns_rate, g.dns_burst, g.dns_max_udp), (4096, 32768, 512));
+        c.dns_budget = None;
+        assert_eq!(c.gate_config().unwrap().flags & config_flags::DNS_BUDGET, 0);
+        c.dns_budget = Some(DnsBudget {
+            rate: 1,
+            burst: 100,
+            max_udp_payload: 512,
+        });
+        assert!(c.gate_config().is_err(), "a burst below one query");
+        let m = ValveConfig::meter("wan0", Path::new("/sys/fs/bpf/x"));
+        assert_eq!(m.gate_config().unwrap().flags & config_flags::DNS_BUDGET, 0);
     }
 
     #[test]

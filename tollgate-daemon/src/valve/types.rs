@@ -121,6 +121,31 @@ pub struct Exhaustion {
     pub at_boot_ns: u64,
 }
 
+/// Why a client's entry was evicted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvictReason {
+    /// Closed for longer than the retention.
+    Retention,
+    /// The map was near full: the closed entry idle longest made room.
+    Pressure,
+}
+
+/// Evictions since the valve was loaded, by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Evictions {
+    pub retention: u64,
+    pub pressure: u64,
+}
+
+/// What one [`super::Gates::sweep`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    pub evicted: u32,
+    /// POLICY entries after the sweep.
+    pub occupied: u32,
+    pub capacity: u32,
+}
+
 /// Packet and byte counts by verdict, summed over CPUs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VerdictCounts(pub Vec<(Verdict, u64, u64)>);
@@ -148,6 +173,9 @@ pub struct ConfigView {
     pub tcp_ports: Vec<u16>,
     /// Walled-garden prefixes (`addr/len`).
     pub garden: Vec<String>,
+    /// DNS budget of unpaid MACs (None = unlimited).
+    #[serde(default)]
+    pub dns_budget: Option<DnsBudget>,
 }
 
 /// `CLOCK_BOOTTIME` in nanoseconds: the clock `bpf_ktime_get_boot_ns()` reads, so deadlines
@@ -191,4 +219,39 @@ mod tests {
         let b = boot_time_ns();
         assert!(a > 0 && b >= a);
     }
+}
+
+/// The DNS budget of an unpaid MAC, enforced in the kernel (per-MAC token bucket on DNS to
+/// and from the gateway, both directions' L3 bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsBudget {
+    /// Sustained bytes per second.
+    pub rate: u32,
+    /// Bucket size in bytes (what a fresh MAC may send at once).
+    pub burst: u32,
+    /// UDP queries with a larger payload are dropped.
+    pub max_udp_payload: u16,
+}
+
+impl Default for DnsBudget {
+    fn default() -> Self {
+        Self {
+            rate: tollgate_common::DNS_RATE_DEFAULT,
+            burst: tollgate_common::DNS_BURST_DEFAULT,
+            max_udp_payload: tollgate_common::DNS_MAX_UDP_DEFAULT,
+        }
+    }
+}
+
+/// Where a program sits in an interface's TCX chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TcxPosition {
+    /// `ingress` or `egress`.
+    pub hook: &'static str,
+    /// Programs before ours (id and name), the ones that can bypass the gate.
+    pub before: Vec<String>,
+    /// Number of programs after ours (they run on what we pass).
+    pub after: usize,
+    /// Ours was found in the chain at all.
+    pub attached: bool,
 }

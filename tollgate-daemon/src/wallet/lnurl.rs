@@ -10,13 +10,14 @@
 //! only for loopback hosts and only when `allow_loopback` is set (tests); callback hosts that
 //! are private, link-local or otherwise non-global are refused (SSRF through a hostile
 //! LNURL server). Resolved addresses are checked before the request; a DNS answer that
-//! changes between our check and the HTTP client's own lookup is not covered.
+//! changes between our check and the HTTP client's own lookup is not covered. Requests go
+//! through the shared client ([`crate::fetch`]): redirects are refused (each hop would need
+//! the same check), bodies are capped at 64 KiB, every exchange times out after 15 s.
 
 use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
-use cdk::http_client::HttpClient;
 use cdk::Bolt11Invoice;
 use serde::Deserialize;
 
@@ -144,15 +145,26 @@ async fn check_target(
     Ok(())
 }
 
+/// The largest LNURL answer we read (pay parameters and an invoice are well under 4 KiB).
+const MAX_ANSWER: usize = 64 * 1024;
+
+/// `GET url` through the shared client: no redirects (a redirect would bypass
+/// [`check_target`], which vets only the host we name), a body cap, one timeout.
 async fn get_json<T: serde::de::DeserializeOwned>(
     address: &str,
     url: &url::Url,
 ) -> Result<T, WalletError> {
-    let client = HttpClient::new();
-    tokio::time::timeout(TIMEOUT, client.fetch::<T>(url.as_str()))
+    let limits = crate::fetch::Limits {
+        timeout: TIMEOUT,
+        max_body: MAX_ANSWER,
+    };
+    let a = crate::fetch::get(url.as_str(), limits)
         .await
-        .map_err(|_| err(address, format!("timeout fetching {url}")))?
-        .map_err(|e| err(address, format!("fetch {url}: {e}")))
+        .map_err(|e| err(address, format!("fetch {url}: {e}")))?;
+    if a.status != 200 {
+        return Err(err(address, format!("fetch {url}: status {}", a.status)));
+    }
+    serde_json::from_str(&a.body).map_err(|e| err(address, format!("fetch {url}: {e}")))
 }
 
 /// Resolve `address` to a bolt11 invoice for exactly `amount_msat`.

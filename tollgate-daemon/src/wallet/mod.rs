@@ -36,12 +36,17 @@
 //! melt never reached the mint marked `failed`. `tests/tests/wallet_crash.rs` SIGKILLs a
 //! harness process at each step and checks the result against the mint.
 //!
+//! Rebalances (moving funds between accepted mints over Lightning) are a saga of their own
+//! with a durable row per step, settled at open after the payouts: see [`rebalance`].
+//!
 //! Payout states: `pending` (melt sent, Lightning unresolved; finalised on later ticks and at
 //! open) → `paid` | `failed` (proofs returned to the wallet by cdk's melt saga).
 //! A `skipped` row records an unreachable recipient; the share stays in the wallet.
 
+mod issue;
 mod lnurl;
 mod payout;
+mod rebalance;
 mod store;
 mod transport;
 
@@ -60,7 +65,9 @@ use cdk::Amount;
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
+pub use issue::{MintQuote, QuoteState};
 pub use payout::PayoutRecord;
+pub use rebalance::RebalanceRecord;
 use store::{ReceiptState, Store};
 
 /// Largest token string we even try to decode; real tokens are a few KiB.
@@ -115,8 +122,10 @@ pub struct WalletSettings {
     pub mints: Vec<MintSettings>,
     /// Profit-share recipients.
     pub profit_share: Vec<ProfitShare>,
-    /// Maximum Lightning + input fees for a rebalance, in percent of the amount.
+    /// Maximum Lightning + input fees for a rebalance, in percent of the amount (+ 1 sat).
     pub rebalance_fee_budget_percent: u64,
+    /// Let the upstream buyer move a shortfall from another accepted mint before a purchase.
+    pub auto_rebalance: bool,
     /// Default reservation lifetime.
     pub reservation_ttl: Duration,
     /// Allow plain-http LNURL on loopback hosts. Tests only.
@@ -168,6 +177,7 @@ impl WalletSettings {
             mints,
             profit_share: Vec::new(),
             rebalance_fee_budget_percent: 2,
+            auto_rebalance: true,
             reservation_ttl: Duration::from_secs(30),
             allow_loopback_lnurl: false,
             bypass_reservations_for_tests: false,
@@ -222,6 +232,9 @@ pub enum WalletError {
     /// The operation would exceed its fee budget.
     #[error("fee {fee} exceeds budget {budget}")]
     FeeBudget { fee: u64, budget: u64 },
+    /// The request itself makes no sense (zero amount, same source and target, …).
+    #[error("invalid request: {message}")]
+    InvalidRequest { message: String },
     /// Our own database failed.
     #[error("storage: {message}")]
     Storage { message: String },
@@ -616,6 +629,7 @@ impl Wallet {
         self.recover_unissued_tokens().await?;
         self.inner.store.prune_reservations()?;
         self.finalize_pending_payouts().await;
+        self.recover_rebalances().await;
         Ok(())
     }
 
@@ -1340,6 +1354,13 @@ impl Wallet {
         Ok(amount)
     }
 
+    /// True when this wallet already has a receipt for the token (received, being received,
+    /// or found spent), whoever asked for it: the merchant refuses to sell access for a token
+    /// the operator already received with `tollgate wallet receive`.
+    pub fn has_receipt(&self, token_id: &str) -> Result<bool, WalletError> {
+        Ok(self.inner.store.receipt(token_id)?.is_some())
+    }
+
     /// The chandler registers the smallest purchase an upstream accepts at `mint`, so that
     /// [`Wallet::warnings`] can tell the operator before a purchase fails.
     pub fn set_minimum_purchase(&self, mint: &str, amount: u64) {
@@ -1382,76 +1403,6 @@ impl Wallet {
         }
         out.extend(self.inner.payouts.warnings());
         out
-    }
-
-    /// Move `amount` to `to_mint` from whichever other accepted mint has the most available,
-    /// over Lightning (mint quote on the target, melt on the source), within the fee budget.
-    /// Returns the fee paid.
-    pub async fn rebalance(&self, to_mint: &str, amount: u64) -> Result<u64, WalletError> {
-        let target = self.mint_state(to_mint)?;
-        let target_key = target.url.to_string();
-        let budget = amount * self.inner.settings.rebalance_fee_budget_percent / 100 + 1;
-        let mut source = None;
-        for b in self.balances().await? {
-            if b.mint != target_key
-                && b.available
-                    .saturating_sub(self.mint_state(&b.mint)?.settings.min_balance)
-                    >= amount + budget
-            {
-                source = Some(b.mint);
-                break;
-            }
-        }
-        let source_key = source.ok_or_else(|| WalletError::InsufficientFunds {
-            mint: "any other accepted mint".to_string(),
-            needed: amount + budget,
-            available: 0,
-        })?;
-        let source = self.mint_state(&source_key)?;
-        let tw = self.cdk_wallet(target).await?;
-        let sw = self.cdk_wallet(source).await?;
-        let quote = tw
-            .mint_quote(
-                cdk::nuts::PaymentMethod::BOLT11,
-                Some(Amount::from(amount)),
-                None,
-                None,
-            )
-            .await
-            .map_err(|e| WalletError::from_cdk(&target_key, e))?;
-        let fee = {
-            let _guard = source.lock.lock().await;
-            let melt_quote = sw
-                .melt_quote(cdk::nuts::PaymentMethod::BOLT11, &quote.request, None, None)
-                .await
-                .map_err(|e| WalletError::from_cdk(&source_key, e))?;
-            let prepared = sw
-                .prepare_melt(&melt_quote.id, HashMap::new())
-                .await
-                .map_err(|e| WalletError::from_cdk(&source_key, e))?;
-            let max_fee: u64 = (melt_quote.fee_reserve + prepared.total_fee()).into();
-            if max_fee > budget {
-                let _ = prepared.cancel().await;
-                return Err(WalletError::FeeBudget {
-                    fee: max_fee,
-                    budget,
-                });
-            }
-            let done = prepared
-                .confirm()
-                .await
-                .map_err(|e| WalletError::from_cdk(&source_key, e))?;
-            u64::from(done.fee_paid())
-        };
-        tw.wait_and_mint_quote(
-            quote,
-            Default::default(),
-            Default::default(),
-            Duration::from_secs(60),
-        )
-        .await
-        .map_err(|e| WalletError::from_cdk(&target_key, e))?;
-        Ok(fee)
     }
 }
 

@@ -208,7 +208,7 @@ impl Wallet {
     }
 
     /// Whether cdk still holds an unfinished melt saga for `quote_id`.
-    async fn melt_in_flight(&self, quote_id: &str) -> bool {
+    pub(super) async fn melt_in_flight(&self, quote_id: &str) -> bool {
         match self.inner.db.get_incomplete_sagas().await {
             Ok(sagas) => sagas
                 .iter()

@@ -74,7 +74,12 @@ impl Store {
                  id INTEGER PRIMARY KEY AUTOINCREMENT, mint TEXT NOT NULL,
                  identity TEXT NOT NULL, address TEXT NOT NULL, amount INTEGER NOT NULL,
                  fee INTEGER NOT NULL, outcome TEXT NOT NULL, quote_id TEXT, message TEXT,
-                 created_at INTEGER NOT NULL);",
+                 created_at INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS rebalances (
+                 id TEXT PRIMARY KEY, source TEXT NOT NULL, target TEXT NOT NULL,
+                 amount INTEGER NOT NULL, fee INTEGER NOT NULL DEFAULT 0,
+                 mint_quote_id TEXT NOT NULL, melt_quote_id TEXT NOT NULL, state TEXT NOT NULL,
+                 message TEXT, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);",
         )
         .map_err(storage)?;
         Ok(Store {
@@ -344,6 +349,100 @@ impl Store {
         Ok(())
     }
 
+    // ---- rebalances (see rebalance.rs for the states) ----
+
+    /// Write-ahead row of a rebalance, recorded before the melt on the source is confirmed.
+    pub(crate) fn put_rebalance(&self, r: &super::RebalanceRecord) -> Result<(), WalletError> {
+        self.conn()
+            .execute(
+                "INSERT INTO rebalances (id, source, target, amount, fee, mint_quote_id,
+                 melt_quote_id, state, message, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10)",
+                params![
+                    r.id,
+                    r.source,
+                    r.target,
+                    r.amount,
+                    r.fee,
+                    r.mint_quote_id,
+                    r.melt_quote_id,
+                    r.state,
+                    r.message,
+                    now_ms()
+                ],
+            )
+            .map_err(storage)?;
+        Ok(())
+    }
+
+    pub(crate) fn set_rebalance_state(
+        &self,
+        id: &str,
+        state: &str,
+        fee: Option<u64>,
+        message: Option<&str>,
+    ) -> Result<(), WalletError> {
+        self.conn()
+            .execute(
+                "UPDATE rebalances SET state = ?2, fee = COALESCE(?3, fee),
+                 message = COALESCE(?4, message), updated_at = ?5 WHERE id = ?1",
+                params![id, state, fee, message, now_ms()],
+            )
+            .map_err(storage)?;
+        Ok(())
+    }
+
+    /// Every rebalance, oldest first; `open_only` keeps the ones recovery must finish.
+    pub(crate) fn rebalances(
+        &self,
+        open_only: bool,
+    ) -> Result<Vec<super::RebalanceRecord>, WalletError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, source, target, amount, fee, mint_quote_id, melt_quote_id, state,
+                 message, created_at FROM rebalances
+                 WHERE NOT ?1 OR state IN ('melting', 'minting')
+                 ORDER BY created_at, id",
+            )
+            .map_err(storage)?;
+        let rows = stmt
+            .query_map(params![open_only], |r| {
+                Ok(super::RebalanceRecord {
+                    id: r.get(0)?,
+                    source: r.get(1)?,
+                    target: r.get(2)?,
+                    amount: r.get(3)?,
+                    fee: r.get(4)?,
+                    mint_quote_id: r.get(5)?,
+                    melt_quote_id: r.get(6)?,
+                    state: r.get(7)?,
+                    message: r.get(8)?,
+                    created_at: r.get::<_, u64>(9)? / 1000,
+                })
+            })
+            .map_err(storage)?;
+        rows.collect::<Result<_, _>>().map_err(storage)
+    }
+
+    /// Adds `extra` to an unexpired reservation and moves its expiry; false if it is gone.
+    pub(crate) fn grow_reservation(
+        &self,
+        id: &str,
+        extra: u64,
+        expires_at_ms: u64,
+    ) -> Result<bool, WalletError> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE reservations SET amount = amount + ?2, expires_at_ms = ?3
+                 WHERE id = ?1 AND expires_at_ms > ?4",
+                params![id, extra, expires_at_ms, now_ms()],
+            )
+            .map_err(storage)?;
+        Ok(n == 1)
+    }
+
     // ---- payouts ----
 
     #[allow(clippy::too_many_arguments)]
@@ -446,6 +545,48 @@ mod tests {
         assert!(store.delete_reservation("a").expect("del"));
         assert_eq!(store.reserved("m").expect("sum"), 0);
         assert_eq!(store.prune_reservations().expect("prune"), 1);
+    }
+
+    #[test]
+    fn rebalance_rows_and_growing_reservations() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("t.sqlite")).expect("open");
+        let row = super::super::RebalanceRecord {
+            id: "r1".into(),
+            source: "a".into(),
+            target: "b".into(),
+            amount: 100,
+            fee: 0,
+            mint_quote_id: "mq".into(),
+            melt_quote_id: "lq".into(),
+            state: "melting".into(),
+            message: None,
+            created_at: 0,
+        };
+        store.put_rebalance(&row).expect("put");
+        assert!(store.put_rebalance(&row).is_err(), "one row per rebalance");
+        assert_eq!(store.rebalances(true).expect("open").len(), 1);
+        store
+            .set_rebalance_state("r1", "minting", Some(2), None)
+            .expect("minting");
+        store
+            .set_rebalance_state("r1", "done", None, None)
+            .expect("done");
+        assert!(store.rebalances(true).expect("open").is_empty());
+        let all = store.rebalances(false).expect("all");
+        assert_eq!((all[0].state.as_str(), all[0].fee), ("done", 2), "fee kept");
+
+        let far = now_ms() + 60_000;
+        store.put_reservation("h", "b", 10, far).expect("put");
+        assert!(store.grow_reservation("h", 5, far).expect("grow"));
+        assert_eq!(store.reserved("b").expect("sum"), 15);
+        store
+            .put_reservation("x", "b", 1, now_ms() - 1)
+            .expect("put");
+        assert!(
+            !store.grow_reservation("x", 5, far).expect("grow"),
+            "expired stays gone"
+        );
     }
 
     #[test]
