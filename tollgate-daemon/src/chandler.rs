@@ -631,8 +631,14 @@ impl Chandler {
             tokio::select! {
                 ev = exhaustion.recv() => match ev {
                     Some(ev) => {
-                        if let Err(e) = self.on_exhaustion(ev) {
-                            tracing::error!(mac = %ev.mac, error = %e, "recording exhaustion");
+                        // Kernel maps + SQLite (maybe an fsync): off the async workers.
+                        let c = self.clone();
+                        match tokio::task::spawn_blocking(move || c.on_exhaustion(ev)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => {
+                                tracing::error!(mac = %ev.mac, error = %e, "recording exhaustion")
+                            }
+                            Err(e) => tracing::error!(error = %e, "exhaustion task"),
                         }
                     }
                     None => {
@@ -642,8 +648,11 @@ impl Chandler {
                     }
                 },
                 _ = tick.tick() => {
-                    if let Err(e) = self.snapshot_all() {
-                        tracing::warn!(error = %e, "usage snapshot");
+                    let c = self.clone();
+                    match tokio::task::spawn_blocking(move || c.snapshot_all()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!(error = %e, "usage snapshot"),
+                        Err(e) => tracing::warn!(error = %e, "usage snapshot task"),
                     }
                     // MAC cloning shows as drops of a bound MAC's packets from elsewhere.
                     if let Ok(now) = self.gates.spoofed_drops() {
@@ -678,8 +687,8 @@ impl Chandler {
         }
         // Shutdown ends no session: the kernel keeps enforcing what was paid for. Say so
         // per session, so the log shows what happened to each one.
-        if let Ok(rows) = self.store.sessions() {
-            for r in rows.iter().filter(|r| r.active) {
+        if let Ok(rows) = self.store.active_sessions() {
+            for r in &rows {
                 tracing::info!(
                     mac = %r.mac,
                     reason = "shutdown",

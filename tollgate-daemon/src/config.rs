@@ -1286,6 +1286,60 @@ mod tests {
     }
 
     #[test]
+    fn http_limits_admin_token_and_retention() {
+        let c = load(&patched(|_| {}), IDS).expect("defaults");
+        assert_eq!(c.http_limits, HttpLimits::default());
+        assert_eq!(c.store.retention, crate::store::DEFAULT_RETENTION);
+        let c = load(
+            &patched(|v| {
+                v["http_limits"] = serde_json::json!({"header_read_timeout": "3s",
+                    "max_connections": 64, "max_connections_per_ip": 4});
+                v["admin_token"] = "0123456789abcdef0123".into();
+                v["retention"] = "7d".into();
+            }),
+            IDS,
+        )
+        .expect("config");
+        assert_eq!(c.http_limits.header_read_timeout, Duration::from_secs(3));
+        assert_eq!(c.http_limits.body_read_timeout, Duration::from_secs(15));
+        assert_eq!(
+            (
+                c.http_limits.max_connections,
+                c.http_limits.max_connections_per_ip
+            ),
+            (64, 4)
+        );
+        assert_eq!(c.store.retention, Duration::from_secs(7 * 86_400));
+        // Exposed admin: fine with the token, refused without.
+        let exposed: SocketAddr = "192.168.1.1:2122".parse().expect("addr");
+        assert!(c.http_limits.check_admin_listen(exposed).is_ok());
+        let err = HttpLimits::default()
+            .check_admin_listen(exposed)
+            .expect_err("no token");
+        assert!(err.contains("admin_token"), "{err}");
+        assert!(HttpLimits::default()
+            .check_admin_listen("127.0.0.1:2122".parse().expect("addr"))
+            .is_ok());
+        for (field, bad) in [
+            (
+                "http_limits.max_connections",
+                serde_json::json!({"max_connections": 0}),
+            ),
+            (
+                "http_limits.header_read_timeout",
+                serde_json::json!({"header_read_timeout": "0s"}),
+            ),
+        ] {
+            let e = load(&patched(|v| v["http_limits"] = bad.clone()), IDS).expect_err(field);
+            assert_eq!(e.field(), Some(field));
+        }
+        let e = load(&patched(|v| v["admin_token"] = "short".into()), IDS).expect_err("short");
+        assert_eq!(e.field(), Some("admin_token"));
+        let e = load(&patched(|v| v["retention"] = "1h".into()), IDS).expect_err("too short");
+        assert_eq!(e.field(), Some("retention"));
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));

@@ -478,17 +478,22 @@ async fn whoami(
     Ok(([(header::CONTENT_TYPE, "text/plain")], text).into_response())
 }
 
-fn session_of(st: &AppState, mac: MacAddr) -> Result<Option<SessionView>, ApiError> {
-    st.chandler
-        .usage(mac)
+/// The device's active session. SQLite runs on the blocking pool: the store's mutex may be
+/// held across a full fsync, which must not stall an async worker serving other clients.
+async fn session_of(st: &AppState, mac: MacAddr) -> Result<Option<SessionView>, ApiError> {
+    let chandler = st.chandler.clone();
+    let internal = |e: String| {
+        st.err(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            NoticeCode::InternalError,
+            e,
+        )
+    };
+    tokio::task::spawn_blocking(move || chandler.usage(mac))
+        .await
+        .map_err(|e| internal(e.to_string()))?
         .map(|s| s.filter(|s| s.active))
-        .map_err(|e| {
-            st.err(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                NoticeCode::InternalError,
-                e.to_string(),
-            )
-        })
+        .map_err(|e| internal(e.to_string()))
 }
 
 async fn usage(
@@ -499,7 +504,7 @@ async fn usage(
     let Ok(mac) = mac_of(&st, peer, &headers).await else {
         return Ok(([(header::CONTENT_TYPE, "text/plain")], "-1/-1").into_response());
     };
-    let text = match session_of(&st, mac)? {
+    let text = match session_of(&st, mac).await? {
         Some(s) => format!("{}/{}", s.used, s.allotment),
         None => "-1/-1".to_string(),
     };
@@ -527,7 +532,7 @@ async fn balance(
             .into_response());
         }
     };
-    let s = session_of(&st, mac)?;
+    let s = session_of(&st, mac).await?;
     let v = serde_json::json!({
         // The reference's field: 1 = this answer is valid (0 only with `error`, never here).
         "status": 1,
@@ -548,7 +553,7 @@ async fn captive(
 ) -> Response {
     // Without a MAC we still answer (captive: true): this API must never fail for a client.
     let s = match mac_of(&st, peer, &headers).await {
-        Ok(mac) => session_of(&st, mac).ok().flatten(),
+        Ok(mac) => session_of(&st, mac).await.ok().flatten(),
         Err(_) => None,
     };
     let host = headers
@@ -812,7 +817,7 @@ async fn portal_gate(
     // Unpaid is the rule here (the kernel marks only unpaid clients); a client that paid
     // since this keep-alive connection was redirected is sent back to the real server.
     let paid = match mac_of(&st, peer.remote, &HeaderMap::new()).await {
-        Ok(mac) => session_of(&st, mac).ok().flatten().is_some(),
+        Ok(mac) => session_of(&st, mac).await.ok().flatten().is_some(),
         Err(_) => false,
     };
     let host = req
