@@ -1142,6 +1142,7 @@ mod tests {
             ChandlerConfig {
                 metric: Metric::Bytes,
                 usage_snapshot_interval: Duration::from_secs(TICK_S),
+                closed_retention: Duration::from_secs(60),
             },
             gates.clone(),
             store.clone(),
