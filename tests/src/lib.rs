@@ -4,8 +4,8 @@
 pub mod bench;
 pub mod chain;
 pub mod chromium;
-pub mod crowd;
 pub mod crash;
+pub mod crowd;
 pub mod frames;
 pub mod gateway;
 pub mod hostile;

@@ -365,10 +365,9 @@ pub async fn run(
             lan_caps.clone(),
             cancel.clone().cancelled_owned(),
         );
-        tasks.spawn_once(
-            "api",
-            async move { served(http::serve(lan, app, caps, stop).await) },
-        );
+        tasks.spawn_once("api", async move {
+            served(http::serve(lan, app, caps, stop).await)
+        });
     }
     if let Some(l) = portal_lan {
         let (app, caps, stop) = (
@@ -376,10 +375,9 @@ pub async fn run(
             lan_caps.clone(),
             cancel.clone().cancelled_owned(),
         );
-        tasks.spawn_once(
-            "portal",
-            async move { served(http::serve(l, app, caps, stop).await) },
-        );
+        tasks.spawn_once("portal", async move {
+            served(http::serve(l, app, caps, stop).await)
+        });
     }
     {
         let (app, caps, stop) = (
