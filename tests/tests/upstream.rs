@@ -116,8 +116,10 @@ impl Lab {
             "accepted_mints": mints,
             "profit_share": [{"identity": "owner", "factor": 1.0}],
             "reseller_mode": false,
-            // The mint lives beyond B: its customers (A) may reach it before paying.
-            "dataplane": {"garden_allow": [format!("{INTERNET_IP}/32")]}
+            // The mint lives beyond B: its customers (A) may reach it before paying. A routes
+            // its clients' traffic without NAT (the lab has no masquerade), so B must not bind
+            // A's MAC to the address A paid from.
+            "dataplane": {"garden_allow": [format!("{INTERNET_IP}/32")], "bind_payer": false}
         });
         write_config_keyed(&self.path("b-etc"), &cfg, B_KEY);
     }

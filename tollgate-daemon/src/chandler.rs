@@ -588,6 +588,9 @@ impl Chandler {
     /// device cloning the MAC from another address gets nothing (the kernel drops its upload
     /// as `drop_spoofed`). IPv6 payers are not bound (the kernel binds IPv4 only).
     pub fn bind(&self, mac: MacAddr, from: std::net::IpAddr) -> Result<(), ChandlerError> {
+        if !self.cfg.bind_payer {
+            return Ok(());
+        }
         let _g = self.guard();
         let std::net::IpAddr::V4(v4) = crate::neighbour::unmap(from) else {
             tracing::debug!(%mac, %from, "IPv6 payer: gate not bound to an address");
@@ -861,6 +864,7 @@ mod tests {
                 metric,
                 usage_snapshot_interval: Duration::from_secs(1),
                 closed_retention: Duration::from_secs(60),
+                bind_payer: true,
             },
             gates.clone(),
             store.clone(),
@@ -1152,6 +1156,7 @@ mod tests {
                 metric: Metric::Bytes,
                 usage_snapshot_interval: Duration::from_secs(TICK_S),
                 closed_retention: Duration::from_secs(60),
+                bind_payer: true,
             },
             gates.clone(),
             store.clone(),

@@ -321,6 +321,9 @@ struct RawDataplane {
     /// How long a closed gate's kernel entry is kept (default [`DEFAULT_CLOSED_RETENTION`]).
     #[serde(default)]
     closed_retention: Option<Dur>,
+    /// Bind a paid gate to the IPv4 address the payment came from (default true).
+    #[serde(default)]
+    bind_payer: Option<bool>,
     /// DNS budget of unpaid clients (kernel token bucket); defaults in `tollgate-common`.
     #[serde(default)]
     dns_budget: Option<RawDnsBudget>,
@@ -458,6 +461,9 @@ pub struct ChandlerConfig {
     pub usage_snapshot_interval: Duration,
     /// A closed gate's kernel entry is evicted this long after it closed.
     pub closed_retention: Duration,
+    /// Bind a paid gate to the payer's IPv4 address (`dataplane.bind_payer`, default true).
+    /// Off for a device that routes other hosts' traffic without NAT (a downstream router).
+    pub bind_payer: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -998,6 +1004,7 @@ impl Config {
                     .usage_snapshot_interval
                     .map_or(Duration::from_secs(10), |d| d.0),
                 closed_retention,
+                bind_payer: dp.and_then(|d| d.bind_payer).unwrap_or(true),
             },
             dataplane: DataplaneConfig {
                 mode,

@@ -823,6 +823,7 @@ pub(crate) mod tests {
                 metric: Metric::Bytes,
                 usage_snapshot_interval: Duration::from_secs(1),
                 closed_retention: Duration::from_secs(60),
+                bind_payer: true,
             },
             gates.clone(),
             store.clone(),
