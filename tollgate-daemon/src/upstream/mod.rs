@@ -168,6 +168,12 @@ struct Unconfirmed {
     at: Instant,
     amount: u64,
     what: &'static str,
+    /// What the purchase bought (`steps × step_size`, in its metric; 0 when the token was
+    /// taken without a session answer) and our WAN meter's total when it was made: a session
+    /// we used up ourselves between two polls is not "kept without a session".
+    bought: u64,
+    metric: Metric,
+    meter_at: Option<u64>,
 }
 
 /// Loop state that lives only in the task.
@@ -532,6 +538,11 @@ impl Upstream {
         if Instant::now() < run.next_attempt {
             return;
         }
+        if usage.is_none() && self.used_up(run) {
+            tracing::info!(gateway = %gw, "the upstream session we bought was used up between two polls");
+            run.unconfirmed = None;
+            run.alert = None;
+        }
         if let Some(u) = run
             .unconfirmed
             .as_ref()
@@ -582,6 +593,9 @@ impl Upstream {
                     at: Instant::now(),
                     amount: choice.amount,
                     what: "no session on /usage after the purchase",
+                    bought: choice.steps.saturating_mul(choice.step_size),
+                    metric: choice.metric,
+                    meter_at: self.meter_total(run),
                 });
                 if usage.is_none() {
                     // A new session starts now at zero: compare from here.
@@ -619,6 +633,9 @@ impl Upstream {
                         at: Instant::now(),
                         amount: choice.amount,
                         what: "the token was swapped without a valid session answer",
+                        bought: 0,
+                        metric: choice.metric,
+                        meter_at: None,
                     });
                 }
                 self.error(run, e)
@@ -627,6 +644,31 @@ impl Upstream {
     }
 
     /// Our WAN meter's count next to the upstream's `used` (see [`meter`]).
+    /// Our WAN meter's byte count with the upstream we meter (None without a meter).
+    fn meter_total(&self, run: &Run) -> Option<u64> {
+        let m = self.meter.get()?;
+        let (_, mac, _) = run.metered.as_ref()?;
+        m.read(*mac).ok().map(|u| u.unwrap_or_default().bytes())
+    }
+
+    /// Whether the unconfirmed purchase was used up by us (time elapsed, or our own meter
+    /// counted at least what we bought since): then no session on `/usage` is expected.
+    fn used_up(&self, run: &Run) -> bool {
+        let Some(u) = &run.unconfirmed else {
+            return false;
+        };
+        if u.bought == 0 {
+            return false;
+        }
+        match u.metric {
+            Metric::Milliseconds => u.at.elapsed().as_millis() >= u128::from(u.bought),
+            Metric::Bytes => match (u.meter_at, self.meter_total(run)) {
+                (Some(then), Some(now)) => now.saturating_sub(then) >= u.bought,
+                _ => false,
+            },
+        }
+    }
+
     fn update_meter(&self, run: &mut Run, gw: Ipv4Addr, metric: Metric, used: Option<u64>) {
         let Some(m) = self.meter.get() else { return };
         // The poll just talked to the gateway, so the kernel has its neighbour entry.
