@@ -31,7 +31,6 @@ use std::time::Duration;
 
 use cdk::amount::SplitTarget;
 use cdk::nuts::{MeltQuoteState, MintQuoteState, PaymentMethod};
-use cdk::Amount;
 
 use super::{store, MintState, Reservation, Wallet, WalletError};
 
@@ -132,18 +131,9 @@ impl Wallet {
             });
         }
 
-        let tw = self.cdk_wallet(target).await?;
         let sw = self.cdk_wallet(source).await?;
         // Costs nothing: an unpaid quote at the target simply expires.
-        let quote = tw
-            .mint_quote(
-                PaymentMethod::BOLT11,
-                Some(Amount::from(amount)),
-                None,
-                None,
-            )
-            .await
-            .map_err(|e| WalletError::from_cdk(&target_key, e))?;
+        let quote = self.create_mint_quote(&target_key, amount).await?;
 
         let mut record = {
             let _guard = source.lock.lock().await;
