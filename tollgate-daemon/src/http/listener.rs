@@ -8,6 +8,9 @@
 //!            keep-alive (hyper arms it whenever it waits for a request head)
 //!         ─> the body carries a deadline (body_read_timeout from its head) ─> the router,
 //!            with ConnectInfo<Peer> in the request's extensions
+//!  close   ─> FIN, then read and discard what the client still sends (bounded: LINGER_FOR,
+//!            LINGER_BYTES) so an answer sent before the body was read (413) is not destroyed
+//!            by the RST the kernel sends when a socket closes with unread data
 //!  shutdown ─> stop accepting; every connection shuts down gracefully (bounded wait)
 //! ```
 //! [`Caps`] is shared by listeners that count together (the LAN API and the portal port: the
@@ -27,6 +30,7 @@ use axum::{body::Bytes, extract::ConnectInfo, Router};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
@@ -38,6 +42,10 @@ use crate::config::HttpLimits;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// hyper's read buffer per connection (its minimum is 8 KiB; heads larger than this get 431).
 const MAX_BUF: usize = 16 * 1024;
+/// How long a closing connection keeps reading what the client still sends (nginx's
+/// `lingering_time` idea), and how much it reads at most before it gives up.
+const LINGER_FOR: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 16 * 1024 * 1024;
 /// What a refused connection is told before it is closed.
 const BUSY: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
@@ -141,7 +149,7 @@ pub async fn serve(
             req.extensions_mut().insert(ConnectInfo(peer));
             app.clone().oneshot(req)
         });
-        let conn = http.serve_connection(TokioIo::new(stream), svc);
+        let conn = http.serve_connection(TokioIo::new(Linger::new(stream)), svc);
         let stop = stop.clone();
         tracker.spawn(async move {
             let _slot = slot;
@@ -164,6 +172,80 @@ pub async fn serve(
     tracker.close();
     let _ = tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), tracker.wait()).await;
     Ok(())
+}
+
+/// A connection that lingers on close: hyper shuts the write side down when it is done (after
+/// a 413, without reading the body); if we then closed the socket while the client's body was
+/// still arriving, the kernel would answer with RST and the client could lose our answer (and
+/// sees EPIPE on its write). So shutdown sends FIN and then drains the read side until EOF, the
+/// deadline or the byte bound, whichever comes first. The connection keeps its slot meanwhile.
+struct Linger<S> {
+    inner: S,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    drained: usize,
+}
+
+impl<S> Linger<S> {
+    fn new(inner: S) -> Self {
+        Linger {
+            inner,
+            deadline: None,
+            drained: 0,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Linger<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Linger<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.deadline.is_none() {
+            std::task::ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+            this.deadline = Some(Box::pin(tokio::time::sleep(LINGER_FOR)));
+        }
+        let mut scratch = [0u8; 8192];
+        loop {
+            if let Some(d) = this.deadline.as_mut() {
+                if d.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            let mut rb = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => {
+                    this.drained += rb.filled().len();
+                    if this.drained >= LINGER_BYTES {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                // The peer reset or the socket failed: nothing left to protect.
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
 }
 
 /// A request body that fails once its deadline passes (a client dripping a body one byte at a
@@ -236,7 +318,12 @@ mod tests {
                 "/",
                 get(|ConnectInfo(p): ConnectInfo<Peer>| async move { p.remote.ip().to_string() }),
             )
-            .route("/echo", post(|b: Bytes| async move { b.len().to_string() }));
+            .route("/echo", post(|b: Bytes| async move { b.len().to_string() }))
+            .route(
+                "/small",
+                post(|b: Bytes| async move { b.len().to_string() })
+                    .layer(axum::extract::DefaultBodyLimit::max(1024)),
+            );
         let stop = CancellationToken::new();
         tokio::spawn(serve(
             l,
@@ -318,6 +405,27 @@ mod tests {
             answer.is_empty() || answer.starts_with("HTTP/1.1 4"),
             "{answer}"
         );
+        stop.cancel();
+    }
+
+    /// A body over the cap is answered 413 before it is read; the client still writes its whole
+    /// body without EPIPE/ECONNRESET and reads the 413 (without the lingering close the server's
+    /// close with unread data sends RST: the client's write fails and the answer can be lost).
+    #[tokio::test]
+    async fn an_oversized_body_gets_its_413_not_a_reset() {
+        let (addr, stop) = server(limits()).await;
+        let body = vec![b'A'; 8 * 1024 * 1024];
+        let mut s = connect(addr, [127, 0, 0, 1]).await;
+        let head = format!(
+            "POST /small HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.expect("write head");
+        s.write_all(&body)
+            .await
+            .expect("the server drains the body it refused instead of resetting");
+        let answer = read_to_close(&mut s).await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
         stop.cancel();
     }
 
