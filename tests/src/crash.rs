@@ -299,6 +299,40 @@ pub async fn incomplete_sagas(dir: &Path) -> usize {
     db.get_incomplete_sagas().await.expect("sagas").len()
 }
 
+/// Put `amount` (a power of two) into the wallet in `dir` as ONE proof of its own. The
+/// wallet's receive splits into many small denominations (cdk's refill), so a send of almost
+/// any amount then needs no swap; with one big proof every send swaps. A cdk wallet on the same
+/// database and seed does the receive, so the proof is the wallet's own (derived, restorable).
+/// Call with the wallet closed.
+pub async fn fund_as_one_proof(dir: &Path, mint: &TestMint, amount: u64) {
+    assert!(amount.is_power_of_two(), "one proof holds a power of two");
+    let words = std::fs::read_to_string(dir.join("seed")).expect("wallet seed");
+    let seed = bip39::Mnemonic::parse(words.trim())
+        .expect("mnemonic")
+        .to_seed_normalized("");
+    let db = cdk_sqlite::WalletSqliteDatabase::new(dir.join("wallet.sqlite"))
+        .await
+        .expect("open wallet db");
+    let w = cdk::wallet::WalletBuilder::new()
+        .mint_url(mint.url().parse().expect("mint url"))
+        .unit(cdk::nuts::CurrencyUnit::Sat)
+        .localstore(std::sync::Arc::new(db))
+        .seed(seed)
+        .without_rate_limiting()
+        .build()
+        .expect("build wallet");
+    let opts = cdk::wallet::ReceiveOptions {
+        amount_split_target: cdk::amount::SplitTarget::Values(vec![cdk::Amount::from(amount)]),
+        ..Default::default()
+    };
+    let got: u64 = w
+        .receive(&mint.mint_token(amount).await, opts)
+        .await
+        .expect("receive as one proof")
+        .into();
+    assert_eq!(got, amount, "fund_as_one_proof needs a fee-free mint");
+}
+
 /// Seeded xorshift: random kill delays, reproducible from the printed seed.
 struct Rng(u64);
 impl Rng {
