@@ -336,6 +336,15 @@ pub async fn fund_as_one_proof(dir: &Path, mint: &TestMint, amount: u64) {
 /// Seeded xorshift: random kill delays, reproducible from the printed seed.
 struct Rng(u64);
 impl Rng {
+    /// `seed` unless `TOLLGATE_CRASH_SEED` is set; the seed in use is printed.
+    fn seeded(seed: u64) -> Rng {
+        let seed = std::env::var("TOLLGATE_CRASH_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(seed | 1);
+        eprintln!("crash test seed {seed} (TOLLGATE_CRASH_SEED to replay)");
+        Rng(seed)
+    }
     fn new() -> Rng {
         let seed = std::env::var("TOLLGATE_CRASH_SEED")
             .ok()
@@ -363,6 +372,16 @@ pub fn iters() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(12)
+}
+
+/// `n` kills after random delays over about the time `clean` took, from a fixed `seed` (CI
+/// runs the same delays every time; `TOLLGATE_CRASH_SEED` overrides it).
+pub fn random_kills(seed: u64, n: usize, clean: Duration) -> Vec<Kill> {
+    let mut rng = Rng::seeded(seed);
+    let span = (clean.as_micros() as u64 * 12 / 10).max(1000);
+    (0..n)
+        .map(|_| Kill::After(Duration::from_micros(rng.below(span))))
+        .collect()
 }
 
 /// Kills for one operation: each named point, each gate, then random delays over about the
