@@ -18,52 +18,20 @@ use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
     path::Path,
-    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use tollgate::ops::metrics;
 use tollgate_tests::{
-    gateway::{http, in_ns, ns_runtime, write_config, Daemon},
+    gateway::{http, in_ns, ns_runtime, tg, tg_json, write_config, Daemon},
     mint::TestMint,
     netns::{download, serve_bulk, Lab3, Netns},
     pins::PinBase,
-    tollgate_bin,
     wire::{ForeignTcx, TcxHook, TcxPlace},
 };
 
 const STEP: u64 = 1_000;
-
-/// Runs `tollgate <args>` (stdin piped from `input`): (exit code, stdout, stderr).
-fn tg(args: &[&str], input: Option<&str>) -> (i32, String, String) {
-    let mut child = Command::new(tollgate_bin())
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn tollgate");
-    {
-        let mut stdin = child.stdin.take().expect("stdin");
-        if let Some(i) = input {
-            stdin.write_all(i.as_bytes()).expect("write stdin");
-        }
-    }
-    let out = child.wait_with_output().expect("wait");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// `tg` that must succeed, its stdout parsed as JSON.
-fn tg_json(args: &[&str], input: Option<&str>) -> serde_json::Value {
-    let (code, out, err) = tg(args, input);
-    assert_eq!(code, 0, "tollgate {args:?} failed: {err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
-}
 
 /// GET /metrics on the admin address, from inside the gateway namespace.
 fn scrape(gw: &Netns) -> String {

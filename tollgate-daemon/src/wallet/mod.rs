@@ -27,7 +27,8 @@
 //! | state   | meaning                          | on a repeated `receive` / restart             |
 //! |---------|----------------------------------|-----------------------------------------------|
 //! | pending | swap may be in flight            | resolved: cdk tx record, else NUT-07 + retry  |
-//! | done    | credited `net`                   | returns the first receipt, `replayed = true`  |
+//! | done    | credited `net`                   | returns the first receipt, `replayed = true`; |
+//! |         |                                  | `TokenSpent` to another [`Receiver`]          |
 //! | spent   | someone else spent the proofs    | `TokenSpent` again                            |
 //!
 //! Crash recovery at every open, in this order: cdk's saga recovery and pending melts →
@@ -350,6 +351,24 @@ pub struct MintProbe {
     pub reachable: bool,
     /// Why not, when unreachable.
     pub error: Option<String>,
+}
+
+/// On whose behalf a token is received: a receipt credits its receiver only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Receiver {
+    /// The operator (`tollgate wallet receive`, the wallet's own callers).
+    Operator,
+    /// A customer's payment for access (the merchant's grant).
+    Grant,
+}
+
+impl Receiver {
+    fn as_str(self) -> &'static str {
+        match self {
+            Receiver::Operator => "operator",
+            Receiver::Grant => "grant",
+        }
+    }
 }
 
 /// Funds set aside for one upcoming payment.
@@ -1040,6 +1059,15 @@ impl Wallet {
     /// Redeem a customer's token. Idempotent per proof set: a repeated call returns the first
     /// receipt with `replayed = true`.
     pub async fn receive(&self, token: &str) -> Result<Receipt, WalletError> {
+        self.receive_as(token, Receiver::Operator).await
+    }
+
+    /// [`Wallet::receive`] on behalf of `by`. A token already received by someone else is
+    /// `TokenSpent` to `by` rather than a replay: the check is made under the token's lock,
+    /// with the receive, so an operator's `wallet receive` and a customer's payment racing with
+    /// the same token credit it once (the merchant's earlier `has_receipt` check alone left a
+    /// window between the check and the receive).
+    pub async fn receive_as(&self, token: &str, by: Receiver) -> Result<Receipt, WalletError> {
         let (info, parsed) = self.decode(token)?;
         // Serialise receives of the same proofs; different tokens run in parallel.
         let lock = {
@@ -1052,7 +1080,7 @@ impl Wallet {
         };
         let result = {
             let _guard = lock.lock().await;
-            self.receive_locked(&info, &parsed, token.trim()).await
+            self.receive_locked(&info, &parsed, token.trim(), by).await
         };
         {
             let mut map = self
@@ -1073,6 +1101,7 @@ impl Wallet {
         info: &TokenInfo,
         parsed: &Token,
         raw: &str,
+        by: Receiver,
     ) -> Result<Receipt, WalletError> {
         let receipt = |gross, net, replayed| Receipt {
             token_id: info.token_id.clone(),
@@ -1083,7 +1112,10 @@ impl Wallet {
             replayed,
         };
         if let Some(row) = self.inner.store.receipt(&info.token_id)? {
+            // Credited to someone else: spent, as far as `by` is concerned.
+            let theirs = row.receiver.as_deref().is_some_and(|r| r != by.as_str());
             match row.state {
+                ReceiptState::Done { .. } if theirs => return Err(WalletError::TokenSpent),
                 ReceiptState::Done { gross, net } => return Ok(receipt(gross, net, true)),
                 ReceiptState::Spent => return Err(WalletError::TokenSpent),
                 ReceiptState::Pending => {
@@ -1091,6 +1123,9 @@ impl Wallet {
                         .resolve_pending_receipt(&info.token_id, &row.token)
                         .await?
                     {
+                        if theirs {
+                            return Err(WalletError::TokenSpent);
+                        }
                         return Ok(receipt(gross, net, true));
                     }
                     // Resolved as "never swapped": fall through and receive now.
@@ -1115,9 +1150,13 @@ impl Wallet {
         }
 
         // Write-ahead: from here on a crash is resolved by resolve_pending_receipt.
-        self.inner
-            .store
-            .put_receipt_pending(&info.token_id, &info.mint, &info.unit, raw)?;
+        self.inner.store.put_receipt_pending(
+            &info.token_id,
+            &info.mint,
+            &info.unit,
+            raw,
+            by.as_str(),
+        )?;
         self.hook("receive:pending");
         match w.receive(raw, ReceiveOptions::default()).await {
             Ok(net) => {
