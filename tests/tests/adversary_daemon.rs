@@ -432,6 +432,8 @@ fn udp_send(ns: &Netns, from: std::net::Ipv4Addr, to: SocketAddr, n: usize) {
 /// 3. The upstream receives nothing from the clone (counted there), while the payer's own
 ///    datagrams arrive; the drops are reported in the status warnings, the verdict counters
 ///    and the log.
+/// 4. After a restart that lost the kernel's maps (a reboot), the reopened gate is bound
+///    again: the clone still gets nothing.
 #[test]
 fn a_clone_of_a_paid_mac_from_another_address_gets_nothing() {
     let lab = Lab3::new("adc");
@@ -492,6 +494,26 @@ fn a_clone_of_a_paid_mac_from_another_address_gets_nothing() {
     wait_for(10, "the drops are logged", || {
         log(&state_dir).contains("a cloned MAC or a spoofed address")
     });
+
+    // A reboot: the kernel forgets its maps, and the binding with them. Start-up
+    // reconciliation reopens the paid gate and binds it again from the daemon's store.
+    daemon.stop();
+    pins.wipe();
+    let mut daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
+    let before = udp.load(Ordering::SeqCst);
+    udp_send(&lab.client, clone, far, 100);
+    udp_send(&lab.client, tollgate_tests::netns::CLIENT_IP, far, 10);
+    wait_for(10, "the payer's datagrams arrive after the restart", || {
+        udp.load(Ordering::SeqCst) >= before + 10 * 500
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        udp.load(Ordering::SeqCst),
+        before + 10 * 500,
+        "after a restart that lost the kernel's maps, the clone's datagrams reached the \
+         upstream; log: {}",
+        log(&state_dir)
+    );
     daemon.stop();
 }
 
