@@ -299,11 +299,10 @@ pub async fn incomplete_sagas(dir: &Path) -> usize {
     db.get_incomplete_sagas().await.expect("sagas").len()
 }
 
-/// Put `amount` (a power of two) into the wallet in `dir` as ONE proof of its own. The
-/// wallet's receive splits into many small denominations (cdk's refill), so a send of almost
-/// any amount then needs no swap; with one big proof every send swaps. A cdk wallet on the same
-/// database and seed does the receive, so the proof is the wallet's own (derived, restorable).
-/// Call with the wallet closed.
+/// Put `amount` (a power of two) into the wallet in `dir` as ONE proof of its own, whatever
+/// split the wallet's own receive would choose: with one big proof every send of a smaller
+/// amount needs a swap. A cdk wallet on the same database and seed does the receive, so the
+/// proof is the wallet's own (derived, restorable). Call with the wallet closed.
 pub async fn fund_as_one_proof(dir: &Path, mint: &TestMint, amount: u64) {
     assert!(amount.is_power_of_two(), "one proof holds a power of two");
     let words = std::fs::read_to_string(dir.join("seed")).expect("wallet seed");
