@@ -187,7 +187,18 @@ async fn token_creation_survives_kill_anywhere() {
         clean.op_time,
     );
     let (mut killed, mut recovered_unissued) = (0, 0);
+    // The random delays were drawn over the clean run's time. Whether the swap gates fire
+    // depends on the wallet's denominations, so the random kills must land for this test to
+    // kill enough; a clean run slowed by load (the other tests of this file start with it)
+    // would put them all after the end. Scale them to the fastest unkilled run so far.
+    let mut span = clean.op_time.max(Duration::from_millis(1));
     for (i, kill) in plan.iter().enumerate() {
+        let kill = &match kill {
+            Kill::After(d) => Kill::After(d.mul_f64(
+                span.as_secs_f64() / clean.op_time.max(Duration::from_millis(1)).as_secs_f64(),
+            )),
+            other => other.clone(),
+        };
         // Odd amounts that the wallet's denominations never cover exactly: a swap is needed.
         let amount = (37 + 2 * i as u64).to_string();
         let known: Vec<String> = {
@@ -213,6 +224,8 @@ async fn token_creation_survives_kill_anywhere() {
         killed += run.killed as u32;
         if run.killed {
             settle_mint(&mint).await;
+        } else if run.op_time > Duration::ZERO {
+            span = span.min(run.op_time);
         }
         let ctx = format!(
             "iteration {i} {kill:?} killed={} {:?}",
