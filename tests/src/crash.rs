@@ -292,11 +292,17 @@ pub async fn settle_mint(mint: &TestMint) {
         .expect("mint melt recovery");
 }
 
+/// How many cdk sagas the wallet in `dir` has open; each one is printed (state and data), so a
+/// failing "sagas left" says which.
 pub async fn incomplete_sagas(dir: &Path) -> usize {
     let db = cdk_sqlite::WalletSqliteDatabase::new(dir.join("wallet.sqlite"))
         .await
         .expect("open wallet db");
-    db.get_incomplete_sagas().await.expect("sagas").len()
+    let sagas = db.get_incomplete_sagas().await.expect("sagas");
+    for s in &sagas {
+        eprintln!("incomplete saga {} {:?} {:?}", s.id, s.state, s.data);
+    }
+    sagas.len()
 }
 
 /// Put `amount` (a power of two) into the wallet in `dir` as ONE proof of its own, whatever
