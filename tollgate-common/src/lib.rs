@@ -43,6 +43,7 @@ pub mod maps {
     pub const VERDICTS: &str = "TG_VERDICTS";
     pub const EVENTS: &str = "TG_EVENTS";
     pub const DNS: &str = "TG_DNS";
+    pub const CLOCK: &str = "TG_CLOCK";
 }
 
 /// Program names (the ELF symbol names in the object).

@@ -24,7 +24,8 @@
 //! gate. TC reads the linear area only; when the headers it needs are not all there (a
 //! non-linear skb whose linear part ends inside them) it pulls them in and parses again, so
 //! `bpf_skb_pull_data` never runs on the common path (TCP keeps its ≈ 66 header bytes linear).
-//! The paid path reads no clock unless the gate has a deadline.
+//! The paid path reads no clock unless the gate has a deadline, and then `jiffies` (one
+//! inlined load; the exact boot clock once per tick per CPU and within 20 ms of the deadline).
 //!
 //! TC programs return `TCX_NEXT` on a pass (later TCX programs and legacy clsact filters, e.g.
 //! SQM, still run) and `TC_ACT_SHOT` on a drop; the valve attaches them first in the chain.
@@ -53,7 +54,7 @@ use core::{
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_MMAPABLE, BPF_NOEXIST, TC_ACT_SHOT},
     btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
-    helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_jiffies64, bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -80,6 +81,12 @@ static TG_VERDICTS: PerCpuArray<VerdictCount, { Verdict::COUNT as usize }> = Per
 static TG_EVENTS: RingBuf<GateEvent, { EVENTS_BYTES as usize }> = RingBuf::new();
 #[btf_map]
 static TG_DNS: LruHashMap<MacKey, DnsBucket, { DNS_BUCKETS as usize }> = LruHashMap::new();
+/// Per CPU: the boot clock and `jiffies` read together (see [`boot_now_estimate`]).
+#[btf_map]
+static TG_CLOCK: PerCpuArray<[u64; 2], 1> = PerCpuArray::new();
+
+/// Deadlines closer than this to the estimate are checked on the exact boot clock.
+const CLOCK_MARGIN_NS: u64 = 20_000_000;
 
 /// `TCX_NEXT`: pass, and let the next program in the TCX chain (or legacy tc) decide too.
 const TCX_NEXT: i32 = -1;
@@ -515,6 +522,30 @@ fn is_nd(p: &Packet) -> bool {
     p.v6() && p.proto == IPPROTO_ICMPV6 && p.l4 && (133..=137).contains(&p.icmp_type)
 }
 
+/// `CLOCK_BOOTTIME` at this CPU's last exact reading, taken again whenever `jiffies` has
+/// moved since (the verifier inlines `bpf_jiffies64` into one load, where the boot clock
+/// costs tens of ns in a VM). The estimate never runs ahead of the boot clock and trails it
+/// by less than one tick (≤ 10 ms at HZ ≥ 100), which the caller's margin covers.
+#[inline(always)]
+fn boot_now_estimate() -> u64 {
+    // SAFETY: helper without preconditions.
+    let j = unsafe { bpf_jiffies64() };
+    if let Some(c) = TG_CLOCK.get_ptr_mut(0) {
+        // SAFETY: per-CPU value, only this CPU touches it while the program runs.
+        unsafe {
+            let [boot, at] = *c;
+            if boot != 0 && at == j {
+                return boot;
+            }
+            let boot = bpf_ktime_get_boot_ns();
+            *c = [boot, j];
+            return boot;
+        }
+    }
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_ktime_get_boot_ns() }
+}
+
 /// Does `key` have an open gate, before its deadline and below its total limit right now?
 /// (Only asked for DNS, off the metered fast path.)
 #[inline(always)]
@@ -871,7 +902,8 @@ fn decide_packet(f: &Frame, p: &Packet, dir: u8, skb_mark: u32) -> Decision {
     };
     // SAFETY: as above.
     let expires = unsafe { (*pol).expires_at_ns };
-    if expires != 0 {
+    if expires != 0 && boot_now_estimate().saturating_add(CLOCK_MARGIN_NS) >= expires {
+        // Near or past the deadline: decide on the exact clock.
         // SAFETY: helper without preconditions.
         let now = unsafe { bpf_ktime_get_boot_ns() };
         if now >= expires {

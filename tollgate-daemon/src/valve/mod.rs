@@ -1064,6 +1064,25 @@ impl Valve {
         })
     }
 
+    /// Turns on the kernel's per-program run-time statistics (`BPF_ENABLE_STATS`) for as
+    /// long as the returned descriptor lives (benchmarks; it costs two clock reads a run).
+    pub fn enable_run_stats() -> Result<std::os::fd::OwnedFd, ValveError> {
+        aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .map_err(|e| ValveError::Other(format!("BPF_ENABLE_STATS: {e}")))
+    }
+
+    /// Cumulative (run time ns, run count) of the gate's program at `hook`, as the kernel
+    /// counts them while run statistics are on.
+    pub fn run_stats(&self, hook: Hook) -> Result<(u64, u64), ValveError> {
+        let ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        let info = ebpf
+            .program(hook.program())
+            .ok_or_else(|| ValveError::Other("program missing".into()))?
+            .info()
+            .map_err(|e| ValveError::Other(format!("program info: {e}")))?;
+        Ok((info.run_time().as_nanos() as u64, info.run_count()))
+    }
+
     /// Removes every pin of the data plane under `pin_base`, its WAN meter's included (links
     /// detach once the last reference is gone, i.e. when no process holds them).
     pub fn remove_pins(pin_base: &Path) -> io::Result<()> {
