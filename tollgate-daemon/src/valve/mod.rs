@@ -1126,10 +1126,15 @@ impl Valve {
         }
     }
 
-    /// The policy of `key`, or a closed one in a fresh, zeroed slot for a client the kernel
-    /// does not know yet (the caller writes it; `Full` when no slot is free).
-    fn entry(m: &mut Maps, mac: MacAddr, key: &MacKey) -> Result<(Policy, Usage), ValveError> {
-        if let Some(p) = Self::read_policy(m, key)? {
+    /// The policy `old` read for a client with its counters, or, for a client the kernel does
+    /// not know yet, a closed one in a fresh, zeroed slot (the caller writes it; `Full` when
+    /// no slot is free).
+    fn entry(
+        m: &mut Maps,
+        mac: MacAddr,
+        old: Option<Policy>,
+    ) -> Result<(Policy, Usage), ValveError> {
+        if let Some(p) = old {
             return Ok((p, Self::read_slot(m, p.slot)?));
         }
         let Some(slot) = m.slots.take() else {
@@ -1477,8 +1482,9 @@ impl WanMeter for Valve {
             ));
         }
         let key = MacKey::new(mac.0);
-        let (mut p, _) = Self::entry(&mut m, mac, &key)?;
-        let new = Self::read_policy(&m, &key)?.is_none();
+        let old = Self::read_policy(&m, &key)?;
+        let new = old.is_none();
+        let (mut p, _) = Self::entry(&mut m, mac, old)?;
         p.flags = policy_flags::METERED;
         Self::write_policy(&mut m, mac, &key, p)?;
         if new {
@@ -1550,7 +1556,7 @@ impl Gates for Valve {
                 }
             }
         }
-        let (cur, u) = Self::entry(&mut m, mac, &key)?;
+        let (cur, u) = Self::entry(&mut m, mac, old)?;
         let used = u.bytes_up.saturating_add(u.bytes_down);
         let mut flags = policy_flags::ALLOWED;
         if a.bind_ipv4.is_some() {
