@@ -101,14 +101,20 @@ pub mod policy_flags {
     pub const ALLOWED: u32 = 1 << 0;
     /// Drop IPv4 packets from this MAC whose source is not `bound_ipv4` (anti-spoofing).
     pub const BIND_IPV4: u32 = 1 << 1;
+    /// Drop IPv6 packets from this MAC whose source is none of `bound_ipv6` (a link-local
+    /// source may still reach the gateway itself).
+    pub const BIND_IPV6: u32 = 1 << 3;
     /// Meter-only mode: count this MAC's traffic (an entry without it keeps its counts but
     /// is no longer counted).
     pub const METERED: u32 = 1 << 2;
 }
 
+/// IPv6 source addresses a gate can be bound to (unused entries are zero).
+pub const MAX_BOUND_V6: usize = 4;
+
 /// A client's gate, written only by userspace.
 ///
-/// layout: 48 bytes, align 8
+/// layout: 112 bytes, align 8
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Policy {
@@ -130,6 +136,9 @@ pub struct Policy {
     /// Index of this client's counters in the USAGE array, allocated by userspace; never
     /// shared by two entries.
     pub slot: u32,
+    /// Bound IPv6 source addresses (only with `BIND_IPV6`); in the entry so that binding
+    /// costs no lookup.
+    pub bound_ipv6: [[u8; 16]; MAX_BOUND_V6],
 }
 
 impl Policy {
@@ -142,6 +151,7 @@ impl Policy {
         expires_at_ns: 0,
         bound_ipv4: [0; 4],
         slot: 0,
+        bound_ipv6: [[0; 16]; MAX_BOUND_V6],
     };
 }
 
@@ -254,7 +264,7 @@ pub enum Verdict {
     DropQuota = 7,
     /// The client's deadline has passed.
     DropExpired = 8,
-    /// IPv4 source differs from the client's bound address.
+    /// The source address is not one the client is bound to (IPv4 or IPv6).
     DropSpoofed = 9,
     /// Truncated or unparseable headers (cannot be classified, so cannot be allowed).
     DropMalformed = 10,
@@ -418,7 +428,7 @@ mod tests {
     #[test]
     fn layouts() {
         assert_eq!((size_of::<MacKey>(), align_of::<MacKey>()), (8, 1));
-        assert_eq!((size_of::<Policy>(), align_of::<Policy>()), (48, 8));
+        assert_eq!((size_of::<Policy>(), align_of::<Policy>()), (112, 8));
         assert_eq!((size_of::<Usage>(), align_of::<Usage>()), (128, 64));
         assert_eq!((size_of::<GateConfig>(), align_of::<GateConfig>()), (80, 4));
         assert_eq!(
@@ -435,6 +445,7 @@ mod tests {
         assert_eq!(core::mem::offset_of!(Policy, expires_at_ns), 32);
         assert_eq!(core::mem::offset_of!(Policy, bound_ipv4), 40);
         assert_eq!(core::mem::offset_of!(Policy, slot), 44);
+        assert_eq!(core::mem::offset_of!(Policy, bound_ipv6), 48);
         assert_eq!(core::mem::offset_of!(Usage, notified_generation), 24);
         assert_eq!(core::mem::offset_of!(Usage, bytes_down), 64);
         assert_eq!(core::mem::offset_of!(GateConfig, gateway_v6), 24);

@@ -60,8 +60,8 @@ use aya_ebpf::{
 };
 use tollgate_common::{
     config_flags, direction, policy_flags, DnsBucket, ExhaustReason, GateConfig, GateEvent, MacKey,
-    Policy, Usage, Verdict, VerdictCount, DNS_BUCKETS, EVENTS_BYTES, GARDEN_TCP_PORTS, MAX_CLIENTS,
-    MAX_GARDEN_PREFIXES, UNLIMITED,
+    Policy, Usage, Verdict, VerdictCount, DNS_BUCKETS, EVENTS_BYTES, GARDEN_TCP_PORTS,
+    MAX_BOUND_V6, MAX_CLIENTS, MAX_GARDEN_PREFIXES, UNLIMITED,
 };
 
 #[btf_map]
@@ -516,6 +516,28 @@ fn local_garden(cfg: &GateConfig, p: &Packet, to_gw: bool) -> bool {
     }
 }
 
+/// Is the IPv6 source of an upload one of the gate's bound addresses? A link-local source
+/// passes only towards the gateway itself (it cannot be routed anywhere else).
+#[inline(always)]
+fn bound_v6(f: &Frame, p: &Packet, bound: &[[u8; 16]; MAX_BOUND_V6], to_gw: bool) -> bool {
+    let Some(src) = f.ld::<[u64; 2]>(p.local6_off) else {
+        return false;
+    };
+    if to_gw && src[0] as u8 == 0xfe && (src[0] >> 8) as u8 & 0xc0 == 0x80 {
+        return true;
+    }
+    let mut i = 0;
+    while i < MAX_BOUND_V6 {
+        // SAFETY: 16 bytes of the policy value read as two words (8-aligned in the map).
+        let b = unsafe { *(bound[i].as_ptr() as *const [u64; 2]) };
+        if b != [0; 2] && b == src {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
 /// ICMPv6 router/neighbour discovery (RS, RA, NS, NA, redirect).
 #[inline(always)]
 fn is_nd(p: &Packet) -> bool {
@@ -891,6 +913,12 @@ fn decide_packet(f: &Frame, p: &Packet, dir: u8, skb_mark: u32) -> Decision {
         && p.local4 != u32::from_ne_bytes(unsafe { (*pol).bound_ipv4 })
     {
         return verdict(Verdict::DropSpoofed);
+    }
+    if dir == direction::UP && flags & policy_flags::BIND_IPV6 != 0 && p.v6() {
+        // SAFETY: as above.
+        if !bound_v6(f, p, unsafe { &(*pol).bound_ipv6 }, to_gw) {
+            return verdict(Verdict::DropSpoofed);
+        }
     }
     if to_gw {
         // Only reachable on ingress (egress from the gateway returned above).

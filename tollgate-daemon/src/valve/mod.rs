@@ -61,7 +61,7 @@ use aya::{
 };
 use tollgate_common::{
     config_flags, maps, policy_flags, programs, GateConfig, GateEvent, MacKey, Policy, Usage,
-    VerdictCount, GARDEN_TCP_PORTS, MAX_CLIENTS, SCHEMA_VERSION, UNLIMITED,
+    VerdictCount, GARDEN_TCP_PORTS, MAX_BOUND_V6, MAX_CLIENTS, SCHEMA_VERSION, UNLIMITED,
 };
 pub use types::*;
 
@@ -114,6 +114,25 @@ pub trait Gates: Send + Sync + 'static {
     /// Binds an open gate to the IPv4 source address `ip` (upload from the MAC with any other
     /// IPv4 source is dropped as `drop_spoofed`); `None` unbinds. Kept by `extend`.
     fn bind_ipv4(&self, mac: MacAddr, ip: Option<Ipv4Addr>) -> Result<(), ValveError>;
+    /// Binds an open gate to the source addresses `addrs` (at most one IPv4 and
+    /// [`MAX_BOUND_V6`] IPv6): uploads of the family with an address bound are dropped as
+    /// `drop_spoofed` from any other source (an IPv6 link-local source may still reach the
+    /// gateway itself); a family without one is not restricted; `&[]` unbinds. Kept by
+    /// `extend`. The default serves gates that bind IPv4 only.
+    fn bind(&self, mac: MacAddr, addrs: &[IpAddr]) -> Result<(), ValveError> {
+        let mut v4 = None;
+        for a in addrs {
+            match a {
+                IpAddr::V4(a) if v4.is_none() => v4 = Some(*a),
+                _ => {
+                    return Err(ValveError::Config(format!(
+                        "cannot bind {mac} to {addrs:?}: one IPv4 address only here"
+                    )))
+                }
+            }
+        }
+        self.bind_ipv4(mac, v4)
+    }
     /// Packets the kernel dropped because a bound MAC sent from another address (cumulative).
     fn spoofed_drops(&self) -> Result<u64, ValveError>;
     /// One client's gate and counters; `None` if the kernel has never heard of it.
@@ -1373,6 +1392,24 @@ fn resize_pinned(dir: &Path, want: u32) -> Result<Option<Carried>, ValveError> {
     Ok(Some(carried))
 }
 
+/// Schema 2's gate (`<pin_base>/v2/TG_POLICY`): today's `Policy` without `slot` and the
+/// IPv6 binding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct PolicyV2 {
+    flags: u32,
+    generation: u32,
+    limit_total: u64,
+    limit_up: u64,
+    limit_down: u64,
+    expires_at_ns: u64,
+    bound_ipv4: [u8; 4],
+    _pad: [u8; 4],
+}
+
+// SAFETY: `#[repr(C)]`, integer fields only, the padding is an explicit field.
+unsafe impl aya::Pod for PolicyV2 {}
+
 /// Schema 2's counters (`<pin_base>/v2/TG_USAGE`, a hash map by MAC).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -1391,8 +1428,7 @@ struct UsageV2 {
 unsafe impl aya::Pod for UsageV2 {}
 
 /// A first load of this schema next to schema 2's pins (the release before): carry every
-/// client and its counts over (schema 2's `Policy` has the same layout, its padding is
-/// our `slot`). Schema 2's client maps are unpinned once their entries are in the new maps;
+/// client and its counts over. Schema 2's client maps are unpinned once their entries are in the new maps;
 /// its links are detached on attach.
 fn upgrade_from_v2(pin_base: &Path, want: u32) -> Result<Option<Carried>, ValveError> {
     let old = pin_base.join("v2");
@@ -1400,19 +1436,29 @@ fn upgrade_from_v2(pin_base: &Path, want: u32) -> Result<Option<Carried>, ValveE
     if !pp.exists() {
         return Ok(None);
     }
-    let policy: HashMap<MapData, MacKey, Policy> = open_hash(&pp, maps::POLICY)?;
+    let policy: HashMap<MapData, MacKey, PolicyV2> = open_hash(&pp, maps::POLICY)?;
     let usage: Option<HashMap<MapData, MacKey, UsageV2>> = if up.exists() {
         Some(open_hash(&up, maps::USAGE)?)
     } else {
         None
     };
-    let policies: Vec<(MacKey, Policy)> = policy.iter().filter_map(|kv| kv.ok()).collect();
+    let policies: Vec<(MacKey, PolicyV2)> = policy.iter().filter_map(|kv| kv.ok()).collect();
     if policies.len() > want as usize {
         return Err(too_many(&old, policies.len(), want));
     }
     let carried: Carried = policies
         .into_iter()
-        .map(|(k, p)| {
+        .map(|(k, o)| {
+            let p = Policy {
+                flags: o.flags & (policy_flags::ALLOWED | policy_flags::BIND_IPV4),
+                generation: o.generation,
+                limit_total: o.limit_total,
+                limit_up: o.limit_up,
+                limit_down: o.limit_down,
+                expires_at_ns: o.expires_at_ns,
+                bound_ipv4: o.bound_ipv4,
+                ..Policy::CLOSED
+            };
             let o = usage
                 .as_ref()
                 .and_then(|m| m.get(&k, 0).ok())
@@ -1575,6 +1621,7 @@ impl Gates for Valve {
             expires_at_ns: a.until_boot_ns.unwrap_or(0),
             bound_ipv4: a.bind_ipv4.map_or([0; 4], |ip| ip.octets()),
             slot: cur.slot,
+            bound_ipv6: [[0; 16]; MAX_BOUND_V6],
         };
         if let Err(e) = Self::write_policy(&mut m, mac, &key, p) {
             if old.is_none() {
@@ -1661,6 +1708,42 @@ impl Gates for Valve {
                 p.bound_ipv4 = [0; 4];
             }
         }
+        Self::write_policy(&mut m, mac, &key, p)
+    }
+
+    fn bind(&self, mac: MacAddr, addrs: &[IpAddr]) -> Result<(), ValveError> {
+        let mut v4 = None;
+        let mut v6 = Vec::new();
+        for a in addrs {
+            match a {
+                IpAddr::V4(a) if v4.is_none() => v4 = Some(*a),
+                IpAddr::V6(a) if v6.len() < MAX_BOUND_V6 && !a.is_unspecified() => v6.push(*a),
+                _ => {
+                    return Err(ValveError::Config(format!(
+                        "cannot bind {mac} to {addrs:?}: at most one IPv4 and {MAX_BOUND_V6} \
+                         IPv6 addresses"
+                    )))
+                }
+            }
+        }
+        let mut m = self.maps();
+        let key = MacKey::new(mac.0);
+        let Some(mut p) = Self::read_policy(&m, &key)? else {
+            return Err(ValveError::Other(format!("no gate for {mac} to bind")));
+        };
+        p.flags &= !(policy_flags::BIND_IPV4 | policy_flags::BIND_IPV6);
+        p.bound_ipv4 = v4.map_or([0; 4], |a| a.octets());
+        if v4.is_some() {
+            p.flags |= policy_flags::BIND_IPV4;
+        }
+        p.bound_ipv6 = [[0; 16]; MAX_BOUND_V6];
+        for (slot, a) in p.bound_ipv6.iter_mut().zip(&v6) {
+            *slot = a.octets();
+        }
+        if !v6.is_empty() {
+            p.flags |= policy_flags::BIND_IPV6;
+        }
+        // One write: the kernel sees the old binding or the new one, never a mix.
         Self::write_policy(&mut m, mac, &key, p)
     }
 
