@@ -25,14 +25,20 @@ impl PinBase {
     pub fn path(&self) -> &Path {
         &self.0
     }
-}
 
-impl Drop for PinBase {
-    fn drop(&mut self) {
+    /// Unpins everything below the base: the programs detach and the maps go, as after a
+    /// reboot (the daemon's store is what remains).
+    pub fn wipe(&self) {
         let _ = Valve::remove_pins(&self.0);
         // Whatever else a test pinned below its base (e.g. an older schema's `v1/` links in
         // the upgrade test, left when that test fails) goes too: no later run may find it.
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Drop for PinBase {
+    fn drop(&mut self) {
+        self.wipe();
         // Leave /sys/fs/bpf/tollgate itself when the last test is done with it.
         let _ = std::fs::remove_dir("/sys/fs/bpf/tollgate");
     }

@@ -194,12 +194,11 @@ fn crowd_config(dir: &Path, mint: &str, metric: &str, step: u64, dataplane: serd
 }
 
 const CROWD: usize = 2000;
-/// Real payments: the wallet swaps each token at the mint, about 5–10 a second on a loaded
-/// 2-core machine (and slower as the wallet's proofs accumulate), so the payers' crowd is
-/// smaller than the hostile one; the map is sized down with it so it still turns over
-/// several times.
-const PAYERS: usize = 192;
-const PAYER_WAVE: usize = 48;
+/// Real payments: the wallet swaps each token at the mint. The map is sized well below the
+/// crowd so it turns over several times.
+const PAYERS: usize = 2000;
+const PAYER_WAVE: usize = 250;
+const PAYER_SLOTS: u64 = 256;
 
 /// 1. A gateway with a real mint; one legitimate payment from the lab's client (its token is
 ///    spent from then on).
@@ -277,10 +276,10 @@ fn hostile_payments_from_two_thousand_macs_leave_no_kernel_entry() {
     daemon.stop();
 }
 
-/// 1. A gateway selling 100 ms steps (a 16 sat token buys 1.6 s) with `max_clients` 64 and a 2 s
-///    retention for closed entries.
-/// 2. 192 devices each pay once (in waves of 48, so active sessions fit in the map): every
-///    payment is granted although 192 > 64, because ended sessions' entries are evicted.
+/// 1. A gateway selling 100 ms steps (a 16 sat token buys 1.6 s) with `max_clients` 256 and a
+///    2 s retention for closed entries.
+/// 2. 2 000 devices each pay once (in waves of 250, so active sessions fit in the map): every
+///    payment is granted although 2 000 > 256, because ended sessions' entries are evicted.
 /// 3. After the last session ended and the retention passed, the maps are empty again.
 /// 4. A second gateway with `max_clients` 16 and a retention of an hour: the lab's client pays for an hour, 15 devices pay and
 ///    their sessions end, so the map is full of closed entries; a 17th device still pays and
@@ -299,10 +298,14 @@ fn payers_leave_at_most_the_retention_and_a_full_map_admits_a_payer() {
         &mint.url(),
         "milliseconds",
         100,
-        serde_json::json!({"max_clients": 64, "closed_retention": "2s"}),
+        serde_json::json!({"max_clients": PAYER_SLOTS, "closed_retention": "2s"}),
     );
     let mut daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
-    assert_eq!(occupancy(&pins).2, 64, "dataplane.max_clients applied");
+    assert_eq!(
+        occupancy(&pins).2,
+        PAYER_SLOTS,
+        "dataplane.max_clients applied"
+    );
     let crowd = Crowd::new(&lab, PAYERS + 35);
     let tokens = {
         let m = mint.clone();
@@ -319,7 +322,7 @@ fn payers_leave_at_most_the_retention_and_a_full_map_admits_a_payer() {
             "every payer admitted; log: {}",
             log(&state_dir)
         );
-        assert!(occupancy(&pins).0 <= 64);
+        assert!(occupancy(&pins).0 <= PAYER_SLOTS);
         // This wave's 1.6 s sessions end (and the chandler closes them) before the next wave.
         std::thread::sleep(Duration::from_millis(2300));
     }
@@ -432,6 +435,8 @@ fn udp_send(ns: &Netns, from: std::net::Ipv4Addr, to: SocketAddr, n: usize) {
 /// 3. The upstream receives nothing from the clone (counted there), while the payer's own
 ///    datagrams arrive; the drops are reported in the status warnings, the verdict counters
 ///    and the log.
+/// 4. After a restart that lost the kernel's maps (a reboot), the reopened gate is bound
+///    again: the clone still gets nothing.
 #[test]
 fn a_clone_of_a_paid_mac_from_another_address_gets_nothing() {
     let lab = Lab3::new("adc");
@@ -492,6 +497,26 @@ fn a_clone_of_a_paid_mac_from_another_address_gets_nothing() {
     wait_for(10, "the drops are logged", || {
         log(&state_dir).contains("a cloned MAC or a spoofed address")
     });
+
+    // A reboot: the kernel forgets its maps, and the binding with them. Start-up
+    // reconciliation reopens the paid gate and binds it again from the daemon's store.
+    daemon.stop();
+    pins.wipe();
+    let mut daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
+    let before = udp.load(Ordering::SeqCst);
+    udp_send(&lab.client, clone, far, 100);
+    udp_send(&lab.client, tollgate_tests::netns::CLIENT_IP, far, 10);
+    wait_for(10, "the payer's datagrams arrive after the restart", || {
+        udp.load(Ordering::SeqCst) >= before + 10 * 500
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        udp.load(Ordering::SeqCst),
+        before + 10 * 500,
+        "after a restart that lost the kernel's maps, the clone's datagrams reached the \
+         upstream; log: {}",
+        log(&state_dir)
+    );
     daemon.stop();
 }
 

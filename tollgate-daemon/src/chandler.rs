@@ -217,6 +217,12 @@ impl Chandler {
         let now_boot = self.gates.now_boot_ns();
         let gate = self.gates.gate(mac)?;
         let current = self.store.session(mac)?.filter(|r| r.active);
+        // A top-up that replaces the policy keeps the live session's binding (a new session
+        // is bound by its payment, never by an older session's address).
+        let keep_bind = match current {
+            Some(_) => self.stored_binding(mac)?,
+            None => None,
+        };
         let mut row = match &current {
             Some(r) => r.clone(),
             None => SessionRow {
@@ -267,6 +273,7 @@ impl Chandler {
                         mac,
                         Allowance {
                             bytes: Some(allowance),
+                            bind_ipv4: keep_bind,
                             ..Allowance::default()
                         },
                     )?;
@@ -295,6 +302,7 @@ impl Chandler {
                     mac,
                     Allowance {
                         until_boot_ns: Some(want_end),
+                        bind_ipv4: keep_bind,
                         ..Allowance::default()
                     },
                 )?;
@@ -534,6 +542,7 @@ impl Chandler {
                             mac,
                             Allowance {
                                 bytes: Some(remaining),
+                                bind_ipv4: self.stored_binding(mac)?,
                                 ..Allowance::default()
                             },
                         )?;
@@ -557,6 +566,7 @@ impl Chandler {
                             mac,
                             Allowance {
                                 until_boot_ns: Some(end),
+                                bind_ipv4: self.stored_binding(mac)?,
                                 ..Allowance::default()
                             },
                         )?;
@@ -594,15 +604,30 @@ impl Chandler {
         let _g = self.guard();
         let std::net::IpAddr::V4(v4) = crate::neighbour::unmap(from) else {
             tracing::debug!(%mac, %from, "IPv6 payer: gate not bound to an address");
+            // An IPv4 binding from an earlier payment must not come back at reconcile.
+            self.store.set_binding(mac, None)?;
             return Ok(());
         };
         let open = self.gates.gate(mac)?.is_some_and(|g| g.open);
         if !open {
             return Ok(());
         }
+        // Durable first: a restart that loses the kernel's maps rebinds from the store.
+        self.store.set_binding(mac, Some(v4.into()))?;
         self.gates.bind_ipv4(mac, Some(v4))?;
         tracing::info!(%mac, address = %v4, "gate bound to the address the payment came from");
         Ok(())
+    }
+
+    /// The IPv4 address a reopened gate is bound to again (none when binding is off).
+    fn stored_binding(&self, mac: MacAddr) -> Result<Option<std::net::Ipv4Addr>, ChandlerError> {
+        if !self.cfg.bind_payer {
+            return Ok(None);
+        }
+        Ok(match self.store.binding(mac)? {
+            Some(std::net::IpAddr::V4(v4)) => Some(v4),
+            _ => None,
+        })
     }
 
     /// Evicts kernel entries of closed gates (see [`Gates::sweep`]). Under the guard, so no
@@ -779,7 +804,7 @@ pub(crate) mod fake {
                 open: true,
                 remaining_bytes: a.bytes,
                 until_boot_ns: a.until_boot_ns,
-                bound_ipv4: None,
+                bound_ipv4: a.bind_ipv4,
                 generation: prev.map_or(1, |p| p.generation + 1),
                 usage: prev.map(|p| p.usage).unwrap_or_default(),
             };
@@ -962,6 +987,61 @@ mod tests {
             gates.lock().gates[&mac()].until_boot_ns,
             Some(start + 90_000 * NS_PER_MS)
         );
+    }
+
+    /// A gate reopened at start-up (the kernel lost its maps: a reboot) is bound again to
+    /// the address the device paid from; a later IPv6 payment forgets the IPv4 binding, and
+    /// with binding off nothing is bound.
+    #[test]
+    fn reconcile_rebinds_a_reopened_gate() {
+        for metric in [Metric::Bytes, Metric::Milliseconds] {
+            let (gates, store, c) = chandler(metric);
+            c.add(mac(), 100_000, None, "grant").expect("open");
+            c.bind(mac(), "10.0.0.7".parse().expect("ip"))
+                .expect("bind");
+            assert_eq!(
+                gates.lock().gates[&mac()].bound_ipv4,
+                Some("10.0.0.7".parse().expect("ip"))
+            );
+            gates.lock().gates.remove(&mac());
+            let r = c.reconcile().expect("reconcile");
+            assert_eq!(r.reopened, vec![mac()], "{metric:?}");
+            assert_eq!(
+                gates.lock().gates[&mac()].bound_ipv4,
+                Some("10.0.0.7".parse().expect("ip")),
+                "{metric:?}: the reopened gate is bound again"
+            );
+            // A top-up that replaces the policy (time sessions always do) keeps the binding.
+            c.add(mac(), 1_000, None, "grant").expect("top-up");
+            assert_eq!(
+                gates.lock().gates[&mac()].bound_ipv4,
+                Some("10.0.0.7".parse().expect("ip")),
+                "{metric:?}: a top-up keeps the binding"
+            );
+
+            c.bind(mac(), "fd00::7".parse().expect("ip"))
+                .expect("bind v6");
+            assert_eq!(store.binding(mac()).expect("binding"), None);
+            gates.lock().gates.remove(&mac());
+            c.reconcile().expect("reconcile");
+            assert_eq!(gates.lock().gates[&mac()].bound_ipv4, None, "{metric:?}");
+        }
+        let (gates, store, c) = chandler(Metric::Bytes);
+        store
+            .set_binding(mac(), Some("10.0.0.7".parse().expect("ip")))
+            .expect("stale binding");
+        let c = Chandler::new(
+            ChandlerConfig {
+                bind_payer: false,
+                ..c.cfg.clone()
+            },
+            gates.clone(),
+            store.clone(),
+        );
+        c.add(mac(), 100_000, None, "grant").expect("open");
+        gates.lock().gates.remove(&mac());
+        c.reconcile().expect("reconcile");
+        assert_eq!(gates.lock().gates[&mac()].bound_ipv4, None, "binding off");
     }
 
     #[test]

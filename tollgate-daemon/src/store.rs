@@ -28,6 +28,7 @@
 //! across an await.
 
 use std::{
+    net::IpAddr,
     path::Path,
     sync::{Arc, Mutex},
     time::Duration,
@@ -220,6 +221,11 @@ CREATE TABLE IF NOT EXISTS usage_snapshots (
     mac TEXT NOT NULL,
     used INTEGER NOT NULL,
     allotment INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS bindings (
+    mac TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    updated_unix INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sessions_active ON sessions(active, updated_unix);
 CREATE INDEX IF NOT EXISTS session_log_at ON session_log(at_unix);
@@ -561,8 +567,42 @@ impl Store {
                 [cutoff],
             )?,
         };
+        // A binding outlives its session only until the next prune: a device that pays
+        // again is bound anew by its payment.
+        tx.execute(
+            "DELETE FROM bindings WHERE mac NOT IN (SELECT mac FROM sessions WHERE active = 1)",
+            [],
+        )?;
         tx.commit()?;
         Ok(report)
+    }
+
+    /// Records the address a device's gate is bound to (`None` forgets it), so start-up
+    /// reconciliation can bind a gate it reopens (the kernel's binding is lost with its maps).
+    pub fn set_binding(&self, mac: MacAddr, address: Option<IpAddr>) -> Result<(), StoreError> {
+        let c = self.conn();
+        match address {
+            Some(a) => c.execute(
+                "INSERT INTO bindings (mac, address, updated_unix) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(mac) DO UPDATE SET address = ?2, updated_unix = ?3",
+                params![mac.to_string(), a.to_string(), i(self.now_unix())],
+            )?,
+            None => c.execute("DELETE FROM bindings WHERE mac = ?1", [mac.to_string()])?,
+        };
+        Ok(())
+    }
+
+    /// The address a device's gate is bound to, if any (an unparsable row counts as none).
+    pub fn binding(&self, mac: MacAddr) -> Result<Option<IpAddr>, StoreError> {
+        let c = self.conn();
+        let a: Option<String> = c
+            .query_row(
+                "SELECT address FROM bindings WHERE mac = ?1",
+                [mac.to_string()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(a.and_then(|a| a.parse().ok()))
     }
 
     /// Rows in (sessions, session_log, usage_snapshots, grants).

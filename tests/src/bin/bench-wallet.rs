@@ -10,9 +10,13 @@
 //!  2. N in flight: receives/s
 //! ```
 //!
+//!  3. as the wallet fills: `--fill N` receives (2 000) into fresh wallets, the two arms
+//!     interleaved one receive each, p50 latency per window — cdk's default split loads
+//!     every unspent proof on each receive, ours does not
+//!
 //! Tokens are minted before the clock starts; each wallet gets one untimed warm-up receive
 //! (keysets, mint info). Prints a Markdown report and writes it to `BENCHMARKS.md` (section
-//! "Wallet"). Options: `--receives N` (100 per row), `--concurrency 1,8`.
+//! "Wallet"). Options: `--receives N` (100 per row), `--concurrency 1,8`, `--fill N`.
 
 use std::{
     collections::VecDeque,
@@ -126,15 +130,76 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+const FILL_SAT: u64 = 16;
+
+/// Section 3: `fill` receives into fresh wallets, interleaved, latencies per window of
+/// `fill / 8` receives: (receives so far, tollgate window, bare window).
+fn fill_run(
+    mrt: &tokio::runtime::Runtime,
+    wrt: &tokio::runtime::Runtime,
+    fill: usize,
+) -> Result<Vec<(usize, Latencies, Latencies)>> {
+    let mint = Arc::new(mrt.block_on(TestMint::start(0)));
+    eprintln!(
+        "[bench] fill: minting {} tokens of {FILL_SAT} sat",
+        2 * fill + 2
+    );
+    let mut tokens = {
+        let mint = mint.clone();
+        mrt.block_on(async move { mint.mint_tokens(FILL_SAT, 2 * fill + 2).await })
+    };
+    let dir = tempfile::tempdir()?;
+    let url = mint.url();
+    std::fs::create_dir_all(dir.path().join("gateway"))?;
+    let (gw, bare) = wrt.block_on(async {
+        let gw = Wallet::open(
+            &dir.path().join("gateway"),
+            WalletSettings::new(vec![MintSettings::new(url.clone())]),
+        )
+        .await?;
+        let bare = bare_cdk_wallet(&url, &dir.path().join("bare.sqlite")).await?;
+        anyhow::Ok((Receiver::Gateway(gw), Receiver::Bare(Box::new(bare))))
+    })?;
+    for r in [&gw, &bare] {
+        let tok = tokens.pop().context("warm-up token")?;
+        wrt.block_on(r.receive(&tok))
+            .with_context(|| format!("warm-up receive ({})", r.name()))?;
+    }
+    let window = (fill / 8).max(1);
+    let mut rows = Vec::new();
+    let (mut a, mut b) = (Latencies::default(), Latencies::default());
+    for i in 0..fill {
+        for (r, lat) in [(&gw, &mut a), (&bare, &mut b)] {
+            let tok = tokens.pop().context("fill token")?;
+            let t = Instant::now();
+            wrt.block_on(r.receive(&tok))
+                .with_context(|| format!("fill receive {i} ({})", r.name()))?;
+            lat.0.push(t.elapsed());
+        }
+        if (i + 1) % window == 0 || i + 1 == fill {
+            eprintln!(
+                "[bench] fill {}: tollgate p50 {:.1} ms, bare cdk p50 {:.1} ms",
+                i + 1,
+                a.p(50.0),
+                b.p(50.0)
+            );
+            rows.push((i + 1, std::mem::take(&mut a), std::mem::take(&mut b)));
+        }
+    }
+    Ok(rows)
+}
+
 fn main() -> Result<()> {
     let mut receives = 100usize;
     let mut levels = vec![1usize, 8];
+    let mut fill = 2000usize;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let v = it.next().context("missing value")?;
         match a.as_str() {
             "--receives" => receives = v.parse()?,
+            "--fill" => fill = v.parse()?,
             "--concurrency" => {
                 levels = v
                     .split(',')
@@ -192,6 +257,8 @@ fn main() -> Result<()> {
         drop(bare);
         drop(mint);
     }
+
+    let fill_rows = fill_run(&mrt, &wrt, fill)?;
 
     let mut out = String::new();
     writeln!(out, "## Wallet\n")?;
@@ -261,6 +328,29 @@ fn main() -> Result<()> {
             share.p(99.0),
             row.net,
             row.ok as u64 * TOKEN_SAT
+        )?;
+    }
+    writeln!(
+        out,
+        "\n### As the wallet fills ({fill} receives of {FILL_SAT} sat, fee 0, one at a time, \
+         the arms interleaved)\n\nA gateway that runs for months holds thousands of proofs. cdk's \
+         default receive (`SplitTarget::None`) loads and parses every unspent proof to refill a \
+         stock of denominations; the gateway wallet asks for the plain power-of-two split \
+         instead.\n"
+    )?;
+    writeln!(
+        out,
+        "| receives so far | tollgate wallet p50 / p99 ms | bare cdk wallet (default split) p50 / p99 ms |"
+    )?;
+    writeln!(out, "|---:|---:|---:|")?;
+    for (upto, gw, bare) in &fill_rows {
+        writeln!(
+            out,
+            "| {upto} | {:.1} / {:.1} | {:.1} / {:.1} |",
+            gw.p(50.0),
+            gw.p(99.0),
+            bare.p(50.0),
+            bare.p(99.0)
         )?;
     }
     writeln!(out)?;
