@@ -223,3 +223,65 @@ pub fn padded(mut frame: Vec<u8>) -> Vec<u8> {
     }
     frame
 }
+
+/// Sends `frame` out of `dev` (in the calling thread's namespace) as a **non-linear** skb:
+/// an `AF_PACKET` socket with `PACKET_VNET_HDR` and a zero `hdr_len` puts only the Ethernet
+/// header in the linear area and the rest in page fragments, when the frame is at least a
+/// page long (so `dev` needs an MTU above 4096). The receiving side's TC programs then see
+/// every IP/L4 header outside the linear area, as after GRO.
+pub fn send_nonlinear(dev: &str, frame: &[u8]) -> std::io::Result<()> {
+    use std::io::Error;
+    const PACKET_VNET_HDR: libc::c_int = 15;
+    let name = std::ffi::CString::new(dev).map_err(Error::other)?;
+    // SAFETY: plain syscalls on a socket this function owns; every buffer outlives its call.
+    unsafe {
+        let ifindex = libc::if_nametoindex(name.as_ptr());
+        if ifindex == 0 {
+            return Err(Error::last_os_error());
+        }
+        let fd = libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            (libc::ETH_P_ALL as u16).to_be() as libc::c_int,
+        );
+        if fd < 0 {
+            return Err(Error::last_os_error());
+        }
+        let close = |e: Error| {
+            libc::close(fd);
+            Err(e)
+        };
+        let one: libc::c_int = 1;
+        if libc::setsockopt(
+            fd,
+            libc::SOL_PACKET,
+            PACKET_VNET_HDR,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) != 0
+        {
+            return close(Error::last_os_error());
+        }
+        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        sll.sll_ifindex = ifindex as i32;
+        if libc::bind(
+            fd,
+            &sll as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        ) != 0
+        {
+            return close(Error::last_os_error());
+        }
+        // struct virtio_net_hdr, all zero: no checksum offload, no GSO, hdr_len 0.
+        let mut buf = vec![0u8; 10];
+        buf.extend_from_slice(frame);
+        let n = libc::send(fd, buf.as_ptr() as *const libc::c_void, buf.len(), 0);
+        if n < 0 {
+            return close(Error::last_os_error());
+        }
+        libc::close(fd);
+    }
+    Ok(())
+}

@@ -568,3 +568,97 @@ fn an_older_schemas_links_are_detached_on_attach() {
     assert_eq!(got, 100_000, "a paid client downloads");
     let _ = std::fs::remove_dir_all(&old);
 }
+
+/// Issue 9, "Binding" for IPv6: a gate bound to the IPv6 address the payment came from
+/// carries uploads from that address only. A second device cloning the paid MAC (here: the
+/// same interface with a second address, i.e. the same MAC on the wire) sends UDP to the
+/// upstream from another IPv6 address: a counting server there receives nothing of it, and
+/// the kernel counts the drops as spoofed (old code: bound to IPv4 at most, so IPv6 from any
+/// address passed).
+#[test]
+fn a_clone_of_a_paid_mac_from_another_ipv6_address_gets_nothing() {
+    let lab = Lab3::new("bind6");
+    let pins = PinBase::new("bind6");
+    let (paid6, clone6, up6): (Ipv6Addr, Ipv6Addr, Ipv6Addr) = (
+        "fd77::2".parse().unwrap(),
+        "fd77::99".parse().unwrap(),
+        "fd78::2".parse().unwrap(),
+    );
+    lab.client
+        .ip(&["-6", "addr", "add", "fd77::2/64", "dev", "eth0", "nodad"]);
+    lab.client
+        .ip(&["-6", "addr", "add", "fd77::99/64", "dev", "eth0", "nodad"]);
+    lab.client
+        .ip(&["-6", "route", "add", "default", "via", "fd77::1"]);
+    lab.gateway
+        .ip(&["-6", "addr", "add", "fd77::1/64", "dev", LAN_IFACE, "nodad"]);
+    lab.gateway
+        .ip(&["-6", "addr", "add", "fd78::1/64", "dev", "wan0", "nodad"]);
+    lab.gateway.sysctl("net.ipv6.conf.all.forwarding", "1");
+    lab.upstream
+        .ip(&["-6", "addr", "add", "fd78::2/64", "dev", "eth0", "nodad"]);
+    lab.upstream
+        .ip(&["-6", "route", "add", "fd77::/64", "via", "fd78::1"]);
+    // The counting server: bytes received per source address.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let counts = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+        Ipv6Addr,
+        u64,
+    >::new()));
+    let c2 = counts.clone();
+    lab.upstream.spawn(move || {
+        let s = UdpSocket::bind((up6, 9000)).expect("bind the counting server");
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        tx.send(()).unwrap();
+        let mut b = [0u8; 2048];
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(20) {
+            if let Ok((n, from)) = s.recv_from(&mut b) {
+                if let std::net::IpAddr::V6(a) = from.ip() {
+                    *c2.lock().unwrap().entry(a).or_default() += n as u64;
+                }
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let mut cfg = valve_config(&pins);
+    cfg.gateway_v6 = vec!["fd77::1".parse().unwrap()];
+    let valve = attach_cfg(&lab, cfg);
+    let mac = lab.client_mac();
+    open(&valve, mac, 10_000_000);
+    valve
+        .bind(MacAddr(mac), &[CLIENT_IP.into(), paid6.into()])
+        .expect("bind the payer's addresses");
+    let send_from = |src: Ipv6Addr| {
+        lab.client.run(move || {
+            let s = UdpSocket::bind((src, 0)).expect("bind the sender");
+            for _ in 0..50 {
+                let _ = s.send_to(&[7u8; 1000], (up6, 9000));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    let spoofed0 = valve.spoofed_drops().unwrap();
+    send_from(paid6);
+    send_from(clone6);
+    std::thread::sleep(Duration::from_millis(500));
+    let got = counts.lock().unwrap().clone();
+    let spoofed = valve.spoofed_drops().unwrap() - spoofed0;
+    println!("IPv6 binding: upstream received {got:?}, {spoofed} drops counted as spoofed");
+    assert!(
+        got.get(&paid6).copied().unwrap_or(0) >= 40 * 1000,
+        "the payer's own address is served: {got:?}"
+    );
+    assert_eq!(
+        got.get(&clone6).copied().unwrap_or(0),
+        0,
+        "the clone's address gets nothing through"
+    );
+    assert!(spoofed >= 50, "the clone's uploads are counted as spoofed");
+    // Unbinding lets the second address through again (the binding is what stopped it).
+    valve.bind(MacAddr(mac), &[]).unwrap();
+    send_from(clone6);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(counts.lock().unwrap().get(&clone6).copied().unwrap_or(0) > 0);
+}

@@ -1777,3 +1777,242 @@ fn meter_only_passes_unicast_ip_in_group_frames() {
         assert!(l.pass(Hook::TcIngress, &f), "meter ingress");
     }
 }
+
+// ---- Issue 13: the one-lookup layout ------------------------------------------------------
+
+/// Issue 13: every CPU hammers one client's quota at once (one thread per CPU, each pinned,
+/// each with its own program instance on the same pinned maps, so the runs truly overlap).
+/// The counters lose no update (they equal the per-CPU pass counts exactly) and the gate
+/// overshoots its limit by at most one packet per CPU.
+#[test]
+fn concurrent_cpus_overshoot_a_quota_by_at_most_one_packet_each() {
+    let l = lab("overshoot");
+    let mac = MacAddr(CLIENT);
+    let f = up().ipv4(CL4, NET4, udp(1, 9), 1472); // 1500 L3 bytes
+    let len = l3_len(&f, 0);
+    let limit = 150_000 * len + 7; // a crossing inside a packet
+    l.valve
+        .open(
+            mac,
+            Allowance {
+                bytes: Some(limit),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pins = l._pins.path().to_path_buf();
+    let start = std::sync::Arc::new(std::sync::Barrier::new(cpus));
+    let threads: Vec<_> = (0..cpus)
+        .map(|cpu| {
+            let (pins, f, start) = (pins.clone(), f.clone(), start.clone());
+            std::thread::spawn(move || {
+                // SAFETY: a zeroed cpu_set_t with one bit set, for this thread only.
+                unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                }
+                let mut cfg = ValveConfig::new("lo");
+                cfg.pin_base = pins;
+                cfg.gateway_v4 = Some(GW4);
+                let v = Valve::open_pinned(&cfg.pin_base).expect("second instance");
+                start.wait();
+                // Enough repeats on each CPU to cross the limit several times over.
+                v.test_run(Hook::TcIngress, &f, 400_000).expect("test run");
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let g = l.valve.gate(mac).unwrap().unwrap();
+    let passed = l.valve.verdicts().unwrap().packets(Verdict::PassPaid);
+    let over = g.usage.bytes_up.saturating_sub(limit);
+    println!(
+        "{cpus} CPUs: {passed} packets passed, {} B metered, limit {limit} B, over by {over} B \
+         ({:.2} packets)",
+        g.usage.bytes_up,
+        over as f64 / len as f64
+    );
+    assert_eq!(g.usage.packets_up, passed, "no packet count lost");
+    assert_eq!(g.usage.bytes_up, passed * len, "no byte count lost");
+    assert!(
+        g.usage.bytes_up + len > limit,
+        "the quota was used up to its last packet"
+    );
+    assert!(
+        over <= cpus as u64 * len,
+        "overshoot {over} B > one packet per CPU ({cpus} × {len} B)"
+    );
+}
+
+/// Issue 13: `max_clients` at 1 000 000: the maps load at that size, a million clients fit
+/// (every one reachable by the one lookup), the next is refused, and the memory is printed.
+#[test]
+fn a_million_clients_fit_and_are_each_found() {
+    let l = lab_with("million", |c| c.max_clients = Some(1_000_000));
+    assert_eq!(l.valve.capacity(), 1_000_000);
+    let mac = |i: u32| {
+        let b = i.to_be_bytes();
+        MacAddr([0x0a, 0xee, b[0], b[1], b[2], b[3]])
+    };
+    let t = std::time::Instant::now();
+    for i in 0..1_000_000 {
+        l.valve.open(mac(i), Allowance::default()).unwrap();
+    }
+    let mem: u64 = ["TG_POLICY", "TG_USAGE"]
+        .iter()
+        .filter_map(|m| {
+            let o = std::process::Command::new("bpftool")
+                .args(["-j", "map", "show", "pinned"])
+                .arg(l.valve.pin_dir().join(m))
+                .output()
+                .ok()?;
+            serde_json::from_slice::<serde_json::Value>(&o.stdout).ok()?["bytes_memlock"].as_u64()
+        })
+        .sum();
+    println!(
+        "1 000 000 clients opened in {:.1} s; POLICY + USAGE hold {:.1} MiB",
+        t.elapsed().as_secs_f64(),
+        mem as f64 / (1024.0 * 1024.0)
+    );
+    assert_eq!(l.valve.occupancy(), (1_000_000, 1_000_000));
+    for i in [0, 1, 499_999, 777_777, 999_999] {
+        let f = Frame::new(mac(i).0, GW_MAC).ipv4(CL4, NET4, udp(1, 9), 72);
+        l.expect(Hook::TcIngress, &f, Verdict::PassPaid);
+        let g = l.valve.gate(mac(i)).unwrap().unwrap();
+        assert_eq!(g.usage.bytes_up, 100, "client {i} has its own counters");
+    }
+    l.expect(
+        Hook::TcIngress,
+        &Frame::new(OTHER, GW_MAC).ipv4(CL4, NET4, udp(1, 9), 72),
+        Verdict::DropUnpaid,
+    );
+    assert!(matches!(
+        l.valve.check(MacAddr(OTHER)),
+        Err(tollgate::valve::ValveError::Full { .. })
+    ));
+}
+
+/// Issue 13, upgrades: the first load of schema 3 next to schema 2's pins (a hash map of
+/// policies and one of counters, made here with bpftool in v2's layout) carries every
+/// client and its counts into the new layout, and unpins the old client maps so no later
+/// load imports them twice (old code: a new schema started from empty maps).
+#[test]
+fn an_upgrade_from_schema_2_carries_clients_and_counts_over() {
+    let pins = PinBase::new("v2up");
+    let old = pins.path().join("v2");
+    std::fs::create_dir_all(&old).unwrap();
+    let bpftool = |args: &[&str]| {
+        let o = std::process::Command::new("bpftool")
+            .args(args)
+            .output()
+            .expect("bpftool");
+        assert!(o.status.success(), "bpftool {args:?}: {o:?}");
+    };
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x}")).collect::<Vec<_>>();
+    let pp = old.join("TG_POLICY");
+    let upp = old.join("TG_USAGE");
+    let (ps, us) = (pp.to_str().unwrap(), upp.to_str().unwrap());
+    bpftool(&[
+        "map",
+        "create",
+        ps,
+        "type",
+        "hash",
+        "key",
+        "8",
+        "value",
+        "48",
+        "entries",
+        "64",
+        "name",
+        "TG_POLICY",
+    ]);
+    bpftool(&[
+        "map", "create", us, "type", "hash", "key", "8", "value", "56", "entries", "64", "name",
+        "TG_USAGE",
+    ]);
+    let key = |m: [u8; 6]| [m[0], m[1], m[2], m[3], m[4], m[5], 0, 0];
+    // v2 Policy: flags, generation, limit_total, limit_up, limit_down, expires, bound, pad.
+    let mut pol = Vec::new();
+    pol.extend(1u32.to_le_bytes()); // ALLOWED
+    pol.extend(5u32.to_le_bytes());
+    pol.extend(10_000u64.to_le_bytes());
+    pol.extend(u64::MAX.to_le_bytes());
+    pol.extend(u64::MAX.to_le_bytes());
+    pol.extend(0u64.to_le_bytes());
+    pol.extend([0u8; 8]);
+    // v2 Usage: up, down, packets up, packets down, last seen, notified gen + pad, dropped.
+    let mut use_ = Vec::new();
+    for v in [1200u64, 3400, 12, 34, 99] {
+        use_.extend(v.to_le_bytes());
+    }
+    use_.extend(4u32.to_le_bytes());
+    use_.extend(0u32.to_le_bytes());
+    use_.extend(77u64.to_le_bytes());
+    for (m, u) in [(CLIENT, true), (OTHER, false)] {
+        let k = hex(&key(m));
+        let mut args = vec!["map", "update", "pinned", ps, "key"];
+        args.extend(k.iter().map(String::as_str));
+        args.push("value");
+        let v = hex(&pol);
+        args.extend(v.iter().map(String::as_str));
+        bpftool(&args);
+        if u {
+            let mut args = vec!["map", "update", "pinned", us, "key"];
+            args.extend(k.iter().map(String::as_str));
+            args.push("value");
+            let v = hex(&use_);
+            args.extend(v.iter().map(String::as_str));
+            bpftool(&args);
+        }
+    }
+    let mut cfg = ValveConfig::new("lo");
+    cfg.pin_base = pins.path().to_path_buf();
+    cfg.gateway_v4 = Some(GW4);
+    let v = Valve::load(&cfg).unwrap();
+    let g = v.gate(MacAddr(CLIENT)).unwrap().expect("carried over");
+    assert!(g.open);
+    assert_eq!(g.generation, 5);
+    assert_eq!(
+        (
+            g.usage.bytes_up,
+            g.usage.bytes_down,
+            g.usage.packets_up,
+            g.usage.packets_down
+        ),
+        (1200, 3400, 12, 34)
+    );
+    assert_eq!(g.remaining_bytes, Some(10_000 - 4600));
+    let o = v.gate(MacAddr(OTHER)).unwrap().expect("carried over");
+    assert_eq!(o.usage.bytes(), 0);
+    assert_ne!(
+        v.gate(MacAddr(CLIENT)).unwrap().unwrap().usage,
+        o.usage,
+        "own slots"
+    );
+    // The kernel meters on from the carried count.
+    let f = up().ipv4(CL4, NET4, udp(1, 9), 72);
+    assert!(v
+        .test_run(Hook::TcIngress, &f, 1)
+        .unwrap()
+        .passed(Hook::TcIngress));
+    assert_eq!(
+        v.gate(MacAddr(CLIENT)).unwrap().unwrap().usage.bytes_up,
+        1300
+    );
+    assert!(
+        !pp.exists() && !upp.exists(),
+        "v2's client maps are unpinned"
+    );
+    drop(v);
+    // A second load finds its own maps and imports nothing again.
+    let v = Valve::load(&cfg).unwrap();
+    assert_eq!(
+        v.gate(MacAddr(CLIENT)).unwrap().unwrap().usage.bytes_up,
+        1300
+    );
+    assert_eq!(v.occupancy().0, 2);
+}

@@ -1,11 +1,13 @@
 //! The kernel/user contract: every type that crosses between `tollgate-ebpf` and the daemon.
 //!
 //! ```text
-//!   userspace (valve) ──writes──> POLICY[mac]   (gate: limits, deadline, binding, generation)
+//!   userspace (valve) ──writes──> POLICY[mac]   (gate: limits, deadline, binding, generation,
+//!                                                 and `slot`: the client's index in USAGE)
 //!                     ──writes──> CONFIG[0]     (gateway addresses, portal ports)
 //!                     ──writes──> GARDEN[prefix] (allow-list; LPM key = u32 prefix length +
 //!                                                 16 address bytes, IPv4 as ::ffff:a.b.c.d)
-//!   kernel (TC/XDP)   ──writes──> USAGE[mac]    (bytes/packets up and down; userspace only reads)
+//!   kernel (TC/XDP)   ──writes──> USAGE[slot]   (bytes/packets up and down; userspace only reads,
+//!                                                 and zeroes a slot before handing it out again)
 //!                     ──writes──> VERDICTS[v]   (per-CPU packet/byte counts by verdict)
 //!                     ──emits───> EVENTS        (one `GateEvent` per exhaustion)
 //! ```
@@ -21,12 +23,16 @@
 //! of N bytes sets `limit = used + N`; extending raises the limit. Userspace never writes usage,
 //! so a policy update can never erase what the kernel counted.
 //!
+//! **One lookup per packet**: the kernel looks the MAC up once in POLICY (a hash map) and
+//! reaches the counters through `Policy::slot` in the USAGE *array* (no second hash lookup;
+//! the katran/cilium split of a user-written entry and kernel-owned counters).
+//!
 //! Every layout change bumps [`SCHEMA_VERSION`], which is part of the pin directory, so an old
 //! pin is never reused with a new layout.
 #![no_std]
 
 /// Version of the map layouts below; pins live in `<pin base>/v<SCHEMA_VERSION>/`.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Map names (the pin file names under the schema directory).
 pub mod maps {
@@ -37,6 +43,7 @@ pub mod maps {
     pub const VERDICTS: &str = "TG_VERDICTS";
     pub const EVENTS: &str = "TG_EVENTS";
     pub const DNS: &str = "TG_DNS";
+    pub const CLOCK: &str = "TG_CLOCK";
 }
 
 /// Program names (the ELF symbol names in the object).
@@ -44,9 +51,13 @@ pub mod programs {
     pub const TC_INGRESS: &str = "tollgate_tc_ingress";
     pub const TC_EGRESS: &str = "tollgate_tc_egress";
     pub const XDP_INGRESS: &str = "tollgate_xdp_ingress";
+    /// Programs that only return "pass": the benchmark's floor for each hook (never attached).
+    pub const EMPTY_TC: &str = "tollgate_empty_tc";
+    pub const EMPTY_XDP: &str = "tollgate_empty_xdp";
 }
 
-/// Capacity of the per-client maps (POLICY and USAGE).
+/// Default capacity of the per-client maps (POLICY and USAGE); `dataplane.max_clients`
+/// overrides it at load time.
 pub const MAX_CLIENTS: u32 = 131_072;
 /// Capacity of the walled-garden LPM trie.
 pub const MAX_GARDEN_PREFIXES: u32 = 1_024;
@@ -90,11 +101,20 @@ pub mod policy_flags {
     pub const ALLOWED: u32 = 1 << 0;
     /// Drop IPv4 packets from this MAC whose source is not `bound_ipv4` (anti-spoofing).
     pub const BIND_IPV4: u32 = 1 << 1;
+    /// Drop IPv6 packets from this MAC whose source is none of `bound_ipv6` (a link-local
+    /// source may still reach the gateway itself).
+    pub const BIND_IPV6: u32 = 1 << 3;
+    /// Meter-only mode: count this MAC's traffic (an entry without it keeps its counts but
+    /// is no longer counted).
+    pub const METERED: u32 = 1 << 2;
 }
+
+/// IPv6 source addresses a gate can be bound to (unused entries are zero).
+pub const MAX_BOUND_V6: usize = 4;
 
 /// A client's gate, written only by userspace.
 ///
-/// layout: 48 bytes, align 8
+/// layout: 112 bytes, align 8
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Policy {
@@ -113,7 +133,12 @@ pub struct Policy {
     pub expires_at_ns: u64,
     /// Bound IPv4 source address in network byte order (only with `BIND_IPV4`).
     pub bound_ipv4: [u8; 4],
-    pub _pad: [u8; 4],
+    /// Index of this client's counters in the USAGE array, allocated by userspace; never
+    /// shared by two entries.
+    pub slot: u32,
+    /// Bound IPv6 source addresses (only with `BIND_IPV6`); in the entry so that binding
+    /// costs no lookup.
+    pub bound_ipv6: [[u8; 16]; MAX_BOUND_V6],
 }
 
 impl Policy {
@@ -125,29 +150,35 @@ impl Policy {
         limit_down: 0,
         expires_at_ns: 0,
         bound_ipv4: [0; 4],
-        _pad: [0; 4],
+        slot: 0,
+        bound_ipv6: [[0; 16]; MAX_BOUND_V6],
     };
 }
 
-/// A client's counters, written only by the kernel (cumulative since first seen).
+/// A client's counters (the USAGE array, indexed by `Policy::slot`), written only by the
+/// kernel (cumulative since the slot was handed to the client).
 ///
-/// layout: 56 bytes, align 8
-#[repr(C)]
+/// The upload half and the download half sit on separate 64-byte cache lines: ingress and
+/// egress usually run on different CPUs, and each adds to its own line only. The other line
+/// is read only for a total limit (`limit_total`). No clock is read on the metered path: the
+/// valve derives "last seen" from counter changes.
+///
+/// layout: 128 bytes, align 64
+#[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
     pub bytes_up: u64,
-    pub bytes_down: u64,
     pub packets_up: u64,
-    pub packets_down: u64,
-    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE) of the last metered packet: the
-    /// coarse clock costs a few ns per packet where the boot clock costs tens.
-    pub last_seen_mono_ns: u64,
+    /// Bytes dropped because of quota or deadline (both directions; drops only).
+    pub bytes_dropped: u64,
     /// The policy generation for which the exhaustion event was emitted (0 = none yet); the
     /// kernel swaps it atomically so exactly one CPU emits the event.
     pub notified_generation: u32,
     pub _pad: u32,
-    /// Bytes dropped because of quota or deadline (both directions).
-    pub bytes_dropped: u64,
+    pub _pad_up: [u64; 4],
+    pub bytes_down: u64,
+    pub packets_down: u64,
+    pub _pad_down: [u64; 6],
 }
 
 /// `GateConfig::flags` bits.
@@ -159,7 +190,8 @@ pub mod config_flags {
     /// and only ARP/DHCP/ND pass).
     pub const CONFIGURED: u32 = 1 << 1;
     /// Meter only (the WAN side of a reseller): every frame passes, nothing is gated or
-    /// redirected. IP packets from (ingress) / to (egress) a MAC that has a `POLICY` entry are
+    /// redirected. IP packets from (ingress) / to (egress) a MAC whose `POLICY` entry has
+    /// `policy_flags::METERED` are
     /// counted in `USAGE` with no limit or deadline checks, except traffic to/from the
     /// addresses in `gateway_v4`/`gateway_v6` (the upstream gateway itself) and neighbour
     /// discovery, which an upstream TollGate does not bill either. Frames from or to any other
@@ -232,7 +264,7 @@ pub enum Verdict {
     DropQuota = 7,
     /// The client's deadline has passed.
     DropExpired = 8,
-    /// IPv4 source differs from the client's bound address.
+    /// The source address is not one the client is bound to (IPv4 or IPv6).
     DropSpoofed = 9,
     /// Truncated or unparseable headers (cannot be classified, so cannot be allowed).
     DropMalformed = 10,
@@ -396,8 +428,8 @@ mod tests {
     #[test]
     fn layouts() {
         assert_eq!((size_of::<MacKey>(), align_of::<MacKey>()), (8, 1));
-        assert_eq!((size_of::<Policy>(), align_of::<Policy>()), (48, 8));
-        assert_eq!((size_of::<Usage>(), align_of::<Usage>()), (56, 8));
+        assert_eq!((size_of::<Policy>(), align_of::<Policy>()), (112, 8));
+        assert_eq!((size_of::<Usage>(), align_of::<Usage>()), (128, 64));
         assert_eq!((size_of::<GateConfig>(), align_of::<GateConfig>()), (80, 4));
         assert_eq!(
             (size_of::<VerdictCount>(), align_of::<VerdictCount>()),
@@ -412,7 +444,10 @@ mod tests {
         assert_eq!(core::mem::offset_of!(Policy, limit_total), 8);
         assert_eq!(core::mem::offset_of!(Policy, expires_at_ns), 32);
         assert_eq!(core::mem::offset_of!(Policy, bound_ipv4), 40);
-        assert_eq!(core::mem::offset_of!(Usage, notified_generation), 40);
+        assert_eq!(core::mem::offset_of!(Policy, slot), 44);
+        assert_eq!(core::mem::offset_of!(Policy, bound_ipv6), 48);
+        assert_eq!(core::mem::offset_of!(Usage, notified_generation), 24);
+        assert_eq!(core::mem::offset_of!(Usage, bytes_down), 64);
         assert_eq!(core::mem::offset_of!(GateConfig, gateway_v6), 24);
         assert_eq!(core::mem::offset_of!(GateConfig, dns_rate), 56);
         assert_eq!(core::mem::offset_of!(GateConfig, dns_max_udp), 64);

@@ -8,17 +8,29 @@
 //!                L2 group dst, unicast IP: ingress ──────────────> gated like unicast
 //!                                          egress ───────────────> drop (poisoned neighbour)
 //!                ARP ────────────────────────────────────────────> pass
-//!                DHCP / ND / portal to the gateway ──────────────> pass, not metered
-//!                DNS to the gateway, unpaid ─────────────────────> per-MAC token bucket (TG_DNS)
+//!  peer is the gateway:
+//!                DNS, unpaid ────────────────────────────────────> per-MAC token bucket (TG_DNS)
+//!                DHCP / ND / portal ports (ingress) ─────────────> pass, not metered
+//!                anything from the gateway (egress) ─────────────> pass, not metered
+//!  other peers:  DHCP to broadcast, ND to link-local/multicast ──> pass, not metered
 //!                ND on egress: hop limit 255, link-local source ─> pass
-//!                to/from the gateway's own addresses (paid) ─────> pass, not metered
-//!                POLICY[mac] open, in time, within quota ────────> meter in USAGE, pass
+//!  then ONE hash lookup: POLICY[mac] = {gate, slot}
+//!                open, in time, within quota ────────────────────> add to USAGE[slot], pass
+//!                to the gateway's own addresses (paid) ──────────> pass, not metered
 //!                otherwise: portal redirect (TCP/80) / allow-list / drop (+1 event on exhaustion)
 //! ```
+//! The parser reads headers in 16/32/64-bit words straight from the packet and keeps the
+//! addresses as words; the 16-byte allow-list key is built only for traffic without an open
+//! gate. TC reads the linear area only; when the headers it needs are not all there (a
+//! non-linear skb whose linear part ends inside them) it pulls them in and parses again, so
+//! `bpf_skb_pull_data` never runs on the common path (TCP keeps its ≈ 66 header bytes linear).
+//! The paid path reads no clock unless the gate has a deadline, and then `jiffies` (one
+//! inlined load; the exact boot clock once per tick per CPU and within 20 ms of the deadline).
+//!
 //! TC programs return `TCX_NEXT` on a pass (later TCX programs and legacy clsact filters, e.g.
 //! SQM, still run) and `TC_ACT_SHOT` on a drop; the valve attaches them first in the chain.
 //! In meter-only mode (`config_flags::METER_ONLY`, the WAN side of a reseller) every frame
-//! passes; IP packets from/to a MAC with a POLICY entry are counted in USAGE (ingress in
+//! passes; IP packets from/to a MAC whose POLICY entry is `METERED` are counted in USAGE (ingress in
 //! `bytes_up`, egress in `bytes_down`) with no limit or deadline, except those to/from the
 //! configured gateway addresses (the upstream itself) and neighbour discovery, which the
 //! upstream does not bill. Verdicts there: PassPaid = counted, PassGateway/PassGarden = the
@@ -40,22 +52,25 @@ use core::{
 };
 
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_NOEXIST, TC_ACT_SHOT},
+    bindings::{xdp_action, BPF_F_MMAPABLE, BPF_NOEXIST, TC_ACT_SHOT},
     btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
-    helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_jiffies64, bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use tollgate_common::{
     config_flags, direction, policy_flags, DnsBucket, ExhaustReason, GateConfig, GateEvent, MacKey,
-    Policy, Usage, Verdict, VerdictCount, DNS_BUCKETS, EVENTS_BYTES, GARDEN_TCP_PORTS, MAX_CLIENTS,
-    MAX_GARDEN_PREFIXES,
+    Policy, Usage, Verdict, VerdictCount, DNS_BUCKETS, EVENTS_BYTES, GARDEN_TCP_PORTS,
+    MAX_BOUND_V6, MAX_CLIENTS, MAX_GARDEN_PREFIXES, UNLIMITED,
 };
 
 #[btf_map]
 static TG_POLICY: HashMap<MacKey, Policy, { MAX_CLIENTS as usize }> = HashMap::new();
+/// Indexed by `Policy::slot`. Mmapable only for its layout: the values then start on a page
+/// boundary, so every 128-byte `Usage` is cache-line aligned (its up and down halves never
+/// share a line).
 #[btf_map]
-static TG_USAGE: HashMap<MacKey, Usage, { MAX_CLIENTS as usize }> = HashMap::new();
+static TG_USAGE: Array<Usage, { MAX_CLIENTS as usize }, { BPF_F_MMAPABLE as usize }> = Array::new();
 #[btf_map]
 static TG_CONFIG: Array<GateConfig, 1> = Array::new();
 #[btf_map]
@@ -66,6 +81,12 @@ static TG_VERDICTS: PerCpuArray<VerdictCount, { Verdict::COUNT as usize }> = Per
 static TG_EVENTS: RingBuf<GateEvent, { EVENTS_BYTES as usize }> = RingBuf::new();
 #[btf_map]
 static TG_DNS: LruHashMap<MacKey, DnsBucket, { DNS_BUCKETS as usize }> = LruHashMap::new();
+/// Per CPU: the boot clock and `jiffies` read together (see [`boot_now_estimate`]).
+#[btf_map]
+static TG_CLOCK: PerCpuArray<[u64; 2], 1> = PerCpuArray::new();
+
+/// Deadlines closer than this to the estimate are checked on the exact boot clock.
+const CLOCK_MARGIN_NS: u64 = 20_000_000;
 
 /// `TCX_NEXT`: pass, and let the next program in the TCX chain (or legacy tc) decide too.
 const TCX_NEXT: i32 = -1;
@@ -79,11 +100,12 @@ const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMPV6: u8 = 58;
-/// Headers we want in the linear area for parsing: Ethernet + 2 VLAN tags + IPv6 + a few
-/// extension headers + L4 ports.
+/// What TC pulls into the linear area when the headers are not all there: Ethernet + 2 VLAN
+/// tags + IPv6 + a few extension headers + L4 ports.
 const PARSE_BYTES: u32 = 128;
 
-/// Bounds-checked view of the frame (direct packet access, shared by TC and XDP).
+/// Bounds-checked view of the frame (direct packet access, shared by TC and XDP). Loads are
+/// whole words (the JIT emits one unaligned load each; x86 and arm64 allow them).
 #[derive(Clone, Copy)]
 struct Frame {
     start: usize,
@@ -99,45 +121,41 @@ impl Frame {
         Some((self.start + off) as *const T)
     }
 
+    /// A word at `off` in host order of the packet's bytes (callers convert with `from_be`).
+    #[inline(always)]
+    fn ld<T: Copy>(&self, off: usize) -> Option<T> {
+        // SAFETY: bounds checked by `ptr`; a plain load of packet bytes (unaligned loads are
+        // allowed for packet memory).
+        self.ptr::<T>(off).map(|p| unsafe { *p })
+    }
+
+    /// A load from a range an earlier `ptr` check covered.
+    ///
+    /// # Safety
+    /// `off + size_of::<T>()` must be within a range checked before on this frame.
+    #[inline(always)]
+    unsafe fn raw<T: Copy>(&self, off: usize) -> T {
+        *((self.start + off) as *const T)
+    }
+
     /// One byte, but bounds-checked as two: LLVM folds a one-byte check `p + 1 > end` into
     /// `p < end`, which the verifier does not accept for variable offsets. Every byte read
     /// here is followed by more header bytes in any valid packet.
     #[inline(always)]
     fn u8_at(&self, off: usize) -> Option<u8> {
-        // SAFETY: bounds checked by `ptr`.
-        self.ptr::<[u8; 2]>(off).map(|p| unsafe { (*p)[0] })
+        self.ld::<u16>(off).map(|w| w as u8)
     }
 
     #[inline(always)]
     fn be16_at(&self, off: usize) -> Option<u16> {
-        // SAFETY: bounds checked by `ptr`; unaligned read of packet bytes.
-        self.ptr::<[u8; 2]>(off)
-            .map(|p| u16::from_be_bytes(unsafe { *p }))
-    }
-
-    #[inline(always)]
-    fn bytes4(&self, off: usize) -> Option<[u8; 4]> {
-        // SAFETY: bounds checked by `ptr`.
-        self.ptr::<[u8; 4]>(off).map(|p| unsafe { *p })
-    }
-
-    #[inline(always)]
-    fn bytes16(&self, off: usize) -> Option<[u8; 16]> {
-        // SAFETY: bounds checked by `ptr`.
-        self.ptr::<[u8; 16]>(off).map(|p| unsafe { *p })
-    }
-
-    #[inline(always)]
-    fn mac(&self, off: usize) -> Option<[u8; 6]> {
-        // SAFETY: bounds checked by `ptr`.
-        self.ptr::<[u8; 6]>(off).map(|p| unsafe { *p })
+        self.ld::<u16>(off).map(u16::from_be)
     }
 }
 
-/// What the parser learned about a packet.
+/// What the parser learned about a packet. Addresses are raw words in packet byte order.
 struct Packet {
-    /// Client MAC (source on ingress, destination on egress).
-    mac: [u8; 6],
+    /// `MacKey` of the client (source on ingress, destination on egress) as one word.
+    key: u64,
     /// Destination MAC is multicast/broadcast.
     l2_group: bool,
     ethertype: u16,
@@ -150,14 +168,16 @@ struct Packet {
     hop_limit: u8,
     /// UDP payload bytes (0 unless UDP with a header).
     udp_payload: u64,
-    /// Peer address (destination on ingress, source on egress), 16 bytes, IPv4 as ::ffff:a.b.c.d.
-    peer: [u8; 16],
-    /// Client-side address (source on ingress), same encoding.
-    local: [u8; 16],
-    is_v4: bool,
+    /// IPv4 peer (destination on ingress, source on egress) and client-side address.
+    peer4: u32,
+    local4: u32,
+    /// IPv6 peer address as two words (IPv4: zero).
+    peer6: [u64; 2],
+    /// Offset of the IPv6 client-side address in the frame (read only when needed).
+    local6_off: usize,
     /// L4 protocol (after IPv6 extension headers); 255 when unknown.
     proto: u8,
-    /// Destination port on ingress / source port on egress ... see `dport`/`sport`.
+    /// Client port and server port (ingress: source/destination; egress: the reverse).
     sport: u16,
     dport: u16,
     /// ICMPv6 type (when proto == ICMPv6).
@@ -166,23 +186,76 @@ struct Packet {
     l4: bool,
 }
 
-#[inline(always)]
-fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
-    ]
+impl Packet {
+    #[inline(always)]
+    fn v4(&self) -> bool {
+        self.ethertype == ETH_P_IP
+    }
+
+    #[inline(always)]
+    fn v6(&self) -> bool {
+        self.ethertype == ETH_P_IPV6
+    }
+
+    #[inline(always)]
+    fn mac(&self) -> [u8; 6] {
+        let b = self.key.to_le_bytes();
+        [b[0], b[1], b[2], b[3], b[4], b[5]]
+    }
+
+    #[inline(always)]
+    fn mac_key(&self) -> MacKey {
+        MacKey::new(self.mac())
+    }
+
+    /// First two bytes of the IPv6 peer address.
+    #[inline(always)]
+    fn peer6_b0(&self) -> u8 {
+        self.peer6[0] as u8
+    }
+
+    #[inline(always)]
+    fn peer6_link_local(&self) -> bool {
+        self.peer6[0] as u8 == 0xfe && (self.peer6[0] >> 8) as u8 & 0xc0 == 0x80
+    }
+
+    /// The peer as the allow-list key (IPv4 as ::ffff:a.b.c.d). Built only off the paid path.
+    #[inline(always)]
+    fn peer16(&self) -> [u8; 16] {
+        if self.v4() {
+            let a = self.peer4.to_le_bytes();
+            [
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+            ]
+        } else {
+            let h = self.peer6[0].to_le_bytes();
+            let l = self.peer6[1].to_le_bytes();
+            [
+                h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7], l[0], l[1], l[2], l[3], l[4], l[5],
+                l[6], l[7],
+            ]
+        }
+    }
 }
 
 /// Parses Ethernet (+ up to two 802.1Q/802.1ad tags), IPv4 or IPv6 (+ extension headers) and
 /// the L4 ports. `segs` is the skb's `gso_segs` (0/1 for a single packet). `Err(())` =
-/// truncated/malformed headers.
+/// truncated/malformed headers (or, in TC, headers beyond the linear area).
 #[inline(always)]
 fn parse(f: &Frame, total_len: u64, segs: u32, dir: u8) -> Result<Packet, ()> {
-    let dst = f.mac(0).ok_or(())?;
-    let src = f.mac(6).ok_or(())?;
-    let mut off = 12usize;
-    let mut ethertype = f.be16_at(off).ok_or(())?;
-    off += 2;
+    f.ptr::<[u8; ETH_HLEN]>(0).ok_or(())?;
+    // SAFETY: the Ethernet header was checked just above.
+    let (d0, d4, s6, s8, et) = unsafe {
+        (
+            f.raw::<u32>(0),
+            f.raw::<u16>(4),
+            f.raw::<u16>(6),
+            f.raw::<u32>(8),
+            f.raw::<u16>(12),
+        )
+    };
+    let mut off = ETH_HLEN;
+    let mut ethertype = u16::from_be(et);
     // Tagged frames are classified by their inner protocol, so a tag never hides a packet.
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
         ethertype = f.be16_at(off + 2).ok_or(())?;
@@ -195,22 +268,24 @@ fn parse(f: &Frame, total_len: u64, segs: u32, dir: u8) -> Result<Packet, ()> {
             }
         }
     }
-    let (mac, l2_group) = if dir == direction::UP {
-        (src, dst[0] & 1 == 1)
+    // The MacKey (6 address bytes + 2 zero bytes) as one little-endian word.
+    let key = if dir == direction::UP {
+        s6 as u64 | (s8 as u64) << 16
     } else {
-        (dst, dst[0] & 1 == 1)
+        d0 as u64 | (d4 as u64) << 32
     };
     let mut p = Packet {
-        mac,
-        l2_group,
+        key,
+        l2_group: d0 & 1 != 0,
         ethertype,
         l3_len: total_len.saturating_sub(off as u64),
         l3_group: false,
         hop_limit: 0,
         udp_payload: 0,
-        peer: [0; 16],
-        local: [0; 16],
-        is_v4: false,
+        peer4: 0,
+        local4: 0,
+        peer6: [0; 2],
+        local6_off: 0,
         proto: 255,
         sport: 0,
         dport: 0,
@@ -221,14 +296,23 @@ fn parse(f: &Frame, total_len: u64, segs: u32, dir: u8) -> Result<Packet, ()> {
     // Bytes after the L2 header in this skb (the aggregate, for GSO/GRO).
     let frame_l3 = p.l3_len;
     if ethertype == ETH_P_IP {
-        let vihl = f.u8_at(off).ok_or(())?;
-        let ihl = ((vihl & 0x0f) as usize) * 4;
-        if vihl >> 4 != 4 || ihl < 20 {
+        // The fixed header in one check; options are checked with the L4 header.
+        f.ptr::<[u8; 20]>(off).ok_or(())?;
+        // SAFETY: the 20-byte header was checked just above.
+        let (w0, w1, w2, s, d) = unsafe {
+            (
+                u32::from_be(f.raw::<u32>(off)),
+                u32::from_be(f.raw::<u32>(off + 4)),
+                u32::from_be(f.raw::<u32>(off + 8)),
+                f.raw::<u32>(off + 12),
+                f.raw::<u32>(off + 16),
+            )
+        };
+        let ihl = ((w0 >> 24) & 0x0f) as usize * 4;
+        if w0 >> 28 != 4 || ihl < 20 {
             return Err(());
         }
-        // The whole header must be present (options included).
-        f.ptr::<[u8; 20]>(off).ok_or(())?;
-        let tot = f.be16_at(off + 2).ok_or(())? as u64;
+        let tot = (w0 & 0xffff) as u64;
         // The IP length, not the frame: Ethernet padding is not IP. Zero (BIG TCP) or a
         // length beyond the frame falls back to the frame.
         if tot != 0 && tot < frame_l3 {
@@ -237,62 +321,68 @@ fn parse(f: &Frame, total_len: u64, segs: u32, dir: u8) -> Result<Packet, ()> {
             }
             p.l3_len = tot;
         }
-        let frag = f.be16_at(off + 6).ok_or(())?;
-        p.proto = f.u8_at(off + 9).ok_or(())?;
-        let s = f.bytes4(off + 12).ok_or(())?;
-        let d = f.bytes4(off + 16).ok_or(())?;
+        p.proto = (w2 >> 16) as u8;
         let (local, peer) = if dir == direction::UP { (s, d) } else { (d, s) };
-        p.local = v4_mapped(local);
-        p.peer = v4_mapped(peer);
-        p.is_v4 = true;
-        p.l3_group = d[0] & 0xf0 == 0xe0 || d == [255, 255, 255, 255];
-        if frag & 0x1fff != 0 {
+        p.local4 = local;
+        p.peer4 = peer;
+        // In packet byte order the first address byte is the low byte of the word.
+        p.l3_group = d & 0xf0 == 0xe0 || d == u32::MAX;
+        if w1 & 0x1fff != 0 {
             return Ok(p); // non-first fragment: no L4 header to classify
         }
         l4_off = off + ihl;
     } else if ethertype == ETH_P_IPV6 {
-        let v = f.u8_at(off).ok_or(())?;
-        if v >> 4 != 6 {
+        f.ptr::<[u8; 40]>(off).ok_or(())?;
+        // SAFETY: the 40-byte header was checked just above.
+        let (w0, w1, s, d) = unsafe {
+            (
+                u32::from_be(f.raw::<u32>(off)),
+                u32::from_be(f.raw::<u32>(off + 4)),
+                f.raw::<[u64; 2]>(off + 8),
+                f.raw::<[u64; 2]>(off + 24),
+            )
+        };
+        if w0 >> 28 != 6 {
             return Err(());
         }
-        let plen = f.be16_at(off + 4).ok_or(())? as u64;
+        let plen = (w1 >> 16) as u64;
         if plen != 0 && plen + 40 < frame_l3 {
             p.l3_len = plen + 40;
         }
-        p.hop_limit = f.u8_at(off + 7).ok_or(())?;
-        let s = f.bytes16(off + 8).ok_or(())?;
-        let d = f.bytes16(off + 24).ok_or(())?;
-        let (local, peer) = if dir == direction::UP { (s, d) } else { (d, s) };
-        p.local = local;
-        p.peer = peer;
-        p.l3_group = d[0] == 0xff;
-        let mut nh = f.u8_at(off + 6).ok_or(())?;
+        p.hop_limit = w1 as u8;
+        if dir == direction::UP {
+            p.peer6 = d;
+            p.local6_off = off + 8;
+        } else {
+            p.peer6 = s;
+            p.local6_off = off + 24;
+        }
+        p.l3_group = d[0] as u8 == 0xff;
+        let mut nh = (w1 >> 8) as u8;
         let mut o = off + 40;
         // Walk extension headers so a chain of them cannot disguise the L4 protocol.
         let mut i = 0;
         while i < 6 {
             match nh {
                 0 | 43 | 60 => {
-                    let next = f.u8_at(o).ok_or(())?;
-                    let len = f.u8_at(o + 1).ok_or(())? as usize;
-                    nh = next;
-                    o += (len + 1) * 8;
+                    let w = f.be16_at(o).ok_or(())?;
+                    nh = (w >> 8) as u8;
+                    o += ((w & 0xff) as usize + 1) * 8;
                 }
                 44 => {
-                    let next = f.u8_at(o).ok_or(())?;
-                    let fo = f.be16_at(o + 2).ok_or(())?;
-                    nh = next;
+                    let w = f.ld::<u32>(o).ok_or(())?;
+                    let w = u32::from_be(w);
+                    nh = (w >> 24) as u8;
                     o += 8;
-                    if fo & 0xfff8 != 0 {
+                    if w & 0xfff8 != 0 {
                         p.proto = nh;
                         return Ok(p); // non-first fragment
                     }
                 }
                 51 => {
-                    let next = f.u8_at(o).ok_or(())?;
-                    let len = f.u8_at(o + 1).ok_or(())? as usize;
-                    nh = next;
-                    o += (len + 2) * 4;
+                    let w = f.be16_at(o).ok_or(())?;
+                    nh = (w >> 8) as u8;
+                    o += ((w & 0xff) as usize + 2) * 4;
                 }
                 _ => break,
             }
@@ -310,13 +400,13 @@ fn parse(f: &Frame, total_len: u64, segs: u32, dir: u8) -> Result<Packet, ()> {
     let mut hdrs = (l4_off - off) as u64;
     match p.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
-            let a = f.be16_at(l4_off).ok_or(())?;
-            let b = f.be16_at(l4_off + 2).ok_or(())?;
+            let w = u32::from_be(f.ld::<u32>(l4_off).ok_or(())?);
+            let (a, b) = ((w >> 16) as u16, w as u16);
             if dir == direction::UP {
                 p.sport = a;
                 p.dport = b;
             } else {
-                // On egress keep the client's view: `dport` is the client's port.
+                // On egress keep the client's view: `dport` is the server's port.
                 p.sport = b;
                 p.dport = a;
             }
@@ -344,14 +434,43 @@ fn parse(f: &Frame, total_len: u64, segs: u32, dir: u8) -> Result<Packet, ()> {
     Ok(p)
 }
 
+/// The gateway's IPv6 address `i` as two words (zero = none).
 #[inline(always)]
-fn is_gateway(cfg: &GateConfig, a: &[u8; 16], v4: bool) -> bool {
-    if v4 {
-        let g = cfg.gateway_v4;
-        return g != [0; 4] && a[12..16] == g;
+fn gw6(cfg: &GateConfig, i: usize) -> [u64; 2] {
+    // SAFETY: reading 16 bytes of the config value as two words (the value is 8-aligned in
+    // the map and `gateway_v6` sits at offset 24).
+    unsafe { *(cfg.gateway_v6[i].as_ptr() as *const [u64; 2]) }
+}
+
+#[inline(always)]
+fn is_gateway6(cfg: &GateConfig, a: [u64; 2]) -> bool {
+    let g0 = gw6(cfg, 0);
+    let g1 = gw6(cfg, 1);
+    (g0 != [0; 2] && a == g0) || (g1 != [0; 2] && a == g1)
+}
+
+/// Is the peer (destination on ingress, source on egress) one of the gateway's addresses?
+#[inline(always)]
+fn peer_is_gateway(cfg: &GateConfig, p: &Packet) -> bool {
+    if p.v4() {
+        let g = u32::from_ne_bytes(cfg.gateway_v4);
+        return g != 0 && p.peer4 == g;
     }
-    (cfg.gateway_v6[0] != [0; 16] && *a == cfg.gateway_v6[0])
-        || (cfg.gateway_v6[1] != [0; 16] && *a == cfg.gateway_v6[1])
+    is_gateway6(cfg, p.peer6)
+}
+
+/// Is the client-side address one of the configured gateway addresses? (Meter-only mode:
+/// there the "client" is the upstream.)
+#[inline(always)]
+fn local_is_gateway(cfg: &GateConfig, f: &Frame, p: &Packet) -> bool {
+    if p.v4() {
+        let g = u32::from_ne_bytes(cfg.gateway_v4);
+        return g != 0 && p.local4 == g;
+    }
+    match f.ld::<[u64; 2]>(p.local6_off) {
+        Some(a) => is_gateway6(cfg, a),
+        None => false,
+    }
 }
 
 #[inline(always)]
@@ -368,68 +487,115 @@ fn tcp_port_open(cfg: &GateConfig, port: u16) -> bool {
 
 /// Link-local infrastructure every client needs before paying: DHCP, neighbour discovery,
 /// and the portal/payment ports on the gateway. Never metered. Only on ingress; the
-/// gateway's answers are covered by "from the gateway" on egress. DNS is [`dns_to_gateway`].
+/// gateway's answers are covered by "from the gateway" on egress. DNS is handled before.
 #[inline(always)]
-fn local_garden(cfg: &GateConfig, p: &Packet) -> bool {
+fn local_garden(cfg: &GateConfig, p: &Packet, to_gw: bool) -> bool {
     if !p.l4 {
         return false;
     }
-    let to_gw = is_gateway(cfg, &p.peer, p.is_v4);
     match p.proto {
         IPPROTO_UDP => {
             // p.sport/dport are (client port, server port) on ingress.
-            if p.is_v4 && p.dport == 67 {
-                return to_gw || p.peer[12..16] == [255, 255, 255, 255];
+            if p.v4() && p.dport == 67 {
+                return to_gw || p.peer4 == u32::MAX;
             }
-            if !p.is_v4 && p.dport == 547 {
-                return to_gw || p.peer[0] == 0xff;
+            if p.v6() && p.dport == 547 {
+                return to_gw || p.peer6_b0() == 0xff;
             }
             false
         }
         IPPROTO_TCP => to_gw && p.dport != 53 && tcp_port_open(cfg, p.dport),
         // ICMPv6 only inside IPv6 (protocol 58 in IPv4 is no neighbour discovery).
-        IPPROTO_ICMPV6 if !p.is_v4 => {
+        IPPROTO_ICMPV6 if p.v6() => {
             // RS, RA, NS, NA, redirect — only to link-local/multicast/the gateway, so ND
             // cannot be used as a tunnel to a routed destination.
             (133..=137).contains(&p.icmp_type)
-                && (p.peer[0] == 0xff || (p.peer[0] == 0xfe && p.peer[1] & 0xc0 == 0x80) || to_gw)
+                && (p.peer6_b0() == 0xff || p.peer6_link_local() || to_gw)
         }
         _ => false,
     }
 }
 
-/// DNS (UDP/TCP 53) between a client and the gateway (`dport` is the gateway's port in both
-/// directions).
+/// Is the IPv6 source of an upload one of the gate's bound addresses? A link-local source
+/// passes only towards the gateway itself (it cannot be routed anywhere else).
 #[inline(always)]
-fn dns_to_gateway(cfg: &GateConfig, p: &Packet) -> bool {
-    p.l4 && (p.proto == IPPROTO_UDP || p.proto == IPPROTO_TCP)
-        && p.dport == 53
-        && is_gateway(cfg, &p.peer, p.is_v4)
+fn bound_v6(f: &Frame, p: &Packet, bound: &[[u8; 16]; MAX_BOUND_V6], to_gw: bool) -> bool {
+    let Some(src) = f.ld::<[u64; 2]>(p.local6_off) else {
+        return false;
+    };
+    if to_gw && src[0] as u8 == 0xfe && (src[0] >> 8) as u8 & 0xc0 == 0x80 {
+        return true;
+    }
+    let mut i = 0;
+    while i < MAX_BOUND_V6 {
+        // SAFETY: 16 bytes of the policy value read as two words (8-aligned in the map).
+        let b = unsafe { *(bound[i].as_ptr() as *const [u64; 2]) };
+        if b != [0; 2] && b == src {
+            return true;
+        }
+        i += 1;
+    }
+    false
 }
 
 /// ICMPv6 router/neighbour discovery (RS, RA, NS, NA, redirect).
 #[inline(always)]
 fn is_nd(p: &Packet) -> bool {
-    !p.is_v4 && p.proto == IPPROTO_ICMPV6 && p.l4 && (133..=137).contains(&p.icmp_type)
+    p.v6() && p.proto == IPPROTO_ICMPV6 && p.l4 && (133..=137).contains(&p.icmp_type)
+}
+
+/// `CLOCK_BOOTTIME` at this CPU's last exact reading, taken again whenever `jiffies` has
+/// moved since (the verifier inlines `bpf_jiffies64` into one load, where the boot clock
+/// costs tens of ns in a VM). The estimate never runs ahead of the boot clock and trails it
+/// by less than one tick (≤ 10 ms at HZ ≥ 100), which the caller's margin covers.
+#[inline(always)]
+fn boot_now_estimate() -> u64 {
+    // SAFETY: helper without preconditions.
+    let j = unsafe { bpf_jiffies64() };
+    if let Some(c) = TG_CLOCK.get_ptr_mut(0) {
+        // SAFETY: per-CPU value, only this CPU touches it while the program runs.
+        unsafe {
+            let [boot, at] = *c;
+            if boot != 0 && at == j {
+                return boot;
+            }
+            let boot = bpf_ktime_get_boot_ns();
+            *c = [boot, j];
+            return boot;
+        }
+    }
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_ktime_get_boot_ns() }
 }
 
 /// Does `key` have an open gate, before its deadline and below its total limit right now?
 /// (Only asked for DNS, off the metered fast path.)
 #[inline(always)]
 fn paid_now(key: &MacKey) -> bool {
-    // SAFETY: the value is copied out immediately.
-    let pol = match unsafe { TG_POLICY.get(key) } {
-        Some(pol) if pol.flags & policy_flags::ALLOWED != 0 => *pol,
-        _ => return false,
+    let pol = match TG_POLICY.get_ptr(key) {
+        Some(pol) => pol,
+        None => return false,
     };
-    // SAFETY: helper without preconditions.
-    if pol.expires_at_ns != 0 && unsafe { bpf_ktime_get_boot_ns() } >= pol.expires_at_ns {
+    // SAFETY: `pol` points into a live map value; plain field reads.
+    let (flags, expires, slot, limit) = unsafe {
+        (
+            (*pol).flags,
+            (*pol).expires_at_ns,
+            (*pol).slot,
+            (*pol).limit_total,
+        )
+    };
+    if flags & policy_flags::ALLOWED == 0 {
         return false;
     }
-    // SAFETY: the value is copied out immediately.
-    match unsafe { TG_USAGE.get(key) } {
-        Some(u) => u.bytes_up.saturating_add(u.bytes_down) < pol.limit_total,
-        None => pol.limit_total > 0,
+    // SAFETY: helper without preconditions.
+    if expires != 0 && unsafe { bpf_ktime_get_boot_ns() } >= expires {
+        return false;
+    }
+    match TG_USAGE.get_ptr(slot) {
+        // SAFETY: aligned u64 reads of a live map value.
+        Some(u) => unsafe { (*u).bytes_up.saturating_add((*u).bytes_down) < limit },
+        None => false,
     }
 }
 
@@ -487,8 +653,8 @@ fn dns_take(cfg: &GateConfig, key: &MacKey, len: u64, strict: bool) -> bool {
 }
 
 #[inline(always)]
-fn allow_listed(peer: &[u8; 16]) -> bool {
-    let key = Key::new(128, *peer);
+fn allow_listed(p: &Packet) -> bool {
+    let key = Key::new(128, p.peer16());
     TG_GARDEN.get(&key).is_some()
 }
 
@@ -507,18 +673,18 @@ fn count(v: Verdict, bytes: u64) {
 /// Generations only move forward (modulo 2^32, skipping 0): a CPU holding a stale policy
 /// can never move `notified_generation` back and so make a later generation fire twice.
 #[inline(always)]
-fn exhausted(p: &Packet, pol: &Policy, u: *mut Usage, reason: ExhaustReason, dir: u8) {
-    // SAFETY: `u` points into a live hash map value; aligned u32 read.
+fn exhausted(p: &Packet, generation: u32, u: *mut Usage, reason: ExhaustReason, dir: u8) {
+    // SAFETY: `u` points into a live array value; aligned u32 read.
     let cur = unsafe { core::ptr::read_volatile(&raw const (*u).notified_generation) };
-    if (pol.generation.wrapping_sub(cur) as i32) <= 0 {
+    if (generation.wrapping_sub(cur) as i32) <= 0 {
         return; // already notified for this generation or a newer one
     }
-    // SAFETY: `u` points into a live hash map value; the exchange is atomic across CPUs.
+    // SAFETY: `u` points into a live array value; the exchange is atomic across CPUs.
     let (_, won) = unsafe {
         atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
             &raw mut (*u).notified_generation,
             cur,
-            pol.generation,
+            generation,
         )
     };
     if !won {
@@ -527,10 +693,10 @@ fn exhausted(p: &Packet, pol: &Policy, u: *mut Usage, reason: ExhaustReason, dir
     // SAFETY: plain reads of counters (torn values are impossible for aligned u64).
     let (up, down, pup) = unsafe { ((*u).bytes_up, (*u).bytes_down, (*u).packets_up) };
     let ev = GateEvent {
-        mac: p.mac,
+        mac: p.mac(),
         reason: reason as u8,
         direction: dir,
-        generation: pol.generation,
+        generation,
         _pad: 0,
         bytes_up: up,
         bytes_down: down,
@@ -542,18 +708,8 @@ fn exhausted(p: &Packet, pol: &Policy, u: *mut Usage, reason: ExhaustReason, dir
     let _ = TG_EVENTS.output(&ev, 0);
 }
 
-#[inline(always)]
-fn usage_slot(key: &MacKey) -> Option<*mut Usage> {
-    if let Some(u) = TG_USAGE.get_ptr_mut(key) {
-        return Some(u);
-    }
-    // The valve creates the entry when it opens a gate; this covers a gate opened by an
-    // older daemon or an entry removed by hand. NOEXIST never overwrites counts.
-    let _ = TG_USAGE.insert(key, Usage::default(), BPF_NOEXIST as u64);
-    TG_USAGE.get_ptr_mut(key)
-}
-
-/// Counts one metered packet of `len` L3 bytes in direction `dir`.
+/// Counts one metered packet of `len` L3 bytes in direction `dir`: two atomic adds on the
+/// direction's own cache line of the slot.
 #[inline(always)]
 fn add_usage(u: *mut Usage, dir: u8, len: u64) {
     // SAFETY: atomic adds on a live map value; the return values are unused.
@@ -565,7 +721,6 @@ fn add_usage(u: *mut Usage, dir: u8, len: u64) {
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*u).bytes_down, len);
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*u).packets_down, 1);
         }
-        (*u).last_seen_mono_ns = bpf_ktime_get_coarse_ns();
     }
 }
 
@@ -587,6 +742,8 @@ fn verdict(v: Verdict) -> Decision {
 struct Outcome {
     d: Decision,
     l3_len: u64,
+    /// The headers could not be parsed (TC: maybe only because they are not linear).
+    unparsed: bool,
 }
 
 /// The client is not entitled to general access: portal redirect, allow-list or `reason`.
@@ -606,7 +763,7 @@ fn not_entitled(cfg: &GateConfig, p: &Packet, dir: u8, skb_mark: u32, reason: Ve
             return verdict(Verdict::PassPortal);
         }
     }
-    if (p.ethertype == ETH_P_IP || p.ethertype == ETH_P_IPV6) && allow_listed(&p.peer) {
+    if (p.v4() || p.v6()) && allow_listed(p) {
         return verdict(Verdict::PassGarden);
     }
     verdict(reason)
@@ -614,28 +771,29 @@ fn not_entitled(cfg: &GateConfig, p: &Packet, dir: u8, skb_mark: u32, reason: Ve
 
 /// Meter-only mode: count what a registered MAC sends and receives, never drop.
 #[inline(always)]
-fn meter_only(cfg: &GateConfig, p: &Packet, dir: u8) -> Decision {
-    if !(p.ethertype == ETH_P_IP || p.ethertype == ETH_P_IPV6) {
+fn meter_only(cfg: &GateConfig, f: &Frame, p: &Packet, dir: u8) -> Decision {
+    if !(p.v4() || p.v6()) {
         return verdict(Verdict::PassLink);
     }
-    // `local` is the far end in both directions (source on ingress, destination on egress).
-    if is_gateway(cfg, &p.local, p.is_v4) {
+    // The client-side address is the far end in both directions (source on ingress,
+    // destination on egress).
+    if local_is_gateway(cfg, f, p) {
         return verdict(Verdict::PassGateway);
     }
     if is_nd(p) {
         return verdict(Verdict::PassGarden);
     }
-    let key = MacKey::new(p.mac);
-    // SAFETY: only presence is checked; the value is not read.
-    if unsafe { TG_POLICY.get(&key) }.is_none() {
-        return verdict(Verdict::PassLink);
-    }
-    let u = match usage_slot(&key) {
+    let key = p.mac_key();
+    let slot = match TG_POLICY.get_ptr(&key) {
+        // SAFETY: `pol` points into a live map value.
+        Some(pol) if unsafe { (*pol).flags } & policy_flags::METERED != 0 => unsafe { (*pol).slot },
+        _ => return verdict(Verdict::PassLink),
+    };
+    let u = match TG_USAGE.get_ptr_mut(slot) {
         Some(u) => u,
         None => return verdict(Verdict::PassLink),
     };
-    let len = p.l3_len;
-    add_usage(u, dir, len);
+    add_usage(u, dir, p.l3_len);
     verdict(Verdict::PassPaid)
 }
 
@@ -644,8 +802,9 @@ fn meter_only(cfg: &GateConfig, p: &Packet, dir: u8) -> Decision {
 fn decide(f: &Frame, total_len: u64, segs: u32, dir: u8, skb_mark: u32) -> Outcome {
     match parse(f, total_len, segs, dir) {
         Ok(p) => Outcome {
-            d: decide_packet(&p, dir, skb_mark),
+            d: decide_packet(f, &p, dir, skb_mark),
             l3_len: p.l3_len,
+            unparsed: false,
         },
         Err(()) => {
             // Off the hot path: only unparseable frames pay for this config read.
@@ -656,14 +815,15 @@ fn decide(f: &Frame, total_len: u64, segs: u32, dir: u8, skb_mark: u32) -> Outco
             Outcome {
                 d,
                 l3_len: total_len.saturating_sub(ETH_HLEN as u64),
+                unparsed: true,
             }
         }
     }
 }
 
 #[inline(always)]
-fn decide_packet(p: &Packet, dir: u8, skb_mark: u32) -> Decision {
-    let ip = p.ethertype == ETH_P_IP || p.ethertype == ETH_P_IPV6;
+fn decide_packet(f: &Frame, p: &Packet, dir: u8, skb_mark: u32) -> Decision {
+    let ip = p.v4() || p.v6();
     if p.l2_group {
         // Link-wide traffic stays on the segment. Unicast IP in a group frame is a poisoned
         // neighbour entry (egress) or a way around the gate (ingress): gate it like unicast.
@@ -688,88 +848,155 @@ fn decide_packet(p: &Packet, dir: u8, skb_mark: u32) -> Decision {
         _ => return verdict(Verdict::DropUnpaid),
     };
     if cfg.flags & config_flags::METER_ONLY != 0 {
-        return meter_only(cfg, p, dir);
+        return meter_only(cfg, f, p, dir);
     }
-    let key = MacKey::new(p.mac);
+    let mut to_gw = false;
     if ip {
-        if dns_to_gateway(cfg, p) {
-            // Every client may resolve names; an unpaid one only within its DNS budget,
-            // so DNS cannot carry a tunnel. Never metered.
-            if cfg.flags & config_flags::DNS_BUDGET != 0 && !paid_now(&key) {
-                if dir == direction::UP {
-                    if p.proto == IPPROTO_UDP && p.udp_payload > cfg.dns_max_udp as u64 {
-                        return verdict(Verdict::DropDnsBudget);
+        to_gw = peer_is_gateway(cfg, p);
+        if to_gw {
+            // The garden lives on the gateway: only its traffic pays for these checks.
+            if p.l4 && (p.proto == IPPROTO_UDP || p.proto == IPPROTO_TCP) && p.dport == 53 {
+                // Every client may resolve names; an unpaid one only within its DNS budget,
+                // so DNS cannot carry a tunnel. Never metered.
+                let key = p.mac_key();
+                if cfg.flags & config_flags::DNS_BUDGET != 0 && !paid_now(&key) {
+                    if dir == direction::UP {
+                        if p.proto == IPPROTO_UDP && p.udp_payload > cfg.dns_max_udp as u64 {
+                            return verdict(Verdict::DropDnsBudget);
+                        }
+                        if !dns_take(cfg, &key, p.l3_len, true) {
+                            return verdict(Verdict::DropDnsBudget);
+                        }
+                    } else {
+                        dns_take(cfg, &key, p.l3_len, false);
                     }
-                    if !dns_take(cfg, &key, p.l3_len, true) {
-                        return verdict(Verdict::DropDnsBudget);
-                    }
-                } else {
-                    dns_take(cfg, &key, p.l3_len, false);
                 }
+                return verdict(if dir == direction::UP {
+                    Verdict::PassGarden
+                } else {
+                    Verdict::PassGateway
+                });
             }
-            return verdict(if dir == direction::UP {
-                Verdict::PassGarden
-            } else {
-                Verdict::PassGateway
-            });
-        }
-        if dir == direction::UP {
-            if local_garden(cfg, p) {
-                return verdict(Verdict::PassGarden);
-            }
-        } else {
-            // The gateway's own traffic (DHCP/portal answers, RAs) is never billed.
-            if is_gateway(cfg, &p.peer, p.is_v4) {
+            if dir == direction::DOWN {
+                // The gateway's own traffic (DHCP/portal answers, RAs) is never billed.
                 return verdict(Verdict::PassGateway);
             }
-            // Neighbour discovery only as RFC 4861 sends it: hop limit 255 (never forwarded)
-            // from a link-local source, so no routed host can push payload inside ND.
-            if is_nd(p) && p.hop_limit == 255 && p.peer[0] == 0xfe && p.peer[1] & 0xc0 == 0x80 {
+            if local_garden(cfg, p, true) {
                 return verdict(Verdict::PassGarden);
             }
+        } else if dir == direction::UP {
+            if p.l4 && local_garden(cfg, p, false) {
+                return verdict(Verdict::PassGarden);
+            }
+        } else if is_nd(p) && p.hop_limit == 255 && p.peer6_link_local() {
+            // Neighbour discovery only as RFC 4861 sends it: hop limit 255 (never forwarded)
+            // from a link-local source, so no routed host can push payload inside ND.
+            return verdict(Verdict::PassGarden);
         }
     }
-    // SAFETY: the value is copied out immediately; userspace replaces it atomically.
-    let pol = match unsafe { TG_POLICY.get(&key) } {
-        Some(pol) if pol.flags & policy_flags::ALLOWED != 0 => *pol,
-        _ => return not_entitled(cfg, p, dir, skb_mark, Verdict::DropUnpaid),
+    // The one hash lookup of the paid path; the counters are an array index away.
+    let key = p.mac_key();
+    let pol = match TG_POLICY.get_ptr(&key) {
+        Some(pol) => pol,
+        None => return not_entitled(cfg, p, dir, skb_mark, Verdict::DropUnpaid),
     };
+    // SAFETY: `pol` points into a live map value; userspace replaces values whole, and only
+    // the fields needed are read.
+    let (flags, slot) = unsafe { ((*pol).flags, (*pol).slot) };
+    if flags & policy_flags::ALLOWED == 0 {
+        return not_entitled(cfg, p, dir, skb_mark, Verdict::DropUnpaid);
+    }
     if dir == direction::UP
-        && pol.flags & policy_flags::BIND_IPV4 != 0
-        && p.ethertype == ETH_P_IP
-        && p.local[12..16] != pol.bound_ipv4
+        && flags & policy_flags::BIND_IPV4 != 0
+        && p.v4()
+        // SAFETY: as above.
+        && p.local4 != u32::from_ne_bytes(unsafe { (*pol).bound_ipv4 })
     {
         return verdict(Verdict::DropSpoofed);
     }
-    if ip && dir == direction::UP && is_gateway(cfg, &p.peer, p.is_v4) {
+    if dir == direction::UP && flags & policy_flags::BIND_IPV6 != 0 && p.v6() {
+        // SAFETY: as above.
+        if !bound_v6(f, p, unsafe { &(*pol).bound_ipv6 }, to_gw) {
+            return verdict(Verdict::DropSpoofed);
+        }
+    }
+    if to_gw {
+        // Only reachable on ingress (egress from the gateway returned above).
         return verdict(Verdict::PassGateway);
     }
-    let u = match usage_slot(&key) {
+    let u = match TG_USAGE.get_ptr_mut(slot) {
         Some(u) => u,
         None => return verdict(Verdict::DropNoSlot),
     };
-    if pol.expires_at_ns != 0 {
+    // SAFETY: as above.
+    let expires = unsafe { (*pol).expires_at_ns };
+    if expires != 0 && boot_now_estimate().saturating_add(CLOCK_MARGIN_NS) >= expires {
+        // Near or past the deadline: decide on the exact clock.
         // SAFETY: helper without preconditions.
         let now = unsafe { bpf_ktime_get_boot_ns() };
-        if now >= pol.expires_at_ns {
-            exhausted(p, &pol, u, ExhaustReason::Expired, dir);
+        if now >= expires {
+            // SAFETY: as above.
+            exhausted(
+                p,
+                unsafe { (*pol).generation },
+                u,
+                ExhaustReason::Expired,
+                dir,
+            );
             return not_entitled(cfg, p, dir, skb_mark, Verdict::DropExpired);
         }
     }
     let len = p.l3_len;
-    // SAFETY: aligned u64 reads of a live map value.
-    let (up, down) = unsafe { ((*u).bytes_up, (*u).bytes_down) };
-    let over = if up.saturating_add(down).saturating_add(len) > pol.limit_total {
+    // SAFETY: as above.
+    let (limit_total, limit_dir) = unsafe {
+        (
+            (*pol).limit_total,
+            if dir == direction::UP {
+                (*pol).limit_up
+            } else {
+                (*pol).limit_down
+            },
+        )
+    };
+    // SAFETY: aligned u64 reads of a live array value. The other direction's line is read
+    // only for a total limit.
+    let (mine, other) = unsafe {
+        if dir == direction::UP {
+            (
+                (*u).bytes_up,
+                if limit_total != UNLIMITED {
+                    (*u).bytes_down
+                } else {
+                    0
+                },
+            )
+        } else {
+            (
+                (*u).bytes_down,
+                if limit_total != UNLIMITED {
+                    (*u).bytes_up
+                } else {
+                    0
+                },
+            )
+        }
+    };
+    let over = if limit_total != UNLIMITED
+        && mine.saturating_add(other).saturating_add(len) > limit_total
+    {
         Some(ExhaustReason::Quota)
-    } else if dir == direction::UP && up.saturating_add(len) > pol.limit_up {
-        Some(ExhaustReason::QuotaUp)
-    } else if dir == direction::DOWN && down.saturating_add(len) > pol.limit_down {
-        Some(ExhaustReason::QuotaDown)
+    } else if mine.saturating_add(len) > limit_dir {
+        Some(if dir == direction::UP {
+            ExhaustReason::QuotaUp
+        } else {
+            ExhaustReason::QuotaDown
+        })
     } else {
         None
     };
     if let Some(reason) = over {
-        exhausted(p, &pol, u, reason, dir);
+        // SAFETY: as above.
+        exhausted(p, unsafe { (*pol).generation }, u, reason, dir);
         // SAFETY: atomic add on a live map value.
         unsafe {
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*u).bytes_dropped, len)
@@ -791,16 +1018,19 @@ fn tc_frame(ctx: &TcContext) -> Frame {
 #[inline(always)]
 fn tc_run(ctx: &TcContext, dir: u8) -> i32 {
     let len = ctx.len();
-    let mut f = tc_frame(ctx);
-    let want = if len < PARSE_BYTES { len } else { PARSE_BYTES };
-    if ((f.end - f.start) as u32) < want {
-        // Headers outside the linear area (e.g. after GRO): pull them in before parsing.
-        let _ = ctx.pull_data(want);
-        f = tc_frame(ctx);
-    }
     // SAFETY: reading fields of the context's own skb.
     let (mark, segs) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).gso_segs) };
-    let o = decide(&f, len as u64, segs, dir, mark);
+    let f = tc_frame(ctx);
+    let mut o = decide(&f, len as u64, segs, dir, mark);
+    if o.unparsed {
+        // Maybe only the linear area ended inside the headers: pull them in and try again.
+        // Off the common path (a TCP skb keeps all its headers linear).
+        let want = if len < PARSE_BYTES { len } else { PARSE_BYTES };
+        if ((f.end - f.start) as u32) < want && ctx.pull_data(want).is_ok() {
+            let f = tc_frame(ctx);
+            o = decide(&f, len as u64, segs, dir, mark);
+        }
+    }
     count(o.d.verdict, o.l3_len);
     if o.d.mark != 0 {
         ctx.set_mark(o.d.mark);
@@ -844,6 +1074,18 @@ pub fn tollgate_xdp_ingress(ctx: XdpContext) -> u32 {
     } else {
         xdp_action::XDP_DROP
     }
+}
+
+/// The benchmark's floor for TC: the cost of running any program at this hook.
+#[classifier]
+pub fn tollgate_empty_tc(_ctx: TcContext) -> i32 {
+    TCX_NEXT
+}
+
+/// The benchmark's floor for XDP.
+#[xdp]
+pub fn tollgate_empty_xdp(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
 }
 
 #[cfg(not(test))]

@@ -1,23 +1,90 @@
 //! `cargo xtask bench dataplane`: data-plane cost, measured side by side in one invocation.
 //!
-//! 1. `BPF_PROG_TEST_RUN` ns/packet for each packet class at 1 % and 100 % of 100 000 clients.
-//! 2. iperf3 TCP throughput client → gateway → upstream in a three-namespace lab: no program,
-//!    tollgate TC and tollgate XDP, at 1, 1 000 and 10 000 clients in the maps.
-//!
-//! Prints a Markdown report and writes it to `BENCHMARKS.md` (section "Data plane").
+//! ```text
+//! 1. BPF_PROG_TEST_RUN, warm (100 000 entries): every class and an empty TC / XDP program,
+//!    interleaved, RUNS × REPEAT each ──> median, IQR; program cost = class − empty (same hook)
+//! 2. cold (100 000 and 1 000 000 entries): SAMPLES distinct MACs, one repeat each, each next
+//!    to an empty-program run of the same frame ──> median, IQR, cost; map memory
+//! 3. throughput (iperf3 -P 4, client → gateway → upstream, both ways) at 1 / 10 000 /
+//!    1 000 000 clients: no program and tollgate TC interleaved, IPERF_RUNS pairs ──>
+//!    median of the per-pair ratios and their spread; one more tollgate run per client count
+//!    with BPF_ENABLE_STATS on ──> run_time_ns / run_cnt of each program under real traffic
+//! ```
+//! `--quick` cuts every count (for development; the report says so). Prints a Markdown report
+//! and writes it to `BENCHMARKS.md` (section "Data plane").
 
-use std::{fmt::Write as _, net::Ipv4Addr, time::Duration};
+use std::{fmt::Write as _, net::Ipv4Addr, path::Path, time::Duration};
 
 use anyhow::{bail, Context, Result};
-use tollgate::valve::{Allowance, DataPlaneMode, Gates, Hook, MacAddr, Valve, ValveConfig};
+use tollgate::valve::{Allowance, Gates, Hook, MacAddr, Valve, ValveConfig};
 use tollgate_tests::{
     frames::{Frame, L4},
     netns::{Lab3, LAN_IFACE},
     pins::PinBase,
 };
 
-const FILL_MAX: u32 = 100_000;
-const REPEAT: u32 = 200_000;
+/// Counts of one invocation.
+struct Opts {
+    quick: bool,
+    /// BPF_PROG_TEST_RUN runs per class and repeats per run.
+    runs: usize,
+    repeat: u32,
+    /// Entries in the maps for the warm rows.
+    warm_fill: u32,
+    /// Map sizes of the cold rows and distinct MACs sampled in each.
+    cold_fills: Vec<u32>,
+    cold_samples: usize,
+    /// Client counts, pairs and seconds of the throughput arms.
+    clients: Vec<u32>,
+    iperf_runs: usize,
+    iperf_secs: u32,
+    throughput: bool,
+}
+
+impl Opts {
+    fn parse() -> Opts {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let has = |a: &str| args.iter().any(|x| x == a);
+        let quick = has("--quick");
+        Opts {
+            quick,
+            runs: if quick { 5 } else { 15 },
+            repeat: if quick { 100_000 } else { 1_000_000 },
+            warm_fill: 100_000,
+            cold_fills: vec![100_000, 1_000_000],
+            cold_samples: if quick { 2_000 } else { 20_000 },
+            clients: vec![1, 10_000, 1_000_000],
+            iperf_runs: if quick { 2 } else { 10 },
+            iperf_secs: if quick { 3 } else { 10 },
+            throughput: !has("--no-throughput"),
+        }
+    }
+}
+
+/// Median, first and third quartile.
+struct Stats {
+    median: f64,
+    q1: f64,
+    q3: f64,
+}
+
+fn stats(v: &[f64]) -> Stats {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let at = |p: f64| {
+        if s.is_empty() {
+            return f64::NAN;
+        }
+        let i = p * (s.len() - 1) as f64;
+        let (lo, hi) = (i.floor() as usize, i.ceil() as usize);
+        s[lo] + (s[hi] - s[lo]) * (i - lo as f64)
+    };
+    Stats {
+        median: at(0.5),
+        q1: at(0.25),
+        q3: at(0.75),
+    }
+}
 
 fn dummy_mac(i: u32) -> MacAddr {
     let b = i.to_be_bytes();
@@ -27,34 +94,79 @@ fn dummy_mac(i: u32) -> MacAddr {
 fn fill(valve: &Valve, n: u32) -> Result<()> {
     for i in 0..n {
         valve.open(dummy_mac(i), Allowance::default())?;
+        if i > 0 && i % 200_000 == 0 {
+            eprintln!("[bench]   {i} entries");
+        }
     }
     Ok(())
 }
 
-fn testrun_table(out: &mut String) -> Result<()> {
-    let client = [0x02, 0, 0, 0, 0, 0x11];
-    let gw = [0x02, 0, 0, 0, 0, 0x01];
-    let cl4 = Ipv4Addr::new(10, 0, 0, 2);
-    let gw4 = Ipv4Addr::new(10, 0, 0, 1);
-    let net4 = Ipv4Addr::new(198, 51, 100, 7);
-    let up = Frame::new(client, gw);
-    let stranger = Frame::new([0x02, 0, 0, 0, 0, 0x99], gw);
-    let tcp = L4::Tcp {
+const CLIENT: [u8; 6] = [0x02, 0, 0, 0, 0, 0x11];
+const LIMITED: [u8; 6] = [0x02, 0, 0, 0, 0, 0x12];
+const TIMED: [u8; 6] = [0x02, 0, 0, 0, 0, 0x13];
+const GW: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const STRANGER: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
+const CL4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+const GW4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const NET4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+
+fn tcp_up() -> L4 {
+    L4::Tcp {
         sport: 40000,
         dport: 443,
-    };
+    }
+}
+
+fn testrun_valve(pins: &PinBase, capacity: u32) -> Result<Valve> {
+    let mut cfg = ValveConfig::new("lo");
+    cfg.pin_base = pins.path().to_path_buf();
+    cfg.gateway_v4 = Some(GW4);
+    cfg.garden = vec!["203.0.113.0/24".parse()?];
+    cfg.max_clients = Some(capacity);
+    Ok(Valve::load(&cfg)?)
+}
+
+/// `bytes_memlock` of the pinned per-client maps (bpftool), for the memory figure.
+fn map_memory(pin_dir: &Path) -> u64 {
+    ["TG_POLICY", "TG_USAGE"]
+        .iter()
+        .filter_map(|m| {
+            let out = std::process::Command::new("bpftool")
+                .args(["-j", "map", "show", "pinned"])
+                .arg(pin_dir.join(m))
+                .output()
+                .ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            v["bytes_memlock"].as_u64()
+        })
+        .sum()
+}
+
+fn warm_table(o: &Opts, out: &mut String) -> Result<()> {
+    let up = Frame::new(CLIENT, GW);
+    let stranger = Frame::new(STRANGER, GW);
     let classes: Vec<(&str, Hook, Vec<u8>)> = vec![
+        (
+            "empty TC program (floor)",
+            Hook::EmptyTc,
+            up.ipv4(CL4, NET4, tcp_up(), 1460),
+        ),
+        (
+            "empty XDP program (floor)",
+            Hook::EmptyXdp,
+            up.ipv4(CL4, NET4, tcp_up(), 1460),
+        ),
         (
             "paid IPv4 TCP upload (1500 B)",
             Hook::TcIngress,
-            up.ipv4(cl4, net4, tcp.clone(), 1460),
+            up.ipv4(CL4, NET4, tcp_up(), 1460),
         ),
         (
             "paid IPv4 TCP download (1500 B)",
             Hook::TcEgress,
-            Frame::new(gw, client).ipv4(
-                net4,
-                cl4,
+            Frame::new(GW, CLIENT).ipv4(
+                NET4,
+                CL4,
                 L4::Tcp {
                     sport: 443,
                     dport: 40000,
@@ -63,37 +175,47 @@ fn testrun_table(out: &mut String) -> Result<()> {
             ),
         ),
         (
+            "paid, gate with a byte limit",
+            Hook::TcIngress,
+            Frame::new(LIMITED, GW).ipv4(CL4, NET4, tcp_up(), 1460),
+        ),
+        (
+            "paid, gate with a deadline",
+            Hook::TcIngress,
+            Frame::new(TIMED, GW).ipv4(CL4, NET4, tcp_up(), 1460),
+        ),
+        (
             "paid IPv6 TCP upload",
             Hook::TcIngress,
             up.ipv6(
                 "fd00::2".parse()?,
                 "2001:db8::7".parse()?,
                 &[],
-                tcp.clone(),
+                tcp_up(),
                 1400,
             ),
         ),
         (
             "paid VLAN-tagged IPv4",
             Hook::TcIngress,
-            up.clone().vlan(7).ipv4(cl4, net4, tcp.clone(), 1460),
+            up.clone().vlan(7).ipv4(CL4, NET4, tcp_up(), 1460),
         ),
         (
             "paid, XDP ingress",
             Hook::XdpIngress,
-            up.ipv4(cl4, net4, tcp.clone(), 1460),
+            up.ipv4(CL4, NET4, tcp_up(), 1460),
         ),
         (
             "unpaid, dropped",
             Hook::TcIngress,
-            stranger.ipv4(cl4, net4, tcp.clone(), 1460),
+            stranger.ipv4(CL4, NET4, tcp_up(), 1460),
         ),
         (
             "unpaid DNS to gateway (garden)",
             Hook::TcIngress,
             stranger.ipv4(
-                cl4,
-                gw4,
+                CL4,
+                GW4,
                 L4::Udp {
                     sport: 5000,
                     dport: 53,
@@ -104,7 +226,7 @@ fn testrun_table(out: &mut String) -> Result<()> {
         (
             "unpaid to allow-listed prefix",
             Hook::TcIngress,
-            stranger.ipv4(cl4, Ipv4Addr::new(203, 0, 113, 9), tcp.clone(), 1460),
+            stranger.ipv4(CL4, Ipv4Addr::new(203, 0, 113, 9), tcp_up(), 1460),
         ),
         (
             "unpaid IPv6 behind 3 ext. headers",
@@ -113,51 +235,154 @@ fn testrun_table(out: &mut String) -> Result<()> {
                 "fd00::2".parse()?,
                 "2001:db8::7".parse()?,
                 &[0, 60, 43],
-                tcp,
+                tcp_up(),
                 1400,
             ),
         ),
         ("ARP", Hook::TcIngress, stranger.arp()),
     ];
-    let fills = [FILL_MAX / 100, FILL_MAX];
-    let mut rows: Vec<(String, Vec<f64>)> =
-        classes.iter().map(|c| (c.0.to_string(), vec![])).collect();
-    for n in fills {
-        let pins = PinBase::new("bench-testrun");
-        let mut cfg = ValveConfig::new("lo");
-        cfg.pin_base = pins.path().to_path_buf();
-        cfg.gateway_v4 = Some(gw4);
-        cfg.garden = vec!["203.0.113.0/24".parse()?];
-        let valve = Valve::load(&cfg)?;
-        eprintln!("[bench] filling {n} clients");
-        fill(&valve, n - 1)?;
-        valve.open(MacAddr(client), Allowance::default())?;
-        for (i, (_, hook, frame)) in classes.iter().enumerate() {
-            let r = valve.test_run(*hook, frame, REPEAT)?;
-            rows[i].1.push(r.duration.as_nanos() as f64);
+    let pins = PinBase::new("bench-warm");
+    let valve = testrun_valve(&pins, 131_072)?;
+    eprintln!("[bench] warm: filling {} clients", o.warm_fill);
+    fill(&valve, o.warm_fill - 3)?;
+    valve.open(MacAddr(CLIENT), Allowance::default())?;
+    valve.open(
+        MacAddr(LIMITED),
+        Allowance {
+            bytes: Some(1 << 60),
+            ..Default::default()
+        },
+    )?;
+    let day = 86_400_000_000_000;
+    valve.open(
+        MacAddr(TIMED),
+        Allowance {
+            until_boot_ns: Some(valve.now_boot_ns() + day),
+            ..Default::default()
+        },
+    )?;
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); classes.len()];
+    for r in 0..o.runs {
+        eprintln!("[bench] warm run {}/{}", r + 1, o.runs);
+        for (i, (name, hook, frame)) in classes.iter().enumerate() {
+            let t = valve.test_run(*hook, frame, o.repeat)?;
+            if r == 0 && !t.passed(*hook) && !name.starts_with("unpaid") {
+                bail!("{name} did not pass");
+            }
+            samples[i].push(t.duration.as_nanos() as f64);
         }
     }
+    let floor_tc = stats(&samples[0]).median;
+    let floor_xdp = stats(&samples[1]).median;
     writeln!(
         out,
-        "### BPF_PROG_TEST_RUN, ns per packet (kernel-measured, {REPEAT} repeats)\n"
+        "### BPF_PROG_TEST_RUN, warm: ns per packet at {} entries ({} runs × {} repeats, \
+         classes interleaved)\n",
+        o.warm_fill, o.runs, o.repeat
     )?;
     writeln!(
         out,
-        "| packet class | {} clients (1 %) | {} clients (100 %) |",
-        fills[0], fills[1]
+        "\"program cost\" = the class's median − the empty program's median at the same hook \
+         (TC {floor_tc:.1} ns, XDP {floor_xdp:.1} ns: the runner's own cost per repeat).\n"
     )?;
-    writeln!(out, "|---|---:|---:|")?;
-    for (name, v) in rows {
-        writeln!(out, "| {name} | {:.0} | {:.0} |", v[0], v[1])?;
+    writeln!(
+        out,
+        "| packet class | median ns | IQR ns | program cost ns |"
+    )?;
+    writeln!(out, "|---|---:|---:|---:|")?;
+    for (i, (name, hook, _)) in classes.iter().enumerate() {
+        let s = stats(&samples[i]);
+        let floor = match hook {
+            Hook::XdpIngress | Hook::EmptyXdp => floor_xdp,
+            _ => floor_tc,
+        };
+        writeln!(
+            out,
+            "| {name} | {:.1} | {:.1}–{:.1} | {:.1} |",
+            s.median,
+            s.q1,
+            s.q3,
+            s.median - floor
+        )?;
     }
     writeln!(out)?;
     Ok(())
 }
 
-/// One iperf3 run (3 s, one TCP flow), client → upstream, or reverse. Gbit/s.
-fn iperf(lab: &Lab3, reverse: bool) -> Result<f64> {
+fn cold_table(o: &Opts, out: &mut String) -> Result<()> {
+    writeln!(
+        out,
+        "### BPF_PROG_TEST_RUN, cold: one repeat per MAC, {} distinct paid MACs sampled from \
+         the map\n",
+        o.cold_samples
+    )?;
+    writeln!(
+        out,
+        "Each sample runs the paid upload of one MAC once, next to one run of the empty TC \
+         program on the same frame and one run of the paid upload of a single MAC used for \
+         every sample (its entry stays cached: the cost of the cold code path alone); with \
+         one repeat the runner's clock reads dominate the floor.\n"
+    )?;
+    writeln!(
+        out,
+        "| entries | paid upload median ns (IQR) | same MAC each time median ns | empty TC \
+         median ns (IQR) | program cost ns | POLICY + USAGE memory |"
+    )?;
+    writeln!(out, "|---:|---:|---:|---:|---:|---:|")?;
+    for &n in &o.cold_fills {
+        let pins = PinBase::new("bench-cold");
+        let valve = testrun_valve(&pins, n)?;
+        eprintln!("[bench] cold: filling {n} clients");
+        let t = std::time::Instant::now();
+        fill(&valve, n)?;
+        eprintln!("[bench] cold: filled in {:.1} s", t.elapsed().as_secs_f64());
+        let mem = map_memory(valve.pin_dir());
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let (mut paid, mut empty, mut same) = (Vec::new(), Vec::new(), Vec::new());
+        let one = Frame::new(dummy_mac(0).0, GW).ipv4(CL4, NET4, tcp_up(), 1460);
+        for _ in 0..o.cold_samples {
+            // xorshift: a spread of MACs over the whole map, the same on every run.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let mac = dummy_mac((x % n as u64) as u32);
+            let f = Frame::new(mac.0, GW).ipv4(CL4, NET4, tcp_up(), 1460);
+            let r = valve.test_run(Hook::TcIngress, &f, 1)?;
+            if !r.passed(Hook::TcIngress) {
+                bail!("cold sample {mac} did not pass");
+            }
+            paid.push(r.duration.as_nanos() as f64);
+            empty.push(valve.test_run(Hook::EmptyTc, &f, 1)?.duration.as_nanos() as f64);
+            same.push(
+                valve
+                    .test_run(Hook::TcIngress, &one, 1)?
+                    .duration
+                    .as_nanos() as f64,
+            );
+        }
+        let (p, e) = (stats(&paid), stats(&empty));
+        writeln!(
+            out,
+            "| {n} | {:.0} ({:.0}–{:.0}) | {:.0} | {:.0} ({:.0}–{:.0}) | {:.0} | {:.1} MiB |",
+            p.median,
+            p.q1,
+            p.q3,
+            stats(&same).median,
+            e.median,
+            e.q1,
+            e.q3,
+            p.median - e.median,
+            mem as f64 / (1024.0 * 1024.0)
+        )?;
+    }
+    writeln!(out)?;
+    Ok(())
+}
+
+/// One iperf3 run (`-P 4`), client → upstream, or reverse. Gbit/s.
+fn iperf(lab: &Lab3, secs: u32, reverse: bool) -> Result<f64> {
     let mut cmd = lab.client.command("iperf3");
-    cmd.args(["-c", "10.78.0.2", "-t", "3", "-J"]);
+    cmd.args(["-c", "10.78.0.2", "-P", "4", "-t", &secs.to_string(), "-J"]);
     if reverse {
         cmd.arg("-R");
     }
@@ -172,7 +397,37 @@ fn iperf(lab: &Lab3, reverse: bool) -> Result<f64> {
     Ok(bps / 1e9)
 }
 
-fn throughput_table(out: &mut String) -> Result<()> {
+fn gateway_cfg(pins: &PinBase, capacity: u32) -> ValveConfig {
+    let mut cfg = ValveConfig::new(LAN_IFACE);
+    cfg.pin_base = pins.path().to_path_buf();
+    cfg.gateway_v4 = Some(Ipv4Addr::new(10, 77, 0, 1));
+    cfg.max_clients = Some(capacity);
+    cfg
+}
+
+fn attach(lab: &Lab3, cfg: &ValveConfig) -> Result<Valve> {
+    let cfg = cfg.clone();
+    Ok(lab.gateway.run(move || Valve::attach(&cfg))?)
+}
+
+/// Detaches the gate: its links are pinned only, so removing the pins detaches them. The
+/// maps (and their entries) stay pinned for the next arm.
+fn detach(valve: Valve) {
+    for l in valve.attach_points() {
+        let _ = std::fs::remove_file(valve.pin_dir().join(format!("link_{l}")));
+    }
+}
+
+struct Arm {
+    clients: u32,
+    /// (no program, tollgate) Gbit/s per pair, upload and download.
+    up: Vec<(f64, f64)>,
+    down: Vec<(f64, f64)>,
+    /// ns per run under traffic: (ingress, egress).
+    ns_per_run: (f64, f64),
+}
+
+fn throughput_table(o: &Opts, out: &mut String) -> Result<()> {
     let lab = Lab3::new("bench");
     let mut server = lab
         .upstream
@@ -183,56 +438,125 @@ fn throughput_table(out: &mut String) -> Result<()> {
         .context("iperf3 server (apt-get install iperf3)")?;
     std::thread::sleep(Duration::from_millis(500));
     let client_mac = MacAddr(lab.client_mac());
-    let mut rows = Vec::new();
-    let base = (iperf(&lab, false)?, iperf(&lab, true)?);
-    rows.push(("no program".to_string(), base));
-    for mode in [DataPlaneMode::Tc, DataPlaneMode::Xdp] {
-        for n in [1u32, 1_000, 10_000] {
-            let pins = PinBase::new("bench-iperf");
-            let mut cfg = ValveConfig::new(LAN_IFACE);
-            cfg.pin_base = pins.path().to_path_buf();
-            cfg.mode = mode;
-            cfg.gateway_v4 = Some(Ipv4Addr::new(10, 77, 0, 1));
-            let valve = {
-                let cfg = cfg.clone();
-                lab.gateway.run(move || Valve::attach(&cfg))?
-            };
-            fill(&valve, n - 1)?;
-            valve.open(client_mac, Allowance::default())?;
-            let r = (iperf(&lab, false)?, iperf(&lab, true)?);
-            let g = valve.gate(client_mac)?.context("client gate")?;
+    let mut arms = Vec::new();
+    for &n in &o.clients {
+        let pins = PinBase::new("bench-iperf");
+        let cfg = gateway_cfg(&pins, n.max(131_072));
+        let valve = attach(&lab, &cfg)?;
+        eprintln!("[bench] throughput: filling {n} clients");
+        fill(&valve, n - 1)?;
+        valve.open(client_mac, Allowance::default())?;
+        detach(valve);
+        let mut arm = Arm {
+            clients: n,
+            up: Vec::new(),
+            down: Vec::new(),
+            ns_per_run: (0.0, 0.0),
+        };
+        for r in 0..o.iperf_runs {
+            // Alternate which arm goes first, so a drift of the machine hits both alike.
+            let mut pair = [(0.0, 0.0); 2];
+            let order = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+            for a in order {
+                let v = if a == 1 {
+                    Some(attach(&lab, &cfg)?)
+                } else {
+                    None
+                };
+                pair[a] = (
+                    iperf(&lab, o.iperf_secs, false)?,
+                    iperf(&lab, o.iperf_secs, true)?,
+                );
+                if let Some(v) = v {
+                    detach(v);
+                }
+            }
             eprintln!(
-                "[bench] {mode:?} {n}: {r:?}, metered {} bytes",
+                "[bench] {n} clients, pair {}: no program {:?}, tollgate {:?}",
+                r + 1,
+                pair[0],
+                pair[1]
+            );
+            arm.up.push((pair[0].0, pair[1].0));
+            arm.down.push((pair[0].1, pair[1].1));
+        }
+        // CPU cost under real traffic: one more tollgate run with run-time statistics on.
+        {
+            let v = attach(&lab, &cfg)?;
+            let stats_fd = Valve::enable_run_stats()?;
+            let i0 = v.run_stats(Hook::TcIngress)?;
+            let e0 = v.run_stats(Hook::TcEgress)?;
+            iperf(&lab, o.iperf_secs, false)?;
+            iperf(&lab, o.iperf_secs, true)?;
+            let i1 = v.run_stats(Hook::TcIngress)?;
+            let e1 = v.run_stats(Hook::TcEgress)?;
+            drop(stats_fd);
+            let per =
+                |a: (u64, u64), b: (u64, u64)| (b.0 - a.0) as f64 / ((b.1 - a.1).max(1)) as f64;
+            arm.ns_per_run = (per(i0, i1), per(e0, e1));
+            let g = v.gate(client_mac)?.context("client gate")?;
+            eprintln!(
+                "[bench] {n} clients: {:.1} / {:.1} ns per run, metered {} bytes",
+                arm.ns_per_run.0,
+                arm.ns_per_run.1,
                 g.usage.bytes()
             );
-            rows.push((
-                format!(
-                    "tollgate {}, {n} clients",
-                    format!("{mode:?}").to_uppercase()
-                ),
-                r,
-            ));
-            drop(valve);
-            drop(pins); // unpin: the links detach
+            detach(v);
         }
+        arms.push(arm);
+        drop(pins);
     }
     let _ = server.kill();
     let _ = server.wait();
     writeln!(
         out,
-        "### TCP throughput through the gateway (iperf3, one flow, 3 s, Gbit/s)\n"
+        "### TCP throughput through the gateway (iperf3 -P 4, {} s per run, {} interleaved \
+         pairs per row)\n",
+        o.iperf_secs, o.iperf_runs
     )?;
     writeln!(
         out,
-        "| setup | upload (client → upstream) | × baseline | download (-R) | × baseline |"
+        "Each pair is one run without any program and one with tollgate TC attached (the \
+         order alternates); the ratio is taken within each pair. Spread = lowest–highest \
+         ratio. Gbit/s are medians.\n"
     )?;
-    writeln!(out, "|---|---:|---:|---:|---:|")?;
-    for (name, (u, d)) in rows {
+    writeln!(
+        out,
+        "| clients | upload: no program / tollgate Gbit/s | upload × (spread) | download: no \
+         program / tollgate Gbit/s | download × (spread) |"
+    )?;
+    writeln!(out, "|---:|---:|---:|---:|---:|")?;
+    let row = |v: &[(f64, f64)]| {
+        let base = stats(&v.iter().map(|p| p.0).collect::<Vec<_>>()).median;
+        let tg = stats(&v.iter().map(|p| p.1).collect::<Vec<_>>()).median;
+        let ratios: Vec<f64> = v.iter().map(|p| p.1 / p.0).collect();
+        let lo = ratios.iter().cloned().fold(f64::INFINITY, f64::min);
+        let hi = ratios.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        (base, tg, stats(&ratios).median, lo, hi)
+    };
+    for a in &arms {
+        let (ub, ut, ur, ul, uh) = row(&a.up);
+        let (db, dt, dr, dl, dh) = row(&a.down);
         writeln!(
             out,
-            "| {name} | {u:.2} | {:.3} | {d:.2} | {:.3} |",
-            u / base.0,
-            d / base.1
+            "| {} | {ub:.2} / {ut:.2} | {ur:.3} ({ul:.3}–{uh:.3}) | {db:.2} / {dt:.2} | {dr:.3} \
+             ({dl:.3}–{dh:.3}) |",
+            a.clients
+        )?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "### CPU cost under real traffic (`BPF_ENABLE_STATS`: run_time_ns / run_cnt during one \
+         more upload + download run)\n"
+    )?;
+    writeln!(out, "| clients | TC ingress ns/run | TC egress ns/run |")?;
+    writeln!(out, "|---:|---:|---:|")?;
+    for a in &arms {
+        writeln!(
+            out,
+            "| {} | {:.1} | {:.1} |",
+            a.clients, a.ns_per_run.0, a.ns_per_run.1
         )?;
     }
     writeln!(out)?;
@@ -240,16 +564,25 @@ fn throughput_table(out: &mut String) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    let o = Opts::parse();
     let mut out = String::new();
     let m = tollgate_tests::bench::machine();
     writeln!(out, "## Data plane\n")?;
     writeln!(
         out,
-        "{} Single runs: read the ratios rather than the absolute numbers.\n",
-        m.describe("cargo xtask bench dataplane")
+        "{}{}\n",
+        m.describe("cargo xtask bench dataplane"),
+        if o.quick {
+            " **`--quick`: reduced counts, for development only.**"
+        } else {
+            ""
+        }
     )?;
-    testrun_table(&mut out)?;
-    throughput_table(&mut out)?;
+    warm_table(&o, &mut out)?;
+    cold_table(&o, &mut out)?;
+    if o.throughput {
+        throughput_table(&o, &mut out)?;
+    }
     print!("{out}");
     let path = tollgate_tests::bench::write_section("## Data plane", &out)?;
     eprintln!("[bench] wrote {path}");

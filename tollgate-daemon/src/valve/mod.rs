@@ -8,17 +8,23 @@
 //!       a pinned link is *updated in place* (bpf_link_update: no gap, same chain position),
 //!       else attached FIRST in the TCX chain and pinned; `tcx_positions` reports programs
 //!       another party put before ours
-//!  open / extend / close  ──> POLICY[mac]   (limits are absolute on the kernel's counters)
+//!  open / extend / close  ──> POLICY[mac]   (limits are absolute on the kernel's counters;
+//!                                            `slot` = the client's index in the USAGE array)
+//!  open of a new client   a slot from the free list (FIFO) ── zeroed ── then POLICY[mac]
 //!  check(mac)             capacity only: never creates an entry (money is not taken yet)
-//!  sweep(retention)       closed entries ──(closed ≥ retention, or oldest last-seen first
-//!                         when the map is near full)──> deleted from POLICY and USAGE;
+//!  sweep(retention)       closed entries ──(closed ≥ retention, or idle longest first
+//!                         when the map is near full)──> deleted from POLICY, slot freed;
 //!                         an open gate (a paid, active client) is never evicted
-//!  gate / gates / verdicts <── USAGE, VERDICTS
+//!  gate / gates / verdicts <── POLICY → USAGE[slot], VERDICTS
 //!  events()               <── EVENTS ring buffer (pinned: events emitted while the daemon was
 //!                             down are still there at the next start)
 //! ```
 //! Dropping a `Valve` leaves everything attached and enforcing (fail closed, counts kept);
-//! [`Valve::remove_pins`] tears a data plane down.
+//! [`Valve::remove_pins`] tears a data plane down. A load over the previous schema's pins
+//! (`v2`: two hash maps) carries every client and its counts into the new layout.
+//!
+//! The kernel keeps no clock on the metered path: "last seen" is when the valve saw a
+//! client's counters move (at a `gate`, `gates` or `sweep`), which orders evictions.
 //!
 //! ```text
 //!  Valve::attach_meter(wan, pin_base)   a second instance, pins at <pin_base>/wan/v<SCHEMA>/,
@@ -31,7 +37,7 @@
 mod types;
 
 use std::{
-    collections::{BTreeMap, HashMap as StdHashMap, HashSet},
+    collections::{BTreeMap, HashMap as StdHashMap, HashSet, VecDeque},
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
@@ -53,6 +59,7 @@ use aya::{
     sys::SyscallError,
     Ebpf, EbpfLoader,
 };
+pub use tollgate_common::MAX_BOUND_V6;
 use tollgate_common::{
     config_flags, maps, policy_flags, programs, GateConfig, GateEvent, MacKey, Policy, Usage,
     VerdictCount, GARDEN_TCP_PORTS, MAX_CLIENTS, SCHEMA_VERSION, UNLIMITED,
@@ -108,6 +115,25 @@ pub trait Gates: Send + Sync + 'static {
     /// Binds an open gate to the IPv4 source address `ip` (upload from the MAC with any other
     /// IPv4 source is dropped as `drop_spoofed`); `None` unbinds. Kept by `extend`.
     fn bind_ipv4(&self, mac: MacAddr, ip: Option<Ipv4Addr>) -> Result<(), ValveError>;
+    /// Binds an open gate to the source addresses `addrs` (at most one IPv4 and
+    /// [`MAX_BOUND_V6`] IPv6): uploads of the family with an address bound are dropped as
+    /// `drop_spoofed` from any other source (an IPv6 link-local source may still reach the
+    /// gateway itself); a family without one is not restricted; `&[]` unbinds. Kept by
+    /// `extend`. The default serves gates that bind IPv4 only.
+    fn bind(&self, mac: MacAddr, addrs: &[IpAddr]) -> Result<(), ValveError> {
+        let mut v4 = None;
+        for a in addrs {
+            match a {
+                IpAddr::V4(a) if v4.is_none() => v4 = Some(*a),
+                _ => {
+                    return Err(ValveError::Config(format!(
+                        "cannot bind {mac} to {addrs:?}: one IPv4 address only here"
+                    )))
+                }
+            }
+        }
+        self.bind_ipv4(mac, v4)
+    }
     /// Packets the kernel dropped because a bound MAC sent from another address (cumulative).
     fn spoofed_drops(&self) -> Result<u64, ValveError>;
     /// One client's gate and counters; `None` if the kernel has never heard of it.
@@ -313,6 +339,10 @@ pub enum Hook {
     TcIngress,
     TcEgress,
     XdpIngress,
+    /// A TC program that only passes: the benchmark's floor for TC.
+    EmptyTc,
+    /// An XDP program that only passes: the benchmark's floor for XDP.
+    EmptyXdp,
 }
 
 impl Hook {
@@ -321,6 +351,8 @@ impl Hook {
             Hook::TcIngress => programs::TC_INGRESS,
             Hook::TcEgress => programs::TC_EGRESS,
             Hook::XdpIngress => programs::XDP_INGRESS,
+            Hook::EmptyTc => programs::EMPTY_TC,
+            Hook::EmptyXdp => programs::EMPTY_XDP,
         }
     }
 }
@@ -340,15 +372,17 @@ impl TestRunOutcome {
         match hook {
             // TCX_NEXT (-1, what the programs return: pass and let later programs run) or
             // TC_ACT_OK (0).
-            Hook::TcIngress | Hook::TcEgress => self.ret == u32::MAX || self.ret == 0,
-            Hook::XdpIngress => self.ret == 2,
+            Hook::TcIngress | Hook::TcEgress | Hook::EmptyTc => {
+                self.ret == u32::MAX || self.ret == 0
+            }
+            Hook::XdpIngress | Hook::EmptyXdp => self.ret == 2,
         }
     }
 }
 
 struct Maps {
     policy: HashMap<MapData, MacKey, Policy>,
-    usage: HashMap<MapData, MacKey, Usage>,
+    usage: Array<MapData, Usage>,
     config: Array<MapData, GateConfig>,
     garden: LpmTrie<MapData, [u8; 16], u8>,
     verdicts: PerCpuArray<MapData, VerdictCount>,
@@ -368,6 +402,59 @@ struct Slots {
     /// exhaustion event of the evicted one still waiting in the ring buffer never matches.
     gen_floor: u32,
     evictions: Evictions,
+    /// USAGE slots given back by evictions, reused oldest first (a CPU that looked the
+    /// evicted client up just before its deletion has long finished when its slot returns).
+    free: VecDeque<u32>,
+    /// Slots from here to `capacity` were never handed out by this valve.
+    next_fresh: u32,
+    /// Per client: (packets + dropped bytes, CLOCK_MONOTONIC ns when that sum last moved).
+    seen: StdHashMap<MacKey, (u64, u64)>,
+}
+
+impl Slots {
+    /// Rebuilds the free list from the slots POLICY uses (at load).
+    fn from_policies(capacity: u32, used: impl Iterator<Item = u32>) -> Slots {
+        let mut taken = vec![false; capacity as usize];
+        let mut top = 0u32;
+        for s in used {
+            if let Some(t) = taken.get_mut(s as usize) {
+                *t = true;
+                top = top.max(s + 1);
+            }
+        }
+        Slots {
+            capacity,
+            free: (0..top).filter(|s| !taken[*s as usize]).collect(),
+            next_fresh: top,
+            ..Default::default()
+        }
+    }
+
+    fn take(&mut self) -> Option<u32> {
+        if let Some(s) = self.free.pop_front() {
+            return Some(s);
+        }
+        (self.next_fresh < self.capacity).then(|| {
+            self.next_fresh += 1;
+            self.next_fresh - 1
+        })
+    }
+
+    /// Slots handed out and not given back.
+    fn in_use(&self) -> u32 {
+        self.next_fresh - self.free.len() as u32
+    }
+}
+
+/// CLOCK_MONOTONIC in ns (the clock of `ClientUsage::last_seen_ns`).
+fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The data plane of one LAN interface.
@@ -384,8 +471,6 @@ pub struct Valve {
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-/// `BPF_NOEXIST` map update flag: create only, never overwrite.
-const BPF_NOEXIST: u64 = 1;
 
 /// Mounts bpffs on `/sys/fs/bpf` when it is missing (a fresh machine has none).
 fn ensure_bpffs(base: &Path) -> Result<(), ValveError> {
@@ -469,7 +554,12 @@ impl Valve {
             // A tool never resizes the daemon's maps.
             None => pinned_capacity(&dir.join(maps::POLICY))?.unwrap_or(MAX_CLIENTS),
         };
-        let carried = resize_pinned(&dir, capacity)?;
+        let mut carried = resize_pinned(&dir, capacity)?;
+        let mut upgraded = false;
+        if carried.is_none() && !dir.join(maps::POLICY).exists() {
+            carried = upgrade_from_v2(&cfg.pin_base, capacity)?;
+            upgraded = carried.is_some();
+        }
         let mut loader = EbpfLoader::new();
         for n in names {
             loader.map_pin_path(n, dir.join(n));
@@ -479,7 +569,11 @@ impl Valve {
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| attach_err(format!("loading the eBPF object: {e}")))?;
-        for p in [programs::TC_INGRESS, programs::TC_EGRESS] {
+        for p in [
+            programs::TC_INGRESS,
+            programs::TC_EGRESS,
+            programs::EMPTY_TC,
+        ] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(p)
                 .ok_or_else(|| attach_err(format!("program {p} missing from the object")))?
@@ -488,13 +582,15 @@ impl Valve {
             prog.load()
                 .map_err(|e| attach_err(format!("verifier rejected {p}: {e:?}")))?;
         }
-        let xdp: &mut Xdp = ebpf
-            .program_mut(programs::XDP_INGRESS)
-            .ok_or_else(|| attach_err("xdp program missing".into()))?
-            .try_into()
-            .map_err(|e| attach_err(format!("xdp: {e}")))?;
-        xdp.load()
-            .map_err(|e| attach_err(format!("verifier rejected xdp: {e:?}")))?;
+        for p in [programs::XDP_INGRESS, programs::EMPTY_XDP] {
+            let xdp: &mut Xdp = ebpf
+                .program_mut(p)
+                .ok_or_else(|| attach_err(format!("program {p} missing from the object")))?
+                .try_into()
+                .map_err(|e| attach_err(format!("{p}: {e}")))?;
+            xdp.load()
+                .map_err(|e| attach_err(format!("verifier rejected {p}: {e:?}")))?;
+        }
 
         let mut take = |name: &'static str| {
             ebpf.take_map(name).ok_or(ValveError::Map {
@@ -504,30 +600,46 @@ impl Valve {
         };
         let mut maps = Maps {
             policy: HashMap::try_from(take(maps::POLICY)?).map_err(map_err(maps::POLICY))?,
-            usage: HashMap::try_from(take(maps::USAGE)?).map_err(map_err(maps::USAGE))?,
+            usage: Array::try_from(take(maps::USAGE)?).map_err(map_err(maps::USAGE))?,
             config: Array::try_from(take(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?,
             garden: LpmTrie::try_from(take(maps::GARDEN)?).map_err(map_err(maps::GARDEN))?,
             verdicts: PerCpuArray::try_from(take(maps::VERDICTS)?)
                 .map_err(map_err(maps::VERDICTS))?,
             slots: Slots::default(),
         };
-        if let Some((policies, usages)) = carried {
-            // The maps were recreated at the new size: put every entry back before the links
-            // switch to the new programs (counts are the kernel's; nothing is reset).
-            for (k, u) in &usages {
-                maps.usage.insert(k, u, 0).map_err(map_err(maps::USAGE))?;
-            }
-            for (k, p) in &policies {
+        let used: Vec<u32> = maps
+            .policy
+            .iter()
+            .filter_map(|kv| kv.ok())
+            .map(|(_, p)| p.slot)
+            .collect();
+        maps.slots = Slots::from_policies(capacity, used.iter().copied());
+        maps.slots.occupied = used.len() as u32;
+        if let Some(entries) = carried {
+            // The maps were recreated (another size or schema): put every client back, its
+            // counts in a fresh slot, before the links switch to the new programs.
+            let n = entries.len();
+            for (k, mut p, u) in entries {
+                let slot = maps.slots.take().ok_or_else(|| {
+                    ValveError::Config(format!("more than max_clients = {capacity} clients"))
+                })?;
+                maps.usage.set(slot, u, 0).map_err(map_err(maps::USAGE))?;
+                p.slot = slot;
                 maps.policy.insert(k, p, 0).map_err(map_err(maps::POLICY))?;
+                maps.slots.occupied += 1;
             }
             tracing::info!(
-                clients = policies.len(),
+                clients = n,
                 capacity,
-                "per-client maps resized; entries carried over"
+                "per-client maps recreated; entries and counts carried over"
             );
+            if upgraded {
+                // Carried over for good: unpin them so no later load imports them again
+                // (the old links keep the maps alive, and enforcing, until they detach).
+                let old = cfg.pin_base.join("v2");
+                unpin_all(&[&old.join(maps::POLICY), &old.join(maps::USAGE)])?;
+            }
         }
-        maps.slots.occupied = maps.policy.keys().filter(|k| k.is_ok()).count() as u32;
-        maps.slots.capacity = capacity;
         let events = RingBuf::try_from(take(maps::EVENTS)?).map_err(map_err(maps::EVENTS))?;
         let valve = Valve {
             ebpf: Mutex::new(ebpf),
@@ -752,12 +864,13 @@ impl Valve {
         Ok(VerdictCounts(out))
     }
 
-    /// Number of entries in the policy and usage maps (occupancy, for metrics; walks every key).
+    /// Entries in the policy map (walks every key) and USAGE slots in use (occupancy, for
+    /// metrics).
     pub fn occupancy(&self) -> (u32, u32) {
         let m = self.maps();
         (
             m.policy.keys().filter(|k| k.is_ok()).count() as u32,
-            m.usage.keys().filter(|k| k.is_ok()).count() as u32,
+            m.slots.in_use(),
         )
     }
 
@@ -951,7 +1064,7 @@ impl Valve {
             ..Default::default()
         };
         let r = match hook {
-            Hook::XdpIngress => {
+            Hook::XdpIngress | Hook::EmptyXdp => {
                 let p: &Xdp = prog
                     .try_into()
                     .map_err(|e| ValveError::Other(format!("{e}")))?;
@@ -969,6 +1082,25 @@ impl Valve {
             ret: r.return_value,
             duration: r.duration,
         })
+    }
+
+    /// Turns on the kernel's per-program run-time statistics (`BPF_ENABLE_STATS`) for as
+    /// long as the returned descriptor lives (benchmarks; it costs two clock reads a run).
+    pub fn enable_run_stats() -> Result<std::os::fd::OwnedFd, ValveError> {
+        aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .map_err(|e| ValveError::Other(format!("BPF_ENABLE_STATS: {e}")))
+    }
+
+    /// Cumulative (run time ns, run count) of the gate's program at `hook`, as the kernel
+    /// counts them while run statistics are on.
+    pub fn run_stats(&self, hook: Hook) -> Result<(u64, u64), ValveError> {
+        let ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        let info = ebpf
+            .program(hook.program())
+            .ok_or_else(|| ValveError::Other("program missing".into()))?
+            .info()
+            .map_err(|e| ValveError::Other(format!("program info: {e}")))?;
+        Ok((info.run_time().as_nanos() as u64, info.run_count()))
     }
 
     /// Removes every pin of the data plane under `pin_base`, its WAN meter's included (links
@@ -994,14 +1126,6 @@ impl Valve {
         Ok(())
     }
 
-    fn read_usage(m: &Maps, key: &MacKey) -> Result<Option<Usage>, ValveError> {
-        match m.usage.get(key, 0) {
-            Ok(u) => Ok(Some(u)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_err(maps::USAGE)(e)),
-        }
-    }
-
     fn read_policy(m: &Maps, key: &MacKey) -> Result<Option<Policy>, ValveError> {
         match m.policy.get(key, 0) {
             Ok(p) => Ok(Some(p)),
@@ -1010,26 +1134,59 @@ impl Valve {
         }
     }
 
-    /// Makes sure a usage entry exists (NOEXIST never overwrites the kernel's counts).
-    fn ensure_usage(m: &mut Maps, mac: MacAddr, key: &MacKey) -> Result<Usage, ValveError> {
-        if let Some(u) = Self::read_usage(m, key)? {
-            return Ok(u);
+    fn read_slot(m: &Maps, slot: u32) -> Result<Usage, ValveError> {
+        m.usage.get(&slot, 0).map_err(map_err(maps::USAGE))
+    }
+
+    /// The counters of `key`'s slot (`None` without a POLICY entry).
+    fn read_usage(m: &Maps, key: &MacKey) -> Result<Option<Usage>, ValveError> {
+        match Self::read_policy(m, key)? {
+            Some(p) => Self::read_slot(m, p.slot).map(Some),
+            None => Ok(None),
         }
-        match m.usage.insert(key, Usage::default(), BPF_NOEXIST) {
-            Ok(()) => {}
-            Err(MapError::SyscallError(SyscallError { io_error, .. }))
-                if io_error.raw_os_error() == Some(libc::E2BIG) =>
-            {
-                return Err(ValveError::Full {
-                    mac,
-                    capacity: m.slots.capacity,
-                })
+    }
+
+    /// The policy `old` read for a client with its counters, or, for a client the kernel does
+    /// not know yet, a closed one in a fresh, zeroed slot (the caller writes it; `Full` when
+    /// no slot is free).
+    fn entry(
+        m: &mut Maps,
+        mac: MacAddr,
+        old: Option<Policy>,
+    ) -> Result<(Policy, Usage), ValveError> {
+        if let Some(p) = old {
+            return Ok((p, Self::read_slot(m, p.slot)?));
+        }
+        let Some(slot) = m.slots.take() else {
+            return Err(ValveError::Full {
+                mac,
+                capacity: m.slots.capacity,
+            });
+        };
+        // No POLICY entry points here: the kernel no longer writes this slot.
+        if let Err(e) = m.usage.set(slot, Usage::default(), 0) {
+            m.slots.free.push_front(slot);
+            return Err(map_err(maps::USAGE)(e));
+        }
+        let mut p = Policy::CLOSED;
+        p.slot = slot;
+        Ok((p, Usage::default()))
+    }
+
+    /// When `key`'s counters last moved, as far as the valve has seen (0 = never).
+    fn last_seen(m: &mut Maps, key: &MacKey, u: &Usage) -> u64 {
+        let sum = u
+            .packets_up
+            .wrapping_add(u.packets_down)
+            .wrapping_add(u.bytes_dropped);
+        match m.slots.seen.get(key) {
+            Some(&(s, at)) if s == sum => at,
+            _ => {
+                let at = if sum == 0 { 0 } else { mono_ns() };
+                m.slots.seen.insert(*key, (sum, at));
+                at
             }
-            Err(MapError::SyscallError(SyscallError { io_error, .. }))
-                if io_error.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(e) => return Err(map_err(maps::USAGE)(e)),
         }
-        Ok(Self::read_usage(m, key)?.unwrap_or_default())
     }
 
     fn write_policy(m: &mut Maps, mac: MacAddr, key: &MacKey, p: Policy) -> Result<(), ValveError> {
@@ -1047,16 +1204,19 @@ impl Valve {
         }
     }
 
-    /// The closed entry idle longest (by the kernel's last-seen time), if any. Walks the map:
-    /// only called when it is full.
-    fn oldest_closed(m: &Maps) -> Result<Option<MacKey>, ValveError> {
+    /// The closed entry idle longest (by when its counters last moved), if any. Walks the
+    /// map: only called when it is full.
+    fn oldest_closed(m: &mut Maps) -> Result<Option<MacKey>, ValveError> {
+        let closed: Vec<(MacKey, Policy)> = m
+            .policy
+            .iter()
+            .filter_map(|kv| kv.ok())
+            .filter(|(_, p)| p.flags & policy_flags::ALLOWED == 0)
+            .collect();
         let mut best: Option<(u64, MacKey)> = None;
-        for kv in m.policy.iter() {
-            let (k, p) = kv.map_err(map_err(maps::POLICY))?;
-            if p.flags & policy_flags::ALLOWED != 0 {
-                continue;
-            }
-            let seen = Self::read_usage(m, &k)?.map_or(0, |u| u.last_seen_mono_ns);
+        for (k, p) in closed {
+            let u = Self::read_slot(m, p.slot)?;
+            let seen = Self::last_seen(m, &k, &u);
             if best.is_none_or(|(s, _)| seen < s) {
                 best = Some((seen, k));
             }
@@ -1064,28 +1224,25 @@ impl Valve {
         Ok(best.map(|(_, k)| k))
     }
 
-    /// Deletes a closed client's entries (never an open gate: checked here, under the lock).
+    /// Deletes a closed client's entry and frees its slot (never an open gate: checked here,
+    /// under the lock).
     fn evict(m: &mut Maps, key: &MacKey, why: EvictReason) -> Result<(), ValveError> {
-        let p = Self::read_policy(m, key)?;
-        if p.is_some_and(|p| p.flags & policy_flags::ALLOWED != 0) {
+        let Some(p) = Self::read_policy(m, key)? else {
+            return Ok(());
+        };
+        if p.flags & policy_flags::ALLOWED != 0 {
             return Ok(());
         }
-        let u = Self::read_usage(m, key)?;
-        let top = p
-            .map_or(0, |p| p.generation)
-            .max(u.map_or(0, |u| u.notified_generation));
+        let u = Self::read_slot(m, p.slot)?;
+        let top = p.generation.max(u.notified_generation);
         m.slots.gen_floor = m.slots.gen_floor.max(top);
-        if p.is_some() {
-            match m.policy.remove(key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(maps::POLICY)(e)),
-            }
-            m.slots.occupied = m.slots.occupied.saturating_sub(1);
-        }
-        match m.usage.remove(key) {
+        match m.policy.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(map_err(maps::USAGE)(e)),
+            Err(e) => return Err(map_err(maps::POLICY)(e)),
         }
+        m.slots.occupied = m.slots.occupied.saturating_sub(1);
+        m.slots.free.push_back(p.slot);
+        m.slots.seen.remove(key);
         m.slots.closed_since.remove(key);
         match why {
             EvictReason::Retention => m.slots.evictions.retention += 1,
@@ -1095,14 +1252,14 @@ impl Valve {
         Ok(())
     }
 
-    fn state(mac: MacAddr, p: Option<Policy>, u: Option<Usage>) -> GateState {
+    fn state(mac: MacAddr, p: Option<Policy>, u: Option<Usage>, last_seen_ns: u64) -> GateState {
         let u = u.unwrap_or_default();
         let usage = ClientUsage {
             bytes_up: u.bytes_up,
             bytes_down: u.bytes_down,
             packets_up: u.packets_up,
             packets_down: u.packets_down,
-            last_seen_ns: u.last_seen_mono_ns,
+            last_seen_ns,
         };
         let p = p.unwrap_or(Policy::CLOSED);
         let open = p.flags & policy_flags::ALLOWED != 0;
@@ -1156,7 +1313,38 @@ fn pinned_capacity(path: &Path) -> Result<Option<u32>, ValveError> {
     Ok(Some(info.max_entries()))
 }
 
-type Carried = (Vec<(MacKey, Policy)>, Vec<(MacKey, Usage)>);
+/// Clients taken out of maps that are being recreated: key, policy (its slot is reassigned)
+/// and counters.
+type Carried = Vec<(MacKey, Policy, Usage)>;
+
+fn open_hash<K: aya::Pod, V: aya::Pod>(
+    path: &Path,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, ValveError> {
+    HashMap::try_from(aya::maps::Map::HashMap(
+        MapData::from_pin(path).map_err(map_err(name))?,
+    ))
+    .map_err(map_err(name))
+}
+
+fn unpin_all(paths: &[&Path]) -> Result<(), ValveError> {
+    for p in paths {
+        match std::fs::remove_file(p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ValveError::Other(format!("unpin {}: {e}", p.display()))),
+        }
+    }
+    Ok(())
+}
+
+fn too_many(dir: &Path, have: usize, want: u32) -> ValveError {
+    ValveError::Config(format!(
+        "the pinned per-client maps in {} hold {have} clients, more than max_clients = {want}: \
+         raise dataplane.max_clients (or let closed entries be evicted first)",
+        dir.display()
+    ))
+}
 
 /// Pinned per-client maps of another size than `want`: read every entry, unpin the old maps
 /// (the loader then creates them at `want`) and hand the entries back to be re-inserted.
@@ -1164,53 +1352,136 @@ type Carried = (Vec<(MacKey, Policy)>, Vec<(MacKey, Usage)>);
 /// links switch programs, so a packet or two counted in between is not carried over.
 fn resize_pinned(dir: &Path, want: u32) -> Result<Option<Carried>, ValveError> {
     let (pp, up) = (dir.join(maps::POLICY), dir.join(maps::USAGE));
-    let have = [pinned_capacity(&pp)?, pinned_capacity(&up)?];
-    if have.iter().all(|h| h.is_none_or(|h| h == want)) {
+    let Some(have) = pinned_capacity(&pp)? else {
+        return Ok(None);
+    };
+    if have == want {
         return Ok(None);
     }
-    let policy: HashMap<MapData, MacKey, Policy> = match have[0] {
-        Some(_) => HashMap::try_from(aya::maps::Map::HashMap(
-            MapData::from_pin(&pp).map_err(map_err(maps::POLICY))?,
-        ))
-        .map_err(map_err(maps::POLICY))?,
-        None => return Ok(None),
-    };
-    let usage: Option<HashMap<MapData, MacKey, Usage>> = match have[1] {
-        Some(_) => Some(
-            HashMap::try_from(aya::maps::Map::HashMap(
+    let policy: HashMap<MapData, MacKey, Policy> = open_hash(&pp, maps::POLICY)?;
+    let usage: Option<Array<MapData, Usage>> = if up.exists() {
+        Some(
+            Array::try_from(aya::maps::Map::Array(
                 MapData::from_pin(&up).map_err(map_err(maps::USAGE))?,
             ))
             .map_err(map_err(maps::USAGE))?,
-        ),
-        None => None,
+        )
+    } else {
+        None
     };
     let policies: Vec<(MacKey, Policy)> = policy.iter().filter_map(|kv| kv.ok()).collect();
-    let usages: Vec<(MacKey, Usage)> = usage
-        .iter()
-        .flat_map(|u| u.iter().filter_map(|kv| kv.ok()))
-        .collect();
-    if policies.len() > want as usize || usages.len() > want as usize {
-        return Err(ValveError::Config(format!(
-            "the pinned per-client maps in {} hold {} clients, more than max_clients = {want}: \
-             raise dataplane.max_clients (or let closed entries be evicted first)",
-            dir.display(),
-            policies.len().max(usages.len())
-        )));
+    if policies.len() > want as usize {
+        return Err(too_many(dir, policies.len(), want));
     }
-    for p in [&pp, &up] {
-        match std::fs::remove_file(p) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(ValveError::Other(format!("unpin {}: {e}", p.display()))),
-        }
-    }
+    let carried = policies
+        .into_iter()
+        .map(|(k, p)| {
+            let u = usage
+                .as_ref()
+                .and_then(|a| a.get(&p.slot, 0).ok())
+                .unwrap_or_default();
+            (k, p, u)
+        })
+        .collect::<Vec<_>>();
+    unpin_all(&[&pp, &up])?;
     tracing::info!(
-        from = ?have,
+        from = have,
         to = want,
-        clients = policies.len(),
+        clients = carried.len(),
         "resizing the per-client maps"
     );
-    Ok(Some((policies, usages)))
+    Ok(Some(carried))
+}
+
+/// Schema 2's gate (`<pin_base>/v2/TG_POLICY`): today's `Policy` without `slot` and the
+/// IPv6 binding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct PolicyV2 {
+    flags: u32,
+    generation: u32,
+    limit_total: u64,
+    limit_up: u64,
+    limit_down: u64,
+    expires_at_ns: u64,
+    bound_ipv4: [u8; 4],
+    _pad: [u8; 4],
+}
+
+// SAFETY: `#[repr(C)]`, integer fields only, the padding is an explicit field.
+unsafe impl aya::Pod for PolicyV2 {}
+
+/// Schema 2's counters (`<pin_base>/v2/TG_USAGE`, a hash map by MAC).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct UsageV2 {
+    bytes_up: u64,
+    bytes_down: u64,
+    packets_up: u64,
+    packets_down: u64,
+    last_seen_mono_ns: u64,
+    notified_generation: u32,
+    _pad: u32,
+    bytes_dropped: u64,
+}
+
+// SAFETY: `#[repr(C)]`, integer fields only, the padding is an explicit field.
+unsafe impl aya::Pod for UsageV2 {}
+
+/// A first load of this schema next to schema 2's pins (the release before): carry every
+/// client and its counts over. Schema 2's client maps are unpinned once their entries are in the new maps;
+/// its links are detached on attach.
+fn upgrade_from_v2(pin_base: &Path, want: u32) -> Result<Option<Carried>, ValveError> {
+    let old = pin_base.join("v2");
+    let (pp, up) = (old.join(maps::POLICY), old.join(maps::USAGE));
+    if !pp.exists() {
+        return Ok(None);
+    }
+    let policy: HashMap<MapData, MacKey, PolicyV2> = open_hash(&pp, maps::POLICY)?;
+    let usage: Option<HashMap<MapData, MacKey, UsageV2>> = if up.exists() {
+        Some(open_hash(&up, maps::USAGE)?)
+    } else {
+        None
+    };
+    let policies: Vec<(MacKey, PolicyV2)> = policy.iter().filter_map(|kv| kv.ok()).collect();
+    if policies.len() > want as usize {
+        return Err(too_many(&old, policies.len(), want));
+    }
+    let carried: Carried = policies
+        .into_iter()
+        .map(|(k, o)| {
+            let p = Policy {
+                flags: o.flags & (policy_flags::ALLOWED | policy_flags::BIND_IPV4),
+                generation: o.generation,
+                limit_total: o.limit_total,
+                limit_up: o.limit_up,
+                limit_down: o.limit_down,
+                expires_at_ns: o.expires_at_ns,
+                bound_ipv4: o.bound_ipv4,
+                ..Policy::CLOSED
+            };
+            let o = usage
+                .as_ref()
+                .and_then(|m| m.get(&k, 0).ok())
+                .unwrap_or_default();
+            let u = Usage {
+                bytes_up: o.bytes_up,
+                bytes_down: o.bytes_down,
+                packets_up: o.packets_up,
+                packets_down: o.packets_down,
+                notified_generation: o.notified_generation,
+                bytes_dropped: o.bytes_dropped,
+                ..Default::default()
+            };
+            (k, p, u)
+        })
+        .collect();
+    tracing::info!(
+        clients = carried.len(),
+        from = %old.display(),
+        "schema upgrade: carrying the clients and their counts over"
+    );
+    Ok(Some(carried))
 }
 
 /// Opens a pinned link, `None` if there is none.
@@ -1258,16 +1529,24 @@ impl WanMeter for Valve {
             ));
         }
         let key = MacKey::new(mac.0);
-        Self::ensure_usage(&mut m, mac, &key)?;
-        Self::write_policy(&mut m, mac, &key, Policy::CLOSED)?;
-        let others: Vec<MacKey> = m
+        let old = Self::read_policy(&m, &key)?;
+        let new = old.is_none();
+        let (mut p, _) = Self::entry(&mut m, mac, old)?;
+        p.flags = policy_flags::METERED;
+        Self::write_policy(&mut m, mac, &key, p)?;
+        if new {
+            m.slots.occupied += 1;
+        }
+        // The others stop being counted; their entries (and counts) stay.
+        let others: Vec<(MacKey, Policy)> = m
             .policy
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| *k != key)
+            .iter()
+            .filter_map(|kv| kv.ok())
+            .filter(|(k, p)| *k != key && p.flags & policy_flags::METERED != 0)
             .collect();
-        for k in others {
-            let _ = m.policy.remove(&k);
+        for (k, mut p) in others {
+            p.flags &= !policy_flags::METERED;
+            let _ = m.policy.insert(k, p, 0);
         }
         let mut c = c;
         c.gateway_v4 = peer.octets();
@@ -1284,7 +1563,7 @@ impl WanMeter for Valve {
                 bytes_down: u.bytes_up,
                 packets_up: u.packets_down,
                 packets_down: u.packets_up,
-                last_seen_ns: u.last_seen_mono_ns,
+                last_seen_ns: 0,
             }),
         )
     }
@@ -1294,13 +1573,13 @@ impl Gates for Valve {
     fn check(&self, mac: MacAddr) -> Result<(), ValveError> {
         // Capacity only: nothing is created before the money is taken (a failed or hostile
         // payment leaves no entry). The entry is made by `open`, at grant time.
-        let m = self.maps();
+        let mut m = self.maps();
         let key = MacKey::new(mac.0);
         if Self::read_policy(&m, &key)?.is_some() || m.slots.occupied < m.slots.capacity {
             return Ok(());
         }
         // Full: `open` makes room by evicting a closed entry, if there is one.
-        match Self::oldest_closed(&m)? {
+        match Self::oldest_closed(&mut m)? {
             Some(_) => Ok(()),
             None => Err(ValveError::Full {
                 mac,
@@ -1314,7 +1593,7 @@ impl Gates for Valve {
         let key = MacKey::new(mac.0);
         let old = Self::read_policy(&m, &key)?;
         if old.is_none() && m.slots.occupied >= m.slots.capacity {
-            match Self::oldest_closed(&m)? {
+            match Self::oldest_closed(&mut m)? {
                 Some(victim) => Self::evict(&mut m, &victim, EvictReason::Pressure)?,
                 None => {
                     return Err(ValveError::Full {
@@ -1324,7 +1603,7 @@ impl Gates for Valve {
                 }
             }
         }
-        let u = Self::ensure_usage(&mut m, mac, &key)?;
+        let (cur, u) = Self::entry(&mut m, mac, old)?;
         let used = u.bytes_up.saturating_add(u.bytes_down);
         let mut flags = policy_flags::ALLOWED;
         if a.bind_ipv4.is_some() {
@@ -1342,25 +1621,32 @@ impl Gates for Valve {
                 .map_or(UNLIMITED, |b| u.bytes_down.saturating_add(b)),
             expires_at_ns: a.until_boot_ns.unwrap_or(0),
             bound_ipv4: a.bind_ipv4.map_or([0; 4], |ip| ip.octets()),
-            _pad: [0; 4],
+            slot: cur.slot,
+            bound_ipv6: [[0; 16]; MAX_BOUND_V6],
         };
-        Self::write_policy(&mut m, mac, &key, p)?;
+        if let Err(e) = Self::write_policy(&mut m, mac, &key, p) {
+            if old.is_none() {
+                m.slots.free.push_front(cur.slot);
+            }
+            return Err(e);
+        }
         if old.is_none() {
             m.slots.occupied += 1;
         }
         m.slots.closed_since.remove(&key);
-        Ok(Self::state(mac, Some(p), Some(u)))
+        let seen = Self::last_seen(&mut m, &key, &u);
+        Ok(Self::state(mac, Some(p), Some(u), seen))
     }
 
     fn extend(&self, mac: MacAddr, add_bytes: u64, add_ns: u64) -> Result<GateState, ValveError> {
         let mut m = self.maps();
         let key = MacKey::new(mac.0);
-        let u = Self::ensure_usage(&mut m, mac, &key)?;
         let Some(old) =
             Self::read_policy(&m, &key)?.filter(|p| p.flags & policy_flags::ALLOWED != 0)
         else {
             return Err(ValveError::Other(format!("gate of {mac} is not open")));
         };
+        let u = Self::read_slot(&m, old.slot)?;
         let used = u.bytes_up.saturating_add(u.bytes_down);
         let mut p = old;
         p.generation = Self::next_generation(Some(&old), &u);
@@ -1386,7 +1672,8 @@ impl Gates for Valve {
             p.expires_at_ns = base.saturating_add(add_ns);
         }
         Self::write_policy(&mut m, mac, &key, p)?;
-        Ok(Self::state(mac, Some(p), Some(u)))
+        let seen = Self::last_seen(&mut m, &key, &u);
+        Ok(Self::state(mac, Some(p), Some(u), seen))
     }
 
     fn close(&self, mac: MacAddr) -> Result<(), ValveError> {
@@ -1425,11 +1712,53 @@ impl Gates for Valve {
         Self::write_policy(&mut m, mac, &key, p)
     }
 
+    fn bind(&self, mac: MacAddr, addrs: &[IpAddr]) -> Result<(), ValveError> {
+        let mut v4 = None;
+        let mut v6 = Vec::new();
+        for a in addrs {
+            match a {
+                IpAddr::V4(a) if v4.is_none() => v4 = Some(*a),
+                IpAddr::V6(a) if v6.len() < MAX_BOUND_V6 && !a.is_unspecified() => v6.push(*a),
+                _ => {
+                    return Err(ValveError::Config(format!(
+                        "cannot bind {mac} to {addrs:?}: at most one IPv4 and {MAX_BOUND_V6} \
+                         IPv6 addresses"
+                    )))
+                }
+            }
+        }
+        let mut m = self.maps();
+        let key = MacKey::new(mac.0);
+        let Some(mut p) = Self::read_policy(&m, &key)? else {
+            return Err(ValveError::Other(format!("no gate for {mac} to bind")));
+        };
+        p.flags &= !(policy_flags::BIND_IPV4 | policy_flags::BIND_IPV6);
+        p.bound_ipv4 = v4.map_or([0; 4], |a| a.octets());
+        if v4.is_some() {
+            p.flags |= policy_flags::BIND_IPV4;
+        }
+        p.bound_ipv6 = [[0; 16]; MAX_BOUND_V6];
+        for (slot, a) in p.bound_ipv6.iter_mut().zip(&v6) {
+            *slot = a.octets();
+        }
+        if !v6.is_empty() {
+            p.flags |= policy_flags::BIND_IPV6;
+        }
+        // One write: the kernel sees the old binding or the new one, never a mix.
+        Self::write_policy(&mut m, mac, &key, p)
+    }
+
     fn sweep(&self, retention: Duration) -> Result<SweepReport, ValveError> {
         let mut m = self.maps();
         let now = Instant::now();
         let policies: Vec<(MacKey, Policy)> = m.policy.iter().filter_map(|kv| kv.ok()).collect();
         let present: HashSet<MacKey> = policies.iter().map(|(k, _)| *k).collect();
+        m.slots.seen.retain(|k, _| present.contains(k));
+        for (k, p) in &policies {
+            if let Ok(u) = Self::read_slot(&m, p.slot) {
+                Self::last_seen(&mut m, k, &u);
+            }
+        }
         let closed: HashSet<MacKey> = policies
             .iter()
             .filter(|(_, p)| p.flags & policy_flags::ALLOWED == 0)
@@ -1441,17 +1770,6 @@ impl Gates for Valve {
             m.slots.closed_since.entry(*k).or_insert(now);
         }
         let mut evicted = 0u32;
-        // Counters without a gate (left by an older daemon's pre-flight) are no client at all.
-        let orphans: Vec<MacKey> = m
-            .usage
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !present.contains(k))
-            .collect();
-        for k in orphans {
-            Self::evict(&mut m, &k, EvictReason::Retention)?;
-            evicted += 1;
-        }
         let expired: Vec<MacKey> = m
             .slots
             .closed_since
@@ -1471,13 +1789,7 @@ impl Gates for Valve {
                 .slots
                 .closed_since
                 .keys()
-                .map(|k| {
-                    let seen = Self::read_usage(&m, k)
-                        .ok()
-                        .flatten()
-                        .map_or(0, |u| u.last_seen_mono_ns);
-                    (seen, *k)
-                })
+                .map(|k| (m.slots.seen.get(k).map_or(0, |s| s.1), *k))
                 .collect();
             idle.sort();
             for (_, k) in idle {
@@ -1496,31 +1808,30 @@ impl Gates for Valve {
     }
 
     fn gate(&self, mac: MacAddr) -> Result<Option<GateState>, ValveError> {
-        let m = self.maps();
+        let mut m = self.maps();
         let key = MacKey::new(mac.0);
-        let p = Self::read_policy(&m, &key)?;
-        let u = Self::read_usage(&m, &key)?;
-        if p.is_none() && u.is_none() {
+        let Some(p) = Self::read_policy(&m, &key)? else {
             return Ok(None);
-        }
-        Ok(Some(Self::state(mac, p, u)))
+        };
+        let u = Self::read_slot(&m, p.slot)?;
+        let seen = Self::last_seen(&mut m, &key, &u);
+        Ok(Some(Self::state(mac, Some(p), Some(u), seen)))
     }
 
     fn gates(&self) -> Result<Vec<GateState>, ValveError> {
-        let m = self.maps();
-        let mut out = BTreeMap::new();
-        for kv in m.usage.iter() {
-            let (k, u) = kv.map_err(map_err(maps::USAGE))?;
-            out.insert(k, (None, Some(u)));
-        }
+        let mut m = self.maps();
+        let mut policies = BTreeMap::new();
         for kv in m.policy.iter() {
             let (k, p) = kv.map_err(map_err(maps::POLICY))?;
-            out.entry(k).or_insert((None, None)).0 = Some(p);
+            policies.insert(k, p);
         }
-        Ok(out
-            .into_iter()
-            .map(|(k, (p, u))| Self::state(MacAddr(k.addr), p, u))
-            .collect())
+        let mut out = Vec::with_capacity(policies.len());
+        for (k, p) in policies {
+            let u = Self::read_slot(&m, p.slot)?;
+            let seen = Self::last_seen(&mut m, &k, &u);
+            out.push(Self::state(MacAddr(k.addr), Some(p), Some(u), seen));
+        }
+        Ok(out)
     }
 }
 
@@ -1586,10 +1897,13 @@ mod tests {
         p.limit_total = 1000;
         p.limit_up = 150;
         p.limit_down = UNLIMITED;
-        let s = Valve::state(mac, Some(p), Some(u));
+        let s = Valve::state(mac, Some(p), Some(u), 0);
         assert_eq!(s.remaining_bytes, Some(50));
         p.flags = 0;
-        assert_eq!(Valve::state(mac, Some(p), Some(u)).remaining_bytes, Some(0));
+        assert_eq!(
+            Valve::state(mac, Some(p), Some(u), 0).remaining_bytes,
+            Some(0)
+        );
     }
 
     #[test]

@@ -85,7 +85,8 @@ pub struct ClientUsage {
     pub bytes_down: u64,
     pub packets_up: u64,
     pub packets_down: u64,
-    /// CLOCK_MONOTONIC (coarse) ns of the last metered packet (0 = never).
+    /// CLOCK_MONOTONIC ns when the valve last saw the counters move (the kernel reads no
+    /// clock on the metered path; 0 = never).
     pub last_seen_ns: u64,
 }
 

@@ -977,86 +977,101 @@ impl Wallet {
     }
 
     fn decode(&self, raw: &str) -> Result<(TokenInfo, Token), WalletError> {
-        if raw.len() > MAX_TOKEN_LEN {
+        decode_token(raw, |mint| {
+            self.inner
+                .mints
+                .get(mint)
+                .map(|state| state.settings.unit.as_str())
+        })
+    }
+}
+
+/// Decodes and checks a customer's token without network access: the one token parser
+/// behind [`Wallet::inspect`] and [`Wallet::receive`] (public so `fuzz/` drives it).
+/// `accepted_unit(mint)` is the unit we take at `mint` (canonical URL), `None` if we do not
+/// accept that mint.
+pub fn decode_token<'a>(
+    raw: &str,
+    accepted_unit: impl Fn(&str) -> Option<&'a str>,
+) -> Result<(TokenInfo, Token), WalletError> {
+    if raw.len() > MAX_TOKEN_LEN {
+        return Err(WalletError::InvalidToken {
+            reason: format!("longer than {MAX_TOKEN_LEN} bytes"),
+        });
+    }
+    let s = raw.trim();
+    let s = s
+        .strip_prefix("cashu:")
+        .or_else(|| s.strip_prefix("CASHU:"))
+        .unwrap_or(s)
+        .trim();
+    let token = Token::from_str(s).map_err(|e| WalletError::InvalidToken {
+        reason: e.to_string(),
+    })?;
+    if let Token::TokenV3(v3) = &token {
+        if v3.is_multi_mint() {
             return Err(WalletError::InvalidToken {
-                reason: format!("longer than {MAX_TOKEN_LEN} bytes"),
+                reason: "multi-mint token".to_string(),
             });
         }
-        let s = raw.trim();
-        let s = s
-            .strip_prefix("cashu:")
-            .or_else(|| s.strip_prefix("CASHU:"))
-            .unwrap_or(s)
-            .trim();
-        let token = Token::from_str(s).map_err(|e| WalletError::InvalidToken {
+    }
+    let mint = token
+        .mint_url()
+        .map_err(|e| WalletError::InvalidToken {
+            reason: e.to_string(),
+        })?
+        .to_string();
+    let accepted =
+        accepted_unit(&mint).ok_or_else(|| WalletError::MintNotAccepted { mint: mint.clone() })?;
+    let unit = token.unit().unwrap_or_default().to_string();
+    if unit != accepted {
+        return Err(WalletError::WrongUnit { unit });
+    }
+    // Any NUT-10 secret (P2PK, HTLC) is a condition we would have to satisfy: reject all.
+    let conditions = token
+        .spending_conditions()
+        .map_err(|e| WalletError::InvalidToken {
             reason: e.to_string(),
         })?;
-        if let Token::TokenV3(v3) = &token {
-            if v3.is_multi_mint() {
-                return Err(WalletError::InvalidToken {
-                    reason: "multi-mint token".to_string(),
-                });
-            }
-        }
-        let mint = token
-            .mint_url()
-            .map_err(|e| WalletError::InvalidToken {
-                reason: e.to_string(),
-            })?
-            .to_string();
-        let state = self
-            .inner
-            .mints
-            .get(&mint)
-            .ok_or_else(|| WalletError::MintNotAccepted { mint: mint.clone() })?;
-        let unit = token.unit().unwrap_or_default().to_string();
-        if unit != state.settings.unit {
-            return Err(WalletError::WrongUnit { unit });
-        }
-        // Any NUT-10 secret (P2PK, HTLC) is a condition we would have to satisfy: reject all.
-        let conditions = token
-            .spending_conditions()
-            .map_err(|e| WalletError::InvalidToken {
-                reason: e.to_string(),
-            })?;
-        let secrets = token.token_secrets();
-        if !conditions.is_empty() || secrets.iter().any(|s| s.as_bytes().first() == Some(&b'[')) {
-            return Err(WalletError::Locked);
-        }
-        if secrets.is_empty() {
-            return Err(WalletError::InvalidToken {
-                reason: "no proofs".to_string(),
-            });
-        }
-        let amount: u64 = token
-            .value()
-            .map_err(|e| WalletError::InvalidToken {
-                reason: e.to_string(),
-            })?
-            .into();
-        let mut sorted: Vec<&[u8]> = secrets.iter().map(|s| s.as_bytes()).collect();
-        sorted.sort_unstable();
-        let mut h = Sha256::new();
-        for s in sorted {
-            h.update((s.len() as u64).to_be_bytes());
-            h.update(s);
-        }
-        let token_id = h
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>();
-        Ok((
-            TokenInfo {
-                token_id,
-                mint,
-                unit,
-                amount,
-            },
-            token,
-        ))
+    let secrets = token.token_secrets();
+    if !conditions.is_empty() || secrets.iter().any(|s| s.as_bytes().first() == Some(&b'[')) {
+        return Err(WalletError::Locked);
     }
+    if secrets.is_empty() {
+        return Err(WalletError::InvalidToken {
+            reason: "no proofs".to_string(),
+        });
+    }
+    let amount: u64 = token
+        .value()
+        .map_err(|e| WalletError::InvalidToken {
+            reason: e.to_string(),
+        })?
+        .into();
+    let mut sorted: Vec<&[u8]> = secrets.iter().map(|s| s.as_bytes()).collect();
+    sorted.sort_unstable();
+    let mut h = Sha256::new();
+    for s in sorted {
+        h.update((s.len() as u64).to_be_bytes());
+        h.update(s);
+    }
+    let token_id = h
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    Ok((
+        TokenInfo {
+            token_id,
+            mint,
+            unit,
+            amount,
+        },
+        token,
+    ))
+}
 
+impl Wallet {
     /// Redeem a customer's token. Idempotent per proof set: a repeated call returns the first
     /// receipt with `replayed = true`.
     pub async fn receive(&self, token: &str) -> Result<Receipt, WalletError> {
