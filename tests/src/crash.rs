@@ -299,9 +299,51 @@ pub async fn incomplete_sagas(dir: &Path) -> usize {
     db.get_incomplete_sagas().await.expect("sagas").len()
 }
 
+/// Put `amount` (a power of two) into the wallet in `dir` as ONE proof of its own, whatever
+/// split the wallet's own receive would choose: with one big proof every send of a smaller
+/// amount needs a swap. A cdk wallet on the same database and seed does the receive, so the
+/// proof is the wallet's own (derived, restorable). Call with the wallet closed.
+pub async fn fund_as_one_proof(dir: &Path, mint: &TestMint, amount: u64) {
+    assert!(amount.is_power_of_two(), "one proof holds a power of two");
+    let words = std::fs::read_to_string(dir.join("seed")).expect("wallet seed");
+    let seed = bip39::Mnemonic::parse(words.trim())
+        .expect("mnemonic")
+        .to_seed_normalized("");
+    let db = cdk_sqlite::WalletSqliteDatabase::new(dir.join("wallet.sqlite"))
+        .await
+        .expect("open wallet db");
+    let w = cdk::wallet::WalletBuilder::new()
+        .mint_url(mint.url().parse().expect("mint url"))
+        .unit(cdk::nuts::CurrencyUnit::Sat)
+        .localstore(std::sync::Arc::new(db))
+        .seed(seed)
+        .without_rate_limiting()
+        .build()
+        .expect("build wallet");
+    let opts = cdk::wallet::ReceiveOptions {
+        amount_split_target: cdk::amount::SplitTarget::Values(vec![cdk::Amount::from(amount)]),
+        ..Default::default()
+    };
+    let got: u64 = w
+        .receive(&mint.mint_token(amount).await, opts)
+        .await
+        .expect("receive as one proof")
+        .into();
+    assert_eq!(got, amount, "fund_as_one_proof needs a fee-free mint");
+}
+
 /// Seeded xorshift: random kill delays, reproducible from the printed seed.
 struct Rng(u64);
 impl Rng {
+    /// `seed` unless `TOLLGATE_CRASH_SEED` is set; the seed in use is printed.
+    fn seeded(seed: u64) -> Rng {
+        let seed = std::env::var("TOLLGATE_CRASH_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(seed | 1);
+        eprintln!("crash test seed {seed} (TOLLGATE_CRASH_SEED to replay)");
+        Rng(seed)
+    }
     fn new() -> Rng {
         let seed = std::env::var("TOLLGATE_CRASH_SEED")
             .ok()
@@ -329,6 +371,16 @@ pub fn iters() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(12)
+}
+
+/// `n` kills after random delays over about the time `clean` took, from a fixed `seed` (CI
+/// runs the same delays every time; `TOLLGATE_CRASH_SEED` overrides it).
+pub fn random_kills(seed: u64, n: usize, clean: Duration) -> Vec<Kill> {
+    let mut rng = Rng::seeded(seed);
+    let span = (clean.as_micros() as u64 * 12 / 10).max(1000);
+    (0..n)
+        .map(|_| Kill::After(Duration::from_micros(rng.below(span))))
+        .collect()
 }
 
 /// Kills for one operation: each named point, each gate, then random delays over about the

@@ -272,3 +272,33 @@ pub fn write_config_keyed(dir: &Path, config: &serde_json::Value, key: &str) {
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     std::fs::write(dir.join("identities.json"), identities.to_string()).unwrap();
 }
+
+/// Runs `tollgate <args>` (stdin piped from `input`): (exit code, stdout, stderr).
+pub fn tg(args: &[&str], input: Option<&str>) -> (i32, String, String) {
+    let mut child = Command::new(tollgate_bin())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tollgate");
+    {
+        let mut stdin = child.stdin.take().expect("stdin");
+        if let Some(i) = input {
+            stdin.write_all(i.as_bytes()).expect("write stdin");
+        }
+    }
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `tg` that must succeed, its stdout parsed as JSON.
+pub fn tg_json(args: &[&str], input: Option<&str>) -> serde_json::Value {
+    let (code, out, err) = tg(args, input);
+    assert_eq!(code, 0, "tollgate {args:?} failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}

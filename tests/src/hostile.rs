@@ -7,6 +7,7 @@
 //!  GET /       signed kind 10021, one option at `mint` (price 1/step, `min_steps` settable)
 //!  POST /      token swapped at the mint ─> valid kind 1022 for `customer_mac`
 //!  GET /usage  by Mode: "-1/-1", a malformed chunk size, an oversized body, a slow drip
+//!  Mode::Silent: nothing answered at all
 //! ```
 //! Run it on a runtime whose threads live in the upstream namespace
 //! ([`crate::gateway::ns_runtime`]); it stops when dropped.
@@ -29,6 +30,9 @@ pub enum Mode {
     NoSession = 0,
     /// Cycle through: `-1/-1`, chunk size `ffffffffffffffff`, a 1 MiB body, a slow drip.
     Malformed = 1,
+    /// Unreachable in the worst way: every request is read and never answered (probes and
+    /// `/usage` polls hang until the buyer's timeout).
+    Silent = 2,
 }
 
 struct Shared {
@@ -160,6 +164,11 @@ async fn serve(mut c: tokio::net::TcpStream, s: &Shared) -> std::io::Result<()> 
             break;
         }
         req.extend_from_slice(&buf[..n]);
+    }
+    if s.mode.load(Ordering::SeqCst) == Mode::Silent as u8 {
+        // Hold the connection until the client gives up.
+        while c.read(&mut buf).await? > 0 {}
+        return Ok(());
     }
     let body = String::from_utf8_lossy(&req[head_end..]).to_string();
     let line = head.lines().next().unwrap_or("").to_string();

@@ -18,52 +18,20 @@ use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
     path::Path,
-    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use tollgate::ops::metrics;
 use tollgate_tests::{
-    gateway::{http, in_ns, ns_runtime, write_config, Daemon},
+    gateway::{http, in_ns, ns_runtime, tg, tg_json, write_config, Daemon},
     mint::TestMint,
     netns::{download, serve_bulk, Lab3, Netns},
     pins::PinBase,
-    tollgate_bin,
     wire::{ForeignTcx, TcxHook, TcxPlace},
 };
 
 const STEP: u64 = 1_000;
-
-/// Runs `tollgate <args>` (stdin piped from `input`): (exit code, stdout, stderr).
-fn tg(args: &[&str], input: Option<&str>) -> (i32, String, String) {
-    let mut child = Command::new(tollgate_bin())
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn tollgate");
-    {
-        let mut stdin = child.stdin.take().expect("stdin");
-        if let Some(i) = input {
-            stdin.write_all(i.as_bytes()).expect("write stdin");
-        }
-    }
-    let out = child.wait_with_output().expect("wait");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// `tg` that must succeed, its stdout parsed as JSON.
-fn tg_json(args: &[&str], input: Option<&str>) -> serde_json::Value {
-    let (code, out, err) = tg(args, input);
-    assert_eq!(code, 0, "tollgate {args:?} failed: {err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
-}
 
 /// GET /metrics on the admin address, from inside the gateway namespace.
 fn scrape(gw: &Netns) -> String {
@@ -78,13 +46,17 @@ fn scrape(gw: &Netns) -> String {
             .unwrap();
         let mut raw = Vec::new();
         s.read_to_end(&mut raw).unwrap();
-        let a = tollgate::control::parse_response(&raw).expect("http answer");
-        assert_eq!(a.status, 200);
-        assert!(a
-            .content_type
-            .unwrap_or_default()
-            .starts_with("text/plain; version=0.0.4"));
-        String::from_utf8(a.body).expect("utf-8")
+        // Our own daemon's answer (Content-Length, connection closed): head and body.
+        let raw = String::from_utf8(raw).expect("utf-8");
+        let (head, body) = raw.split_once("\r\n\r\n").expect("http answer");
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+        assert!(
+            head.lines().any(|l| l
+                .to_ascii_lowercase()
+                .starts_with("content-type: text/plain; version=0.0.4")),
+            "{head}"
+        );
+        body.to_string()
     })
 }
 

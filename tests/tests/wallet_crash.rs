@@ -18,7 +18,8 @@ use cdk::cdk_database::WalletDatabase;
 use cdk::nuts::{MeltQuoteState, State};
 use tollgate::wallet::{Wallet, WalletError};
 use tollgate_tests::crash::{
-    assert_clean, incomplete_sagas, kills, run_harness, settings, settle_mint, token_spent, Kill,
+    assert_clean, fund_as_one_proof, incomplete_sagas, kills, run_harness, settings, settle_mint,
+    token_spent, Kill,
 };
 use tollgate_tests::lnurl::{Behaviour, LnurlServer};
 use tollgate_tests::mint::{GateMode, TestMint};
@@ -651,4 +652,93 @@ async fn proofs_reserved_without_saga_are_released_at_open() {
             .expect("reopen"),
     );
     assert_clean(dir.path(), &mint, 1, "after release").await;
+}
+
+/// The flake of `token_creation_survives_kill_anywhere` made deterministic: the token needs a
+/// swap (one 64 sat proof, 37 to send), the mint performs that swap and the wallet dies before
+/// hearing the answer. cdk's send saga reserves the swap's inputs under the *send's* id, so
+/// cdk's swap recovery restores the outputs but never marks the inputs spent, and the send's
+/// compensation then hands those spent inputs back as unspent: the balance counted them twice
+/// (128 of 64). Recovery must ask the mint before releasing them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_creation_killed_after_the_mint_swapped() {
+    let mint = TestMint::start(0).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    drop(
+        Wallet::open(dir.path(), settings(&[&mint], None))
+            .await
+            .expect("open"),
+    );
+    fund_as_one_proof(dir.path(), &mint, 64).await;
+    let run = run_harness(
+        HARNESS,
+        dir.path(),
+        &[&mint],
+        None,
+        &["send", "37"],
+        None,
+        &Kill::Gate("/v1/swap", GateMode::Commit),
+    )
+    .await;
+    let ctx = format!("killed={} {:?} {}", run.killed, run.lines, run.stderr);
+    assert!(run.killed, "the send must need a swap and die in it: {ctx}");
+    assert!(run.line("TOKEN").is_none(), "{ctx}");
+    settle_mint(&mint).await;
+    let w = Wallet::open(dir.path(), settings(&[&mint], None))
+        .await
+        .unwrap_or_else(|e| panic!("{ctx}: reopen: {e}"));
+    assert_eq!(
+        w.available_balance(&mint.url()).await.expect("balance"),
+        64,
+        "{ctx}: value lost or invented"
+    );
+    drop(w);
+    assert_clean(dir.path(), &mint, 64, &ctx).await;
+    assert_eq!(incomplete_sagas(dir.path()).await, 0, "{ctx}: sagas left");
+}
+
+/// The other flake of `token_creation_survives_kill_anywhere` ("handed out but not recorded"):
+/// a token made entirely of the send's swap outputs (one 64 sat proof, 37 to send), then a
+/// restart. cdk's send recovery judged "claimed" from the swap's inputs (spent by the swap
+/// itself) and deleted the saga: the unredeemed token could not be reclaimed and its proofs
+/// stayed pending-spent. After the restart it must still be outstanding and reclaimable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_from_a_swap_stays_reclaimable_after_restart() {
+    let mint = TestMint::start(0).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    drop(
+        Wallet::open(dir.path(), settings(&[&mint], None))
+            .await
+            .expect("open"),
+    );
+    fund_as_one_proof(dir.path(), &mint, 64).await;
+    let out = {
+        let w = Wallet::open(dir.path(), settings(&[&mint], None))
+            .await
+            .expect("open");
+        w.create_payment_token(&mint.url(), 37, None)
+            .await
+            .expect("send")
+    };
+    assert!(
+        !token_spent(&mint, &out.token).await,
+        "nobody redeemed it yet"
+    );
+    let w = Wallet::open(dir.path(), settings(&[&mint], None))
+        .await
+        .expect("reopen");
+    let rows = w.outgoing_tokens().expect("outgoing");
+    assert!(
+        rows.iter()
+            .any(|o| o.op_id == out.op_id && o.state == "issued"),
+        "an unredeemed token must stay outstanding: {rows:?}"
+    );
+    assert_eq!(
+        w.reclaim(&out.op_id).await.expect("reclaim after restart"),
+        out.value
+    );
+    assert_eq!(w.available_balance(&mint.url()).await.expect("b"), 64);
+    drop(w);
+    assert_clean(dir.path(), &mint, 64, "after reclaim").await;
+    assert_eq!(incomplete_sagas(dir.path()).await, 0, "sagas left");
 }

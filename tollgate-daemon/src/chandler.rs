@@ -36,7 +36,9 @@ use crate::{
     config::ChandlerConfig,
     protocol::Metric,
     store::{AppliedGrant, LogEntry, SessionRow, Store, StoreError},
-    valve::{Allowance, ExhaustReason, Exhaustion, GateState, Gates, MacAddr, ValveError},
+    valve::{
+        Allowance, ExhaustReason, Exhaustion, GateState, Gates, MacAddr, ValveError, MAX_BOUND_V6,
+    },
 };
 
 const NS_PER_MS: u64 = 1_000_000;
@@ -221,7 +223,7 @@ impl Chandler {
         // is bound by its payment, never by an older session's address).
         let keep_bind = match current {
             Some(_) => self.stored_binding(mac)?,
-            None => None,
+            None => Vec::new(),
         };
         let mut row = match &current {
             Some(r) => r.clone(),
@@ -273,10 +275,11 @@ impl Chandler {
                         mac,
                         Allowance {
                             bytes: Some(allowance),
-                            bind_ipv4: keep_bind,
+                            bind_ipv4: first_v4(&keep_bind),
                             ..Allowance::default()
                         },
                     )?;
+                    self.restore_v6_binding(mac, &keep_bind)?;
                     // New counting epoch: usage so far is fixed, counters count from here.
                     row.used_before = used;
                     row.baseline = st.usage.bytes();
@@ -302,10 +305,11 @@ impl Chandler {
                     mac,
                     Allowance {
                         until_boot_ns: Some(want_end),
-                        bind_ipv4: keep_bind,
+                        bind_ipv4: first_v4(&keep_bind),
                         ..Allowance::default()
                     },
                 )?;
+                self.restore_v6_binding(mac, &keep_bind)?;
                 let end = st.until_boot_ns.unwrap_or(want_end);
                 row.end_boot_ns = Some(end);
                 row.end_unix_ms = Some(unix_ms() + end.saturating_sub(now_boot) / NS_PER_MS);
@@ -538,14 +542,16 @@ impl Chandler {
                         continue;
                     }
                     if gate.is_none_or(|g| !g.open || g.remaining_bytes != Some(remaining)) {
+                        let bound = self.stored_binding(mac)?;
                         let st = self.gates.open(
                             mac,
                             Allowance {
                                 bytes: Some(remaining),
-                                bind_ipv4: self.stored_binding(mac)?,
+                                bind_ipv4: first_v4(&bound),
                                 ..Allowance::default()
                             },
                         )?;
+                        self.restore_v6_binding(mac, &bound)?;
                         row.used_before = used;
                         row.baseline = st.usage.bytes();
                         row.generation = st.generation;
@@ -562,14 +568,16 @@ impl Chandler {
                         continue;
                     }
                     if gate.is_none_or(|g| !g.open || g.until_boot_ns != Some(end)) {
+                        let bound = self.stored_binding(mac)?;
                         let st = self.gates.open(
                             mac,
                             Allowance {
                                 until_boot_ns: Some(end),
-                                bind_ipv4: self.stored_binding(mac)?,
+                                bind_ipv4: first_v4(&bound),
                                 ..Allowance::default()
                             },
                         )?;
+                        self.restore_v6_binding(mac, &bound)?;
                         row.generation = st.generation;
                         report.reopened.push(mac);
                     }
@@ -594,40 +602,53 @@ impl Chandler {
         Ok(report)
     }
 
-    /// Binds the device's open gate to the IPv4 address its payment came from, so a second
-    /// device cloning the MAC from another address gets nothing (the kernel drops its upload
-    /// as `drop_spoofed`). IPv6 payers are not bound (the kernel binds IPv4 only).
-    pub fn bind(&self, mac: MacAddr, from: std::net::IpAddr) -> Result<(), ChandlerError> {
+    /// Binds the device's open gate to the addresses it paid from: `addrs` is the payment's
+    /// source first, then what the neighbour tables show for the MAC. A second device cloning
+    /// the MAC from another address gets nothing (the kernel drops its upload as
+    /// `drop_spoofed`). At most one IPv4 and [`MAX_BOUND_V6`] IPv6 addresses are kept, in
+    /// that order; link-local, multicast, loopback and unspecified addresses are left out (a
+    /// link-local source reaches only the gateway itself). A family with nothing bound is
+    /// not restricted. Returns what was bound.
+    pub fn bind(
+        &self,
+        mac: MacAddr,
+        addrs: &[std::net::IpAddr],
+    ) -> Result<Vec<std::net::IpAddr>, ChandlerError> {
         if !self.cfg.bind_payer {
-            return Ok(());
+            return Ok(Vec::new());
         }
+        let chosen = bind_set(addrs);
         let _g = self.guard();
-        let std::net::IpAddr::V4(v4) = crate::neighbour::unmap(from) else {
-            tracing::debug!(%mac, %from, "IPv6 payer: gate not bound to an address");
-            // An IPv4 binding from an earlier payment must not come back at reconcile.
-            self.store.set_binding(mac, None)?;
-            return Ok(());
-        };
         let open = self.gates.gate(mac)?.is_some_and(|g| g.open);
         if !open {
-            return Ok(());
+            return Ok(Vec::new());
         }
         // Durable first: a restart that loses the kernel's maps rebinds from the store.
-        self.store.set_binding(mac, Some(v4.into()))?;
-        self.gates.bind_ipv4(mac, Some(v4))?;
-        tracing::info!(%mac, address = %v4, "gate bound to the address the payment came from");
-        Ok(())
+        self.store.set_binding(mac, &chosen)?;
+        self.gates.bind(mac, &chosen)?;
+        tracing::info!(%mac, addresses = ?chosen, "gate bound to the addresses the payment came from");
+        Ok(chosen)
     }
 
-    /// The IPv4 address a reopened gate is bound to again (none when binding is off).
-    fn stored_binding(&self, mac: MacAddr) -> Result<Option<std::net::Ipv4Addr>, ChandlerError> {
+    /// The addresses a reopened gate is bound to again (none when binding is off).
+    fn stored_binding(&self, mac: MacAddr) -> Result<Vec<std::net::IpAddr>, ChandlerError> {
         if !self.cfg.bind_payer {
-            return Ok(None);
+            return Ok(Vec::new());
         }
-        Ok(match self.store.binding(mac)? {
-            Some(std::net::IpAddr::V4(v4)) => Some(v4),
-            _ => None,
-        })
+        Ok(self.store.binding(mac)?)
+    }
+
+    /// After an open (which replaces the policy and binds IPv4 only, from the allowance):
+    /// the IPv6 part of a stored binding back in place.
+    fn restore_v6_binding(
+        &self,
+        mac: MacAddr,
+        bound: &[std::net::IpAddr],
+    ) -> Result<(), ChandlerError> {
+        if bound.iter().any(|a| a.is_ipv6()) {
+            self.gates.bind(mac, bound)?;
+        }
+        Ok(())
     }
 
     /// Evicts kernel entries of closed gates (see [`Gates::sweep`]). Under the guard, so no
@@ -729,6 +750,44 @@ impl Chandler {
     }
 }
 
+/// What [`Chandler::bind`] keeps of `addrs`: at most one IPv4 and [`MAX_BOUND_V6`] IPv6
+/// addresses, first come first kept, IPv4-mapped IPv6 as IPv4, without link-local,
+/// multicast, loopback, unspecified and duplicate addresses.
+fn bind_set(addrs: &[std::net::IpAddr]) -> Vec<std::net::IpAddr> {
+    use std::net::IpAddr;
+    let mut out: Vec<IpAddr> = Vec::new();
+    for a in addrs.iter().map(|a| crate::neighbour::unmap(*a)) {
+        let keep = match a {
+            IpAddr::V4(v4) => {
+                let special = v4.is_link_local()
+                    || v4.is_multicast()
+                    || v4.is_loopback()
+                    || v4.is_unspecified();
+                !special && !out.iter().any(|o| o.is_ipv4())
+            }
+            IpAddr::V6(v6) => {
+                let special = v6.is_unicast_link_local()
+                    || v6.is_multicast()
+                    || v6.is_loopback()
+                    || v6.is_unspecified();
+                !special && out.iter().filter(|o| o.is_ipv6()).count() < MAX_BOUND_V6
+            }
+        };
+        if keep && !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    out
+}
+
+/// The IPv4 address of a binding (what an open's allowance binds atomically).
+fn first_v4(bound: &[std::net::IpAddr]) -> Option<std::net::Ipv4Addr> {
+    bound.iter().find_map(|a| match a {
+        std::net::IpAddr::V4(v4) => Some(*v4),
+        std::net::IpAddr::V6(_) => None,
+    })
+}
+
 /// An in-memory [`Gates`] for unit tests (the real valve is tested against the kernel).
 #[cfg(test)]
 pub(crate) mod fake {
@@ -749,6 +808,8 @@ pub(crate) mod fake {
         pub fail_open: bool,
         pub opens: u32,
         pub extends: u32,
+        /// IPv6 addresses bound per MAC (GateState shows only the IPv4 one).
+        pub bound_v6: HashMap<MacAddr, Vec<std::net::Ipv6Addr>>,
     }
 
     impl FakeGates {
@@ -798,6 +859,8 @@ pub(crate) mod fake {
                 return Err(ValveError::Full { mac, capacity: 0 });
             }
             i.opens += 1;
+            // Like the kernel's: an open replaces the policy, IPv6 binding included.
+            i.bound_v6.remove(&mac);
             let prev = i.gates.get(&mac).copied();
             let g = GateState {
                 mac,
@@ -846,6 +909,25 @@ pub(crate) mod fake {
             if let Some(g) = self.lock().gates.get_mut(&mac) {
                 g.bound_ipv4 = ip;
             }
+            Ok(())
+        }
+        fn bind(&self, mac: MacAddr, addrs: &[std::net::IpAddr]) -> Result<(), ValveError> {
+            let mut i = self.lock();
+            let Some(g) = i.gates.get_mut(&mac) else {
+                return Err(ValveError::Other(format!("no gate for {mac} to bind")));
+            };
+            g.bound_ipv4 = addrs.iter().find_map(|a| match a {
+                std::net::IpAddr::V4(v4) => Some(*v4),
+                std::net::IpAddr::V6(_) => None,
+            });
+            let v6 = addrs
+                .iter()
+                .filter_map(|a| match a {
+                    std::net::IpAddr::V6(v6) => Some(*v6),
+                    std::net::IpAddr::V4(_) => None,
+                })
+                .collect();
+            i.bound_v6.insert(mac, v6);
             Ok(())
         }
         fn spoofed_drops(&self) -> Result<u64, ValveError> {
@@ -990,45 +1072,82 @@ mod tests {
     }
 
     /// A gate reopened at start-up (the kernel lost its maps: a reboot) is bound again to
-    /// the address the device paid from; a later IPv6 payment forgets the IPv4 binding, and
-    /// with binding off nothing is bound.
+    /// the addresses the device paid from (IPv4 and IPv6); a top-up that replaces the policy
+    /// keeps them; a later payment from IPv6 only forgets the IPv4 binding; with binding off
+    /// nothing is bound.
     #[test]
-    fn reconcile_rebinds_a_reopened_gate() {
+    fn reconcile_and_top_ups_rebind_a_reopened_gate() {
+        let ip = |s: &str| -> std::net::IpAddr { s.parse().expect("ip") };
+        let v6 = |s: &[&str]| -> Vec<std::net::Ipv6Addr> {
+            s.iter().map(|a| a.parse().expect("v6")).collect()
+        };
         for metric in [Metric::Bytes, Metric::Milliseconds] {
             let (gates, store, c) = chandler(metric);
             c.add(mac(), 100_000, None, "grant").expect("open");
-            c.bind(mac(), "10.0.0.7".parse().expect("ip"))
+            let bound = c
+                .bind(
+                    mac(),
+                    &[
+                        ip("::ffff:10.0.0.7"),
+                        ip("fe80::1"),
+                        ip("fd00::7"),
+                        ip("10.0.0.8"),
+                        ip("fd00::7"),
+                        ip("2001:db8::1"),
+                        ip("2001:db8::2"),
+                        ip("2001:db8::3"),
+                        ip("2001:db8::4"),
+                    ],
+                )
                 .expect("bind");
             assert_eq!(
-                gates.lock().gates[&mac()].bound_ipv4,
-                Some("10.0.0.7".parse().expect("ip"))
+                bound,
+                vec![
+                    ip("10.0.0.7"),
+                    ip("fd00::7"),
+                    ip("2001:db8::1"),
+                    ip("2001:db8::2"),
+                    ip("2001:db8::3")
+                ],
+                "one IPv4, at most MAX_BOUND_V6 IPv6, no link-local, no duplicate"
             );
+            let check = |what: &str| {
+                let i = gates.lock();
+                assert_eq!(
+                    i.gates[&mac()].bound_ipv4,
+                    Some("10.0.0.7".parse().expect("ip")),
+                    "{metric:?}: {what}"
+                );
+                assert_eq!(
+                    i.bound_v6.get(&mac()).cloned().unwrap_or_default(),
+                    v6(&["fd00::7", "2001:db8::1", "2001:db8::2", "2001:db8::3"]),
+                    "{metric:?}: {what}"
+                );
+            };
+            check("bound");
             gates.lock().gates.remove(&mac());
+            gates.lock().bound_v6.remove(&mac());
             let r = c.reconcile().expect("reconcile");
             assert_eq!(r.reopened, vec![mac()], "{metric:?}");
-            assert_eq!(
-                gates.lock().gates[&mac()].bound_ipv4,
-                Some("10.0.0.7".parse().expect("ip")),
-                "{metric:?}: the reopened gate is bound again"
-            );
+            check("the reopened gate is bound again");
             // A top-up that replaces the policy (time sessions always do) keeps the binding.
             c.add(mac(), 1_000, None, "grant").expect("top-up");
-            assert_eq!(
-                gates.lock().gates[&mac()].bound_ipv4,
-                Some("10.0.0.7".parse().expect("ip")),
-                "{metric:?}: a top-up keeps the binding"
-            );
+            check("a top-up keeps the binding");
 
-            c.bind(mac(), "fd00::7".parse().expect("ip"))
-                .expect("bind v6");
-            assert_eq!(store.binding(mac()).expect("binding"), None);
+            c.bind(mac(), &[ip("fd00::9")]).expect("bind v6 only");
+            assert_eq!(store.binding(mac()).expect("binding"), vec![ip("fd00::9")]);
             gates.lock().gates.remove(&mac());
             c.reconcile().expect("reconcile");
             assert_eq!(gates.lock().gates[&mac()].bound_ipv4, None, "{metric:?}");
+            assert_eq!(
+                gates.lock().bound_v6[&mac()],
+                v6(&["fd00::9"]),
+                "{metric:?}"
+            );
         }
         let (gates, store, c) = chandler(Metric::Bytes);
         store
-            .set_binding(mac(), Some("10.0.0.7".parse().expect("ip")))
+            .set_binding(mac(), &[ip("10.0.0.7"), ip("fd00::7")])
             .expect("stale binding");
         let c = Chandler::new(
             ChandlerConfig {
@@ -1042,6 +1161,7 @@ mod tests {
         gates.lock().gates.remove(&mac());
         c.reconcile().expect("reconcile");
         assert_eq!(gates.lock().gates[&mac()].bound_ipv4, None, "binding off");
+        assert!(!gates.lock().bound_v6.contains_key(&mac()), "binding off");
     }
 
     #[test]

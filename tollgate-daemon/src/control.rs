@@ -4,7 +4,8 @@
 //! ```text
 //!  tollgate run ── bind(<state_dir>/control.sock, mode 0600; a stale file is replaced,
 //!                  a live daemon's socket is not) ── axum (ops::control_router) ── remove at stop
-//!  tollgate status ── ControlClient::get_json("/ops/status") ── HTTP/1.1 over the socket
+//!  tollgate status ── ControlClient::get_json("/ops/status") ── hyper's HTTP/1.1 client over
+//!                     the socket (the same HTTP implementation as the server side)
 //!        daemon not running ──> ControlError::NotRunning (exit code 3)
 //!        404 from the daemon ──> ControlError::Status { status: 404 } (exit code 4)
 //! ```
@@ -17,11 +18,13 @@ use std::{
     time::Duration,
 };
 
+use axum::body::Bytes;
+use axum::http::{header, Request};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
 use serde::{de::DeserializeOwned, Serialize};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{UnixListener, UnixStream},
-};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::task::AbortOnDropHandle;
 
 /// The socket's file name inside the state directory.
 pub const SOCKET_NAME: &str = "control.sock";
@@ -144,7 +147,7 @@ impl ControlClient {
             path: self.path.clone(),
             source,
         };
-        let mut s = match UnixStream::connect(&self.path).await {
+        let s = match UnixStream::connect(&self.path).await {
             Ok(s) => s,
             Err(e)
                 if matches!(
@@ -159,28 +162,48 @@ impl ControlClient {
             }
             Err(e) => return Err(io_err(e)),
         };
-        let mut req =
-            format!("{method} {target} HTTP/1.1\r\nHost: tollgate\r\nConnection: close\r\n")
-                .into_bytes();
-        match body {
+        let bad = |message: String| ControlError::BadResponse { message };
+        let mut req = Request::builder()
+            .method(method)
+            .uri(target)
+            .header(header::HOST, "tollgate");
+        let body = match body {
             Some((ct, b)) => {
-                req.extend_from_slice(
-                    format!("Content-Type: {ct}\r\nContent-Length: {}\r\n\r\n", b.len()).as_bytes(),
-                );
-                req.extend_from_slice(b);
+                req = req.header(header::CONTENT_TYPE, ct);
+                Bytes::copy_from_slice(b)
             }
-            None => req.extend_from_slice(b"\r\n"),
-        }
-        let exchange = async {
-            s.write_all(&req).await?;
-            let mut raw = Vec::new();
-            (&mut s)
-                .take(MAX_RESPONSE as u64 + 1)
-                .read_to_end(&mut raw)
-                .await?;
-            Ok::<_, io::Error>(raw)
+            None => Bytes::new(),
         };
-        let raw = tokio::time::timeout(self.timeout, exchange)
+        let req = req.body(Full::new(body)).map_err(|e| bad(e.to_string()))?;
+        let exchange = async {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+                .await
+                .map_err(|e| bad(e.to_string()))?;
+            // Drives the connection; aborted with this exchange (a timeout drops it).
+            let _conn = AbortOnDropHandle::new(tokio::spawn(conn));
+            let answer = sender
+                .send_request(req)
+                .await
+                .map_err(|e| bad(e.to_string()))?;
+            let status = answer.status().as_u16();
+            let content_type = answer
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let body = Limited::new(answer.into_body(), MAX_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| bad(e.to_string()))?
+                .to_bytes()
+                .to_vec();
+            Ok::<_, ControlError>(Answer {
+                status,
+                content_type,
+                body,
+            })
+        };
+        tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| {
                 io_err(io::Error::new(
@@ -188,13 +211,6 @@ impl ControlClient {
                     format!("no answer within {} s", self.timeout.as_secs()),
                 ))
             })?
-            .map_err(io_err)?;
-        if raw.len() > MAX_RESPONSE {
-            return Err(ControlError::BadResponse {
-                message: format!("answer larger than {MAX_RESPONSE} bytes"),
-            });
-        }
-        parse_response(&raw)
     }
 
     /// GET `target` and decode the JSON answer; error statuses become [`ControlError::Status`].
@@ -247,130 +263,108 @@ fn decode<T: DeserializeOwned>(a: Answer) -> Result<T, ControlError> {
     })
 }
 
-/// Parses an HTTP/1.1 response read to EOF (Content-Length, chunked, or close-delimited).
-pub fn parse_response(raw: &[u8]) -> Result<Answer, ControlError> {
-    let bad = |m: &str| ControlError::BadResponse {
-        message: m.to_string(),
-    };
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad("no header terminator"))?;
-    let head = std::str::from_utf8(&raw[..split]).map_err(|_| bad("header not UTF-8"))?;
-    let rest = &raw[split + 4..];
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let mut parts = status_line.splitn(3, ' ');
-    if !parts.next().unwrap_or_default().starts_with("HTTP/1.") {
-        return Err(bad("not an HTTP/1.x status line"));
-    }
-    let status: u16 = parts
-        .next()
-        .and_then(|c| c.parse().ok())
-        .filter(|c| (100..600).contains(c))
-        .ok_or_else(|| bad("bad status code"))?;
-    let mut content_type = None;
-    let mut length = None;
-    let mut chunked = false;
-    for l in lines {
-        let Some((k, v)) = l.split_once(':') else {
-            return Err(bad("malformed header line"));
-        };
-        let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
-        match k.as_str() {
-            "content-type" => content_type = Some(v.to_string()),
-            "content-length" => {
-                length = Some(v.parse::<usize>().map_err(|_| bad("bad Content-Length"))?)
-            }
-            "transfer-encoding" => chunked = v.to_ascii_lowercase().contains("chunked"),
-            _ => {}
-        }
-    }
-    let body = if chunked {
-        dechunk(rest).ok_or_else(|| bad("bad chunked encoding"))?
-    } else if let Some(n) = length {
-        if rest.len() < n {
-            return Err(bad("body shorter than Content-Length"));
-        }
-        rest[..n].to_vec()
-    } else {
-        rest.to_vec()
-    };
-    Ok(Answer {
-        status,
-        content_type,
-        body,
-    })
-}
-
-fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = b.windows(2).position(|w| w == b"\r\n")?;
-        let size_txt = std::str::from_utf8(&b[..eol]).ok()?;
-        let size = usize::from_str_radix(size_txt.split(';').next()?.trim(), 16).ok()?;
-        b = &b[eol + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        // A hostile size (usize::MAX) must not overflow into a panic.
-        if size.checked_add(2).is_none_or(|n| b.len() < n) {
-            return None;
-        }
-        out.extend_from_slice(&b[..size]);
-        b = &b[size + 2..];
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn parses_length_chunked_and_close_delimited_answers() {
-        let a = parse_response(
-            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}xx",
-        )
-        .expect("length");
+    /// A "daemon" on a Unix socket in a temp dir that answers each connection with `raw`
+    /// after reading the request head (`None`: never answers).
+    async fn raw_daemon(raw: Option<Vec<u8>>) -> (tempfile::TempDir, ControlClient) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join(SOCKET_NAME);
+        let l = bind(&path).expect("bind");
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                let raw = raw.clone();
+                tokio::spawn(async move {
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match c.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    match raw {
+                        Some(raw) => {
+                            let _ = c.write_all(&raw).await;
+                            let _ = c.shutdown().await;
+                        }
+                        None => std::future::pending().await,
+                    }
+                });
+            }
+        });
+        let client = ControlClient::new(&path, Duration::from_secs(2));
+        (dir, client)
+    }
+
+    #[tokio::test]
+    async fn reads_length_chunked_and_close_delimited_answers() {
+        let (_d, c) = raw_daemon(Some(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+                .to_vec(),
+        ))
+        .await;
+        let a = c.request("GET", "/ops/status", None).await.expect("length");
         assert_eq!(a.status, 200);
         assert_eq!(a.body, b"{}");
         assert_eq!(a.content_type.as_deref(), Some("application/json"));
-        let a = parse_response(
-            b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=1\r\nde\r\n0\r\n\r\n",
-        )
-        .expect("chunked");
+        let (_d, c) = raw_daemon(Some(
+            b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=1\r\nde\r\n0\r\n\r\n"
+                .to_vec(),
+        ))
+        .await;
+        let a = c
+            .request("POST", "/x", Some(("text/plain", b"hi")))
+            .await
+            .expect("chunked");
         assert_eq!((a.status, a.body.as_slice()), (404, b"abcde".as_slice()));
-        let a = parse_response(b"HTTP/1.0 204 No Content\r\n\r\n").expect("empty");
-        assert_eq!((a.status, a.body.len()), (204, 0));
-        // Regression (issue 11): a chunk size of usize::MAX overflowed `size + 2`.
-        assert!(parse_response(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nab\r\n"
-        )
-        .is_err());
+        let (_d, c) = raw_daemon(Some(b"HTTP/1.1 200 OK\r\n\r\nuntil close".to_vec())).await;
+        let a = c.request("GET", "/", None).await.expect("close-delimited");
+        assert_eq!(a.body, b"until close");
     }
 
-    #[test]
-    fn rejects_malformed_answers() {
+    #[tokio::test]
+    async fn rejects_malformed_oversized_and_silent_answers() {
         for raw in [
             b"".as_slice(),
-            b"garbage",
+            b"garbage\r\n\r\n",
             b"SMTP 220 hi\r\n\r\n",
             b"HTTP/1.1 abc OK\r\n\r\n",
-            b"HTTP/1.1 999 Huh\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
             b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nff\r\nab\r\n",
+            // Regression (issue 11): a chunk size of usize::MAX overflowed the old parser.
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nab\r\n",
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffe\r\nab\r\n",
         ] {
+            let (_d, c) = raw_daemon(Some(raw.to_vec())).await;
+            let r = c.request("GET", "/", None).await;
             assert!(
-                matches!(parse_response(raw), Err(ControlError::BadResponse { .. })),
-                "{:?}",
+                matches!(r, Err(ControlError::BadResponse { .. })),
+                "{:?}: {r:?}",
                 String::from_utf8_lossy(raw)
             );
         }
+        // Larger than MAX_RESPONSE: refused, not buffered whole.
+        let mut big = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+            MAX_RESPONSE + 1
+        )
+        .into_bytes();
+        big.resize(big.len() + MAX_RESPONSE + 1, b'x');
+        let (_d, c) = raw_daemon(Some(big)).await;
+        assert!(matches!(
+            c.request("GET", "/", None).await,
+            Err(ControlError::BadResponse { .. })
+        ));
+        // A daemon that never answers: the client's timeout.
+        let (_d, c) = raw_daemon(None).await;
+        let e = c.request("GET", "/", None).await.expect_err("silent");
+        assert!(e.to_string().contains("control socket"), "{e}");
     }
 
     #[test]

@@ -431,10 +431,23 @@ async fn pay(
     let customer = payment.customer;
     match st.merchant.purchase(mac, payment).await {
         Ok(p) => {
-            // Bind the gate to where the money came from (a MAC clone elsewhere gets nothing).
+            // Bind the gate to where the money came from, and to the device's other
+            // addresses the neighbour tables show (a MAC clone elsewhere gets nothing). The
+            // lookup may spawn `ip` and the binding is a database write: off the workers.
             if !p.replayed {
-                if let Err(e) = st.chandler.bind(mac, ip) {
-                    tracing::warn!(%mac, %ip, error = %e, "binding the gate to the payer's address");
+                let (n, chandler) = (st.neighbours.clone(), st.chandler.clone());
+                let bound = tokio::task::spawn_blocking(move || {
+                    let mut addrs = vec![ip];
+                    addrs.extend(n.addresses_of(mac));
+                    chandler.bind(mac, &addrs)
+                })
+                .await;
+                match bound {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(%mac, %ip, error = %e, "binding the gate to the payer's addresses")
+                    }
+                    Err(e) => tracing::warn!(%mac, error = %e, "binding task failed"),
                 }
             }
             let timing = server_timing(p.redeem, started.elapsed());

@@ -1342,7 +1342,9 @@ impl Redeemer for Wallet {
     }
 
     async fn receive(&self, token: &str) -> Result<Receipt, RedeemError> {
-        Wallet::receive(self, token)
+        // On the grant's behalf: a token the operator received in between (after the
+        // `has_receipt` check) is `TokenSpent` here, not a replay to credit.
+        Wallet::receive_as(self, token, crate::wallet::Receiver::Grant)
             .await
             .map_err(RedeemError::from)
     }

@@ -24,9 +24,14 @@ pub enum NeighbourError {
     Io { message: String },
 }
 
-/// Maps a client IP to its MAC.
+/// Maps a client IP to its MAC, and a MAC to the addresses it uses.
 pub trait Neighbours: Send + Sync + 'static {
     fn mac_of(&self, ip: IpAddr) -> Result<MacAddr, NeighbourError>;
+    /// Every address the neighbour tables show for `mac` (IPv4 and IPv6, usable entries
+    /// only); empty when the tables cannot be read.
+    fn addresses_of(&self, _mac: MacAddr) -> Vec<IpAddr> {
+        Vec::new()
+    }
 }
 
 /// The real lookup: kernel neighbour table, then the optional DHCP leases file.
@@ -71,6 +76,31 @@ impl Neighbours for KernelNeighbours {
         }
         Err(NeighbourError::NotFound { ip })
     }
+
+    fn addresses_of(&self, mac: MacAddr) -> Vec<IpAddr> {
+        let mut out: Vec<IpAddr> = std::fs::read_to_string(&self.arp_path)
+            .map(|t| {
+                arp_entries(&t)
+                    .filter(|(_, m)| *m == mac)
+                    .map(|(ip, _)| ip)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Ok(o) = std::process::Command::new("ip")
+            .args(["-j", "-6", "neigh", "show"])
+            .output()
+        {
+            if o.status.success() {
+                out.extend(
+                    ip_neigh_entries(&String::from_utf8_lossy(&o.stdout))
+                        .into_iter()
+                        .filter(|(_, m)| *m == mac)
+                        .map(|(ip, _)| ip),
+                );
+            }
+        }
+        out
+    }
 }
 
 /// A fixed mapping (tests, and setups where the MAC is known out of band).
@@ -83,6 +113,17 @@ impl Neighbours for StaticNeighbours {
             .get(&unmap(ip))
             .copied()
             .ok_or(NeighbourError::NotFound { ip })
+    }
+
+    fn addresses_of(&self, mac: MacAddr) -> Vec<IpAddr> {
+        let mut out: Vec<IpAddr> = self
+            .0
+            .iter()
+            .filter(|(_, m)| **m == mac)
+            .map(|(ip, _)| *ip)
+            .collect();
+        out.sort();
+        out
     }
 }
 
@@ -141,18 +182,28 @@ pub fn arp_table(text: &str) -> HashMap<MacAddr, IpAddr> {
 
 /// `ip -j neigh show` output: `[{"dst":…,"lladdr":…,"state":["REACHABLE"]},…]`.
 pub fn parse_ip_neigh_json(text: &str, ip: IpAddr) -> Option<MacAddr> {
-    let v: serde_json::Value = serde_json::from_str(text.trim()).ok()?;
-    v.as_array()?.iter().find_map(|e| {
-        if e.get("dst")?.as_str()?.parse::<IpAddr>().ok()? != ip {
-            return None;
-        }
-        let bad = e.get("state").and_then(|s| s.as_array()).is_some_and(|s| {
-            s.iter()
-                .any(|x| matches!(x.as_str(), Some("FAILED" | "INCOMPLETE")))
-        });
-        let mac: MacAddr = e.get("lladdr")?.as_str()?.parse().ok()?;
-        (!bad && usable(mac)).then_some(mac)
-    })
+    ip_neigh_entries(text)
+        .into_iter()
+        .find(|(i, _)| *i == ip)
+        .map(|(_, mac)| mac)
+}
+
+/// The usable entries of `ip -j neigh show` output (not FAILED/INCOMPLETE, a real MAC).
+fn ip_neigh_entries(text: &str) -> Vec<(IpAddr, MacAddr)> {
+    let Ok(serde_json::Value::Array(v)) = serde_json::from_str(text.trim()) else {
+        return Vec::new();
+    };
+    v.iter()
+        .filter_map(|e| {
+            let ip: IpAddr = e.get("dst")?.as_str()?.parse().ok()?;
+            let bad = e.get("state").and_then(|s| s.as_array()).is_some_and(|s| {
+                s.iter()
+                    .any(|x| matches!(x.as_str(), Some("FAILED" | "INCOMPLETE")))
+            });
+            let mac: MacAddr = e.get("lladdr")?.as_str()?.parse().ok()?;
+            (!bad && usable(mac)).then_some((ip, mac))
+        })
+        .collect()
 }
 
 /// dnsmasq leases: `<expiry> <mac> <ip> <hostname> <client-id>` per line.
@@ -178,6 +229,39 @@ mod tests {
 10.0.0.8         0x1         0x2         AA:BB:CC:DD:EE:08     *        br-lan
 garbage line
 ";
+
+    /// A MAC's addresses: its complete ARP entries (none from incomplete ones), and from
+    /// `ip neigh` JSON only usable entries of that MAC.
+    #[test]
+    fn addresses_of_a_mac() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let arp = dir.path().join("arp");
+        std::fs::write(&arp, ARP).expect("write");
+        let n = KernelNeighbours {
+            arp_path: arp,
+            leases_file: None,
+        };
+        let mac: MacAddr = "aa:bb:cc:dd:ee:08".parse().expect("mac");
+        // The host's own IPv6 table has no entry with this MAC.
+        assert_eq!(
+            n.addresses_of(mac),
+            vec!["10.0.0.8".parse::<IpAddr>().expect("ip")]
+        );
+        assert!(n
+            .addresses_of("00:00:00:00:00:00".parse().expect("mac"))
+            .is_empty());
+        let json = r#"[{"dst":"fd00::8","lladdr":"aa:bb:cc:dd:ee:08","state":["STALE"]},
+            {"dst":"fd00::9","lladdr":"aa:bb:cc:dd:ee:08","state":["FAILED"]},
+            {"dst":"fd00::a","lladdr":"aa:bb:cc:dd:ee:09","state":["REACHABLE"]},
+            {"dst":"fd00::b","state":["INCOMPLETE"]}]"#;
+        let mine: Vec<IpAddr> = ip_neigh_entries(json)
+            .into_iter()
+            .filter(|(_, m)| *m == mac)
+            .map(|(ip, _)| ip)
+            .collect();
+        assert_eq!(mine, vec!["fd00::8".parse::<IpAddr>().expect("ip")]);
+        assert!(ip_neigh_entries("not json").is_empty());
+    }
 
     #[test]
     fn proc_net_arp() {

@@ -223,9 +223,10 @@ CREATE TABLE IF NOT EXISTS usage_snapshots (
     allotment INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS bindings (
-    mac TEXT PRIMARY KEY,
+    mac TEXT NOT NULL,
     address TEXT NOT NULL,
-    updated_unix INTEGER NOT NULL
+    updated_unix INTEGER NOT NULL,
+    PRIMARY KEY (mac, address)
 );
 CREATE INDEX IF NOT EXISTS sessions_active ON sessions(active, updated_unix);
 CREATE INDEX IF NOT EXISTS session_log_at ON session_log(at_unix);
@@ -577,32 +578,37 @@ impl Store {
         Ok(report)
     }
 
-    /// Records the address a device's gate is bound to (`None` forgets it), so start-up
-    /// reconciliation can bind a gate it reopens (the kernel's binding is lost with its maps).
-    pub fn set_binding(&self, mac: MacAddr, address: Option<IpAddr>) -> Result<(), StoreError> {
-        let c = self.conn();
-        match address {
-            Some(a) => c.execute(
-                "INSERT INTO bindings (mac, address, updated_unix) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(mac) DO UPDATE SET address = ?2, updated_unix = ?3",
+    /// Records the addresses a device's gate is bound to (`&[]` forgets them), so start-up
+    /// reconciliation and top-ups can bind a gate they reopen (the kernel's binding goes with
+    /// its maps, and an open replaces it).
+    pub fn set_binding(&self, mac: MacAddr, addresses: &[IpAddr]) -> Result<(), StoreError> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        tx.execute("DELETE FROM bindings WHERE mac = ?1", [mac.to_string()])?;
+        for a in addresses {
+            tx.execute(
+                "INSERT OR IGNORE INTO bindings (mac, address, updated_unix) VALUES (?1, ?2, ?3)",
                 params![mac.to_string(), a.to_string(), i(self.now_unix())],
-            )?,
-            None => c.execute("DELETE FROM bindings WHERE mac = ?1", [mac.to_string()])?,
-        };
+            )?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
-    /// The address a device's gate is bound to, if any (an unparsable row counts as none).
-    pub fn binding(&self, mac: MacAddr) -> Result<Option<IpAddr>, StoreError> {
+    /// The addresses a device's gate is bound to, in the order they were bound (an
+    /// unparsable row is skipped).
+    pub fn binding(&self, mac: MacAddr) -> Result<Vec<IpAddr>, StoreError> {
         let c = self.conn();
-        let a: Option<String> = c
-            .query_row(
-                "SELECT address FROM bindings WHERE mac = ?1",
-                [mac.to_string()],
-                |r| r.get(0),
-            )
-            .optional()?;
-        Ok(a.and_then(|a| a.parse().ok()))
+        let mut st =
+            c.prepare_cached("SELECT address FROM bindings WHERE mac = ?1 ORDER BY rowid")?;
+        let rows = st.query_map([mac.to_string()], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for r in rows {
+            if let Ok(a) = r?.parse() {
+                out.push(a);
+            }
+        }
+        Ok(out)
     }
 
     /// Rows in (sessions, session_log, usage_snapshots, grants).

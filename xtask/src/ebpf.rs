@@ -40,7 +40,7 @@ pub fn object_path(release: bool) -> PathBuf {
         .join("tollgate")
 }
 
-fn tools_dir() -> PathBuf {
+pub fn tools_dir() -> PathBuf {
     env::var_os("TOLLGATE_TOOLS_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| target_dir().join("tools"))
@@ -48,7 +48,7 @@ fn tools_dir() -> PathBuf {
 
 /// A `Command` for the nightly toolchain with the outer (stable) cargo's environment removed,
 /// so the inner cargo does not inherit `RUSTC`/`RUSTUP_TOOLCHAIN` pointing at stable.
-fn nightly(program: &str) -> Command {
+pub fn nightly(program: &str) -> Command {
     let mut cmd = Command::new("rustup");
     cmd.args(["run", "nightly", program]);
     for var in [

@@ -1,10 +1,11 @@
-//! Developer tasks: `cargo xtask build-ebpf | test | demo | bench`.
+//! Developer tasks: `cargo xtask build-ebpf | test | demo | bench | fuzz`.
 //!
 //! `build-ebpf` bootstraps everything the kernel side needs (rust-src for the nightly and a
 //! bpf-linker built against the nightly's own libLLVM, in `target/tools`) and then builds
 //! `tollgate-ebpf` for `bpfel-unknown-none`. Every step is idempotent and says what it does.
 
 mod ebpf;
+mod fuzz;
 mod tasks;
 
 use anyhow::Result;
@@ -41,6 +42,15 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Fuzz the parsers of untrusted input with libFuzzer (nightly, ASan), each target for a
+    /// bounded time (bootstraps cargo-fuzz on first use). Not run by CI: CI replays the corpus.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// One target (token, payment_body, nostr_event, config, upstream_answer); all if absent.
+        target: Option<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -49,5 +59,6 @@ fn main() -> Result<()> {
         Cmd::Test { args } => tasks::test(&args),
         Cmd::Demo => tasks::demo(),
         Cmd::Bench { what, args } => tasks::bench(&what, &args),
+        Cmd::Fuzz { seconds, target } => fuzz::fuzz(seconds, target.as_deref()),
     }
 }

@@ -57,9 +57,6 @@ use db::{Db, PaymentRow, SessionRow};
 pub use policy::{Choice, Refusal};
 pub use settings::{TrustDefault, UpstreamSettings};
 
-/// How long the standing renewal reservation lives between extensions.
-const HOLD_TTL: Duration = Duration::from_secs(600);
-
 /// The window of `max_sat_per_hour`.
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -314,10 +311,28 @@ impl Upstream {
     /// answers: an unreachable upstream is not a reason to let payouts spend it).
     fn keep_hold(&self, run: &mut Run) {
         if let Some(h) = &run.hold {
-            if !self.wallet.extend(h, HOLD_TTL).unwrap_or(false) {
+            if !self
+                .wallet
+                .extend(h, self.settings.hold_ttl)
+                .unwrap_or(false)
+            {
                 run.hold = None;
                 self.with_status(|s| s.held = 0);
             }
+        }
+    }
+
+    /// Keeps extending `hold` every third of its lifetime; never returns. Raced against a
+    /// loop turn, whose probe or purchase may hang for `probe_timeout` × `probe_tries` or
+    /// `purchase_timeout` — longer than a short `hold_ttl`. A hold released or consumed
+    /// meanwhile just fails to extend.
+    async fn keep_hold_during(&self, hold: Option<Reservation>) {
+        let Some(h) = hold else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(self.settings.hold_ttl / 3).await;
+            let _ = self.wallet.extend(&h, self.settings.hold_ttl);
         }
     }
 
@@ -352,14 +367,20 @@ impl Upstream {
             metered: None,
         };
         loop {
+            let hold = run.hold.clone();
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.discover(&mut run) => {}
+                _ = self.keep_hold_during(hold) => {}
             }
             self.keep_hold(&mut run);
             if run.current.is_some() {
                 // Not raced against shutdown: a purchase in flight is finished and recorded.
-                self.step(&mut run).await;
+                let hold = run.hold.clone();
+                tokio::select! {
+                    _ = self.step(&mut run) => {}
+                    _ = self.keep_hold_during(hold) => {}
+                }
             }
             let mut warnings = self.wallet.warnings().await;
             warnings.extend(run.alert.clone());
@@ -618,7 +639,7 @@ impl Upstream {
                 if run.hold.is_none() {
                     if let Ok(r) = self
                         .wallet
-                        .reserve(&choice.mint, choice.amount, HOLD_TTL)
+                        .reserve(&choice.mint, choice.amount, self.settings.hold_ttl)
                         .await
                     {
                         self.with_status(|s| s.held = r.amount);

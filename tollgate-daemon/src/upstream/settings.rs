@@ -61,6 +61,10 @@ pub struct UpstreamSettings {
     /// before any live session, or a token swapped without a valid answer), how long we do
     /// not pay that gateway again.
     pub no_session_backoff: Duration,
+    /// Lifetime of the standing renewal hold between extensions. It is extended all the time
+    /// (also during a probe or purchase that hangs), so this only bounds how long a hold
+    /// outlives a daemon that died without releasing it.
+    pub hold_ttl: Duration,
 }
 
 impl Default for UpstreamSettings {
@@ -85,6 +89,7 @@ impl Default for UpstreamSettings {
             max_sat_per_purchase: None,
             max_sat_per_hour: None,
             no_session_backoff: Duration::from_secs(3600),
+            hold_ttl: Duration::from_secs(600),
         }
     }
 }
@@ -295,6 +300,16 @@ impl UpstreamSettings {
         if let Some(d) = duration(v, "no_session_backoff")? {
             s.no_session_backoff = d;
         }
+        if let Some(d) = duration(v, "hold_ttl")? {
+            if d < Duration::from_millis(100) {
+                return Err(bad(
+                    "hold_ttl",
+                    format!("{d:?} is too short to keep a hold alive"),
+                    "give a duration of at least \"100ms\"; the default is \"10m\"",
+                ));
+            }
+            s.hold_ttl = d;
+        }
         for (field, slot) in [
             ("max_sat_per_purchase", &mut s.max_sat_per_purchase),
             ("max_sat_per_hour", &mut s.max_sat_per_hour),
@@ -471,6 +486,15 @@ mod tests {
         assert_eq!(s.purchase_limit(Metric::Bytes), 50);
         assert_eq!(s.hourly_limit(Metric::Milliseconds), 120);
         assert_eq!(s.no_session_backoff, Duration::from_secs(600));
+        assert_eq!(s.hold_ttl, Duration::from_secs(600), "default hold");
+        v["hold_ttl"] = json!("2s");
+        let s = UpstreamSettings::parse(Some(&v)).expect("hold_ttl");
+        assert_eq!(s.hold_ttl, Duration::from_secs(2));
+        for bad in [json!(0), json!("1ms"), json!("soon")] {
+            let mut v = reference();
+            v["hold_ttl"] = bad;
+            assert_eq!(field_of(v), "upstream_session_manager.hold_ttl");
+        }
         for bad in [json!(0), json!(-3), json!("lots"), json!(1.5)] {
             let mut v = reference();
             v["max_sat_per_hour"] = bad;

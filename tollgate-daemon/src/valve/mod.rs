@@ -60,9 +60,10 @@ use aya::{
     sys::SyscallError,
     Ebpf, EbpfLoader,
 };
+pub use tollgate_common::MAX_BOUND_V6;
 use tollgate_common::{
     config_flags, maps, policy_flags, programs, GateConfig, GateEvent, MacKey, Policy, Usage,
-    VerdictCount, GARDEN_TCP_PORTS, MAX_BOUND_V6, MAX_CLIENTS, SCHEMA_VERSION, UNLIMITED,
+    VerdictCount, GARDEN_TCP_PORTS, MAX_CLIENTS, SCHEMA_VERSION, UNLIMITED,
 };
 pub use types::*;
 

@@ -27,10 +27,13 @@
 //! | state   | meaning                          | on a repeated `receive` / restart             |
 //! |---------|----------------------------------|-----------------------------------------------|
 //! | pending | swap may be in flight            | resolved: cdk tx record, else NUT-07 + retry  |
-//! | done    | credited `net`                   | returns the first receipt, `replayed = true`  |
+//! | done    | credited `net`                   | returns the first receipt, `replayed = true`; |
+//! |         |                                  | `TokenSpent` to another [`Receiver`]          |
 //! | spent   | someone else spent the proofs    | `TokenSpent` again                            |
 //!
 //! Crash recovery at every open, in this order: cdk's saga recovery and pending melts →
+//! the proofs that recovery released from its sagas, checked with the mint (cdk releases them
+//! on local state alone; a send killed inside its swap would count the spent inputs again) →
 //! our own proofs left reserved/pending without a saga, settled by NUT-07 → pending receipts
 //! → outgoing tokens still `creating` (never handed out) revoked → `pending` payouts whose
 //! melt never reached the mint marked `failed`. `tests/tests/wallet_crash.rs` SIGKILLs a
@@ -351,6 +354,24 @@ pub struct MintProbe {
     pub error: Option<String>,
 }
 
+/// On whose behalf a token is received: a receipt credits its receiver only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Receiver {
+    /// The operator (`tollgate wallet receive`, the wallet's own callers).
+    Operator,
+    /// A customer's payment for access (the merchant's grant).
+    Grant,
+}
+
+impl Receiver {
+    fn as_str(self) -> &'static str {
+        match self {
+            Receiver::Operator => "operator",
+            Receiver::Grant => "grant",
+        }
+    }
+}
+
 /// Funds set aside for one upcoming payment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
@@ -611,12 +632,17 @@ impl Wallet {
     async fn recover(&self) -> Result<(), WalletError> {
         for state in self.inner.mints.values() {
             let w = self.cdk_wallet(state).await?;
+            self.adopt_swapped_token_proofs(state).await?;
+            let held = self.held_by_open_sagas(state).await?;
             match w.recover_incomplete_sagas().await {
                 Ok(report) => tracing::info!(mint = %state.url, ?report, "saga recovery"),
                 Err(e) => tracing::warn!(mint = %state.url, error = %e, "saga recovery failed"),
             }
             if let Err(e) = w.finalize_pending_melts().await {
                 tracing::warn!(mint = %state.url, error = %e, "finalising pending melts failed");
+            }
+            if let Err(e) = self.verify_released_proofs(state, &w, held).await {
+                tracing::warn!(mint = %state.url, error = %e, "verifying released proofs failed");
             }
             if let Err(e) = self.release_orphaned_proofs(state, &w).await {
                 tracing::warn!(mint = %state.url, error = %e, "releasing orphaned proofs failed");
@@ -679,39 +705,193 @@ impl Wallet {
         if orphans.is_empty() {
             return Ok(());
         }
+        let (unspent, spent) = self.settle_by_mint(state, w, orphans).await?;
+        tracing::warn!(
+            mint = %state.url,
+            released = unspent,
+            spent,
+            "settled proofs a crash left reserved without a saga"
+        );
+        Ok(())
+    }
+
+    /// A token's proofs that came out of the send's swap are stored by cdk's swap with no
+    /// owning operation, so cdk's send recovery — which judges "claimed" from the proofs the
+    /// send owns — sees only the swap's inputs (spent by that swap) and deletes the saga of a
+    /// token nobody redeemed: it could never be reclaimed and its proofs stayed pending-spent
+    /// for good. Before recovery, give those proofs to their send saga (cdk's saga data lists
+    /// the token's proofs), so "claimed" means the token's own proofs are spent.
+    async fn adopt_swapped_token_proofs(&self, state: &MintState) -> Result<(), WalletError> {
+        use cdk::wallet::types::{OperationData, SendSagaState, WalletSagaState};
+        let db = &self.inner.db;
+        let storage = |e: cdk::cdk_database::Error| WalletError::Storage {
+            message: e.to_string(),
+        };
+        for saga in db.get_incomplete_sagas().await.map_err(storage)? {
+            let (
+                WalletSagaState::Send(SendSagaState::TokenCreated | SendSagaState::RollingBack),
+                OperationData::Send(data),
+            ) = (&saga.state, &saga.data)
+            else {
+                continue;
+            };
+            let Some(proofs) = data.proofs.as_ref().filter(|_| saga.mint_url == state.url) else {
+                continue;
+            };
+            let ys = proofs
+                .iter()
+                .map(|p| p.y())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| WalletError::InvalidToken {
+                    reason: e.to_string(),
+                })?;
+            let ownerless: Vec<_> = db
+                .get_proofs_by_ys(ys)
+                .await
+                .map_err(storage)?
+                .into_iter()
+                .filter(|p| p.used_by_operation.is_none() && p.state != State::Unspent)
+                .map(|mut p| {
+                    p.used_by_operation = Some(saga.id);
+                    p
+                })
+                .collect();
+            if !ownerless.is_empty() {
+                db.update_proofs(ownerless, Vec::new())
+                    .await
+                    .map_err(storage)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Our own proofs (derived from our seed) that an open cdk saga holds reserved or pending:
+    /// taken before cdk's saga recovery, for [`Wallet::verify_released_proofs`] after it.
+    async fn held_by_open_sagas(&self, state: &MintState) -> Result<Vec<PublicKey>, WalletError> {
+        let db = &self.inner.db;
+        let storage = |e: cdk::cdk_database::Error| WalletError::Storage {
+            message: e.to_string(),
+        };
+        let open: Vec<uuid::Uuid> = db
+            .get_incomplete_sagas()
+            .await
+            .map_err(storage)?
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        if open.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(db
+            .get_proofs(
+                Some(state.url.clone()),
+                Some(unit_of(&state.settings.unit)?),
+                Some(vec![State::Reserved, State::Pending, State::PendingSpent]),
+                None,
+            )
+            .await
+            .map_err(storage)?
+            .into_iter()
+            .filter(|p| p.derivation_index.is_some())
+            .filter(|p| p.used_by_operation.is_some_and(|op| open.contains(&op)))
+            .map(|p| p.y)
+            .collect())
+    }
+
+    /// cdk's saga recovery releases a saga's reserved proofs from the local state alone: a
+    /// send that died inside its swap (the swap's inputs are reserved under the *send's* id,
+    /// so the swap's own recovery restores the outputs but never marks those inputs spent)
+    /// gets its compensation, and the spent inputs come back as unspent — counted twice next
+    /// to the restored outputs. Of the proofs `held` before recovery, those it made unspent
+    /// are settled by the mint's word (NUT-07). If the mint cannot answer, they are kept
+    /// pending (not counted) for the next open to settle: never count what may be spent.
+    async fn verify_released_proofs(
+        &self,
+        state: &MintState,
+        w: &cdk::Wallet,
+        held: Vec<PublicKey>,
+    ) -> Result<(), WalletError> {
+        if held.is_empty() {
+            return Ok(());
+        }
+        let db = &self.inner.db;
+        let storage = |e: cdk::cdk_database::Error| WalletError::Storage {
+            message: e.to_string(),
+        };
+        let released: Vec<PublicKey> = db
+            .get_proofs_by_ys(held)
+            .await
+            .map_err(storage)?
+            .into_iter()
+            .filter(|p| p.state == State::Unspent)
+            .map(|p| p.y)
+            .collect();
+        if released.is_empty() {
+            return Ok(());
+        }
+        match self.settle_by_mint(state, w, released.clone()).await {
+            Ok((_, 0)) => Ok(()),
+            Ok((_, spent)) => {
+                tracing::warn!(
+                    mint = %state.url,
+                    spent,
+                    "saga recovery released proofs the mint says are spent; marked spent"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                db.update_proofs_state(released, State::Pending)
+                    .await
+                    .map_err(storage)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Set each of `ys` to the state the mint reports for it (NUT-07): unspent, spent, or
+    /// pending (not counted; settled at a later open). Returns how many were unspent / spent.
+    async fn settle_by_mint(
+        &self,
+        state: &MintState,
+        w: &cdk::Wallet,
+        ys: Vec<PublicKey>,
+    ) -> Result<(usize, usize), WalletError> {
+        let storage = |e: cdk::cdk_database::Error| WalletError::Storage {
+            message: e.to_string(),
+        };
         let states = w
             .mint_connector()
-            .post_check_state(CheckStateRequest {
-                ys: orphans.clone(),
-            })
+            .post_check_state(CheckStateRequest { ys: ys.clone() })
             .await
             .map_err(|e| WalletError::from_cdk(&state.settings.url, e))?;
         let pick = |want: State| -> Vec<PublicKey> {
             states
                 .states
                 .iter()
-                .filter(|s| s.state == want && orphans.contains(&s.y))
+                .filter(|s| s.state == want && ys.contains(&s.y))
                 .map(|s| s.y)
                 .collect()
         };
-        let (unspent, spent) = (pick(State::Unspent), pick(State::Spent));
-        tracing::warn!(
-            mint = %state.url,
-            released = unspent.len(),
-            spent = spent.len(),
-            "settled proofs a crash left reserved without a saga"
+        let (unspent, spent, pending) = (
+            pick(State::Unspent),
+            pick(State::Spent),
+            pick(State::Pending),
         );
-        if !unspent.is_empty() {
-            db.update_proofs_state(unspent, State::Unspent)
-                .await
-                .map_err(storage)?;
+        let counts = (unspent.len(), spent.len());
+        for (ys, to) in [
+            (unspent, State::Unspent),
+            (spent, State::Spent),
+            (pending, State::Pending),
+        ] {
+            if !ys.is_empty() {
+                self.inner
+                    .db
+                    .update_proofs_state(ys, to)
+                    .await
+                    .map_err(storage)?;
+            }
         }
-        if !spent.is_empty() {
-            db.update_proofs_state(spent, State::Spent)
-                .await
-                .map_err(storage)?;
-        }
-        Ok(())
+        Ok(counts)
     }
 
     fn hook(&self, point: &'static str) {
@@ -797,89 +977,113 @@ impl Wallet {
     }
 
     fn decode(&self, raw: &str) -> Result<(TokenInfo, Token), WalletError> {
-        if raw.len() > MAX_TOKEN_LEN {
+        decode_token(raw, |mint| {
+            self.inner
+                .mints
+                .get(mint)
+                .map(|state| state.settings.unit.as_str())
+        })
+    }
+}
+
+/// Decodes and checks a customer's token without network access: the one token parser
+/// behind [`Wallet::inspect`] and [`Wallet::receive`] (public so `fuzz/` drives it).
+/// `accepted_unit(mint)` is the unit we take at `mint` (canonical URL), `None` if we do not
+/// accept that mint.
+pub fn decode_token<'a>(
+    raw: &str,
+    accepted_unit: impl Fn(&str) -> Option<&'a str>,
+) -> Result<(TokenInfo, Token), WalletError> {
+    if raw.len() > MAX_TOKEN_LEN {
+        return Err(WalletError::InvalidToken {
+            reason: format!("longer than {MAX_TOKEN_LEN} bytes"),
+        });
+    }
+    let s = raw.trim();
+    let s = s
+        .strip_prefix("cashu:")
+        .or_else(|| s.strip_prefix("CASHU:"))
+        .unwrap_or(s)
+        .trim();
+    let token = Token::from_str(s).map_err(|e| WalletError::InvalidToken {
+        reason: e.to_string(),
+    })?;
+    if let Token::TokenV3(v3) = &token {
+        if v3.is_multi_mint() {
             return Err(WalletError::InvalidToken {
-                reason: format!("longer than {MAX_TOKEN_LEN} bytes"),
+                reason: "multi-mint token".to_string(),
             });
         }
-        let s = raw.trim();
-        let s = s
-            .strip_prefix("cashu:")
-            .or_else(|| s.strip_prefix("CASHU:"))
-            .unwrap_or(s)
-            .trim();
-        let token = Token::from_str(s).map_err(|e| WalletError::InvalidToken {
+    }
+    let mint = token
+        .mint_url()
+        .map_err(|e| WalletError::InvalidToken {
+            reason: e.to_string(),
+        })?
+        .to_string();
+    let accepted =
+        accepted_unit(&mint).ok_or_else(|| WalletError::MintNotAccepted { mint: mint.clone() })?;
+    let unit = token.unit().unwrap_or_default().to_string();
+    if unit != accepted {
+        return Err(WalletError::WrongUnit { unit });
+    }
+    // Any NUT-10 secret (P2PK, HTLC) is a condition we would have to satisfy: reject all.
+    let conditions = token
+        .spending_conditions()
+        .map_err(|e| WalletError::InvalidToken {
             reason: e.to_string(),
         })?;
-        if let Token::TokenV3(v3) = &token {
-            if v3.is_multi_mint() {
-                return Err(WalletError::InvalidToken {
-                    reason: "multi-mint token".to_string(),
-                });
-            }
-        }
-        let mint = token
-            .mint_url()
-            .map_err(|e| WalletError::InvalidToken {
-                reason: e.to_string(),
-            })?
-            .to_string();
-        let state = self
-            .inner
-            .mints
-            .get(&mint)
-            .ok_or_else(|| WalletError::MintNotAccepted { mint: mint.clone() })?;
-        let unit = token.unit().unwrap_or_default().to_string();
-        if unit != state.settings.unit {
-            return Err(WalletError::WrongUnit { unit });
-        }
-        // Any NUT-10 secret (P2PK, HTLC) is a condition we would have to satisfy: reject all.
-        let conditions = token
-            .spending_conditions()
-            .map_err(|e| WalletError::InvalidToken {
-                reason: e.to_string(),
-            })?;
-        let secrets = token.token_secrets();
-        if !conditions.is_empty() || secrets.iter().any(|s| s.as_bytes().first() == Some(&b'[')) {
-            return Err(WalletError::Locked);
-        }
-        if secrets.is_empty() {
-            return Err(WalletError::InvalidToken {
-                reason: "no proofs".to_string(),
-            });
-        }
-        let amount: u64 = token
-            .value()
-            .map_err(|e| WalletError::InvalidToken {
-                reason: e.to_string(),
-            })?
-            .into();
-        let mut sorted: Vec<&[u8]> = secrets.iter().map(|s| s.as_bytes()).collect();
-        sorted.sort_unstable();
-        let mut h = Sha256::new();
-        for s in sorted {
-            h.update((s.len() as u64).to_be_bytes());
-            h.update(s);
-        }
-        let token_id = h
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>();
-        Ok((
-            TokenInfo {
-                token_id,
-                mint,
-                unit,
-                amount,
-            },
-            token,
-        ))
+    let secrets = token.token_secrets();
+    if !conditions.is_empty() || secrets.iter().any(|s| s.as_bytes().first() == Some(&b'[')) {
+        return Err(WalletError::Locked);
     }
+    if secrets.is_empty() {
+        return Err(WalletError::InvalidToken {
+            reason: "no proofs".to_string(),
+        });
+    }
+    let amount: u64 = token
+        .value()
+        .map_err(|e| WalletError::InvalidToken {
+            reason: e.to_string(),
+        })?
+        .into();
+    let mut sorted: Vec<&[u8]> = secrets.iter().map(|s| s.as_bytes()).collect();
+    sorted.sort_unstable();
+    let mut h = Sha256::new();
+    for s in sorted {
+        h.update((s.len() as u64).to_be_bytes());
+        h.update(s);
+    }
+    let token_id = h
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    Ok((
+        TokenInfo {
+            token_id,
+            mint,
+            unit,
+            amount,
+        },
+        token,
+    ))
+}
 
+impl Wallet {
     /// Redeem a customer's token. Idempotent per proof set: a repeated call returns the first
     /// receipt with `replayed = true`.
     pub async fn receive(&self, token: &str) -> Result<Receipt, WalletError> {
+        self.receive_as(token, Receiver::Operator).await
+    }
+
+    /// [`Wallet::receive`] on behalf of `by`. A token already received by someone else is
+    /// `TokenSpent` to `by` rather than a replay: the check is made under the token's lock,
+    /// with the receive, so an operator's `wallet receive` and a customer's payment racing with
+    /// the same token credit it once (the merchant's earlier `has_receipt` check alone left a
+    /// window between the check and the receive).
+    pub async fn receive_as(&self, token: &str, by: Receiver) -> Result<Receipt, WalletError> {
         let (info, parsed) = self.decode(token)?;
         // Serialise receives of the same proofs; different tokens run in parallel.
         let lock = {
@@ -892,7 +1096,7 @@ impl Wallet {
         };
         let result = {
             let _guard = lock.lock().await;
-            self.receive_locked(&info, &parsed, token.trim()).await
+            self.receive_locked(&info, &parsed, token.trim(), by).await
         };
         {
             let mut map = self
@@ -913,6 +1117,7 @@ impl Wallet {
         info: &TokenInfo,
         parsed: &Token,
         raw: &str,
+        by: Receiver,
     ) -> Result<Receipt, WalletError> {
         let receipt = |gross, net, replayed| Receipt {
             token_id: info.token_id.clone(),
@@ -923,7 +1128,10 @@ impl Wallet {
             replayed,
         };
         if let Some(row) = self.inner.store.receipt(&info.token_id)? {
+            // Credited to someone else: spent, as far as `by` is concerned.
+            let theirs = row.receiver.as_deref().is_some_and(|r| r != by.as_str());
             match row.state {
+                ReceiptState::Done { .. } if theirs => return Err(WalletError::TokenSpent),
                 ReceiptState::Done { gross, net } => return Ok(receipt(gross, net, true)),
                 ReceiptState::Spent => return Err(WalletError::TokenSpent),
                 ReceiptState::Pending => {
@@ -931,6 +1139,9 @@ impl Wallet {
                         .resolve_pending_receipt(&info.token_id, &row.token)
                         .await?
                     {
+                        if theirs {
+                            return Err(WalletError::TokenSpent);
+                        }
                         return Ok(receipt(gross, net, true));
                     }
                     // Resolved as "never swapped": fall through and receive now.
@@ -955,9 +1166,13 @@ impl Wallet {
         }
 
         // Write-ahead: from here on a crash is resolved by resolve_pending_receipt.
-        self.inner
-            .store
-            .put_receipt_pending(&info.token_id, &info.mint, &info.unit, raw)?;
+        self.inner.store.put_receipt_pending(
+            &info.token_id,
+            &info.mint,
+            &info.unit,
+            raw,
+            by.as_str(),
+        )?;
         self.hook("receive:pending");
         // Least proofs, decided without the wallet: cdk's default (`SplitTarget::None`) loads
         // and parses every unspent proof to refill a stock of denominations, so each payment

@@ -11,6 +11,13 @@
 //! and each melt re-checks `balance − min_balance − reserved` under the mint lock, so a
 //! reservation made while an invoice was being fetched is never paid out.
 //!
+//! The lock is per mint and held across melt quote, prepare and confirm: that makes the
+//! budget re-check and the spend one step against reservations. A stalled mint therefore
+//! delays only its own reservations, each mint call bounded by the wallet's per-call deadline
+//! (`transport.rs`), never another mint's (`tests/tests/stalled_mint.rs`). Releasing it during
+//! the round trip would need the share reserved first (a reservation row, dropped after
+//! confirm) so a concurrent reservation still sees it; not done, since nothing showed the need.
+//!
 //! Failure policy: if the owner's share fails, the round stops (others are not paid) and
 //! everything stays in the wallet for the next round — otherwise the next round would re-split
 //! the owner's retained share among everyone. A non-owner failure keeps that share in the

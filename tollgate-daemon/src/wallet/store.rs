@@ -30,6 +30,8 @@ pub(crate) enum ReceiptState {
 pub(crate) struct ReceiptRow {
     pub token: String,
     pub state: ReceiptState,
+    /// Who received it ([`super::Receiver::as_str`]); `None` for rows older than the column.
+    pub receiver: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -62,7 +64,8 @@ impl Store {
              CREATE TABLE IF NOT EXISTS receipts (
                  token_id TEXT PRIMARY KEY, mint TEXT NOT NULL, unit TEXT NOT NULL,
                  token TEXT NOT NULL, state TEXT NOT NULL, gross INTEGER NOT NULL DEFAULT 0,
-                 net INTEGER NOT NULL DEFAULT 0, updated_at INTEGER NOT NULL);
+                 net INTEGER NOT NULL DEFAULT 0, updated_at INTEGER NOT NULL,
+                 receiver TEXT);
              CREATE TABLE IF NOT EXISTS reservations (
                  id TEXT PRIMARY KEY, mint TEXT NOT NULL, amount INTEGER NOT NULL,
                  expires_at_ms INTEGER NOT NULL);
@@ -82,6 +85,15 @@ impl Store {
                  message TEXT, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);",
         )
         .map_err(storage)?;
+        // Ledgers from before receipts named their receiver.
+        let has_receiver = conn
+            .prepare("SELECT 1 FROM pragma_table_info('receipts') WHERE name = 'receiver'")
+            .and_then(|mut q| q.exists([]))
+            .map_err(storage)?;
+        if !has_receiver {
+            conn.execute("ALTER TABLE receipts ADD COLUMN receiver TEXT", [])
+                .map_err(storage)?;
+        }
         Ok(Store {
             conn: Mutex::new(conn),
         })
@@ -97,7 +109,7 @@ impl Store {
     pub(crate) fn receipt(&self, token_id: &str) -> Result<Option<ReceiptRow>, WalletError> {
         self.conn()
             .query_row(
-                "SELECT token, state, gross, net FROM receipts WHERE token_id = ?1",
+                "SELECT token, state, gross, net, receiver FROM receipts WHERE token_id = ?1",
                 params![token_id],
                 |r| {
                     let state: String = r.get(1)?;
@@ -110,6 +122,7 @@ impl Store {
                             "spent" => ReceiptState::Spent,
                             _ => ReceiptState::Pending,
                         },
+                        receiver: r.get(4)?,
                     })
                 },
             )
@@ -134,12 +147,14 @@ impl Store {
         mint: &str,
         unit: &str,
         token: &str,
+        receiver: &str,
     ) -> Result<(), WalletError> {
         self.conn()
             .execute(
-                "INSERT OR REPLACE INTO receipts (token_id, mint, unit, token, state, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5)",
-                params![token_id, mint, unit, token, now_ms()],
+                "INSERT OR REPLACE INTO receipts
+                     (token_id, mint, unit, token, state, updated_at, receiver)
+                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6)",
+                params![token_id, mint, unit, token, now_ms(), receiver],
             )
             .map_err(storage)?;
         Ok(())
@@ -594,7 +609,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("t.sqlite")).expect("open");
         store
-            .put_receipt_pending("t", "m", "sat", "cashuB")
+            .put_receipt_pending("t", "m", "sat", "cashuB", "operator")
             .expect("put");
         assert_eq!(
             store.receipt("t").expect("get").expect("row").state,
