@@ -10,7 +10,8 @@
 //!       another party put before ours
 //!  open / extend / close  ──> POLICY[mac]   (limits are absolute on the kernel's counters;
 //!                                            `slot` = the client's index in the USAGE array)
-//!  open of a new client   a slot from the free list (FIFO) ── zeroed ── then POLICY[mac]
+//!  open of a new client   a slot from the free list (FIFO, ≥ 10 ms after its eviction)
+//!                         ── zeroed ── then POLICY[mac]
 //!  check(mac)             capacity only: never creates an entry (money is not taken yet)
 //!  sweep(retention)       closed entries ──(closed ≥ retention, or idle longest first
 //!                         when the map is near full)──> deleted from POLICY, slot freed;
@@ -402,9 +403,11 @@ struct Slots {
     /// exhaustion event of the evicted one still waiting in the ring buffer never matches.
     gen_floor: u32,
     evictions: Evictions,
-    /// USAGE slots given back by evictions, reused oldest first (a CPU that looked the
-    /// evicted client up just before its deletion has long finished when its slot returns).
-    free: VecDeque<u32>,
+    /// USAGE slots given back by evictions (with when), reused oldest first and never within
+    /// [`SLOT_QUARANTINE`] of their eviction: a CPU that looked the evicted client up just
+    /// before its deletion has finished with the slot by then, so it never charges a packet to
+    /// the slot's next client.
+    free: VecDeque<(u32, Instant)>,
     /// Slots from here to `capacity` were never handed out by this valve.
     next_fresh: u32,
     /// Per client: (packets + dropped bytes, CLOCK_MONOTONIC ns when that sum last moved).
@@ -424,14 +427,21 @@ impl Slots {
         }
         Slots {
             capacity,
-            free: (0..top).filter(|s| !taken[*s as usize]).collect(),
+            free: (0..top)
+                .filter(|s| !taken[*s as usize])
+                .map(|s| (s, rested()))
+                .collect(),
             next_fresh: top,
             ..Default::default()
         }
     }
 
     fn take(&mut self) -> Option<u32> {
-        if let Some(s) = self.free.pop_front() {
+        if let Some((s, freed)) = self.free.pop_front() {
+            // Only when the map is full and a slot was freed just now (eviction to make room).
+            if let Some(wait) = SLOT_QUARANTINE.checked_sub(freed.elapsed()) {
+                std::thread::sleep(wait);
+            }
             return Some(s);
         }
         (self.next_fresh < self.capacity).then(|| {
@@ -444,6 +454,16 @@ impl Slots {
     fn in_use(&self) -> u32 {
         self.next_fresh - self.free.len() as u32
     }
+}
+
+/// How long a freed USAGE slot rests before it is handed out again: far longer than any
+/// program run (microseconds), which is all the kernel's use of a deleted entry can last.
+const SLOT_QUARANTINE: Duration = Duration::from_millis(10);
+
+/// A free time for a slot that has rested already (never used, or never really taken).
+fn rested() -> Instant {
+    let now = Instant::now();
+    now.checked_sub(SLOT_QUARANTINE).unwrap_or(now)
 }
 
 /// CLOCK_MONOTONIC in ns (the clock of `ClientUsage::last_seen_ns`).
@@ -1165,7 +1185,7 @@ impl Valve {
         };
         // No POLICY entry points here: the kernel no longer writes this slot.
         if let Err(e) = m.usage.set(slot, Usage::default(), 0) {
-            m.slots.free.push_front(slot);
+            m.slots.free.push_front((slot, rested()));
             return Err(map_err(maps::USAGE)(e));
         }
         let mut p = Policy::CLOSED;
@@ -1241,7 +1261,7 @@ impl Valve {
             Err(e) => return Err(map_err(maps::POLICY)(e)),
         }
         m.slots.occupied = m.slots.occupied.saturating_sub(1);
-        m.slots.free.push_back(p.slot);
+        m.slots.free.push_back((p.slot, Instant::now()));
         m.slots.seen.remove(key);
         m.slots.closed_since.remove(key);
         match why {
@@ -1626,7 +1646,7 @@ impl Gates for Valve {
         };
         if let Err(e) = Self::write_policy(&mut m, mac, &key, p) {
             if old.is_none() {
-                m.slots.free.push_front(cur.slot);
+                m.slots.free.push_front((cur.slot, rested()));
             }
             return Err(e);
         }
