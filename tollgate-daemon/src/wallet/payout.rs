@@ -172,6 +172,17 @@ impl Wallet {
 
     /// Check melts a previous round (or a previous process) left pending.
     pub(crate) async fn finalize_pending_payouts(&self) {
+        // Every mint, not only those with a pending row: a melt that a killed process left in
+        // flight at the mint keeps its cdk saga (and its proofs reserved) until it is resumed,
+        // also when our row was settled meanwhile from the quote's state. Cheap when there is
+        // none (a local query).
+        for state in self.inner.mints.values() {
+            if let Ok(w) = self.cdk_wallet(state).await {
+                if let Err(e) = w.finalize_pending_melts().await {
+                    tracing::debug!(mint = %state.url, error = %e, "finalize_pending_melts");
+                }
+            }
+        }
         let rows = match self.inner.store.payouts() {
             Ok(rows) => rows,
             Err(e) => {
@@ -186,9 +197,6 @@ impl Wallet {
             let Ok(w) = self.cdk_wallet(state).await else {
                 continue;
             };
-            if let Err(e) = w.finalize_pending_melts().await {
-                tracing::debug!(error = %e, "finalize_pending_melts");
-            }
             let Some(quote_id) = row.quote_id.as_deref() else {
                 continue;
             };
