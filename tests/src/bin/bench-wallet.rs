@@ -130,23 +130,28 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-const FILL_SAT: u64 = 16;
+/// One arm pair on a fresh mint: the mint, its tokens (`n` of `sat`, minted before the clock
+/// starts; two are spent on warm-ups), the wallets' directory and the two warmed-up wallets.
+struct Setup {
+    mint: Arc<TestMint>,
+    tokens: Vec<String>,
+    _dir: tempfile::TempDir,
+    gw: Receiver,
+    bare: Receiver,
+}
 
-/// Section 3: `fill` receives into fresh wallets, interleaved, latencies per window of
-/// `fill / 8` receives: (receives so far, tollgate window, bare window).
-fn fill_run(
+fn setup(
     mrt: &tokio::runtime::Runtime,
     wrt: &tokio::runtime::Runtime,
-    fill: usize,
-) -> Result<Vec<(usize, Latencies, Latencies)>> {
-    let mint = Arc::new(mrt.block_on(TestMint::start(0)));
-    eprintln!(
-        "[bench] fill: minting {} tokens of {FILL_SAT} sat",
-        2 * fill + 2
-    );
+    fee: u64,
+    sat: u64,
+    n: usize,
+) -> Result<Setup> {
+    let mint = Arc::new(mrt.block_on(TestMint::start(fee)));
+    eprintln!("[bench] fee {fee} ppk: minting {n} tokens of {sat} sat");
     let mut tokens = {
         let mint = mint.clone();
-        mrt.block_on(async move { mint.mint_tokens(FILL_SAT, 2 * fill + 2).await })
+        mrt.block_on(async move { mint.mint_tokens(sat, n).await })
     };
     let dir = tempfile::tempdir()?;
     let url = mint.url();
@@ -165,6 +170,32 @@ fn fill_run(
         wrt.block_on(r.receive(&tok))
             .with_context(|| format!("warm-up receive ({})", r.name()))?;
     }
+    Ok(Setup {
+        mint,
+        tokens,
+        _dir: dir,
+        gw,
+        bare,
+    })
+}
+
+const FILL_SAT: u64 = 16;
+
+/// Section 3: `fill` receives into fresh wallets, interleaved, latencies per window of
+/// `fill / 8` receives: (receives so far, tollgate window, bare window).
+fn fill_run(
+    mrt: &tokio::runtime::Runtime,
+    wrt: &tokio::runtime::Runtime,
+    fill: usize,
+) -> Result<Vec<(usize, Latencies, Latencies)>> {
+    // Every field bound: the mint and the wallets' directory must outlive the loop.
+    let Setup {
+        mint: _mint,
+        mut tokens,
+        _dir,
+        gw,
+        bare,
+    } = setup(mrt, wrt, 0, FILL_SAT, 2 * fill + 2)?;
     let window = (fill / 8).max(1);
     let mut rows = Vec::new();
     let (mut a, mut b) = (Latencies::default(), Latencies::default());
@@ -214,30 +245,13 @@ fn main() -> Result<()> {
     let wrt = runtime()?; // the wallets' threads
     let mut rows = Vec::new();
     for fee in [0u64, 100] {
-        let mint = Arc::new(mrt.block_on(TestMint::start(fee)));
-        let n = receives * levels.len() * 2 + 2;
-        eprintln!("[bench] fee {fee} ppk: minting {n} tokens of {TOKEN_SAT} sat");
-        let mut tokens = {
-            let mint = mint.clone();
-            mrt.block_on(async move { mint.mint_tokens(TOKEN_SAT, n).await })
-        };
-        let dir = tempfile::tempdir()?;
-        let url = mint.url();
-        std::fs::create_dir_all(dir.path().join("gateway"))?;
-        let (gw, bare) = wrt.block_on(async {
-            let gw = Wallet::open(
-                &dir.path().join("gateway"),
-                WalletSettings::new(vec![MintSettings::new(url.clone())]),
-            )
-            .await?;
-            let bare = bare_cdk_wallet(&url, &dir.path().join("bare.sqlite")).await?;
-            anyhow::Ok((Receiver::Gateway(gw), Receiver::Bare(Box::new(bare))))
-        })?;
-        for r in [&gw, &bare] {
-            let tok = tokens.pop().context("warm-up token")?;
-            wrt.block_on(r.receive(&tok))
-                .with_context(|| format!("warm-up receive ({})", r.name()))?;
-        }
+        let Setup {
+            mint,
+            mut tokens,
+            _dir,
+            gw,
+            bare,
+        } = setup(&mrt, &wrt, fee, TOKEN_SAT, receives * levels.len() * 2 + 2)?;
         for &c in &levels {
             for r in [&gw, &bare] {
                 let batch: Vec<String> = tokens.drain(..receives).collect();
