@@ -24,6 +24,10 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::protocol::Metric;
 
 pub const CONFIG_FILE: &str = "config.json";
+/// Where the operator commands look for config.json unless told otherwise.
+pub const CONFIG_DIR: &str = "/etc/tollgate";
+/// `store.state_dir` when config.json does not set it.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tollgate";
 pub const IDENTITIES_FILE: &str = "identities.json";
 /// skb mark for the captive-portal redirect unless `dataplane.portal_mark` says otherwise
 /// ("tg"; pick another if your firewall already uses it).
@@ -625,6 +629,16 @@ impl Config {
         Self::from_strs(dir, &ctext, &itext)
     }
 
+    /// The state directory the files in `dir` name: [`DEFAULT_STATE_DIR`] when there is no
+    /// config.json, an error when there is one and it does not load (a typo must not send the
+    /// operator's commands to another directory).
+    pub fn state_dir_in(dir: &Path) -> Result<PathBuf, ConfigError> {
+        if !dir.join(CONFIG_FILE).exists() {
+            return Ok(PathBuf::from(DEFAULT_STATE_DIR));
+        }
+        Ok(Self::load(dir)?.store.state_dir)
+    }
+
     /// Validates the two files' contents (`dir` is used for error messages and defaults).
     pub fn from_strs(
         dir: &Path,
@@ -1023,7 +1037,7 @@ impl Config {
                 state_dir: raw
                     .state_dir
                     .clone()
-                    .unwrap_or_else(|| PathBuf::from("/var/lib/tollgate")),
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
                 retention,
             },
             payout: PayoutConfig { shares },

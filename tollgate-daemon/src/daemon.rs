@@ -14,11 +14,7 @@
 //!                    stays pinned and enforcing
 //! ```
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
-    sync::Arc,
-};
+use std::{net::IpAddr, path::PathBuf, sync::Arc};
 
 use anyhow::{Context, Result};
 use tokio::sync::watch;
@@ -87,50 +83,6 @@ pub fn load_config(dir: &std::path::Path, o: &Overrides) -> Result<Config> {
     Ok(cfg)
 }
 
-/// The addresses configured on `iface` (the gateway's own LAN addresses).
-fn iface_addrs(iface: &str) -> Result<(Option<Ipv4Addr>, Vec<Ipv6Addr>)> {
-    let mut v4 = None;
-    let mut v6 = Vec::new();
-    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs allocates a list we walk read-only and free with freeifaddrs.
-    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("getifaddrs");
-    }
-    let mut p = ifap;
-    while !p.is_null() {
-        // SAFETY: p is a valid node of the list returned by getifaddrs.
-        let ifa = unsafe { &*p };
-        p = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() {
-            continue;
-        }
-        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
-        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
-        if name.to_bytes() != iface.as_bytes() {
-            continue;
-        }
-        // SAFETY: the family tells which sockaddr variant ifa_addr points to.
-        unsafe {
-            match (*ifa.ifa_addr).sa_family as i32 {
-                libc::AF_INET => {
-                    let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                    v4.get_or_insert(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)));
-                }
-                libc::AF_INET6 => {
-                    let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
-                    if v6.len() < 2 {
-                        v6.push(Ipv6Addr::from(sa.sin6_addr.s6_addr));
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-    // SAFETY: ifap came from getifaddrs.
-    unsafe { libc::freeifaddrs(ifap) };
-    Ok((v4, v6))
-}
-
 /// The valve's configuration derived from the daemon's.
 pub fn valve_config(cfg: &Config, pin_base: Option<&PathBuf>) -> Result<ValveConfig> {
     let iface = cfg
@@ -138,7 +90,8 @@ pub fn valve_config(cfg: &Config, pin_base: Option<&PathBuf>) -> Result<ValveCon
         .lan_interface
         .clone()
         .context("no LAN interface: set lan_interface in config.json or pass --lan-iface")?;
-    let (v4, v6) = iface_addrs(&iface)?;
+    let (v4, mut v6) = crate::sys::iface_addrs(&iface)?;
+    v6.truncate(2); // the data plane's config holds two gateway IPv6 addresses
     let mut v = ValveConfig::new(&iface);
     if let Some(p) = pin_base {
         v.pin_base = p.clone();

@@ -26,6 +26,7 @@ pub mod portal;
 pub mod protocol;
 pub mod store;
 pub mod supervisor;
+pub mod sys;
 pub mod upstream;
 pub mod valve;
 pub mod wallet;

@@ -271,7 +271,7 @@ impl Store {
         conn.execute_batch(SCHEMA)?;
         let store = Store {
             conn: Mutex::new(conn),
-            clock: Arc::new(crate::protocol::unix_now),
+            clock: Arc::new(crate::sys::clock::unix_secs),
             retention: DEFAULT_RETENTION,
         };
         store.ln_schema()?;

@@ -197,13 +197,16 @@ impl Prefix {
     }
 }
 
+/// Where the pins go unless configured otherwise (`<base>/v<SCHEMA_VERSION>/`).
+pub const DEFAULT_PIN_BASE: &str = "/sys/fs/bpf/tollgate";
+
 /// What the valve needs to know to attach and configure the data plane.
 #[derive(Clone, Debug)]
 pub struct ValveConfig {
     /// LAN interface the clients are on.
     pub iface: String,
     pub mode: DataPlaneMode,
-    /// Pins go to `<pin_base>/v<SCHEMA_VERSION>/`; default `/sys/fs/bpf/tollgate`.
+    /// Pins go to `<pin_base>/v<SCHEMA_VERSION>/`; default [`DEFAULT_PIN_BASE`].
     pub pin_base: PathBuf,
     /// The gateway's own LAN addresses (answers from them are never billed; DNS/portal on them
     /// are reachable before paying).
@@ -232,7 +235,7 @@ impl ValveConfig {
         Self {
             iface: iface.into(),
             mode: DataPlaneMode::Tc,
-            pin_base: PathBuf::from("/sys/fs/bpf/tollgate"),
+            pin_base: PathBuf::from(DEFAULT_PIN_BASE),
             gateway_v4: None,
             gateway_v6: Vec::new(),
             tcp_ports: vec![2121],
