@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     chandler::Chandler,
-    config::{Config, DataplaneMode},
+    config::{Config, DataplaneMode, Overrides},
     http::{self, AppState},
     merchant::{Merchant, Redeemer},
     neighbour::KernelNeighbours,
@@ -35,52 +35,17 @@ use crate::{
     wallet::Wallet,
 };
 
-/// Command-line overrides of the configuration files.
-#[derive(Clone, Debug, Default)]
-pub struct Overrides {
-    pub state_dir: Option<PathBuf>,
-    pub lan_iface: Option<String>,
-    pub wan_iface: Option<String>,
-    pub listen: Option<std::net::SocketAddr>,
-    pub admin_listen: Option<std::net::SocketAddr>,
-}
-
 /// Loads `config.json` + `identities.json`, creating a working default set when the directory
 /// has none, and applies the overrides.
 pub fn load_config(dir: &std::path::Path, o: &Overrides) -> Result<Config> {
-    let mut cfg = if dir.join("config.json").exists() {
-        Config::load(dir)?
-    } else {
-        let cfg = Config::write_default(dir)?;
+    if !dir.join(crate::config::CONFIG_FILE).exists() {
+        Config::write_default(dir)?;
         tracing::warn!(
             dir = %dir.display(),
             "no configuration found: wrote a default config.json and identities.json (fresh merchant key, mode 0600)"
         );
-        cfg
-    };
-    if let Some(s) = &o.state_dir {
-        cfg.store.state_dir = s.clone();
     }
-    if let Some(l) = &o.lan_iface {
-        cfg.dataplane.lan_interface = Some(l.clone());
-        cfg.http.lan_interface = Some(l.clone());
-    }
-    if let Some(w) = &o.wan_iface {
-        cfg.dataplane.wan_interface = Some(w.clone());
-    }
-    if let Some(l) = o.listen {
-        // `dataplane.portal_port` defaults to the listen port, derived when the file was
-        // validated: follow the override unless the file named another port.
-        if cfg.http.portal_port == cfg.http.listen.port() {
-            cfg.http.portal_port = l.port();
-            cfg.dataplane.portal_port = l.port();
-        }
-        cfg.http.listen = l;
-    }
-    if let Some(a) = o.admin_listen {
-        cfg.http.admin_listen = a;
-    }
-    Ok(cfg)
+    Ok(Config::load_with(dir, o)?)
 }
 
 /// The valve's configuration derived from the daemon's.

@@ -35,7 +35,7 @@ pub struct RunOpts {
 }
 
 pub async fn run(o: RunOpts) -> Result<()> {
-    let overrides = tollgate::daemon::Overrides {
+    let overrides = tollgate::config::Overrides {
         state_dir: o.state_dir,
         lan_iface: o.lan_iface,
         wan_iface: o.wan_iface,

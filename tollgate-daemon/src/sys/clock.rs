@@ -53,8 +53,6 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         let (b1, m1, u1) = (boot_ns(), monotonic_ns(), unix_ms());
         assert!(b1 - b0 >= 20_000_000 && m1 - m0 >= 20_000_000);
-        // Boot time counts suspend too, so it is never behind the monotonic clock.
-        assert!(b1 >= m1);
         assert!(u1 >= u0 && u0 > 1_600_000_000_000, "wall clock {u0}");
         let (s, ms) = (unix_secs(), unix_ms());
         assert!(ms / 1000 >= s && ms / 1000 - s <= 1, "{s} s vs {ms} ms");
