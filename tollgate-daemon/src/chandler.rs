@@ -685,8 +685,11 @@ impl Chandler {
                         }
                     }
                     None => {
-                        // The valve stopped; keep snapshotting until shutdown.
-                        let _ = shutdown.changed().await;
+                        // The valve stopped; keep snapshotting until shutdown (a closed
+                        // channel means shutdown too).
+                        if shutdown.changed().await.is_err() {
+                            tracing::debug!("shutdown sender gone");
+                        }
                         break;
                     }
                 },

@@ -1478,7 +1478,7 @@ mod tests {
     fn write_default_creates_private_working_config() {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("tollgate-cfg-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        fs::remove_dir_all(&dir).ok();
         let c = Config::write_default(&dir).expect("default config");
         assert_eq!(c.merchant.metric, Metric::Bytes);
         for f in [CONFIG_FILE, IDENTITIES_FILE] {
@@ -1494,7 +1494,7 @@ mod tests {
             again.merchant.keys.public_key(),
             c.merchant.keys.public_key()
         );
-        let _ = fs::remove_dir_all(&dir);
+        fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -331,9 +331,13 @@ pub async fn run(
         }
     }
     cancel.cancel();
-    let _ = stop_tx.send(true);
+    if stop_tx.send(true).is_err() {
+        tracing::debug!("no listener for the stop signal left");
+    }
     tasks.join().await;
-    let _ = std::fs::remove_file(&control_path);
+    if let Err(e) = std::fs::remove_file(&control_path) {
+        tracing::warn!(path = %control_path.display(), error = %e, "removing the control socket");
+    }
     if let Some(r) = redirect {
         if let Err(e) = valve.configure(&unmarked) {
             tracing::warn!(error = %e, "clearing the portal mark in the data plane");

@@ -1120,8 +1120,12 @@ pub(crate) mod tests {
             .purchase(mac(), pay("cashuB1"))
             .await
             .expect("replay");
-        let _ = r.merchant.purchase(mac(), pay("cashuBother")).await;
-        let _ = r.merchant.purchase(mac(), pay("garbage")).await;
+        assert!(r
+            .merchant
+            .purchase(mac(), pay("cashuBother"))
+            .await
+            .is_err());
+        assert!(r.merchant.purchase(mac(), pay("garbage")).await.is_err());
         let counts = r.merchant.payment_counts();
         let find = |mint: &str, outcome: &str| {
             counts
