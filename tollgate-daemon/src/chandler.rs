@@ -536,16 +536,13 @@ impl Chandler {
                         continue;
                     }
                     if gate.is_none_or(|g| !g.open || g.remaining_bytes != Some(remaining)) {
-                        let bound = self.stored_binding(mac)?;
-                        let st = self.gates.open(
+                        let st = self.reopen_bound(
                             mac,
                             Allowance {
                                 bytes: Some(remaining),
-                                bind_ipv4: first_v4(&bound),
                                 ..Allowance::default()
                             },
                         )?;
-                        self.restore_v6_binding(mac, &bound)?;
                         row.used_before = used;
                         row.baseline = st.usage.bytes();
                         row.generation = st.generation;
@@ -562,16 +559,13 @@ impl Chandler {
                         continue;
                     }
                     if gate.is_none_or(|g| !g.open || g.until_boot_ns != Some(end)) {
-                        let bound = self.stored_binding(mac)?;
-                        let st = self.gates.open(
+                        let st = self.reopen_bound(
                             mac,
                             Allowance {
                                 until_boot_ns: Some(end),
-                                bind_ipv4: first_v4(&bound),
                                 ..Allowance::default()
                             },
                         )?;
-                        self.restore_v6_binding(mac, &bound)?;
                         row.generation = st.generation;
                         report.reopened.push(mac);
                     }
@@ -630,6 +624,21 @@ impl Chandler {
             return Ok(Vec::new());
         }
         Ok(self.store.binding(mac)?)
+    }
+
+    /// Start-up reconciliation's open of a stored session: `allowance` plus the binding stored
+    /// with it.
+    fn reopen_bound(&self, mac: MacAddr, allowance: Allowance) -> Result<GateState, ChandlerError> {
+        let bound = self.stored_binding(mac)?;
+        let st = self.gates.open(
+            mac,
+            Allowance {
+                bind_ipv4: first_v4(&bound),
+                ..allowance
+            },
+        )?;
+        self.restore_v6_binding(mac, &bound)?;
+        Ok(st)
     }
 
     /// After an open (which replaces the policy and binds IPv4 only, from the allowance):
