@@ -9,11 +9,13 @@
 //! payout tick ─lock(mint)─> balance − min_balance − reserved ─LNURL─> melt ─> payout row
 //! ```
 //!
-//! Every operation that moves proofs of one mint (send, melt, payout budget) runs under that
-//! mint's lock, because cdk fails concurrent sends from one wallet. `reserve` takes the same
-//! lock, so the check "available ≥ n" and the insert are atomic with respect to payouts: the
-//! seed's race (payout drains the wallet between the chandler's balance check and its token
-//! creation) cannot happen — a payout only ever spends `balance − min_balance − reserved`.
+//! Every operation that selects proofs of one mint (send, a melt's prepare, payout budget)
+//! runs under that mint's lock, because cdk fails concurrent selections from one wallet.
+//! `reserve` takes the same lock, so the check "available ≥ n" and the insert are atomic with
+//! respect to payouts: the seed's race (payout drains the wallet between the chandler's
+//! balance check and its token creation) cannot happen — a payout only ever spends
+//! `balance − min_balance − reserved`. A payout's melt releases the lock once its inputs are
+//! reserved in cdk, so a stalled melt holds nobody else (see [`payout`]).
 //!
 //! Reservation states:
 //!
@@ -67,7 +69,7 @@ use cdk::nuts::{CheckStateRequest, CurrencyUnit, PublicKey, State, Token};
 use cdk::wallet::{ReceiveOptions, SendOptions, WalletRepository, WalletRepositoryBuilder};
 use cdk::Amount;
 use sha2::{Digest, Sha256};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, RwLock};
 
 pub use issue::{MintQuote, QuoteState};
 pub use payout::PayoutRecord;
@@ -430,9 +432,19 @@ pub struct Wallet {
 struct MintState {
     settings: MintSettings,
     url: MintUrl,
-    /// Serialises proof-moving operations of this mint (cdk cannot run two sends at once) and
-    /// makes reserve's check-and-insert atomic against payouts.
+    /// Serialises proof selection at this mint (cdk's prepare reads the unspent proofs, then
+    /// reserves them all-or-nothing: two prepares at once pick the same proofs and one fails
+    /// "proof not in unspent state") and makes every budget check-and-reserve atomic. A
+    /// payout's melt releases it once cdk holds its inputs `Reserved`; sends still hold it.
     lock: Mutex<()>,
+    /// Shared while a cdk saga of this mint has a request on its way to the mint (a payout's
+    /// melt, a send's swap); exclusive for whoever resumes this mint's sagas outside `open`
+    /// (`finalize_pending_melts`, `recover_incomplete_sagas`, a melt quote's status), which
+    /// would otherwise find a melt the mint has not seen yet unpaid and hand its inputs
+    /// back. Order: `lock` before `in_flight`, never the other way round.
+    in_flight: RwLock<()>,
+    /// One payout round at a time at this mint.
+    payout_round: Mutex<()>,
 }
 
 struct Inner {
@@ -608,6 +620,8 @@ impl Wallet {
                     settings: m.clone(),
                     url,
                     lock: Mutex::new(()),
+                    in_flight: RwLock::new(()),
+                    payout_round: Mutex::new(()),
                 },
             );
         }
@@ -1222,8 +1236,12 @@ impl Wallet {
         let w = self.cdk_wallet(state).await?;
         // Let cdk finish or compensate its own receive saga first (it re-fetches signatures
         // via NUT-09 when the swap went through but the answer was lost).
-        if let Err(e) = w.recover_incomplete_sagas().await {
-            tracing::warn!(error = %e, "saga recovery during receipt resolution");
+        {
+            // Waits for this mint's in-flight requests (each bounded by the call deadline).
+            let _quiet = state.in_flight.write().await;
+            if let Err(e) = w.recover_incomplete_sagas().await {
+                tracing::warn!(error = %e, "saga recovery during receipt resolution");
+            }
         }
         let ys = token_ys(&parsed)?;
         if let Some(tx) = self.completed_incoming(&w, &ys).await? {
@@ -1434,6 +1452,7 @@ impl Wallet {
         let state = self.mint_state(mint)?;
         let key = state.url.to_string();
         let _guard = state.lock.lock().await;
+        let _in_flight = state.in_flight.read().await;
         let own = match &reservation {
             Some(r) if !self.inner.settings.bypass_reservations_for_tests => {
                 match self.inner.store.reservation(&r.id)? {
@@ -1568,6 +1587,7 @@ impl Wallet {
         })?;
         let state = self.mint_state(&mint)?;
         let _guard = state.lock.lock().await;
+        let _in_flight = state.in_flight.read().await;
         let w = self.cdk_wallet(state).await?;
         let amount: u64 = w
             .revoke_send(uuid)
