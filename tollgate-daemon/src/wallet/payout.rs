@@ -28,6 +28,8 @@
 //! | saga recovery (another round's `finalize_pending_melts`, a receipt's `recover_incomplete_sagas`) sees the quote unpaid before the melt arrives and releases its inputs | the melt holds `in_flight` shared; recoveries take it exclusive (or skip) |
 //! | the fee was `balance before − after − amount`, wrong once others move the balance | `fee_paid` (Lightning + melt input fee) + the pre-melt swap's fee, from this melt's own proofs |
 //!
+//! | the inputs cdk selects exceed the share (change comes back after the melt): during the melt they may hold value a reservation needs | if `unspent < reserved` after prepare, this melt keeps the lock (the old behaviour) |
+//!
 //! No new durable state: a crash between prepare and confirm leaves the cdk saga in
 //! `ProofsReserved` (compensated at open) and the row `pending` (then `failed`), as before.
 //!
@@ -395,8 +397,15 @@ impl Wallet {
                 }
             };
             self.hook("melt:recorded");
-            // Reserved: the round trips run without the mint lock.
-            drop(guard);
+            // Reserved: the round trips run without the mint lock — unless the inputs cdk
+            // picked (it over-selects, the excess comes back as change after the melt's
+            // swap) took value that reservations still need: then a reserved payment would
+            // find too little until the melt returns, so the lock stays held for this melt.
+            let short = match (self.balance_of(state).await, self.reserved_of(key)) {
+                (Ok(unspent), Ok(reserved)) => unspent < reserved,
+                _ => true, // cannot tell: keep it
+            };
+            let guard = short.then_some(guard);
             // The pre-melt swap's fee, on inputs already chosen: exact. cdk's `fee_paid`
             // covers the rest (Lightning fee + the melt's input fee).
             let swap_fee = u64::from(prepared.swap_fee());
@@ -415,6 +424,7 @@ impl Wallet {
                 Err(e) => Err(e),
             };
             drop(in_flight);
+            drop(guard);
             return match outcome {
                 Ok(Some(done)) => {
                     // What left the wallet beyond the invoice, from this melt's own proofs:

@@ -50,7 +50,7 @@ pub(crate) struct PayoutRow {
 
 fn storage(e: rusqlite::Error) -> WalletError {
     WalletError::Storage {
-        message: e.to_string(),
+        source: super::StorageError::Ledger(e),
     }
 }
 
