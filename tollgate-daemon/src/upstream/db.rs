@@ -20,9 +20,7 @@ use crate::db::{self, Pragmas, Synchronous};
 use super::UpstreamError;
 
 fn storage(e: rusqlite::Error) -> UpstreamError {
-    UpstreamError::Storage {
-        message: e.to_string(),
-    }
+    UpstreamError::Storage { source: e }
 }
 
 /// The wall clock in ms, as the rows store it.
