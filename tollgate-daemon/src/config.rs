@@ -22,6 +22,7 @@ use nostr::{Keys, SecretKey};
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::Metric;
+use crate::types::canonical_mint_url;
 use crate::units::{Dur, Seconds};
 use crate::valve::{DataPlaneMode, Prefix};
 
@@ -82,23 +83,6 @@ impl ConfigError {
             _ => None,
         }
     }
-}
-
-/// Canonical mint URL: scheme and host lower-case, no trailing slash, no query or fragment.
-pub fn canonical_mint_url(raw: &str) -> Result<String, String> {
-    let url = url::Url::parse(raw.trim()).map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
-    if url.scheme() != "https" && url.scheme() != "http" {
-        return Err(format!("{raw:?}: scheme must be http or https"));
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err(format!("{raw:?}: no host"));
-    }
-    if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
-        return Err(format!(
-            "{raw:?}: no query, fragment or credentials allowed"
-        ));
-    }
-    Ok(url.as_str().trim_end_matches('/').to_string())
 }
 
 /// Checks `user@domain.tld` (LNURL-pay's Lightning address).

@@ -28,6 +28,7 @@ pub mod protocol;
 pub mod store;
 pub mod supervisor;
 pub mod sys;
+pub mod types;
 pub mod units;
 pub mod upstream;
 pub mod valve;

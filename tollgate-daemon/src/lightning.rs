@@ -25,10 +25,10 @@ use std::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::canonical_mint_url,
     merchant::{steps_for, Merchant, MerchantError},
     protocol::Metric,
     store::{GrantStatus, LnQuote, Store, StoreError},
+    types::canonical_mint_url,
     valve::MacAddr,
     wallet::{QuoteState, Wallet, WalletError},
 };

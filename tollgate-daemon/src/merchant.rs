@@ -33,11 +33,12 @@ use nostr::{JsonUtil, Keys, PublicKey};
 
 use crate::{
     chandler::{Chandler, ChandlerError, GrantCommit},
-    config::{canonical_mint_url, MerchantConfig, MintOffer},
+    config::{MerchantConfig, MintOffer},
     protocol::{
         self, Advertisement, Notice, NoticeCode, Payment, PriceOption, ProtocolError, Session,
     },
     store::{Action, Grant, GrantStatus, Store, StoreError},
+    types::canonical_mint_url,
     valve::MacAddr,
     wallet::{Wallet, WalletError},
 };

@@ -144,9 +144,7 @@ pub async fn run(cmd: WalletCmd) -> Result<()> {
                      run it on a terminal, or pass --force"
                 );
             }
-            let path = dirs.state_dir()?.join("seed");
-            let words = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading the wallet seed {}", path.display()))?;
+            let words = tollgate::wallet::read_seed(&dirs.state_dir()?)?;
             println!("{}", words.trim());
             Ok(())
         }
@@ -164,27 +162,10 @@ pub async fn run(cmd: WalletCmd) -> Result<()> {
                 Some(m) => m,
                 None => read_stdin("the mnemonic")?,
             };
-            if std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some()) {
-                bail!(
-                    "{} is not empty: restore only into an empty state directory (a running \
-                     or previous wallet there would be overwritten)",
-                    dir.display()
-                );
-            }
-            let restored =
-                tollgate::wallet::Wallet::restore(&dir, &words, cfg.wallet_settings()).await;
-            let w = match restored {
-                Ok(w) => w,
-                Err(e) => {
-                    // It was empty: leave it empty, so the restore can simply be retried.
-                    if let Ok(entries) = std::fs::read_dir(&dir) {
-                        for e in entries.flatten() {
-                            let _ = std::fs::remove_file(e.path());
-                        }
-                    }
-                    return Err(e).context("restoring the wallet");
-                }
-            };
+            let w =
+                tollgate::wallet::Wallet::restore_into_empty(&dir, &words, cfg.wallet_settings())
+                    .await
+                    .context("restoring the wallet")?;
             let rows: Vec<BalanceRow> = w
                 .balances()
                 .await?

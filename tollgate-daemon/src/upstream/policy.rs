@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use super::client::SignedAd;
 use super::settings::UpstreamSettings;
 use crate::protocol::Metric;
-use crate::wallet::canonical_mint_url;
+use crate::types::canonical_mint_url;
 
 /// Why we do not pay an upstream (kept in the status and logged).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

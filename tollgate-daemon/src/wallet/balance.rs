@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use super::{canonical_mint_url, MintBalance, MintProbe, MintState, Wallet, WalletError};
+use super::{mint_key, MintBalance, MintProbe, MintState, Wallet, WalletError};
 
 impl Wallet {
     /// Balances of every accepted mint.
@@ -85,7 +85,7 @@ impl Wallet {
     /// The chandler registers the smallest purchase an upstream accepts at `mint`, so that
     /// [`Wallet::warnings`] can tell the operator before a purchase fails.
     pub fn set_minimum_purchase(&self, mint: &str, amount: u64) {
-        if let Ok(key) = canonical_mint_url(mint) {
+        if let Ok(key) = mint_key(mint) {
             self.inner
                 .minimum_purchase
                 .lock()

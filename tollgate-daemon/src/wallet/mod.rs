@@ -52,7 +52,6 @@ mod transport;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -62,6 +61,7 @@ use cdk::wallet::WalletRepository;
 use tokio::sync::{Mutex, RwLock};
 
 pub use issue::{MintQuote, QuoteState};
+pub use open::{read_seed, SEED_FILE};
 pub use payout::PayoutRecord;
 pub use rebalance::RebalanceRecord;
 pub use receive::decode_token;
@@ -209,6 +209,12 @@ pub enum WalletError {
         #[source]
         source: StorageError,
     },
+    /// A restore was asked into a directory that holds something already.
+    #[error(
+        "{} is not empty: restore only into an empty state directory (a running or previous wallet there would be overwritten)",
+        path.display()
+    )]
+    NotEmpty { path: PathBuf },
     /// The seed file could not be read or written.
     #[error("seed file {path}: {source}")]
     Seed {
@@ -450,17 +456,15 @@ fn unit_of(s: &str) -> Result<CurrencyUnit, WalletError> {
 }
 
 /// Canonical form of a mint URL (lower-case host, no trailing slash).
-pub fn canonical_mint_url(url: &str) -> Result<String, WalletError> {
-    MintUrl::from_str(url.trim())
-        .map(|u| u.to_string())
-        .map_err(|_| WalletError::MintNotAccepted {
-            mint: url.to_string(),
-        })
+pub(crate) fn mint_key(url: &str) -> Result<String, WalletError> {
+    crate::types::canonical_mint_url(url).map_err(|_| WalletError::MintNotAccepted {
+        mint: url.to_string(),
+    })
 }
 
 impl Wallet {
     fn mint_state(&self, mint: &str) -> Result<&MintState, WalletError> {
-        let key = canonical_mint_url(mint)?;
+        let key = mint_key(mint)?;
         self.inner
             .mints
             .get(&key)
@@ -484,6 +488,15 @@ fn storage(e: cdk::cdk_database::Error) -> WalletError {
     }
 }
 
+/// Logs a step that failed where the caller has nothing better to do: the value stays where
+/// it is (reserved proofs are freed by the recovery at the next start; a record is rewritten
+/// at the next round).
+pub(super) fn log_failure<T, E: std::fmt::Display>(what: &str, r: Result<T, E>) {
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "{what} failed");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -499,7 +512,7 @@ mod tests {
         let w = Wallet::open(dir.path(), settings()).await.expect("open");
         let words = w.mnemonic();
         assert_eq!(words.split_whitespace().count(), 12);
-        let mode = std::fs::metadata(dir.path().join("seed"))
+        let mode = std::fs::metadata(dir.path().join(SEED_FILE))
             .expect("seed")
             .permissions()
             .mode();
@@ -529,8 +542,8 @@ mod tests {
     #[test]
     fn canonical_urls_compare_equal() {
         assert_eq!(
-            canonical_mint_url("https://Mint.Example.com/").expect("ok"),
-            canonical_mint_url("https://mint.example.com").expect("ok")
+            mint_key("https://Mint.Example.com/").expect("ok"),
+            mint_key("https://mint.example.com").expect("ok")
         );
     }
 }

@@ -48,8 +48,17 @@ pub(super) fn write_seed(path: &Path, mnemonic: &bip39::Mnemonic) -> Result<(), 
     std::fs::rename(&tmp, path).map_err(seed_err)
 }
 
+/// The seed's file name in the state directory (BIP-39 words, mode 0600).
+pub const SEED_FILE: &str = "seed";
+
+/// The wallet's words as stored in `state_dir` (`tollgate wallet backup`).
+pub fn read_seed(state_dir: &Path) -> Result<String, WalletError> {
+    let path = state_dir.join(SEED_FILE);
+    std::fs::read_to_string(&path).map_err(|source| WalletError::Seed { path, source })
+}
+
 pub(super) fn load_or_create_seed(state_dir: &Path) -> Result<bip39::Mnemonic, WalletError> {
-    let path = state_dir.join("seed");
+    let path = state_dir.join(SEED_FILE);
     match std::fs::read_to_string(&path) {
         Ok(words) => {
             bip39::Mnemonic::parse(words.trim()).map_err(|source| WalletError::Mnemonic { source })
@@ -78,6 +87,32 @@ impl Wallet {
         Ok(wallet)
     }
 
+    /// [`Wallet::restore`] into a directory that must be empty (a running or previous wallet
+    /// there would be overwritten). A failed restore empties it again, so it can simply be
+    /// retried.
+    pub async fn restore_into_empty(
+        state_dir: &Path,
+        mnemonic: &str,
+        settings: WalletSettings,
+    ) -> Result<Wallet, WalletError> {
+        if std::fs::read_dir(state_dir).is_ok_and(|mut d| d.next().is_some()) {
+            return Err(WalletError::NotEmpty {
+                path: state_dir.to_path_buf(),
+            });
+        }
+        let restored = Self::restore(state_dir, mnemonic, settings).await;
+        if restored.is_err() {
+            if let Ok(entries) = std::fs::read_dir(state_dir) {
+                for e in entries.flatten() {
+                    if let Err(err) = std::fs::remove_file(e.path()) {
+                        tracing::warn!(path = %e.path().display(), error = %err, "emptying the state directory after a failed restore");
+                    }
+                }
+            }
+        }
+        restored
+    }
+
     /// Recreate the wallet from `mnemonic` after losing the database: writes the seed, then
     /// runs NUT-09/13 restore on every accepted mint before anything else touches the
     /// deterministic counters (a fresh counter would make the mint answer "outputs already
@@ -93,7 +128,7 @@ impl Wallet {
         })?;
         let mnemonic = bip39::Mnemonic::parse(mnemonic.trim())
             .map_err(|source| WalletError::Mnemonic { source })?;
-        write_seed(&state_dir.join("seed"), &mnemonic)?;
+        write_seed(&state_dir.join(SEED_FILE), &mnemonic)?;
         let wallet = Self::build(state_dir, mnemonic, settings).await?;
         for state in wallet.inner.mints.values() {
             let w = wallet.cdk_wallet(state).await?;

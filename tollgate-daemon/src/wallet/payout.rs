@@ -55,7 +55,7 @@ use cdk::wallet::MeltOutcome;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{lnurl, MintState, Wallet, WalletError};
+use super::{lnurl, log_failure, MintState, Wallet, WalletError};
 
 /// How long a payout round waits on a melt the mint reports as pending.
 const PENDING_WAIT: Duration = Duration::from_secs(3);
@@ -159,7 +159,9 @@ impl Wallet {
                 }));
             }
             for t in tasks {
-                let _ = t.await;
+                if let Err(e) = t.await {
+                    tracing::error!(error = %e, "a payout task panicked");
+                }
             }
         })
     }
@@ -234,10 +236,12 @@ impl Wallet {
                             // Pending/Unknown, or a saga still open: not settled yet.
                             _ => continue,
                         };
-                        let _ = self
-                            .inner
-                            .store
-                            .update_payout(row.id, row.fee, outcome, None);
+                        log_failure(
+                            "recording the payout outcome",
+                            self.inner
+                                .store
+                                .update_payout(row.id, row.fee, outcome, None),
+                        );
                     }
                     Err(e) => tracing::debug!(quote_id, error = %e, "melt status"),
                 }
@@ -382,7 +386,7 @@ impl Wallet {
                 + u64::from(quote.fee_reserve)
                 + u64::from(prepared.total_fee());
             if cost > budget {
-                let _ = prepared.cancel().await;
+                log_failure("cancelling the prepared operation (its proofs are freed by the recovery at the next start)", prepared.cancel().await);
                 let excess = cost - budget;
                 invoice_amount = invoice_amount.saturating_sub(excess);
                 continue;
@@ -392,7 +396,7 @@ impl Wallet {
             let id = match record(invoice_amount, 0, "pending", Some(&quote.id), None) {
                 Ok(id) => id,
                 Err(e) => {
-                    let _ = prepared.cancel().await;
+                    log_failure("cancelling the prepared operation (its proofs are freed by the recovery at the next start)", prepared.cancel().await);
                     return Err(e);
                 }
             };

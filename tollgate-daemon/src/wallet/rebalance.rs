@@ -32,7 +32,7 @@ use std::time::Duration;
 use cdk::amount::SplitTarget;
 use cdk::nuts::{MeltQuoteState, MintQuoteState, PaymentMethod};
 
-use super::{store, MintState, Reservation, Wallet, WalletError};
+use super::{log_failure, store, MintState, Reservation, Wallet, WalletError};
 
 /// How long a rebalance waits for the target mint to see its invoice paid before leaving
 /// the row `minting` for the next open (or the next rebalance) to finish.
@@ -166,7 +166,7 @@ impl Wallet {
                 .map_err(|e| WalletError::from_cdk(&source_key, e))?;
             let max_fee: u64 = (melt_quote.fee_reserve + prepared.total_fee()).into();
             if max_fee > budget {
-                let _ = prepared.cancel().await;
+                log_failure("cancelling the prepared operation (its proofs are freed by the recovery at the next start)", prepared.cancel().await);
                 return Err(WalletError::FeeBudget {
                     fee: max_fee,
                     budget,
@@ -186,7 +186,7 @@ impl Wallet {
             };
             // Write-ahead: from here a crash is settled by the source's melt quote state.
             if let Err(e) = self.inner.store.put_rebalance(&record) {
-                let _ = prepared.cancel().await;
+                log_failure("cancelling the prepared operation (its proofs are freed by the recovery at the next start)", prepared.cancel().await);
                 return Err(e);
             }
             self.hook("rebalance:recorded");

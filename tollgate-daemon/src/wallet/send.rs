@@ -19,7 +19,7 @@
 use cdk::wallet::SendOptions;
 use cdk::Amount;
 
-use super::{OutgoingRecord, OutgoingToken, Reservation, Wallet, WalletError};
+use super::{log_failure, OutgoingRecord, OutgoingToken, Reservation, Wallet, WalletError};
 
 impl Wallet {
     /// Create a token the receiver can swap for at least `amount` (its input fee included).
@@ -87,7 +87,7 @@ impl Wallet {
             // it out. A crash in between would leave its proofs pending-spent with no record
             // to reclaim them by; with this row the next open revokes it.
             if let Err(e) = self.inner.store.put_outgoing_creating(&op, &key, amount) {
-                let _ = prepared.cancel().await;
+                log_failure("cancelling the prepared operation (its proofs are freed by the recovery at the next start)", prepared.cancel().await);
                 return Err(e);
             }
             let token = prepared

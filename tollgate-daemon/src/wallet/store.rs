@@ -460,7 +460,10 @@ impl Store {
 
     // ---- payouts ----
 
-    #[allow(clippy::too_many_arguments)]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one argument per column of the payout row"
+    )]
     pub(crate) fn put_payout(
         &self,
         mint: &str,
@@ -537,10 +540,7 @@ impl Store {
 }
 
 pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    crate::sys::clock::unix_ms()
 }
 
 #[cfg(test)]

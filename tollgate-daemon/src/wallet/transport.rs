@@ -210,7 +210,7 @@ mod tests {
                             return;
                         }
                         if buf[..n].starts_with(b"GET /slow") {
-                            let _ = seen_slow.send(());
+                            seen_slow.send(()).ok();
                             // Held: read on (and discard), never answer.
                             continue;
                         }
