@@ -12,6 +12,7 @@ pub mod hostile;
 pub mod lnurl;
 pub mod mint;
 pub mod netns;
+pub mod nftarm;
 pub mod pins;
 pub mod refpeer;
 pub mod web;
