@@ -26,6 +26,8 @@ pub mod portal;
 pub mod protocol;
 pub mod store;
 pub mod supervisor;
+pub mod sys;
+pub mod units;
 pub mod upstream;
 pub mod valve;
 pub mod wallet;

@@ -55,8 +55,11 @@ pub enum ProtocolError {
     BadSignature,
     #[error("event is addressed to another gateway ({to})")]
     NotForUs { to: String },
-    #[error("signing event: {message}")]
-    Sign { message: String },
+    #[error("signing event: {source}")]
+    Sign {
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// What the gateway sells.
@@ -468,19 +471,13 @@ fn sign(
 ) -> Result<Event, ProtocolError> {
     let tags = tags
         .into_iter()
-        .map(|t| {
-            Tag::parse(t).map_err(|e| ProtocolError::Sign {
-                message: e.to_string(),
-            })
-        })
+        .map(|t| Tag::parse(t).map_err(|e| ProtocolError::Sign { source: e.into() }))
         .collect::<Result<Vec<_>, _>>()?;
     EventBuilder::new(Kind::from_u16(kind), content)
         .tags(tags)
         .custom_created_at(Timestamp::from(created_at))
         .sign_with_keys(keys)
-        .map_err(|e| ProtocolError::Sign {
-            message: e.to_string(),
-        })
+        .map_err(|e| ProtocolError::Sign { source: e.into() })
 }
 
 fn verified(event: &Event, kind: u16) -> Result<(), ProtocolError> {
@@ -566,14 +563,6 @@ fn device_mac(event: &Event) -> Result<Option<MacAddr>, ProtocolError> {
             reason: "expected [\"device-identifier\",\"mac\",<mac>]".into(),
         }),
     }
-}
-
-/// Seconds since the Unix epoch (the `created_at` of our events).
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -824,8 +813,14 @@ pub(crate) mod tests {
         let gw = Keys::generate();
         let customer = Keys::generate();
         let mac: MacAddr = "02:00:00:00:00:01".parse().expect("mac");
-        let ev =
-            payment_event(&customer, &gw.public_key(), mac, TOKEN_B, unix_now()).expect("sign");
+        let ev = payment_event(
+            &customer,
+            &gw.public_key(),
+            mac,
+            TOKEN_B,
+            crate::sys::clock::unix_secs(),
+        )
+        .expect("sign");
         let json = ev.as_json();
         independently_verify(&json);
         let p = parse_payment(

@@ -19,16 +19,12 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::UpstreamError;
 
 fn storage(e: rusqlite::Error) -> UpstreamError {
-    UpstreamError::Storage {
-        message: e.to_string(),
-    }
+    UpstreamError::Storage { source: e }
 }
 
+/// The wall clock in ms, as the rows store it.
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    crate::sys::clock::unix_ms() as i64
 }
 
 /// One payment row.
