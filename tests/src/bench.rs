@@ -287,6 +287,38 @@ pub fn replace_section(doc: &str, heading: &str, section: &str) -> String {
     }
 }
 
+/// The `### ` subsections of the `## ` section `heading` whose titles start with `prefix`,
+/// verbatim and in order ("" when there are none).
+pub fn subsections(doc: &str, heading: &str, prefix: &str) -> String {
+    let Some(start) = doc.find(heading) else {
+        return String::new();
+    };
+    let body = &doc[start + heading.len()..];
+    let body = &body[..body.find("\n## ").map_or(body.len(), |i| i + 1)];
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some(i) = rest.find(prefix) {
+        let sub = &rest[i..];
+        let end = sub[prefix.len()..]
+            .find("\n### ")
+            .map_or(sub.len(), |j| prefix.len() + j + 1);
+        out.push_str(&sub[..end]);
+        rest = &sub[end..];
+    }
+    out
+}
+
+/// [`subsections`] of `$TOLLGATE_BENCHMARKS_MD` (a run that skips some tables keeps the last
+/// run's).
+pub fn earlier_subsections(heading: &str, prefix: &str) -> String {
+    let path = std::env::var("TOLLGATE_BENCHMARKS_MD").unwrap_or_else(|_| "BENCHMARKS.md".into());
+    subsections(
+        &std::fs::read_to_string(path).unwrap_or_default(),
+        heading,
+        prefix,
+    )
+}
+
 /// Writes `section` (starting with `heading`) into `$TOLLGATE_BENCHMARKS_MD`
 /// (default `BENCHMARKS.md` in the current directory).
 pub fn write_section(heading: &str, section: &str) -> Result<String> {
@@ -328,6 +360,17 @@ mod tests {
         assert_eq!(timing(h, "total"), Some(14.0));
         assert_eq!(timing(h, "db"), None);
         assert_eq!(timing("total;dur=x", "total"), None);
+    }
+
+    #[test]
+    fn subsections_are_kept_by_prefix() {
+        let doc = "# B\n\n## A\nintro\n\n### X one\nx1\n\n### Y\ny\n\n### X two\nx2\n\n## C\n### X three\n";
+        assert_eq!(
+            subsections(doc, "## A", "### X"),
+            "### X one\nx1\n\n### X two\nx2\n\n"
+        );
+        assert_eq!(subsections(doc, "## C", "### X"), "### X three\n");
+        assert_eq!(subsections(doc, "## D", "### X"), "");
     }
 
     #[test]

@@ -12,10 +12,31 @@ pub mod hostile;
 pub mod lnurl;
 pub mod mint;
 pub mod netns;
+pub mod nftarm;
 pub mod pins;
 pub mod refpeer;
 pub mod web;
 pub mod wire;
+
+/// Raises this process's open-file limit to its hard limit, which must be at least `need`
+/// (tests and benches that hold thousands of client sockets).
+pub fn raise_nofile(need: u64) {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on our own process with a valid struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut r), 0);
+        assert!(
+            r.rlim_max >= need,
+            "this needs {need} open files; the hard limit is {}",
+            r.rlim_max
+        );
+        r.rlim_cur = r.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &r), 0);
+    }
+}
 
 /// The `tollgate` binary under test: `$TOLLGATE_BIN`, else next to the test executable's
 /// `deps/` directory or next to it (where `cargo build -p tollgate-daemon`, run by `cargo xtask test`, puts it).

@@ -22,31 +22,12 @@ use tollgate_tests::{
     gateway::{http, in_ns, json_body, tag, GatewayLab},
     netns::{Lab3, GW_LAN_IP, LAN_IFACE},
     pins::PinBase,
-    tollgate_bin,
+    raise_nofile, tollgate_bin,
 };
 
 const ATTACK_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
 const ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(GW_LAN_IP), 2122);
 const TOKEN: &str = "0123456789abcdef-test-token";
-
-/// Raises this process's open-file limit to its hard limit (2 000 client sockets + slack).
-fn raise_nofile(need: u64) {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit on our own process with a valid struct.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut r), 0);
-        assert!(
-            r.rlim_max >= need,
-            "this test needs {need} open files; the hard limit is {}",
-            r.rlim_max
-        );
-        r.rlim_cur = r.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &r), 0);
-    }
-}
 
 /// `prlimit --pid <pid> --nofile=<n>`: the daemon gets a small router's descriptor budget.
 fn limit_nofile(pid: u32, n: u64) {

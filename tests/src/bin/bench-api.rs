@@ -10,16 +10,21 @@
 //!  2. POST / with pre-minted tokens (minted before the clock starts): payments/s, p50, p99
 //!     (baseline: a bare cdk wallet receiving the same kind of token from the same mint)
 //!  3. the daemon's share of a payment = latency − `redeem` from its Server-Timing header
+//!  4. POST / (one at a time, p50/p95/max) while 2 000 idle connections are held: none (the
+//!     reference), from one device, spread over 63 devices (the caps: 32 per address, 512 in
+//!     all; what is over them is refused with a 503)
+//!  5. the daemon's RSS (VmRSS, VmHWM) before and after 10 000 sessions opened and closed
+//!     through the control socket
 //! ```
 //!
 //! Prints a Markdown report and writes it to `BENCHMARKS.md` (section "API").
 //! Options: `--duration S` (5), `--connections 1,16,64`, `--payments N` (200 per level),
-//! `--pay-concurrency 1,16`. `serve-static ADDR FILE` is the baseline server (internal).
+//! `--pay-concurrency 1,16`, `--idle-payments N` (100 per idle row), `--sessions N` (10 000). `serve-static ADDR FILE` is the baseline server (internal).
 
 use std::{
     collections::VecDeque,
     fmt::Write as _,
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     process::{Child, Stdio},
     sync::{Arc, Mutex},
@@ -27,6 +32,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use tollgate::config::HttpLimits;
 use tollgate_tests::{
     bench::{bare_cdk_wallet, machine, timing, write_section, Conn, Latencies},
     gateway::{http, in_ns, ns_runtime, write_config_value, Daemon},
@@ -36,6 +42,11 @@ use tollgate_tests::{
 };
 
 const TOKEN_SAT: u64 = 16;
+/// Idle connections held during the "payments while idle connections are held" rows, the
+/// payments in each of those rows, and how long a row may take (the caps may refuse the
+/// customer until the idle connections time out).
+const IDLE_CONNECTIONS: usize = 2_000;
+const IDLE_ROW_DEADLINE: Duration = Duration::from_secs(60);
 /// Every payment comes from the one client IP: the per-IP limiter (default 30/min) must not
 /// be what we measure.
 const POST_RATE_PER_MINUTE: u32 = 6_000_000;
@@ -45,6 +56,9 @@ struct Opts {
     connections: Vec<usize>,
     payments: usize,
     pay_concurrency: Vec<usize>,
+    /// Payments per row with idle connections held; sessions before the memory row.
+    idle_payments: usize,
+    sessions: u32,
 }
 
 fn list(s: &str) -> Result<Vec<usize>> {
@@ -63,6 +77,8 @@ fn opts() -> Result<Opts> {
         connections: vec![1, 16, 64],
         payments: 200,
         pay_concurrency: vec![1, 16],
+        idle_payments: 100,
+        sessions: 10_000,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -73,6 +89,8 @@ fn opts() -> Result<Opts> {
             "--connections" => o.connections = list(val()?)?,
             "--payments" => o.payments = val()?.parse()?,
             "--pay-concurrency" => o.pay_concurrency = list(val()?)?,
+            "--idle-payments" => o.idle_payments = val()?.parse()?,
+            "--sessions" => o.sessions = val()?.parse()?,
             other => bail!("unknown option {other:?}"),
         }
     }
@@ -145,6 +163,152 @@ fn first_error(slot: &Mutex<Option<String>>, msg: String) {
         eprintln!("[bench] first error: {msg}");
         *s = Some(msg);
     }
+}
+
+/// `n` connections to `api` from `ips` (round robin) that send nothing. Connections the
+/// daemon refuses (503, closed) are kept too: `still_open` tells them apart.
+async fn hold_idle(api: SocketAddr, ips: &[Ipv4Addr], n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let Ok(sock) = tokio::net::TcpSocket::new_v4() else {
+            break;
+        };
+        if sock
+            .bind(SocketAddr::from((ips[i % ips.len()], 0)))
+            .is_err()
+        {
+            break;
+        }
+        match tokio::time::timeout(Duration::from_secs(2), sock.connect(api)).await {
+            Ok(Ok(s)) => out.push(s),
+            _ => break,
+        }
+    }
+    out
+}
+
+/// One "payments while idle connections are held" row.
+struct IdleRow {
+    devices: usize,
+    /// Idle connections the client side opened, and how many the daemon held open before and
+    /// after the payments (the rest it refused with a 503 or closed).
+    opened: usize,
+    held_before: usize,
+    held_after: usize,
+    /// Connections of the customer refused (503 or closed) before its payments went through.
+    refused: usize,
+    run: Run,
+}
+
+/// How many of `conns` the daemon has neither answered nor closed.
+async fn still_open(conns: &[tokio::net::TcpStream]) -> usize {
+    let mut n = 0;
+    for c in conns {
+        let mut b = [0u8; 1];
+        if matches!(c.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock) {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// VmRSS and VmHWM (peak) of `pid`, KiB.
+fn memory_kib(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .with_context(|| format!("{name} of {pid}"))
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Payments through a server whose caps may refuse us: each token is posted until it is
+/// answered (a 503 from a full server, or a connection it closed, is retried after
+/// RETRY_AFTER: the token never reached the wallet) or `deadline` passes. A payment's latency
+/// includes its waits. Returns the run and the refusals met.
+async fn pay_through_refusals(
+    addr: SocketAddr,
+    tokens: Vec<String>,
+    deadline: Duration,
+) -> (Run, usize) {
+    const RETRY_AFTER: Duration = Duration::from_millis(100);
+    let start = Instant::now();
+    let (mut r, mut refused) = (Run::default(), 0);
+    let mut conn: Option<Conn> = None;
+    'tokens: for tok in tokens {
+        let req = format!(
+            "POST / HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/plain\r\n\
+             Content-Length: {}\r\n\r\n{tok}",
+            tok.len()
+        );
+        let t = Instant::now();
+        loop {
+            if start.elapsed() > deadline {
+                r.errors += 1;
+                continue 'tokens;
+            }
+            let c = match conn.as_mut() {
+                Some(c) => c,
+                None => match Conn::connect(addr).await {
+                    Ok(c) => conn.insert(c),
+                    Err(_) => {
+                        refused += 1;
+                        tokio::time::sleep(RETRY_AFTER).await;
+                        continue;
+                    }
+                },
+            };
+            match c.request(req.as_bytes()).await {
+                Ok(rep) if rep.status == 200 => {
+                    r.latency.push(t.elapsed());
+                    r.ok += 1;
+                    break;
+                }
+                Ok(rep) if rep.status == 503 => {
+                    refused += 1;
+                    conn = None;
+                    tokio::time::sleep(RETRY_AFTER).await;
+                }
+                Ok(rep) => {
+                    r.errors += 1;
+                    eprintln!(
+                        "[bench] POST / status {}: {}",
+                        rep.status,
+                        String::from_utf8_lossy(&rep.body)
+                    );
+                    break;
+                }
+                Err(_) => {
+                    refused += 1;
+                    conn = None;
+                    tokio::time::sleep(RETRY_AFTER).await;
+                }
+            }
+        }
+    }
+    r.elapsed = start.elapsed();
+    (r, refused)
+}
+
+/// Bytes of the files under `dir`, in KiB.
+fn dir_kib(dir: &std::path::Path) -> u64 {
+    fn bytes(dir: &std::path::Path) -> u64 {
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| match e.metadata() {
+                        Ok(m) if m.is_dir() => bytes(&e.path()),
+                        Ok(m) => m.len(),
+                        Err(_) => 0,
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+    bytes(dir) / 1024
 }
 
 /// `conns` keep-alive connections sending `GET /` back to back for `duration`.
@@ -404,7 +568,8 @@ fn main() -> Result<()> {
     // 2. POST /: tokens first, outside the timed part.
     let per_level = o.payments;
     let levels = o.pay_concurrency.len();
-    let n_tokens = per_level * levels * 2 + 1;
+    // Two rows per level, three rows around idle connections, one warm-up.
+    let n_tokens = per_level * levels * 2 + o.idle_payments * 3 + 1;
     eprintln!("[bench] minting {n_tokens} tokens of {TOKEN_SAT} sat");
     let mut tokens = {
         let mint = mint.clone();
@@ -453,6 +618,98 @@ fn main() -> Result<()> {
         );
         pay_rows.push((c, r, b, (mint_ms, mint_reqs), (mint_ms_b, mint_reqs_b)));
     }
+    // 4. Payments while idle connections are held: IDLE_CONNECTIONS opened (nothing sent)
+    // from the attacking devices' addresses (extra addresses in the client namespace), then
+    // payments one at a time from the customer's address; first with none held (the
+    // reference, same conditions), then from one device, then spread over 63.
+    tollgate_tests::raise_nofile(IDLE_CONNECTIONS as u64 + 1_024);
+    let mut idle_rows = Vec::new();
+    let extra: Vec<Ipv4Addr> = (100..163).map(|i| Ipv4Addr::new(10, 77, 0, i)).collect();
+    for ip in &extra {
+        lab.client
+            .ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+    }
+    for devices in [0usize, 1, extra.len()] {
+        let ips = extra[..devices.max(1)].to_vec();
+        let n_idle = if devices == 0 { 0 } else { IDLE_CONNECTIONS };
+        let batch: Vec<String> = tokens.drain(..o.idle_payments).collect();
+        let row = in_ns(&lab.client, &crt, move || async move {
+            let idle = hold_idle(api, &ips, n_idle).await;
+            // Let the daemon accept (or refuse) every one of them first.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let held_before = still_open(&idle).await;
+            let (r, refused) = pay_through_refusals(api, batch, IDLE_ROW_DEADLINE).await;
+            let held_after = still_open(&idle).await;
+            let opened = idle.len();
+            drop(idle);
+            IdleRow {
+                devices,
+                opened,
+                held_before,
+                held_after,
+                refused,
+                run: r,
+            }
+        });
+        eprintln!(
+            "[bench] POST / with {} idle from {devices} device(s) ({} held, {} after): \
+             p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms, {} refusals, {} errors",
+            row.opened,
+            row.held_before,
+            row.held_after,
+            row.run.latency.p(50.0),
+            row.run.latency.p(95.0),
+            row.run.latency.p(100.0),
+            row.refused,
+            row.run.errors
+        );
+        idle_rows.push(row);
+        // The closed idle connections leave the daemon's caps before the next row.
+        std::thread::sleep(Duration::from_secs(1));
+    }
+
+    // 5. Memory after `--sessions` sessions, each opened (a grant of 1 MB) and closed through the
+    // control socket: the operator's path through the chandler, the store and the valve.
+    let sessions = o.sessions;
+    let pid = daemon.child.id();
+    let control = tollgate::control::ControlClient::new(
+        state_dir.join(tollgate::control::SOCKET_NAME),
+        Duration::from_secs(30),
+    );
+    let (rss_before, _) = memory_kib(pid)?;
+    let t = Instant::now();
+    in_ns(&lab.gateway, &grt, move || async move {
+        for i in 0..sessions {
+            let mac = format!(
+                "02:bb:{:02x}:{:02x}:{:02x}:01",
+                i >> 16,
+                (i >> 8) & 0xff,
+                i & 0xff
+            );
+            for target in [
+                format!("/clients/{mac}/grant?amount=1000000"),
+                format!("/clients/{mac}/close"),
+            ] {
+                let a = control.request("POST", &target, None).await?;
+                if !(200..300).contains(&a.status) {
+                    bail!(
+                        "control {target}: {} {}",
+                        a.status,
+                        String::from_utf8_lossy(&a.body)
+                    );
+                }
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    let sessions_secs = t.elapsed().as_secs_f64();
+    let (rss_after, hwm_after) = memory_kib(pid)?;
+    let state_kib = dir_kib(&state_dir);
+    eprintln!(
+        "[bench] RSS {rss_before} KiB -> {rss_after} KiB (peak {hwm_after} KiB) after {sessions} \
+         sessions in {sessions_secs:.0} s"
+    );
+
     drop(daemon);
     let fsync = tollgate_tests::bench::fsync_probe(&state_dir, 100)?;
 
@@ -591,6 +848,67 @@ fn main() -> Result<()> {
          flight on 2 cores, latency − redeem also holds the time a request waits for a CPU that \
          the mint, the load generator and the other payments are using.\n",
         verdicts.join("; ")
+    )?;
+    let limits = HttpLimits::default();
+    writeln!(
+        out,
+        "### `POST /` while {IDLE_CONNECTIONS} idle connections are held\n\n\
+         {IDLE_CONNECTIONS} TCP connections to :2121 that send nothing, opened from one \
+         attacking device or spread over {} (extra addresses in the client namespace); one \
+         second later, {} payments one at a time from the customer's own address. \
+         The daemon's default caps: {} connections per client address, {} in all (the LAN API \
+         and the portal port together); a connection over a cap is answered 503 and closed at \
+         once, and one that sends no request head within {} s is closed. \"held\" counts the \
+         idle connections the daemon still kept open before and after the payments. A refused \
+         payment connection is retried every 100 ms (the token never reached the wallet), so \
+         a payment's latency includes its waits; the row gives up after {} s.\n",
+        extra.len(),
+        o.idle_payments,
+        limits.max_connections_per_ip,
+        limits.max_connections,
+        limits.header_read_timeout.as_secs(),
+        IDLE_ROW_DEADLINE.as_secs()
+    )?;
+    writeln!(
+        out,
+        "| idle connections | held before / after | customer's connections refused | \
+         payments | p50 ms | p95 ms | max ms | not paid |"
+    )?;
+    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
+    for row in &idle_rows {
+        let from = match row.devices {
+            0 => "none (reference)".to_string(),
+            1 => format!("{} from 1 device", row.opened),
+            d => format!("{} from {d} devices", row.opened),
+        };
+        writeln!(
+            out,
+            "| {from} | {} / {} | {} | {} | {:.1} | {:.1} | {:.1} | {} |",
+            row.held_before,
+            row.held_after,
+            row.refused,
+            row.run.ok,
+            row.run.latency.p(50.0),
+            row.run.latency.p(95.0),
+            row.run.latency.p(100.0),
+            row.run.errors
+        )?;
+    }
+    writeln!(
+        out,
+        "\n### Memory after {sessions} sessions\n\n{sessions} sessions, each opened (a grant \
+         of 1 MB) and closed through the control socket one after the other \
+         ({sessions_secs:.0} s; the operator's path through the chandler, the session store \
+         and the kernel maps, not the wallet), after all the payments above. VmRSS and VmHWM \
+         from `/proc/<pid>/status` of `tollgate run`.\n\n\
+         | daemon RSS before | RSS after {sessions} sessions | peak RSS (VmHWM) | state \
+         directory after |\n\
+         |---:|---:|---:|---:|\n\
+         | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB |\n",
+        rss_before as f64 / 1024.0,
+        rss_after as f64 / 1024.0,
+        hwm_after as f64 / 1024.0,
+        state_kib as f64 / 1024.0
     )?;
     print!("{out}");
     let path = write_section("## API", &out)?;

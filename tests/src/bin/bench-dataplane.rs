@@ -7,11 +7,15 @@
 //!    to an empty-program run of the same frame ──> median, IQR, cost; map memory
 //! 3. throughput (iperf3 -P 4, client → gateway → upstream, both ways) at 1 / 10 000 /
 //!    1 000 000 clients: no program and tollgate TC interleaved, IPERF_RUNS pairs ──>
-//!    median of the per-pair ratios and their spread; one more tollgate run per client count
-//!    with BPF_ENABLE_STATS on ──> run_time_ns / run_cnt of each program under real traffic
+//!    median of the per-pair ratios and their spread; beside them, in the same rounds, the nft
+//!    designs of uspot (MAC set with counters) and openNDS (a rule per MAC), see
+//!    `tollgate_tests::nftarm`; one more tollgate run per client count with BPF_ENABLE_STATS
+//!    on ──> run_time_ns / run_cnt of each program under real traffic
 //! ```
-//! `--quick` cuts every count (for development; the report says so). Prints a Markdown report
-//! and writes it to `BENCHMARKS.md` (section "Data plane").
+//! `--quick` cuts every count (for development; the report says so); `--clients 1,10000` picks
+//! the client counts; `--throughput-only` skips 1–2 (the report keeps the last run's tables);
+//! `--no-nft` drops the nft arms, `--nft-cap S` bounds one nft table's load (300 s). Prints a
+//! Markdown report and writes it to `BENCHMARKS.md` (section "Data plane").
 
 use std::{fmt::Write as _, net::Ipv4Addr, path::Path, time::Duration};
 
@@ -20,6 +24,7 @@ use tollgate::valve::{Allowance, Gates, Hook, MacAddr, Valve, ValveConfig};
 use tollgate_tests::{
     frames::{Frame, L4},
     netns::{Lab3, LAN_IFACE},
+    nftarm::{Design, NftArm},
     pins::PinBase,
 };
 
@@ -39,13 +44,29 @@ struct Opts {
     iperf_runs: usize,
     iperf_secs: u32,
     throughput: bool,
+    /// Run the BPF_PROG_TEST_RUN tables (else the report keeps the last run's).
+    testrun: bool,
+    /// The nft arms beside baseline and tollgate, and the wall-time cap of one table's load.
+    nft: bool,
+    nft_cap: Duration,
 }
 
 impl Opts {
     fn parse() -> Opts {
         let args: Vec<String> = std::env::args().skip(1).collect();
         let has = |a: &str| args.iter().any(|x| x == a);
+        let value = |a: &str| {
+            args.iter()
+                .position(|x| x == a)
+                .and_then(|i| args.get(i + 1))
+                .map(String::as_str)
+        };
         let quick = has("--quick");
+        let clients = value("--clients").map(|v| {
+            v.split(',')
+                .map(|c| c.trim().parse().expect("--clients 1,10000,1000000"))
+                .collect()
+        });
         Opts {
             quick,
             runs: if quick { 5 } else { 15 },
@@ -53,10 +74,17 @@ impl Opts {
             warm_fill: 100_000,
             cold_fills: vec![100_000, 1_000_000],
             cold_samples: if quick { 2_000 } else { 20_000 },
-            clients: vec![1, 10_000, 1_000_000],
+            clients: clients.unwrap_or_else(|| vec![1, 10_000, 1_000_000]),
             iperf_runs: if quick { 2 } else { 10 },
             iperf_secs: if quick { 3 } else { 10 },
             throughput: !has("--no-throughput"),
+            testrun: !has("--throughput-only"),
+            nft: !has("--no-nft"),
+            nft_cap: Duration::from_secs(
+                value("--nft-cap")
+                    .map(|v| v.parse().expect("--nft-cap SECONDS"))
+                    .unwrap_or(300),
+            ),
         }
     }
 }
@@ -391,6 +419,9 @@ fn iperf(lab: &Lab3, secs: u32, reverse: bool) -> Result<f64> {
         bail!("iperf3 failed: {}", String::from_utf8_lossy(&out.stdout));
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    if let Some(e) = v["error"].as_str() {
+        bail!("iperf3: {e}");
+    }
     let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .context("iperf3 json")?;
@@ -418,27 +449,126 @@ fn detach(valve: Valve) {
     }
 }
 
+/// The iperf3 server in the upstream namespace; killed on drop (also when the bench fails:
+/// deleting a namespace does not end the processes in it).
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What gates the client's traffic in one arm of the throughput comparison.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// No program, no nft table: the bare forwarding path.
+    None,
+    Tollgate,
+    Nft(Design),
+}
+
+impl Gate {
+    fn name(self) -> &'static str {
+        match self {
+            Gate::None => "no program (baseline)",
+            Gate::Tollgate => "tollgate TC",
+            Gate::Nft(d) => d.name(),
+        }
+    }
+}
+
+/// One arm at one client count: Gbit/s per round (index = round, same as the baseline's).
 struct Arm {
+    gate: Gate,
+    up: Vec<f64>,
+    down: Vec<f64>,
+}
+
+/// How an nft arm's table loaded (or why it did not).
+struct NftLoad {
+    design: Design,
+    outcome: std::result::Result<(Duration, u64), String>,
+    /// The set's counter for the client after the runs (both directions), bytes.
+    counted: Option<u64>,
+}
+
+/// The arms at one client count.
+struct ClientRows {
     clients: u32,
-    /// (no program, tollgate) Gbit/s per pair, upload and download.
-    up: Vec<(f64, f64)>,
-    down: Vec<(f64, f64)>,
-    /// ns per run under traffic: (ingress, egress).
+    arms: Vec<Arm>,
+    nft: Vec<NftLoad>,
+    /// ns per run under traffic: (ingress, egress), tollgate.
     ns_per_run: (f64, f64),
 }
 
+/// Loads the nft designs for `n` clients (the fill's MACs and the lab's client, last) in the
+/// gateway namespace, dormant; a design that does not load is reported, not skipped.
+fn load_nft_arms(o: &Opts, lab: &Lab3, n: u32, client: [u8; 6]) -> (Vec<NftArm>, Vec<NftLoad>) {
+    let (mut arms, mut loads) = (Vec::new(), Vec::new());
+    if !o.nft {
+        return (arms, loads);
+    }
+    for design in [Design::Set, Design::Rules] {
+        eprintln!(
+            "[bench] {}: loading {n} entries (cap {:?})",
+            design.name(),
+            o.nft_cap
+        );
+        let mut macs = (0..n - 1).map(|i| dummy_mac(i).0);
+        match NftArm::load(
+            &lab.gateway,
+            design,
+            LAN_IFACE,
+            &mut macs,
+            client,
+            n as usize,
+            o.nft_cap,
+        ) {
+            Ok(arm) => {
+                eprintln!(
+                    "[bench] {}: {n} entries loaded in {:.1} s, nft peak RSS {} MiB",
+                    design.name(),
+                    arm.load.as_secs_f64(),
+                    arm.nft_peak_kib / 1024
+                );
+                loads.push(NftLoad {
+                    design,
+                    outcome: Ok((arm.load, arm.nft_peak_kib)),
+                    counted: None,
+                });
+                arms.push(arm);
+            }
+            Err(e) => {
+                eprintln!("[bench] {}: {n} entries NOT loaded: {e}", design.name());
+                loads.push(NftLoad {
+                    design,
+                    outcome: Err(e.to_string()),
+                    counted: None,
+                });
+            }
+        }
+    }
+    (arms, loads)
+}
+
+/// Baseline, tollgate and the nft designs at every client count, interleaved: each round runs
+/// every arm once (upload then download), the order rotating from round to round so a drift
+/// of the machine hits every arm alike; ratios are taken within a round.
 fn throughput_table(o: &Opts, out: &mut String) -> Result<()> {
     let lab = Lab3::new("bench");
-    let mut server = lab
-        .upstream
-        .command("iperf3")
-        .args(["-s", "-B", "10.78.0.2"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .context("iperf3 server (apt-get install iperf3)")?;
+    let _server = Server(
+        lab.upstream
+            .command("iperf3")
+            .args(["-s", "-B", "10.78.0.2"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("iperf3 server (apt-get install iperf3)")?,
+    );
     std::thread::sleep(Duration::from_millis(500));
     let client_mac = MacAddr(lab.client_mac());
-    let mut arms = Vec::new();
+    let mut rows = Vec::new();
     for &n in &o.clients {
         let pins = PinBase::new("bench-iperf");
         let cfg = gateway_cfg(&pins, n.max(131_072));
@@ -447,41 +577,73 @@ fn throughput_table(o: &Opts, out: &mut String) -> Result<()> {
         fill(&valve, n - 1)?;
         valve.open(client_mac, Allowance::default())?;
         detach(valve);
-        let mut arm = Arm {
-            clients: n,
-            up: Vec::new(),
-            down: Vec::new(),
-            ns_per_run: (0.0, 0.0),
-        };
+        let (nft_arms, mut nft_loads) = load_nft_arms(o, &lab, n, client_mac.0);
+        let mut gates = vec![Gate::None, Gate::Tollgate];
+        gates.extend(nft_arms.iter().map(|a| Gate::Nft(a.design)));
+        let mut arms: Vec<Arm> = gates
+            .iter()
+            .map(|&gate| Arm {
+                gate,
+                up: vec![f64::NAN; o.iperf_runs],
+                down: vec![f64::NAN; o.iperf_runs],
+            })
+            .collect();
         for r in 0..o.iperf_runs {
-            // Alternate which arm goes first, so a drift of the machine hits both alike.
-            let mut pair = [(0.0, 0.0); 2];
-            let order = if r % 2 == 0 { [0, 1] } else { [1, 0] };
-            for a in order {
-                let v = if a == 1 {
-                    Some(attach(&lab, &cfg)?)
-                } else {
-                    None
+            for k in 0..arms.len() {
+                let a = (k + r) % arms.len();
+                let gate = arms[a].gate;
+                let valve = match gate {
+                    Gate::Tollgate => Some(attach(&lab, &cfg)?),
+                    _ => None,
                 };
-                pair[a] = (
-                    iperf(&lab, o.iperf_secs, false)?,
-                    iperf(&lab, o.iperf_secs, true)?,
-                );
-                if let Some(v) = v {
+                let nft = nft_arms.iter().find(|x| Gate::Nft(x.design) == gate);
+                if let Some(x) = nft {
+                    x.enable()?;
+                }
+                let measured = (|| {
+                    anyhow::Ok((
+                        iperf(&lab, o.iperf_secs, false)?,
+                        iperf(&lab, o.iperf_secs, true)?,
+                    ))
+                })();
+                if let Some(x) = nft {
+                    x.disable()?;
+                }
+                if let Some(v) = valve {
                     detach(v);
+                }
+                // A run that fails (iperf3 gives up on a path that slow) is a gap in that
+                // arm's row, said in the log, not the end of the whole benchmark.
+                match measured {
+                    Ok((up, down)) => {
+                        arms[a].up[r] = up;
+                        arms[a].down[r] = down;
+                    }
+                    Err(e) => eprintln!(
+                        "[bench] {} at {n}, round {}: run failed: {e:#}",
+                        gate.name(),
+                        r + 1
+                    ),
                 }
             }
             eprintln!(
-                "[bench] {n} clients, pair {}: no program {:?}, tollgate {:?}",
+                "[bench] {n} clients, round {}: {}",
                 r + 1,
-                pair[0],
-                pair[1]
+                arms.iter()
+                    .map(|a| format!("{} {:.2}/{:.2}", a.gate.name(), a.up[r], a.down[r]))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
-            arm.up.push((pair[0].0, pair[1].0));
-            arm.down.push((pair[0].1, pair[1].1));
+        }
+        for (l, x) in nft_loads
+            .iter_mut()
+            .filter(|l| l.outcome.is_ok())
+            .zip(&nft_arms)
+        {
+            l.counted = x.counted_bytes(client_mac.0);
         }
         // CPU cost under real traffic: one more tollgate run with run-time statistics on.
-        {
+        let ns_per_run = {
             let v = attach(&lab, &cfg)?;
             let stats_fd = Valve::enable_run_stats()?;
             let i0 = v.run_stats(Hook::TcIngress)?;
@@ -493,58 +655,141 @@ fn throughput_table(o: &Opts, out: &mut String) -> Result<()> {
             drop(stats_fd);
             let per =
                 |a: (u64, u64), b: (u64, u64)| (b.0 - a.0) as f64 / ((b.1 - a.1).max(1)) as f64;
-            arm.ns_per_run = (per(i0, i1), per(e0, e1));
+            let ns = (per(i0, i1), per(e0, e1));
             let g = v.gate(client_mac)?.context("client gate")?;
             eprintln!(
                 "[bench] {n} clients: {:.1} / {:.1} ns per run, metered {} bytes",
-                arm.ns_per_run.0,
-                arm.ns_per_run.1,
+                ns.0,
+                ns.1,
                 g.usage.bytes()
             );
             detach(v);
-        }
-        arms.push(arm);
+            ns
+        };
+        drop(nft_arms);
+        rows.push(ClientRows {
+            clients: n,
+            arms,
+            nft: nft_loads,
+            ns_per_run,
+        });
         drop(pins);
     }
-    let _ = server.kill();
-    let _ = server.wait();
+    throughput_report(o, &rows, out)
+}
+
+/// (median Gbit/s, median ratio to the baseline of the same round, lowest and highest ratio).
+/// Rounds where either run failed (NaN) are left out.
+fn versus(arm: &[f64], base: &[f64]) -> (f64, f64, f64, f64) {
+    let ratios: Vec<f64> = arm
+        .iter()
+        .zip(base)
+        .map(|(a, b)| a / b)
+        .filter(|x| x.is_finite())
+        .collect();
+    let arm: Vec<f64> = arm.iter().copied().filter(|x| x.is_finite()).collect();
+    let lo = ratios.iter().cloned().fold(f64::INFINITY, f64::min);
+    let hi = ratios.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    (stats(&arm).median, stats(&ratios).median, lo, hi)
+}
+
+fn throughput_report(o: &Opts, rows: &[ClientRows], out: &mut String) -> Result<()> {
     writeln!(
         out,
         "### TCP throughput through the gateway (iperf3 -P 4, {} s per run, {} interleaved \
-         pairs per row)\n",
+         rounds per client count)\n",
         o.iperf_secs, o.iperf_runs
     )?;
     writeln!(
         out,
-        "Each pair is one run without any program and one with tollgate TC attached (the \
-         order alternates); the ratio is taken within each pair. Spread = lowest–highest \
-         ratio. Gbit/s are medians.\n"
+        "Each round runs every arm once, upload then download, the order rotating from round \
+         to round; an arm's ratio is taken against the baseline of the same round. Spread = \
+         lowest–highest ratio. Gbit/s are medians. The arms: no program and no table; \
+         tollgate's TC programs; an nft `netdev` table on the LAN interface with a MAC set \
+         with a counter per element, `ether saddr @paid accept` at ingress and `ether daddr \
+         @paid accept` at egress (uspot's design: its fw4 ipset matching `src_mac`, element \
+         counters for accounting); the same hooks with one `ether saddr|daddr <MAC> counter \
+         accept` rule per client (openNDS's design: a rule per authenticated client), the \
+         measured client's rule last (the newest client's place when rules are appended). \
+         Every arm accepts ARP and drops everything else, like tollgate for an unpaid \
+         device.\n"
     )?;
     writeln!(
         out,
-        "| clients | upload: no program / tollgate Gbit/s | upload × (spread) | download: no \
-         program / tollgate Gbit/s | download × (spread) |"
+        "| clients | arm | upload Gbit/s | upload × no program (spread) | download Gbit/s | \
+         download × no program (spread) |"
     )?;
-    writeln!(out, "|---:|---:|---:|---:|---:|")?;
-    let row = |v: &[(f64, f64)]| {
-        let base = stats(&v.iter().map(|p| p.0).collect::<Vec<_>>()).median;
-        let tg = stats(&v.iter().map(|p| p.1).collect::<Vec<_>>()).median;
-        let ratios: Vec<f64> = v.iter().map(|p| p.1 / p.0).collect();
-        let lo = ratios.iter().cloned().fold(f64::INFINITY, f64::min);
-        let hi = ratios.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        (base, tg, stats(&ratios).median, lo, hi)
-    };
-    for a in &arms {
-        let (ub, ut, ur, ul, uh) = row(&a.up);
-        let (db, dt, dr, dl, dh) = row(&a.down);
-        writeln!(
-            out,
-            "| {} | {ub:.2} / {ut:.2} | {ur:.3} ({ul:.3}–{uh:.3}) | {db:.2} / {dt:.2} | {dr:.3} \
-             ({dl:.3}–{dh:.3}) |",
-            a.clients
-        )?;
+    writeln!(out, "|---:|---|---:|---:|---:|---:|")?;
+    for row in rows {
+        let base = &row.arms[0];
+        for a in &row.arms {
+            let (u, ur, ul, uh) = versus(&a.up, &base.up);
+            let (d, dr, dl, dh) = versus(&a.down, &base.down);
+            if a.gate == Gate::None {
+                writeln!(
+                    out,
+                    "| {} | {} | {u:.2} | 1 | {d:.2} | 1 |",
+                    row.clients,
+                    a.gate.name()
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "| {} | {} | {u:.2} | {ur:.3} ({ul:.3}–{uh:.3}) | {d:.2} | {dr:.3} \
+                     ({dl:.3}–{dh:.3}) |",
+                    row.clients,
+                    a.gate.name()
+                )?;
+            }
+        }
+        for l in row.nft.iter().filter(|l| l.outcome.is_err()) {
+            writeln!(
+                out,
+                "| {} | {} | — | not loaded (see below) | — | — |",
+                row.clients,
+                l.design.name()
+            )?;
+        }
     }
     writeln!(out)?;
+    if o.nft {
+        writeln!(
+            out,
+            "### Loading the nft arms (`nft -f` of a generated file, one transaction, cap {} s, \
+             nft's address space capped at 12 GiB)\n",
+            o.nft_cap.as_secs()
+        )?;
+        writeln!(
+            out,
+            "| clients | design | load | nft peak RSS | client's element counter after the runs |"
+        )?;
+        writeln!(out, "|---:|---|---|---:|---:|")?;
+        for row in rows {
+            for l in &row.nft {
+                let (load, rss) = match &l.outcome {
+                    Ok((t, kib)) => (
+                        format!("{:.1} s", t.as_secs_f64()),
+                        format!("{} MiB", kib / 1024),
+                    ),
+                    Err(e) => (format!("**failed**: {e}"), "—".into()),
+                };
+                let counted = match (l.design, l.counted) {
+                    (Design::Set, Some(b)) => format!("{:.1} GB", b as f64 / 1e9),
+                    (Design::Set, None) => "not read".into(),
+                    (Design::Rules, _) => {
+                        "not read (one rule's counter needs the whole chain listed)".into()
+                    }
+                };
+                writeln!(
+                    out,
+                    "| {} | {} | {load} | {rss} | {counted} |",
+                    row.clients,
+                    l.design.name()
+                )?;
+            }
+        }
+        writeln!(out)?;
+    }
     writeln!(
         out,
         "### CPU cost under real traffic (`BPF_ENABLE_STATS`: run_time_ns / run_cnt during one \
@@ -552,11 +797,11 @@ fn throughput_table(o: &Opts, out: &mut String) -> Result<()> {
     )?;
     writeln!(out, "| clients | TC ingress ns/run | TC egress ns/run |")?;
     writeln!(out, "|---:|---:|---:|")?;
-    for a in &arms {
+    for r in rows {
         writeln!(
             out,
             "| {} | {:.1} | {:.1} |",
-            a.clients, a.ns_per_run.0, a.ns_per_run.1
+            r.clients, r.ns_per_run.0, r.ns_per_run.1
         )?;
     }
     writeln!(out)?;
@@ -578,8 +823,21 @@ fn main() -> Result<()> {
             ""
         }
     )?;
-    warm_table(&o, &mut out)?;
-    cold_table(&o, &mut out)?;
+    if o.testrun {
+        warm_table(&o, &mut out)?;
+        cold_table(&o, &mut out)?;
+    } else {
+        let kept =
+            tollgate_tests::bench::earlier_subsections("## Data plane", "### BPF_PROG_TEST_RUN");
+        if !kept.is_empty() {
+            writeln!(
+                out,
+                "(`--throughput-only`: the `BPF_PROG_TEST_RUN` tables below are kept from the \
+                 previous run.)\n"
+            )?;
+            out.push_str(&kept);
+        }
+    }
     if o.throughput {
         throughput_table(&o, &mut out)?;
     }
