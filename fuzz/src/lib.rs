@@ -20,8 +20,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use nostr::{EventBuilder, JsonUtil, Keys, Kind, PublicKey, Tag, Timestamp};
-use tollgate::config::{canonical_mint_url, Config};
+use tollgate::config::Config;
 use tollgate::protocol::{self, Metric};
+use tollgate::types::canonical_mint_url;
 use tollgate::upstream::client;
 use tollgate::wallet;
 
