@@ -667,6 +667,7 @@ mod tests {
                     packets_down: 1,
                     last_seen_ns: 0,
                 },
+                rates: Default::default(),
             }],
             verdicts: [(
                 "drop_unpaid".to_string(),
