@@ -30,11 +30,17 @@ struct Lab {
     pins: PinBase,
 }
 
+/// A data plane whose LAN has `fq`: shaped downloads get EDT departure times.
 fn lab(tag: &str) -> Lab {
+    lab_with(tag, true)
+}
+
+fn lab_with(tag: &str, edt_down: bool) -> Lab {
     let pins = PinBase::new(tag);
     let mut cfg = ValveConfig::new("lo");
     cfg.pin_base = pins.path().to_path_buf();
     cfg.gateway_v4 = Some(GW4);
+    cfg.edt_down = edt_down;
     let valve = Valve::load(&cfg).expect("load the eBPF object (root and BPF required)");
     Lab { valve, pins }
 }
@@ -297,7 +303,7 @@ fn upload_bucket_drops_beyond_the_burst_and_refills() {
         },
     );
     let f = up(CLIENT, 1400);
-    let burst = Rates::up_burst(1000) as u64;
+    let burst = Rates::burst(1000) as u64;
     assert_eq!(burst, 128 * 1024);
     // Passes while the bucket holds anything: ceil(burst / 1400) packets.
     let want = burst.div_ceil(1400);
@@ -411,6 +417,47 @@ fn set_rate_changes_only_the_rate() {
     assert!(l.valve.set_rate(mac, faster).is_err());
 }
 
+/// 6b. Without `fq` on the LAN (`edt_down` off: a kernel without `sch_fq`), a shaped
+///     download is policed like an upload: the burst passes with its tstamp untouched, the
+///     next is dropped as `drop_rate_down` and not metered.
+#[test]
+fn without_fq_downloads_are_policed() {
+    let l = lab_with("shpolice", false);
+    l.open(
+        CLIENT,
+        Rates {
+            down_kbit: 8,
+            up_kbit: 0,
+        },
+    );
+    let f = down(CLIENT, 1400);
+    let want = (Rates::burst(1000) as u64).div_ceil(1400);
+    let mut passed = 0;
+    loop {
+        match l.egress(&f, 42) {
+            (Verdict::PassPaid, t) => {
+                assert_eq!(t, 42, "no departure time without fq");
+                passed += 1;
+            }
+            (Verdict::DropRateDown, _) => break,
+            (v, _) => panic!("unexpected verdict {v:?}"),
+        }
+        assert!(passed <= want, "more than the burst passed");
+    }
+    assert_eq!(passed, want);
+    let u = l.raw_usage(CLIENT);
+    assert_eq!(
+        u.bytes_down,
+        passed * 1400,
+        "a dropped download is not metered"
+    );
+    assert_eq!(u.down_next_ns, 0, "no EDT clock");
+    // Uploads are not limited by the download rate.
+    for _ in 0..200 {
+        assert_eq!(l.ingress(&up(CLIENT, 1400)), Verdict::PassPaid);
+    }
+}
+
 /// 7. The XDP ingress program polices uploads the same way (no skb needed for a bucket).
 #[test]
 fn xdp_ingress_polices_uploads_too() {
@@ -423,7 +470,7 @@ fn xdp_ingress_polices_uploads_too() {
         },
     );
     let f = up(CLIENT, 1400);
-    let want = (Rates::up_burst(1000) as u64).div_ceil(1400);
+    let want = (Rates::burst(1000) as u64).div_ceil(1400);
     let mut passed = 0;
     while l
         .valve

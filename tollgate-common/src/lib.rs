@@ -30,7 +30,8 @@
 //! **Rate limits** (schema 4): the policy carries a per-direction rate (0 = unlimited); the
 //! shaping state is kernel-owned and sits in the usage slot on its direction's cache line —
 //! download: an Earliest-Departure-Time virtual clock (`fq` on the LAN interface releases each
-//! packet at the `skb->tstamp` the program wrote); upload: a token bucket (policing).
+//! packet at the `skb->tstamp` the program wrote; `config_flags::EDT_DOWN`), or, on a kernel
+//! without `fq`, a token bucket; upload: a token bucket (policing).
 //!
 //! Every layout change bumps [`SCHEMA_VERSION`], which is part of the pin directory, so an old
 //! pin is never reused with a new layout.
@@ -150,7 +151,9 @@ pub struct Policy {
     pub rate_up: u32,
     /// Upload token bucket size in bytes (with `rate_up`).
     pub burst_up: u32,
-    pub _pad_rate: u32,
+    /// Download token bucket size in bytes (with `rate_down`, when the download is policed:
+    /// without `config_flags::EDT_DOWN`).
+    pub burst_down: u32,
     /// Bound IPv6 source addresses (only with `BIND_IPV6`); in the entry so that binding
     /// costs no lookup.
     pub bound_ipv6: [[u8; 16]; MAX_BOUND_V6],
@@ -169,7 +172,7 @@ impl Policy {
         rate_down: 0,
         rate_up: 0,
         burst_up: 0,
-        _pad_rate: 0,
+        burst_down: 0,
         bound_ipv6: [[0; 16]; MAX_BOUND_V6],
     };
 }
@@ -209,7 +212,11 @@ pub struct Usage {
     /// Download virtual clock: CLOCK_MONOTONIC ns at which the client's next packet may
     /// leave (the EDT departure of the last one plus its transmission time at the rate).
     pub down_next_ns: u64,
-    pub _pad_down: [u64; 5],
+    /// Download token bucket (policing, when the LAN has no `fq` to honour EDT): as
+    /// `up_tokens` / `up_refill_ns`.
+    pub down_tokens: i64,
+    pub down_refill_ns: u64,
+    pub _pad_down: [u64; 3],
 }
 
 /// `GateConfig::flags` bits.
@@ -231,6 +238,10 @@ pub mod config_flags {
     /// Unpaid clients' DNS to the gateway is held to a per-MAC token bucket
     /// (`dns_rate`/`dns_burst`) and UDP queries above `dns_max_udp` payload bytes are dropped.
     pub const DNS_BUDGET: u32 = 1 << 3;
+    /// Shaped downloads get an EDT departure time (`skb->tstamp`) for the `fq` qdisc on the
+    /// LAN interface to honour. Without it (no `fq` in the kernel, or none installed) they are
+    /// policed with a token bucket like uploads.
+    pub const EDT_DOWN: u32 = 1 << 4;
 }
 
 /// The gateway's own addresses and the ports unpaid clients may reach on it.
@@ -492,6 +503,9 @@ mod tests {
         assert_eq!(core::mem::offset_of!(Usage, up_tokens), 32);
         assert_eq!(core::mem::offset_of!(Usage, up_refill_ns), 40);
         assert_eq!(core::mem::offset_of!(Usage, down_next_ns), 80);
+        assert_eq!(core::mem::offset_of!(Usage, down_tokens), 88);
+        assert_eq!(core::mem::offset_of!(Usage, down_refill_ns), 96);
+        assert_eq!(core::mem::offset_of!(Policy, burst_down), 60);
         assert_eq!(core::mem::offset_of!(Usage, notified_generation), 24);
         assert_eq!(core::mem::offset_of!(Usage, bytes_down), 64);
         assert_eq!(core::mem::offset_of!(GateConfig, gateway_v6), 24);

@@ -37,15 +37,18 @@
 //! exceptions, PassLink = anything else (other MACs, non-IP, unparseable).
 //!
 //! **Rate limits** (only for a client whose policy has a rate; an unshaped client reads no
-//! clock): a download gets an Earliest Departure Time from the client's virtual clock in its
-//! usage slot, written to `skb->tstamp`, which the `fq` qdisc on the LAN interface honours
-//! (cilium's bandwidth manager); an upload is policed by a token bucket in the slot (dropped
-//! when empty, `DropRateUp`; TCP adapts). A packet dropped for its rate is not metered.
+//! clock): with `config_flags::EDT_DOWN` a download gets an Earliest Departure Time from the
+//! client's virtual clock in its usage slot, written to `skb->tstamp`, which the `fq` qdisc on
+//! the LAN interface honours (cilium's bandwidth manager); without it (a kernel without
+//! `sch_fq`) a download is policed by a token bucket like an upload. An upload is policed by a
+//! token bucket in the slot (dropped when empty, `DropRateUp`; TCP adapts). A packet dropped
+//! for its rate is not metered.
 //!
 //! ```text
 //!  download: t = max(now, next)   t - now > HORIZON ──> drop (DropRateDown), clock unchanged
 //!            next = t + len·1e9/rate, skb->tstamp = t
-//!  upload:   tokens = min(burst, tokens + elapsed·rate)   tokens <= 0 ──> drop (DropRateUp)
+//!  upload (and download without EDT):
+//!            tokens = min(burst, tokens + elapsed·rate)   tokens <= 0 ──> drop (DropRate*)
 //!            tokens -= len   (a debt below zero: any packet, even one larger than the
 //!                             burst, eventually passes, and the long-run rate stays exact)
 //! ```
@@ -1048,14 +1051,37 @@ fn decide_packet(f: &Frame, p: &Packet, dir: u8, skb_mark: u32) -> Decision {
     let mut tstamp = 0;
     if rate != 0 {
         if dir == direction::UP {
-            // SAFETY: as above.
-            if !police_up(u, len, rate, unsafe { (*pol).burst_up }) {
+            // SAFETY: as above; the bucket is on the upload line of the slot.
+            let ok = unsafe {
+                police(
+                    &raw mut (*u).up_tokens,
+                    &raw mut (*u).up_refill_ns,
+                    len,
+                    rate,
+                    (*pol).burst_up,
+                )
+            };
+            if !ok {
                 return verdict(Verdict::DropRateUp);
             }
-        } else {
+        } else if cfg.flags & config_flags::EDT_DOWN != 0 {
             match depart_down(u, len, rate) {
                 Some(t) => tstamp = t,
                 None => return verdict(Verdict::DropRateDown),
+            }
+        } else {
+            // SAFETY: as above; the bucket is on the download line of the slot.
+            let ok = unsafe {
+                police(
+                    &raw mut (*u).down_tokens,
+                    &raw mut (*u).down_refill_ns,
+                    len,
+                    rate,
+                    (*pol).burst_down,
+                )
+            };
+            if !ok {
+                return verdict(Verdict::DropRateDown);
             }
         }
     }
@@ -1095,29 +1121,33 @@ fn depart_down(u: *mut Usage, len: u64, rate: u32) -> Option<u64> {
     Some(t)
 }
 
-/// Token-bucket policing of an upload of `len` L3 bytes at `rate` bytes/s with `burst`
-/// bytes: passes while the bucket holds anything, taking `len` (possibly into debt).
+/// Token-bucket policing of `len` L3 bytes at `rate` bytes/s with `burst` bytes (the bucket
+/// is `*tokens`, last refilled at `*refill_ns`): passes while the bucket holds anything,
+/// taking `len` (possibly into debt).
+///
+/// # Safety
+/// Both pointers point into a live USAGE value.
 #[inline(always)]
-fn police_up(u: *mut Usage, len: u64, rate: u32, burst: u32) -> bool {
+unsafe fn police(tokens_p: *mut i64, refill_p: *mut u64, len: u64, rate: u32, burst: u32) -> bool {
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let burst = burst as i64;
-    // SAFETY: `u` points into a live array value; aligned reads and writes of its upload
-    // line (see the module doc on races between CPUs).
+    // SAFETY: the caller's pointers; aligned reads and writes of one direction's line (see
+    // the module doc on races between CPUs).
     unsafe {
-        let mut tokens = (*u).up_tokens;
-        let last = (*u).up_refill_ns;
+        let mut tokens = *tokens_p;
+        let last = *refill_p;
         if last == 0 || now.wrapping_sub(last) >= REFILL_CAP_NS {
             // First use, or idle long enough to fill any bucket.
             tokens = burst;
-            (*u).up_refill_ns = now;
+            *refill_p = now;
         } else {
             let prod = (now - last) * rate as u64; // < 2^64: see REFILL_CAP_NS
             let refill = prod / NS_PER_S;
             if refill > 0 {
                 // Credit whole bytes only and keep the remainder's time for the next refill,
                 // so frequent small refills do not lose rate to rounding.
-                (*u).up_refill_ns = now - (prod % NS_PER_S) / rate as u64;
+                *refill_p = now - (prod % NS_PER_S) / rate as u64;
                 tokens = if tokens >= burst || refill >= (burst - tokens) as u64 {
                     burst
                 } else {
@@ -1126,10 +1156,10 @@ fn police_up(u: *mut Usage, len: u64, rate: u32, burst: u32) -> bool {
             }
         }
         if tokens <= 0 {
-            (*u).up_tokens = tokens;
+            *tokens_p = tokens;
             return false;
         }
-        (*u).up_tokens = tokens - len as i64;
+        *tokens_p = tokens - len as i64;
     }
     true
 }

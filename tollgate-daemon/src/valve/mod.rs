@@ -242,6 +242,9 @@ pub struct ValveConfig {
     pub dns_budget: Option<DnsBudget>,
     /// Rate limits of a gate opened without its own ([`Allowance::rates`] = `None`).
     pub default_rates: Rates,
+    /// Shaped downloads get an EDT departure time for `fq` (set only once `fq` is the LAN
+    /// interface's root qdisc); without it they are policed (token bucket).
+    pub edt_down: bool,
 }
 
 impl ValveConfig {
@@ -259,6 +262,7 @@ impl ValveConfig {
             max_clients: None,
             dns_budget: Some(DnsBudget::default()),
             default_rates: Rates::UNLIMITED,
+            edt_down: false,
         }
     }
 
@@ -317,6 +321,9 @@ impl ValveConfig {
             c.dns_rate = b.rate;
             c.dns_burst = b.burst;
             c.dns_max_udp = b.max_udp_payload;
+        }
+        if self.edt_down && !self.meter_only {
+            c.flags |= config_flags::EDT_DOWN;
         }
         c.gateway_v4 = self.gateway_v4.map_or([0; 4], |a| a.octets());
         for (i, p) in self.tcp_ports.iter().enumerate() {
@@ -1401,7 +1408,12 @@ impl Valve {
         p.burst_up = if p.rate_up == 0 {
             0
         } else {
-            Rates::up_burst(p.rate_up)
+            Rates::burst(p.rate_up)
+        };
+        p.burst_down = if p.rate_down == 0 {
+            0
+        } else {
+            Rates::burst(p.rate_down)
         };
     }
 
@@ -1838,6 +1850,7 @@ impl Gates for Valve {
                 p.rate_down = o.rate_down;
                 p.rate_up = o.rate_up;
                 p.burst_up = o.burst_up;
+                p.burst_down = o.burst_down;
             }
             (None, _) => Self::apply_rates(&mut p, m.default_rates),
         }

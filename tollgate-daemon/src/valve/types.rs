@@ -92,10 +92,10 @@ impl Rates {
         kbit.min(Self::MAX_KBIT).saturating_mul(125) as u32
     }
 
-    /// The upload token bucket for an upload rate of `bytes_per_s`: 200 ms at the rate,
-    /// and at least 128 KiB so one GSO/GRO aggregate (64 KiB) and the window TCP has in
-    /// flight after a loss fit (a smaller bucket makes TCP fall well short of the rate).
-    pub fn up_burst(bytes_per_s: u32) -> u32 {
+    /// The token bucket of a policed direction at `bytes_per_s`: 200 ms at the rate, and at
+    /// least 128 KiB so one GSO/GRO aggregate (64 KiB) and the window TCP has in flight after
+    /// a loss fit (a smaller bucket makes TCP fall well short of the rate).
+    pub fn burst(bytes_per_s: u32) -> u32 {
         (bytes_per_s / 5).max(128 * 1024)
     }
 }
