@@ -189,7 +189,11 @@ fn download_departures_are_spaced_by_the_rate_and_bounded_by_the_horizon() {
     // A sender's own (earlier) tstamp does not let it jump the queue.
     let (v, t2) = l.egress(&f, 5);
     assert_eq!(v, Verdict::PassPaid);
-    assert_eq!(t2, t1 + 1_000_000_000, "exactly 1 s later");
+    assert_eq!(
+        t2,
+        t1 + 1_000_000_000,
+        "exactly 1 s later (after the small one)"
+    );
     let (v, t3) = l.egress(&f, 0);
     assert_eq!(v, Verdict::PassPaid);
     assert_eq!(t3, t2 + 1_000_000_000);
@@ -211,6 +215,28 @@ fn download_departures_are_spaced_by_the_rate_and_bounded_by_the_horizon() {
     );
     // Monotonic: every departure is after the one before.
     assert!(t1 < t2 && t2 < t3);
+    // A small packet (an ACK of the client's upload) leaves now, not behind the queue, but
+    // is charged on the clock.
+    l.open(
+        OTHER,
+        Rates {
+            down_kbit: kbit,
+            up_kbit: 0,
+        },
+    );
+    let (_, first) = l.egress(&f_other(), 0);
+    let clock = l.raw_usage(OTHER).down_next_ns;
+    assert_eq!(clock, first + 1_000_000_000);
+    let b0 = mono();
+    let (v, ts) = l.egress(&down(OTHER, 100), 0);
+    let b1 = mono();
+    assert_eq!(v, Verdict::PassPaid);
+    assert!((b0..=b1).contains(&ts), "a small packet leaves now");
+    assert_eq!(l.raw_usage(OTHER).down_next_ns, clock + delay(100, kbit));
+}
+
+fn f_other() -> Vec<u8> {
+    down(OTHER, 1000)
 }
 
 /// 3. No overflow at the extremes: the largest rate the kernel takes (u32::MAX bytes/s) with
@@ -344,6 +370,34 @@ fn upload_bucket_drops_beyond_the_burst_and_refills() {
     for _ in 0..200 {
         assert_eq!(l.egress(&down(CLIENT, 1400), 0).0, Verdict::PassPaid);
     }
+    // Small packets (the ACKs of a download) may go on into debt down to -burst, charged,
+    // after large ones are dropped; a flood of them stops there: one burst over the rate.
+    l.open(
+        OTHER,
+        Rates {
+            down_kbit: 0,
+            up_kbit: 8,
+        },
+    );
+    let mut big = 0u64;
+    while l.ingress(&up(OTHER, 1400)) == Verdict::PassPaid {
+        big += 1;
+    }
+    let ack = up(OTHER, 100);
+    let mut acks = 0u64;
+    while l.ingress(&ack) == Verdict::PassPaid {
+        acks += 1;
+        assert!(acks <= 2 * burst / 100, "small packets are bounded too");
+    }
+    // From a debt of at most 1400 down to -burst, in 100-byte steps (plus what the
+    // bucket refilled meanwhile at 1000 B/s, a few packets at most).
+    assert!(
+        acks >= burst / 100 - 14,
+        "small packets pass into the debt: {acks}"
+    );
+    let u = l.raw_usage(OTHER);
+    assert_eq!(u.bytes_up, big * 1400 + acks * 100, "all charged");
+    assert!(u.up_tokens <= -(burst as i64) + 100);
 }
 
 /// 6. `set_rate` changes the rate on the next packet without touching the limits, the

@@ -118,6 +118,9 @@ const HORIZON_NS: u64 = 2_000_000_000;
 /// keeps `elapsed × rate` below 2^64: 4e9 × (2^32 − 1) < 1.85e19).
 const REFILL_CAP_NS: u64 = 4_000_000_000;
 const NS_PER_S: u64 = 1_000_000_000;
+/// L3 length up to which a packet counts as small (a TCP ACK with timestamps and SACK
+/// blocks, IPv4 or IPv6) for the rate limits: see `police` and `depart_down`.
+const SMALL_PACKET: u64 = 128;
 /// Largest length the EDT arithmetic takes (2^34 × 1e9 < 2^64).
 const MAX_SHAPED_LEN: u64 = 1 << 34;
 
@@ -1107,6 +1110,10 @@ fn depart_down(u: *mut Usage, len: u64, rate: u32) -> Option<u64> {
     if t - now > HORIZON_NS {
         return None;
     }
+    // A small packet (an ACK of the client's upload) leaves now instead of behind the
+    // client's queued download, but still moves the clock (is charged): a flood of small
+    // packets reaches the horizon and is dropped like any other.
+    let depart = if len <= SMALL_PACKET { now } else { t };
     // `len` is below 2^33 (an skb's u32 length plus headers of at most 65 535 segments);
     // capped anyway so the product stays below 2^64 (no 128-bit multiply in BPF). `rate` is
     // non-zero.
@@ -1118,7 +1125,7 @@ fn depart_down(u: *mut Usage, len: u64, rate: u32) -> Option<u64> {
     let delay = len * NS_PER_S / rate as u64;
     // SAFETY: as above; aligned u64 write.
     unsafe { core::ptr::write_volatile(&raw mut (*u).down_next_ns, t.saturating_add(delay)) };
-    Some(t)
+    Some(depart)
 }
 
 /// Token-bucket policing of `len` L3 bytes at `rate` bytes/s with `burst` bytes (the bucket
@@ -1155,7 +1162,13 @@ unsafe fn police(tokens_p: *mut i64, refill_p: *mut u64, len: u64, rate: u32, bu
                 };
             }
         }
-        if tokens <= 0 {
+        // A small packet (a TCP ACK of the other direction's transfer) may take the bucket
+        // into debt down to -burst: dropping the ACKs of a download because the client's
+        // upload is saturated would stall the download (measured: a 2 Mbit/s upload fell to
+        // 1.3 with a download beside it). Still charged, so a flood of small packets gains
+        // at most one burst over the rate.
+        let floor = if len <= SMALL_PACKET { -burst } else { 0 };
+        if tokens <= floor {
             *tokens_p = tokens;
             return false;
         }
