@@ -302,3 +302,92 @@ pub fn tg_json(args: &[&str], input: Option<&str>) -> serde_json::Value {
     assert_eq!(code, 0, "tollgate {args:?} failed: {err}");
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
 }
+
+/// One gateway lab: three namespaces (client ─ gateway ─ upstream), a pin base, a config and a
+/// state directory, and one real mint serving in the gateway namespace. The daemon is started
+/// (and restarted) by the test, with the config it writes.
+///
+/// ```text
+/// let g = GatewayLab::new("cli");         // namespaces, pins, dirs, the mint
+/// g.write_config("bytes", STEP);          // the mint at 1 sat per step
+/// let mut daemon = g.start();             // `tollgate run` in the gateway namespace
+/// let token = g.token(64);                // a real token from the mint
+/// ```
+/// Fields drop in declaration order: the mint and its runtime go first, the namespaces last.
+pub struct GatewayLab {
+    pub mint: Arc<crate::mint::TestMint>,
+    pub rt: Arc<tokio::runtime::Runtime>,
+    pub config_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub tmp: tempfile::TempDir,
+    pub pins: PinBase,
+    pub lab: Lab3,
+}
+
+impl GatewayLab {
+    /// Namespaces and pins named after `name` (made unique per process), a temporary config
+    /// and state directory, and a fee-free mint in the gateway namespace.
+    pub fn new(name: &str) -> GatewayLab {
+        let lab = Lab3::new(name);
+        let pins = PinBase::new(name);
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (config_dir, state_dir) = (tmp.path().join("etc"), tmp.path().join("state"));
+        let rt = ns_runtime(&lab.gateway);
+        let mint = Arc::new(in_ns(&lab.gateway, &rt, || crate::mint::TestMint::start(0)));
+        GatewayLab {
+            mint,
+            rt,
+            config_dir,
+            state_dir,
+            tmp,
+            pins,
+            lab,
+        }
+    }
+
+    /// [`write_config`] selling `metric` in steps of `step`, the lab's mint at 1 sat per step.
+    pub fn write_config(&self, metric: &str, step: u64) {
+        write_config(&self.config_dir, metric, step, &[(&self.mint.url(), 1)]);
+    }
+
+    /// `tollgate run` on the lab's LAN with the config written, as [`Daemon::start`].
+    pub fn start(&self) -> Daemon {
+        Daemon::start(&self.lab, &self.config_dir, &self.state_dir, &self.pins)
+    }
+
+    /// [`GatewayLab::start`] with the admin API on `admin_listen`.
+    pub fn start_with_admin(&self, admin_listen: SocketAddr) -> Daemon {
+        Daemon::start_with(&DaemonSpec {
+            gateway: &self.lab.gateway,
+            lan_peer: &self.lab.client,
+            lan_iface: LAN_IFACE,
+            wan_iface: None,
+            listen: SocketAddr::from((GW_LAN_IP, 2121)),
+            admin_listen,
+            config_dir: &self.config_dir,
+            state_dir: &self.state_dir,
+            pins: &self.pins,
+        })
+    }
+
+    /// A fresh token worth `amount` from the lab's mint.
+    pub fn token(&self, amount: u64) -> String {
+        let m = self.mint.clone();
+        in_ns(&self.lab.gateway, &self.rt, move || async move {
+            m.mint_token(amount).await
+        })
+    }
+
+    /// Runs an async job against the lab's mint inside the gateway namespace.
+    pub fn with_mint<T, F>(
+        &self,
+        f: impl FnOnce(Arc<crate::mint::TestMint>) -> F + Send + 'static,
+    ) -> T
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = T> + 'static,
+    {
+        let m = self.mint.clone();
+        in_ns(&self.lab.gateway, &self.rt, move || f(m))
+    }
+}

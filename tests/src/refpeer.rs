@@ -130,7 +130,7 @@ impl RefUpstream {
                                 let added = u64::from(amount) * step;
                                 let total = allot.fetch_add(added, Ordering::SeqCst) + added;
                                 sales.fetch_add(1, Ordering::SeqCst);
-                                let now = tollgate::protocol::unix_now();
+                                let now = tollgate::sys::clock::unix_secs();
                                 let ev = sign(
                                     &keys,
                                     1022,

@@ -25,9 +25,9 @@ use std::{
 
 use tollgate_tests::{
     crowd::Crowd,
-    gateway::{http, in_ns, ns_runtime, write_config, write_config_value, Daemon},
+    gateway::{http, in_ns, write_config, write_config_value, GatewayLab},
     mint::TestMint,
-    netns::{Lab3, Netns, UPSTREAM_IP},
+    netns::{Netns, UPSTREAM_IP},
     pins::PinBase,
     tollgate_bin,
 };
@@ -101,24 +101,29 @@ fn log(state: &Path) -> String {
 /// 4. The client keeps sending on it: the upstream receives nothing more.
 #[test]
 fn an_old_http_connection_carries_nothing_after_the_gate_closes() {
-    let lab = Lab3::new("adh");
-    let pins = PinBase::new("adh");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let (config_dir, state_dir) = (tmp.path().join("etc"), tmp.path().join("state"));
+    let g = GatewayLab::new("adh");
+    let GatewayLab {
+        lab,
+        config_dir,
+        state_dir,
+        rt,
+        mint,
+        ..
+    } = &g;
     let received = counting_server(&lab.upstream, SocketAddr::from((UPSTREAM_IP, 80)));
-    let rt = ns_runtime(&lab.gateway);
-    let mint = Arc::new(in_ns(&lab.gateway, &rt, || TestMint::start(0)));
-    write_config(&config_dir, "bytes", 1_000, &[(&mint.url(), 1)]);
-    let mut daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
+    write_config(config_dir, "bytes", 1_000, &[(&mint.url(), 1)]);
+    let mut daemon = g.start();
 
     let token = {
         let m = mint.clone();
-        in_ns(&lab.gateway, &rt, move || async move {
-            m.mint_token(1000).await
-        })
+        in_ns(
+            &lab.gateway,
+            rt,
+            move || async move { m.mint_token(1000).await },
+        )
     };
     let (st, body) = http(&lab.client, "POST", "/", Some(("text/plain", &token)));
-    assert_eq!(st, 200, "paid: {body}; log: {}", log(&state_dir));
+    assert_eq!(st, 200, "paid: {body}; log: {}", log(state_dir));
 
     let mut conn = lab.client.run(|| {
         TcpStream::connect_timeout(&SocketAddr::from((UPSTREAM_IP, 80)), Duration::from_secs(5))
@@ -207,28 +212,32 @@ const PAYER_SLOTS: u64 = 256;
 /// 3. Every POST is refused, and the kernel maps hold exactly what they held before.
 #[test]
 fn hostile_payments_from_two_thousand_macs_leave_no_kernel_entry() {
-    let lab = Lab3::new("adj");
-    let pins = PinBase::new("adj");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let (config_dir, state_dir) = (tmp.path().join("etc"), tmp.path().join("state"));
-    let rt = ns_runtime(&lab.gateway);
-    let mint = Arc::new(in_ns(&lab.gateway, &rt, || TestMint::start(0)));
-    let foreign = Arc::new(in_ns(&lab.gateway, &rt, || TestMint::start(0)));
+    let g = GatewayLab::new("adj");
+    let GatewayLab {
+        lab,
+        pins,
+        config_dir,
+        state_dir,
+        rt,
+        mint,
+        ..
+    } = &g;
+    let foreign = Arc::new(in_ns(&lab.gateway, rt, || TestMint::start(0)));
     crowd_config(
-        &config_dir,
+        config_dir,
         &mint.url(),
         "bytes",
         1_000,
         serde_json::json!({}),
     );
-    let mut daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
-    let crowd = Crowd::new(&lab, CROWD);
+    let mut daemon = g.start();
+    let crowd = Crowd::new(lab, CROWD);
 
     let spent = {
         let m = mint.clone();
         in_ns(
             &lab.gateway,
-            &rt,
+            rt,
             move || async move { m.mint_token(20).await },
         )
     };
@@ -237,15 +246,15 @@ fn hostile_payments_from_two_thousand_macs_leave_no_kernel_entry() {
         st,
         200,
         "legitimate payment: {body}; log: {}",
-        log(&state_dir)
+        log(state_dir)
     );
     let foreign_tokens = {
         let f = foreign.clone();
-        in_ns(&lab.gateway, &rt, move || async move {
+        in_ns(&lab.gateway, rt, move || async move {
             f.mint_tokens(20, 4).await
         })
     };
-    let before = occupancy(&pins);
+    let before = occupancy(pins);
     assert_eq!((before.0, before.1), (1, 1), "the paying client's entries");
 
     let bodies: Vec<String> = (0..CROWD)
@@ -266,12 +275,12 @@ fn hostile_payments_from_two_thousand_macs_leave_no_kernel_entry() {
         granted <= CROWD / 4,
         "only replays of the spent token may answer 200: {granted}"
     );
-    let after = occupancy(&pins);
+    let after = occupancy(pins);
     assert_eq!(
         (after.0, after.1),
         (before.0, before.1),
         "hostile payments left kernel entries behind; log: {}",
-        log(&state_dir)
+        log(state_dir)
     );
     daemon.stop();
 }
@@ -287,29 +296,33 @@ fn hostile_payments_from_two_thousand_macs_leave_no_kernel_entry() {
 ///    evicted while others come and go.
 #[test]
 fn payers_leave_at_most_the_retention_and_a_full_map_admits_a_payer() {
-    let lab = Lab3::new("adp");
-    let pins = PinBase::new("adp");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let (config_dir, state_dir) = (tmp.path().join("etc"), tmp.path().join("state"));
-    let rt = ns_runtime(&lab.gateway);
-    let mint = Arc::new(in_ns(&lab.gateway, &rt, || TestMint::start(0)));
+    let g = GatewayLab::new("adp");
+    let GatewayLab {
+        lab,
+        pins,
+        config_dir,
+        state_dir,
+        rt,
+        mint,
+        ..
+    } = &g;
     crowd_config(
-        &config_dir,
+        config_dir,
         &mint.url(),
         "milliseconds",
         100,
         serde_json::json!({"max_clients": PAYER_SLOTS, "closed_retention": "2s"}),
     );
-    let mut daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
+    let mut daemon = g.start();
     assert_eq!(
-        occupancy(&pins).2,
+        occupancy(pins).2,
         PAYER_SLOTS,
         "dataplane.max_clients applied"
     );
-    let crowd = Crowd::new(&lab, PAYERS + 35);
+    let crowd = Crowd::new(lab, PAYERS + 35);
     let tokens = {
         let m = mint.clone();
-        in_ns(&lab.gateway, &rt, move || async move {
+        in_ns(&lab.gateway, rt, move || async move {
             m.mint_tokens(16, PAYERS).await
         })
     };
@@ -320,34 +333,34 @@ fn payers_leave_at_most_the_retention_and_a_full_map_admits_a_payer() {
             ok,
             wave.len(),
             "every payer admitted; log: {}",
-            log(&state_dir)
+            log(state_dir)
         );
-        assert!(occupancy(&pins).0 <= PAYER_SLOTS);
+        assert!(occupancy(pins).0 <= PAYER_SLOTS);
         // This wave's 1.6 s sessions end (and the chandler closes them) before the next wave.
         std::thread::sleep(Duration::from_millis(2300));
     }
     wait_for(
         20,
         "entries of ended sessions evicted after the retention",
-        || occupancy(&pins).0 == 0,
+        || occupancy(pins).0 == 0,
     );
-    assert_eq!(occupancy(&pins).1, 0, "no counters left either");
+    assert_eq!(occupancy(pins).1, 0, "no counters left either");
     daemon.stop();
 
     // A small map and a long retention: only room-making evicts (and the pinned 64-entry maps
     // are recreated at 16).
     crowd_config(
-        &config_dir,
+        config_dir,
         &mint.url(),
         "milliseconds",
         100,
         serde_json::json!({"max_clients": 16, "closed_retention": "1h"}),
     );
-    let mut daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
-    assert_eq!(occupancy(&pins).2, 16, "maps recreated at the new size");
+    let mut daemon = g.start();
+    assert_eq!(occupancy(pins).2, 16, "maps recreated at the new size");
     let hour = {
         let m = mint.clone();
-        in_ns(&lab.gateway, &rt, move || async move {
+        in_ns(&lab.gateway, rt, move || async move {
             m.mint_token(36_000).await
         })
     };
@@ -355,7 +368,7 @@ fn payers_leave_at_most_the_retention_and_a_full_map_admits_a_payer() {
     assert_eq!(st, 200, "an hour for the lab's client: {body}");
     let tokens = {
         let m = mint.clone();
-        in_ns(&lab.gateway, &rt, move || async move {
+        in_ns(&lab.gateway, rt, move || async move {
             m.mint_tokens(16, 35).await
         })
     };
@@ -364,7 +377,7 @@ fn payers_leave_at_most_the_retention_and_a_full_map_admits_a_payer() {
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     std::thread::sleep(Duration::from_millis(2300));
     assert_eq!(
-        occupancy(&pins).0,
+        occupancy(pins).0,
         16,
         "full of closed entries (retention 1 h)"
     );
@@ -374,9 +387,9 @@ fn payers_leave_at_most_the_retention_and_a_full_map_admits_a_payer() {
         assert!(
             statuses.iter().all(|s| *s == 200),
             "a full map admits new payers: {statuses:?}; log: {}",
-            log(&state_dir)
+            log(state_dir)
         );
-        assert!(occupancy(&pins).0 <= 16);
+        assert!(occupancy(pins).0 <= 16);
         std::thread::sleep(Duration::from_millis(2300));
     }
     // The paying client was never evicted: its gate is open and its traffic passes.
@@ -439,31 +452,37 @@ fn udp_send(ns: &Netns, from: std::net::Ipv4Addr, to: SocketAddr, n: usize) {
 ///    again: the clone still gets nothing.
 #[test]
 fn a_clone_of_a_paid_mac_from_another_address_gets_nothing() {
-    let lab = Lab3::new("adc");
-    let pins = PinBase::new("adc");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let (config_dir, state_dir) = (tmp.path().join("etc"), tmp.path().join("state"));
+    let g = GatewayLab::new("adc");
+    let GatewayLab {
+        lab,
+        pins,
+        config_dir,
+        state_dir,
+        rt,
+        mint,
+        ..
+    } = &g;
     let far = SocketAddr::from((UPSTREAM_IP, 9009));
     let udp = udp_counter(&lab.upstream, far);
     let tcp = counting_server(&lab.upstream, far);
-    let rt = ns_runtime(&lab.gateway);
-    let mint = Arc::new(in_ns(&lab.gateway, &rt, || TestMint::start(0)));
     crowd_config(
-        &config_dir,
+        config_dir,
         &mint.url(),
         "bytes",
         1_000,
         serde_json::json!({}),
     );
-    let mut daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
+    let mut daemon = g.start();
     let token = {
         let m = mint.clone();
-        in_ns(&lab.gateway, &rt, move || async move {
-            m.mint_token(1000).await
-        })
+        in_ns(
+            &lab.gateway,
+            rt,
+            move || async move { m.mint_token(1000).await },
+        )
     };
     let (st, body) = http(&lab.client, "POST", "/", Some(("text/plain", &token)));
-    assert_eq!(st, 200, "paid: {body}; log: {}", log(&state_dir));
+    assert_eq!(st, 200, "paid: {body}; log: {}", log(state_dir));
 
     let clone = std::net::Ipv4Addr::new(10, 77, 0, 99);
     lab.client
@@ -495,14 +514,14 @@ fn a_clone_of_a_paid_mac_from_another_address_gets_nothing() {
     let warnings = status["warnings"].to_string();
     assert!(warnings.contains("MAC cloning"), "status warns: {warnings}");
     wait_for(10, "the drops are logged", || {
-        log(&state_dir).contains("a cloned MAC or a spoofed address")
+        log(state_dir).contains("a cloned MAC or a spoofed address")
     });
 
     // A reboot: the kernel forgets its maps, and the binding with them. Start-up
     // reconciliation reopens the paid gate and binds it again from the daemon's store.
     daemon.stop();
     pins.wipe();
-    let mut daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
+    let mut daemon = g.start();
     let before = udp.load(Ordering::SeqCst);
     udp_send(&lab.client, clone, far, 100);
     udp_send(&lab.client, tollgate_tests::netns::CLIENT_IP, far, 10);
@@ -515,7 +534,7 @@ fn a_clone_of_a_paid_mac_from_another_address_gets_nothing() {
         before + 10 * 500,
         "after a restart that lost the kernel's maps, the clone's datagrams reached the \
          upstream; log: {}",
-        log(&state_dir)
+        log(state_dir)
     );
     daemon.stop();
 }

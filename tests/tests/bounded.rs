@@ -15,13 +15,11 @@ use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     process::{Command, Stdio},
-    sync::Arc,
     time::Duration,
 };
 
 use tollgate_tests::{
-    gateway::{http, in_ns, json_body, ns_runtime, tag, Daemon, DaemonSpec},
-    mint::TestMint,
+    gateway::{http, in_ns, json_body, tag, GatewayLab},
     netns::{Lab3, GW_LAN_IP, LAN_IFACE},
     pins::PinBase,
     tollgate_bin,
@@ -108,28 +106,20 @@ fn admin(lab: &Lab3, method: &str, path: &str, token: Option<&str>) -> (u16, Str
 #[test]
 fn slowloris_from_2000_connections_does_not_stop_a_payment_and_admin_tcp_is_read_only() {
     raise_nofile(4_096);
-    let lab = Lab3::new("bnd");
-    let pins = PinBase::new("bnd");
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (config_dir, state_dir) = (tmp.path().join("etc"), tmp.path().join("state"));
-    let rt = ns_runtime(&lab.gateway);
-    let mint = Arc::new(in_ns(&lab.gateway, &rt, || TestMint::start(0)));
+    let g = GatewayLab::new("bnd");
+    let GatewayLab {
+        lab,
+        config_dir,
+        rt,
+        mint,
+        ..
+    } = &g;
     config(
-        &config_dir,
+        config_dir,
         &mint.url(),
         serde_json::json!({"admin_token": TOKEN}),
     );
-    let daemon = Daemon::start_with(&DaemonSpec {
-        gateway: &lab.gateway,
-        lan_peer: &lab.client,
-        lan_iface: LAN_IFACE,
-        wan_iface: None,
-        listen: SocketAddr::from((GW_LAN_IP, 2121)),
-        admin_listen: ADMIN,
-        config_dir: &config_dir,
-        state_dir: &state_dir,
-        pins: &pins,
-    });
+    let daemon = g.start_with_admin(ADMIN);
     limit_nofile(daemon.child.id(), 1_024);
 
     // 2. The hostile device: 2 000 connections, each with a head that never ends.
@@ -158,7 +148,7 @@ fn slowloris_from_2000_connections_does_not_stop_a_payment_and_admin_tcp_is_read
         let m = mint.clone();
         in_ns(
             &lab.gateway,
-            &rt,
+            rt,
             move || async move { m.mint_token(100).await },
         )
     };
@@ -187,11 +177,11 @@ fn slowloris_from_2000_connections_does_not_stop_a_payment_and_admin_tcp_is_read
     );
 
     // 4. Admin over TCP: the token is required; reads work; grant/close are not served.
-    let (st, _) = admin(&lab, "GET", "/metrics", None);
+    let (st, _) = admin(lab, "GET", "/metrics", None);
     assert_eq!(st, 401, "no token");
-    let (st, _) = admin(&lab, "GET", "/metrics", Some("wrong-token-wrong-token"));
+    let (st, _) = admin(lab, "GET", "/metrics", Some("wrong-token-wrong-token"));
     assert_eq!(st, 401, "wrong token");
-    let (st, body) = admin(&lab, "GET", "/clients", Some(TOKEN));
+    let (st, body) = admin(lab, "GET", "/clients", Some(TOKEN));
     assert_eq!(st, 200, "{body}");
     let mac = lab
         .client_mac()
@@ -203,7 +193,7 @@ fn slowloris_from_2000_connections_does_not_stop_a_payment_and_admin_tcp_is_read
         format!("/clients/{mac}/grant?amount=1000000"),
         format!("/clients/{mac}/close"),
     ] {
-        let (st, body) = admin(&lab, "POST", &verb, Some(TOKEN));
+        let (st, body) = admin(lab, "POST", &verb, Some(TOKEN));
         assert!(
             st == 404 || st == 405,
             "{verb} must not be served on TCP: {st} {body}"

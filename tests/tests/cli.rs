@@ -24,7 +24,7 @@ use std::{
 
 use tollgate::ops::metrics;
 use tollgate_tests::{
-    gateway::{http, in_ns, ns_runtime, tg, tg_json, write_config, Daemon},
+    gateway::{http, in_ns, ns_runtime, tg, tg_json, write_config, Daemon, GatewayLab},
     mint::TestMint,
     netns::{download, serve_bulk, Lab3, Netns},
     pins::PinBase,
@@ -77,32 +77,31 @@ fn kernel_bytes(pins: &Path, mac: &str) -> u64 {
 
 #[test]
 fn the_operator_sees_and_steers_a_real_gateway() {
-    let lab = Lab3::new("cli");
-    let pins = PinBase::new("cli");
-    let tmp = tempfile::tempdir().unwrap();
-    let (config_dir, state_dir) = (tmp.path().join("etc"), tmp.path().join("state"));
+    let g = GatewayLab::new("cli");
+    let GatewayLab {
+        lab,
+        pins,
+        tmp,
+        config_dir,
+        state_dir,
+        mint,
+        ..
+    } = &g;
     let restored_dir = tmp.path().join("restored");
     serve_bulk(&lab.upstream);
-    let rt = ns_runtime(&lab.gateway);
-    let mint = Arc::new(in_ns(&lab.gateway, &rt, || TestMint::start(0)));
-    let token_of = |amount: u64| {
-        let m = mint.clone();
-        in_ns(&lab.gateway, &rt, move || async move {
-            m.mint_token(amount).await
-        })
-    };
-    write_config(&config_dir, "bytes", STEP, &[(&mint.url(), 1)]);
+    let token_of = |amount: u64| g.token(amount);
+    g.write_config("bytes", STEP);
     let state = state_dir.to_str().unwrap().to_string();
     let sock = state_dir.join("control.sock");
     let sock = sock.to_str().unwrap().to_string();
 
     // 1. No daemon yet.
-    std::fs::create_dir_all(&state_dir).unwrap();
+    std::fs::create_dir_all(state_dir).unwrap();
     let (code, _, err) = tg(&["status", "--state-dir", &state], None);
     assert_eq!(code, 3, "daemon not running: {err}");
     assert!(err.contains("not running"), "{err}");
 
-    let mut daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
+    let mut daemon = g.start();
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&sock).unwrap().permissions().mode();

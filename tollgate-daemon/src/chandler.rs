@@ -115,13 +115,6 @@ pub struct Chandler {
 /// History is pruned at most this often (boot ns).
 const PRUNE_EVERY_NS: u64 = 3_600 * 1_000_000_000;
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 fn read_boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_string())
@@ -238,7 +231,7 @@ impl Chandler {
                 end_unix_ms: None,
                 end_boot_ns: None,
                 boot_id: self.boot_id.clone(),
-                started_unix: crate::protocol::unix_now(),
+                started_unix: crate::sys::clock::unix_secs(),
                 active: true,
                 close_reason: None,
             },
@@ -312,7 +305,8 @@ impl Chandler {
                 self.restore_v6_binding(mac, &keep_bind)?;
                 let end = st.until_boot_ns.unwrap_or(want_end);
                 row.end_boot_ns = Some(end);
-                row.end_unix_ms = Some(unix_ms() + end.saturating_sub(now_boot) / NS_PER_MS);
+                row.end_unix_ms =
+                    Some(crate::sys::clock::unix_ms() + end.saturating_sub(now_boot) / NS_PER_MS);
                 row.boot_id = self.boot_id.clone();
                 row.used_snapshot = used;
                 st
@@ -692,8 +686,11 @@ impl Chandler {
                         }
                     }
                     None => {
-                        // The valve stopped; keep snapshotting until shutdown.
-                        let _ = shutdown.changed().await;
+                        // The valve stopped; keep snapshotting until shutdown (a closed
+                        // channel means shutdown too).
+                        if shutdown.changed().await.is_err() {
+                            tracing::debug!("shutdown sender gone");
+                        }
                         break;
                     }
                 },
@@ -1277,7 +1274,10 @@ mod tests {
     fn a_wall_clock_jump_at_start_neither_shortens_nor_lengthens_sessions() {
         for (what, written_end_unix_ms) in [
             // Written by a clock far ahead of today's (today's looks like the distant past).
-            ("clock behind at start", unix_ms() + 10 * 365 * 86_400_000),
+            (
+                "clock behind at start",
+                crate::sys::clock::unix_ms() + 10 * 365 * 86_400_000,
+            ),
             // Written by a clock far behind today's (1970: an unset RTC then, NTP now).
             ("clock ahead at start", 1),
         ] {

@@ -19,11 +19,16 @@ use std::{
 };
 
 use nostr::{Keys, SecretKey};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 
 use crate::protocol::Metric;
+use crate::units::{Dur, Seconds};
 
 pub const CONFIG_FILE: &str = "config.json";
+/// Where the operator commands look for config.json unless told otherwise.
+pub const CONFIG_DIR: &str = "/etc/tollgate";
+/// `store.state_dir` when config.json does not set it.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tollgate";
 pub const IDENTITIES_FILE: &str = "identities.json";
 /// skb mark for the captive-portal redirect unless `dataplane.portal_mark` says otherwise
 /// ("tg"; pick another if your firewall already uses it).
@@ -78,92 +83,6 @@ impl ConfigError {
     }
 }
 
-/// A duration given as integer nanoseconds (the reference's files) or a string like "10s".
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Dur(pub Duration);
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Nanos(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Nanos(n) => Ok(Dur(Duration::from_nanos(n))),
-            Raw::Text(s) => parse_duration(&s)
-                .map(Dur)
-                .map_err(serde::de::Error::custom),
-        }
-    }
-}
-
-impl Serialize for Dur {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format_duration(self.0))
-    }
-}
-
-/// Parses "500ms", "10s", "1m30s", "2h", "250us", "7ns" (a bare number is nanoseconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if s.is_empty() {
-        return Err("empty duration".into());
-    }
-    if let Ok(n) = s.parse::<u64>() {
-        return Ok(Duration::from_nanos(n));
-    }
-    let mut total: u128 = 0;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(format!(
-                "invalid duration {s:?} (expected e.g. \"10s\", \"500ms\")"
-            ));
-        }
-        let n: u128 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("invalid number in duration {s:?}"))?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let nanos_per: u128 = match &rest[..unit_len] {
-            "ns" => 1,
-            "us" | "µs" => 1_000,
-            "ms" => 1_000_000,
-            "s" => 1_000_000_000,
-            "m" => 60_000_000_000,
-            "h" => 3_600_000_000_000,
-            "d" => 86_400_000_000_000,
-            u => {
-                return Err(format!(
-                    "unknown unit {u:?} in duration {s:?} (use ns, us, ms, s, m, h, d)"
-                ))
-            }
-        };
-        total = total.saturating_add(n.saturating_mul(nanos_per));
-        rest = &rest[unit_len..];
-    }
-    Ok(Duration::from_nanos(
-        u64::try_from(total).unwrap_or(u64::MAX),
-    ))
-}
-
-fn format_duration(d: Duration) -> String {
-    if d.subsec_nanos() == 0 {
-        format!("{}s", d.as_secs())
-    } else if d.as_nanos() % 1_000_000 == 0 {
-        format!("{}ms", d.as_millis())
-    } else {
-        format!("{}ns", d.as_nanos())
-    }
-}
-
 /// Canonical mint URL: scheme and host lower-case, no trailing slash, no query or fragment.
 pub fn canonical_mint_url(raw: &str) -> Result<String, String> {
     let url = url::Url::parse(raw.trim()).map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
@@ -196,6 +115,38 @@ pub fn valid_lightning_address(s: &str) -> bool {
         && domain
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-.".contains(c))
+}
+
+// ---------------------------------------------------------------- overrides
+
+/// Command-line values that take the place of config.json's (`tollgate run --listen …`).
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub state_dir: Option<PathBuf>,
+    pub lan_iface: Option<String>,
+    pub wan_iface: Option<String>,
+    pub listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+}
+
+impl Overrides {
+    fn apply(&self, raw: &mut RawConfig) {
+        if let Some(s) = &self.state_dir {
+            raw.state_dir = Some(s.clone());
+        }
+        if let Some(l) = &self.lan_iface {
+            raw.lan_interface = Some(l.clone());
+        }
+        if let Some(w) = &self.wan_iface {
+            raw.wan_interface = Some(w.clone());
+        }
+        if let Some(l) = self.listen {
+            raw.listen = Some(l.to_string());
+        }
+        if let Some(a) = self.admin_listen {
+            raw.admin_listen = Some(a.to_string());
+        }
+    }
 }
 
 // ---------------------------------------------------------------- raw file shapes
@@ -289,7 +240,7 @@ struct RawMint {
     min_payout_amount: u64,
     /// Seconds as an integer in the reference; a duration string ("60s") is accepted too.
     #[serde(default)]
-    payout_interval_seconds: Option<serde_json::Value>,
+    payout_interval_seconds: Option<Seconds>,
     #[serde(default)]
     balance_tolerance_percent: u64,
 }
@@ -629,19 +580,50 @@ impl Config {
         Self::from_strs(dir, &ctext, &itext)
     }
 
+    /// [`Config::load`] with command-line values in place of the file's: they are applied to
+    /// the raw layer before validation, so whatever is derived from them follows (the portal
+    /// port from `--listen`, both components' LAN interface from `--lan-iface`) and they are
+    /// checked like the file's own values.
+    pub fn load_with(dir: &Path, o: &Overrides) -> Result<Config, ConfigError> {
+        let ctext = read(&dir.join(CONFIG_FILE))?;
+        let itext = read(&dir.join(IDENTITIES_FILE))?;
+        Self::from_strs_with(dir, &ctext, &itext, o)
+    }
+
+    /// The state directory the files in `dir` name: [`DEFAULT_STATE_DIR`] when there is no
+    /// config.json, an error when there is one and it does not load (a typo must not send the
+    /// operator's commands to another directory).
+    pub fn state_dir_in(dir: &Path) -> Result<PathBuf, ConfigError> {
+        if !dir.join(CONFIG_FILE).exists() {
+            return Ok(PathBuf::from(DEFAULT_STATE_DIR));
+        }
+        Ok(Self::load(dir)?.store.state_dir)
+    }
+
     /// Validates the two files' contents (`dir` is used for error messages and defaults).
     pub fn from_strs(
         dir: &Path,
         config_json: &str,
         identities_json: &str,
     ) -> Result<Config, ConfigError> {
+        Self::from_strs_with(dir, config_json, identities_json, &Overrides::default())
+    }
+
+    /// [`Config::from_strs`] with the overrides applied to the raw layer first.
+    pub fn from_strs_with(
+        dir: &Path,
+        config_json: &str,
+        identities_json: &str,
+        o: &Overrides,
+    ) -> Result<Config, ConfigError> {
         let cpath = dir.join(CONFIG_FILE);
         let ipath = dir.join(IDENTITIES_FILE);
-        let raw: RawConfig =
+        let mut raw: RawConfig =
             serde_json::from_str(config_json).map_err(|source| ConfigError::Parse {
                 path: cpath.clone(),
                 source,
             })?;
+        o.apply(&mut raw);
         let ids: RawIdentities =
             serde_json::from_str(identities_json).map_err(|source| ConfigError::Parse {
                 path: ipath.clone(),
@@ -695,32 +677,9 @@ impl Config {
             if m.price_unit.trim().is_empty() {
                 return Err(c.err(f("price_unit"), "empty unit", "use \"sat\""));
             }
-            let payout_interval = match &m.payout_interval_seconds {
-                None => Duration::from_secs(60),
-                Some(serde_json::Value::Number(n)) => {
-                    Duration::from_secs(n.as_u64().ok_or_else(|| {
-                        c.err(
-                            f("payout_interval_seconds"),
-                            "not a non-negative integer",
-                            "give whole seconds, e.g. 60",
-                        )
-                    })?)
-                }
-                Some(serde_json::Value::String(s)) => parse_duration(s).map_err(|p| {
-                    c.err(
-                        f("payout_interval_seconds"),
-                        p,
-                        "give whole seconds, e.g. 60",
-                    )
-                })?,
-                Some(_) => {
-                    return Err(c.err(
-                        f("payout_interval_seconds"),
-                        "not a number",
-                        "give whole seconds, e.g. 60",
-                    ))
-                }
-            };
+            let payout_interval = m
+                .payout_interval_seconds
+                .map_or(Duration::from_secs(60), |d| d.0);
             mints.push(MintOffer {
                 url,
                 price_per_step: m.price_per_step,
@@ -1027,7 +986,7 @@ impl Config {
                 state_dir: raw
                     .state_dir
                     .clone()
-                    .unwrap_or_else(|| PathBuf::from("/var/lib/tollgate")),
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
                 retention,
             },
             payout: PayoutConfig { shares },
@@ -1356,17 +1315,6 @@ mod tests {
     }
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("1500"), Ok(Duration::from_nanos(1500)));
-        assert!(parse_duration("10 parsecs").is_err());
-        assert!(parse_duration("s").is_err());
-        assert!(parse_duration("").is_err());
-    }
-
-    #[test]
     fn mint_urls_are_canonical() {
         assert_eq!(
             canonical_mint_url("HTTPS://Mint.Example/").as_deref(),
@@ -1539,7 +1487,7 @@ mod tests {
     fn write_default_creates_private_working_config() {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("tollgate-cfg-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        fs::remove_dir_all(&dir).ok();
         let c = Config::write_default(&dir).expect("default config");
         assert_eq!(c.merchant.metric, Metric::Bytes);
         for f in [CONFIG_FILE, IDENTITIES_FILE] {
@@ -1555,7 +1503,7 @@ mod tests {
             again.merchant.keys.public_key(),
             c.merchant.keys.public_key()
         );
-        let _ = fs::remove_dir_all(&dir);
+        fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -288,8 +288,8 @@ mod tests {
                     }
                     match raw {
                         Some(raw) => {
-                            let _ = c.write_all(&raw).await;
-                            let _ = c.shutdown().await;
+                            c.write_all(&raw).await.ok();
+                            c.shutdown().await.ok();
                         }
                         None => std::future::pending().await,
                     }

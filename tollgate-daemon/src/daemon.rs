@@ -15,11 +15,7 @@
 //!                    stays pinned and enforcing
 //! ```
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
-    sync::Arc,
-};
+use std::{net::IpAddr, path::PathBuf, sync::Arc};
 
 use anyhow::{Context, Result};
 use tokio::sync::watch;
@@ -27,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     chandler::Chandler,
-    config::{Config, DataplaneMode},
+    config::{Config, DataplaneMode, Overrides},
     http::{self, AppState},
     merchant::{Merchant, Redeemer},
     neighbour::KernelNeighbours,
@@ -40,96 +36,17 @@ use crate::{
     wallet::Wallet,
 };
 
-/// Command-line overrides of the configuration files.
-#[derive(Clone, Debug, Default)]
-pub struct Overrides {
-    pub state_dir: Option<PathBuf>,
-    pub lan_iface: Option<String>,
-    pub wan_iface: Option<String>,
-    pub listen: Option<std::net::SocketAddr>,
-    pub admin_listen: Option<std::net::SocketAddr>,
-}
-
 /// Loads `config.json` + `identities.json`, creating a working default set when the directory
 /// has none, and applies the overrides.
 pub fn load_config(dir: &std::path::Path, o: &Overrides) -> Result<Config> {
-    let mut cfg = if dir.join("config.json").exists() {
-        Config::load(dir)?
-    } else {
-        let cfg = Config::write_default(dir)?;
+    if !dir.join(crate::config::CONFIG_FILE).exists() {
+        Config::write_default(dir)?;
         tracing::warn!(
             dir = %dir.display(),
             "no configuration found: wrote a default config.json and identities.json (fresh merchant key, mode 0600)"
         );
-        cfg
-    };
-    if let Some(s) = &o.state_dir {
-        cfg.store.state_dir = s.clone();
     }
-    if let Some(l) = &o.lan_iface {
-        cfg.dataplane.lan_interface = Some(l.clone());
-        cfg.http.lan_interface = Some(l.clone());
-    }
-    if let Some(w) = &o.wan_iface {
-        cfg.dataplane.wan_interface = Some(w.clone());
-    }
-    if let Some(l) = o.listen {
-        // `dataplane.portal_port` defaults to the listen port, derived when the file was
-        // validated: follow the override unless the file named another port.
-        if cfg.http.portal_port == cfg.http.listen.port() {
-            cfg.http.portal_port = l.port();
-            cfg.dataplane.portal_port = l.port();
-        }
-        cfg.http.listen = l;
-    }
-    if let Some(a) = o.admin_listen {
-        cfg.http.admin_listen = a;
-    }
-    Ok(cfg)
-}
-
-/// The addresses configured on `iface` (the gateway's own LAN addresses).
-fn iface_addrs(iface: &str) -> Result<(Option<Ipv4Addr>, Vec<Ipv6Addr>)> {
-    let mut v4 = None;
-    let mut v6 = Vec::new();
-    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs allocates a list we walk read-only and free with freeifaddrs.
-    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("getifaddrs");
-    }
-    let mut p = ifap;
-    while !p.is_null() {
-        // SAFETY: p is a valid node of the list returned by getifaddrs.
-        let ifa = unsafe { &*p };
-        p = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() {
-            continue;
-        }
-        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
-        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
-        if name.to_bytes() != iface.as_bytes() {
-            continue;
-        }
-        // SAFETY: the family tells which sockaddr variant ifa_addr points to.
-        unsafe {
-            match (*ifa.ifa_addr).sa_family as i32 {
-                libc::AF_INET => {
-                    let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                    v4.get_or_insert(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)));
-                }
-                libc::AF_INET6 => {
-                    let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
-                    if v6.len() < 2 {
-                        v6.push(Ipv6Addr::from(sa.sin6_addr.s6_addr));
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-    // SAFETY: ifap came from getifaddrs.
-    unsafe { libc::freeifaddrs(ifap) };
-    Ok((v4, v6))
+    Ok(Config::load_with(dir, o)?)
 }
 
 /// The valve's configuration derived from the daemon's.
@@ -139,7 +56,8 @@ pub fn valve_config(cfg: &Config, pin_base: Option<&PathBuf>) -> Result<ValveCon
         .lan_interface
         .clone()
         .context("no LAN interface: set lan_interface in config.json or pass --lan-iface")?;
-    let (v4, v6) = iface_addrs(&iface)?;
+    let (v4, mut v6) = crate::sys::iface_addrs(&iface)?;
+    v6.truncate(2); // the data plane's config holds two gateway IPv6 addresses
     let mut v = ValveConfig::new(&iface);
     if let Some(p) = pin_base {
         v.pin_base = p.clone();
@@ -431,9 +349,13 @@ pub async fn run(
         }
     }
     cancel.cancel();
-    let _ = stop_tx.send(true);
+    if stop_tx.send(true).is_err() {
+        tracing::debug!("no listener for the stop signal left");
+    }
     tasks.join().await;
-    let _ = std::fs::remove_file(&control_path);
+    if let Err(e) = std::fs::remove_file(&control_path) {
+        tracing::warn!(path = %control_path.display(), error = %e, "removing the control socket");
+    }
     if let Some(r) = redirect {
         if let Err(e) = valve.configure(&unmarked) {
             tracing::warn!(error = %e, "clearing the portal mark in the data plane");

@@ -133,10 +133,12 @@ mod tests {
                 let raw = raw.clone();
                 tokio::spawn(async move {
                     let mut buf = [0u8; 4096];
-                    let _ = s.read(&mut buf).await;
+                    if s.read(&mut buf).await.is_err() {
+                        return;
+                    }
                     match drip {
                         None => {
-                            let _ = s.write_all(&raw).await;
+                            s.write_all(&raw).await.ok();
                         }
                         Some(d) => {
                             for b in raw {

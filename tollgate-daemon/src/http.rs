@@ -151,7 +151,10 @@ impl IntoResponse for ApiError {
         let this = *self.0;
         let body = match this.prebuilt {
             Some(b) if !b.is_empty() => b,
-            _ => match this.notice.to_event(&this.keys, protocol::unix_now()) {
+            _ => match this
+                .notice
+                .to_event(&this.keys, crate::sys::clock::unix_secs())
+            {
                 Ok(ev) => nostr::JsonUtil::as_json(&ev),
                 Err(e) => {
                     tracing::error!(error = %e, "signing notice");
@@ -782,29 +785,9 @@ impl Peer {
         Peer {
             remote,
             local: s.local_addr().unwrap_or(remote),
-            mark: socket_mark(s).unwrap_or(0),
+            mark: crate::sys::socket_mark(s).unwrap_or(0),
         }
     }
-}
-
-fn socket_mark(s: &tokio::net::TcpStream) -> std::io::Result<u32> {
-    use std::os::fd::AsRawFd;
-    let mut mark: u32 = 0;
-    let mut len = std::mem::size_of::<u32>() as libc::socklen_t;
-    // SAFETY: valid fd owned by `s`; `mark` is a u32 buffer of `len` bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_MARK,
-            (&raw mut mark).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(mark)
 }
 
 /// Outermost layer: gives handlers `ConnectInfo<SocketAddr>` and answers every request on a
@@ -1069,27 +1052,7 @@ async fn admin_close(
 pub fn bind_lan(addr: SocketAddr, iface: Option<&str>) -> std::io::Result<tokio::net::TcpListener> {
     let l = std::net::TcpListener::bind(addr)?;
     if let Some(iface) = iface {
-        use std::os::fd::AsRawFd;
-        let name = std::ffi::CString::new(iface).map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "interface name contains NUL",
-            )
-        })?;
-        let bytes = name.as_bytes_with_nul();
-        // SAFETY: valid fd owned by `l`; the option value is a NUL-terminated buffer of `len` bytes.
-        let rc = unsafe {
-            libc::setsockopt(
-                l.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_BINDTODEVICE,
-                bytes.as_ptr().cast(),
-                bytes.len() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        crate::sys::bind_to_device(&l, iface)?;
     }
     l.set_nonblocking(true)?;
     tokio::net::TcpListener::from_std(l)

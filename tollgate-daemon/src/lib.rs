@@ -27,6 +27,8 @@ pub mod protocol;
 pub mod shaping;
 pub mod store;
 pub mod supervisor;
+pub mod sys;
+pub mod units;
 pub mod upstream;
 pub mod valve;
 pub mod wallet;

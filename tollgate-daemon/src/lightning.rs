@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::canonical_mint_url,
     merchant::{steps_for, Merchant, MerchantError},
-    protocol::{self, Metric},
+    protocol::Metric,
     store::{GrantStatus, LnQuote, Store, StoreError},
     valve::MacAddr,
     wallet::{QuoteState, Wallet, WalletError},
@@ -164,7 +164,9 @@ impl Checkout {
         self.merchant
             .preflight(mac)
             .map_err(|source| LightningError::Merchant { source })?;
-        let open = self.store.open_ln_quotes_of(mac, protocol::unix_now())?;
+        let open = self
+            .store
+            .open_ln_quotes_of(mac, crate::sys::clock::unix_secs())?;
         if open >= MAX_OPEN_PER_DEVICE {
             return Err(LightningError::TooManyOpen { open });
         }
@@ -181,7 +183,7 @@ impl Checkout {
             request: q.request,
             expiry: q.expiry,
             state: "open".into(),
-            created_unix: protocol::unix_now(),
+            created_unix: crate::sys::clock::unix_secs(),
         };
         self.store.insert_ln_quote(&row)?;
         tracing::info!(%mac, quote = %row.quote, mint = %row.mint, amount, "lightning invoice created");
@@ -276,7 +278,7 @@ impl Checkout {
             .map_err(|source| LightningError::Wallet { source })?;
         let minted = match state {
             QuoteState::Unpaid => {
-                if protocol::unix_now() > row.expiry.saturating_add(EXPIRY_GRACE_SECS) {
+                if crate::sys::clock::unix_secs() > row.expiry.saturating_add(EXPIRY_GRACE_SECS) {
                     self.store.set_ln_quote_state(&row.quote, "expired")?;
                     return Ok(self.view(&row, "EXPIRED", None));
                 }

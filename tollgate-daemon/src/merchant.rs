@@ -254,7 +254,7 @@ impl Merchant {
     /// The signed kind-10021 advertisement, with a real `created_at` (the current second;
     /// signed at most once per second, see `ad_cache`).
     pub fn advertisement(&self) -> Result<String, MerchantError> {
-        let now = protocol::unix_now();
+        let now = crate::sys::clock::unix_secs();
         if let Some((at, json)) = &*self.ad_cache.lock().unwrap_or_else(|p| p.into_inner()) {
             if *at == now {
                 return Ok(json.clone());
@@ -289,7 +289,8 @@ impl Merchant {
 
     /// A signed kind-21023 notice.
     pub fn notice(&self, n: &Notice) -> Result<String, MerchantError> {
-        Ok(n.to_event(&self.cfg.keys, protocol::unix_now())?.as_json())
+        Ok(n.to_event(&self.cfg.keys, crate::sys::clock::unix_secs())?
+            .as_json())
     }
 
     /// Payments since start, by (mint, outcome).
@@ -373,7 +374,7 @@ impl Merchant {
             status: GrantStatus::Redeeming,
             answer: None,
             error: None,
-            created_unix: protocol::unix_now(),
+            created_unix: crate::sys::clock::unix_secs(),
         };
         // The redemption runs in its own task: a slow mint makes this request time out, but
         // the late answer is still applied and a retry gets the session.
@@ -592,7 +593,7 @@ impl Merchant {
                 allotment: total,
                 metric,
             };
-            match s.to_event(&keys, protocol::unix_now()) {
+            match s.to_event(&keys, crate::sys::clock::unix_secs()) {
                 Ok(ev) => ev.as_json(),
                 Err(e) => {
                     // Unreachable with well-formed tags; the grant is still applied.
@@ -664,7 +665,7 @@ impl Merchant {
                     status: GrantStatus::Redeemed,
                     answer: None,
                     error: None,
-                    created_unix: protocol::unix_now(),
+                    created_unix: crate::sys::clock::unix_secs(),
                 };
                 self.store.insert_grant(&g)?;
                 self.count(&offer.url, "lightning", amount);
@@ -1119,8 +1120,12 @@ pub(crate) mod tests {
             .purchase(mac(), pay("cashuB1"))
             .await
             .expect("replay");
-        let _ = r.merchant.purchase(mac(), pay("cashuBother")).await;
-        let _ = r.merchant.purchase(mac(), pay("garbage")).await;
+        assert!(r
+            .merchant
+            .purchase(mac(), pay("cashuBother"))
+            .await
+            .is_err());
+        assert!(r.merchant.purchase(mac(), pay("garbage")).await.is_err());
         let counts = r.merchant.payment_counts();
         let find = |mint: &str, outcome: &str| {
             counts

@@ -568,14 +568,6 @@ fn device_mac(event: &Event) -> Result<Option<MacAddr>, ProtocolError> {
     }
 }
 
-/// Seconds since the Unix epoch (the `created_at` of our events).
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -824,8 +816,14 @@ pub(crate) mod tests {
         let gw = Keys::generate();
         let customer = Keys::generate();
         let mac: MacAddr = "02:00:00:00:00:01".parse().expect("mac");
-        let ev =
-            payment_event(&customer, &gw.public_key(), mac, TOKEN_B, unix_now()).expect("sign");
+        let ev = payment_event(
+            &customer,
+            &gw.public_key(),
+            mac,
+            TOKEN_B,
+            crate::sys::clock::unix_secs(),
+        )
+        .expect("sign");
         let json = ev.as_json();
         independently_verify(&json);
         let p = parse_payment(

@@ -80,7 +80,8 @@ pub struct TaskStatus {
 pub struct Supervisor {
     shutdown: CancellationToken,
     tasks: Mutex<BTreeMap<String, TaskStatus>>,
-    handles: Mutex<Vec<JoinHandle<()>>>,
+    /// Each task's wrapper, in spawn order (joined in reverse).
+    handles: Mutex<Vec<(String, JoinHandle<()>)>>,
     /// Cancelled when a critical task cannot run; `fatal_reason` says which and why.
     fatal: CancellationToken,
     fatal_reason: Mutex<Option<String>>,
@@ -135,6 +136,7 @@ impl Supervisor {
         self.register(name, policy.critical);
         let me = self.clone();
         let name = name.to_string();
+        let name_of_task = name.clone();
         let h = tokio::spawn(async move {
             let mut failures = 0u32;
             loop {
@@ -174,7 +176,7 @@ impl Supervisor {
         self.handles
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(h);
+            .push((name_of_task, h));
     }
 
     /// A task that owns something it cannot get back (a listening socket, the kernel event
@@ -186,9 +188,14 @@ impl Supervisor {
         self.register(name, true);
         let me = self.clone();
         let name = name.to_string();
+        let name_of_task = name.clone();
         let h = tokio::spawn(async move {
             let outcome = tokio::spawn(fut).await;
             if me.shutdown.is_cancelled() {
+                // A server that failed while stopping still says so.
+                if !matches!(outcome, Ok(Ok(()))) {
+                    tracing::warn!(task = %name, reason = %exit_reason(outcome), "task ended with an error during shutdown");
+                }
                 me.set(&name, |s| s.state = "stopped".into());
                 return;
             }
@@ -199,7 +206,7 @@ impl Supervisor {
         self.handles
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(h);
+            .push((name_of_task, h));
     }
 
     /// Every task, by name.
@@ -222,11 +229,16 @@ impl Supervisor {
             .unwrap_or_default()
     }
 
-    /// Waits for every task to finish (after the shutdown token was cancelled).
+    /// Waits for every task to finish (after the shutdown token was cancelled), the last
+    /// started first (it may use what earlier ones serve). The tasks' own outcomes are logged
+    /// by their wrappers; a wrapper that itself panicked is logged here.
     pub async fn join(&self) {
         let handles = std::mem::take(&mut *self.handles.lock().unwrap_or_else(|p| p.into_inner()));
-        for h in handles {
-            let _ = h.await;
+        for (name, h) in handles.into_iter().rev() {
+            match h.await {
+                Ok(()) => tracing::debug!(task = %name, "task stopped"),
+                Err(e) => tracing::error!(task = %name, error = %e, "task supervisor failed"),
+            }
         }
     }
 }

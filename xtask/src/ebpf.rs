@@ -147,7 +147,7 @@ pub fn ensure_bpf_linker() -> Result<PathBuf> {
     // rpath resolves at run time.
     for name in ["libLLVM.so", llvm_name.as_str()] {
         let link = prefix_lib.join(name);
-        let _ = fs::remove_file(&link);
+        fs::remove_file(&link).ok();
         std::os::unix::fs::symlink(&libllvm, &link)
             .with_context(|| format!("symlink {}", link.display()))?;
     }

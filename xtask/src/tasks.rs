@@ -96,10 +96,13 @@ fn sweep_demo(pid: u32) -> Vec<String> {
         }
         if let Ok(o) = Command::new("ip").args(["netns", "pids", name]).output() {
             for p in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                let _ = Command::new("kill").args(["-9", p]).status();
+                Command::new("kill").args(["-9", p]).status().ok();
             }
         }
-        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        Command::new("ip")
+            .args(["netns", "del", name])
+            .status()
+            .ok();
         swept.push(format!("netns {name}"));
     }
     let dirs = [
@@ -112,12 +115,12 @@ fn sweep_demo(pid: u32) -> Vec<String> {
         };
         for e in rd.flatten() {
             if e.file_name().to_string_lossy().starts_with(&prefix) {
-                let _ = std::fs::remove_dir_all(e.path());
+                std::fs::remove_dir_all(e.path()).ok();
                 swept.push(e.path().display().to_string());
             }
         }
     }
-    let _ = std::fs::remove_dir("/sys/fs/bpf/tollgate");
+    std::fs::remove_dir("/sys/fs/bpf/tollgate").ok();
     swept
 }
 

@@ -139,7 +139,10 @@ pub async fn serve(
         };
         let Some(slot) = caps.admit(remote.ip()) else {
             tracing::debug!(peer = %remote, "connection refused: connection cap reached");
-            let _ = stream.try_write(BUSY);
+            // Best effort: the peer learns why, if its buffer takes it; the socket closes anyway.
+            if let Err(e) = stream.try_write(BUSY) {
+                tracing::trace!(peer = %remote, error = %e, "503 not written");
+            }
             continue;
         };
         let peer = Peer::of(&stream, remote);
@@ -162,7 +165,9 @@ pub async fn serve(
                 }
                 () = stop.cancelled() => {
                     conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+                    if tokio::time::timeout(SHUTDOWN_GRACE, conn).await.is_err() {
+                        tracing::debug!(peer = %remote, "connection cut at the end of the shutdown grace");
+                    }
                 }
             }
         });
@@ -170,7 +175,12 @@ pub async fn serve(
     drop(listener);
     stop.cancel();
     tracker.close();
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), tracker.wait()).await;
+    if tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the shutdown grace");
+    }
     Ok(())
 }
 

@@ -196,7 +196,7 @@ async fn post_kind_21000_event_puts_customer_in_p() {
         &t.rig.merchant.keys().public_key(),
         claimed,
         &tok,
-        protocol::unix_now(),
+        crate::sys::clock::unix_secs(),
     )
     .expect("event");
     let (s, _, body) = send(
@@ -1013,9 +1013,9 @@ async fn advertisement_is_cached_within_a_second_and_created_at_moves_on() {
     // A later second gets a freshly signed event with the real time.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let before = protocol::unix_now();
+        let before = crate::sys::clock::unix_secs();
         let (_, _, body) = send(&t.app, "GET", "/", None, vec![], PEER).await;
-        let after = protocol::unix_now();
+        let after = crate::sys::clock::unix_secs();
         independently_verify(&body);
         let c = created(&body);
         assert!(

@@ -1,7 +1,9 @@
 //! Human output of the operator commands: plain text that fits 80 columns (long fields such
 //! as mint URLs are shortened with `…`; `--json` gives the exact values).
 
-use super::{BalanceRow, ClientRow, MapsReport, PayoutRow, StatusReport};
+use super::{
+    BalanceRow, ClientRow, MapsReport, PayoutRow, RebalanceAnswer, ReceiveAnswer, StatusReport,
+};
 
 pub const WIDTH: usize = 80;
 
@@ -393,6 +395,36 @@ pub fn maps(m: &MapsReport) -> String {
 }
 
 /// `tollgate wallet balance`
+/// `tollgate wallet receive`.
+pub fn received(r: &ReceiveAnswer) -> String {
+    if r.replayed {
+        format!("already received ({} {} from {})\n", r.net, r.unit, r.mint)
+    } else {
+        format!(
+            "received {} {} from {} (token {} − fee {})\n",
+            r.net,
+            r.unit,
+            r.mint,
+            r.gross,
+            r.gross - r.net
+        )
+    }
+}
+
+/// `tollgate wallet rebalance`.
+pub fn rebalanced(r: &RebalanceAnswer) -> String {
+    match r.state.as_str() {
+        "done" => format!(
+            "moved {} sat from {} to {} (fee {}); rebalance {}\n",
+            r.amount, r.source, r.target, r.fee, r.id
+        ),
+        other => format!(
+            "rebalance {} of {} sat from {} to {} is {other}; the daemon finishes it at its next start\n",
+            r.id, r.amount, r.source, r.target
+        ),
+    }
+}
+
 pub fn balances(rows: &[BalanceRow]) -> String {
     let mut o = String::new();
     line(

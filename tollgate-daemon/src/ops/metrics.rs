@@ -118,13 +118,11 @@ struct Page(String);
 
 impl Page {
     fn family(&mut self, name: &str, kind: &str, help: &str) {
-        use std::fmt::Write;
-        let _ = writeln!(self.0, "# HELP {name} {help}");
-        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+        self.0
+            .push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
     }
 
     fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
-        use std::fmt::Write;
         self.0.push_str(name);
         if !labels.is_empty() {
             self.0.push('{');
@@ -132,11 +130,11 @@ impl Page {
                 if i > 0 {
                     self.0.push(',');
                 }
-                let _ = write!(self.0, "{k}=\"{}\"", escape_label(v));
+                self.0.push_str(&format!("{k}=\"{}\"", escape_label(v)));
             }
             self.0.push('}');
         }
-        let _ = writeln!(self.0, " {value}");
+        self.0.push_str(&format!(" {value}\n"));
     }
 }
 

@@ -24,11 +24,9 @@ fn storage(e: rusqlite::Error) -> UpstreamError {
     }
 }
 
+/// The wall clock in ms, as the rows store it.
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    crate::sys::clock::unix_ms() as i64
 }
 
 /// One payment row.

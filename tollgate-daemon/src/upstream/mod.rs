@@ -223,7 +223,9 @@ impl Upstream {
 
     /// Compares the upstream's `/usage` with our own count on the WAN (once, before `run`).
     pub fn set_meter(&self, meter: Arc<dyn WanMeter>) {
-        let _ = self.meter.set(meter);
+        if self.meter.set(meter).is_err() {
+            tracing::warn!("the WAN meter was set already; keeping the first");
+        }
     }
 
     /// A snapshot of what the buyer is doing.
@@ -280,7 +282,10 @@ impl Upstream {
         match self.wallet.reclaim(op_id).await {
             Ok(n) => {
                 tracing::info!(op_id, amount = n, reason = why, "upstream token reclaimed");
-                let _ = self.db.set_state(op_id, "reclaimed", why);
+                logged(
+                    "recording the reclaim",
+                    self.db.set_state(op_id, "reclaimed", why),
+                );
                 if let Ok(r) = self.db.total("reclaimed") {
                     self.with_status(|s| s.reclaimed = r);
                 }
@@ -291,17 +296,21 @@ impl Upstream {
                     reason = why,
                     "the upstream swapped the token without a valid session answer"
                 );
-                let _ =
+                logged(
+                    "recording the token as taken",
                     self.db
-                        .set_state(op_id, "taken", &format!("{why}; swapped by the upstream"));
+                        .set_state(op_id, "taken", &format!("{why}; swapped by the upstream")),
+                );
                 return true;
             }
             Err(e) => {
                 // Stays pending: retried at the next start (and by the next purchase attempt).
                 tracing::error!(op_id, error = %e, "reclaiming the upstream token failed; will retry");
-                let _ = self
-                    .db
-                    .set_state(op_id, "pending", &format!("{why}; reclaim failed: {e}"));
+                logged(
+                    "recording the failed reclaim",
+                    self.db
+                        .set_state(op_id, "pending", &format!("{why}; reclaim failed: {e}")),
+                );
             }
         }
         false
@@ -332,7 +341,10 @@ impl Upstream {
         };
         loop {
             tokio::time::sleep(self.settings.hold_ttl / 3).await;
-            let _ = self.wallet.extend(&h, self.settings.hold_ttl);
+            logged(
+                "extending the renewal hold",
+                self.wallet.extend(&h, self.settings.hold_ttl),
+            );
         }
     }
 
@@ -340,7 +352,7 @@ impl Upstream {
     fn give_up_hold(&self, run: &mut Run, why: &str) {
         if let Some(h) = run.hold.take() {
             tracing::info!(amount = h.amount, mint = %h.mint, reason = why, "releasing the upstream renewal hold");
-            let _ = self.wallet.release(&h);
+            logged("releasing the renewal hold", self.wallet.release(&h));
             self.with_status(|s| s.held = 0);
         }
     }
@@ -404,7 +416,7 @@ impl Upstream {
             }
         }
         if let Some(h) = run.hold.take() {
-            let _ = self.wallet.release(&h);
+            logged("releasing the renewal hold", self.wallet.release(&h));
         }
     }
 
@@ -538,14 +550,17 @@ impl Upstream {
         });
         self.update_meter(run, gw, signed.ad.metric, usage.map(|u| u.0));
         if usage.is_some() {
-            let _ = self.db.put_session(&SessionRow {
-                pubkey: signed.pubkey.clone(),
-                gateway: gw.to_string(),
-                metric: signed.ad.metric.to_string(),
-                used,
-                allotment,
-                updated_ms: Db::now_ms(),
-            });
+            logged(
+                "recording the upstream session",
+                self.db.put_session(&SessionRow {
+                    pubkey: signed.pubkey.clone(),
+                    gateway: gw.to_string(),
+                    metric: signed.ad.metric.to_string(),
+                    used,
+                    allotment,
+                    updated_ms: Db::now_ms(),
+                }),
+            );
         }
         if usage.is_some() {
             // A live session: whatever we bought showed up.
@@ -791,7 +806,7 @@ impl Upstream {
         };
         if let Some(old) = hold.replace(held.clone()) {
             if old.id != held.id {
-                let _ = self.wallet.release(&old);
+                logged("releasing the replaced hold", self.wallet.release(&old));
             }
         }
         self.with_status(|s| s.held = held.amount);
@@ -829,7 +844,7 @@ impl Upstream {
             Some(h) if h.mint == choice.mint && h.amount >= choice.amount => h,
             other => {
                 if let Some(h) = other {
-                    let _ = self.wallet.release(&h);
+                    logged("releasing the renewal hold", self.wallet.release(&h));
                 }
                 self.with_status(|s| s.held = 0);
                 self.wallet
@@ -852,7 +867,7 @@ impl Upstream {
         {
             Ok(t) => t,
             Err(e) => {
-                let _ = self.wallet.release(&held);
+                logged("releasing the hold", self.wallet.release(&held));
                 return Err((format!("creating the token: {e}"), false));
             }
         };
@@ -886,7 +901,10 @@ impl Upstream {
             Ok(a) if a.status == 200 => {
                 match client::parse_session(&a.body, &signed.pubkey, signed.ad.metric) {
                     Ok(session) => {
-                        let _ = self.db.set_state(&token.op_id, "accepted", "");
+                        logged(
+                            "recording the accepted payment",
+                            self.db.set_state(&token.op_id, "accepted", ""),
+                        );
                         return Ok(session.allotment);
                     }
                     Err(e) => format!("invalid session answer: {e}"),
@@ -915,4 +933,13 @@ fn notice_text(body: &str) -> String {
         return format!("{code}: {}", v["content"].as_str().unwrap_or(""));
     }
     body.chars().take(200).collect()
+}
+
+/// Logs a bookkeeping step that failed where the caller has nothing better to do: the money
+/// is already where it belongs, and the row or hold is re-derived at the next start (a hold's
+/// TTL lets it lapse by itself).
+fn logged<T, E: std::fmt::Display>(what: &str, r: Result<T, E>) {
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "{what} failed");
+    }
 }

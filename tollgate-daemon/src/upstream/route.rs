@@ -10,50 +10,14 @@
 
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use tokio::io::unix::AsyncFd;
+
+use crate::sys::netlink::{if_index, RouteSocket};
 
 const NLMSG_HDRLEN: usize = 16;
 const RTMSG_LEN: usize = 12;
 const RT_TABLE_MAIN: u8 = 254;
-
-fn netlink_socket(groups: u32, nonblocking: bool) -> io::Result<OwnedFd> {
-    let mut ty = libc::SOCK_RAW | libc::SOCK_CLOEXEC;
-    if nonblocking {
-        ty |= libc::SOCK_NONBLOCK;
-    }
-    // SAFETY: plain socket(2); the fd is owned right away.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, ty, libc::NETLINK_ROUTE) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh, valid descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sockaddr_nl is plain old data; zeroed is its valid "any" value.
-    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    sa.nl_family = libc::AF_NETLINK as u16;
-    sa.nl_groups = groups;
-    // SAFETY: binding a valid netlink socket to a properly sized sockaddr_nl.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            &sa as *const libc::sockaddr_nl as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fd)
-}
-
-fn if_index(name: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: c is a valid NUL-terminated string.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (i != 0).then_some(i)
-}
 
 /// A default route found in a dump.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,7 +112,7 @@ pub fn default_gateway(wan: Option<&str>) -> io::Result<Option<Ipv4Addr>> {
         },
         None => None,
     };
-    let fd = netlink_socket(0, false)?;
+    let sock = RouteSocket::open(0, false)?;
     // nlmsghdr + rtgenmsg(family) padded to 4.
     let mut req = [0u8; NLMSG_HDRLEN + 4];
     let total = req.len() as u32;
@@ -158,19 +122,12 @@ pub fn default_gateway(wan: Option<&str>) -> io::Result<Option<Ipv4Addr>> {
     req[6..8].copy_from_slice(&flags.to_ne_bytes());
     req[8..12].copy_from_slice(&1u32.to_ne_bytes());
     req[NLMSG_HDRLEN] = libc::AF_INET as u8;
-    // SAFETY: sending a valid buffer on our socket (the kernel is the default destination).
-    if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    sock.send(&req)?;
     let mut routes = Vec::new();
     let mut buf = vec![0u8; 32 * 1024];
     for _ in 0..10_000 {
-        // SAFETY: receiving into a buffer we own, within its length.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if parse_routes(&buf[..n as usize], &mut routes)? {
+        let n = sock.recv(&mut buf)?;
+        if parse_routes(&buf[..n], &mut routes)? {
             break;
         }
     }
@@ -183,17 +140,14 @@ pub fn default_gateway(wan: Option<&str>) -> io::Result<Option<Ipv4Addr>> {
 
 /// Wakes when links, IPv4 addresses or IPv4 routes change.
 pub struct RouteWatch {
-    fd: AsyncFd<OwnedFd>,
+    fd: AsyncFd<RouteSocket>,
 }
 
 impl RouteWatch {
     pub fn new() -> io::Result<RouteWatch> {
         let groups =
             (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV4_ROUTE) as u32;
-        let sock = netlink_socket(groups, true)?;
-        // SAFETY: `sock` is an open, owned descriptor that stays open for as long as the
-        // AsyncFd holds it (it owns it and closes it on drop).
-        let fd = unsafe { AsyncFd::register(sock) }.map_err(|e| e.into_parts().1)?;
+        let fd = RouteSocket::open(groups, true)?.into_async()?;
         Ok(RouteWatch { fd })
     }
 
@@ -204,20 +158,13 @@ impl RouteWatch {
             let mut guard = self.fd.readable().await?;
             let mut got = false;
             loop {
-                // SAFETY: non-blocking receive into our buffer.
-                let n = unsafe {
-                    libc::recv(
-                        self.fd.get_ref().as_raw_fd(),
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                        0,
-                    )
+                let e = match self.fd.get_ref().recv(&mut buf) {
+                    Ok(_) => {
+                        got = true;
+                        continue;
+                    }
+                    Err(e) => e,
                 };
-                if n >= 0 {
-                    got = true;
-                    continue;
-                }
-                let e = io::Error::last_os_error();
                 match e.kind() {
                     io::ErrorKind::WouldBlock => break,
                     // ENOBUFS: messages were lost; the caller re-reads the table anyway.
@@ -300,7 +247,8 @@ mod tests {
         parse_routes(&buf, &mut out).unwrap();
         assert!(out.is_empty());
         for n in 0..buf.len() {
-            let _ = parse_routes(&buf[..n], &mut Vec::new());
+            // Truncated buffers: an error or nothing, never a panic.
+            parse_routes(&buf[..n], &mut Vec::new()).ok();
         }
     }
 

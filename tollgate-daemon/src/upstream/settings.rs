@@ -11,8 +11,8 @@ use std::{collections::BTreeSet, time::Duration};
 use serde_json::Value;
 
 use super::UpstreamError;
-use crate::config::parse_duration;
 use crate::protocol::Metric;
+use crate::units::parse_duration;
 
 /// Who we are willing to pay.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]

@@ -158,7 +158,7 @@ pub trait Gates: Send + Sync + 'static {
     fn gates(&self) -> Result<Vec<GateState>, ValveError>;
     /// `CLOCK_BOOTTIME` ns, the clock deadlines are expressed in.
     fn now_boot_ns(&self) -> u64 {
-        boot_time_ns()
+        crate::sys::clock::boot_ns()
     }
 }
 
@@ -212,13 +212,16 @@ impl Prefix {
     }
 }
 
+/// Where the pins go unless configured otherwise (`<base>/v<SCHEMA_VERSION>/`).
+pub const DEFAULT_PIN_BASE: &str = "/sys/fs/bpf/tollgate";
+
 /// What the valve needs to know to attach and configure the data plane.
 #[derive(Clone, Debug)]
 pub struct ValveConfig {
     /// LAN interface the clients are on.
     pub iface: String,
     pub mode: DataPlaneMode,
-    /// Pins go to `<pin_base>/v<SCHEMA_VERSION>/`; default `/sys/fs/bpf/tollgate`.
+    /// Pins go to `<pin_base>/v<SCHEMA_VERSION>/`; default [`DEFAULT_PIN_BASE`].
     pub pin_base: PathBuf,
     /// The gateway's own LAN addresses (answers from them are never billed; DNS/portal on them
     /// are reachable before paying).
@@ -252,7 +255,7 @@ impl ValveConfig {
         Self {
             iface: iface.into(),
             mode: DataPlaneMode::Tc,
-            pin_base: PathBuf::from("/sys/fs/bpf/tollgate"),
+            pin_base: PathBuf::from(DEFAULT_PIN_BASE),
             gateway_v4: None,
             gateway_v6: Vec::new(),
             tcp_ports: vec![2121],
@@ -493,17 +496,6 @@ fn rested() -> Instant {
     now.checked_sub(SLOT_QUARANTINE).unwrap_or(now)
 }
 
-/// CLOCK_MONOTONIC in ns (the clock of `ClientUsage::last_seen_ns`).
-fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// The data plane of one LAN interface.
 pub struct Valve {
     ebpf: Mutex<Ebpf>,
@@ -525,31 +517,11 @@ fn ensure_bpffs(base: &Path) -> Result<(), ValveError> {
     if !base.starts_with(root) {
         return Ok(());
     }
-    let c = std::ffi::CString::new("/sys/fs/bpf").unwrap();
-    // SAFETY: statfs on a valid C string into a zeroed struct.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    if rc == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+    if crate::sys::fs_magic(root).is_ok_and(|m| m == BPF_FS_MAGIC) {
         return Ok(());
     }
     std::fs::create_dir_all(root).map_err(|e| ValveError::Other(format!("mkdir {root:?}: {e}")))?;
-    let fstype = std::ffi::CString::new("bpf").unwrap();
-    // SAFETY: valid C strings; mounting bpffs has no other preconditions.
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            c.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(ValveError::Other(format!(
-            "mount -t bpf bpf /sys/fs/bpf: {}",
-            io::Error::last_os_error()
-        )));
-    }
+    crate::sys::mount("bpf", root).map_err(|e| ValveError::Other(format!("{e}: {}", e.source)))?;
     tracing::info!("mounted bpffs on /sys/fs/bpf");
     Ok(())
 }
@@ -1295,7 +1267,11 @@ impl Valve {
         match m.slots.seen.get(key) {
             Some(&(s, at)) if s == sum => at,
             _ => {
-                let at = if sum == 0 { 0 } else { mono_ns() };
+                let at = if sum == 0 {
+                    0
+                } else {
+                    crate::sys::clock::monotonic_ns()
+                };
                 m.slots.seen.insert(*key, (sum, at));
                 at
             }
@@ -1893,7 +1869,7 @@ impl Gates for Valve {
         p.limit_up = raise(p.limit_up, u.bytes_up);
         p.limit_down = raise(p.limit_down, u.bytes_down);
         if add_ns > 0 {
-            let now = boot_time_ns();
+            let now = crate::sys::clock::boot_ns();
             let base = if p.expires_at_ns == 0 {
                 now
             } else {

@@ -222,19 +222,6 @@ pub struct ConfigView {
     pub dns_budget: Option<DnsBudget>,
 }
 
-/// `CLOCK_BOOTTIME` in nanoseconds: the clock `bpf_ktime_get_boot_ns()` reads, so deadlines
-/// survive suspend and mean the same thing in the kernel and here.
-pub fn boot_time_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec; CLOCK_BOOTTIME is always available on Linux.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_BOOTTIME)");
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,13 +242,6 @@ mod tests {
         ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad:?} must be rejected");
         }
-    }
-
-    #[test]
-    fn boot_clock_moves_forward() {
-        let a = boot_time_ns();
-        let b = boot_time_ns();
-        assert!(a > 0 && b >= a);
     }
 }
 
