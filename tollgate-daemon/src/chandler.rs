@@ -35,7 +35,7 @@ use tokio::sync::{mpsc, watch};
 use crate::{
     config::ChandlerConfig,
     protocol::Metric,
-    store::{AppliedGrant, LogEntry, SessionRow, Store, StoreError},
+    store::{Action, AppliedGrant, LogEntry, SessionRow, Store, StoreError},
     valve::{
         Allowance, ExhaustReason, Exhaustion, GateState, Gates, MacAddr, ValveError, MAX_BOUND_V6,
     },
@@ -80,7 +80,7 @@ pub struct SessionView {
     pub remaining: u64,
     pub start_unix: u64,
     pub end_unix_ms: Option<u64>,
-    pub close_reason: Option<String>,
+    pub close_reason: Option<Action>,
 }
 
 /// What `reconcile()` changed.
@@ -195,7 +195,7 @@ impl Chandler {
             remaining: row.allotment - used,
             start_unix: row.started_unix,
             end_unix_ms: row.end_unix_ms,
-            close_reason: row.close_reason.clone(),
+            close_reason: row.close_reason,
         }
     }
 
@@ -206,7 +206,7 @@ impl Chandler {
         mac: MacAddr,
         amount: u64,
         grant: Option<GrantCommit<'_>>,
-        action: &str,
+        action: Action,
     ) -> Result<SessionView, ChandlerError> {
         let _g = self.guard();
         let now_boot = self.gates.now_boot_ns();
@@ -334,7 +334,7 @@ impl Chandler {
             applied,
             &LogEntry {
                 mac,
-                action: action.to_string(),
+                action,
                 amount,
                 detail,
             },
@@ -349,12 +349,16 @@ impl Chandler {
             mac,
             amount,
             None,
-            if active { "admin-extend" } else { "admin-open" },
+            if active {
+                Action::AdminExtend
+            } else {
+                Action::AdminOpen
+            },
         )
     }
 
     /// Closes the gate and the session (recorded with `action`, e.g. `admin-close`).
-    pub fn close(&self, mac: MacAddr, action: &str) -> Result<(), ChandlerError> {
+    pub fn close(&self, mac: MacAddr, action: Action) -> Result<(), ChandlerError> {
         let _g = self.guard();
         let row = self.store.session(mac)?.filter(|r| r.active);
         self.gates.close(mac)?;
@@ -369,20 +373,20 @@ impl Chandler {
 
     /// Every session end goes through here, so every end is logged with its reason
     /// (`quota`, `expiry`, `admin-close`, …).
-    fn close_row(&self, mut row: SessionRow, reason: &str) -> Result<(), ChandlerError> {
+    fn close_row(&self, mut row: SessionRow, reason: Action) -> Result<(), ChandlerError> {
         tracing::info!(
             mac = %row.mac,
-            reason,
+            reason = reason.as_str(),
             used = row.used_snapshot,
             allotment = row.allotment,
             metric = row.metric.as_str(),
             "session closed"
         );
         row.active = false;
-        row.close_reason = Some(reason.to_string());
+        row.close_reason = Some(reason);
         let log = LogEntry {
             mac: row.mac,
-            action: reason.to_string(),
+            action: reason,
             amount: row.used_snapshot,
             detail: String::new(),
         };
@@ -402,8 +406,8 @@ impl Chandler {
             return Ok(());
         }
         let reason = match ex.reason {
-            ExhaustReason::Expired => "expiry",
-            _ => "quota",
+            ExhaustReason::Expired => Action::Expiry,
+            _ => Action::Quota,
         };
         let gate = GateState {
             mac: ex.mac,
@@ -416,7 +420,7 @@ impl Chandler {
             rates: Default::default(),
         };
         row.used_snapshot = match row.metric {
-            Metric::Bytes if reason == "quota" => row.allotment,
+            Metric::Bytes if reason == Action::Quota => row.allotment,
             _ => self.used(&row, Some(&gate), ex.at_boot_ns),
         };
         // The kernel already drops what does not fit; closing makes the gate say so too (a
@@ -482,9 +486,9 @@ impl Chandler {
         self.store.snapshot_usages(&usages)?;
         for row in ended {
             let reason = if row.metric == Metric::Bytes {
-                "quota"
+                Action::Quota
             } else {
-                "expiry"
+                Action::Expiry
             };
             self.gates.close(row.mac)?;
             self.close_row(row, reason)?;
@@ -533,20 +537,17 @@ impl Chandler {
                     if remaining == 0 {
                         self.gates.close(mac)?;
                         report.expired.push(mac);
-                        self.close_row(row, "quota")?;
+                        self.close_row(row, Action::Quota)?;
                         continue;
                     }
                     if gate.is_none_or(|g| !g.open || g.remaining_bytes != Some(remaining)) {
-                        let bound = self.stored_binding(mac)?;
-                        let st = self.gates.open(
+                        let st = self.reopen_bound(
                             mac,
                             Allowance {
                                 bytes: Some(remaining),
-                                bind_ipv4: first_v4(&bound),
                                 ..Allowance::default()
                             },
                         )?;
-                        self.restore_v6_binding(mac, &bound)?;
                         row.used_before = used;
                         row.baseline = st.usage.bytes();
                         row.generation = st.generation;
@@ -559,20 +560,17 @@ impl Chandler {
                     if end <= now {
                         self.gates.close(mac)?;
                         report.expired.push(mac);
-                        self.close_row(row, "expiry")?;
+                        self.close_row(row, Action::Expiry)?;
                         continue;
                     }
                     if gate.is_none_or(|g| !g.open || g.until_boot_ns != Some(end)) {
-                        let bound = self.stored_binding(mac)?;
-                        let st = self.gates.open(
+                        let st = self.reopen_bound(
                             mac,
                             Allowance {
                                 until_boot_ns: Some(end),
-                                bind_ipv4: first_v4(&bound),
                                 ..Allowance::default()
                             },
                         )?;
-                        self.restore_v6_binding(mac, &bound)?;
                         row.generation = st.generation;
                         report.reopened.push(mac);
                     }
@@ -582,7 +580,7 @@ impl Chandler {
             }
             let log = LogEntry {
                 mac,
-                action: "reconcile".into(),
+                action: Action::Reconcile,
                 amount: row.allotment - row.used_snapshot.min(row.allotment),
                 detail: String::new(),
             };
@@ -631,6 +629,21 @@ impl Chandler {
             return Ok(Vec::new());
         }
         Ok(self.store.binding(mac)?)
+    }
+
+    /// Start-up reconciliation's open of a stored session: `allowance` plus the binding stored
+    /// with it.
+    fn reopen_bound(&self, mac: MacAddr, allowance: Allowance) -> Result<GateState, ChandlerError> {
+        let bound = self.stored_binding(mac)?;
+        let st = self.gates.open(
+            mac,
+            Allowance {
+                bind_ipv4: first_v4(&bound),
+                ..allowance
+            },
+        )?;
+        self.restore_v6_binding(mac, &bound)?;
+        Ok(st)
     }
 
     /// After an open (which replaces the policy and binds IPv4 only, from the allowance):
@@ -1000,13 +1013,13 @@ mod tests {
     #[test]
     fn bytes_topup_keeps_usage() {
         let (gates, _store, c) = chandler(Metric::Bytes);
-        let v = c.add(mac(), 1000, None, "grant").expect("open");
+        let v = c.add(mac(), 1000, None, Action::Grant).expect("open");
         assert_eq!((v.allotment, v.used, v.remaining), (1000, 0, 1000));
         gates.traffic(mac(), 400);
         let v = c.usage(mac()).expect("usage").expect("session");
         assert_eq!((v.used, v.remaining), (400, 600));
         // Top-up while open: extend, no interruption, used stays used.
-        let v = c.add(mac(), 500, None, "grant").expect("extend");
+        let v = c.add(mac(), 500, None, Action::Grant).expect("extend");
         assert_eq!((v.allotment, v.used, v.remaining), (1500, 400, 1100));
         assert_eq!(gates.lock().extends, 1);
         assert_eq!(gates.lock().gates[&mac()].remaining_bytes, Some(1100));
@@ -1015,7 +1028,7 @@ mod tests {
     #[test]
     fn bytes_exhaustion_then_new_session() {
         let (gates, _store, c) = chandler(Metric::Bytes);
-        c.add(mac(), 100, None, "grant").expect("open");
+        c.add(mac(), 100, None, Action::Grant).expect("open");
         gates.traffic(mac(), 100);
         let g = gates.lock().gates[&mac()];
         c.on_exhaustion(Exhaustion {
@@ -1028,8 +1041,8 @@ mod tests {
         .expect("exhaustion");
         let v = c.usage(mac()).expect("usage").expect("row");
         assert!(!v.active);
-        assert_eq!(v.close_reason.as_deref(), Some("quota"));
-        let v = c.add(mac(), 300, None, "grant").expect("new session");
+        assert_eq!(v.close_reason, Some(Action::Quota));
+        let v = c.add(mac(), 300, None, Action::Grant).expect("new session");
         assert_eq!((v.allotment, v.used, v.remaining), (300, 0, 300));
         assert_eq!(gates.lock().gates[&mac()].remaining_bytes, Some(300));
     }
@@ -1037,9 +1050,9 @@ mod tests {
     #[test]
     fn stale_exhaustion_is_ignored() {
         let (gates, _store, c) = chandler(Metric::Bytes);
-        c.add(mac(), 100, None, "grant").expect("open");
+        c.add(mac(), 100, None, Action::Grant).expect("open");
         let g1 = gates.lock().gates[&mac()].generation;
-        c.add(mac(), 100, None, "grant").expect("extend");
+        c.add(mac(), 100, None, Action::Grant).expect("extend");
         c.on_exhaustion(Exhaustion {
             mac: mac(),
             reason: ExhaustReason::Quota,
@@ -1055,7 +1068,7 @@ mod tests {
     fn time_topup_adds_to_remaining() {
         let (gates, _store, c) = chandler(Metric::Milliseconds);
         let start = gates.now_boot_ns();
-        c.add(mac(), 60_000, None, "grant").expect("open");
+        c.add(mac(), 60_000, None, Action::Grant).expect("open");
         assert_eq!(
             gates.lock().gates[&mac()].until_boot_ns,
             Some(start + 60_000 * NS_PER_MS)
@@ -1063,7 +1076,7 @@ mod tests {
         gates.advance_ms(20_000);
         let v = c.usage(mac()).expect("usage").expect("row");
         assert_eq!((v.used, v.remaining), (20_000, 40_000));
-        let v = c.add(mac(), 30_000, None, "grant").expect("extend");
+        let v = c.add(mac(), 30_000, None, Action::Grant).expect("extend");
         assert_eq!((v.allotment, v.used, v.remaining), (90_000, 20_000, 70_000));
         assert_eq!(
             gates.lock().gates[&mac()].until_boot_ns,
@@ -1083,7 +1096,7 @@ mod tests {
         };
         for metric in [Metric::Bytes, Metric::Milliseconds] {
             let (gates, store, c) = chandler(metric);
-            c.add(mac(), 100_000, None, "grant").expect("open");
+            c.add(mac(), 100_000, None, Action::Grant).expect("open");
             let bound = c
                 .bind(
                     mac(),
@@ -1131,7 +1144,7 @@ mod tests {
             assert_eq!(r.reopened, vec![mac()], "{metric:?}");
             check("the reopened gate is bound again");
             // A top-up that replaces the policy (time sessions always do) keeps the binding.
-            c.add(mac(), 1_000, None, "grant").expect("top-up");
+            c.add(mac(), 1_000, None, Action::Grant).expect("top-up");
             check("a top-up keeps the binding");
 
             c.bind(mac(), &[ip("fd00::9")]).expect("bind v6 only");
@@ -1157,7 +1170,7 @@ mod tests {
             gates.clone(),
             store.clone(),
         );
-        c.add(mac(), 100_000, None, "grant").expect("open");
+        c.add(mac(), 100_000, None, Action::Grant).expect("open");
         gates.lock().gates.remove(&mac());
         c.reconcile().expect("reconcile");
         assert_eq!(gates.lock().gates[&mac()].bound_ipv4, None, "binding off");
@@ -1168,7 +1181,7 @@ mod tests {
     fn reconcile_no_free_access_no_lost_allotment() {
         let (gates, store, c) = chandler(Metric::Bytes);
         let stranger: MacAddr = "02:00:00:00:00:99".parse().expect("mac");
-        c.add(mac(), 1000, None, "grant").expect("open");
+        c.add(mac(), 1000, None, Action::Grant).expect("open");
         gates.traffic(mac(), 300);
         c.snapshot_all().expect("snapshot");
         // Kernel open for a MAC without a session: free access, must close.
@@ -1198,11 +1211,14 @@ mod tests {
         assert_eq!(r.reopened, vec![mac()]);
         assert_eq!(gates.lock().gates[&mac()].remaining_bytes, Some(700));
         // DB says closed but the kernel is open: close.
-        c.close(mac(), "admin-close").expect("close");
+        c.close(mac(), Action::AdminClose).expect("close");
         gates.lock().gates.get_mut(&mac()).expect("gate").open = true;
         c.reconcile().expect("close stray");
         assert!(!gates.lock().gates[&mac()].open);
-        assert_eq!(store.log(mac(), 1).expect("log")[0].action, "admin-close");
+        assert_eq!(
+            store.log(mac(), 1).expect("log")[0].action,
+            Action::AdminClose
+        );
     }
 
     /// Rewrites the stored row as a previous boot left it (boot id, deadlines as written then).
@@ -1215,7 +1231,7 @@ mod tests {
         }
         let log = LogEntry {
             mac: mac(),
-            action: "test".into(),
+            action: Action::Reconcile,
             amount: 0,
             detail: String::new(),
         };
@@ -1232,7 +1248,7 @@ mod tests {
     #[test]
     fn time_session_survives_reboot() {
         let (gates, store, c) = chandler(Metric::Milliseconds);
-        c.add(mac(), 60_000, None, "grant").expect("open");
+        c.add(mac(), 60_000, None, Action::Grant).expect("open");
         gates.advance_ms(20_000);
         c.snapshot_all().expect("snapshot");
         reboot(&gates);
@@ -1255,7 +1271,7 @@ mod tests {
                 None,
                 &LogEntry {
                     mac: mac(),
-                    action: "test".into(),
+                    action: Action::Reconcile,
                     amount: 0,
                     detail: String::new(),
                 },
@@ -1282,7 +1298,7 @@ mod tests {
             ("clock ahead at start", 1),
         ] {
             let (gates, store, c) = chandler(Metric::Milliseconds);
-            c.add(mac(), 60_000, None, "grant").expect("open");
+            c.add(mac(), 60_000, None, Action::Grant).expect("open");
             gates.advance_ms(20_000);
             c.snapshot_all().expect("snapshot");
             reboot(&gates);
@@ -1302,17 +1318,17 @@ mod tests {
     fn a_grant_retried_after_a_failed_commit_is_credited_once() {
         for metric in [Metric::Milliseconds, Metric::Bytes] {
             let (gates, store, c) = chandler(metric);
-            c.add(mac(), 60_000, None, "grant").expect("open");
+            c.add(mac(), 60_000, None, Action::Grant).expect("open");
             gates.traffic(mac(), 10_000);
             gates.advance_ms(10_000);
             store.execute_batch_for_test(
                 "CREATE TRIGGER fail_commit BEFORE UPDATE ON sessions
                  BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
             );
-            c.add(mac(), 30_000, None, "grant")
+            c.add(mac(), 30_000, None, Action::Grant)
                 .expect_err("the commit fails");
             store.execute_batch_for_test("DROP TRIGGER fail_commit;");
-            let v = c.add(mac(), 30_000, None, "grant").expect("retried");
+            let v = c.add(mac(), 30_000, None, Action::Grant).expect("retried");
             assert_eq!(v.allotment, 90_000, "{metric:?}");
             let g = gates.lock().gates[&mac()];
             let row = store.session(mac()).expect("get").expect("row");
@@ -1377,7 +1393,7 @@ mod tests {
             // Open sessions at the rate that reaches 10 000 in 24 h; close the oldest
             // beyond LIVE (half by quota, half by the operator).
             while opened < (tick + 1) * SESSIONS / TICKS {
-                c.add(mac_of(opened), 1_000_000, None, "grant")
+                c.add(mac_of(opened), 1_000_000, None, Action::Grant)
                     .expect("open");
                 opened += 1;
             }
@@ -1387,7 +1403,7 @@ mod tests {
                     // Used up: this tick's snapshot closes it (quota).
                     gates.traffic(m, 1_000_000);
                 } else {
-                    c.close(m, "admin-close").expect("close");
+                    c.close(m, Action::AdminClose).expect("close");
                 }
                 closed += 1;
             }
@@ -1435,13 +1451,13 @@ mod tests {
         let (_gates, store, c) = chandler(Metric::Bytes);
         c.admin_add(mac(), 10).expect("open");
         c.admin_add(mac(), 10).expect("extend");
-        let actions: Vec<String> = store
+        let actions: Vec<Action> = store
             .log(mac(), 10)
             .expect("log")
             .into_iter()
             .map(|l| l.action)
             .collect();
-        assert_eq!(actions, vec!["admin-extend", "admin-open"]);
+        assert_eq!(actions, vec![Action::AdminExtend, Action::AdminOpen]);
         assert_eq!(c.clients().expect("clients").len(), 1);
     }
 }

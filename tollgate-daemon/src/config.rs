@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::protocol::Metric;
 use crate::units::{Dur, Seconds};
+use crate::valve::{DataPlaneMode, Prefix};
 
 pub const CONFIG_FILE: &str = "config.json";
 /// Where the operator commands look for config.json unless told otherwise.
@@ -420,19 +421,13 @@ pub struct ChandlerConfig {
     pub bind_payer: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DataplaneMode {
-    Tc,
-    Xdp,
-}
-
 #[derive(Clone, Debug)]
 pub struct DataplaneConfig {
-    pub mode: DataplaneMode,
+    pub mode: DataPlaneMode,
     pub lan_interface: Option<String>,
     pub wan_interface: Option<String>,
-    /// Walled garden: destinations reachable without paying, as (network, prefix length).
-    pub garden_allow: Vec<(std::net::IpAddr, u8)>,
+    /// Walled garden: destinations reachable without paying.
+    pub garden_allow: Vec<Prefix>,
     pub portal_port: u16,
     /// Mark unpaid TCP/80 with this and redirect it to `portal_port` (None: redirect off).
     pub portal_mark: Option<u32>,
@@ -804,8 +799,8 @@ impl Config {
         )?;
         let dp = raw.dataplane.as_ref();
         let mode = match dp.and_then(|d| d.mode.as_deref()) {
-            None | Some("tc") => DataplaneMode::Tc,
-            Some("xdp") => DataplaneMode::Xdp,
+            None | Some("tc") => DataPlaneMode::Tc,
+            Some("xdp") => DataPlaneMode::Xdp,
             Some(other) => {
                 return Err(c.err(
                     "dataplane.mode",
@@ -821,25 +816,25 @@ impl Config {
             .iter()
             .enumerate()
         {
-            garden_allow.push(parse_cidr(cidr).map_err(|p| {
+            garden_allow.push(cidr.parse::<Prefix>().map_err(|p| {
                 c.err(
                     format!("dataplane.garden_allow[{n}]"),
-                    p,
+                    p.to_string(),
                     "use a CIDR like 192.0.2.0/24",
                 )
             })?);
         }
         let portal_port = dp.and_then(|d| d.portal_port).unwrap_or(listen.port());
         let portal_mark = match (mode, dp.and_then(|d| d.portal_redirect)) {
-            (DataplaneMode::Xdp, Some(true)) => {
+            (DataPlaneMode::Xdp, Some(true)) => {
                 return Err(c.err(
                     "dataplane.portal_redirect",
                     "the captive-portal redirect needs packet marks, which XDP cannot set",
                     "use dataplane.mode \"tc\" or set portal_redirect to false",
                 ))
             }
-            (DataplaneMode::Xdp, None) | (_, Some(false)) => None,
-            (DataplaneMode::Tc, _) => {
+            (DataPlaneMode::Xdp, None) | (_, Some(false)) => None,
+            (DataPlaneMode::Tc, _) => {
                 let m = dp
                     .and_then(|d| d.portal_mark)
                     .unwrap_or(DEFAULT_PORTAL_MARK);
@@ -1087,25 +1082,6 @@ fn parse_addr(
     })
 }
 
-fn parse_cidr(s: &str) -> Result<(std::net::IpAddr, u8), String> {
-    let (ip, len) = s.split_once('/').unwrap_or((s, ""));
-    let ip: std::net::IpAddr = ip
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?}: bad address"))?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    let len = if len.is_empty() {
-        max
-    } else {
-        len.parse()
-            .map_err(|_| format!("{s:?}: bad prefix length"))?
-    };
-    if len > max {
-        return Err(format!("{s:?}: prefix length above {max}"));
-    }
-    Ok((ip, len))
-}
-
 impl Config {
     /// The wallet's section: accepted mints and the profit share.
     pub fn wallet_settings(&self) -> crate::wallet::WalletSettings {
@@ -1186,7 +1162,7 @@ mod tests {
             c.store.db_path(),
             PathBuf::from("/var/lib/tollgate/tollgate.sqlite")
         );
-        assert_eq!(c.dataplane.mode, DataplaneMode::Tc);
+        assert_eq!(c.dataplane.mode, DataPlaneMode::Tc);
         assert!(c.upstream.raw.is_some());
     }
 
@@ -1248,7 +1224,7 @@ mod tests {
             v["device_leases_file"] = "/tmp/dhcp.leases".into();
         });
         let c = load(&text, IDS).expect("config");
-        assert_eq!(c.dataplane.mode, DataplaneMode::Xdp);
+        assert_eq!(c.dataplane.mode, DataPlaneMode::Xdp);
         assert_eq!(c.dataplane.garden_allow.len(), 2);
         assert_eq!(c.http.portal_port, 80);
         assert_eq!(c.dataplane.portal_mark, None, "xdp: no redirect by default");

@@ -63,8 +63,14 @@ pub enum ControlError {
     /// The daemon answered with an error status; `message` is its explanation.
     #[error("{message}")]
     Status { status: u16, message: String },
-    #[error("unexpected answer from the daemon: {message}")]
-    BadResponse { message: String },
+    /// The exchange over the socket failed, or its answer is not what was expected (`what`
+    /// says at which step).
+    #[error("unexpected answer from the daemon ({what})")]
+    BadResponse {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl ControlError {
@@ -162,7 +168,14 @@ impl ControlClient {
             }
             Err(e) => return Err(io_err(e)),
         };
-        let bad = |message: String| ControlError::BadResponse { message };
+        fn bad<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
+            what: &'static str,
+        ) -> impl FnOnce(E) -> ControlError {
+            move |e| ControlError::BadResponse {
+                what,
+                source: e.into(),
+            }
+        }
         let mut req = Request::builder()
             .method(method)
             .uri(target)
@@ -174,17 +187,16 @@ impl ControlClient {
             }
             None => Bytes::new(),
         };
-        let req = req.body(Full::new(body)).map_err(|e| bad(e.to_string()))?;
+        let req = req
+            .body(Full::new(body))
+            .map_err(bad("building the request"))?;
         let exchange = async {
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
                 .await
-                .map_err(|e| bad(e.to_string()))?;
+                .map_err(bad("handshake"))?;
             // Drives the connection; aborted with this exchange (a timeout drops it).
             let _conn = AbortOnDropHandle::new(tokio::spawn(conn));
-            let answer = sender
-                .send_request(req)
-                .await
-                .map_err(|e| bad(e.to_string()))?;
+            let answer = sender.send_request(req).await.map_err(bad("request"))?;
             let status = answer.status().as_u16();
             let content_type = answer
                 .headers()
@@ -194,7 +206,7 @@ impl ControlClient {
             let body = Limited::new(answer.into_body(), MAX_RESPONSE)
                 .collect()
                 .await
-                .map_err(|e| bad(e.to_string()))?
+                .map_err(bad("reading the answer"))?
                 .to_bytes()
                 .to_vec();
             Ok::<_, ControlError>(Answer {
@@ -224,8 +236,9 @@ impl ControlClient {
         target: &str,
         body: &B,
     ) -> Result<T, ControlError> {
-        let b = serde_json::to_vec(body).map_err(|e| ControlError::BadResponse {
-            message: e.to_string(),
+        let b = serde_json::to_vec(body).map_err(|source| ControlError::BadResponse {
+            what: "encoding the request",
+            source: source.into(),
         })?;
         decode(
             self.request("POST", target, Some(("application/json", &b)))
@@ -258,8 +271,9 @@ fn decode<T: DeserializeOwned>(a: Answer) -> Result<T, ControlError> {
     } else {
         &a.body
     };
-    serde_json::from_slice(body).map_err(|e| ControlError::BadResponse {
-        message: format!("{e}"),
+    serde_json::from_slice(body).map_err(|source| ControlError::BadResponse {
+        what: "decoding the JSON",
+        source: source.into(),
     })
 }
 

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     chandler::Chandler,
-    config::{Config, DataplaneMode, Overrides},
+    config::{Config, Overrides},
     http::{self, AppState},
     merchant::{Merchant, Redeemer},
     neighbour::KernelNeighbours,
@@ -32,7 +32,7 @@ use crate::{
     store::Store,
     supervisor::{Policy, Supervisor},
     upstream::Upstream,
-    valve::{DataPlaneMode, Gates, Prefix, Valve, ValveConfig},
+    valve::{Gates, Valve, ValveConfig},
     wallet::Wallet,
 };
 
@@ -62,10 +62,7 @@ pub fn valve_config(cfg: &Config, pin_base: Option<&PathBuf>) -> Result<ValveCon
     if let Some(p) = pin_base {
         v.pin_base = p.clone();
     }
-    v.mode = match cfg.dataplane.mode {
-        DataplaneMode::Tc => DataPlaneMode::Tc,
-        DataplaneMode::Xdp => DataPlaneMode::Xdp,
-    };
+    v.mode = cfg.dataplane.mode;
     v.gateway_v4 = v4.or(match cfg.http.listen.ip() {
         IpAddr::V4(a) if !a.is_unspecified() => Some(a),
         _ => None,
@@ -81,15 +78,7 @@ pub fn valve_config(cfg: &Config, pin_base: Option<&PathBuf>) -> Result<ValveCon
     v.max_clients = Some(cfg.dataplane.max_clients);
     v.dns_budget = Some(cfg.dataplane.dns_budget);
     v.default_rates = cfg.shaping.rates();
-    v.garden = cfg
-        .dataplane
-        .garden_allow
-        .iter()
-        .map(|(addr, len)| Prefix {
-            addr: *addr,
-            len: *len,
-        })
-        .collect();
+    v.garden = cfg.dataplane.garden_allow.clone();
     Ok(v)
 }
 

@@ -1040,7 +1040,7 @@ async fn admin_close(
 ) -> Result<Response, ApiError> {
     let mac = parse_mac_param(&st, &mac)?;
     st.chandler
-        .close(mac, "admin-close")
+        .close(mac, crate::store::Action::AdminClose)
         .map_err(|e| chandler_err(&st, e))?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -37,7 +37,7 @@ use crate::{
     protocol::{
         self, Advertisement, Notice, NoticeCode, Payment, PriceOption, ProtocolError, Session,
     },
-    store::{Grant, GrantStatus, Store, StoreError},
+    store::{Action, Grant, GrantStatus, Store, StoreError},
     valve::MacAddr,
     wallet::{Wallet, WalletError},
 };
@@ -611,7 +611,7 @@ impl Merchant {
                     steps,
                     answer: &answer,
                 }),
-                "grant",
+                Action::Grant,
             )
             .map_err(|source| MerchantError::Apply { source })?;
         let stored = self

@@ -55,8 +55,11 @@ pub enum ProtocolError {
     BadSignature,
     #[error("event is addressed to another gateway ({to})")]
     NotForUs { to: String },
-    #[error("signing event: {message}")]
-    Sign { message: String },
+    #[error("signing event: {source}")]
+    Sign {
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// What the gateway sells.
@@ -468,19 +471,13 @@ fn sign(
 ) -> Result<Event, ProtocolError> {
     let tags = tags
         .into_iter()
-        .map(|t| {
-            Tag::parse(t).map_err(|e| ProtocolError::Sign {
-                message: e.to_string(),
-            })
-        })
+        .map(|t| Tag::parse(t).map_err(|e| ProtocolError::Sign { source: e.into() }))
         .collect::<Result<Vec<_>, _>>()?;
     EventBuilder::new(Kind::from_u16(kind), content)
         .tags(tags)
         .custom_created_at(Timestamp::from(created_at))
         .sign_with_keys(keys)
-        .map_err(|e| ProtocolError::Sign {
-            message: e.to_string(),
-        })
+        .map_err(|e| ProtocolError::Sign { source: e.into() })
 }
 
 fn verified(event: &Event, kind: u16) -> Result<(), ProtocolError> {

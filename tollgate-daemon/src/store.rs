@@ -134,15 +134,77 @@ pub struct SessionRow {
     pub boot_id: String,
     pub started_unix: u64,
     pub active: bool,
-    pub close_reason: Option<String>,
+    pub close_reason: Option<Action>,
+}
+
+/// What a session-history line records; stored (and shown) as its name. A session's close
+/// reason is one of the closing actions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// A paid grant opened or extended the session.
+    Grant,
+    AdminOpen,
+    AdminExtend,
+    AdminClose,
+    /// Closed: the byte allotment is used up.
+    Quota,
+    /// Closed: the time allotment ran out.
+    Expiry,
+    /// Start-up reconciliation with the kernel.
+    Reconcile,
+}
+
+impl Action {
+    const ALL: [Action; 7] = [
+        Action::Grant,
+        Action::AdminOpen,
+        Action::AdminExtend,
+        Action::AdminClose,
+        Action::Quota,
+        Action::Expiry,
+        Action::Reconcile,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Grant => "grant",
+            Action::AdminOpen => "admin-open",
+            Action::AdminExtend => "admin-extend",
+            Action::AdminClose => "admin-close",
+            Action::Quota => "quota",
+            Action::Expiry => "expiry",
+            Action::Reconcile => "reconcile",
+        }
+    }
+}
+
+impl std::str::FromStr for Action {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Action::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| format!("unknown session action {s:?}"))
+    }
+}
+
+impl serde::Serialize for Action {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A line of the session history.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LogEntry {
     pub mac: MacAddr,
-    /// `grant`, `admin-open`, `admin-extend`, `admin-close`, `exhausted`, `reconcile-…`.
-    pub action: String,
+    pub action: Action,
     pub amount: u64,
     pub detail: String,
 }
@@ -478,7 +540,7 @@ impl Store {
                 s.boot_id,
                 i(s.started_unix),
                 s.active,
-                s.close_reason,
+                s.close_reason.map(Action::as_str),
                 now,
             ],
         )?;
@@ -491,7 +553,7 @@ impl Store {
         }
         tx.execute(
             "INSERT INTO session_log (at_unix, mac, action, amount, detail) VALUES (?1,?2,?3,?4,?5)",
-            params![now, log.mac.to_string(), log.action, i(log.amount), log.detail],
+            params![now, log.mac.to_string(), log.action.as_str(), i(log.amount), log.detail],
         )?;
         tx.commit()?;
         Ok(())
@@ -647,7 +709,7 @@ impl Store {
         let rows = st.query_map(params![mac.to_string(), limit], |r| {
             Ok((
                 r.get::<_, String>(0)?,
-                r.get(1)?,
+                r.get::<_, String>(1)?,
                 r.get::<_, i64>(2)?,
                 r.get(3)?,
             ))
@@ -656,7 +718,7 @@ impl Store {
             let (m, action, amount, detail) = r?;
             Ok(LogEntry {
                 mac: parse_mac("session_log", &m)?,
-                action,
+                action: parse_action("session_log", &action)?,
                 amount: u(amount),
                 detail,
             })
@@ -680,6 +742,11 @@ fn parse_mac(table: &'static str, s: &str) -> Result<MacAddr, StoreError> {
             table,
             message: e.to_string(),
         })
+}
+
+fn parse_action(table: &'static str, s: &str) -> Result<Action, StoreError> {
+    s.parse()
+        .map_err(|message| StoreError::Corrupt { table, message })
 }
 
 fn parse_metric(table: &'static str, s: &str) -> Result<Metric, StoreError> {
@@ -733,7 +800,10 @@ fn session_from_row(r: &Row<'_>) -> rusqlite::Result<Result<SessionRow, StoreErr
             boot_id: r.get("boot_id")?,
             started_unix: u(r.get("started_unix")?),
             active: r.get("active")?,
-            close_reason: r.get("close_reason")?,
+            close_reason: r
+                .get::<_, Option<String>>("close_reason")?
+                .map(|a| parse_action("sessions", &a))
+                .transpose()?,
         })
     })();
     Ok(s)
@@ -854,6 +924,16 @@ fn ln_quote_from_row(r: &Row<'_>) -> rusqlite::Result<Result<LnQuote, StoreError
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn actions_round_trip_by_name_and_unknown_names_are_refused() {
+        for a in Action::ALL {
+            assert_eq!(a.as_str().parse::<Action>(), Ok(a));
+            assert_eq!(serde_json::to_value(a).unwrap(), a.as_str());
+        }
+        assert!("exhausted".parse::<Action>().is_err());
+        assert!("".parse::<Action>().is_err());
+    }
+
     use super::*;
 
     fn mac() -> MacAddr {
@@ -909,7 +989,7 @@ mod tests {
         };
         let log = LogEntry {
             mac: mac(),
-            action: "grant".into(),
+            action: Action::Grant,
             amount: 100,
             detail: "t1".into(),
         };

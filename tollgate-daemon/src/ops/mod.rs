@@ -587,7 +587,8 @@ fn client_row(s: &SessionView, gate: Option<&GateState>, ip: Option<IpAddr>) -> 
         state: if s.active {
             "active".into()
         } else {
-            s.close_reason.clone().unwrap_or_else(|| "closed".into())
+            s.close_reason
+                .map_or_else(|| "closed".into(), |a| a.as_str().into())
         },
         metric: metric_name(s.metric),
         allotment: s.allotment,
@@ -785,7 +786,7 @@ async fn gate(
             if !active {
                 return Err(OpsError::NotFound(format!("no active session for {mac}")));
             }
-            chandler.close(mac, "admin-close")?;
+            chandler.close(mac, crate::store::Action::AdminClose)?;
             let s = chandler
                 .usage(mac)?
                 .ok_or(ChandlerError::NoSession { mac })?;

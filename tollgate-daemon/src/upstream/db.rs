@@ -19,9 +19,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::UpstreamError;
 
 fn storage(e: rusqlite::Error) -> UpstreamError {
-    UpstreamError::Storage {
-        message: e.to_string(),
-    }
+    UpstreamError::Storage { source: e }
 }
 
 /// The wall clock in ms, as the rows store it.

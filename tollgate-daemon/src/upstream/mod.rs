@@ -79,8 +79,11 @@ pub enum UpstreamError {
     },
     #[error("bad advertisement: {reason}")]
     BadAdvertisement { reason: String },
-    #[error("upstream store: {message}")]
-    Storage { message: String },
+    #[error("upstream store: {source}")]
+    Storage {
+        #[source]
+        source: rusqlite::Error,
+    },
     #[error("route lookup: {source}")]
     Route {
         #[source]
