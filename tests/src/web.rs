@@ -83,14 +83,31 @@ pub fn get(ns: &Netns, addr: SocketAddr, host: &str, path: &str) -> Result<Reply
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: tollgate-test\r\nConnection: close\r\n\r\n"
     );
+    exchange(ns, addr, req, Duration::from_secs(10))
+}
+
+/// The tests' one HTTP/1.1 exchange: sends `req` (a whole request, `Connection: close`) to
+/// `addr` from inside `ns` and reads the answer until the server closes (or `read_timeout`).
+/// The body is returned as sent (a chunked body keeps its chunk lines: good enough to search).
+pub fn exchange(
+    ns: &Netns,
+    addr: SocketAddr,
+    req: String,
+    read_timeout: Duration,
+) -> Result<Reply, String> {
     ns.run(move || {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
             .map_err(|e| format!("connect {addr}: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_read_timeout(Some(read_timeout))
+            .map_err(|e| e.to_string())?;
         s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
         let mut raw = Vec::new();
         // Reset after the answer (the server closed first) still leaves the answer in `raw`.
-        let _ = s.read_to_end(&mut raw);
+        if let Err(e) = s.read_to_end(&mut raw) {
+            if raw.is_empty() {
+                return Err(format!("reading from {addr}: {e}"));
+            }
+        }
         let text = String::from_utf8_lossy(&raw).into_owned();
         let (head, body) = text
             .split_once("\r\n\r\n")

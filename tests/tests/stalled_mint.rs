@@ -12,8 +12,7 @@
 //! 4. The stalled payment is answered with a notice (no session, no allotment).
 //!
 //! That the stalled call itself ends is `wallet::transport`'s unit test (the per-call
-//! deadline). It is not observable from here: cdk's HTTP client (bitreq) keeps the stalled
-//! connection in its pool after the deadline dropped the request, so the socket stays open.
+//! deadline; the timed-out call's connection is dropped, never reused).
 //!
 //! `cargo test -p tollgate-tests --test stalled_mint`
 

@@ -16,6 +16,7 @@ pub mod chandler;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod db;
 pub mod fetch;
 pub mod http;
 pub mod lightning;

@@ -27,16 +27,15 @@
 //! The connection sits behind a std mutex; every call is a short local transaction, never held
 //! across an await.
 
-use std::{
-    net::IpAddr,
-    path::Path,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{net::IpAddr, path::Path, sync::Arc, time::Duration};
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use crate::{protocol::Metric, valve::MacAddr};
+use crate::{
+    db::{self, Pragmas, Synchronous},
+    protocol::Metric,
+    valve::MacAddr,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -210,7 +209,7 @@ pub struct LogEntry {
 }
 
 pub struct Store {
-    conn: Mutex<Connection>,
+    conn: db::Conn,
     /// Unix seconds (a test clock in the soak test).
     clock: Clock,
     retention: Duration,
@@ -298,6 +297,13 @@ CREATE INDEX IF NOT EXISTS usage_snapshots_at ON usage_snapshots(at_unix);
 CREATE INDEX IF NOT EXISTS grants_updated ON grants(status, updated_unix);
 ";
 
+/// WAL, NORMAL by default (FULL per durable write: see the module doc).
+const PRAGMAS: Pragmas = Pragmas {
+    synchronous: Synchronous::Normal,
+    foreign_keys: true,
+    busy_timeout: Some(Duration::from_secs(5)),
+};
+
 // SQLite integers are i64; our amounts fit (allotments are far below 2^63), and the cast
 // round-trips exactly either way.
 fn i(v: u64) -> i64 {
@@ -317,22 +323,18 @@ impl Store {
                 source,
             })?;
         }
-        Self::init(Connection::open(path)?)
+        Self::init(db::open(path, PRAGMAS)?)
     }
 
     /// A private in-memory database (tests).
     pub fn open_in_memory() -> Result<Store, StoreError> {
-        Self::init(Connection::open_in_memory()?)
+        Self::init(db::open_in_memory(PRAGMAS)?)
     }
 
     fn init(conn: Connection) -> Result<Store, StoreError> {
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         let store = Store {
-            conn: Mutex::new(conn),
+            conn: db::Conn::new(conn),
             clock: Arc::new(crate::sys::clock::unix_secs),
             retention: DEFAULT_RETENTION,
         };
@@ -370,9 +372,7 @@ impl Store {
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        // A panic while holding the lock leaves SQLite itself consistent (transactions roll
-        // back), so a poisoned mutex is safe to reuse.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        self.conn.lock()
     }
 
     /// Raw SQL against the database (tests inject failures with triggers).

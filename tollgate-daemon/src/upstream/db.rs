@@ -12,9 +12,10 @@
 //! | taken     | rejected, but the upstream had already swapped it    | —                         |
 
 use std::path::Path;
-use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::db::{self, Pragmas, Synchronous};
 
 use super::UpstreamError;
 
@@ -52,15 +53,19 @@ pub struct SessionRow {
 }
 
 pub struct Db {
-    conn: Mutex<Connection>,
+    conn: db::Conn,
 }
 
 impl Db {
     pub fn open(path: &Path) -> Result<Db, UpstreamError> {
-        let conn = Connection::open(path).map_err(storage)?;
+        let pragmas = Pragmas {
+            synchronous: Synchronous::Full,
+            foreign_keys: false,
+            busy_timeout: None,
+        };
+        let conn = db::open(path, pragmas).map_err(storage)?;
         conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
-             CREATE TABLE IF NOT EXISTS payments (
+            "CREATE TABLE IF NOT EXISTS payments (
                 op_id TEXT PRIMARY KEY, pubkey TEXT NOT NULL, gateway TEXT NOT NULL,
                 mint TEXT NOT NULL, amount INTEGER NOT NULL, steps INTEGER NOT NULL,
                 state TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '',
@@ -71,12 +76,12 @@ impl Db {
         )
         .map_err(storage)?;
         Ok(Db {
-            conn: Mutex::new(conn),
+            conn: db::Conn::new(conn),
         })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        self.conn.lock()
     }
 
     /// Written before the token leaves the process.

@@ -1,22 +1,37 @@
 //! Profit payouts over Lightning.
 //!
 //! ```text
-//! every payout_interval_seconds, per mint:
-//!   finalise pending melts from earlier rounds
+//! every payout_interval_seconds, per mint (one round at a time per mint):
+//!   finalise pending melts from earlier rounds (mints with a request in flight: next round)
 //!   lock(mint): payable = balance − min_balance − reserved; skip if balance < min_payout_amount
 //!   shares = payable × factor, owner first
-//!   per share: LNURL invoice (no lock) ─> lock(mint) ─> re-check budget ─> melt ─> record
+//!   per share: LNURL invoice ─> melt quote            (no lock: nothing reserved yet)
+//!              ─> lock(mint) ─> re-check budget ─> prepare (inputs Reserved) ─> row 'pending'
+//!              ─> unlock ─> confirm: swap + melt at the mint ─> record
 //! ```
 //! The share is the whole budget: invoice amount + Lightning fee reserve + input fees ≤ share,
 //! and each melt re-checks `balance − min_balance − reserved` under the mint lock, so a
 //! reservation made while an invoice was being fetched is never paid out.
 //!
-//! The lock is per mint and held across melt quote, prepare and confirm: that makes the
-//! budget re-check and the spend one step against reservations. A stalled mint therefore
-//! delays only its own reservations, each mint call bounded by the wallet's per-call deadline
-//! (`transport.rs`), never another mint's (`tests/tests/stalled_mint.rs`). Releasing it during
-//! the round trip would need the share reserved first (a reservation row, dropped after
-//! confirm) so a concurrent reservation still sees it; not done, since nothing showed the need.
+//! Reserve, then release the lock for the round trips (issue 11): `prepare_melt` is local —
+//! it selects the inputs and marks them `Reserved` in cdk, which takes them out of the
+//! balance every reservation and payout checks. That is the share's reservation: after it,
+//! the lock is released and the melt (a swap for exact inputs, then the melt, possibly
+//! waiting on Lightning) runs while reservations, sends and customers' payments at the same
+//! mint go on (`a_stalled_melt_holds_no_reservation_or_payment_at_its_mint`). What had to be
+//! made safe for that:
+//!
+//! | conflict                                   | how                                        |
+//! |--------------------------------------------|--------------------------------------------|
+//! | two prepares select the same unspent proofs (cdk's "proof not in unspent state") | selection only under `lock` |
+//! | bitreq sends a mint's requests one by one on one connection | `transport.rs`: a connection per call in flight |
+//! | saga recovery (another round's `finalize_pending_melts`, a receipt's `recover_incomplete_sagas`) sees the quote unpaid before the melt arrives and releases its inputs | the melt holds `in_flight` shared; recoveries take it exclusive (or skip) |
+//! | the fee was `balance before − after − amount`, wrong once others move the balance | `fee_paid` (Lightning + melt input fee) + the pre-melt swap's fee, from this melt's own proofs |
+//!
+//! | the inputs cdk selects exceed the share (change comes back after the melt): during the melt they may hold value a reservation needs | if `unspent < reserved` after prepare, this melt keeps the lock (the old behaviour) |
+//!
+//! No new durable state: a crash between prepare and confirm leaves the cdk saga in
+//! `ProofsReserved` (compensated at open) and the row `pending` (then `failed`), as before.
 //!
 //! Failure policy: if the owner's share fails, the round stops (others are not paid) and
 //! everything stays in the wallet for the next round — otherwise the next round would re-split
@@ -170,19 +185,9 @@ impl Wallet {
             .collect())
     }
 
-    /// Check melts a previous round (or a previous process) left pending.
+    /// Check melts a previous round (or a previous process) left pending. A mint with a
+    /// request in flight is skipped (its sagas are not settled yet); the next round retries.
     pub(crate) async fn finalize_pending_payouts(&self) {
-        // Every mint, not only those with a pending row: a melt that a killed process left in
-        // flight at the mint keeps its cdk saga (and its proofs reserved) until it is resumed,
-        // also when our row was settled meanwhile from the quote's state. Cheap when there is
-        // none (a local query).
-        for state in self.inner.mints.values() {
-            if let Ok(w) = self.cdk_wallet(state).await {
-                if let Err(e) = w.finalize_pending_melts().await {
-                    tracing::debug!(mint = %state.url, error = %e, "finalize_pending_melts");
-                }
-            }
-        }
         let rows = match self.inner.store.payouts() {
             Ok(rows) => rows,
             Err(e) => {
@@ -190,34 +195,52 @@ impl Wallet {
                 return;
             }
         };
-        for row in rows.into_iter().filter(|r| r.outcome == "pending") {
-            let Ok(state) = self.mint_state(&row.mint) else {
+        for state in self.inner.mints.values() {
+            let Ok(_quiet) = state.in_flight.try_write() else {
+                tracing::debug!(mint = %state.url, "a request is in flight; finalising later");
                 continue;
             };
             let Ok(w) = self.cdk_wallet(state).await else {
                 continue;
             };
-            let Some(quote_id) = row.quote_id.as_deref() else {
-                continue;
-            };
-            match w.check_melt_quote_status(quote_id).await {
-                Ok(q) => {
-                    let outcome = match q.state {
-                        MeltQuoteState::Paid => "paid",
-                        MeltQuoteState::Failed => "failed",
-                        // Unpaid with no melt saga left in cdk: the melt never reached the
-                        // mint (crash before confirm) or cdk rolled it back; the proofs are
-                        // back in the wallet and nothing is in flight.
-                        MeltQuoteState::Unpaid if !self.melt_in_flight(quote_id).await => "failed",
-                        // Pending/Unknown, or a saga still open: not settled yet; keep waiting.
-                        _ => continue,
-                    };
-                    let _ = self
-                        .inner
-                        .store
-                        .update_payout(row.id, row.fee, outcome, None);
+            // Every mint, not only those with a pending row: a melt that a killed process
+            // left in flight at the mint keeps its cdk saga (and its proofs reserved) until
+            // it is resumed, also when our row was settled meanwhile from the quote's state.
+            // Cheap when there is none (a local query).
+            if let Err(e) = w.finalize_pending_melts().await {
+                tracing::debug!(mint = %state.url, error = %e, "finalize_pending_melts");
+            }
+            let pending = rows.iter().filter(|r| {
+                r.outcome == "pending"
+                    && self
+                        .mint_state(&r.mint)
+                        .is_ok_and(|s| std::ptr::eq(s, state))
+            });
+            for row in pending {
+                let Some(quote_id) = row.quote_id.as_deref() else {
+                    continue;
+                };
+                match w.check_melt_quote_status(quote_id).await {
+                    Ok(q) => {
+                        let outcome = match q.state {
+                            MeltQuoteState::Paid => "paid",
+                            MeltQuoteState::Failed => "failed",
+                            // Unpaid with no melt saga left in cdk: the melt never reached
+                            // the mint (crash before confirm) or cdk rolled it back; the
+                            // proofs are back in the wallet and nothing is in flight.
+                            MeltQuoteState::Unpaid if !self.melt_in_flight(quote_id).await => {
+                                "failed"
+                            }
+                            // Pending/Unknown, or a saga still open: not settled yet.
+                            _ => continue,
+                        };
+                        let _ = self
+                            .inner
+                            .store
+                            .update_payout(row.id, row.fee, outcome, None);
+                    }
+                    Err(e) => tracing::debug!(quote_id, error = %e, "melt status"),
                 }
-                Err(e) => tracing::debug!(quote_id, error = %e, "melt status"),
             }
         }
     }
@@ -237,6 +260,7 @@ impl Wallet {
     pub async fn payout_once(&self, mint: &str) -> Result<Vec<PayoutRecord>, WalletError> {
         let state = self.mint_state(mint)?;
         let key = state.url.to_string();
+        let _round = state.payout_round.lock().await;
         self.finalize_pending_payouts().await;
         let before = self.inner.store.payouts()?.len();
 
@@ -334,15 +358,22 @@ impl Wallet {
                     return Ok(false);
                 }
             };
-            let _guard = state.lock.lock().await;
-            // Re-check under the lock: reservations may have appeared while we fetched.
-            let balance = self.balance_of(state).await?;
-            let payable = self.payable(state, balance)?;
-            let budget = budget.min(payable);
+            // The quote is a round trip that moves no proofs: no lock.
             let quote = w
                 .melt_quote(PaymentMethod::BOLT11, &invoice, None, None)
                 .await
                 .map_err(|e| WalletError::from_cdk(key, e))?;
+            let guard = state.lock.lock().await;
+            // No saga recovery of this mint may run from here until cdk's saga is past the
+            // melt request: it would find the quote unpaid and hand the inputs back while
+            // the mint is about to spend them. Always taken after `lock` (see `MintState`).
+            let in_flight = state.in_flight.read().await;
+            // Re-check under the lock: reservations may have appeared while we fetched.
+            let balance = self.balance_of(state).await?;
+            let payable = self.payable(state, balance)?;
+            let budget = budget.min(payable);
+            // Local: selects the inputs and reserves them in cdk (state `Reserved`, out of
+            // every balance), which is the share's reservation once the lock is released.
             let prepared = w
                 .prepare_melt(&quote.id, HashMap::new())
                 .await
@@ -358,9 +389,26 @@ impl Wallet {
             }
             // Record before confirming: a crash after the mint took the melt still leaves a
             // row whose quote id the next start finalises.
-            let id = record(invoice_amount, 0, "pending", Some(&quote.id), None)?;
+            let id = match record(invoice_amount, 0, "pending", Some(&quote.id), None) {
+                Ok(id) => id,
+                Err(e) => {
+                    let _ = prepared.cancel().await;
+                    return Err(e);
+                }
+            };
             self.hook("melt:recorded");
-            let balance_before = balance;
+            // Reserved: the round trips run without the mint lock — unless the inputs cdk
+            // picked (it over-selects, the excess comes back as change after the melt's
+            // swap) took value that reservations still need: then a reserved payment would
+            // find too little until the melt returns, so the lock stays held for this melt.
+            let short = match (self.balance_of(state).await, self.reserved_of(key)) {
+                (Ok(unspent), Ok(reserved)) => unspent < reserved,
+                _ => true, // cannot tell: keep it
+            };
+            let guard = short.then_some(guard);
+            // The pre-melt swap's fee, on inputs already chosen: exact. cdk's `fee_paid`
+            // covers the rest (Lightning fee + the melt's input fee).
+            let swap_fee = u64::from(prepared.swap_fee());
             let confirmed = prepared.confirm_prefer_async().await;
             self.hook("melt:confirmed");
             let outcome = match confirmed {
@@ -375,15 +423,13 @@ impl Wallet {
                 Ok(MeltOutcome::Paid(done)) => Ok(Some(done)),
                 Err(e) => Err(e),
             };
+            drop(in_flight);
+            drop(guard);
             return match outcome {
                 Ok(Some(done)) => {
-                    // What left the wallet beyond the invoice: Lightning fee, input fees and
-                    // any swap fee (cdk's fee_paid counts only the first).
-                    let after = self.balance_of(state).await?;
-                    let fee = balance_before
-                        .saturating_sub(after)
-                        .saturating_sub(invoice_amount)
-                        .max(u64::from(done.fee_paid()));
+                    // What left the wallet beyond the invoice, from this melt's own proofs:
+                    // the balance may have moved meanwhile (the lock is not held).
+                    let fee = u64::from(done.fee_paid()) + swap_fee;
                     let state = match done.state() {
                         MeltQuoteState::Paid => "paid",
                         MeltQuoteState::Pending | MeltQuoteState::Unknown => "pending",

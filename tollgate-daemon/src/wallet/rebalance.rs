@@ -137,6 +137,7 @@ impl Wallet {
 
         let mut record = {
             let _guard = source.lock.lock().await;
+            let _in_flight = source.in_flight.read().await;
             let balance = self.balance_of(source).await?;
             let available = self.spendable(source, balance)?;
             if available < amount + budget {

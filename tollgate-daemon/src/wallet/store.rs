@@ -4,16 +4,15 @@
 //! statement, so a crash leaves either the old or the new row, never half of one.
 
 use std::path::Path;
-use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::db::{self, Pragmas, Synchronous};
 
 use super::WalletError;
 
 pub(crate) struct Store {
-    // rusqlite is synchronous; every statement is a few microseconds on a local file, so a
-    // std mutex held across one statement is cheaper than a blocking-pool hop.
-    conn: Mutex<Connection>,
+    conn: db::Conn,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,18 +49,20 @@ pub(crate) struct PayoutRow {
 
 fn storage(e: rusqlite::Error) -> WalletError {
     WalletError::Storage {
-        message: e.to_string(),
+        source: super::StorageError::Ledger(e),
     }
 }
 
 impl Store {
     pub(crate) fn open(path: &Path) -> Result<Store, WalletError> {
-        let conn = Connection::open(path).map_err(storage)?;
+        let pragmas = Pragmas {
+            synchronous: Synchronous::Full,
+            foreign_keys: false,
+            busy_timeout: Some(std::time::Duration::from_secs(5)),
+        };
+        let conn = db::open(path, pragmas).map_err(storage)?;
         conn.execute_batch(
-            "PRAGMA journal_mode=WAL;
-             PRAGMA synchronous=FULL;
-             PRAGMA busy_timeout=5000;
-             CREATE TABLE IF NOT EXISTS receipts (
+            "CREATE TABLE IF NOT EXISTS receipts (
                  token_id TEXT PRIMARY KEY, mint TEXT NOT NULL, unit TEXT NOT NULL,
                  token TEXT NOT NULL, state TEXT NOT NULL, gross INTEGER NOT NULL DEFAULT 0,
                  net INTEGER NOT NULL DEFAULT 0, updated_at INTEGER NOT NULL,
@@ -95,13 +96,12 @@ impl Store {
                 .map_err(storage)?;
         }
         Ok(Store {
-            conn: Mutex::new(conn),
+            conn: db::Conn::new(conn),
         })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave SQLite inconsistent (autocommit).
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        self.conn.lock()
     }
 
     // ---- receipts ----
