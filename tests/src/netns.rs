@@ -266,3 +266,87 @@ pub fn download_from(ns: &Netns, ip: Ipv4Addr, limit: u64, idle: Duration) -> u6
         got
     })
 }
+
+/// Name of the LAN bridge in a [`LabLan`] gateway (where the data plane attaches).
+pub const BR_LAN: &str = "br-lan";
+
+/// Several clients on one bridged LAN: client *i* ── veth ── `br-lan` in the gateway ── wan ──
+/// upstream, as on a router whose Wi-Fi and Ethernet ports share `br-lan`.
+///
+/// Addresses: client *i* 10.77.0.(10+i), gateway `br-lan` 10.77.0.1, WAN and upstream as in
+/// [`Lab3`]. The namespaces (and every veth with them) go on drop.
+pub struct LabLan {
+    pub clients: Vec<Netns>,
+    pub gateway: Netns,
+    pub upstream: Netns,
+}
+
+impl LabLan {
+    pub fn new(tag: &str, n: usize) -> Self {
+        let gateway = Netns::new(&format!("{tag}g"));
+        let upstream = Netns::new(&format!("{tag}u"));
+        gateway.ip(&["link", "add", BR_LAN, "type", "bridge"]);
+        gateway.ip(&["addr", "add", "10.77.0.1/24", "dev", BR_LAN]);
+        gateway.ip(&["link", "set", BR_LAN, "up"]);
+        let mut clients = Vec::new();
+        for i in 0..n {
+            let c = Netns::new(&format!("{tag}c"));
+            let port = format!("lan{i}");
+            c.ip(&[
+                "link",
+                "add",
+                "eth0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &port,
+                "netns",
+                &gateway.name,
+            ]);
+            c.ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", Self::client_ip(i)),
+                "dev",
+                "eth0",
+            ]);
+            c.ip(&["link", "set", "eth0", "up"]);
+            c.ip(&["route", "add", "default", "via", "10.77.0.1"]);
+            gateway.ip(&["link", "set", &port, "master", BR_LAN]);
+            gateway.ip(&["link", "set", &port, "up"]);
+            clients.push(c);
+        }
+        gateway.ip(&[
+            "link",
+            "add",
+            "wan0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &upstream.name,
+        ]);
+        gateway.ip(&["addr", "add", "10.78.0.1/24", "dev", "wan0"]);
+        gateway.ip(&["link", "set", "wan0", "up"]);
+        gateway.sysctl("net.ipv4.ip_forward", "1");
+        upstream.ip(&["addr", "add", "10.78.0.2/24", "dev", "eth0"]);
+        upstream.ip(&["link", "set", "eth0", "up"]);
+        upstream.ip(&["route", "add", "10.77.0.0/24", "via", "10.78.0.1"]);
+        LabLan {
+            clients,
+            gateway,
+            upstream,
+        }
+    }
+
+    pub fn client_ip(i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(10, 77, 0, 10 + i as u8)
+    }
+
+    pub fn client_mac(&self, i: usize) -> [u8; 6] {
+        self.clients[i].mac("eth0")
+    }
+}

@@ -27,12 +27,18 @@
 //! reaches the counters through `Policy::slot` in the USAGE *array* (no second hash lookup;
 //! the katran/cilium split of a user-written entry and kernel-owned counters).
 //!
+//! **Rate limits** (schema 4): the policy carries a per-direction rate (0 = unlimited); the
+//! shaping state is kernel-owned and sits in the usage slot on its direction's cache line —
+//! download: an Earliest-Departure-Time virtual clock (`fq` on the LAN interface releases each
+//! packet at the `skb->tstamp` the program wrote; `config_flags::EDT_DOWN`), or, on a kernel
+//! without `fq`, a token bucket; upload: a token bucket (policing).
+//!
 //! Every layout change bumps [`SCHEMA_VERSION`], which is part of the pin directory, so an old
 //! pin is never reused with a new layout.
 #![no_std]
 
 /// Version of the map layouts below; pins live in `<pin base>/v<SCHEMA_VERSION>/`.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// Map names (the pin file names under the schema directory).
 pub mod maps {
@@ -114,7 +120,10 @@ pub const MAX_BOUND_V6: usize = 4;
 
 /// A client's gate, written only by userspace.
 ///
-/// layout: 112 bytes, align 8
+/// The fields the paid path reads (flags, limits, deadline, slot, rates) are in the first
+/// 64 bytes; the IPv6 binding, read only for bound IPv6 uploads, fills the second half.
+///
+/// layout: 128 bytes, align 8
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Policy {
@@ -136,6 +145,15 @@ pub struct Policy {
     /// Index of this client's counters in the USAGE array, allocated by userspace; never
     /// shared by two entries.
     pub slot: u32,
+    /// Download rate in L3 bytes per second, shaped with EDT on LAN egress; 0 = unlimited.
+    pub rate_down: u32,
+    /// Upload rate in L3 bytes per second, policed on LAN ingress; 0 = unlimited.
+    pub rate_up: u32,
+    /// Upload token bucket size in bytes (with `rate_up`).
+    pub burst_up: u32,
+    /// Download token bucket size in bytes (with `rate_down`, when the download is policed:
+    /// without `config_flags::EDT_DOWN`).
+    pub burst_down: u32,
     /// Bound IPv6 source addresses (only with `BIND_IPV6`); in the entry so that binding
     /// costs no lookup.
     pub bound_ipv6: [[u8; 16]; MAX_BOUND_V6],
@@ -151,6 +169,10 @@ impl Policy {
         expires_at_ns: 0,
         bound_ipv4: [0; 4],
         slot: 0,
+        rate_down: 0,
+        rate_up: 0,
+        burst_up: 0,
+        burst_down: 0,
         bound_ipv6: [[0; 16]; MAX_BOUND_V6],
     };
 }
@@ -162,6 +184,10 @@ impl Policy {
 /// egress usually run on different CPUs, and each adds to its own line only. The other line
 /// is read only for a total limit (`limit_total`). No clock is read on the metered path: the
 /// valve derives "last seen" from counter changes.
+///
+/// The shaping state (schema 4) is kernel-owned too and sits on its direction's line: the
+/// upload token bucket with the upload counters, the download virtual clock with the download
+/// counters. Both are read and written only for a client with a rate.
 ///
 /// layout: 128 bytes, align 64
 #[repr(C, align(64))]
@@ -175,10 +201,22 @@ pub struct Usage {
     /// kernel swaps it atomically so exactly one CPU emits the event.
     pub notified_generation: u32,
     pub _pad: u32,
-    pub _pad_up: [u64; 4],
+    /// Upload token bucket: bytes the client may still send (below zero: a debt, see the
+    /// kernel's `police_up`).
+    pub up_tokens: i64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the bucket's last refill; 0 = never.
+    pub up_refill_ns: u64,
+    pub _pad_up: [u64; 2],
     pub bytes_down: u64,
     pub packets_down: u64,
-    pub _pad_down: [u64; 6],
+    /// Download virtual clock: CLOCK_MONOTONIC ns at which the client's next packet may
+    /// leave (the EDT departure of the last one plus its transmission time at the rate).
+    pub down_next_ns: u64,
+    /// Download token bucket (policing, when the LAN has no `fq` to honour EDT): as
+    /// `up_tokens` / `up_refill_ns`.
+    pub down_tokens: i64,
+    pub down_refill_ns: u64,
+    pub _pad_down: [u64; 3],
 }
 
 /// `GateConfig::flags` bits.
@@ -200,6 +238,10 @@ pub mod config_flags {
     /// Unpaid clients' DNS to the gateway is held to a per-MAC token bucket
     /// (`dns_rate`/`dns_burst`) and UDP queries above `dns_max_udp` payload bytes are dropped.
     pub const DNS_BUDGET: u32 = 1 << 3;
+    /// Shaped downloads get an EDT departure time (`skb->tstamp`) for the `fq` qdisc on the
+    /// LAN interface to honour. Without it (no `fq` in the kernel, or none installed) they are
+    /// policed with a token bucket like uploads.
+    pub const EDT_DOWN: u32 = 1 << 4;
 }
 
 /// The gateway's own addresses and the ports unpaid clients may reach on it.
@@ -275,10 +317,14 @@ pub enum Verdict {
     /// Unicast IP in a broadcast/multicast frame towards a client (a poisoned neighbour
     /// entry must not carry downloads past the gate).
     DropGroupUnicast = 13,
+    /// An upload beyond the client's rate and burst (token bucket empty).
+    DropRateUp = 14,
+    /// A download the client's rate would send more than the horizon into the future.
+    DropRateDown = 15,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 16;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Verdict::PassPaid,
         Verdict::PassGarden,
@@ -294,6 +340,8 @@ impl Verdict {
         Verdict::DropNoSlot,
         Verdict::DropDnsBudget,
         Verdict::DropGroupUnicast,
+        Verdict::DropRateUp,
+        Verdict::DropRateDown,
     ];
 
     pub const fn from_u8(v: u8) -> Option<Verdict> {
@@ -325,6 +373,8 @@ impl Verdict {
             Verdict::DropNoSlot => "drop_no_slot",
             Verdict::DropDnsBudget => "drop_dns_budget",
             Verdict::DropGroupUnicast => "drop_group_unicast",
+            Verdict::DropRateUp => "drop_rate_up",
+            Verdict::DropRateDown => "drop_rate_down",
         }
     }
 }
@@ -428,7 +478,7 @@ mod tests {
     #[test]
     fn layouts() {
         assert_eq!((size_of::<MacKey>(), align_of::<MacKey>()), (8, 1));
-        assert_eq!((size_of::<Policy>(), align_of::<Policy>()), (112, 8));
+        assert_eq!((size_of::<Policy>(), align_of::<Policy>()), (128, 8));
         assert_eq!((size_of::<Usage>(), align_of::<Usage>()), (128, 64));
         assert_eq!((size_of::<GateConfig>(), align_of::<GateConfig>()), (80, 4));
         assert_eq!(
@@ -445,7 +495,17 @@ mod tests {
         assert_eq!(core::mem::offset_of!(Policy, expires_at_ns), 32);
         assert_eq!(core::mem::offset_of!(Policy, bound_ipv4), 40);
         assert_eq!(core::mem::offset_of!(Policy, slot), 44);
-        assert_eq!(core::mem::offset_of!(Policy, bound_ipv6), 48);
+        assert_eq!(core::mem::offset_of!(Policy, rate_down), 48);
+        assert_eq!(core::mem::offset_of!(Policy, rate_up), 52);
+        assert_eq!(core::mem::offset_of!(Policy, burst_up), 56);
+        assert_eq!(core::mem::offset_of!(Policy, bound_ipv6), 64);
+        // The shaping state on its direction's cache line.
+        assert_eq!(core::mem::offset_of!(Usage, up_tokens), 32);
+        assert_eq!(core::mem::offset_of!(Usage, up_refill_ns), 40);
+        assert_eq!(core::mem::offset_of!(Usage, down_next_ns), 80);
+        assert_eq!(core::mem::offset_of!(Usage, down_tokens), 88);
+        assert_eq!(core::mem::offset_of!(Usage, down_refill_ns), 96);
+        assert_eq!(core::mem::offset_of!(Policy, burst_down), 60);
         assert_eq!(core::mem::offset_of!(Usage, notified_generation), 24);
         assert_eq!(core::mem::offset_of!(Usage, bytes_down), 64);
         assert_eq!(core::mem::offset_of!(GateConfig, gateway_v6), 24);

@@ -417,6 +417,7 @@ impl Chandler {
             bound_ipv4: None,
             generation: ex.generation,
             usage: ex.usage,
+            rates: Default::default(),
         };
         row.used_snapshot = match row.metric {
             Metric::Bytes if reason == Action::Quota => row.allotment,
@@ -842,6 +843,7 @@ pub(crate) mod fake {
                 bound_ipv4: None,
                 generation: 0,
                 usage: ClientUsage::default(),
+                rates: Default::default(),
             });
             g.usage.bytes_down += bytes;
             if let Some(r) = g.remaining_bytes.as_mut() {
@@ -880,6 +882,7 @@ pub(crate) mod fake {
                 bound_ipv4: a.bind_ipv4,
                 generation: prev.map_or(1, |p| p.generation + 1),
                 usage: prev.map(|p| p.usage).unwrap_or_default(),
+                rates: Default::default(),
             };
             i.gates.insert(mac, g);
             Ok(g)

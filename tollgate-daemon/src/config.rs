@@ -183,6 +183,9 @@ struct RawConfig {
     retention: Option<Dur>,
     #[serde(default)]
     rebalance: Option<RawRebalance>,
+    #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shaping: Option<crate::shaping::ShapingSettings>,
 }
 
 /// `http_limits` in config.json: every field optional (the defaults are [`HttpLimits::default`]).
@@ -480,6 +483,7 @@ pub struct Config {
     pub payout: PayoutConfig,
     pub upstream: UpstreamConfig,
     pub rebalance: RebalanceConfig,
+    pub shaping: crate::shaping::ShapingSettings,
 }
 
 /// `http_limits` + `admin_token`: zero limits and an empty token are refused.
@@ -971,6 +975,11 @@ impl Config {
                 settings: upstream_settings,
             },
             rebalance,
+            shaping: {
+                let s = raw.shaping.unwrap_or_default();
+                s.validate(&cpath)?;
+                s
+            },
         })
     }
 

@@ -6,6 +6,7 @@
 //!        ─> merchant.reconcile()   grants redeemed before a crash are applied
 //!        ─> lightning settle_open  invoices paid while we were down are minted and granted
 //!        ─> portal redirect (sysctl + nft table, when dataplane.portal_redirect is on)
+//!  (before the valve: fq root qdisc on the LAN when `shaping` sets a rate; removed at exit)
 //!        ─> tasks: chandler (exhaustion events), payouts, lightning quotes, mint probe,
 //!           upstream buyer (reseller mode),
 //!           HTTP (LAN; + portal port), admin HTTP (loopback, + /metrics),
@@ -76,6 +77,7 @@ pub fn valve_config(cfg: &Config, pin_base: Option<&PathBuf>) -> Result<ValveCon
     v.portal_mark = cfg.dataplane.portal_mark;
     v.max_clients = Some(cfg.dataplane.max_clients);
     v.dns_budget = Some(cfg.dataplane.dns_budget);
+    v.default_rates = cfg.shaping.rates();
     v.garden = cfg.dataplane.garden_allow.clone();
     Ok(v)
 }
@@ -95,7 +97,23 @@ pub async fn run(
         control_socket.unwrap_or_else(|| crate::control::default_socket(&cfg.store.state_dir));
     std::fs::create_dir_all(&cfg.store.state_dir)
         .with_context(|| format!("state directory {}", cfg.store.state_dir.display()))?;
-    let vcfg = valve_config(&cfg, pin_base.as_ref())?;
+    let mut vcfg = valve_config(&cfg, pin_base.as_ref())?;
+    // Rate limits: fq on the LAN for EDT (or policing where the kernel has no fq), before
+    // the first packet is shaped.
+    let shaping_lan = if cfg.shaping.enabled() {
+        let lan = crate::shaping::Lan::prepare(&vcfg.iface, cfg.shaping.replace_qdisc)
+            .context("preparing the LAN interface for rate limits")?;
+        vcfg.edt_down = lan.mode() == crate::shaping::DownMode::Edt;
+        tracing::info!(
+            down_kbit = cfg.shaping.down_kbit,
+            up_kbit = cfg.shaping.up_kbit,
+            download = ?lan.mode(),
+            "per-client rate limits on"
+        );
+        Some(lan)
+    } else {
+        None
+    };
     // The kernel marks (and lets through) unpaid TCP/80 only while the nft redirect exists:
     // otherwise those packets would be forwarded to the WAN. So: attach without the mark,
     // install the redirect, then set the mark; the reverse at shutdown.
@@ -335,6 +353,13 @@ pub async fn run(
             Ok(Ok(())) => tracing::info!("captive-portal redirect removed"),
             Ok(Err(e)) => tracing::warn!(error = %e, "removing the portal redirect"),
             Err(e) => tracing::warn!(error = %e, "removing the portal redirect"),
+        }
+    }
+    if let Some(lan) = shaping_lan {
+        match tokio::task::spawn_blocking(move || lan.remove()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "removing the fq root qdisc"),
+            Err(e) => tracing::warn!(error = %e, "removing the fq root qdisc"),
         }
     }
     chandler.snapshot_all().ok();

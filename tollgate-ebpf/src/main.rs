@@ -36,6 +36,27 @@
 //! upstream does not bill. Verdicts there: PassPaid = counted, PassGateway/PassGarden = the
 //! exceptions, PassLink = anything else (other MACs, non-IP, unparseable).
 //!
+//! **Rate limits** (only for a client whose policy has a rate; an unshaped client reads no
+//! clock): with `config_flags::EDT_DOWN` a download gets an Earliest Departure Time from the
+//! client's virtual clock in its usage slot, written to `skb->tstamp`, which the `fq` qdisc on
+//! the LAN interface honours (cilium's bandwidth manager); without it (a kernel without
+//! `sch_fq`) a download is policed by a token bucket like an upload. An upload is policed by a
+//! token bucket in the slot (dropped when empty, `DropRateUp`; TCP adapts). A packet dropped
+//! for its rate is not metered.
+//!
+//! ```text
+//!  download: t = max(now, next)   t - now > HORIZON ──> drop (DropRateDown), clock unchanged
+//!            next = t + len·1e9/rate, skb->tstamp = t
+//!  upload (and download without EDT):
+//!            tokens = min(burst, tokens + elapsed·rate)   tokens <= 0 ──> drop (DropRate*)
+//!            tokens -= len   (a debt below zero: any packet, even one larger than the
+//!                             burst, eventually passes, and the long-run rate stays exact)
+//! ```
+//! Both are plain read-modify-writes of the slot, not atomics: two CPUs handling the same
+//! client at the same instant can both see the same state, so each such race lets one
+//! packet through without its share of the rate (the clock never moves backwards by more
+//! than one packet's transmission time). Approximate by at most one packet per racing CPU.
+//!
 //! The metered quantity is the L3 length (see `tollgate-common`). Quota checks read the
 //! counters and then add atomically, so concurrent CPUs can overshoot a limit by at most one
 //! packet (one wire segment's worth of an aggregate) each; the exhaustion event is claimed with
@@ -87,6 +108,21 @@ static TG_CLOCK: PerCpuArray<[u64; 2], 1> = PerCpuArray::new();
 
 /// Deadlines closer than this to the estimate are checked on the exact boot clock.
 const CLOCK_MARGIN_NS: u64 = 20_000_000;
+
+/// How far into the future a download may be scheduled; beyond it the packet is dropped
+/// rather than queued. It bounds the queue `fq` holds for one client to `rate × 2 s` (the
+/// bufferbloat a shaped client can see), and stays below `fq`'s own horizon (10 s by default),
+/// so `fq` never drops, after it was metered, a packet this program passed. Cilium's value.
+const HORIZON_NS: u64 = 2_000_000_000;
+/// An upload bucket idle this long is full for any rate and burst that fit in `u32` (the cap
+/// keeps `elapsed × rate` below 2^64: 4e9 × (2^32 − 1) < 1.85e19).
+const REFILL_CAP_NS: u64 = 4_000_000_000;
+const NS_PER_S: u64 = 1_000_000_000;
+/// L3 length up to which a packet counts as small (a TCP ACK with timestamps and SACK
+/// blocks, IPv4 or IPv6) for the rate limits: see `police` and `depart_down`.
+const SMALL_PACKET: u64 = 128;
+/// Largest length the EDT arithmetic takes (2^34 × 1e9 < 2^64).
+const MAX_SHAPED_LEN: u64 = 1 << 34;
 
 /// `TCX_NEXT`: pass, and let the next program in the TCX chain (or legacy tc) decide too.
 const TCX_NEXT: i32 = -1;
@@ -728,6 +764,8 @@ fn add_usage(u: *mut Usage, dir: u8, len: u64) {
 struct Decision {
     verdict: Verdict,
     mark: u32,
+    /// EDT departure time (CLOCK_MONOTONIC ns) to write to `skb->tstamp`; 0 = untouched.
+    tstamp: u64,
 }
 
 #[inline(always)]
@@ -735,6 +773,7 @@ fn verdict(v: Verdict) -> Decision {
     Decision {
         verdict: v,
         mark: 0,
+        tstamp: 0,
     }
 }
 
@@ -757,6 +796,7 @@ fn not_entitled(cfg: &GateConfig, p: &Packet, dir: u8, skb_mark: u32, reason: Ve
             return Decision {
                 verdict: Verdict::PassPortal,
                 mark: cfg.portal_mark,
+                tstamp: 0,
             };
         }
         if p.dport == 80 && dir == direction::DOWN && skb_mark == cfg.portal_mark && skb_mark != 0 {
@@ -1003,8 +1043,142 @@ fn decide_packet(f: &Frame, p: &Packet, dir: u8, skb_mark: u32) -> Decision {
         };
         return not_entitled(cfg, p, dir, skb_mark, Verdict::DropQuota);
     }
+    // SAFETY: as above (the rates sit next to the fields read already).
+    let rate = unsafe {
+        if dir == direction::UP {
+            (*pol).rate_up
+        } else {
+            (*pol).rate_down
+        }
+    };
+    let mut tstamp = 0;
+    if rate != 0 {
+        if dir == direction::UP {
+            // SAFETY: as above; the bucket is on the upload line of the slot.
+            let ok = unsafe {
+                police(
+                    &raw mut (*u).up_tokens,
+                    &raw mut (*u).up_refill_ns,
+                    len,
+                    rate,
+                    (*pol).burst_up,
+                )
+            };
+            if !ok {
+                return verdict(Verdict::DropRateUp);
+            }
+        } else if cfg.flags & config_flags::EDT_DOWN != 0 {
+            match depart_down(u, len, rate) {
+                Some(t) => tstamp = t,
+                None => return verdict(Verdict::DropRateDown),
+            }
+        } else {
+            // SAFETY: as above; the bucket is on the download line of the slot.
+            let ok = unsafe {
+                police(
+                    &raw mut (*u).down_tokens,
+                    &raw mut (*u).down_refill_ns,
+                    len,
+                    rate,
+                    (*pol).burst_down,
+                )
+            };
+            if !ok {
+                return verdict(Verdict::DropRateDown);
+            }
+        }
+    }
     add_usage(u, dir, len);
-    verdict(Verdict::PassPaid)
+    Decision {
+        verdict: Verdict::PassPaid,
+        mark: 0,
+        tstamp,
+    }
+}
+
+/// EDT for a download of `len` L3 bytes at `rate` bytes/s: its departure time, the client's
+/// virtual clock moved on by its transmission time; `None` beyond the horizon (the clock does
+/// not move, so a dropped packet costs the client no time).
+#[inline(always)]
+fn depart_down(u: *mut Usage, len: u64, rate: u32) -> Option<u64> {
+    // SAFETY: helper without preconditions. CLOCK_MONOTONIC (the clock `fq` compares with),
+    // coarse: one load instead of a clock read (≈ 30 ns in a VM); it trails the exact clock
+    // by at most one tick, so a departure is at most a tick early (fq sends it now) and a
+    // client coming back from idle gains at most one tick's worth of its rate.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // SAFETY: `u` points into a live array value; aligned u64 read (see the module doc on
+    // races between CPUs).
+    let next = unsafe { core::ptr::read_volatile(&raw const (*u).down_next_ns) };
+    let t = if next > now { next } else { now };
+    if t - now > HORIZON_NS {
+        return None;
+    }
+    // A small packet (an ACK of the client's upload) leaves now instead of behind the
+    // client's queued download, but still moves the clock (is charged): a flood of small
+    // packets reaches the horizon and is dropped like any other.
+    let depart = if len <= SMALL_PACKET { now } else { t };
+    // `len` is below 2^33 (an skb's u32 length plus headers of at most 65 535 segments);
+    // capped anyway so the product stays below 2^64 (no 128-bit multiply in BPF). `rate` is
+    // non-zero.
+    let len = if len > MAX_SHAPED_LEN {
+        MAX_SHAPED_LEN
+    } else {
+        len
+    };
+    let delay = len * NS_PER_S / rate as u64;
+    // SAFETY: as above; aligned u64 write.
+    unsafe { core::ptr::write_volatile(&raw mut (*u).down_next_ns, t.saturating_add(delay)) };
+    Some(depart)
+}
+
+/// Token-bucket policing of `len` L3 bytes at `rate` bytes/s with `burst` bytes (the bucket
+/// is `*tokens`, last refilled at `*refill_ns`): passes while the bucket holds anything,
+/// taking `len` (possibly into debt).
+///
+/// # Safety
+/// Both pointers point into a live USAGE value.
+#[inline(always)]
+unsafe fn police(tokens_p: *mut i64, refill_p: *mut u64, len: u64, rate: u32, burst: u32) -> bool {
+    // SAFETY: helper without preconditions. Coarse CLOCK_MONOTONIC (see `depart_down`): the
+    // refill is counted in whole ticks, which loses nothing (the remainder is kept).
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let burst = burst as i64;
+    // SAFETY: the caller's pointers; aligned reads and writes of one direction's line (see
+    // the module doc on races between CPUs).
+    unsafe {
+        let mut tokens = *tokens_p;
+        let last = *refill_p;
+        if last == 0 || now.wrapping_sub(last) >= REFILL_CAP_NS {
+            // First use, or idle long enough to fill any bucket.
+            tokens = burst;
+            *refill_p = now;
+        } else {
+            let prod = (now - last) * rate as u64; // < 2^64: see REFILL_CAP_NS
+            let refill = prod / NS_PER_S;
+            if refill > 0 {
+                // Credit whole bytes only and keep the remainder's time for the next refill,
+                // so frequent small refills do not lose rate to rounding.
+                *refill_p = now - (prod % NS_PER_S) / rate as u64;
+                tokens = if tokens >= burst || refill >= (burst - tokens) as u64 {
+                    burst
+                } else {
+                    tokens + refill as i64
+                };
+            }
+        }
+        // A small packet (a TCP ACK of the other direction's transfer) may take the bucket
+        // into debt down to -burst: dropping the ACKs of a download because the client's
+        // upload is saturated would stall the download (measured: a 2 Mbit/s upload fell to
+        // 1.3 with a download beside it). Still charged, so a flood of small packets gains
+        // at most one burst over the rate.
+        let floor = if len <= SMALL_PACKET { -burst } else { 0 };
+        if tokens <= floor {
+            *tokens_p = tokens;
+            return false;
+        }
+        *tokens_p = tokens - len as i64;
+    }
+    true
 }
 
 #[inline(always)]
@@ -1034,6 +1208,11 @@ fn tc_run(ctx: &TcContext, dir: u8) -> i32 {
     count(o.d.verdict, o.l3_len);
     if o.d.mark != 0 {
         ctx.set_mark(o.d.mark);
+    }
+    if o.d.tstamp != 0 {
+        // SAFETY: the context's own skb; the verifier rewrites this store into
+        // `skb->tstamp` (on egress as is: `fq` reads it as CLOCK_MONOTONIC ns).
+        unsafe { (*ctx.skb.skb).tstamp = o.d.tstamp };
     }
     if o.d.verdict.is_pass() {
         TCX_NEXT

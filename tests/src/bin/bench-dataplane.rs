@@ -12,6 +12,10 @@
 //!    `tollgate_tests::nftarm`; one more tollgate run per client count with BPF_ENABLE_STATS
 //!    on ──> run_time_ns / run_cnt of each program under real traffic
 //! ```
+//! 4. rate limits (issue 15, [`shaping_table`]): the paid packet cost unshaped, with EDT and
+//!    policed, interleaved like 1.; one iperf3 run of a client capped at 5 Mbit/s down
+//!    ──> its rate error (`--shaping-only` runs just this part and prints it)
+//!
 //! `--quick` cuts every count (for development; the report says so); `--clients 1,10000` picks
 //! the client counts; `--throughput-only` skips 1–2 (the report keeps the last run's tables);
 //! `--no-nft` drops the nft arms, `--nft-cap S` bounds one nft table's load (300 s). Prints a
@@ -823,6 +827,11 @@ fn main() -> Result<()> {
             ""
         }
     )?;
+    if std::env::args().any(|a| a == "--shaping-only") {
+        shaping_table(&o, &mut out)?;
+        print!("{out}");
+        return Ok(());
+    }
     if o.testrun {
         warm_table(&o, &mut out)?;
         cold_table(&o, &mut out)?;
@@ -841,8 +850,192 @@ fn main() -> Result<()> {
     if o.throughput {
         throughput_table(&o, &mut out)?;
     }
+    shaping_table(&o, &mut out)?;
     print!("{out}");
     let path = tollgate_tests::bench::write_section("## Data plane", &out)?;
     eprintln!("[bench] wrote {path}");
+    Ok(())
+}
+
+/// Rate limits: the paid packet cost with shaping on (BPF_PROG_TEST_RUN, interleaved with the
+/// unshaped classes and the empty program), and the rate error of one capped client.
+fn shaping_table(o: &Opts, out: &mut String) -> Result<()> {
+    use tollgate::valve::Rates;
+    let fast = Rates {
+        down_kbit: Rates::MAX_KBIT,
+        up_kbit: Rates::MAX_KBIT,
+    };
+    let pins_edt = PinBase::new("bench-shape-edt");
+    let pins_pol = PinBase::new("bench-shape-pol");
+    let mut cfg = ValveConfig::new("lo");
+    cfg.gateway_v4 = Some(GW4);
+    cfg.max_clients = Some(4096);
+    cfg.pin_base = pins_edt.path().to_path_buf();
+    cfg.edt_down = true;
+    let edt = Valve::load(&cfg)?;
+    cfg.pin_base = pins_pol.path().to_path_buf();
+    cfg.edt_down = false;
+    let pol = Valve::load(&cfg)?;
+    for v in [&edt, &pol] {
+        fill(v, 1000)?;
+        v.open(MacAddr(CLIENT), Allowance::default())?;
+        v.open(
+            MacAddr(LIMITED),
+            Allowance {
+                rates: Some(fast),
+                ..Default::default()
+            },
+        )?;
+    }
+    let tcp_down = L4::Tcp {
+        sport: 443,
+        dport: 40000,
+    };
+    let classes: Vec<(&str, &Valve, Hook, Vec<u8>)> = vec![
+        (
+            "empty TC program (floor)",
+            &edt,
+            Hook::EmptyTc,
+            Frame::new(CLIENT, GW).ipv4(CL4, NET4, tcp_up(), 1460),
+        ),
+        (
+            "paid download, unshaped",
+            &edt,
+            Hook::TcEgress,
+            Frame::new(GW, CLIENT).ipv4(NET4, CL4, tcp_down.clone(), 1460),
+        ),
+        (
+            "paid download, EDT (fq)",
+            &edt,
+            Hook::TcEgress,
+            Frame::new(GW, LIMITED).ipv4(NET4, CL4, tcp_down.clone(), 1460),
+        ),
+        (
+            "paid download, policed (no fq)",
+            &pol,
+            Hook::TcEgress,
+            Frame::new(GW, LIMITED).ipv4(NET4, CL4, tcp_down, 1460),
+        ),
+        (
+            "paid upload, unshaped",
+            &edt,
+            Hook::TcIngress,
+            Frame::new(CLIENT, GW).ipv4(CL4, NET4, tcp_up(), 1460),
+        ),
+        (
+            "paid upload, policed",
+            &edt,
+            Hook::TcIngress,
+            Frame::new(LIMITED, GW).ipv4(CL4, NET4, tcp_up(), 1460),
+        ),
+    ];
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); classes.len()];
+    for r in 0..o.runs {
+        eprintln!("[bench] shaping run {}/{}", r + 1, o.runs);
+        for (i, (_, v, hook, frame)) in classes.iter().enumerate() {
+            let t = v.test_run(*hook, frame, o.repeat)?;
+            samples[i].push(t.duration.as_nanos() as f64);
+        }
+    }
+    let floor = stats(&samples[0]).median;
+    writeln!(
+        out,
+        "### Rate limits: ns per packet ({} runs × {} repeats, interleaved; 1 000 entries)\n",
+        o.runs, o.repeat
+    )?;
+    writeln!(
+        out,
+        "Shaped at the largest rate (≈ 34 Gbit/s): the repeats outrun it, so the policed rows \
+         are mostly the drop path after the burst (the same arithmetic, then a drop).\n"
+    )?;
+    writeln!(
+        out,
+        "| packet class | median ns | IQR ns | program cost ns |"
+    )?;
+    writeln!(out, "|---|---:|---:|---:|")?;
+    for (i, (name, ..)) in classes.iter().enumerate() {
+        let s = stats(&samples[i]);
+        writeln!(
+            out,
+            "| {name} | {:.1} | {:.1}–{:.1} | {:.1} |",
+            s.median,
+            s.q1,
+            s.q3,
+            s.median - floor
+        )?;
+    }
+    writeln!(out)?;
+    drop((edt, pol));
+
+    // One capped client, real traffic: the rate error.
+    let lab = Lab3::new("bshape");
+    let pins = PinBase::new("bench-shape-rate");
+    let mut gcfg = gateway_cfg(&pins, 4096);
+    let mode = lab
+        .gateway
+        .run(|| tollgate::shaping::Lan::prepare(LAN_IFACE, false))?;
+    gcfg.edt_down = mode.mode() == tollgate::shaping::DownMode::Edt;
+    let valve = attach(&lab, &gcfg)?;
+    let kbit = 5_000;
+    valve.open(
+        MacAddr(lab.client_mac()),
+        Allowance {
+            rates: Some(Rates {
+                down_kbit: kbit,
+                up_kbit: kbit,
+            }),
+            ..Default::default()
+        },
+    )?;
+    let mut server = lab
+        .upstream
+        .command("iperf3")
+        .args(["-s", "-1", "-B", "10.78.0.2"])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let secs = if o.quick { 5 } else { 10 };
+    let res = lab
+        .client
+        .command("iperf3")
+        .args([
+            "-c",
+            "10.78.0.2",
+            "-R",
+            "-O",
+            "2",
+            "-J",
+            "-t",
+            &secs.to_string(),
+        ])
+        .output();
+    let _ = server.kill();
+    let _ = server.wait();
+    let outp = res.context("iperf3 client")?;
+    let v: serde_json::Value = serde_json::from_slice(&outp.stdout)?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 json")?;
+    // The cap is on L3 bytes; iperf3 counts TCP payload (1448 of 1500 per segment).
+    let want = kbit as f64 * 1000.0 * 1448.0 / 1500.0;
+    writeln!(
+        out,
+        "### Rate limits: one client capped at {kbit} kbit/s down, iperf3 -R {secs} s (+2 omitted)\n"
+    )?;
+    writeln!(
+        out,
+        "| download held by | goodput Mbit/s | expected | error |"
+    )?;
+    writeln!(out, "|---|---:|---:|---:|")?;
+    writeln!(
+        out,
+        "| {:?} | {:.3} | {:.3} | {:+.1} % |\n",
+        mode.mode(),
+        bps / 1e6,
+        want / 1e6,
+        (bps / want - 1.0) * 100.0
+    )?;
+    detach(valve);
+    let _ = mode.remove();
     Ok(())
 }

@@ -16,6 +16,13 @@ pub struct GateAmount {
     /// Seconds to grant (gateways selling time).
     #[arg(long)]
     seconds: Option<u64>,
+    /// Download rate limit in kbit/s for this device (0 = unlimited; default: unchanged, or
+    /// `shaping.down_kbit` for a new session).
+    #[arg(long)]
+    down_kbit: Option<u64>,
+    /// Upload rate limit in kbit/s (0 = unlimited; default as for `--down-kbit`).
+    #[arg(long)]
+    up_kbit: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -53,6 +60,8 @@ pub async fn run(cmd: GateCmd) -> Result<()> {
     let req = a.map_or(GateRequest::default(), |a| GateRequest {
         bytes: a.bytes,
         seconds: a.seconds,
+        down_kbit: a.down_kbit,
+        up_kbit: a.up_kbit,
     });
     if action != "close" && req.bytes.is_none() && req.seconds.is_none() {
         bail!("give --bytes N or --seconds N");

@@ -267,6 +267,19 @@ pub fn clients(rows: &[ClientRow]) -> String {
                 rcell(&clock(r.expires_unix_ms), 7),
             ),
         );
+        if r.down_kbit != 0 || r.up_kbit != 0 {
+            let k = |v: u64| {
+                if v == 0 {
+                    "unlimited".to_string()
+                } else {
+                    format!("{v} kbit/s")
+                }
+            };
+            line(
+                &mut o,
+                format!("  rate limit down {}, up {}", k(r.down_kbit), k(r.up_kbit)),
+            );
+        }
     }
     if rows.is_empty() {
         line(&mut o, "(no clients)");
@@ -633,6 +646,8 @@ mod tests {
             packets_down: 2,
             started_unix: 0,
             expires_unix_ms: Some(1_700_000_000_000),
+            down_kbit: 0,
+            up_kbit: 0,
         };
         let mut timed = row.clone();
         timed.metric = "milliseconds".into();
@@ -699,6 +714,7 @@ mod tests {
                     packets_down: 1,
                     last_seen_ns: 0,
                 },
+                rates: Default::default(),
             }],
             verdicts: [(
                 "drop_unpaid".to_string(),

@@ -159,6 +159,11 @@ pub struct ClientRow {
     pub started_unix: u64,
     /// Time sessions: when the kernel shuts the gate (unix ms).
     pub expires_unix_ms: Option<u64>,
+    /// Rate limits in force in the data plane, kbit/s (0 = unlimited).
+    #[serde(default)]
+    pub down_kbit: u64,
+    #[serde(default)]
+    pub up_kbit: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -280,6 +285,12 @@ impl From<crate::wallet::RebalanceRecord> for RebalanceAnswer {
 pub struct GateRequest {
     pub bytes: Option<u64>,
     pub seconds: Option<u64>,
+    /// New download rate limit in kbit/s (0 = unlimited; absent = unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down_kbit: Option<u64>,
+    /// New upload rate limit in kbit/s (0 = unlimited; absent = unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub up_kbit: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -589,6 +600,8 @@ fn client_row(s: &SessionView, gate: Option<&GateState>, ip: Option<IpAddr>) -> 
         packets_down: usage.packets_down,
         started_unix: s.start_unix,
         expires_unix_ms: s.end_unix_ms.filter(|_| s.metric == Metric::Milliseconds),
+        down_kbit: gate.map_or(0, |g| g.rates.down_kbit),
+        up_kbit: gate.map_or(0, |g| g.rates.up_kbit),
     }
 }
 
@@ -745,8 +758,26 @@ async fn gate(
                 )));
             }
             let amount = admin_amount(chandler.metric(), req)?;
+            for r in [req.down_kbit, req.up_kbit].into_iter().flatten() {
+                if r > crate::valve::Rates::MAX_KBIT {
+                    return Err(OpsError::BadRequest(format!(
+                        "{r} kbit/s is above the largest rate ({})",
+                        crate::valve::Rates::MAX_KBIT
+                    )));
+                }
+            }
             let s = chandler.admin_add(mac, amount)?;
             tracing::info!(%mac, action = %action, amount, "administrative grant");
+            if req.down_kbit.is_some() || req.up_kbit.is_some() {
+                // Right after the grant, on the open gate: the limits and counts stay.
+                let cur = st.valve.gate(mac)?.map(|g| g.rates).unwrap_or_default();
+                let rates = crate::valve::Rates {
+                    down_kbit: req.down_kbit.unwrap_or(cur.down_kbit),
+                    up_kbit: req.up_kbit.unwrap_or(cur.up_kbit),
+                };
+                st.valve.set_rate(mac, rates)?;
+                tracing::info!(%mac, ?rates, "rate limits set");
+            }
             let gates = gates_by_mac(&st)?;
             let ip = arp(&st).get(&mac).copied();
             Ok(Json(client_row(&s, gates.get(&mac), ip)).into_response())
@@ -787,6 +818,7 @@ mod tests {
         let r = |b: Option<u64>, s: Option<u64>| GateRequest {
             bytes: b,
             seconds: s,
+            ..Default::default()
         };
         assert_eq!(admin_amount(Metric::Bytes, r(Some(5), None)).unwrap(), 5);
         assert_eq!(

@@ -19,10 +19,17 @@
 //!  gate / gates / verdicts <── POLICY → USAGE[slot], VERDICTS
 //!  events()               <── EVENTS ring buffer (pinned: events emitted while the daemon was
 //!                             down are still there at the next start)
+//!  set_rate(mac, rates)   ──> POLICY[mac] rates only (limits, generation, counts untouched:
+//!                             a tier raised mid-transfer takes effect on the next packet)
 //! ```
+//! Rates (kbit/s in the API, bytes/s in the kernel, 0 = unlimited) travel with the policy:
+//! `open` takes them from the allowance, else keeps an open gate's, else the configured
+//! default; `extend` keeps them. The shaping state (EDT clock, upload bucket) is the kernel's.
+//!
 //! Dropping a `Valve` leaves everything attached and enforcing (fail closed, counts kept);
-//! [`Valve::remove_pins`] tears a data plane down. A load over the previous schema's pins
-//! (`v2`: two hash maps) carries every client and its counts into the new layout.
+//! [`Valve::remove_pins`] tears a data plane down. A load over an earlier schema's pins
+//! (`v3`: no rates; `v2`: two hash maps) carries every client and its counts into the new
+//! layout.
 //!
 //! The kernel keeps no clock on the metered path: "last seen" is when the valve saw a
 //! client's counters move (at a `gate`, `gates` or `sweep`), which orders evictions.
@@ -108,6 +115,14 @@ pub trait Gates: Send + Sync + 'static {
     /// Extends an open gate without a gap: byte limit += `add_bytes`,
     /// deadline = max(now, deadline) + `add_ns` (only if the gate has a deadline or `add_ns` > 0).
     fn extend(&self, mac: MacAddr, add_bytes: u64, add_ns: u64) -> Result<GateState, ValveError>;
+    /// Changes an open gate's rate limits without touching its limits, deadline or counts
+    /// (one map update: no gap). The default serves gates without rate limits.
+    fn set_rate(&self, mac: MacAddr, rates: Rates) -> Result<GateState, ValveError> {
+        let _ = rates;
+        Err(ValveError::Other(format!(
+            "cannot change the rate of {mac}: rate limits are not supported here"
+        )))
+    }
     /// Shuts the gate (counters are kept until a [`Gates::sweep`] evicts the entry).
     fn close(&self, mac: MacAddr) -> Result<(), ValveError>;
     /// Evicts closed entries: those closed for at least `retention`, and, when the map is
@@ -228,6 +243,11 @@ pub struct ValveConfig {
     pub max_clients: Option<u32>,
     /// DNS budget of unpaid MACs (None = unlimited DNS to the gateway).
     pub dns_budget: Option<DnsBudget>,
+    /// Rate limits of a gate opened without its own ([`Allowance::rates`] = `None`).
+    pub default_rates: Rates,
+    /// Shaped downloads get an EDT departure time for `fq` (set only once `fq` is the LAN
+    /// interface's root qdisc); without it they are policed (token bucket).
+    pub edt_down: bool,
 }
 
 impl ValveConfig {
@@ -244,6 +264,8 @@ impl ValveConfig {
             meter_only: false,
             max_clients: None,
             dns_budget: Some(DnsBudget::default()),
+            default_rates: Rates::UNLIMITED,
+            edt_down: false,
         }
     }
 
@@ -302,6 +324,9 @@ impl ValveConfig {
             c.dns_rate = b.rate;
             c.dns_burst = b.burst;
             c.dns_max_udp = b.max_udp_payload;
+        }
+        if self.edt_down && !self.meter_only {
+            c.flags |= config_flags::EDT_DOWN;
         }
         c.gateway_v4 = self.gateway_v4.map_or([0; 4], |a| a.octets());
         for (i, p) in self.tcp_ports.iter().enumerate() {
@@ -391,6 +416,8 @@ struct Maps {
     garden: LpmTrie<MapData, [u8; 16], u8>,
     verdicts: PerCpuArray<MapData, VerdictCount>,
     slots: Slots,
+    /// [`ValveConfig::default_rates`], as last configured.
+    default_rates: Rates,
 }
 
 /// Bookkeeping of the per-client slots, kept with the maps (under the same lock).
@@ -547,10 +574,15 @@ impl Valve {
             None => pinned_capacity(&dir.join(maps::POLICY))?.unwrap_or(MAX_CLIENTS),
         };
         let mut carried = resize_pinned(&dir, capacity)?;
-        let mut upgraded = false;
+        let mut upgraded_from = None;
         if carried.is_none() && !dir.join(maps::POLICY).exists() {
-            carried = upgrade_from_v2(&cfg.pin_base, capacity)?;
-            upgraded = carried.is_some();
+            carried = upgrade_from_v3(&cfg.pin_base, capacity)?;
+            if carried.is_some() {
+                upgraded_from = Some("v3");
+            } else {
+                carried = upgrade_from_v2(&cfg.pin_base, capacity)?;
+                upgraded_from = carried.is_some().then_some("v2");
+            }
         }
         let mut loader = EbpfLoader::new();
         for n in names {
@@ -598,6 +630,7 @@ impl Valve {
             verdicts: PerCpuArray::try_from(take(maps::VERDICTS)?)
                 .map_err(map_err(maps::VERDICTS))?,
             slots: Slots::default(),
+            default_rates: Rates::UNLIMITED,
         };
         let used: Vec<u32> = maps
             .policy
@@ -625,10 +658,10 @@ impl Valve {
                 capacity,
                 "per-client maps recreated; entries and counts carried over"
             );
-            if upgraded {
+            if let Some(v) = upgraded_from {
                 // Carried over for good: unpin them so no later load imports them again
                 // (the old links keep the maps alive, and enforcing, until they detach).
-                let old = cfg.pin_base.join("v2");
+                let old = cfg.pin_base.join(v);
                 unpin_all(&[&old.join(maps::POLICY), &old.join(maps::USAGE)])?;
             }
         }
@@ -816,6 +849,7 @@ impl Valve {
                 .map_err(map_err(maps::GARDEN))?;
         }
         m.config.set(0, gc, 0).map_err(map_err(maps::CONFIG))?;
+        m.default_rates = cfg.default_rates;
         Ok(())
     }
 
@@ -1044,14 +1078,68 @@ impl Valve {
         frame: &[u8],
         repeat: u32,
     ) -> Result<TestRunOutcome, ValveError> {
+        self.test_run_ctx(hook, frame, repeat, None).map(|(o, _)| o)
+    }
+
+    /// [`Valve::test_run`] of a TC program with the skb's `tstamp` set to `tstamp` (CLOCK_MONOTONIC
+    /// ns, 0 = none) going in, and the `tstamp` the program left: how the EDT departure time
+    /// is observed.
+    pub fn test_run_tstamp(
+        &self,
+        hook: Hook,
+        frame: &[u8],
+        tstamp: u64,
+    ) -> Result<(TestRunOutcome, u64), ValveError> {
+        if matches!(hook, Hook::XdpIngress | Hook::EmptyXdp) {
+            return Err(ValveError::Other("an XDP frame has no tstamp".into()));
+        }
+        let (o, t) = self.test_run_ctx(hook, frame, 1, Some((tstamp, 0)))?;
+        Ok((o, t.unwrap_or(0)))
+    }
+
+    /// [`Valve::test_run_tstamp`] of a GSO aggregate of `gso_segs` segments (the context's
+    /// `gso_segs`), tstamp 0 going in.
+    pub fn test_run_gso(
+        &self,
+        hook: Hook,
+        frame: &[u8],
+        gso_segs: u32,
+    ) -> Result<(TestRunOutcome, u64), ValveError> {
+        if matches!(hook, Hook::XdpIngress | Hook::EmptyXdp) {
+            return Err(ValveError::Other("an XDP frame has no gso_segs".into()));
+        }
+        let (o, t) = self.test_run_ctx(hook, frame, 1, Some((0, gso_segs)))?;
+        Ok((o, t.unwrap_or(0)))
+    }
+
+    fn test_run_ctx(
+        &self,
+        hook: Hook,
+        frame: &[u8],
+        repeat: u32,
+        skb: Option<(u64, u32)>,
+    ) -> Result<(TestRunOutcome, Option<u64>), ValveError> {
+        // `struct __sk_buff` (uapi, 192 bytes): `tstamp` at 152, `gso_segs` at 164.
+        const SKB_SIZE: usize = 192;
+        const TSTAMP_OFF: usize = 152;
+        const GSO_SEGS_OFF: usize = 164;
+        let mut ctx_in = [0u8; SKB_SIZE];
+        let mut ctx_out = [0u8; SKB_SIZE];
+        if let Some((t, segs)) = skb {
+            ctx_in[TSTAMP_OFF..TSTAMP_OFF + 8].copy_from_slice(&t.to_ne_bytes());
+            ctx_in[GSO_SEGS_OFF..GSO_SEGS_OFF + 4].copy_from_slice(&segs.to_ne_bytes());
+        }
         let ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
         let prog = ebpf
             .program(hook.program())
             .ok_or_else(|| ValveError::Other("program missing".into()))?;
         let mut out = vec![0u8; frame.len() + 256];
+        let with_ctx = skb.is_some();
         let opts = TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
+            ctx_in: with_ctx.then_some(&ctx_in[..]),
+            ctx_out: with_ctx.then_some(&mut ctx_out[..]),
             repeat: repeat.max(1),
             ..Default::default()
         };
@@ -1070,10 +1158,15 @@ impl Valve {
             }
         }
         .map_err(|e| ValveError::Other(format!("BPF_PROG_TEST_RUN: {e:?}")))?;
-        Ok(TestRunOutcome {
-            ret: r.return_value,
-            duration: r.duration,
-        })
+        let t = with_ctx
+            .then(|| u64::from_ne_bytes(ctx_out[TSTAMP_OFF..TSTAMP_OFF + 8].try_into().unwrap()));
+        Ok((
+            TestRunOutcome {
+                ret: r.return_value,
+                duration: r.duration,
+            },
+            t,
+        ))
     }
 
     /// Turns on the kernel's per-program run-time statistics (`BPF_ENABLE_STATS`) for as
@@ -1277,7 +1370,27 @@ impl Valve {
                 .then(|| Ipv4Addr::from(p.bound_ipv4)),
             generation: p.generation,
             usage,
+            rates: Rates {
+                down_kbit: p.rate_down as u64 / 125,
+                up_kbit: p.rate_up as u64 / 125,
+            },
         }
+    }
+
+    /// Writes `r` into a policy (bytes per second, and the upload bucket).
+    fn apply_rates(p: &mut Policy, r: Rates) {
+        p.rate_down = Rates::bytes_per_s(r.down_kbit);
+        p.rate_up = Rates::bytes_per_s(r.up_kbit);
+        p.burst_up = if p.rate_up == 0 {
+            0
+        } else {
+            Rates::burst(p.rate_up)
+        };
+        p.burst_down = if p.rate_down == 0 {
+            0
+        } else {
+            Rates::burst(p.rate_down)
+        };
     }
 
     /// A generation never used for this client: above both the old policy's and the one
@@ -1385,6 +1498,90 @@ fn resize_pinned(dir: &Path, want: u32) -> Result<Option<Carried>, ValveError> {
         to = want,
         clients = carried.len(),
         "resizing the per-client maps"
+    );
+    Ok(Some(carried))
+}
+
+/// Schema 3's gate (`<pin_base>/v3/TG_POLICY`): today's `Policy` without the rates (its
+/// counters, `Usage`, are today's: the shaping state took padding that was always zero).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct PolicyV3 {
+    flags: u32,
+    generation: u32,
+    limit_total: u64,
+    limit_up: u64,
+    limit_down: u64,
+    expires_at_ns: u64,
+    bound_ipv4: [u8; 4],
+    slot: u32,
+    bound_ipv6: [[u8; 16]; MAX_BOUND_V6],
+}
+
+// SAFETY: `#[repr(C)]`, integer/byte-array fields only, no implicit padding (112 bytes).
+unsafe impl aya::Pod for PolicyV3 {}
+
+/// A first load of this schema next to schema 3's pins (the release before): carry every
+/// client, its binding and its counts over (without rate limits, which schema 3 did not
+/// have). Schema 3's client maps are unpinned once their entries are in the new maps; its
+/// links are detached on attach.
+fn upgrade_from_v3(pin_base: &Path, want: u32) -> Result<Option<Carried>, ValveError> {
+    let old = pin_base.join("v3");
+    let (pp, up) = (old.join(maps::POLICY), old.join(maps::USAGE));
+    if !pp.exists() {
+        return Ok(None);
+    }
+    let policy: HashMap<MapData, MacKey, PolicyV3> = open_hash(&pp, maps::POLICY)?;
+    let usage: Option<Array<MapData, Usage>> = if up.exists() {
+        Some(
+            Array::try_from(aya::maps::Map::Array(
+                MapData::from_pin(&up).map_err(map_err(maps::USAGE))?,
+            ))
+            .map_err(map_err(maps::USAGE))?,
+        )
+    } else {
+        None
+    };
+    let policies: Vec<(MacKey, PolicyV3)> = policy.iter().filter_map(|kv| kv.ok()).collect();
+    if policies.len() > want as usize {
+        return Err(too_many(&old, policies.len(), want));
+    }
+    let carried: Carried = policies
+        .into_iter()
+        .map(|(k, o)| {
+            let p = Policy {
+                flags: o.flags,
+                generation: o.generation,
+                limit_total: o.limit_total,
+                limit_up: o.limit_up,
+                limit_down: o.limit_down,
+                expires_at_ns: o.expires_at_ns,
+                bound_ipv4: o.bound_ipv4,
+                slot: o.slot,
+                bound_ipv6: o.bound_ipv6,
+                ..Policy::CLOSED
+            };
+            let u = usage
+                .as_ref()
+                .and_then(|a| a.get(&o.slot, 0).ok())
+                .unwrap_or_default();
+            // Only the counters: whatever the padding held is no shaping state.
+            let u = Usage {
+                bytes_up: u.bytes_up,
+                packets_up: u.packets_up,
+                bytes_dropped: u.bytes_dropped,
+                notified_generation: u.notified_generation,
+                bytes_down: u.bytes_down,
+                packets_down: u.packets_down,
+                ..Default::default()
+            };
+            (k, p, u)
+        })
+        .collect();
+    tracing::info!(
+        clients = carried.len(),
+        from = %old.display(),
+        "schema upgrade: carrying the clients and their counts over"
     );
     Ok(Some(carried))
 }
@@ -1619,7 +1816,20 @@ impl Gates for Valve {
             bound_ipv4: a.bind_ipv4.map_or([0; 4], |ip| ip.octets()),
             slot: cur.slot,
             bound_ipv6: [[0; 16]; MAX_BOUND_V6],
+            ..Policy::CLOSED
         };
+        let mut p = p;
+        match (a.rates, old) {
+            (Some(r), _) => Self::apply_rates(&mut p, r),
+            // A top-up of an open gate keeps its rate (and its upload bucket).
+            (None, Some(o)) if o.flags & policy_flags::ALLOWED != 0 => {
+                p.rate_down = o.rate_down;
+                p.rate_up = o.rate_up;
+                p.burst_up = o.burst_up;
+                p.burst_down = o.burst_down;
+            }
+            (None, _) => Self::apply_rates(&mut p, m.default_rates),
+        }
         if let Err(e) = Self::write_policy(&mut m, mac, &key, p) {
             if old.is_none() {
                 m.slots.free.push_front((cur.slot, rested()));
@@ -1668,6 +1878,21 @@ impl Gates for Valve {
             p.expires_at_ns = base.saturating_add(add_ns);
         }
         Self::write_policy(&mut m, mac, &key, p)?;
+        let seen = Self::last_seen(&mut m, &key, &u);
+        Ok(Self::state(mac, Some(p), Some(u), seen))
+    }
+
+    fn set_rate(&self, mac: MacAddr, rates: Rates) -> Result<GateState, ValveError> {
+        let mut m = self.maps();
+        let key = MacKey::new(mac.0);
+        let Some(mut p) =
+            Self::read_policy(&m, &key)?.filter(|p| p.flags & policy_flags::ALLOWED != 0)
+        else {
+            return Err(ValveError::Other(format!("gate of {mac} is not open")));
+        };
+        Self::apply_rates(&mut p, rates);
+        Self::write_policy(&mut m, mac, &key, p)?;
+        let u = Self::read_slot(&m, p.slot)?;
         let seen = Self::last_seen(&mut m, &key, &u);
         Ok(Self::state(mac, Some(p), Some(u), seen))
     }

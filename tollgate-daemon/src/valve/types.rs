@@ -63,6 +63,43 @@ impl<'de> Deserialize<'de> for MacAddr {
     }
 }
 
+/// A client's rate limits in kbit/s of L3 traffic (1 kbit = 1000 bits); 0 = unlimited.
+/// Download is shaped (EDT + `fq`), upload policed (token bucket) in the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Rates {
+    #[serde(default)]
+    pub down_kbit: u64,
+    #[serde(default)]
+    pub up_kbit: u64,
+}
+
+impl Rates {
+    /// No limit either way.
+    pub const UNLIMITED: Rates = Rates {
+        down_kbit: 0,
+        up_kbit: 0,
+    };
+    /// The largest rate the kernel takes: `u32::MAX` bytes per second (≈ 34 Gbit/s).
+    pub const MAX_KBIT: u64 = u32::MAX as u64 / 125;
+
+    pub fn is_unlimited(&self) -> bool {
+        self.down_kbit == 0 && self.up_kbit == 0
+    }
+
+    /// L3 bytes per second the kernel enforces for `kbit` (0 = unlimited), clamped to
+    /// [`Rates::MAX_KBIT`].
+    pub fn bytes_per_s(kbit: u64) -> u32 {
+        kbit.min(Self::MAX_KBIT).saturating_mul(125) as u32
+    }
+
+    /// The token bucket of a policed direction at `bytes_per_s`: 200 ms at the rate, and at
+    /// least 128 KiB so one GSO/GRO aggregate (64 KiB) and the window TCP has in flight after
+    /// a loss fit (a smaller bucket makes TCP fall well short of the rate).
+    pub fn burst(bytes_per_s: u32) -> u32 {
+        (bytes_per_s / 5).max(128 * 1024)
+    }
+}
+
 /// What a gate allows from the moment it is opened.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Allowance {
@@ -76,6 +113,9 @@ pub struct Allowance {
     pub until_boot_ns: Option<u64>,
     /// Drop IPv4 packets from this MAC with any other source address.
     pub bind_ipv4: Option<Ipv4Addr>,
+    /// Rate limits; `None` = those of the gate already open (a top-up keeps its rate), else
+    /// the valve's default ([`super::ValveConfig::default_rates`]).
+    pub rates: Option<Rates>,
 }
 
 /// Cumulative counters the kernel keeps for one client.
@@ -109,6 +149,9 @@ pub struct GateState {
     pub bound_ipv4: Option<Ipv4Addr>,
     pub generation: u32,
     pub usage: ClientUsage,
+    /// The rate limits in force (as the kernel has them, rounded to whole kbit).
+    #[serde(default)]
+    pub rates: Rates,
 }
 
 /// The kernel shut a gate: quota used up or deadline passed. Emitted once per exhaustion.
