@@ -8,7 +8,10 @@
 //! `cargo test -p tollgate-tests --test fuzz_corpus`
 
 #[path = "../../fuzz/src/lib.rs"]
-#[allow(dead_code)]
+#[allow(
+    dead_code,
+    reason = "the replay uses the targets' checks, not every helper of the fuzz crate"
+)]
 mod targets;
 
 use std::path::{Path, PathBuf};

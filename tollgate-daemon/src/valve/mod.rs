@@ -496,6 +496,17 @@ fn rested() -> Instant {
     now.checked_sub(SLOT_QUARANTINE).unwrap_or(now)
 }
 
+/// Unpins a link the new attach superseded; a pin that is not there is fine.
+fn remove_stale_pin(path: &Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "removing a superseded link pin")
+        }
+    }
+}
+
 /// The data plane of one LAN interface.
 pub struct Valve {
     ebpf: Mutex<Ebpf>,
@@ -779,10 +790,11 @@ impl Valve {
                         .map_err(|e| err(format!("pin xdp link: {e}")))?;
                 }
             }
-            // Switching from TC to XDP: the new ingress is in place, now drop the old one.
-            let _ = std::fs::remove_file(&ingress_tc);
+            // Switching from TC to XDP: the new ingress is in place, now drop the old one
+            // (absent when there was none: nothing to drop).
+            remove_stale_pin(&ingress_tc);
         } else {
-            let _ = std::fs::remove_file(&ingress_xdp);
+            remove_stale_pin(&ingress_xdp);
         }
         Ok(())
     }
@@ -1206,8 +1218,8 @@ impl Valve {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        // The base too, if we made it and it is now empty.
-        let _ = std::fs::remove_dir(pin_base);
+        // The base too, if we made it and it is now empty (not empty, or not ours: kept).
+        std::fs::remove_dir(pin_base).ok();
         Ok(())
     }
 
@@ -1739,7 +1751,9 @@ impl WanMeter for Valve {
             .collect();
         for (k, mut p) in others {
             p.flags &= !policy_flags::METERED;
-            let _ = m.policy.insert(k, p, 0);
+            if let Err(e) = m.policy.insert(k, p, 0) {
+                tracing::warn!(mac = %MacAddr(k.addr), error = %e, "clearing another client's metered flag");
+            }
         }
         let mut c = c;
         c.gateway_v4 = peer.octets();
