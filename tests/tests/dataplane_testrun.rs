@@ -2016,3 +2016,69 @@ fn an_upgrade_from_schema_2_carries_clients_and_counts_over() {
     );
     assert_eq!(v.occupancy().0, 2);
 }
+
+/// Issue 13 (`dataplane.max_clients` set at load time): pinned client maps of another size are
+/// recreated at the configured size with every client, its gate and its counts carried over;
+/// a size below the clients held is refused and leaves the pinned maps as they were.
+#[test]
+fn a_new_max_clients_carries_the_pinned_clients_over_and_a_too_small_one_is_refused() {
+    let pins = PinBase::new("resize");
+    let cfg_of = |n: u32| {
+        let mut cfg = ValveConfig::new("lo");
+        cfg.pin_base = pins.path().to_path_buf();
+        cfg.gateway_v4 = Some(GW4);
+        cfg.max_clients = Some(n);
+        cfg
+    };
+    let v = Valve::load(&cfg_of(64)).unwrap();
+    assert_eq!(v.capacity(), 64);
+    v.open(
+        MacAddr(CLIENT),
+        Allowance {
+            bytes: Some(10_000),
+            ..Allowance::default()
+        },
+    )
+    .unwrap();
+    v.open(MacAddr(OTHER), Allowance::default()).unwrap();
+    let f = up().ipv4(CL4, NET4, udp(1, 9), 72);
+    for _ in 0..3 {
+        assert!(v
+            .test_run(Hook::TcIngress, &f, 1)
+            .unwrap()
+            .passed(Hook::TcIngress));
+    }
+    let before = v.gate(MacAddr(CLIENT)).unwrap().unwrap();
+    assert!(before.usage.bytes_up > 0);
+    drop(v);
+
+    // Grown: both clients, the gate and the counts are there, and metering goes on from them.
+    let v = Valve::load(&cfg_of(128)).unwrap();
+    assert_eq!(v.capacity(), 128);
+    let g = v.gate(MacAddr(CLIENT)).unwrap().expect("carried over");
+    let counts =
+        |u: &tollgate::valve::ClientUsage| (u.bytes_up, u.bytes_down, u.packets_up, u.packets_down);
+    assert_eq!(
+        (g.open, g.generation, counts(&g.usage), g.remaining_bytes),
+        (
+            before.open,
+            before.generation,
+            counts(&before.usage),
+            before.remaining_bytes
+        )
+    );
+    assert!(v.gate(MacAddr(OTHER)).unwrap().is_some_and(|o| o.open));
+    assert!(v
+        .test_run(Hook::TcIngress, &f, 1)
+        .unwrap()
+        .passed(Hook::TcIngress));
+    assert!(v.gate(MacAddr(CLIENT)).unwrap().unwrap().usage.bytes_up > before.usage.bytes_up);
+    drop(v);
+
+    // Shrunk below the two clients held: refused, and the maps stay as they were.
+    let err = Valve::load(&cfg_of(1)).err().expect("too small is refused");
+    assert!(err.to_string().contains("max_clients"), "{err}");
+    let v = Valve::load(&cfg_of(128)).unwrap();
+    assert!(v.gate(MacAddr(CLIENT)).unwrap().is_some());
+    assert!(v.gate(MacAddr(OTHER)).unwrap().is_some());
+}

@@ -1467,6 +1467,41 @@ fn too_many(dir: &Path, have: usize, want: u32) -> ValveError {
     ))
 }
 
+/// Every client of the per-client maps pinned in `dir` (gates of type `P` in POLICY, their
+/// counters in the USAGE slot array), refused when there are more than `want`.
+fn read_slotted<P: aya::Pod>(
+    dir: &Path,
+    want: u32,
+    slot_of: impl Fn(&P) -> u32,
+) -> Result<Vec<(MacKey, P, Usage)>, ValveError> {
+    let (pp, up) = (dir.join(maps::POLICY), dir.join(maps::USAGE));
+    let policy: HashMap<MapData, MacKey, P> = open_hash(&pp, maps::POLICY)?;
+    let usage: Option<Array<MapData, Usage>> = if up.exists() {
+        Some(
+            Array::try_from(aya::maps::Map::Array(
+                MapData::from_pin(&up).map_err(map_err(maps::USAGE))?,
+            ))
+            .map_err(map_err(maps::USAGE))?,
+        )
+    } else {
+        None
+    };
+    let policies: Vec<(MacKey, P)> = policy.iter().filter_map(|kv| kv.ok()).collect();
+    if policies.len() > want as usize {
+        return Err(too_many(dir, policies.len(), want));
+    }
+    Ok(policies
+        .into_iter()
+        .map(|(k, p)| {
+            let u = usage
+                .as_ref()
+                .and_then(|a| a.get(&slot_of(&p), 0).ok())
+                .unwrap_or_default();
+            (k, p, u)
+        })
+        .collect())
+}
+
 /// Pinned per-client maps of another size than `want`: read every entry, unpin the old maps
 /// (the loader then creates them at `want`) and hand the entries back to be re-inserted.
 /// Refused when they do not fit. The old maps stay alive (and enforcing) until the pinned
@@ -1479,31 +1514,7 @@ fn resize_pinned(dir: &Path, want: u32) -> Result<Option<Carried>, ValveError> {
     if have == want {
         return Ok(None);
     }
-    let policy: HashMap<MapData, MacKey, Policy> = open_hash(&pp, maps::POLICY)?;
-    let usage: Option<Array<MapData, Usage>> = if up.exists() {
-        Some(
-            Array::try_from(aya::maps::Map::Array(
-                MapData::from_pin(&up).map_err(map_err(maps::USAGE))?,
-            ))
-            .map_err(map_err(maps::USAGE))?,
-        )
-    } else {
-        None
-    };
-    let policies: Vec<(MacKey, Policy)> = policy.iter().filter_map(|kv| kv.ok()).collect();
-    if policies.len() > want as usize {
-        return Err(too_many(dir, policies.len(), want));
-    }
-    let carried = policies
-        .into_iter()
-        .map(|(k, p)| {
-            let u = usage
-                .as_ref()
-                .and_then(|a| a.get(&p.slot, 0).ok())
-                .unwrap_or_default();
-            (k, p, u)
-        })
-        .collect::<Vec<_>>();
+    let carried = read_slotted(dir, want, |p: &Policy| p.slot)?;
     unpin_all(&[&pp, &up])?;
     tracing::info!(
         from = have,
@@ -1539,28 +1550,13 @@ unsafe impl aya::Pod for PolicyV3 {}
 /// links are detached on attach.
 fn upgrade_from_v3(pin_base: &Path, want: u32) -> Result<Option<Carried>, ValveError> {
     let old = pin_base.join("v3");
-    let (pp, up) = (old.join(maps::POLICY), old.join(maps::USAGE));
+    let pp = old.join(maps::POLICY);
     if !pp.exists() {
         return Ok(None);
     }
-    let policy: HashMap<MapData, MacKey, PolicyV3> = open_hash(&pp, maps::POLICY)?;
-    let usage: Option<Array<MapData, Usage>> = if up.exists() {
-        Some(
-            Array::try_from(aya::maps::Map::Array(
-                MapData::from_pin(&up).map_err(map_err(maps::USAGE))?,
-            ))
-            .map_err(map_err(maps::USAGE))?,
-        )
-    } else {
-        None
-    };
-    let policies: Vec<(MacKey, PolicyV3)> = policy.iter().filter_map(|kv| kv.ok()).collect();
-    if policies.len() > want as usize {
-        return Err(too_many(&old, policies.len(), want));
-    }
-    let carried: Carried = policies
+    let carried: Carried = read_slotted(&old, want, |o: &PolicyV3| o.slot)?
         .into_iter()
-        .map(|(k, o)| {
+        .map(|(k, o, u)| {
             let p = Policy {
                 flags: o.flags,
                 generation: o.generation,
@@ -1573,10 +1569,6 @@ fn upgrade_from_v3(pin_base: &Path, want: u32) -> Result<Option<Carried>, ValveE
                 bound_ipv6: o.bound_ipv6,
                 ..Policy::CLOSED
             };
-            let u = usage
-                .as_ref()
-                .and_then(|a| a.get(&o.slot, 0).ok())
-                .unwrap_or_default();
             // Only the counters: whatever the padding held is no shaping state.
             let u = Usage {
                 bytes_up: u.bytes_up,
