@@ -29,10 +29,7 @@ use std::{
 };
 
 use tollgate_tests::{
-    gateway::{http, in_ns, json_body, ns_runtime, tag, Daemon, DaemonSpec},
-    mint::TestMint,
-    netns::{Lab3, GW_LAN_IP, LAN_IFACE},
-    pins::PinBase,
+    gateway::{http, in_ns, json_body, tag, GatewayLab},
     tollgate_bin,
 };
 
@@ -150,12 +147,15 @@ fn tg(args: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn a_stalled_mint_holds_neither_the_working_mints_customers_nor_its_wallet() {
-    let lab = Lab3::new("stl");
-    let pins = PinBase::new("stl");
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (config_dir, state_dir) = (tmp.path().join("etc"), tmp.path().join("state"));
-    let rt = ns_runtime(&lab.gateway);
-    let mint = Arc::new(in_ns(&lab.gateway, &rt, || TestMint::start(0)));
+    let g = GatewayLab::new("stl");
+    let GatewayLab {
+        lab,
+        config_dir,
+        state_dir,
+        rt,
+        mint,
+        ..
+    } = &g;
     let stalled = StalledMint::start(lab.gateway.run(StalledMint::bind));
     let offer = |url: &str| {
         serde_json::json!({"url": url, "price_per_step": 1, "price_unit": "sat",
@@ -163,7 +163,7 @@ fn a_stalled_mint_holds_neither_the_working_mints_customers_nor_its_wallet() {
             "payout_interval_seconds": 3600, "balance_tolerance_percent": 10})
     };
     tollgate_tests::gateway::write_config_value(
-        &config_dir,
+        config_dir,
         &serde_json::json!({
             "config_version": "v0.0.8", "metric": "bytes", "step_size": 1000,
             "accepted_mints": [offer(&mint.url()), offer(&stalled.url())],
@@ -171,22 +171,12 @@ fn a_stalled_mint_holds_neither_the_working_mints_customers_nor_its_wallet() {
             "reseller_mode": false
         }),
     );
-    let daemon = Daemon::start_with(&DaemonSpec {
-        gateway: &lab.gateway,
-        lan_peer: &lab.client,
-        lan_iface: LAN_IFACE,
-        wan_iface: None,
-        listen: SocketAddr::from((GW_LAN_IP, 2121)),
-        admin_listen: SocketAddr::from(([127, 0, 0, 1], 2122)),
-        config_dir: &config_dir,
-        state_dir: &state_dir,
-        pins: &pins,
-    });
+    let daemon = g.start();
     let sock = state_dir.join("control.sock");
     let sock = sock.to_str().expect("utf-8 path");
     let (good, fake) = {
         let m = mint.clone();
-        in_ns(&lab.gateway, &rt, move || async move {
+        in_ns(&lab.gateway, rt, move || async move {
             (m.mint_token(100).await, m.mint_token(100).await)
         })
     };

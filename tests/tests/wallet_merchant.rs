@@ -12,34 +12,29 @@
 //!    the mint, and its owner redeems it afterwards.
 //! 4. The wallet holds both tokens once, checked at the mint.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use tollgate_tests::{
     crash::{audit, token_spent},
-    gateway::{http, in_ns, ns_runtime, tg, tg_json, write_config, Daemon},
-    mint::{GateMode, TestMint},
-    netns::Lab3,
-    pins::PinBase,
+    gateway::{http, in_ns, tg, tg_json, GatewayLab},
+    mint::GateMode,
 };
 
 const STEP: u64 = 1_000;
 
 #[test]
 fn a_token_is_credited_once_between_operator_and_customer() {
-    let lab = Lab3::new("wm");
-    let pins = PinBase::new("wm");
-    let tmp = tempfile::tempdir().unwrap();
-    let (config_dir, state_dir) = (tmp.path().join("etc"), tmp.path().join("state"));
-    let rt = ns_runtime(&lab.gateway);
-    let mint = Arc::new(in_ns(&lab.gateway, &rt, || TestMint::start(0)));
-    let token_of = |amount: u64| {
-        let m = mint.clone();
-        in_ns(&lab.gateway, &rt, move || async move {
-            m.mint_token(amount).await
-        })
-    };
+    let g = GatewayLab::new("wm");
+    let GatewayLab {
+        lab,
+        state_dir,
+        rt,
+        mint,
+        ..
+    } = &g;
+    let token_of = |amount: u64| g.token(amount);
     // Price 1 sat/step, purchase_min_steps 10.
-    write_config(&config_dir, "bytes", STEP, &[(&mint.url(), 1)]);
+    g.write_config("bytes", STEP);
     let state = state_dir.to_str().unwrap().to_string();
     let sock = state_dir.join("control.sock");
     let sock = sock.to_str().unwrap().to_string();
@@ -60,7 +55,7 @@ fn a_token_is_credited_once_between_operator_and_customer() {
             "{ctx}: the customer got a session: {clients}"
         );
     };
-    let _daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
+    let _daemon = g.start();
 
     // 1. The race.
     let token = token_of(200);
@@ -77,7 +72,7 @@ fn a_token_is_credited_once_between_operator_and_customer() {
     };
     let held = {
         let m = mint.clone();
-        in_ns(&lab.gateway, &rt, move || async move {
+        in_ns(&lab.gateway, rt, move || async move {
             m.gate().wait_held(seen, Duration::from_secs(30)).await
         })
     };
@@ -91,7 +86,7 @@ fn a_token_is_credited_once_between_operator_and_customer() {
         let done = mint.gate().finished_count();
         mint.gate().release();
         let m = mint.clone();
-        let finished = in_ns(&lab.gateway, &rt, move || async move {
+        let finished = in_ns(&lab.gateway, rt, move || async move {
             m.gate().wait_finished(done, Duration::from_secs(30)).await
         });
         assert!(finished, "the held check never finished");
@@ -128,7 +123,7 @@ fn a_token_is_credited_once_between_operator_and_customer() {
     assert!(body.contains("not redeemed"), "{st} {body}");
     no_session("below minimum");
     let (m, t) = (mint.clone(), small.clone());
-    let got = in_ns(&lab.gateway, &rt, move || async move {
+    let got = in_ns(&lab.gateway, rt, move || async move {
         assert!(!token_spent(&m, &t).await, "the small token was redeemed");
         let owner = m.new_wallet().await;
         let got: u64 = owner
@@ -144,7 +139,7 @@ fn a_token_is_credited_once_between_operator_and_customer() {
     let (m, dir) = (mint.clone(), state_dir.clone());
     let a = in_ns(
         &lab.gateway,
-        &rt,
+        rt,
         move || async move { audit(&dir, &m).await },
     );
     assert_eq!((a.phantom, a.stuck), (0, 0), "{a:?}");
