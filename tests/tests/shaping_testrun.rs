@@ -544,6 +544,37 @@ fn xdp_ingress_polices_uploads_too() {
     assert!(l.valve.verdicts().unwrap().packets(Verdict::DropRateUp) >= 1);
 }
 
+/// 9. The rate limits read the coarse clock from a per-CPU copy refreshed once per tick (no
+///    helper call per packet): after each pause (20 ms and more, five ticks at HZ = 250) the
+///    departure of an idle shaped client is "now" again, within a tick of CLOCK_MONOTONIC. A
+///    copy that was not refreshed at the next tick would leave it tens of ms in the past.
+#[test]
+fn the_clock_copy_follows_the_clock_across_ticks() {
+    let l = lab("shclock");
+    l.open(
+        CLIENT,
+        Rates {
+            down_kbit: Rates::MAX_KBIT,
+            up_kbit: 0,
+        },
+    );
+    let f = down(CLIENT, 1000);
+    let mut last = 0;
+    for i in 0..8 {
+        std::thread::sleep(std::time::Duration::from_millis(20 + 7 * i));
+        let before = mono();
+        let (v, t) = l.egress(&f, 0);
+        let after = mono();
+        assert_eq!(v, Verdict::PassPaid);
+        assert!(
+            (before - TICK_NS..=after).contains(&t),
+            "pause {i}: the departure is now: {before} - tick <= {t} <= {after}"
+        );
+        assert!(t > last, "monotonic");
+        last = t;
+    }
+}
+
 /// 8. Schema 3 → 4: a load next to schema 3's pins carries every client (gate, binding,
 ///    generation, counts) into the new layout without a rate, and unpins the old client
 ///    maps (old code: schema 3 was the current one; a v4 load started from empty maps).
