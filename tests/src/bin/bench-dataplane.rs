@@ -13,8 +13,9 @@
 //!    on ──> run_time_ns / run_cnt of each program under real traffic
 //! ```
 //! 4. rate limits (issue 15, [`shaping_table`]): the paid packet cost unshaped, with EDT and
-//!    policed, interleaved like 1.; one iperf3 run of a client capped at 5 Mbit/s down
-//!    ──> its rate error (`--shaping-only` runs just this part and prints it)
+//!    policed, interleaved like 1.; a client capped at 5 Mbit/s down and 2 Mbit/s up among
+//!    1 000 other shaped clients, one iperf3 flow each way ──> its rate errors
+//!    (`--shaping-only` runs just this part and prints it)
 //!
 //! `--quick` cuts every count (for development; the report says so); `--clients 1,10000` picks
 //! the client counts; `--throughput-only` skips 1–2 (the report keeps the last run's tables);
@@ -124,8 +125,13 @@ fn dummy_mac(i: u32) -> MacAddr {
 }
 
 fn fill(valve: &Valve, n: u32) -> Result<()> {
+    fill_with(valve, n, Allowance::default())
+}
+
+/// [`fill`] with every dummy client opened with `a` (e.g. shaped).
+fn fill_with(valve: &Valve, n: u32, a: Allowance) -> Result<()> {
     for i in 0..n {
-        valve.open(dummy_mac(i), Allowance::default())?;
+        valve.open(dummy_mac(i), a)?;
         if i > 0 && i % 200_000 == 0 {
             eprintln!("[bench]   {i} entries");
         }
@@ -967,7 +973,8 @@ fn shaping_table(o: &Opts, out: &mut String) -> Result<()> {
     writeln!(out)?;
     drop((edt, pol));
 
-    // One capped client, real traffic: the rate error.
+    // Real traffic: the measured client capped among SHAPED_NEIGHBOURS other shaped clients
+    // (idle: the maps hold them, as a café's do); its rate error each way.
     let lab = Lab3::new("bshape");
     let pins = PinBase::new("bench-shape-rate");
     let mut gcfg = gateway_cfg(&pins, 4096);
@@ -976,66 +983,102 @@ fn shaping_table(o: &Opts, out: &mut String) -> Result<()> {
         .run(|| tollgate::shaping::Lan::prepare(LAN_IFACE, false))?;
     gcfg.edt_down = mode.mode() == tollgate::shaping::DownMode::Edt;
     let valve = attach(&lab, &gcfg)?;
-    let kbit = 5_000;
-    valve.open(
-        MacAddr(lab.client_mac()),
+    let neighbour = Rates {
+        down_kbit: 10_000,
+        up_kbit: 10_000,
+    };
+    fill_with(
+        &valve,
+        SHAPED_NEIGHBOURS,
         Allowance {
-            rates: Some(Rates {
-                down_kbit: kbit,
-                up_kbit: kbit,
-            }),
+            rates: Some(neighbour),
             ..Default::default()
         },
     )?;
-    let mut server = lab
-        .upstream
-        .command("iperf3")
-        .args(["-s", "-1", "-B", "10.78.0.2"])
-        .stdout(std::process::Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(500));
+    let (down_kbit, up_kbit) = (5_000, 2_000);
+    valve.open(
+        MacAddr(lab.client_mac()),
+        Allowance {
+            rates: Some(Rates { down_kbit, up_kbit }),
+            ..Default::default()
+        },
+    )?;
     let secs = if o.quick { 5 } else { 10 };
-    let res = lab
-        .client
-        .command("iperf3")
-        .args([
-            "-c",
-            "10.78.0.2",
-            "-R",
-            "-O",
-            "2",
-            "-J",
-            "-t",
-            &secs.to_string(),
-        ])
-        .output();
-    let _ = server.kill();
-    let _ = server.wait();
-    let outp = res.context("iperf3 client")?;
-    let v: serde_json::Value = serde_json::from_slice(&outp.stdout)?;
-    let bps = v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("iperf3 json")?;
     // The cap is on L3 bytes; iperf3 counts TCP payload (1448 of 1500 per segment).
-    let want = kbit as f64 * 1000.0 * 1448.0 / 1500.0;
+    let payload = 1448.0 / 1500.0;
+    let mut rows = Vec::new();
+    for (dir, kbit, reverse) in [("download", down_kbit, true), ("upload", up_kbit, false)] {
+        let bps = iperf_one(&lab, secs, reverse)?;
+        let want = kbit as f64 * 1000.0 * payload;
+        rows.push((dir, kbit, bps, want));
+    }
     writeln!(
         out,
-        "### Rate limits: one client capped at {kbit} kbit/s down, iperf3 -R {secs} s (+2 omitted)\n"
+        "### Rate limits: one client capped at {down_kbit} kbit/s down and {up_kbit} kbit/s up \
+         among {SHAPED_NEIGHBOURS} other shaped clients (each capped at {} kbit/s), one iperf3 \
+         TCP flow each way, {secs} s (+2 omitted)\n",
+        neighbour.down_kbit
     )?;
     writeln!(
         out,
-        "| download held by | goodput Mbit/s | expected | error |"
+        "Download held by {:?}; upload policed. Expected = the cap × 1448/1500 (iperf3 counts \
+         TCP payload, the cap L3 bytes).\n",
+        mode.mode()
     )?;
-    writeln!(out, "|---|---:|---:|---:|")?;
     writeln!(
         out,
-        "| {:?} | {:.3} | {:.3} | {:+.1} % |\n",
-        mode.mode(),
-        bps / 1e6,
-        want / 1e6,
-        (bps / want - 1.0) * 100.0
+        "| direction | cap kbit/s | goodput Mbit/s | expected | error |"
+    )?;
+    writeln!(out, "|---|---:|---:|---:|---:|")?;
+    for (dir, kbit, bps, want) in &rows {
+        writeln!(
+            out,
+            "| {dir} | {kbit} | {:.3} | {:.3} | {:+.1} % |",
+            bps / 1e6,
+            want / 1e6,
+            (bps / want - 1.0) * 100.0
+        )?;
+    }
+    let sum: f64 = rows.iter().map(|r| r.2).sum();
+    let sum_want: f64 = rows.iter().map(|r| r.3).sum();
+    writeln!(
+        out,
+        "| both (aggregate) | {} | {:.3} | {:.3} | {:+.1} % |\n",
+        down_kbit + up_kbit,
+        sum / 1e6,
+        sum_want / 1e6,
+        (sum / sum_want - 1.0) * 100.0
     )?;
     detach(valve);
     let _ = mode.remove();
     Ok(())
+}
+
+/// Other shaped clients in the maps beside the measured one in the rate-error row.
+const SHAPED_NEIGHBOURS: u32 = 1_000;
+
+/// One TCP flow from the client to the upstream (`reverse`: the download) for `secs` after 2
+/// omitted: the receiver's bits per second.
+fn iperf_one(lab: &Lab3, secs: u32, reverse: bool) -> Result<f64> {
+    let _server = Server(
+        lab.upstream
+            .command("iperf3")
+            .args(["-s", "-1", "-B", "10.78.0.2"])
+            .stdout(std::process::Stdio::null())
+            .spawn()?,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let mut cmd = lab.client.command("iperf3");
+    cmd.args(["-c", "10.78.0.2", "-O", "2", "-J", "-t", &secs.to_string()]);
+    if reverse {
+        cmd.arg("-R");
+    }
+    let outp = cmd.output().context("iperf3 client")?;
+    let v: serde_json::Value = serde_json::from_slice(&outp.stdout)?;
+    if let Some(e) = v["error"].as_str() {
+        bail!("iperf3: {e}");
+    }
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 json")
 }
