@@ -15,6 +15,7 @@ pub mod netns;
 pub mod nftarm;
 pub mod pins;
 pub mod refpeer;
+pub mod testrun;
 pub mod web;
 pub mod wire;
 

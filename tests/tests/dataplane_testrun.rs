@@ -15,6 +15,7 @@ use tollgate::valve::{
 use tollgate_tests::{
     frames::{l3_len, padded, Frame, BROADCAST, L4},
     pins::PinBase,
+    testrun::{self, OldPins},
 };
 
 const CLIENT: [u8; 6] = [0x02, 0, 0, 0, 0, 0x11];
@@ -46,19 +47,17 @@ fn lab(tag: &str) -> Lab {
 
 /// [`lab`] with a change to the valve configuration.
 fn lab_with(tag: &str, change: impl FnOnce(&mut ValveConfig)) -> Lab {
-    let pins = PinBase::new(tag);
-    let mut cfg = ValveConfig::new("lo");
-    cfg.pin_base = pins.path().to_path_buf();
-    cfg.gateway_v4 = Some(GW4);
-    cfg.gateway_v6 = vec![gw6(), "fe80::1".parse().unwrap()];
-    cfg.tcp_ports = vec![2121, 8080];
-    cfg.garden = vec![
-        "203.0.113.0/24".parse().unwrap(),
-        "2001:db8:ffff::/48".parse().unwrap(),
-    ];
-    cfg.portal_mark = Some(0x7467);
-    change(&mut cfg);
-    let valve = Valve::load(&cfg).expect("load the eBPF object (root and BPF required)");
+    let (valve, pins) = testrun::load(tag, |cfg| {
+        cfg.gateway_v4 = Some(GW4);
+        cfg.gateway_v6 = vec![gw6(), "fe80::1".parse().unwrap()];
+        cfg.tcp_ports = vec![2121, 8080];
+        cfg.garden = vec![
+            "203.0.113.0/24".parse().unwrap(),
+            "2001:db8:ffff::/48".parse().unwrap(),
+        ];
+        cfg.portal_mark = Some(0x7467);
+        change(cfg);
+    });
     Lab { valve, _pins: pins }
 }
 
@@ -1699,13 +1698,7 @@ fn random_and_mutated_frames_pass_only_the_garden() {
 fn policy_map(
     l: &Lab,
 ) -> aya::maps::HashMap<aya::maps::MapData, tollgate_common::MacKey, tollgate_common::Policy> {
-    let path = l._pins.path().join(format!(
-        "v{}/{}",
-        tollgate_common::SCHEMA_VERSION,
-        tollgate_common::maps::POLICY
-    ));
-    let md = aya::maps::MapData::from_pin(&path).expect("pinned policy map");
-    aya::maps::HashMap::try_from(aya::maps::Map::HashMap(md)).expect("a hash map")
+    testrun::policy_map(&l._pins)
 }
 
 /// Item 9. The exhaustion claim only moves the generation forward: a CPU still holding an
@@ -1902,38 +1895,10 @@ fn a_million_clients_fit_and_are_each_found() {
 #[test]
 fn an_upgrade_from_schema_2_carries_clients_and_counts_over() {
     let pins = PinBase::new("v2up");
-    let old = pins.path().join("v2");
-    std::fs::create_dir_all(&old).unwrap();
-    let bpftool = |args: &[&str]| {
-        let o = std::process::Command::new("bpftool")
-            .args(args)
-            .output()
-            .expect("bpftool");
-        assert!(o.status.success(), "bpftool {args:?}: {o:?}");
-    };
-    let hex = |b: &[u8]| b.iter().map(|x| format!("{x}")).collect::<Vec<_>>();
-    let pp = old.join("TG_POLICY");
-    let upp = old.join("TG_USAGE");
-    let (ps, us) = (pp.to_str().unwrap(), upp.to_str().unwrap());
-    bpftool(&[
-        "map",
-        "create",
-        ps,
-        "type",
-        "hash",
-        "key",
-        "8",
-        "value",
-        "48",
-        "entries",
-        "64",
-        "name",
-        "TG_POLICY",
-    ]);
-    bpftool(&[
-        "map", "create", us, "type", "hash", "key", "8", "value", "56", "entries", "64", "name",
-        "TG_USAGE",
-    ]);
+    let old = OldPins::new(&pins, "v2");
+    let (pp, upp) = (old.path("TG_POLICY"), old.path("TG_USAGE"));
+    old.create("TG_POLICY", "hash", 8, 48, 64);
+    old.create("TG_USAGE", "hash", 8, 56, 64);
     let key = |m: [u8; 6]| [m[0], m[1], m[2], m[3], m[4], m[5], 0, 0];
     // v2 Policy: flags, generation, limit_total, limit_up, limit_down, expires, bound, pad.
     let mut pol = Vec::new();
@@ -1953,20 +1918,9 @@ fn an_upgrade_from_schema_2_carries_clients_and_counts_over() {
     use_.extend(0u32.to_le_bytes());
     use_.extend(77u64.to_le_bytes());
     for (m, u) in [(CLIENT, true), (OTHER, false)] {
-        let k = hex(&key(m));
-        let mut args = vec!["map", "update", "pinned", ps, "key"];
-        args.extend(k.iter().map(String::as_str));
-        args.push("value");
-        let v = hex(&pol);
-        args.extend(v.iter().map(String::as_str));
-        bpftool(&args);
+        old.update("TG_POLICY", &key(m), &pol);
         if u {
-            let mut args = vec!["map", "update", "pinned", us, "key"];
-            args.extend(k.iter().map(String::as_str));
-            args.push("value");
-            let v = hex(&use_);
-            args.extend(v.iter().map(String::as_str));
-            bpftool(&args);
+            old.update("TG_USAGE", &key(m), &use_);
         }
     }
     let mut cfg = ValveConfig::new("lo");

@@ -10,10 +10,11 @@
 use std::{net::Ipv4Addr, time::Instant};
 
 use tollgate::valve::{Allowance, Gates, Hook, MacAddr, Rates, Valve, ValveConfig, Verdict};
-use tollgate_common::{maps, MacKey, Policy, Usage, SCHEMA_VERSION};
+use tollgate_common::Usage;
 use tollgate_tests::{
     frames::{Frame, L4},
     pins::PinBase,
+    testrun::{self, OldPins},
 };
 
 const CLIENT: [u8; 6] = [0x02, 0, 0, 0, 0, 0x31];
@@ -38,12 +39,10 @@ fn lab(tag: &str) -> Lab {
 }
 
 fn lab_with(tag: &str, edt_down: bool) -> Lab {
-    let pins = PinBase::new(tag);
-    let mut cfg = ValveConfig::new("lo");
-    cfg.pin_base = pins.path().to_path_buf();
-    cfg.gateway_v4 = Some(GW4);
-    cfg.edt_down = edt_down;
-    let valve = Valve::load(&cfg).expect("load the eBPF object (root and BPF required)");
+    let (valve, pins) = testrun::load(tag, |cfg| {
+        cfg.gateway_v4 = Some(GW4);
+        cfg.edt_down = edt_down;
+    });
     Lab { valve, pins }
 }
 
@@ -122,17 +121,7 @@ impl Lab {
     /// The client's raw USAGE slot (the kernel's shaping state included), read behind the
     /// valve's back from the pins.
     fn raw_usage(&self, mac: [u8; 6]) -> Usage {
-        let dir = self.pins.path().join(format!("v{SCHEMA_VERSION}"));
-        let pol: aya::maps::HashMap<_, MacKey, Policy> = aya::maps::HashMap::try_from(
-            aya::maps::Map::HashMap(aya::maps::MapData::from_pin(dir.join(maps::POLICY)).unwrap()),
-        )
-        .unwrap();
-        let slot = pol.get(&MacKey::new(mac), 0).expect("policy").slot;
-        let usage: aya::maps::Array<_, Usage> = aya::maps::Array::try_from(aya::maps::Map::Array(
-            aya::maps::MapData::from_pin(dir.join(maps::USAGE)).unwrap(),
-        ))
-        .unwrap();
-        usage.get(&slot, 0).expect("usage slot")
+        testrun::raw_usage(&self.pins, mac)
     }
 }
 
@@ -581,39 +570,10 @@ fn the_clock_copy_follows_the_clock_across_ticks() {
 #[test]
 fn an_upgrade_from_schema_3_carries_clients_and_counts_over() {
     let pins = PinBase::new("v3up");
-    let old = pins.path().join("v3");
-    std::fs::create_dir_all(&old).unwrap();
-    let bpftool = |args: Vec<String>| {
-        let o = std::process::Command::new("bpftool")
-            .args(&args)
-            .output()
-            .expect("bpftool");
-        assert!(o.status.success(), "bpftool {args:?}: {o:?}");
-    };
-    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    let dec = |b: &[u8]| b.iter().map(|x| format!("{x}")).collect::<Vec<_>>();
-    let pp = old.join("TG_POLICY");
-    let up_ = old.join("TG_USAGE");
-    let (ps, us) = (pp.to_str().unwrap(), up_.to_str().unwrap());
-    bpftool(s(&[
-        "map",
-        "create",
-        ps,
-        "type",
-        "hash",
-        "key",
-        "8",
-        "value",
-        "112",
-        "entries",
-        "64",
-        "name",
-        "TG_POLICY",
-    ]));
-    bpftool(s(&[
-        "map", "create", us, "type", "array", "key", "4", "value", "128", "entries", "64", "name",
-        "TG_USAGE",
-    ]));
+    let old = OldPins::new(&pins, "v3");
+    let (pp, up_) = (old.path("TG_POLICY"), old.path("TG_USAGE"));
+    old.create("TG_POLICY", "hash", 8, 112, 64);
+    old.create("TG_USAGE", "array", 4, 128, 64);
     // v3 Policy: flags, generation, limits, expires, bound_ipv4, slot, bound_ipv6.
     let mut pol = Vec::new();
     pol.extend(3u32.to_le_bytes()); // ALLOWED | BIND_IPV4
@@ -641,16 +601,8 @@ fn an_upgrade_from_schema_3_carries_clients_and_counts_over() {
     let key = [
         CLIENT[0], CLIENT[1], CLIENT[2], CLIENT[3], CLIENT[4], CLIENT[5], 0, 0,
     ];
-    let mut a = s(&["map", "update", "pinned", ps, "key"]);
-    a.extend(dec(&key));
-    a.push("value".into());
-    a.extend(dec(&pol));
-    bpftool(a);
-    let mut a = s(&["map", "update", "pinned", us, "key"]);
-    a.extend(dec(&7u32.to_le_bytes()));
-    a.push("value".into());
-    a.extend(dec(&u));
-    bpftool(a);
+    old.update("TG_POLICY", &key, &pol);
+    old.update("TG_USAGE", &7u32.to_le_bytes(), &u);
 
     let mut cfg = ValveConfig::new("lo");
     cfg.pin_base = pins.path().to_path_buf();

@@ -1,0 +1,119 @@
+//! `BPF_PROG_TEST_RUN` labs: the data plane loaded (never attached) on `lo` with its own pins,
+//! its pinned maps read behind the valve's back, and an older schema's pins made with bpftool
+//! for the upgrade tests.
+//!
+//! ```text
+//!  load(tag, |cfg| ..)          ──> Valve::load on lo, pins under a fresh PinBase
+//!  policy_map(&pins) / raw_usage(&pins, mac)
+//!                               <── the current schema's pinned POLICY / USAGE[slot]
+//!  OldPins::new(&pins, "v3")    ──> <pins>/v3/: `create` maps, `update` entries (bpftool),
+//!                                   in whatever layout the test writes byte by byte
+//! ```
+
+use std::path::PathBuf;
+
+use aya::maps::{Array, HashMap, Map, MapData};
+use tollgate::valve::{Valve, ValveConfig};
+use tollgate_common::{maps, MacKey, Policy, Usage, SCHEMA_VERSION};
+
+use crate::pins::PinBase;
+
+/// Loads the data plane on `lo` (for `BPF_PROG_TEST_RUN`) with pins under a fresh
+/// [`PinBase`] named after `tag`; `change` sets the rest of the configuration.
+pub fn load(tag: &str, change: impl FnOnce(&mut ValveConfig)) -> (Valve, PinBase) {
+    let pins = PinBase::new(tag);
+    let mut cfg = ValveConfig::new("lo");
+    cfg.pin_base = pins.path().to_path_buf();
+    change(&mut cfg);
+    let valve = Valve::load(&cfg).expect("load the eBPF object (root and BPF required)");
+    (valve, pins)
+}
+
+/// The pinned POLICY map of the current schema, opened behind the valve's back.
+pub fn policy_map(pins: &PinBase) -> HashMap<MapData, MacKey, Policy> {
+    let path = pins
+        .path()
+        .join(format!("v{SCHEMA_VERSION}"))
+        .join(maps::POLICY);
+    let md = MapData::from_pin(&path).expect("pinned policy map");
+    HashMap::try_from(Map::HashMap(md)).expect("a hash map")
+}
+
+/// The raw USAGE slot of `mac` (the kernel's shaping state included), read from the pins.
+pub fn raw_usage(pins: &PinBase, mac: [u8; 6]) -> Usage {
+    let slot = policy_map(pins)
+        .get(&MacKey::new(mac), 0)
+        .expect("policy")
+        .slot;
+    let path = pins
+        .path()
+        .join(format!("v{SCHEMA_VERSION}"))
+        .join(maps::USAGE);
+    let usage: Array<MapData, Usage> = Array::try_from(Map::Array(
+        MapData::from_pin(&path).expect("pinned usage map"),
+    ))
+    .expect("an array");
+    usage.get(&slot, 0).expect("usage slot")
+}
+
+/// An older schema's pin directory (`<pins>/<version>/`), filled with bpftool the way that
+/// release's daemon left it, for the upgrade tests.
+pub struct OldPins {
+    dir: PathBuf,
+}
+
+impl OldPins {
+    pub fn new(pins: &PinBase, version: &str) -> Self {
+        let dir = pins.path().join(version);
+        std::fs::create_dir_all(&dir).expect("old schema pin dir");
+        Self { dir }
+    }
+
+    /// Where `map` is pinned.
+    pub fn path(&self, map: &str) -> PathBuf {
+        self.dir.join(map)
+    }
+
+    /// `bpftool map create` of `map` (`kind`: hash, array, ...), pinned and named `map`.
+    pub fn create(&self, map: &str, kind: &str, key: usize, value: usize, entries: u32) {
+        let path = self.path(map);
+        bpftool(&[
+            "map".into(),
+            "create".into(),
+            path.to_string_lossy().into_owned(),
+            "type".into(),
+            kind.into(),
+            "key".into(),
+            key.to_string(),
+            "value".into(),
+            value.to_string(),
+            "entries".into(),
+            entries.to_string(),
+            "name".into(),
+            map.into(),
+        ]);
+    }
+
+    /// `bpftool map update` of one entry, key and value as raw bytes.
+    pub fn update(&self, map: &str, key: &[u8], value: &[u8]) {
+        let mut args: Vec<String> = vec![
+            "map".into(),
+            "update".into(),
+            "pinned".into(),
+            self.path(map).to_string_lossy().into_owned(),
+            "key".into(),
+        ];
+        args.extend(key.iter().map(|b| b.to_string()));
+        args.push("value".into());
+        args.extend(value.iter().map(|b| b.to_string()));
+        bpftool(&args);
+    }
+}
+
+fn bpftool(args: &[String]) {
+    let o = std::process::Command::new("bpftool")
+        .args(args)
+        .output()
+        .expect("bpftool");
+    assert!(o.status.success(), "bpftool {args:?}: {o:?}");
+}
