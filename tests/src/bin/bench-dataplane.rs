@@ -16,6 +16,8 @@
 //!    policed, interleaved like 1.; a client capped at 5 Mbit/s down and 2 Mbit/s up among
 //!    1 000 other shaped clients, one iperf3 flow each way ──> its rate errors
 //!    (`--shaping-only` runs just this part and prints it)
+//! 5. a non-linear skb against its linear twin through the attached TC ingress program
+//!    ([`nonlinear_table`], `--nonlinear-only`) ──> run_time_ns / run_cnt of each
 //!
 //! `--quick` cuts every count (for development; the report says so); `--clients 1,10000` picks
 //! the client counts; `--throughput-only` skips 1–2 (the report keeps the last run's tables);
@@ -833,6 +835,11 @@ fn main() -> Result<()> {
             ""
         }
     )?;
+    if std::env::args().any(|a| a == "--nonlinear-only") {
+        nonlinear_table(&o, &mut out)?;
+        print!("{out}");
+        return Ok(());
+    }
     if std::env::args().any(|a| a == "--shaping-only") {
         shaping_table(&o, &mut out)?;
         print!("{out}");
@@ -857,6 +864,7 @@ fn main() -> Result<()> {
         throughput_table(&o, &mut out)?;
     }
     shaping_table(&o, &mut out)?;
+    nonlinear_table(&o, &mut out)?;
     print!("{out}");
     let path = tollgate_tests::bench::write_section("## Data plane", &out)?;
     eprintln!("[bench] wrote {path}");
@@ -1081,4 +1089,84 @@ fn iperf_one(lab: &Lab3, secs: u32, reverse: bool) -> Result<f64> {
     v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .context("iperf3 json")
+}
+
+/// A paid upload whose headers are outside the linear area (only the Ethernet header linear,
+/// as after GRO; `frames::send_nonlinear`) against its linear twin, through the attached TC
+/// ingress program on a veth: `BPF_PROG_TEST_RUN` cannot build such an skb, so the cost is
+/// the kernel's `run_time_ns / run_cnt` (BPF_ENABLE_STATS, which adds its own two clock
+/// reads per run to both arms), the arms interleaved in rounds.
+fn nonlinear_table(o: &Opts, out: &mut String) -> Result<()> {
+    use tollgate_tests::{
+        frames::send_nonlinear,
+        netns::{CLIENT_IP, UPSTREAM_IP},
+    };
+    let lab = Lab3::new("bnonlin");
+    for (ns, dev) in [(&lab.client, "eth0"), (&lab.gateway, LAN_IFACE)] {
+        ns.ip(&["link", "set", dev, "mtu", "9000"]);
+    }
+    let pins = PinBase::new("bench-nonlin");
+    let valve = attach(&lab, &gateway_cfg(&pins, 4096))?;
+    let mac = lab.client_mac();
+    let gw_mac = lab.gateway.mac(LAN_IFACE);
+    valve.open(MacAddr(mac), Allowance::default())?;
+    let udp = L4::Udp {
+        sport: 4000,
+        dport: 9,
+    };
+    // 6000 L3 bytes: more than a page, so AF_PACKET leaves only the 14-byte Ethernet header
+    // linear; 1500: the whole frame linear. Same headers, same verdict (paid).
+    let nonlinear = Frame::new(mac, gw_mac).ipv4(CLIENT_IP, UPSTREAM_IP, udp.clone(), 6000 - 28);
+    let linear = Frame::new(mac, gw_mac).ipv4(CLIENT_IP, UPSTREAM_IP, udp, 1500 - 28);
+    let (rounds, per_round) = if o.quick { (5, 200) } else { (15, 1000) };
+    let _stats = Valve::enable_run_stats()?;
+    let mut samples: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for r in 0..rounds {
+        eprintln!("[bench] non-linear round {}/{rounds}", r + 1);
+        for (i, f) in [&linear, &nonlinear].into_iter().enumerate() {
+            let (t0, n0) = valve.run_stats(Hook::TcIngress)?;
+            let f = f.clone();
+            lab.client.run(move || -> std::io::Result<()> {
+                for _ in 0..per_round {
+                    send_nonlinear("eth0", &f)?;
+                }
+                Ok(())
+            })?;
+            let (t1, n1) = valve.run_stats(Hook::TcIngress)?;
+            if n1 > n0 {
+                samples[i].push((t1 - t0) as f64 / (n1 - n0) as f64);
+            }
+        }
+    }
+    let v = valve.verdicts()?;
+    writeln!(
+        out,
+        "### Non-linear skb: a paid upload with its headers outside the linear area, real \
+         TC ingress on a veth ({rounds} rounds × {per_round} frames per arm, interleaved; \
+         `BPF_ENABLE_STATS` run_time_ns / run_cnt, its own clock reads included)\n"
+    )?;
+    writeln!(out, "| frame | median ns per run | IQR ns |")?;
+    writeln!(out, "|---|---:|---:|")?;
+    for (i, name) in [
+        "linear (1 500 B, all headers linear)",
+        "non-linear (6 000 B, only Ethernet linear: pulled)",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let st = stats(&samples[i]);
+        writeln!(
+            out,
+            "| {name} | {:.1} | {:.1}–{:.1} |",
+            st.median, st.q1, st.q3
+        )?;
+    }
+    writeln!(
+        out,
+        "\nVerdicts over both arms: pass_paid {}, drop_malformed {}.\n",
+        v.packets(tollgate::valve::Verdict::PassPaid),
+        v.packets(tollgate::valve::Verdict::DropMalformed)
+    )?;
+    detach(valve);
+    Ok(())
 }
