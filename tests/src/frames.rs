@@ -230,6 +230,11 @@ pub fn padded(mut frame: Vec<u8>) -> Vec<u8> {
 /// page long (so `dev` needs an MTU above 4096). The receiving side's TC programs then see
 /// every IP/L4 header outside the linear area, as after GRO.
 pub fn send_nonlinear(dev: &str, frame: &[u8]) -> std::io::Result<()> {
+    send_nonlinear_n(dev, frame, 1)
+}
+
+/// [`send_nonlinear`] `n` times through one socket (a benchmark's burst).
+pub fn send_nonlinear_n(dev: &str, frame: &[u8], n: usize) -> std::io::Result<()> {
     use std::io::Error;
     const PACKET_VNET_HDR: libc::c_int = 15;
     let name = std::ffi::CString::new(dev).map_err(Error::other)?;
@@ -277,9 +282,10 @@ pub fn send_nonlinear(dev: &str, frame: &[u8]) -> std::io::Result<()> {
         // struct virtio_net_hdr, all zero: no checksum offload, no GSO, hdr_len 0.
         let mut buf = vec![0u8; 10];
         buf.extend_from_slice(frame);
-        let n = libc::send(fd, buf.as_ptr() as *const libc::c_void, buf.len(), 0);
-        if n < 0 {
-            return close(Error::last_os_error());
+        for _ in 0..n {
+            if libc::send(fd, buf.as_ptr() as *const libc::c_void, buf.len(), 0) < 0 {
+                return close(Error::last_os_error());
+            }
         }
         libc::close(fd);
     }

@@ -1092,13 +1092,13 @@ fn iperf_one(lab: &Lab3, secs: u32, reverse: bool) -> Result<f64> {
 }
 
 /// A paid upload whose headers are outside the linear area (only the Ethernet header linear,
-/// as after GRO; `frames::send_nonlinear`) against its linear twin, through the attached TC
+/// as after GRO; `frames::send_nonlinear_n`) against its linear twin, through the attached TC
 /// ingress program on a veth: `BPF_PROG_TEST_RUN` cannot build such an skb, so the cost is
 /// the kernel's `run_time_ns / run_cnt` (BPF_ENABLE_STATS, which adds its own two clock
 /// reads per run to both arms), the arms interleaved in rounds.
 fn nonlinear_table(o: &Opts, out: &mut String) -> Result<()> {
     use tollgate_tests::{
-        frames::send_nonlinear,
+        frames::send_nonlinear_n,
         netns::{CLIENT_IP, UPSTREAM_IP},
     };
     let lab = Lab3::new("bnonlin");
@@ -1118,7 +1118,7 @@ fn nonlinear_table(o: &Opts, out: &mut String) -> Result<()> {
     // linear; 1500: the whole frame linear. Same headers, same verdict (paid).
     let nonlinear = Frame::new(mac, gw_mac).ipv4(CLIENT_IP, UPSTREAM_IP, udp.clone(), 6000 - 28);
     let linear = Frame::new(mac, gw_mac).ipv4(CLIENT_IP, UPSTREAM_IP, udp, 1500 - 28);
-    let (rounds, per_round) = if o.quick { (5, 200) } else { (15, 1000) };
+    let (rounds, per_round) = if o.quick { (5, 2_000) } else { (15, 10_000) };
     let _stats = Valve::enable_run_stats()?;
     let mut samples: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for r in 0..rounds {
@@ -1126,12 +1126,8 @@ fn nonlinear_table(o: &Opts, out: &mut String) -> Result<()> {
         for (i, f) in [&linear, &nonlinear].into_iter().enumerate() {
             let (t0, n0) = valve.run_stats(Hook::TcIngress)?;
             let f = f.clone();
-            lab.client.run(move || -> std::io::Result<()> {
-                for _ in 0..per_round {
-                    send_nonlinear("eth0", &f)?;
-                }
-                Ok(())
-            })?;
+            lab.client
+                .run(move || send_nonlinear_n("eth0", &f, per_round))?;
             let (t1, n1) = valve.run_stats(Hook::TcIngress)?;
             if n1 > n0 {
                 samples[i].push((t1 - t0) as f64 / (n1 - n0) as f64);
