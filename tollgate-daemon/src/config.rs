@@ -186,6 +186,9 @@ struct RawConfig {
     #[serde(default)]
     #[serde(skip_serializing_if = "Option::is_none")]
     shaping: Option<crate::shaping::ShapingSettings>,
+    #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tiers: Option<Vec<crate::tiers::TierSettings>>,
 }
 
 /// `http_limits` in config.json: every field optional (the defaults are [`HttpLimits::default`]).
@@ -484,6 +487,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub rebalance: RebalanceConfig,
     pub shaping: crate::shaping::ShapingSettings,
+    /// Speed tiers sold besides the default (`tiers.rs`).
+    pub tiers: Vec<crate::tiers::TierSettings>,
 }
 
 /// `http_limits` + `admin_token`: zero limits and an empty token are refused.
@@ -979,6 +984,11 @@ impl Config {
                 let s = raw.shaping.unwrap_or_default();
                 s.validate(&cpath)?;
                 s
+            },
+            tiers: {
+                let t = raw.tiers.clone().unwrap_or_default();
+                crate::tiers::validate(&t, &cpath)?;
+                t
             },
         })
     }

@@ -100,7 +100,8 @@ pub async fn run(
     let mut vcfg = valve_config(&cfg, pin_base.as_ref())?;
     // Rate limits: fq on the LAN for EDT (or policing where the kernel has no fq), before
     // the first packet is shaped.
-    let shaping_lan = if cfg.shaping.enabled() {
+    let tiers = crate::tiers::Tiers::new(cfg.shaping.rates(), &cfg.tiers);
+    let shaping_lan = if cfg.shaping.enabled() || tiers.any_rates() {
         let lan = crate::shaping::Lan::prepare(&vcfg.iface, cfg.shaping.replace_qdisc)
             .context("preparing the LAN interface for rate limits")?;
         vcfg.edt_down = lan.mode() == crate::shaping::DownMode::Edt;
@@ -145,7 +146,8 @@ pub async fn run(
         .context("opening the wallet")?;
     let store = Arc::new(Store::open(&cfg.store.db_path())?.with_retention(cfg.store.retention));
     let gates: Arc<dyn Gates> = valve.clone();
-    let chandler = Arc::new(Chandler::new(cfg.chandler.clone(), gates, store.clone()));
+    let chandler =
+        Arc::new(Chandler::new(cfg.chandler.clone(), gates, store.clone()).with_tiers(tiers));
     let report = chandler
         .reconcile()
         .context("reconciling sessions with the kernel")?;

@@ -29,6 +29,7 @@ pub mod shaping;
 pub mod store;
 pub mod supervisor;
 pub mod sys;
+pub mod tiers;
 pub mod types;
 pub mod units;
 pub mod upstream;

@@ -267,6 +267,9 @@ pub fn clients(rows: &[ClientRow]) -> String {
                 rcell(&clock(r.expires_unix_ms), 7),
             ),
         );
+        if !r.tier.is_empty() && r.tier != crate::tiers::DEFAULT_TIER {
+            line(&mut o, format!("  tier {}", r.tier));
+        }
         if r.down_kbit != 0 || r.up_kbit != 0 {
             let k = |v: u64| {
                 if v == 0 {
@@ -648,6 +651,7 @@ mod tests {
             expires_unix_ms: Some(1_700_000_000_000),
             down_kbit: 0,
             up_kbit: 0,
+            tier: "x".repeat(32),
         };
         let mut timed = row.clone();
         timed.metric = "milliseconds".into();

@@ -164,6 +164,9 @@ pub struct ClientRow {
     pub down_kbit: u64,
     #[serde(default)]
     pub up_kbit: u64,
+    /// The speed tier bought (`default` = the standard prices).
+    #[serde(default)]
+    pub tier: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -602,6 +605,10 @@ fn client_row(s: &SessionView, gate: Option<&GateState>, ip: Option<IpAddr>) -> 
         expires_unix_ms: s.end_unix_ms.filter(|_| s.metric == Metric::Milliseconds),
         down_kbit: gate.map_or(0, |g| g.rates.down_kbit),
         up_kbit: gate.map_or(0, |g| g.rates.up_kbit),
+        tier: s
+            .tier
+            .clone()
+            .unwrap_or_else(|| crate::tiers::DEFAULT_TIER.into()),
     }
 }
 
@@ -766,18 +773,14 @@ async fn gate(
                     )));
                 }
             }
-            let s = chandler.admin_add(mac, amount)?;
+            // The rates go through the chandler with the grant: the session row stores them,
+            // so a restart or reboot reopens the gate at these rates.
+            let rates = crate::chandler::RateRequest {
+                down_kbit: req.down_kbit,
+                up_kbit: req.up_kbit,
+            };
+            let s = chandler.admin_add_with_rates(mac, amount, rates)?;
             tracing::info!(%mac, action = %action, amount, "administrative grant");
-            if req.down_kbit.is_some() || req.up_kbit.is_some() {
-                // Right after the grant, on the open gate: the limits and counts stay.
-                let cur = st.valve.gate(mac)?.map(|g| g.rates).unwrap_or_default();
-                let rates = crate::valve::Rates {
-                    down_kbit: req.down_kbit.unwrap_or(cur.down_kbit),
-                    up_kbit: req.up_kbit.unwrap_or(cur.up_kbit),
-                };
-                st.valve.set_rate(mac, rates)?;
-                tracing::info!(%mac, ?rates, "rate limits set");
-            }
             let gates = gates_by_mac(&st)?;
             let ip = arp(&st).get(&mac).copied();
             Ok(Json(client_row(&s, gates.get(&mac), ip)).into_response())
