@@ -1695,6 +1695,146 @@ mod tests {
         assert!(after < size, "pruning frees pages ({after} vs {size})");
     }
 
+    /// Issue 15 item 1: rates set by the operator and rates of a tier are stored with the
+    /// session; a reboot (kernel state gone) reopens each gate at its own rates, and a
+    /// restart that finds the gate open at other rates sets them back. A default-tier
+    /// session follows the configured default.
+    #[test]
+    fn stored_rates_survive_restart_and_reboot() {
+        for metric in [Metric::Bytes, Metric::Milliseconds] {
+            let (gates, store, c) = chandler(metric);
+            let default = Rates {
+                down_kbit: 3_000,
+                up_kbit: 1_000,
+            };
+            let fast = Rates {
+                down_kbit: 20_000,
+                up_kbit: 5_000,
+            };
+            let c = Chandler::new(c.cfg.clone(), gates.clone(), store.clone()).with_tiers(
+                Tiers::new(
+                    default,
+                    &[crate::tiers::TierSettings {
+                        name: "fast".into(),
+                        down_kbit: fast.down_kbit,
+                        up_kbit: fast.up_kbit,
+                        price_factor: 3,
+                    }],
+                ),
+            );
+            gates.lock().default_rates = default;
+            let (admin, tiered, plain): (MacAddr, MacAddr, MacAddr) = (
+                "02:00:00:00:00:0a".parse().expect("mac"),
+                "02:00:00:00:00:0b".parse().expect("mac"),
+                "02:00:00:00:00:0c".parse().expect("mac"),
+            );
+            let cli = RateRequest {
+                down_kbit: Some(8_000),
+                up_kbit: None,
+            };
+            c.admin_add_with_rates(admin, 60_000, cli).expect("admin");
+            let want_admin = Rates {
+                down_kbit: 8_000,
+                up_kbit: 1_000,
+            };
+            let price = |factor: u64| Some((1, 60_000 / factor));
+            let answer = |_: u64, _: &str| String::new();
+            c.add_paid(
+                tiered,
+                "fast",
+                &price,
+                GrantCommit {
+                    token_id: "t",
+                    steps: 0,
+                    answer: &answer,
+                },
+            )
+            .expect("fast");
+            c.add(plain, 60_000, None, Action::Grant).expect("default");
+            let rates_of = |m: MacAddr| gates.lock().gates[&m].rates;
+            assert_eq!(rates_of(admin), want_admin, "{metric:?}");
+            assert_eq!(rates_of(tiered), fast, "{metric:?}");
+            assert_eq!(rates_of(plain), default, "{metric:?}");
+            // Restart: the gates are open but at other rates (as the old code left them).
+            for m in [admin, tiered, plain] {
+                gates.lock().gates.get_mut(&m).expect("gate").rates = Rates::UNLIMITED;
+            }
+            let r = c.reconcile().expect("reconcile");
+            assert_eq!(r.rates_restored.len(), 3, "{metric:?}: {r:?}");
+            assert_eq!(rates_of(admin), want_admin, "{metric:?}");
+            assert_eq!(rates_of(tiered), fast, "{metric:?}");
+            assert_eq!(rates_of(plain), default, "{metric:?}");
+            // Reboot: kernel state gone; the valve's default is what a bare open gets.
+            reboot(&gates);
+            for m in [admin, tiered, plain] {
+                let mut row = store.session(m).expect("get").expect("row");
+                row.boot_id = "previous-boot".into();
+                store
+                    .commit_session(
+                        &row,
+                        None,
+                        &LogEntry {
+                            mac: m,
+                            action: Action::Reconcile,
+                            amount: 0,
+                            detail: String::new(),
+                        },
+                    )
+                    .expect("commit");
+            }
+            let r = c.reconcile().expect("reconcile");
+            assert_eq!(r.reopened.len(), 3, "{metric:?}: {r:?}");
+            assert_eq!(rates_of(admin), want_admin, "{metric:?}: reopened at the CLI rate");
+            assert_eq!(rates_of(tiered), fast, "{metric:?}: reopened at the tier's rate");
+            assert_eq!(rates_of(plain), default, "{metric:?}");
+            let views = c.clients().expect("clients");
+            let tier_of = |m: MacAddr| views.iter().find(|v| v.mac == m).expect("v").tier.clone();
+            assert_eq!(tier_of(tiered).as_deref(), Some("fast"));
+            assert_eq!(tier_of(admin), None);
+            // A top-up keeps the operator's rate.
+            c.add(admin, 1_000, None, Action::Grant).expect("top-up");
+            assert_eq!(rates_of(admin), want_admin, "{metric:?}");
+        }
+    }
+
+    /// A time session upgraded mid-way: what remains is converted at the price ratio and
+    /// counts from now; the new steps are added on top.
+    #[test]
+    fn a_time_upgrade_converts_what_remains() {
+        let (gates, store, c) = chandler(Metric::Milliseconds);
+        let c = Chandler::new(c.cfg.clone(), gates.clone(), store).with_tiers(Tiers::new(
+            Rates::UNLIMITED,
+            &[crate::tiers::TierSettings {
+                name: "fast".into(),
+                down_kbit: 1,
+                up_kbit: 1,
+                price_factor: 4,
+            }],
+        ));
+        let answer = |_: u64, _: &str| String::new();
+        let grant = |id| GrantCommit {
+            token_id: id,
+            steps: 0,
+            answer: &answer,
+        };
+        // 100 s bought at the default tier (10 steps of 10 s for 10 sat).
+        let price10 = |factor: u64| Some((10 / factor, 10 / factor * 10_000));
+        c.add_paid(mac(), "default", &price10, grant("a"))
+            .expect("default");
+        gates.advance_ms(20_000);
+        // 8 sat at "fast" (4 sat/step): 2 steps = 20 s; the 80 s left are worth 20 s.
+        let price8 = |factor: u64| Some((8 / factor, 8 / factor * 10_000));
+        let v = c.add_paid(mac(), "fast", &price8, grant("b")).expect("fast");
+        assert_eq!(v.remaining, 40_000, "80 s / 4 + 20 s");
+        assert_eq!(v.allotment, 60_000, "20 s used + 40 s");
+        let now = gates.now_boot_ns();
+        assert_eq!(
+            gates.lock().gates[&mac()].until_boot_ns,
+            Some(now + 40_000 * NS_PER_MS)
+        );
+        assert_eq!(gates.lock().gates[&mac()].rates.down_kbit, 1);
+    }
+
     #[test]
     fn admin_actions_are_recorded() {
         let (_gates, store, c) = chandler(Metric::Bytes);
