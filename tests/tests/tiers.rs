@@ -127,7 +127,10 @@ fn tier_and_cli_rates_survive_restart_and_reboot() {
     check("before");
     let (code, text, _) = tg(&["clients", "--control-socket", &sock(&g)], None);
     assert_eq!(code, 0);
-    assert!(text.contains("tier fast"), "the table shows the tier: {text}");
+    assert!(
+        text.contains("tier fast"),
+        "the table shows the tier: {text}"
+    );
     d.stop();
     let mut d = g.start();
     check("after a restart");
@@ -259,7 +262,10 @@ fn paying_at_tiers_converts_and_refuses_hostile_choices() {
     assert_eq!(tag(&ev, "tier"), Some("fast"));
     let after = client(&g, &mac);
     let used_now = after["used"].as_u64().unwrap();
-    assert_eq!(used_now, used, "nothing moved meanwhile (the arithmetic is exact)");
+    assert_eq!(
+        used_now, used,
+        "nothing moved meanwhile (the arithmetic is exact)"
+    );
     let converted = (allot - used) / 3;
     assert_eq!(
         after["allotment"].as_u64().unwrap(),
@@ -270,7 +276,10 @@ fn paying_at_tiers_converts_and_refuses_hostile_choices() {
     assert_eq!(after["tier"], "fast");
     // A cheap top-up while fast is active: 9 sat = 3 fast steps, not 9 default ones.
     let (st, ev) = post(&g, "/", "text/plain", &g.token(9 + 1));
-    assert_eq!(st, 400, "10 sat = 3 fast steps is below the minimum of 10: {ev}");
+    assert_eq!(
+        st, 400,
+        "10 sat = 3 fast steps is below the minimum of 10: {ev}"
+    );
     assert!(
         ev["content"]
             .as_str()

@@ -266,7 +266,13 @@ impl Chandler {
         grant: Option<GrantCommit<'_>>,
         action: Action,
     ) -> Result<SessionView, ChandlerError> {
-        self.change(mac, Amount::Fixed(amount), RateRequest::default(), grant, action)
+        self.change(
+            mac,
+            Amount::Fixed(amount),
+            RateRequest::default(),
+            grant,
+            action,
+        )
     }
 
     /// A paid grant at tier `tier` (unknown — removed from the config since it was bought —
@@ -352,9 +358,7 @@ impl Chandler {
             Amount::Fixed(a) => a,
             Amount::Priced { tier, price } => {
                 let requested = tier_of(&tiers, Some(tier));
-                let active = current
-                    .as_ref()
-                    .map(|r| tier_of(&tiers, r.tier.as_deref()));
+                let active = current.as_ref().map(|r| tier_of(&tiers, r.tier.as_deref()));
                 let eff = crate::tiers::effective(requested, active);
                 let (n, a) = price(eff.factor).ok_or_else(|| ChandlerError::BelowMinimum {
                     steps: 0,
@@ -490,7 +494,9 @@ impl Chandler {
             .tier
             .clone()
             .unwrap_or_else(|| crate::tiers::DEFAULT_TIER.into());
-        let answer = grant.as_ref().map(|g| (g.answer)(new_allotment, &tier_name));
+        let answer = grant
+            .as_ref()
+            .map(|g| (g.answer)(new_allotment, &tier_name));
         let applied = grant
             .as_ref()
             .zip(answer.as_deref())
@@ -821,7 +827,11 @@ impl Chandler {
 
     /// Start-up: an open gate kept by the kernel runs at the session's rates (its own, or the
     /// default tier's as configured now). Returns whether they had to be set.
-    fn restore_rates(&self, row: &SessionRow, gate: Option<&GateState>) -> Result<bool, ChandlerError> {
+    fn restore_rates(
+        &self,
+        row: &SessionRow,
+        gate: Option<&GateState>,
+    ) -> Result<bool, ChandlerError> {
         let want = match row.rates {
             Some(r) => Some(r.rates),
             None => self
@@ -1711,8 +1721,8 @@ mod tests {
                 down_kbit: 20_000,
                 up_kbit: 5_000,
             };
-            let c = Chandler::new(c.cfg.clone(), gates.clone(), store.clone()).with_tiers(
-                Tiers::new(
+            let c =
+                Chandler::new(c.cfg.clone(), gates.clone(), store.clone()).with_tiers(Tiers::new(
                     default,
                     &[crate::tiers::TierSettings {
                         name: "fast".into(),
@@ -1720,8 +1730,7 @@ mod tests {
                         up_kbit: fast.up_kbit,
                         price_factor: 3,
                     }],
-                ),
-            );
+                ));
             gates.lock().default_rates = default;
             let (admin, tiered, plain): (MacAddr, MacAddr, MacAddr) = (
                 "02:00:00:00:00:0a".parse().expect("mac"),
@@ -1784,8 +1793,16 @@ mod tests {
             }
             let r = c.reconcile().expect("reconcile");
             assert_eq!(r.reopened.len(), 3, "{metric:?}: {r:?}");
-            assert_eq!(rates_of(admin), want_admin, "{metric:?}: reopened at the CLI rate");
-            assert_eq!(rates_of(tiered), fast, "{metric:?}: reopened at the tier's rate");
+            assert_eq!(
+                rates_of(admin),
+                want_admin,
+                "{metric:?}: reopened at the CLI rate"
+            );
+            assert_eq!(
+                rates_of(tiered),
+                fast,
+                "{metric:?}: reopened at the tier's rate"
+            );
             assert_eq!(rates_of(plain), default, "{metric:?}");
             let views = c.clients().expect("clients");
             let tier_of = |m: MacAddr| views.iter().find(|v| v.mac == m).expect("v").tier.clone();
@@ -1824,7 +1841,9 @@ mod tests {
         gates.advance_ms(20_000);
         // 8 sat at "fast" (4 sat/step): 2 steps = 20 s; the 80 s left are worth 20 s.
         let price8 = |factor: u64| Some((8 / factor, 8 / factor * 10_000));
-        let v = c.add_paid(mac(), "fast", &price8, grant("b")).expect("fast");
+        let v = c
+            .add_paid(mac(), "fast", &price8, grant("b"))
+            .expect("fast");
         assert_eq!(v.remaining, 40_000, "80 s / 4 + 20 s");
         assert_eq!(v.allotment, 60_000, "20 s used + 40 s");
         let now = gates.now_boot_ns();

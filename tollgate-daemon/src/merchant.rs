@@ -386,7 +386,11 @@ impl Merchant {
     ) -> Result<Purchase, MerchantError> {
         // The tier first: an unknown or hostile name is refused before anything else, so
         // the token is never redeemed for it.
-        let tier = self.chandler.tiers().choose(payment.tier.as_deref())?.clone();
+        let tier = self
+            .chandler
+            .tiers()
+            .choose(payment.tier.as_deref())?
+            .clone();
         self.chandler
             .check(mac)
             .map_err(|source| MerchantError::Unavailable { mac, source })?;
@@ -607,7 +611,10 @@ impl Merchant {
             .and_then(|h| PublicKey::from_hex(h).ok());
         // The tier as bought (one removed from the config since counts as the default: the
         // customer gets more steps, never fewer).
-        let tier = grant.tier.clone().unwrap_or_else(|| crate::tiers::DEFAULT_TIER.into());
+        let tier = grant
+            .tier
+            .clone()
+            .unwrap_or_else(|| crate::tiers::DEFAULT_TIER.into());
         let below_min = |steps: u64, factor: u64| -> Result<MerchantError, MerchantError> {
             let mut notice = Notice::error(
                 NoticeCode::SessionError,
@@ -631,7 +638,11 @@ impl Merchant {
                 notice_json,
             })
         };
-        let requested = self.chandler.tiers().get(Some(&tier)).map_or(1, |t| t.factor);
+        let requested = self
+            .chandler
+            .tiers()
+            .get(Some(&tier))
+            .map_or(1, |t| t.factor);
         let (steps, enough) = steps_at(grant.net, offer, requested);
         if !enough {
             return Err(below_min(steps, requested)?);
@@ -675,7 +686,11 @@ impl Merchant {
             // Priced at the session's dearer active tier it buys too little (the session
             // changed tier after the pre-flight check).
             Err(ChandlerError::BelowMinimum { tier, .. }) => {
-                let factor = self.chandler.tiers().get(Some(&tier)).map_or(1, |t| t.factor);
+                let factor = self
+                    .chandler
+                    .tiers()
+                    .get(Some(&tier))
+                    .map_or(1, |t| t.factor);
                 return Err(below_min(steps_at(net, offer, factor).0, factor)?);
             }
             Err(source) => return Err(MerchantError::Apply { source }),

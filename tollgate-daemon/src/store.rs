@@ -894,9 +894,8 @@ fn session_rates(r: &Row<'_>) -> Result<Option<SessionRates>, StoreError> {
             })
         }
     };
-    let kbit = |c: &str| -> Result<u64, StoreError> {
-        Ok(r.get::<_, Option<i64>>(c)?.map_or(0, u))
-    };
+    let kbit =
+        |c: &str| -> Result<u64, StoreError> { Ok(r.get::<_, Option<i64>>(c)?.map_or(0, u)) };
     Ok(Some(SessionRates {
         rates: crate::valve::Rates {
             down_kbit: kbit("down_kbit")?,
