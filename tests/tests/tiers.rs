@@ -298,3 +298,98 @@ fn paying_at_tiers_converts_and_refuses_hostile_choices() {
     assert_eq!(rates(&last), FAST, "still fast");
     d.stop();
 }
+
+fn wait_log(g: &GatewayLab, needle: &str, count: usize) {
+    let t0 = std::time::Instant::now();
+    while log(g).matches(needle).count() < count {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(15),
+            "no {needle:?} (#{count}) in the log: {}",
+            log(g)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Item 3: `SIGHUP` re-reads config.json.
+/// 1. Sessions: the fast payer (tier), a device at the operator's 8000 kbit/s, a device at
+///    the default rate; the config's default becomes 4000/1500 and "fast" 30000/6000, and
+///    `step_size` changes too.
+/// 2. After SIGHUP: the tier session runs at the tier's new rates, the default one at the
+///    new default, the operator's rate stays; the advertisement shows the new tier rates;
+///    the log says `step_size` needs a restart (and it is not applied: the price is unchanged).
+/// 3. A broken config (a tier as cheap as the default) is refused with the field named, the
+///    rates stay, the daemon keeps serving.
+///
+/// Old code: SIGHUP's default action ended the daemon.
+#[test]
+fn sighup_applies_shaping_and_tier_rates_live() {
+    let g = GatewayLab::new("tgh");
+    write_tier_config(&g);
+    let mut d = g.start();
+    let payer = MacAddr(g.lab.client_mac()).to_string();
+    let (st, ev) = post(&g, "/?tier=fast", "text/plain", &g.token(30));
+    assert_eq!(st, 200, "{ev}");
+    let (admin, plain) = ("02:00:00:00:7b:01", "02:00:00:00:7b:02");
+    for (mac, extra) in [(admin, vec!["--down-kbit", "8000"]), (plain, vec![])] {
+        let mut args = vec!["gate", "open", mac, "--bytes", "100000"];
+        args.extend(extra);
+        let s = sock(&g);
+        args.extend(["--json", "--control-socket", &s]);
+        tg_json(&args, None);
+    }
+    let path = g.config_dir.join("config.json");
+    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    c["shaping"] = serde_json::json!({"down_kbit": 4000, "up_kbit": 1500});
+    c["tiers"][0]["down_kbit"] = 30_000.into();
+    c["tiers"][0]["up_kbit"] = 6_000.into();
+    c["step_size"] = (STEP * 2).into();
+    write_config_value(&g.config_dir, &c);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGHUP) };
+    wait_log(&g, "config reloaded", 1);
+    assert_eq!(
+        rates(&client(&g, &payer)),
+        (30_000, 6_000),
+        "the tier's new rates"
+    );
+    assert_eq!(
+        rates(&client(&g, admin)),
+        (8_000, DEFAULT.1),
+        "the operator's stay"
+    );
+    assert_eq!(rates(&client(&g, plain)), (4_000, 1_500), "the new default");
+    let l = log(&g);
+    assert!(
+        l.contains("need a restart") && l.contains("step_size"),
+        "the log names what needs a restart: {l}"
+    );
+    let (st, body) = http(&g.lab.client, "GET", "/", None);
+    assert_eq!(st, 200);
+    let ad = json_body(&body);
+    assert_eq!(tag(&ad, "step_size"), Some("1024"), "not applied live");
+    let tier = ad["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t[0] == "tier")
+        .expect("tier tag")
+        .clone();
+    assert_eq!(
+        (tier[2].as_str(), tier[3].as_str()),
+        (Some("30000"), Some("6000"))
+    );
+    // A broken config is refused; the running one stays.
+    c["tiers"][0]["price_factor"] = 1.into();
+    c["shaping"] = serde_json::json!({"down_kbit": 1, "up_kbit": 1});
+    write_config_value(&g.config_dir, &c);
+    // SAFETY: as above.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGHUP) };
+    wait_log(&g, "config reload refused", 1);
+    assert!(log(&g).contains("tiers[0].price_factor"), "{}", log(&g));
+    assert_eq!(rates(&client(&g, plain)), (4_000, 1_500), "kept");
+    assert_eq!(rates(&client(&g, &payer)), (30_000, 6_000), "kept");
+    let (st, _) = http(&g.lab.client, "GET", "/", None);
+    assert_eq!(st, 200, "still serving");
+    d.stop();
+}

@@ -181,6 +181,57 @@ impl Chandler {
         self
     }
 
+    /// A config reload: sells `tiers` from now on and moves open sessions to the new rates —
+    /// default-tier sessions to the new default, tier sessions to their tier's new rates
+    /// (stored with the session). Rates the operator set, and those of a tier no longer
+    /// configured (what was bought), stay. Returns how many gates changed rate.
+    pub fn set_tiers(&self, tiers: Tiers) -> Result<usize, ChandlerError> {
+        let _g = self.guard();
+        *self.tiers.write().unwrap_or_else(|p| p.into_inner()) = Some(tiers.clone());
+        let mut changed = 0;
+        for mut row in self.store.active_sessions()? {
+            let want = match row.rates {
+                Some(SessionRates {
+                    source: RateSource::Admin,
+                    ..
+                }) => continue,
+                Some(SessionRates {
+                    source: RateSource::Tier,
+                    rates,
+                }) => match tiers
+                    .get(row.tier.as_deref())
+                    .filter(|t| !t.is_default() && t.rates != rates)
+                {
+                    Some(t) => {
+                        row.rates = Some(SessionRates {
+                            rates: t.rates,
+                            source: RateSource::Tier,
+                        });
+                        let log = LogEntry {
+                            mac: row.mac,
+                            action: Action::Reconcile,
+                            amount: 0,
+                            detail: format!("config reload: tier {} rates", t.name),
+                        };
+                        self.store.commit_session(&row, None, &log)?;
+                        t.rates
+                    }
+                    None => rates,
+                },
+                None => tiers.default_tier().rates,
+            };
+            if let Some(g) = self
+                .gates
+                .gate(row.mac)?
+                .filter(|g| g.open && g.rates != want)
+            {
+                self.gates.set_rate(g.mac, want)?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
     /// The tiers sold (only the default when none are configured).
     pub fn tiers(&self) -> Tiers {
         self.tiers

@@ -11,6 +11,7 @@
 //!           upstream buyer (reseller mode),
 //!           HTTP (LAN; + portal port), admin HTTP (loopback, + /metrics),
 //!           control socket (<state_dir>/control.sock, 0600: the operator API)
+//!  SIGHUP ─> config.json re-read: shaping and tier rates applied live (reload.rs)
 //!  SIGINT/SIGTERM ─> tasks stop in reverse order, the nft table is removed; the data plane
 //!                    stays pinned and enforcing
 //! ```
@@ -83,9 +84,11 @@ pub fn valve_config(cfg: &Config, pin_base: Option<&PathBuf>) -> Result<ValveCon
 }
 
 /// Runs the daemon until SIGINT/SIGTERM, with the control socket at `control_socket`
-/// (default `<state_dir>/control.sock`).
+/// (default `<state_dir>/control.sock`). `overrides` (what `cfg` was loaded with) apply to a
+/// `SIGHUP` reload too.
 pub async fn run(
     cfg: Config,
+    overrides: Overrides,
     pin_base: Option<PathBuf>,
     control_socket: Option<PathBuf>,
 ) -> Result<()> {
@@ -271,6 +274,24 @@ pub async fn run(
         state_dir: cfg.store.state_dir.clone(),
         tasks: tasks.clone(),
     };
+    {
+        // SIGHUP: shaping and tier rates applied live (`reload.rs`). The handler is installed
+        // before we say we are serving, so an early SIGHUP never kills the daemon.
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("SIGHUP handler")?;
+        let reloader = Arc::new(crate::reload::Reloader::new(
+            &cfg.dir,
+            overrides,
+            vcfg.clone(),
+            valve.clone(),
+            chandler.clone(),
+        ));
+        let c = cancel.clone();
+        tasks.spawn_once("reload", async move {
+            reloader.run(hup, c).await;
+            Ok(())
+        });
+    }
     let control = crate::control::bind(&control_path)?;
     let lan = http::bind_lan(cfg.http.listen, cfg.http.lan_interface.as_deref())
         .with_context(|| format!("listening on {}", cfg.http.listen))?;

@@ -25,6 +25,7 @@ pub mod neighbour;
 pub mod ops;
 pub mod portal;
 pub mod protocol;
+pub mod reload;
 pub mod shaping;
 pub mod store;
 pub mod supervisor;
