@@ -709,6 +709,15 @@ impl Merchant {
         })
     }
 
+    /// The price factor a default-tier payment for `mac` is charged now: the active tier's
+    /// when the device has a session at a dearer one (1 otherwise, or when unknown).
+    pub fn price_factor_for(&self, mac: MacAddr) -> u64 {
+        let tiers = self.chandler.tiers();
+        self.chandler
+            .pricing_tier(mac, tiers.default_tier())
+            .map_or(1, |t| t.factor)
+    }
+
     /// Can a gate open for `mac` (before a customer is asked to pay)?
     pub fn preflight(&self, mac: MacAddr) -> Result<(), MerchantError> {
         self.chandler
