@@ -192,7 +192,7 @@ impl Chandler {
         for mut row in self.store.active_sessions()? {
             let want = match row.rates {
                 Some(SessionRates {
-                    source: RateSource::Admin,
+                    source: RateSource::Admin | RateSource::Kernel,
                     ..
                 }) => continue,
                 Some(SessionRates {
@@ -435,7 +435,7 @@ impl Chandler {
                 a
             }
         };
-        let want_rates = row.rates.map(|r| r.rates);
+        let want_rates = SessionRates::own(row.rates);
         let new_allotment = row
             .allotment
             .checked_add(amount)
@@ -763,6 +763,14 @@ impl Chandler {
         for mut row in self.store.active_sessions()? {
             let gate = gates.remove(&row.mac);
             let mac = row.mac;
+            if row.rates.is_some_and(|r| r.source == RateSource::Kernel) {
+                // A session from before rates were stored: the open gate's rates (maybe the
+                // operator's) become the session's; with the gate gone, the default tier's.
+                row.rates = gate.filter(|g| g.open).map(|g| SessionRates {
+                    rates: g.rates,
+                    source: RateSource::Admin,
+                });
+            }
             match row.metric {
                 Metric::Bytes => {
                     if gate.is_none_or(|g| g.usage.bytes() < row.baseline) {
@@ -784,7 +792,7 @@ impl Chandler {
                             mac,
                             Allowance {
                                 bytes: Some(remaining),
-                                rates: row.rates.map(|r| r.rates),
+                                rates: SessionRates::own(row.rates),
                                 ..Allowance::default()
                             },
                         )?;
@@ -810,7 +818,7 @@ impl Chandler {
                             mac,
                             Allowance {
                                 until_boot_ns: Some(end),
-                                rates: row.rates.map(|r| r.rates),
+                                rates: SessionRates::own(row.rates),
                                 ..Allowance::default()
                             },
                         )?;
@@ -1863,6 +1871,46 @@ mod tests {
             c.add(admin, 1_000, None, Action::Grant).expect("top-up");
             assert_eq!(rates_of(admin), want_admin, "{metric:?}");
         }
+    }
+
+    /// A session from before rates were stored (`Kernel`: the database was migrated) keeps
+    /// the rate its open gate has at the next start, and it is stored from then on.
+    #[test]
+    fn a_migrated_session_adopts_its_gates_rates() {
+        let (gates, store, c) = chandler(Metric::Bytes);
+        let c = Chandler::new(c.cfg.clone(), gates.clone(), store.clone())
+            .with_tiers(Tiers::new(Rates::UNLIMITED, &[]));
+        c.add(mac(), 100_000, None, Action::Grant).expect("open");
+        let set = Rates {
+            down_kbit: 8_000,
+            up_kbit: 2_000,
+        };
+        gates
+            .set_rate(mac(), set)
+            .expect("the operator's rate, kernel only");
+        let mut row = store.session(mac()).expect("get").expect("row");
+        row.rates = Some(SessionRates {
+            rates: Rates::UNLIMITED,
+            source: RateSource::Kernel,
+        });
+        let log = LogEntry {
+            mac: mac(),
+            action: Action::Reconcile,
+            amount: 0,
+            detail: String::new(),
+        };
+        store.commit_session(&row, None, &log).expect("commit");
+        c.reconcile().expect("reconcile");
+        assert_eq!(
+            gates.lock().gates[&mac()].rates,
+            set,
+            "not reset to the default"
+        );
+        let row = store.session(mac()).expect("get").expect("row");
+        assert_eq!(SessionRates::own(row.rates), Some(set), "stored now");
+        gates.lock().gates.clear();
+        c.reconcile().expect("reboot");
+        assert_eq!(gates.lock().gates[&mac()].rates, set, "and after a reboot");
     }
 
     /// A time session upgraded mid-way: what remains is converted at the price ratio and

@@ -152,11 +152,13 @@ pub struct SessionRates {
 
 /// Who set a session's rates: its tier (a reload follows the tier's new rates) or the
 /// operator (`tollgate gate … --down-kbit`, kept until the session ends or a dearer tier is
-/// bought).
+/// bought). `Kernel`: a session active when the database gained the rate columns — its rates
+/// are whatever its open gate has (maybe an operator's), adopted by the next reconciliation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RateSource {
     Tier,
     Admin,
+    Kernel,
 }
 
 impl RateSource {
@@ -164,7 +166,18 @@ impl RateSource {
         match self {
             RateSource::Tier => "tier",
             RateSource::Admin => "admin",
+            RateSource::Kernel => "kernel",
         }
+    }
+}
+
+impl SessionRates {
+    /// The rates this session asks for (`None`: the default tier's, or for `Kernel` those of
+    /// the open gate).
+    pub fn own(rates: Option<SessionRates>) -> Option<crate::valve::Rates> {
+        rates
+            .filter(|r| r.source != RateSource::Kernel)
+            .map(|r| r.rates)
     }
 }
 
@@ -355,6 +368,14 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
             .exists([])?;
         if !has {
             conn.execute(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"), [])?;
+            if column == "rate_source" {
+                // Active sessions from before: their rates (maybe set by the operator) live
+                // only in the kernel; reconciliation adopts what the open gate has.
+                conn.execute(
+                    "UPDATE sessions SET rate_source = 'kernel' WHERE active = 1",
+                    [],
+                )?;
+            }
         }
     }
     Ok(())
@@ -887,6 +908,7 @@ fn session_rates(r: &Row<'_>) -> Result<Option<SessionRates>, StoreError> {
     let source = match source.as_str() {
         "tier" => RateSource::Tier,
         "admin" => RateSource::Admin,
+        "kernel" => RateSource::Kernel,
         other => {
             return Err(StoreError::Corrupt {
                 table: "sessions",
@@ -1175,7 +1197,13 @@ mod tests {
         let s = Store::open(&path).expect("migrated");
         let row = s.session(mac()).expect("read").expect("row kept");
         assert_eq!((row.allotment, row.used_snapshot), (100, 10));
-        assert_eq!((row.tier, row.rates), (None, None));
+        assert_eq!(row.tier, None, "the default tier");
+        assert_eq!(
+            row.rates.map(|r| r.source),
+            Some(RateSource::Kernel),
+            "an active session's rates are its gate's until reconciliation adopts them"
+        );
+        assert_eq!(SessionRates::own(row.rates), None);
         assert_eq!(s.grant("t").expect("grant").expect("kept").tier, None);
         drop(s);
         // Opening again is a no-op (the columns exist now).
