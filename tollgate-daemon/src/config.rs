@@ -1142,6 +1142,29 @@ mod tests {
         (e.field().unwrap_or_default().to_string(), msg)
     }
 
+    /// `tiers` in config.json: absent = none; a valid list loads; a bad one is refused with
+    /// its field; an unknown key inside a tier is refused (a typo must not sell at factor 0).
+    #[test]
+    fn tiers_load_and_bad_ones_are_refused() {
+        assert!(load(EXAMPLE, IDS).expect("example").tiers.is_empty());
+        let ok = patched(|v| {
+            v["tiers"] = serde_json::json!([
+                {"name": "fast", "down_kbit": 20000, "up_kbit": 5000, "price_factor": 3}
+            ])
+        });
+        let c = load(&ok, IDS).expect("tiers");
+        assert_eq!(c.tiers[0].price_factor, 3);
+        let bad =
+            patched(|v| v["tiers"] = serde_json::json!([{"name": "fast", "price_factor": 1}]));
+        assert_eq!(field_of(&bad, IDS).0, "tiers[0].price_factor");
+        let typo =
+            patched(|v| v["tiers"] = serde_json::json!([{"name": "fast", "price_factr": 3}]));
+        assert!(
+            load(&typo, IDS).is_err(),
+            "unknown/missing tier fields refused"
+        );
+    }
+
     #[test]
     fn reference_example_loads_with_defaults() {
         let c = load(EXAMPLE, IDS).expect("example config");
