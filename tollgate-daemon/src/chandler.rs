@@ -349,12 +349,11 @@ impl Chandler {
     /// The tier a payment for `mac` at `requested` would be priced at now (the pre-flight of
     /// the merchant's minimum check; `add_paid` decides again under the guard).
     pub fn pricing_tier(&self, mac: MacAddr, requested: &Tier) -> Result<Tier, ChandlerError> {
-        let tiers = self.tiers();
         let active = self
             .store
             .session(mac)?
             .filter(|r| r.active)
-            .map(|r| tier_of(&tiers, r.tier.as_deref()).clone());
+            .map(|r| active_tier(&r));
         Ok(crate::tiers::effective(requested, active.as_ref()).clone())
     }
 
@@ -394,6 +393,7 @@ impl Chandler {
                 active: true,
                 close_reason: None,
                 tier: None,
+                price_factor: 1,
                 rates: None,
             },
         };
@@ -409,15 +409,15 @@ impl Chandler {
             Amount::Fixed(a) => a,
             Amount::Priced { tier, price } => {
                 let requested = tier_of(&tiers, Some(tier));
-                let active = current.as_ref().map(|r| tier_of(&tiers, r.tier.as_deref()));
-                let eff = crate::tiers::effective(requested, active);
+                let active = current.as_ref().map(active_tier);
+                let eff = crate::tiers::effective(requested, active.as_ref());
                 let (n, a) = price(eff.factor).ok_or_else(|| ChandlerError::BelowMinimum {
                     steps: 0,
                     tier: eff.name.clone(),
                 })?;
                 steps = Some(n);
                 match active {
-                    Some(act) if eff.factor > act.factor => {
+                    Some(ref act) if eff.factor > act.factor => {
                         // What remains was bought at the active tier's price: at the dearer
                         // one it is worth fewer units (100 cheap steps + 1 fast step must
                         // not become 101 fast steps).
@@ -1039,6 +1039,19 @@ impl Chandler {
     }
 }
 
+/// A session's tier as it was bought: its name and the price factor paid (rates are the
+/// row's own).
+fn active_tier(row: &SessionRow) -> Tier {
+    Tier {
+        name: row
+            .tier
+            .clone()
+            .unwrap_or_else(|| crate::tiers::DEFAULT_TIER.into()),
+        rates: SessionRates::own(row.rates).unwrap_or_default(),
+        factor: row.price_factor.max(1),
+    }
+}
+
 /// The tier named `name` (`None`, or one no longer configured: the default).
 fn tier_of<'a>(tiers: &'a Tiers, name: Option<&str>) -> &'a Tier {
     tiers.get(name).unwrap_or_else(|| tiers.default_tier())
@@ -1047,6 +1060,7 @@ fn tier_of<'a>(tiers: &'a Tiers, name: Option<&str>) -> &'a Tier {
 /// A session's tier and rates from now on: those of `tier` (the default tier: `None`, its
 /// rates follow the configuration).
 fn set_tier(row: &mut SessionRow, tier: &Tier) {
+    row.price_factor = tier.factor;
     if tier.is_default() {
         row.tier = None;
         row.rates = None;
@@ -1911,6 +1925,41 @@ mod tests {
         gates.lock().gates.clear();
         c.reconcile().expect("reboot");
         assert_eq!(gates.lock().gates[&mac()].rates, set, "and after a reboot");
+    }
+
+    /// What remains is converted at the price factor it was bought at, not at what the config
+    /// says of its tier after a reload (a price raise must not shrink what was paid for).
+    #[test]
+    fn conversion_uses_the_factor_paid_not_the_reloaded_one() {
+        let (gates, store, c) = chandler(Metric::Bytes);
+        let tier = |name: &str, factor| crate::tiers::TierSettings {
+            name: name.into(),
+            down_kbit: 0,
+            up_kbit: 0,
+            price_factor: factor,
+        };
+        let c = Chandler::new(c.cfg.clone(), gates.clone(), store.clone())
+            .with_tiers(Tiers::new(Rates::UNLIMITED, &[tier("fast", 3)]));
+        let answer = |_: u64, _: &str| String::new();
+        let grant = |id| GrantCommit {
+            token_id: id,
+            steps: 0,
+            answer: &answer,
+        };
+        // 60 sat at fast (3 sat/step, 1000 bytes/step): 20 steps.
+        let p60 = |f: u64| Some((60 / f, 60 / f * 1_000));
+        c.add_paid(mac(), "fast", &p60, grant("a")).expect("fast");
+        c.set_tiers(Tiers::new(
+            Rates::UNLIMITED,
+            &[tier("fast", 5), tier("ultra", 6)],
+        ))
+        .expect("reload");
+        // 6 sat at ultra: 1 step; the 20000 fast bytes are worth 20000 × 3 / 6 = 10000.
+        let p6 = |f: u64| Some((6 / f, 6 / f * 1_000));
+        let v = c.add_paid(mac(), "ultra", &p6, grant("b")).expect("ultra");
+        assert_eq!(v.allotment, 11_000, "converted at 3:6, not 5:6");
+        let row = store.session(mac()).expect("get").expect("row");
+        assert_eq!((row.tier.as_deref(), row.price_factor), (Some("ultra"), 6));
     }
 
     /// A time session upgraded mid-way: what remains is converted at the price ratio and

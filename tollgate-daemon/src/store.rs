@@ -137,8 +137,11 @@ pub struct SessionRow {
     pub started_unix: u64,
     pub active: bool,
     pub close_reason: Option<Action>,
-    /// The tier bought (`None` = default): what a top-up's price and conversion are against.
+    /// The tier bought (`None` = default).
     pub tier: Option<String>,
+    /// The price factor that tier was bought at (1 = default): what a top-up is priced and
+    /// converted against, whatever the config says of the tier later.
+    pub price_factor: u64,
     /// Rates of this session (`None` = the default tier's, i.e. `shaping`, as configured now).
     pub rates: Option<SessionRates>,
 }
@@ -351,8 +354,9 @@ const PRAGMAS: Pragmas = Pragmas {
 
 /// Columns added after the first schema: (table, column, type). A database from before gets
 /// them with `ALTER TABLE … ADD COLUMN` (existing rows read NULL: the default tier and rates).
-const ADDED_COLUMNS: [(&str, &str, &str); 5] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 6] = [
     ("sessions", "tier", "TEXT"),
+    ("sessions", "price_factor", "INTEGER"),
     ("sessions", "down_kbit", "INTEGER"),
     ("sessions", "up_kbit", "INTEGER"),
     ("sessions", "rate_source", "TEXT"),
@@ -604,12 +608,12 @@ impl Store {
         tx.execute(
             "INSERT INTO sessions (mac, metric, allotment, used_before, baseline, used_snapshot,
                generation, end_unix_ms, end_boot_ns, boot_id, started_unix, active, close_reason,
-               updated_unix, tier, down_kbit, up_kbit, rate_source)
-             VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18)
+               updated_unix, tier, down_kbit, up_kbit, rate_source, price_factor)
+             VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19)
              ON CONFLICT(mac) DO UPDATE SET metric=?2, allotment=?3, used_before=?4, baseline=?5,
                used_snapshot=?6, generation=?7, end_unix_ms=?8, end_boot_ns=?9, boot_id=?10,
                started_unix=?11, active=?12, close_reason=?13, updated_unix=?14, tier=?15,
-               down_kbit=?16, up_kbit=?17, rate_source=?18",
+               down_kbit=?16, up_kbit=?17, rate_source=?18, price_factor=?19",
             params![
                 s.mac.to_string(),
                 s.metric.as_str(),
@@ -629,6 +633,7 @@ impl Store {
                 s.rates.map(|r| i(r.rates.down_kbit)),
                 s.rates.map(|r| i(r.rates.up_kbit)),
                 s.rates.map(|r| r.source.as_str()),
+                i(s.price_factor),
             ],
         )?;
         if let Some(a) = applied {
@@ -893,6 +898,7 @@ fn session_from_row(r: &Row<'_>) -> rusqlite::Result<Result<SessionRow, StoreErr
                 .map(|a| parse_action("sessions", &a))
                 .transpose()?,
             tier: r.get("tier")?,
+            price_factor: r.get::<_, Option<i64>>("price_factor")?.map_or(1, u).max(1),
             rates: session_rates(r)?,
         })
     })();
@@ -1106,6 +1112,7 @@ mod tests {
             active: true,
             close_reason: None,
             tier: Some("fast".into()),
+            price_factor: 3,
             rates: Some(SessionRates {
                 rates: crate::valve::Rates {
                     down_kbit: 20_000,
@@ -1197,7 +1204,7 @@ mod tests {
         let s = Store::open(&path).expect("migrated");
         let row = s.session(mac()).expect("read").expect("row kept");
         assert_eq!((row.allotment, row.used_snapshot), (100, 10));
-        assert_eq!(row.tier, None, "the default tier");
+        assert_eq!((row.tier, row.price_factor), (None, 1), "the default tier");
         assert_eq!(
             row.rates.map(|r| r.source),
             Some(RateSource::Kernel),
