@@ -19,6 +19,13 @@
 //! numbers (the byte limit to `baseline + allotment - used_before`, the deadline replaced), so
 //! a grant retried after a failed commit is never credited twice in the kernel.
 //!
+//! Rates and tiers: the session row stores its tier, the price factor it was bought at and
+//! its own rates (a tier's, or the operator's `--down-kbit`; none = the default tier's).
+//! Every open, top-up and reconciliation puts the gate at those rates, so a restart or a
+//! reboot changes nothing a customer paid for. A paid grant is priced under the guard
+//! (`add_paid`): at the dearer of the requested and the active tier; an upgrade converts what
+//! remains at the price ratio (`tiers::convert`) and raises the rate in the same step.
+//!
 //! Why the kernel op comes before the DB commit: if we crash in between, the kernel has more
 //! than the DB says and the grant is still `redeemed`; `reconcile()` first trims the kernel to
 //! the DB, then the merchant re-applies the grant. The other order could lose paid allotment.

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! purchase(mac, payment)
+//!  0 tiers.choose(payment.tier)          unknown / hostile tier name → refused, not redeemed
 //!  1 chandler.check(mac)                 pre-flight: can a gate open? (before taking money)
 //!  2 redeemer.inspect(token)             offline: decode, mint accepted, unit, not locked,
 //!                                        face value below purchase_min_steps → refused, the
@@ -11,10 +12,11 @@
 //!    per-token lock; known token? replay answer; received by the wallet outside a grant
 //!    (`tollgate wallet receive`)? → token-spent; grant row (redeeming, token stored, fsync)
 //!    redeemer.receive(token)             idempotent per token id → grant redeemed (gross, net)
-//!  4 steps = net / price_per_step        below purchase_min_steps (the mint's input fee took
-//!                                        the difference) → rejected-below-min notice
-//!  5 chandler.add(mac, steps × step_size, grant)  kernel op, then ONE tx: session + grant
-//!                                                 applied + the signed kind-1022 answer
+//!  4 steps = net / (price_per_step × tier factor)   below purchase_min_steps (the mint's
+//!                                        input fee took the difference) → rejected-below-min
+//!  5 chandler.add_paid(mac, tier, price, grant)   priced at the active tier when dearer;
+//!                                        kernel op, then ONE tx: session + grant applied +
+//!                                        the signed kind-1022 answer
 //! ```
 //! A late mint answer is never discarded: the request may time out, the task goes on, and
 //! a retry with the same token returns the stored answer. `reconcile()` at start finishes

@@ -6,6 +6,8 @@
 //!              ├─ ok   ──> Session (kind 1022: p?, device-identifier, allotment, metric)
 //!              └─ fail ──> Notice  (kind 21023: p?, level, code; content = message)
 //! ```
+//! Our extension (issue 15, speed tiers): `tier` tags after the standard ones in 10021 (one
+//! per tier and mint, [`TierOption`]) and 1022, and `["tier", name]` in a 21000 payment.
 //! Everything here is a plain function over bytes and events so it can be tested without a
 //! network. Events are NIP-01 (sha256 id) + BIP-340 signatures via the `nostr` crate.
 //!
