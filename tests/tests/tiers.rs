@@ -319,7 +319,8 @@ fn wait_log(g: &GatewayLab, needle: &str, count: usize) {
 ///    new default, the operator's rate stays; the advertisement shows the new tier rates;
 ///    the log says `step_size` needs a restart (and it is not applied: the price is unchanged).
 /// 3. A broken config (a tier as cheap as the default) is refused with the field named, the
-///    rates stay, the daemon keeps serving.
+///    rates stay, the daemon keeps serving; `tollgate reload` says so on the command line, and
+///    with the config fixed answers what changed.
 ///
 /// Old code: SIGHUP's default action ended the daemon.
 #[test]
@@ -391,5 +392,16 @@ fn sighup_applies_shaping_and_tier_rates_live() {
     assert_eq!(rates(&client(&g, &payer)), (30_000, 6_000), "kept");
     let (st, _) = http(&g.lab.client, "GET", "/", None);
     assert_eq!(st, 200, "still serving");
+    // `tollgate reload` answers with the outcome: the refusal, then (config fixed) the report.
+    let (code, _, err) = tg(&["reload", "--control-socket", &sock(&g)], None);
+    assert_ne!(code, 0, "a broken config is refused");
+    assert!(err.contains("tiers[0].price_factor"), "{err}");
+    c["tiers"][0]["price_factor"] = 3.into();
+    c["shaping"] = serde_json::json!({"down_kbit": 5000, "up_kbit": 1500});
+    write_config_value(&g.config_dir, &c);
+    let r = tg_json(&["reload", "--json", "--control-socket", &sock(&g)], None);
+    assert_eq!(r["gates"], 1, "the default-tier gate: {r}");
+    assert_eq!(r["needs_restart"], serde_json::json!(["step_size"]), "{r}");
+    assert_eq!(rates(&client(&g, plain)), (5_000, 1_500));
     d.stop();
 }

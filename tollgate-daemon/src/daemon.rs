@@ -256,6 +256,24 @@ pub async fn run(
             }
         });
     }
+    // SIGHUP (and `tollgate reload`): shaping and tier rates applied live (`reload.rs`). The
+    // handler is installed before we say we are serving, so an early SIGHUP never kills us.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("SIGHUP handler")?;
+    let reloader = Arc::new(crate::reload::Reloader::new(
+        &cfg.dir,
+        overrides,
+        vcfg.clone(),
+        valve.clone(),
+        chandler.clone(),
+    ));
+    {
+        let (r, c) = (reloader.clone(), cancel.clone());
+        tasks.spawn_once("reload", async move {
+            r.run(hup, c).await;
+            Ok(())
+        });
+    }
     let ops = OpsState {
         app: state.clone(),
         wallet: wallet.clone(),
@@ -273,25 +291,8 @@ pub async fn run(
         arp_path: PathBuf::from("/proc/net/arp"),
         state_dir: cfg.store.state_dir.clone(),
         tasks: tasks.clone(),
+        reload: Some(reloader),
     };
-    {
-        // SIGHUP: shaping and tier rates applied live (`reload.rs`). The handler is installed
-        // before we say we are serving, so an early SIGHUP never kills the daemon.
-        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            .context("SIGHUP handler")?;
-        let reloader = Arc::new(crate::reload::Reloader::new(
-            &cfg.dir,
-            overrides,
-            vcfg.clone(),
-            valve.clone(),
-            chandler.clone(),
-        ));
-        let c = cancel.clone();
-        tasks.spawn_once("reload", async move {
-            reloader.run(hup, c).await;
-            Ok(())
-        });
-    }
     let control = crate::control::bind(&control_path)?;
     let lan = http::bind_lan(cfg.http.listen, cfg.http.lan_interface.as_deref())
         .with_context(|| format!("listening on {}", cfg.http.listen))?;

@@ -1,7 +1,7 @@
 //! `SIGHUP`: re-read config.json and apply what can change while running.
 //!
 //! ```text
-//!  SIGHUP ─> Config::load_with(dir, the run's overrides)
+//!  SIGHUP | `tollgate reload` (control socket) ─> Config::load_with(dir, the run's overrides)
 //!              ├─ error ─> logged, refused: the running config stays
 //!              └─ ok ─> valve default rates = shaping        (gates opened from now on)
 //!                       chandler.set_tiers(tiers)             (open sessions: default-tier ones
@@ -48,8 +48,8 @@ pub enum ReloadError {
     },
 }
 
-/// What a reload did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// What a reload did (also the answer of `tollgate reload`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReloadReport {
     /// Open gates whose rate changed.
     pub gates: usize,
@@ -158,6 +158,30 @@ impl Reloader {
         })
     }
 
+    /// [`Reloader::reload`] with its outcome logged (`SIGHUP` and `tollgate reload` alike).
+    pub fn reload_logged(&self) -> Result<ReloadReport, ReloadError> {
+        let r = self.reload();
+        match &r {
+            Ok(r) => {
+                tracing::info!(
+                    gates = r.gates,
+                    "config reloaded: shaping and tier rates applied"
+                );
+                if !r.needs_restart.is_empty() {
+                    tracing::warn!(
+                        settings = %r.needs_restart.join(", "),
+                        "config reload: these changed settings need a restart to apply"
+                    );
+                }
+            }
+            Err(e) => tracing::error!(
+                error = %e,
+                "config reload refused: the running configuration is kept"
+            ),
+        }
+        r
+    }
+
     /// Reloads on every `SIGHUP` until `cancel`; each outcome is logged.
     pub async fn run(
         self: Arc<Self>,
@@ -170,24 +194,8 @@ impl Reloader {
                 got = hup.recv() => if got.is_none() { return },
             }
             let me = self.clone();
-            match tokio::task::spawn_blocking(move || me.reload()).await {
-                Ok(Ok(r)) => {
-                    tracing::info!(
-                        gates = r.gates,
-                        "config reloaded: shaping and tier rates applied"
-                    );
-                    if !r.needs_restart.is_empty() {
-                        tracing::warn!(
-                            settings = %r.needs_restart.join(", "),
-                            "config reload: these changed settings need a restart to apply"
-                        );
-                    }
-                }
-                Ok(Err(e)) => tracing::error!(
-                    error = %e,
-                    "config reload refused: the running configuration is kept"
-                ),
-                Err(e) => tracing::error!(error = %e, "config reload task"),
+            if let Err(e) = tokio::task::spawn_blocking(move || me.reload_logged()).await {
+                tracing::error!(error = %e, "config reload task");
             }
         }
     }

@@ -423,6 +423,8 @@ pub struct OpsState {
     pub state_dir: PathBuf,
     /// The daemon's background tasks.
     pub tasks: Arc<crate::supervisor::Supervisor>,
+    /// Re-reads config.json (`tollgate reload`); `None`: reloading is not available.
+    pub reload: Option<Arc<crate::reload::Reloader>>,
 }
 
 /// Everything, for the control socket (its file mode is the access control).
@@ -439,9 +441,26 @@ pub fn control_router(st: OpsState) -> Router {
                 .route("/ops/wallet/send", post(send))
                 .route("/ops/wallet/rebalance", post(rebalance))
                 .route("/ops/gate/{mac}/{action}", post(gate))
+                .route("/ops/reload", post(reload))
                 .route("/metrics", get(metrics_page))
                 .with_state(st),
         )
+}
+
+/// `tollgate reload`: as `SIGHUP`, with the outcome as the answer (a config that does not load
+/// is a 400 with the error; the running configuration stays).
+async fn reload(State(st): State<OpsState>) -> Result<Json<crate::reload::ReloadReport>, OpsError> {
+    let r = st
+        .reload
+        .clone()
+        .ok_or_else(|| OpsError::NotFound("this daemon cannot reload its configuration".into()))?;
+    match tokio::task::spawn_blocking(move || r.reload_logged()).await {
+        Ok(Ok(report)) => Ok(Json(report)),
+        Ok(Err(e)) => Err(OpsError::BadRequest(format!(
+            "config reload refused, the running configuration is kept: {e}"
+        ))),
+        Err(e) => Err(OpsError::BadRequest(format!("config reload task: {e}"))),
+    }
 }
 
 /// The admin TCP address: read-only (the admin API's GETs, `/ops/status`, `/metrics` for a
