@@ -158,29 +158,12 @@ impl Lab3 {
             "netns",
             &gateway.name,
         ]);
-        gateway.ip(&[
-            "link",
-            "add",
-            "wan0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &upstream.name,
-        ]);
         client.ip(&["addr", "add", "10.77.0.2/24", "dev", "eth0"]);
         client.ip(&["link", "set", "eth0", "up"]);
         client.ip(&["route", "add", "default", "via", "10.77.0.1"]);
         gateway.ip(&["addr", "add", "10.77.0.1/24", "dev", LAN_IFACE]);
-        gateway.ip(&["addr", "add", "10.78.0.1/24", "dev", "wan0"]);
         gateway.ip(&["link", "set", LAN_IFACE, "up"]);
-        gateway.ip(&["link", "set", "wan0", "up"]);
-        gateway.sysctl("net.ipv4.ip_forward", "1");
-        upstream.ip(&["addr", "add", "10.78.0.2/24", "dev", "eth0"]);
-        upstream.ip(&["link", "set", "eth0", "up"]);
-        upstream.ip(&["route", "add", "10.77.0.0/24", "via", "10.78.0.1"]);
+        link_upstream(&gateway, &upstream);
         Lab3 {
             client,
             gateway,
@@ -191,6 +174,29 @@ impl Lab3 {
     pub fn client_mac(&self) -> [u8; 6] {
         self.client.mac("eth0")
     }
+}
+
+/// The WAN side every lab shares: gateway `wan0` 10.78.0.1 ── upstream `eth0` 10.78.0.2, the
+/// gateway forwarding, the upstream routing the LAN 10.77.0.0/24 back through it.
+fn link_upstream(gateway: &Netns, upstream: &Netns) {
+    gateway.ip(&[
+        "link",
+        "add",
+        "wan0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &upstream.name,
+    ]);
+    gateway.ip(&["addr", "add", "10.78.0.1/24", "dev", "wan0"]);
+    gateway.ip(&["link", "set", "wan0", "up"]);
+    gateway.sysctl("net.ipv4.ip_forward", "1");
+    upstream.ip(&["addr", "add", "10.78.0.2/24", "dev", "eth0"]);
+    upstream.ip(&["link", "set", "eth0", "up"]);
+    upstream.ip(&["route", "add", "10.77.0.0/24", "via", "10.78.0.1"]);
 }
 
 /// Port of the upstream bulk server started by [`serve_bulk`].
@@ -317,24 +323,7 @@ impl LabLan {
             gateway.ip(&["link", "set", &port, "up"]);
             clients.push(c);
         }
-        gateway.ip(&[
-            "link",
-            "add",
-            "wan0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &upstream.name,
-        ]);
-        gateway.ip(&["addr", "add", "10.78.0.1/24", "dev", "wan0"]);
-        gateway.ip(&["link", "set", "wan0", "up"]);
-        gateway.sysctl("net.ipv4.ip_forward", "1");
-        upstream.ip(&["addr", "add", "10.78.0.2/24", "dev", "eth0"]);
-        upstream.ip(&["link", "set", "eth0", "up"]);
-        upstream.ip(&["route", "add", "10.77.0.0/24", "via", "10.78.0.1"]);
+        link_upstream(&gateway, &upstream);
         LabLan {
             clients,
             gateway,

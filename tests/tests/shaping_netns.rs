@@ -351,3 +351,77 @@ fn a_shaped_client_is_metered_exactly_to_its_quota() {
         "metered = passed; rate drops are never charged"
     );
 }
+
+/// 4. Fair shares on one shared bottleneck: the uplink (a 16 Mbit/s `tbf` on the upstream's
+///    side of the WAN, what a café's DSL line is) carries two paid clients' downloads at once,
+///    one with 8 parallel connections (a bulk downloader), one with a single connection (a
+///    video call). First without caps — printed, not asserted: plain TCP shares per
+///    connection, so the 8-connection client takes most of the line — then, in the same lab,
+///    with each client capped at half the line (`set_rate`, as a tier or the default rate
+///    would): the single-connection client now gets close to its half while the other pushes.
+///    (Old code: no rates; the second arm is the first, and the light client gets ≈ 1/9.)
+#[test]
+fn per_client_caps_share_a_full_uplink_fairly() {
+    let lab = LabLan::new("shfair", 2);
+    let pins = PinBase::new("netns-shfair");
+    let (valve, _mode) = attach(&lab.gateway, BR_LAN, &pins);
+    let (heavy, light) = (MacAddr(lab.client_mac(0)), MacAddr(lab.client_mac(1)));
+    valve.open(heavy, Allowance::default()).unwrap();
+    valve.open(light, Allowance::default()).unwrap();
+    const LINE_KBIT: u64 = 16_000;
+    lab.upstream.sh(&format!(
+        "tc qdisc add dev eth0 root tbf rate {LINE_KBIT}kbit burst 32kb latency 100ms"
+    ));
+    let mut procs = Procs(Vec::new());
+    let ports = [5321, 5322, 5323, 5324];
+    for p in ports {
+        // `-1` serves one test: two per client, one per arm.
+        iperf_server(&lab.upstream, p, &mut procs);
+    }
+    wait_listening(&lab.upstream, &ports);
+    let run = |heavy_port: u16, light_port: u16| {
+        let h = iperf_client(
+            &lab.clients[0],
+            heavy_port,
+            8,
+            true,
+            &["-O", "2", "-P", "8"],
+        )
+        .spawn()
+        .unwrap();
+        let l = iperf_client(&lab.clients[1], light_port, 8, true, &["-O", "2"])
+            .spawn()
+            .unwrap();
+        (received_bps(&finish(h)), received_bps(&finish(l)))
+    };
+    let (h0, l0) = run(5321, 5322);
+    let half = Rates {
+        down_kbit: LINE_KBIT / 2,
+        up_kbit: 0,
+    };
+    valve.set_rate(heavy, half).unwrap();
+    valve.set_rate(light, half).unwrap();
+    let (h1, l1) = run(5323, 5324);
+    let line = LINE_KBIT as f64 * 1e3 * GOODPUT;
+    eprintln!(
+        "line {:.2} Mbit/s goodput; uncapped: heavy {:.2}, light {:.2}; capped at half: \
+         heavy {:.2}, light {:.2} Mbit/s",
+        line / 1e6,
+        h0 / 1e6,
+        l0 / 1e6,
+        h1 / 1e6,
+        l1 / 1e6
+    );
+    // The cap bounds the heavy client from above (a token bucket: rate × time + burst) ...
+    assert!(
+        h1 <= line / 2.0 * 1.10,
+        "the heavy client stays within its half: {h1:.0} bit/s"
+    );
+    // ... and so leaves the light one well over a third of the line where it had a tenth
+    // (≈ 1.5 of 15.5 Mbit/s here) without caps. Its fair half is 50 %: the heavy client's
+    // bursts still queue at the line before its cap drops them (6.4 Mbit/s measured).
+    assert!(
+        l1 >= line * 0.35,
+        "the light client gets its share: {l1:.0} bit/s of {line:.0}"
+    );
+}

@@ -274,6 +274,17 @@ pub async fn run(
             Ok(())
         });
     }
+    let rates = crate::ops::rates::RateMeter::new();
+    {
+        let (m, v, stop) = (rates.clone(), valve.clone(), cancel.clone());
+        tasks.spawn("rates", Policy::best_effort(), move || {
+            let (m, v, stop) = (m.clone(), v.clone(), stop.clone());
+            async move {
+                m.run(v, stop).await;
+                Ok(())
+            }
+        });
+    }
     let ops = OpsState {
         app: state.clone(),
         wallet: wallet.clone(),
@@ -292,6 +303,7 @@ pub async fn run(
         state_dir: cfg.store.state_dir.clone(),
         tasks: tasks.clone(),
         reload: Some(reloader),
+        rates,
     };
     let control = crate::control::bind(&control_path)?;
     let lan = http::bind_lan(cfg.http.listen, cfg.http.lan_interface.as_deref())

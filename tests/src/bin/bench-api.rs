@@ -35,10 +35,8 @@ use anyhow::{bail, Context, Result};
 use tollgate::config::HttpLimits;
 use tollgate_tests::{
     bench::{bare_cdk_wallet, machine, timing, write_section, Conn, Latencies},
-    gateway::{http, in_ns, ns_runtime, write_config_value, Daemon},
-    mint::TestMint,
+    gateway::{http, in_ns, ns_runtime, write_config_value, Daemon, GatewayLab},
     netns::{Lab3, GW_LAN_IP},
-    pins::PinBase,
 };
 
 const TOKEN_SAT: u64 = 16;
@@ -490,13 +488,11 @@ fn main() -> Result<()> {
     }
     let o = opts()?;
     let m = machine();
-    let lab = Lab3::new("bapi");
-    let pins = PinBase::new("bench-api");
-    let tmp = tempfile::tempdir()?;
-    let (config_dir, state_dir) = (tmp.path().join("etc"), tmp.path().join("state"));
-
-    let grt = ns_runtime(&lab.gateway);
-    let mint = Arc::new(in_ns(&lab.gateway, &grt, || TestMint::start(0)));
+    // The test suite's gateway lab: namespaces, pins, temporary directories, a fee-free mint.
+    let g = GatewayLab::new("bapi");
+    let (lab, pins, tmp) = (&g.lab, &g.pins, &g.tmp);
+    let (config_dir, state_dir) = (g.config_dir.clone(), g.state_dir.clone());
+    let (grt, mint) = (g.rt.clone(), g.mint.clone());
     let offer = serde_json::json!({
         "url": mint.url(), "price_per_step": 1, "price_unit": "sat",
         "purchase_min_steps": 10, "min_balance": 64, "min_payout_amount": 1_000_000_000u64,

@@ -53,6 +53,15 @@ pub fn bytes(n: u64) -> String {
     format!("{n}B")
 }
 
+/// A rate: `4.8 Mbit/s` (the SI prefixes of [`bytes`]).
+fn bits(bps: u64) -> String {
+    let b = bytes(bps);
+    match b.strip_suffix('B') {
+        Some(n) => format!("{n} bit/s"),
+        None => format!("{} {}bit/s", &b[..b.len() - 1], &b[b.len() - 1..]),
+    }
+}
+
 /// Milliseconds in at most 6 characters: `45s`, `12m05s`, `3h07m`, `12d03h`.
 pub fn duration_ms(ms: u64) -> String {
     let s = ms / 1000;
@@ -270,7 +279,8 @@ pub fn clients(rows: &[ClientRow]) -> String {
         if !r.tier.is_empty() && r.tier != crate::tiers::DEFAULT_TIER {
             line(&mut o, format!("  tier {}", r.tier));
         }
-        if r.down_kbit != 0 || r.up_kbit != 0 {
+        let now = r.now.filter(|n| n.up_bps != 0 || n.down_bps != 0);
+        if r.down_kbit != 0 || r.up_kbit != 0 || now.is_some() {
             let k = |v: u64| {
                 if v == 0 {
                     "unlimited".to_string()
@@ -278,10 +288,22 @@ pub fn clients(rows: &[ClientRow]) -> String {
                     format!("{v} kbit/s")
                 }
             };
-            line(
-                &mut o,
-                format!("  rate limit down {}, up {}", k(r.down_kbit), k(r.up_kbit)),
-            );
+            let mut l = String::from(" ");
+            if let Some(n) = now {
+                l.push_str(&format!(
+                    " now down {}, up {};",
+                    bits(n.down_bps),
+                    bits(n.up_bps)
+                ));
+            }
+            if r.down_kbit != 0 || r.up_kbit != 0 {
+                l.push_str(&format!(
+                    " rate limit down {}, up {}",
+                    k(r.down_kbit),
+                    k(r.up_kbit)
+                ));
+            }
+            line(&mut o, l.trim_end_matches(';'));
         }
     }
     if rows.is_empty() {
@@ -652,14 +674,21 @@ mod tests {
             down_kbit: 0,
             up_kbit: 0,
             tier: "x".repeat(32),
+            now: None,
         };
         let mut timed = row.clone();
         timed.metric = "milliseconds".into();
+        timed.down_kbit = u64::MAX;
+        timed.now = Some(super::super::rates::CurrentRate {
+            up_bps: u64::MAX,
+            down_bps: 4_830_000,
+        });
         timed.ip = Some("fd00:1234:5678:9abc:def0:1234:5678:9abc".parse().unwrap());
         let t = clients(&[row, timed]);
         assert_fits(&t);
         assert!(t.contains("aa:bb:cc:dd:ee:ff"), "{t}");
         assert!(t.contains("22:13Z"), "{t}");
+        assert!(t.contains("now down 4.8 Mbit/s"), "{t}");
         assert_fits(&clients(&[]));
         let b = balances(&[BalanceRow {
             mint: LONG.into(),

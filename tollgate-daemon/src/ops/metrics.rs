@@ -39,6 +39,8 @@ pub struct Snapshot {
     pub map_capacity: u64,
     /// Client entries evicted since start, by reason.
     pub evictions: crate::valve::Evictions,
+    /// Current rates (sampled by [`super::rates`]).
+    pub rates: super::rates::RateSummary,
 }
 
 /// Reads everything once. A wallet that cannot answer leaves its families empty rather than
@@ -97,6 +99,7 @@ pub async fn collect(st: &OpsState) -> Result<Snapshot, OpsError> {
     s.usage_entries = usage.into();
     s.map_capacity = st.valve.capacity().into();
     s.evictions = st.valve.evictions();
+    s.rates = st.rates.summary();
     Ok(s)
 }
 
@@ -347,7 +350,70 @@ pub fn render(s: &Snapshot) -> String {
         &[("reason", "pressure")],
         s.evictions.pressure,
     );
+    rate_families(&mut p, &s.rates);
     p.0
+}
+
+/// Current rates: the sum, how many clients are held at their cap, and the fastest few by
+/// name (one series per client would grow the page with the client count).
+fn rate_families(p: &mut Page, r: &super::rates::RateSummary) {
+    p.family(
+        "tollgate_client_rate_bits_per_second",
+        "gauge",
+        "Clients' current rate summed (L3 bits/s over the last sampling interval), by direction.",
+    );
+    p.sample(
+        "tollgate_client_rate_bits_per_second",
+        &[("direction", "up")],
+        r.total.up_bps,
+    );
+    p.sample(
+        "tollgate_client_rate_bits_per_second",
+        &[("direction", "down")],
+        r.total.down_bps,
+    );
+    p.family(
+        "tollgate_clients_at_rate_limit",
+        "gauge",
+        "Clients whose current rate is at least 80 % of their rate limit, by direction.",
+    );
+    p.sample(
+        "tollgate_clients_at_rate_limit",
+        &[("direction", "up")],
+        r.at_cap.0,
+    );
+    p.sample(
+        "tollgate_clients_at_rate_limit",
+        &[("direction", "down")],
+        r.at_cap.1,
+    );
+    p.family(
+        "tollgate_client_top_rate_bits_per_second",
+        "gauge",
+        "The fastest clients' current rates (at most 10 clients), by MAC and direction.",
+    );
+    for (mac, c) in &r.top {
+        let mac = mac.to_string();
+        p.sample(
+            "tollgate_client_top_rate_bits_per_second",
+            &[("mac", &mac), ("direction", "up")],
+            c.up_bps,
+        );
+        p.sample(
+            "tollgate_client_top_rate_bits_per_second",
+            &[("mac", &mac), ("direction", "down")],
+            c.down_bps,
+        );
+    }
+    p.family(
+        "tollgate_client_rate_window_seconds",
+        "gauge",
+        "Length of the interval the current rates are measured over (0 before two samples).",
+    );
+    p.0.push_str(&format!(
+        "tollgate_client_rate_window_seconds {}\n",
+        r.window_ms as f64 / 1e3
+    ));
 }
 
 /// One parsed sample.
@@ -508,6 +574,21 @@ mod tests {
 
     fn snapshot() -> Snapshot {
         let mut s = Snapshot {
+            rates: super::super::rates::RateSummary {
+                total: super::super::rates::CurrentRate {
+                    up_bps: 1_500,
+                    down_bps: 4_000_000,
+                },
+                at_cap: (0, 1),
+                top: vec![(
+                    "aa:bb:cc:dd:ee:ff".parse().unwrap(),
+                    super::super::rates::CurrentRate {
+                        up_bps: 1_500,
+                        down_bps: 3_999_000,
+                    },
+                )],
+                window_ms: 2_500,
+            },
             bytes_up: 1_000,
             bytes_down: 123_456_789_012,
             packets_up: 10,
@@ -614,6 +695,18 @@ mod tests {
             v("tollgate_map_evictions_total", &[("reason", "pressure")]),
             Some(0.0)
         );
+        assert_eq!(
+            v(
+                "tollgate_client_top_rate_bits_per_second",
+                &[("mac", "aa:bb:cc:dd:ee:ff"), ("direction", "down")]
+            ),
+            Some(3_999_000.0)
+        );
+        assert_eq!(
+            v("tollgate_clients_at_rate_limit", &[("direction", "down")]),
+            Some(1.0)
+        );
+        assert_eq!(v("tollgate_client_rate_window_seconds", &[]), Some(2.5));
         // Every family has HELP and TYPE, every sample line is a declared family.
         let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
@@ -643,7 +736,7 @@ mod tests {
         );
         assert_eq!(
             text.lines().filter(|l| l.starts_with("# TYPE ")).count(),
-            15
+            19
         );
     }
 

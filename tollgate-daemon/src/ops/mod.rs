@@ -10,7 +10,8 @@
 //!                          that moves money or access)
 //!
 //! GET  /ops/status               gateway, data plane, mints (probed), balances, warnings
-//! GET  /ops/clients              sessions + kernel counters + IPv4 from the ARP table
+//! GET  /ops/clients              sessions + kernel counters + IPv4 from the ARP table +
+//!                                current rates ([`rates`], sampled every ≥ 2 s)
 //! GET  /ops/wallet/balance       per mint: balance, reserved, available
 //! GET  /ops/wallet/payouts       every payout attempt
 //! POST /ops/wallet/receive       {"token": …}              → receipt (manual funding)
@@ -25,6 +26,7 @@
 
 pub mod format;
 pub mod metrics;
+pub mod rates;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -167,6 +169,10 @@ pub struct ClientRow {
     /// The speed tier bought (`default` = the standard prices).
     #[serde(default)]
     pub tier: String,
+    /// The rate over the last sampling interval ([`rates`]), bits/s of L3 bytes; `None`
+    /// until the client was sampled twice.
+    #[serde(default)]
+    pub now: Option<rates::CurrentRate>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -425,6 +431,8 @@ pub struct OpsState {
     pub tasks: Arc<crate::supervisor::Supervisor>,
     /// Re-reads config.json (`tollgate reload`); `None`: reloading is not available.
     pub reload: Option<Arc<crate::reload::Reloader>>,
+    /// Each client's current rate, sampled by its own task.
+    pub rates: Arc<rates::RateMeter>,
 }
 
 /// Everything, for the control socket (its file mode is the access control).
@@ -601,7 +609,12 @@ async fn status(State(st): State<OpsState>) -> Result<Json<StatusReport>, OpsErr
     }))
 }
 
-fn client_row(s: &SessionView, gate: Option<&GateState>, ip: Option<IpAddr>) -> ClientRow {
+fn client_row(
+    s: &SessionView,
+    gate: Option<&GateState>,
+    ip: Option<IpAddr>,
+    now: Option<rates::CurrentRate>,
+) -> ClientRow {
     let usage = gate.map(|g| g.usage).unwrap_or_default();
     ClientRow {
         mac: s.mac,
@@ -628,6 +641,7 @@ fn client_row(s: &SessionView, gate: Option<&GateState>, ip: Option<IpAddr>) -> 
             .tier
             .clone()
             .unwrap_or_else(|| crate::tiers::DEFAULT_TIER.into()),
+        now,
     }
 }
 
@@ -649,7 +663,10 @@ async fn clients(State(st): State<OpsState>) -> Result<Json<Vec<ClientRow>>, Ops
         .chandler
         .clients()?
         .iter()
-        .map(|s| client_row(s, gates.get(&s.mac), arp.get(&s.mac).copied()))
+        .map(|s| {
+            let now = st.rates.current(s.mac);
+            client_row(s, gates.get(&s.mac), arp.get(&s.mac).copied(), now)
+        })
         .collect();
     rows.sort_by_key(|r| r.mac);
     Ok(Json(rows))
@@ -802,7 +819,7 @@ async fn gate(
             tracing::info!(%mac, action = %action, amount, "administrative grant");
             let gates = gates_by_mac(&st)?;
             let ip = arp(&st).get(&mac).copied();
-            Ok(Json(client_row(&s, gates.get(&mac), ip)).into_response())
+            Ok(Json(client_row(&s, gates.get(&mac), ip, st.rates.current(mac))).into_response())
         }
         "close" => {
             if !active {
@@ -814,7 +831,7 @@ async fn gate(
                 .ok_or(ChandlerError::NoSession { mac })?;
             let gates = gates_by_mac(&st)?;
             let ip = arp(&st).get(&mac).copied();
-            Ok(Json(client_row(&s, gates.get(&mac), ip)).into_response())
+            Ok(Json(client_row(&s, gates.get(&mac), ip, st.rates.current(mac))).into_response())
         }
         other => Err(OpsError::NotFound(format!(
             "unknown gate action {other:?} (open, extend, close)"
