@@ -1104,6 +1104,37 @@ pub(crate) mod tests {
         );
     }
 
+    /// Adversary: a cheap and a fast payment of one device in flight at once (the mint slow,
+    /// so both pass the pre-flight before either is applied). Pricing happens under the
+    /// chandler's guard, so the order does not matter: either the fast one converts first and
+    /// the cheap one is priced at fast, or the cheap one lands first and is converted with the
+    /// rest. Both give 30000/3 + 3000 + 30000/3 = 23000 bytes; a race pricing the cheap
+    /// payment at the default tier after the upgrade would give 43000.
+    #[tokio::test]
+    async fn concurrent_cheap_and_fast_payments_cannot_both_be_priced_cheap() {
+        let r = tiered_rig(1);
+        let m = mac();
+        r.redeemer.add("cashuBfirst", MINT, 30, Ok(()));
+        r.merchant
+            .purchase(m, pay("cashuBfirst"))
+            .await
+            .expect("paid");
+        *r.redeemer.delay.lock().expect("lock") = Duration::from_millis(100);
+        r.redeemer.add("cashuBcheap", MINT, 30, Ok(()));
+        r.redeemer.add("cashuBfast", MINT, 9, Ok(()));
+        // The fast one is started first, so it is usually applied first: the cheap one then
+        // passed its pre-flight at the default tier and is applied to a fast session.
+        let (fast, cheap) = tokio::join!(
+            r.merchant.purchase(m, at("cashuBfast", "fast")),
+            r.merchant.purchase(m, pay("cashuBcheap")),
+        );
+        cheap.expect("cheap");
+        fast.expect("fast");
+        let v = r.chandler.usage(m).expect("usage").expect("session");
+        assert_eq!(v.allotment, 23_000, "value conserved whatever the order");
+        assert_eq!(v.tier.as_deref(), Some("fast"));
+    }
+
     #[tokio::test]
     async fn purchase_then_retry_returns_same_session() {
         let r = rig(1, 0, Duration::from_secs(5));
