@@ -317,3 +317,97 @@ fn portal_lightning_tab_shows_invoice_and_qr_then_grants() {
     drop(chrome);
     assert_eq!(gw.allotment(), Some(10 * STEP));
 }
+
+/// Issue 15: with a speed tier configured,
+/// 1. the advertisement's standard tags are exactly those of the same gateway without tiers
+///    (our `tier` extension tags come after them), and a parser of the standard shape reads
+///    one price, the default one;
+/// 2. the laptop client (`POST /?mac=<MAC>`, raw token) and the shipped portal's kind 21000
+///    (no tier tag) pay at the default tier: default steps, no tier tag in the answer, the
+///    default (here unlimited) rate — not the tier's.
+#[test]
+fn reference_clients_ignore_tier_tags_and_pay_the_default_tier() {
+    let gw = Gw::new("cmptier", 0);
+    let ad = |gw: &Gw| -> Value {
+        let (st, body) = http(&gw.lab.client, "GET", "/", None);
+        assert_eq!(st, 200, "{body}");
+        json_body(&body)
+    };
+    let standard = |ev: &Value| -> Vec<Value> {
+        ev["tags"]
+            .as_array()
+            .expect("tags")
+            .iter()
+            .filter(|t| t[0] != "tier")
+            .cloned()
+            .collect()
+    };
+    let mut d = gw.start();
+    let without = standard(&ad(&gw));
+    d.stop();
+    let path = gw.etc.join("config.json");
+    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    c["tiers"] = json!([{"name": "fast", "down_kbit": 20000, "up_kbit": 5000, "price_factor": 3}]);
+    write_config_value(&gw.etc, &c);
+    let _d = gw.start();
+    let with = ad(&gw);
+    assert_eq!(standard(&with), without, "standard tags unchanged");
+    let tags = with["tags"].as_array().expect("tags");
+    let first_tier = tags.iter().position(|t| t[0] == "tier").expect("tier tag");
+    assert!(
+        tags[first_tier..].iter().all(|t| t[0] == "tier"),
+        "extension tags come last: {with}"
+    );
+    let ev = <nostr::Event as nostr::JsonUtil>::from_json(with.to_string()).expect("event");
+    let parsed = tollgate::protocol::Advertisement::from_event(&ev).expect("standard parser");
+    assert_eq!(parsed.prices.len(), 1, "{parsed:?}");
+    assert_eq!(parsed.prices[0].price_per_step, 1);
+
+    let laptop = RefCustomer {
+        ns: &gw.lab.client,
+        gateway: SocketAddr::from((GW_LAN_IP, 2121)),
+        mac: "02:de:ad:be:ef:01".into(),
+    };
+    assert_eq!(laptop.pay(&gw.token(10)), 10 * STEP, "default steps");
+    let gateway = nostr::Keys::parse(tollgate_tests::gateway::MERCHANT_KEY)
+        .expect("key")
+        .public_key();
+    let portal = tollgate::protocol::payment_event(
+        &nostr::Keys::generate(),
+        &gateway,
+        tollgate::valve::MacAddr(gw.lab.client_mac()),
+        &gw.token(10),
+        tollgate::sys::clock::unix_secs(),
+    )
+    .expect("event");
+    let (st, body) = http(
+        &gw.lab.client,
+        "POST",
+        "/",
+        Some(("application/json", &nostr::JsonUtil::as_json(&portal))),
+    );
+    assert_eq!(st, 200, "{body}");
+    let session = json_body(&body);
+    assert_eq!(
+        tollgate_tests::gateway::tag(&session, "allotment"),
+        Some("20000")
+    );
+    assert_eq!(tollgate_tests::gateway::tag(&session, "tier"), None);
+    let sock = gw.state.join("control.sock");
+    let rows = tollgate_tests::gateway::tg_json(
+        &[
+            "clients",
+            "--json",
+            "--control-socket",
+            sock.to_str().expect("utf-8"),
+        ],
+        None,
+    );
+    say(format!("clients: {rows}"));
+    let row = &rows[0];
+    assert_eq!(row["tier"], "default", "{rows}");
+    assert_eq!(
+        (row["down_kbit"].as_u64(), row["up_kbit"].as_u64()),
+        (Some(0), Some(0))
+    );
+}

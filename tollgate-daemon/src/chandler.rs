@@ -19,6 +19,13 @@
 //! numbers (the byte limit to `baseline + allotment - used_before`, the deadline replaced), so
 //! a grant retried after a failed commit is never credited twice in the kernel.
 //!
+//! Rates and tiers: the session row stores its tier, the price factor it was bought at and
+//! its own rates (a tier's, or the operator's `--down-kbit`; none = the default tier's).
+//! Every open, top-up and reconciliation puts the gate at those rates, so a restart or a
+//! reboot changes nothing a customer paid for. A paid grant is priced under the guard
+//! (`add_paid`): at the dearer of the requested and the active tier; an upgrade converts what
+//! remains at the price ratio (`tiers::convert`) and raises the rate in the same step.
+//!
 //! Why the kernel op comes before the DB commit: if we crash in between, the kernel has more
 //! than the DB says and the grant is still `redeemed`; `reconcile()` first trims the kernel to
 //! the DB, then the merchant re-applies the grant. The other order could lose paid allotment.
@@ -35,9 +42,13 @@ use tokio::sync::{mpsc, watch};
 use crate::{
     config::ChandlerConfig,
     protocol::Metric,
-    store::{Action, AppliedGrant, LogEntry, SessionRow, Store, StoreError},
+    store::{
+        Action, AppliedGrant, LogEntry, RateSource, SessionRates, SessionRow, Store, StoreError,
+    },
+    tiers::{Tier, Tiers},
     valve::{
-        Allowance, ExhaustReason, Exhaustion, GateState, Gates, MacAddr, ValveError, MAX_BOUND_V6,
+        Allowance, ExhaustReason, Exhaustion, GateState, Gates, MacAddr, Rates, ValveError,
+        MAX_BOUND_V6,
     },
 };
 
@@ -59,14 +70,44 @@ pub enum ChandlerError {
     Overflow { mac: MacAddr },
     #[error("no active session for {mac}")]
     NoSession { mac: MacAddr },
+    /// At the session's active (dearer) tier the payment buys too little.
+    #[error("{steps} steps at the active tier {tier:?} is below the minimum purchase")]
+    BelowMinimum { steps: u64, tier: String },
 }
 
 /// A grant to mark applied in the same transaction as the session change.
 pub struct GrantCommit<'a> {
     pub token_id: &'a str,
+    /// Steps bought (replaced by the steps priced under the guard for a tiered purchase).
     pub steps: u64,
-    /// Builds the answer (the signed kind-1022 JSON) from the device's new total allotment.
-    pub answer: &'a (dyn Fn(u64) -> String + Sync),
+    /// Builds the answer (the signed kind-1022 JSON) from the device's new total allotment
+    /// and the name of the session's tier.
+    pub answer: &'a (dyn Fn(u64, &str) -> String + Sync),
+}
+
+/// What a customer's payment buys at a price factor: `Some((steps, metric units))`, or
+/// `None` below the minimum purchase (see `tiers::steps`).
+pub type PriceAt<'a> = &'a (dyn Fn(u64) -> Option<(u64, u64)> + Sync);
+
+/// How much a change adds.
+enum Amount<'a> {
+    /// Metric units (operator grants, tests).
+    Fixed(u64),
+    /// A paid purchase at a tier, priced under the guard against the active tier.
+    Priced { tier: &'a str, price: PriceAt<'a> },
+}
+
+/// Rates an operator asks for (`None` = leave that direction as it is).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateRequest {
+    pub down_kbit: Option<u64>,
+    pub up_kbit: Option<u64>,
+}
+
+impl RateRequest {
+    pub fn is_empty(&self) -> bool {
+        self.down_kbit.is_none() && self.up_kbit.is_none()
+    }
 }
 
 /// A session as the API shows it.
@@ -81,12 +122,16 @@ pub struct SessionView {
     pub start_unix: u64,
     pub end_unix_ms: Option<u64>,
     pub close_reason: Option<Action>,
+    /// The tier bought (`None` = default).
+    pub tier: Option<String>,
 }
 
 /// What `reconcile()` changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReconcileReport {
     pub reopened: Vec<MacAddr>,
+    /// Open gates whose rates differed from the session's and were set back.
+    pub rates_restored: Vec<MacAddr>,
     pub closed_without_session: Vec<MacAddr>,
     pub expired: Vec<MacAddr>,
 }
@@ -110,6 +155,9 @@ pub struct Chandler {
     boot_id: String,
     /// Boot ns of the last history prune (None: not yet this run).
     last_prune: Mutex<Option<u64>>,
+    /// The tiers sold (`None`: not configured, as in unit tests: everything is the default
+    /// tier and default-tier rates are left to the valve).
+    tiers: std::sync::RwLock<Option<Tiers>>,
 }
 
 /// History is pruned at most this often (boot ns).
@@ -130,7 +178,74 @@ impl Chandler {
             lock: Mutex::new(()),
             boot_id: read_boot_id(),
             last_prune: Mutex::new(None),
+            tiers: std::sync::RwLock::new(None),
         }
+    }
+
+    /// Sells `tiers` (the default tier's rates are the valve's default rates).
+    pub fn with_tiers(self, tiers: Tiers) -> Self {
+        *self.tiers.write().unwrap_or_else(|p| p.into_inner()) = Some(tiers);
+        self
+    }
+
+    /// A config reload: sells `tiers` from now on and moves open sessions to the new rates —
+    /// default-tier sessions to the new default, tier sessions to their tier's new rates
+    /// (stored with the session). Rates the operator set, and those of a tier no longer
+    /// configured (what was bought), stay. Returns how many gates changed rate.
+    pub fn set_tiers(&self, tiers: Tiers) -> Result<usize, ChandlerError> {
+        let _g = self.guard();
+        *self.tiers.write().unwrap_or_else(|p| p.into_inner()) = Some(tiers.clone());
+        let mut changed = 0;
+        for mut row in self.store.active_sessions()? {
+            let want = match row.rates {
+                Some(SessionRates {
+                    source: RateSource::Admin | RateSource::Kernel,
+                    ..
+                }) => continue,
+                Some(SessionRates {
+                    source: RateSource::Tier,
+                    rates,
+                }) => match tiers
+                    .get(row.tier.as_deref())
+                    .filter(|t| !t.is_default() && t.rates != rates)
+                {
+                    Some(t) => {
+                        row.rates = Some(SessionRates {
+                            rates: t.rates,
+                            source: RateSource::Tier,
+                        });
+                        let log = LogEntry {
+                            mac: row.mac,
+                            action: Action::Reconcile,
+                            amount: 0,
+                            detail: format!("config reload: tier {} rates", t.name),
+                        };
+                        self.store.commit_session(&row, None, &log)?;
+                        t.rates
+                    }
+                    None => rates,
+                },
+                None => tiers.default_tier().rates,
+            };
+            if let Some(g) = self
+                .gates
+                .gate(row.mac)?
+                .filter(|g| g.open && g.rates != want)
+            {
+                self.gates.set_rate(g.mac, want)?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// The tiers sold (only the default when none are configured).
+    pub fn tiers(&self) -> Tiers {
+        self.tiers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_default()
     }
 
     pub fn metric(&self) -> Metric {
@@ -196,6 +311,7 @@ impl Chandler {
             start_unix: row.started_unix,
             end_unix_ms: row.end_unix_ms,
             close_reason: row.close_reason,
+            tier: row.tier.clone(),
         }
     }
 
@@ -208,7 +324,56 @@ impl Chandler {
         grant: Option<GrantCommit<'_>>,
         action: Action,
     ) -> Result<SessionView, ChandlerError> {
+        self.change(
+            mac,
+            Amount::Fixed(amount),
+            RateRequest::default(),
+            grant,
+            action,
+        )
+    }
+
+    /// A paid grant at tier `tier` (unknown — removed from the config since it was bought —
+    /// counts as the default tier). Priced under the guard, against the session's active
+    /// tier (`tiers::effective`): a dearer tier converts what remains (`tiers::convert`) and
+    /// raises the rate without a gap; a cheaper one is priced at the active tier.
+    pub fn add_paid(
+        &self,
+        mac: MacAddr,
+        tier: &str,
+        price: PriceAt<'_>,
+        grant: GrantCommit<'_>,
+    ) -> Result<SessionView, ChandlerError> {
+        self.change(
+            mac,
+            Amount::Priced { tier, price },
+            RateRequest::default(),
+            Some(grant),
+            Action::Grant,
+        )
+    }
+
+    /// The tier a payment for `mac` at `requested` would be priced at now (the pre-flight of
+    /// the merchant's minimum check; `add_paid` decides again under the guard).
+    pub fn pricing_tier(&self, mac: MacAddr, requested: &Tier) -> Result<Tier, ChandlerError> {
+        let active = self
+            .store
+            .session(mac)?
+            .filter(|r| r.active)
+            .map(|r| active_tier(&r));
+        Ok(crate::tiers::effective(requested, active.as_ref()).clone())
+    }
+
+    fn change(
+        &self,
+        mac: MacAddr,
+        amount: Amount<'_>,
+        rates_req: RateRequest,
+        grant: Option<GrantCommit<'_>>,
+        action: Action,
+    ) -> Result<SessionView, ChandlerError> {
         let _g = self.guard();
+        let tiers = self.tiers();
         let now_boot = self.gates.now_boot_ns();
         let gate = self.gates.gate(mac)?;
         let current = self.store.session(mac)?.filter(|r| r.active);
@@ -234,6 +399,9 @@ impl Chandler {
                 started_unix: crate::sys::clock::unix_secs(),
                 active: true,
                 close_reason: None,
+                tier: None,
+                price_factor: 1,
+                rates: None,
             },
         };
         let used = if current.is_some() {
@@ -241,13 +409,49 @@ impl Chandler {
         } else {
             0
         };
+        // Tiers: the price, and on an upgrade what remains converted at the price ratio.
+        let mut steps = None;
+        let mut upgrade = false;
+        let amount = match amount {
+            Amount::Fixed(a) => a,
+            Amount::Priced { tier, price } => {
+                let requested = tier_of(&tiers, Some(tier));
+                let active = current.as_ref().map(active_tier);
+                let eff = crate::tiers::effective(requested, active.as_ref());
+                let (n, a) = price(eff.factor).ok_or_else(|| ChandlerError::BelowMinimum {
+                    steps: 0,
+                    tier: eff.name.clone(),
+                })?;
+                steps = Some(n);
+                match active {
+                    Some(ref act) if eff.factor > act.factor => {
+                        // What remains was bought at the active tier's price: at the dearer
+                        // one it is worth fewer units (100 cheap steps + 1 fast step must
+                        // not become 101 fast steps).
+                        let remaining = row.allotment.saturating_sub(used);
+                        let kept = crate::tiers::convert(remaining, act.factor, eff.factor);
+                        tracing::info!(%mac, from = %act.name, to = %eff.name, remaining, kept,
+                            "tier upgrade: remaining allotment converted at the price ratio");
+                        row.allotment = used.saturating_add(kept);
+                        upgrade = true;
+                        set_tier(&mut row, eff);
+                    }
+                    Some(_) => {}
+                    None => set_tier(&mut row, eff),
+                }
+                a
+            }
+        };
+        let want_rates = SessionRates::own(row.rates);
         let new_allotment = row
             .allotment
             .checked_add(amount)
             .ok_or(ChandlerError::Overflow { mac })?;
         let state = match self.cfg.metric {
             Metric::Bytes => {
+                // An upgrade lowers the byte limit (the conversion): only an open sets it.
                 let gate_live = current.is_some()
+                    && !upgrade
                     && gate.is_some_and(|g| g.open && g.remaining_bytes.is_some_and(|r| r > 0));
                 let st = if let Some(g) = gate.filter(|_| gate_live) {
                     // The kernel's limit is set from the database's numbers, not moved by
@@ -269,6 +473,7 @@ impl Chandler {
                         Allowance {
                             bytes: Some(allowance),
                             bind_ipv4: first_v4(&keep_bind),
+                            rates: want_rates,
                             ..Allowance::default()
                         },
                     )?;
@@ -285,7 +490,11 @@ impl Chandler {
                 let add_ns = amount
                     .checked_mul(NS_PER_MS)
                     .ok_or(ChandlerError::Overflow { mac })?;
-                let old_end = if current.is_some() {
+                let old_end = if upgrade {
+                    // The converted remainder counts from now.
+                    let kept_ms = row.allotment.saturating_sub(used);
+                    Some(now_boot.saturating_add(kept_ms.saturating_mul(NS_PER_MS)))
+                } else if current.is_some() {
                     self.end_boot(&row, now_boot)
                 } else {
                     None
@@ -299,6 +508,7 @@ impl Chandler {
                     Allowance {
                         until_boot_ns: Some(want_end),
                         bind_ipv4: first_v4(&keep_bind),
+                        rates: want_rates,
                         ..Allowance::default()
                     },
                 )?;
@@ -312,17 +522,45 @@ impl Chandler {
                 st
             }
         };
+        // The session's rates in the kernel: a gate kept open keeps its own (an extend does
+        // not touch them), so set them when they differ; an operator's request is merged
+        // with what is in force and stored as the operator's.
+        let mut state = state;
+        let want = if rates_req.is_empty() {
+            want_rates
+        } else {
+            Some(Rates {
+                down_kbit: rates_req.down_kbit.unwrap_or(state.rates.down_kbit),
+                up_kbit: rates_req.up_kbit.unwrap_or(state.rates.up_kbit),
+            })
+        };
+        if let Some(r) = want.filter(|r| *r != state.rates) {
+            state = self.gates.set_rate(mac, r)?;
+            tracing::info!(%mac, down_kbit = r.down_kbit, up_kbit = r.up_kbit, "rate limits set");
+        }
+        if !rates_req.is_empty() {
+            row.rates = want.map(|rates| SessionRates {
+                rates,
+                source: RateSource::Admin,
+            });
+        }
         row.allotment = new_allotment;
         row.generation = state.generation;
         row.active = true;
         row.close_reason = None;
-        let answer = grant.as_ref().map(|g| (g.answer)(new_allotment));
+        let tier_name = row
+            .tier
+            .clone()
+            .unwrap_or_else(|| crate::tiers::DEFAULT_TIER.into());
+        let answer = grant
+            .as_ref()
+            .map(|g| (g.answer)(new_allotment, &tier_name));
         let applied = grant
             .as_ref()
             .zip(answer.as_deref())
             .map(|(g, a)| AppliedGrant {
                 token_id: g.token_id,
-                steps: g.steps,
+                steps: steps.unwrap_or(g.steps),
                 allotment: amount,
                 answer: a,
             });
@@ -344,17 +582,25 @@ impl Chandler {
 
     /// Admin grant (recorded as `admin-open` / `admin-extend`).
     pub fn admin_add(&self, mac: MacAddr, amount: u64) -> Result<SessionView, ChandlerError> {
+        self.admin_add_with_rates(mac, amount, RateRequest::default())
+    }
+
+    /// Admin grant that also sets the session's rates (`tollgate gate … --down-kbit`): the
+    /// kernel and the session row change under one guard, so a restart or a reboot reopens
+    /// the gate at these rates.
+    pub fn admin_add_with_rates(
+        &self,
+        mac: MacAddr,
+        amount: u64,
+        rates: RateRequest,
+    ) -> Result<SessionView, ChandlerError> {
         let active = self.store.session(mac)?.is_some_and(|r| r.active);
-        self.add(
-            mac,
-            amount,
-            None,
-            if active {
-                Action::AdminExtend
-            } else {
-                Action::AdminOpen
-            },
-        )
+        let action = if active {
+            Action::AdminExtend
+        } else {
+            Action::AdminOpen
+        };
+        self.change(mac, Amount::Fixed(amount), rates, None, action)
     }
 
     /// Closes the gate and the session (recorded with `action`, e.g. `admin-close`).
@@ -524,6 +770,14 @@ impl Chandler {
         for mut row in self.store.active_sessions()? {
             let gate = gates.remove(&row.mac);
             let mac = row.mac;
+            if row.rates.is_some_and(|r| r.source == RateSource::Kernel) {
+                // A session from before rates were stored: the open gate's rates (maybe the
+                // operator's) become the session's; with the gate gone, the default tier's.
+                row.rates = gate.filter(|g| g.open).map(|g| SessionRates {
+                    rates: g.rates,
+                    source: RateSource::Admin,
+                });
+            }
             match row.metric {
                 Metric::Bytes => {
                     if gate.is_none_or(|g| g.usage.bytes() < row.baseline) {
@@ -545,6 +799,7 @@ impl Chandler {
                             mac,
                             Allowance {
                                 bytes: Some(remaining),
+                                rates: SessionRates::own(row.rates),
                                 ..Allowance::default()
                             },
                         )?;
@@ -552,6 +807,8 @@ impl Chandler {
                         row.baseline = st.usage.bytes();
                         row.generation = st.generation;
                         report.reopened.push(mac);
+                    } else if self.restore_rates(&row, gate.as_ref())? {
+                        report.rates_restored.push(mac);
                     }
                 }
                 Metric::Milliseconds => {
@@ -568,11 +825,14 @@ impl Chandler {
                             mac,
                             Allowance {
                                 until_boot_ns: Some(end),
+                                rates: SessionRates::own(row.rates),
                                 ..Allowance::default()
                             },
                         )?;
                         row.generation = st.generation;
                         report.reopened.push(mac);
+                    } else if self.restore_rates(&row, gate.as_ref())? {
+                        report.rates_restored.push(mac);
                     }
                     row.end_boot_ns = Some(end);
                     row.boot_id = self.boot_id.clone();
@@ -629,6 +889,31 @@ impl Chandler {
             return Ok(Vec::new());
         }
         Ok(self.store.binding(mac)?)
+    }
+
+    /// Start-up: an open gate kept by the kernel runs at the session's rates (its own, or the
+    /// default tier's as configured now). Returns whether they had to be set.
+    fn restore_rates(
+        &self,
+        row: &SessionRow,
+        gate: Option<&GateState>,
+    ) -> Result<bool, ChandlerError> {
+        let want = match row.rates {
+            Some(r) => Some(r.rates),
+            None => self
+                .tiers
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|t| t.default_tier().rates),
+        };
+        match (want, gate) {
+            (Some(w), Some(g)) if g.open && g.rates != w => {
+                self.gates.set_rate(row.mac, w)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     /// Start-up reconciliation's open of a stored session: `allowance` plus the binding stored
@@ -761,6 +1046,40 @@ impl Chandler {
     }
 }
 
+/// A session's tier as it was bought: its name and the price factor paid (rates are the
+/// row's own).
+fn active_tier(row: &SessionRow) -> Tier {
+    Tier {
+        name: row
+            .tier
+            .clone()
+            .unwrap_or_else(|| crate::tiers::DEFAULT_TIER.into()),
+        rates: SessionRates::own(row.rates).unwrap_or_default(),
+        factor: row.price_factor.max(1),
+    }
+}
+
+/// The tier named `name` (`None`, or one no longer configured: the default).
+fn tier_of<'a>(tiers: &'a Tiers, name: Option<&str>) -> &'a Tier {
+    tiers.get(name).unwrap_or_else(|| tiers.default_tier())
+}
+
+/// A session's tier and rates from now on: those of `tier` (the default tier: `None`, its
+/// rates follow the configuration).
+fn set_tier(row: &mut SessionRow, tier: &Tier) {
+    row.price_factor = tier.factor;
+    if tier.is_default() {
+        row.tier = None;
+        row.rates = None;
+    } else {
+        row.tier = Some(tier.name.clone());
+        row.rates = Some(SessionRates {
+            rates: tier.rates,
+            source: RateSource::Tier,
+        });
+    }
+}
+
 /// What [`Chandler::bind`] keeps of `addrs`: at most one IPv4 and [`MAX_BOUND_V6`] IPv6
 /// addresses, first come first kept, IPv4-mapped IPv6 as IPv4, without link-local,
 /// multicast, loopback, unspecified and duplicate addresses.
@@ -821,6 +1140,9 @@ pub(crate) mod fake {
         pub extends: u32,
         /// IPv6 addresses bound per MAC (GateState shows only the IPv4 one).
         pub bound_v6: HashMap<MacAddr, Vec<std::net::Ipv6Addr>>,
+        /// The valve's default rates (a gate opened without its own).
+        pub default_rates: Rates,
+        pub set_rates: u32,
     }
 
     impl FakeGates {
@@ -874,6 +1196,12 @@ pub(crate) mod fake {
             // Like the kernel's: an open replaces the policy, IPv6 binding included.
             i.bound_v6.remove(&mac);
             let prev = i.gates.get(&mac).copied();
+            // Like the valve's: a top-up of an open gate keeps its rate.
+            let rates = match (a.rates, prev) {
+                (Some(r), _) => r,
+                (None, Some(p)) if p.open => p.rates,
+                (None, _) => i.default_rates,
+            };
             let g = GateState {
                 mac,
                 open: true,
@@ -882,7 +1210,7 @@ pub(crate) mod fake {
                 bound_ipv4: a.bind_ipv4,
                 generation: prev.map_or(1, |p| p.generation + 1),
                 usage: prev.map(|p| p.usage).unwrap_or_default(),
-                rates: Default::default(),
+                rates,
             };
             i.gates.insert(mac, g);
             Ok(g)
@@ -913,6 +1241,17 @@ pub(crate) mod fake {
                 g.open = false;
             }
             Ok(())
+        }
+        fn set_rate(&self, mac: MacAddr, rates: Rates) -> Result<GateState, ValveError> {
+            let mut i = self.lock();
+            i.set_rates += 1;
+            let g = i
+                .gates
+                .get_mut(&mac)
+                .filter(|g| g.open)
+                .ok_or(ValveError::Other(format!("gate of {mac} is not open")))?;
+            g.rates = rates;
+            Ok(*g)
         }
         fn bind_ipv4(
             &self,
@@ -1444,6 +1783,230 @@ mod tests {
         let after = store.size_bytes().expect("size");
         eprintln!("after pruning: {after} bytes");
         assert!(after < size, "pruning frees pages ({after} vs {size})");
+    }
+
+    /// Issue 15 item 1: rates set by the operator and rates of a tier are stored with the
+    /// session; a reboot (kernel state gone) reopens each gate at its own rates, and a
+    /// restart that finds the gate open at other rates sets them back. A default-tier
+    /// session follows the configured default.
+    #[test]
+    fn stored_rates_survive_restart_and_reboot() {
+        for metric in [Metric::Bytes, Metric::Milliseconds] {
+            let (gates, store, c) = chandler(metric);
+            let default = Rates {
+                down_kbit: 3_000,
+                up_kbit: 1_000,
+            };
+            let fast = Rates {
+                down_kbit: 20_000,
+                up_kbit: 5_000,
+            };
+            let c =
+                Chandler::new(c.cfg.clone(), gates.clone(), store.clone()).with_tiers(Tiers::new(
+                    default,
+                    &[crate::tiers::TierSettings {
+                        name: "fast".into(),
+                        down_kbit: fast.down_kbit,
+                        up_kbit: fast.up_kbit,
+                        price_factor: 3,
+                    }],
+                ));
+            gates.lock().default_rates = default;
+            let (admin, tiered, plain): (MacAddr, MacAddr, MacAddr) = (
+                "02:00:00:00:00:0a".parse().expect("mac"),
+                "02:00:00:00:00:0b".parse().expect("mac"),
+                "02:00:00:00:00:0c".parse().expect("mac"),
+            );
+            let cli = RateRequest {
+                down_kbit: Some(8_000),
+                up_kbit: None,
+            };
+            c.admin_add_with_rates(admin, 60_000, cli).expect("admin");
+            let want_admin = Rates {
+                down_kbit: 8_000,
+                up_kbit: 1_000,
+            };
+            let price = |factor: u64| Some((1, 60_000 / factor));
+            let answer = |_: u64, _: &str| String::new();
+            c.add_paid(
+                tiered,
+                "fast",
+                &price,
+                GrantCommit {
+                    token_id: "t",
+                    steps: 0,
+                    answer: &answer,
+                },
+            )
+            .expect("fast");
+            c.add(plain, 60_000, None, Action::Grant).expect("default");
+            let rates_of = |m: MacAddr| gates.lock().gates[&m].rates;
+            assert_eq!(rates_of(admin), want_admin, "{metric:?}");
+            assert_eq!(rates_of(tiered), fast, "{metric:?}");
+            assert_eq!(rates_of(plain), default, "{metric:?}");
+            // Restart: the gates are open but at other rates (as the old code left them).
+            for m in [admin, tiered, plain] {
+                gates.lock().gates.get_mut(&m).expect("gate").rates = Rates::UNLIMITED;
+            }
+            let r = c.reconcile().expect("reconcile");
+            assert_eq!(r.rates_restored.len(), 3, "{metric:?}: {r:?}");
+            assert_eq!(rates_of(admin), want_admin, "{metric:?}");
+            assert_eq!(rates_of(tiered), fast, "{metric:?}");
+            assert_eq!(rates_of(plain), default, "{metric:?}");
+            // Reboot: kernel state gone; the valve's default is what a bare open gets.
+            reboot(&gates);
+            for m in [admin, tiered, plain] {
+                let mut row = store.session(m).expect("get").expect("row");
+                row.boot_id = "previous-boot".into();
+                store
+                    .commit_session(
+                        &row,
+                        None,
+                        &LogEntry {
+                            mac: m,
+                            action: Action::Reconcile,
+                            amount: 0,
+                            detail: String::new(),
+                        },
+                    )
+                    .expect("commit");
+            }
+            let r = c.reconcile().expect("reconcile");
+            assert_eq!(r.reopened.len(), 3, "{metric:?}: {r:?}");
+            assert_eq!(
+                rates_of(admin),
+                want_admin,
+                "{metric:?}: reopened at the CLI rate"
+            );
+            assert_eq!(
+                rates_of(tiered),
+                fast,
+                "{metric:?}: reopened at the tier's rate"
+            );
+            assert_eq!(rates_of(plain), default, "{metric:?}");
+            let views = c.clients().expect("clients");
+            let tier_of = |m: MacAddr| views.iter().find(|v| v.mac == m).expect("v").tier.clone();
+            assert_eq!(tier_of(tiered).as_deref(), Some("fast"));
+            assert_eq!(tier_of(admin), None);
+            // A top-up keeps the operator's rate.
+            c.add(admin, 1_000, None, Action::Grant).expect("top-up");
+            assert_eq!(rates_of(admin), want_admin, "{metric:?}");
+        }
+    }
+
+    /// A session from before rates were stored (`Kernel`: the database was migrated) keeps
+    /// the rate its open gate has at the next start, and it is stored from then on.
+    #[test]
+    fn a_migrated_session_adopts_its_gates_rates() {
+        let (gates, store, c) = chandler(Metric::Bytes);
+        let c = Chandler::new(c.cfg.clone(), gates.clone(), store.clone())
+            .with_tiers(Tiers::new(Rates::UNLIMITED, &[]));
+        c.add(mac(), 100_000, None, Action::Grant).expect("open");
+        let set = Rates {
+            down_kbit: 8_000,
+            up_kbit: 2_000,
+        };
+        gates
+            .set_rate(mac(), set)
+            .expect("the operator's rate, kernel only");
+        let mut row = store.session(mac()).expect("get").expect("row");
+        row.rates = Some(SessionRates {
+            rates: Rates::UNLIMITED,
+            source: RateSource::Kernel,
+        });
+        let log = LogEntry {
+            mac: mac(),
+            action: Action::Reconcile,
+            amount: 0,
+            detail: String::new(),
+        };
+        store.commit_session(&row, None, &log).expect("commit");
+        c.reconcile().expect("reconcile");
+        assert_eq!(
+            gates.lock().gates[&mac()].rates,
+            set,
+            "not reset to the default"
+        );
+        let row = store.session(mac()).expect("get").expect("row");
+        assert_eq!(SessionRates::own(row.rates), Some(set), "stored now");
+        gates.lock().gates.clear();
+        c.reconcile().expect("reboot");
+        assert_eq!(gates.lock().gates[&mac()].rates, set, "and after a reboot");
+    }
+
+    /// What remains is converted at the price factor it was bought at, not at what the config
+    /// says of its tier after a reload (a price raise must not shrink what was paid for).
+    #[test]
+    fn conversion_uses_the_factor_paid_not_the_reloaded_one() {
+        let (gates, store, c) = chandler(Metric::Bytes);
+        let tier = |name: &str, factor| crate::tiers::TierSettings {
+            name: name.into(),
+            down_kbit: 0,
+            up_kbit: 0,
+            price_factor: factor,
+        };
+        let c = Chandler::new(c.cfg.clone(), gates.clone(), store.clone())
+            .with_tiers(Tiers::new(Rates::UNLIMITED, &[tier("fast", 3)]));
+        let answer = |_: u64, _: &str| String::new();
+        let grant = |id| GrantCommit {
+            token_id: id,
+            steps: 0,
+            answer: &answer,
+        };
+        // 60 sat at fast (3 sat/step, 1000 bytes/step): 20 steps.
+        let p60 = |f: u64| Some((60 / f, 60 / f * 1_000));
+        c.add_paid(mac(), "fast", &p60, grant("a")).expect("fast");
+        c.set_tiers(Tiers::new(
+            Rates::UNLIMITED,
+            &[tier("fast", 5), tier("ultra", 6)],
+        ))
+        .expect("reload");
+        // 6 sat at ultra: 1 step; the 20000 fast bytes are worth 20000 × 3 / 6 = 10000.
+        let p6 = |f: u64| Some((6 / f, 6 / f * 1_000));
+        let v = c.add_paid(mac(), "ultra", &p6, grant("b")).expect("ultra");
+        assert_eq!(v.allotment, 11_000, "converted at 3:6, not 5:6");
+        let row = store.session(mac()).expect("get").expect("row");
+        assert_eq!((row.tier.as_deref(), row.price_factor), (Some("ultra"), 6));
+    }
+
+    /// A time session upgraded mid-way: what remains is converted at the price ratio and
+    /// counts from now; the new steps are added on top.
+    #[test]
+    fn a_time_upgrade_converts_what_remains() {
+        let (gates, store, c) = chandler(Metric::Milliseconds);
+        let c = Chandler::new(c.cfg.clone(), gates.clone(), store).with_tiers(Tiers::new(
+            Rates::UNLIMITED,
+            &[crate::tiers::TierSettings {
+                name: "fast".into(),
+                down_kbit: 1,
+                up_kbit: 1,
+                price_factor: 4,
+            }],
+        ));
+        let answer = |_: u64, _: &str| String::new();
+        let grant = |id| GrantCommit {
+            token_id: id,
+            steps: 0,
+            answer: &answer,
+        };
+        // 100 s bought at the default tier (10 steps of 10 s for 10 sat).
+        let price10 = |factor: u64| Some((10 / factor, 10 / factor * 10_000));
+        c.add_paid(mac(), "default", &price10, grant("a"))
+            .expect("default");
+        gates.advance_ms(20_000);
+        // 8 sat at "fast" (4 sat/step): 2 steps = 20 s; the 80 s left are worth 20 s.
+        let price8 = |factor: u64| Some((8 / factor, 8 / factor * 10_000));
+        let v = c
+            .add_paid(mac(), "fast", &price8, grant("b"))
+            .expect("fast");
+        assert_eq!(v.remaining, 40_000, "80 s / 4 + 20 s");
+        assert_eq!(v.allotment, 60_000, "20 s used + 40 s");
+        let now = gates.now_boot_ns();
+        assert_eq!(
+            gates.lock().gates[&mac()].until_boot_ns,
+            Some(now + 40_000 * NS_PER_MS)
+        );
+        assert_eq!(gates.lock().gates[&mac()].rates.down_kbit, 1);
     }
 
     #[test]

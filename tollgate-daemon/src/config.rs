@@ -186,6 +186,9 @@ struct RawConfig {
     #[serde(default)]
     #[serde(skip_serializing_if = "Option::is_none")]
     shaping: Option<crate::shaping::ShapingSettings>,
+    #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tiers: Option<Vec<crate::tiers::TierSettings>>,
 }
 
 /// `http_limits` in config.json: every field optional (the defaults are [`HttpLimits::default`]).
@@ -484,6 +487,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub rebalance: RebalanceConfig,
     pub shaping: crate::shaping::ShapingSettings,
+    /// Speed tiers sold besides the default (`tiers.rs`).
+    pub tiers: Vec<crate::tiers::TierSettings>,
 }
 
 /// `http_limits` + `admin_token`: zero limits and an empty token are refused.
@@ -980,6 +985,11 @@ impl Config {
                 s.validate(&cpath)?;
                 s
             },
+            tiers: {
+                let t = raw.tiers.clone().unwrap_or_default();
+                crate::tiers::validate(&t, &cpath)?;
+                t
+            },
         })
     }
 
@@ -1130,6 +1140,29 @@ mod tests {
         let e = load(config, ids).expect_err("must be rejected");
         let msg = e.to_string();
         (e.field().unwrap_or_default().to_string(), msg)
+    }
+
+    /// `tiers` in config.json: absent = none; a valid list loads; a bad one is refused with
+    /// its field; an unknown key inside a tier is refused (a typo must not sell at factor 0).
+    #[test]
+    fn tiers_load_and_bad_ones_are_refused() {
+        assert!(load(EXAMPLE, IDS).expect("example").tiers.is_empty());
+        let ok = patched(|v| {
+            v["tiers"] = serde_json::json!([
+                {"name": "fast", "down_kbit": 20000, "up_kbit": 5000, "price_factor": 3}
+            ])
+        });
+        let c = load(&ok, IDS).expect("tiers");
+        assert_eq!(c.tiers[0].price_factor, 3);
+        let bad =
+            patched(|v| v["tiers"] = serde_json::json!([{"name": "fast", "price_factor": 1}]));
+        assert_eq!(field_of(&bad, IDS).0, "tiers[0].price_factor");
+        let typo =
+            patched(|v| v["tiers"] = serde_json::json!([{"name": "fast", "price_factr": 3}]));
+        assert!(
+            load(&typo, IDS).is_err(),
+            "unknown/missing tier fields refused"
+        );
     }
 
     #[test]

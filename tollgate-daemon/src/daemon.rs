@@ -11,6 +11,7 @@
 //!           upstream buyer (reseller mode),
 //!           HTTP (LAN; + portal port), admin HTTP (loopback, + /metrics),
 //!           control socket (<state_dir>/control.sock, 0600: the operator API)
+//!  SIGHUP ─> config.json re-read: shaping and tier rates applied live (reload.rs)
 //!  SIGINT/SIGTERM ─> tasks stop in reverse order, the nft table is removed; the data plane
 //!                    stays pinned and enforcing
 //! ```
@@ -83,9 +84,11 @@ pub fn valve_config(cfg: &Config, pin_base: Option<&PathBuf>) -> Result<ValveCon
 }
 
 /// Runs the daemon until SIGINT/SIGTERM, with the control socket at `control_socket`
-/// (default `<state_dir>/control.sock`).
+/// (default `<state_dir>/control.sock`). `overrides` (what `cfg` was loaded with) apply to a
+/// `SIGHUP` reload too.
 pub async fn run(
     cfg: Config,
+    overrides: Overrides,
     pin_base: Option<PathBuf>,
     control_socket: Option<PathBuf>,
 ) -> Result<()> {
@@ -100,7 +103,8 @@ pub async fn run(
     let mut vcfg = valve_config(&cfg, pin_base.as_ref())?;
     // Rate limits: fq on the LAN for EDT (or policing where the kernel has no fq), before
     // the first packet is shaped.
-    let shaping_lan = if cfg.shaping.enabled() {
+    let tiers = crate::tiers::Tiers::new(cfg.shaping.rates(), &cfg.tiers);
+    let shaping_lan = if cfg.shaping.enabled() || tiers.any_rates() {
         let lan = crate::shaping::Lan::prepare(&vcfg.iface, cfg.shaping.replace_qdisc)
             .context("preparing the LAN interface for rate limits")?;
         vcfg.edt_down = lan.mode() == crate::shaping::DownMode::Edt;
@@ -145,7 +149,8 @@ pub async fn run(
         .context("opening the wallet")?;
     let store = Arc::new(Store::open(&cfg.store.db_path())?.with_retention(cfg.store.retention));
     let gates: Arc<dyn Gates> = valve.clone();
-    let chandler = Arc::new(Chandler::new(cfg.chandler.clone(), gates, store.clone()));
+    let chandler =
+        Arc::new(Chandler::new(cfg.chandler.clone(), gates, store.clone()).with_tiers(tiers));
     let report = chandler
         .reconcile()
         .context("reconciling sessions with the kernel")?;
@@ -251,6 +256,24 @@ pub async fn run(
             }
         });
     }
+    // SIGHUP (and `tollgate reload`): shaping and tier rates applied live (`reload.rs`). The
+    // handler is installed before we say we are serving, so an early SIGHUP never kills us.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("SIGHUP handler")?;
+    let reloader = Arc::new(crate::reload::Reloader::new(
+        &cfg.dir,
+        overrides,
+        vcfg.clone(),
+        valve.clone(),
+        chandler.clone(),
+    ));
+    {
+        let (r, c) = (reloader.clone(), cancel.clone());
+        tasks.spawn_once("reload", async move {
+            r.run(hup, c).await;
+            Ok(())
+        });
+    }
     let rates = crate::ops::rates::RateMeter::new();
     {
         let (m, v, stop) = (rates.clone(), valve.clone(), cancel.clone());
@@ -279,6 +302,7 @@ pub async fn run(
         arp_path: PathBuf::from("/proc/net/arp"),
         state_dir: cfg.store.state_dir.clone(),
         tasks: tasks.clone(),
+        reload: Some(reloader),
         rates,
     };
     let control = crate::control::bind(&control_path)?;

@@ -28,7 +28,9 @@ use std::{
 
 use axum::{
     body::Bytes,
-    extract::{rejection::BytesRejection, ConnectInfo, DefaultBodyLimit, Path, Query, State},
+    extract::{
+        rejection::BytesRejection, ConnectInfo, DefaultBodyLimit, Path, Query, RawQuery, State,
+    },
     http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -392,6 +394,7 @@ fn acceptable_content_type(ct: Option<&str>) -> bool {
 async fn pay(
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -429,8 +432,26 @@ async fn pay(
         st.err(status, NoticeCode::InvalidRequest, msg)
     })?;
     let mac = mac_of(&st, peer, &headers).await?;
-    let payment = protocol::parse_payment(ct, &body, Some(&st.merchant.keys().public_key()))
+    let mut payment = protocol::parse_payment(ct, &body, Some(&st.merchant.keys().public_key()))
         .map_err(|e| protocol_error(&st, e))?;
+    // Our tier extension: `POST /?tier=fast` (a raw token has nowhere else to say it); a
+    // 21000 event may carry `["tier", name]` instead. Checked before anything is redeemed.
+    let tier_err = |e: crate::tiers::TierError| {
+        st.err(
+            StatusCode::BAD_REQUEST,
+            NoticeCode::InvalidRequest,
+            format!("{e}; the token was not redeemed and is still yours"),
+        )
+        .with_customer(payment.customer)
+    };
+    match (
+        payment.tier.as_deref(),
+        crate::tiers::choice_from_query(query.as_deref()).map_err(tier_err)?,
+    ) {
+        (Some(a), Some(b)) if a != b => return Err(tier_err(crate::tiers::TierError::Repeated)),
+        (None, Some(b)) => payment.tier = Some(b),
+        _ => {}
+    }
     let customer = payment.customer;
     match st.merchant.purchase(mac, payment).await {
         Ok(p) => {

@@ -25,7 +25,7 @@ use std::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    merchant::{steps_for, Merchant, MerchantError},
+    merchant::{steps_at, Merchant, MerchantError},
     protocol::Metric,
     store::{GrantStatus, LnQuote, Store, StoreError},
     types::canonical_mint_url,
@@ -150,14 +150,16 @@ impl Checkout {
         let offer = cfg
             .offer(&mint)
             .ok_or_else(|| LightningError::MintNotAccepted { mint: mint.clone() })?;
-        // Refuse up front what the grant would refuse after the customer paid.
-        let (steps, enough) = steps_for(amount, offer);
+        // Refuse up front what the grant would refuse after the customer paid (at the price
+        // of the device's active tier, which a top-up is priced at).
+        let factor = self.merchant.price_factor_for(mac);
+        let (steps, enough) = steps_at(amount, offer, factor);
         if !enough {
             return Err(LightningError::BadRequest {
                 reason: format!(
                     "{amount} sat buys {steps} steps; the minimum is {} steps at {} sat",
                     offer.purchase_min_steps.max(1),
-                    offer.price_per_step
+                    offer.price_per_step.max(1).saturating_mul(factor)
                 ),
             });
         }

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! purchase(mac, payment)
+//!  0 tiers.choose(payment.tier)          unknown / hostile tier name → refused, not redeemed
 //!  1 chandler.check(mac)                 pre-flight: can a gate open? (before taking money)
 //!  2 redeemer.inspect(token)             offline: decode, mint accepted, unit, not locked,
 //!                                        face value below purchase_min_steps → refused, the
@@ -11,10 +12,11 @@
 //!    per-token lock; known token? replay answer; received by the wallet outside a grant
 //!    (`tollgate wallet receive`)? → token-spent; grant row (redeeming, token stored, fsync)
 //!    redeemer.receive(token)             idempotent per token id → grant redeemed (gross, net)
-//!  4 steps = net / price_per_step        below purchase_min_steps (the mint's input fee took
-//!                                        the difference) → rejected-below-min notice
-//!  5 chandler.add(mac, steps × step_size, grant)  kernel op, then ONE tx: session + grant
-//!                                                 applied + the signed kind-1022 answer
+//!  4 steps = net / (price_per_step × tier factor)   below purchase_min_steps (the mint's
+//!                                        input fee took the difference) → rejected-below-min
+//!  5 chandler.add_paid(mac, tier, price, grant)   priced at the active tier when dearer;
+//!                                        kernel op, then ONE tx: session + grant applied +
+//!                                        the signed kind-1022 answer
 //! ```
 //! A late mint answer is never discarded: the request may time out, the task goes on, and
 //! a retry with the same token returns the stored answer. `reconcile()` at start finishes
@@ -36,8 +38,10 @@ use crate::{
     config::{MerchantConfig, MintOffer},
     protocol::{
         self, Advertisement, Notice, NoticeCode, Payment, PriceOption, ProtocolError, Session,
+        TierOption,
     },
-    store::{Action, Grant, GrantStatus, Store, StoreError},
+    store::{Grant, GrantStatus, Store, StoreError},
+    tiers::TierError,
     types::canonical_mint_url,
     valve::MacAddr,
     wallet::{Wallet, WalletError},
@@ -140,6 +144,13 @@ pub enum MerchantError {
     },
     #[error("internal: {message}")]
     Internal { message: String },
+    /// The tier named is not sold here (or not a tier name): refused before the token is
+    /// redeemed, so it is still the customer's.
+    #[error("{source}; the token was not redeemed and is still yours")]
+    Tier {
+        #[from]
+        source: TierError,
+    },
 }
 
 impl MerchantError {
@@ -169,6 +180,7 @@ impl MerchantError {
             MerchantError::Store { .. } | MerchantError::Internal { .. } => {
                 NoticeCode::InternalError
             }
+            MerchantError::Tier { .. } => NoticeCode::InvalidRequest,
             MerchantError::Protocol { source } => match source {
                 ProtocolError::InvalidToken { .. } => NoticeCode::InvalidToken,
                 ProtocolError::Sign { .. } => NoticeCode::InternalError,
@@ -202,9 +214,15 @@ pub struct PaymentCount {
 /// (mint, outcome) → (count, sats).
 type PaymentTally = BTreeMap<(String, String), (u64, u64)>;
 
-/// Pure pricing: steps bought for `net`, or `None` below the minimum (at least one step).
+/// Pure pricing: steps bought for `net`, and whether that is at least the minimum purchase
+/// (at least one step).
 pub fn steps_for(net: u64, offer: &MintOffer) -> (u64, bool) {
-    let steps = net / offer.price_per_step.max(1);
+    steps_at(net, offer, 1)
+}
+
+/// [`steps_for`] at a tier whose price is `factor` × the mint's price per step.
+pub fn steps_at(net: u64, offer: &MintOffer, factor: u64) -> (u64, bool) {
+    let steps = crate::tiers::steps(net, offer.price_per_step, factor);
     (steps, steps >= offer.purchase_min_steps.max(1))
 }
 
@@ -268,6 +286,24 @@ impl Merchant {
     }
 
     fn sign_advertisement(&self, created_at: u64) -> Result<String, MerchantError> {
+        let tiers = self.chandler.tiers();
+        let tier_tags: Vec<TierOption> = tiers
+            .extra()
+            .iter()
+            .flat_map(|t| {
+                self.cfg.mints.iter().map(move |m| TierOption {
+                    name: t.name.clone(),
+                    down_kbit: t.rates.down_kbit,
+                    up_kbit: t.rates.up_kbit,
+                    price: PriceOption {
+                        price_per_step: m.price_per_step.max(1).saturating_mul(t.factor),
+                        unit: m.unit.clone(),
+                        mint_url: m.url.clone(),
+                        min_steps: m.purchase_min_steps.max(1),
+                    },
+                })
+            })
+            .collect();
         let ad = Advertisement {
             metric: self.cfg.metric,
             step_size: self.cfg.step_size,
@@ -285,7 +321,9 @@ impl Merchant {
                 })
                 .collect(),
         };
-        Ok(ad.to_event(&self.cfg.keys, created_at)?.as_json())
+        Ok(ad
+            .to_event_with(&self.cfg.keys, created_at, &tier_tags)?
+            .as_json())
     }
 
     /// A signed kind-21023 notice.
@@ -348,6 +386,13 @@ impl Merchant {
         mac: MacAddr,
         payment: Payment,
     ) -> Result<Purchase, MerchantError> {
+        // The tier first: an unknown or hostile name is refused before anything else, so
+        // the token is never redeemed for it.
+        let tier = self
+            .chandler
+            .tiers()
+            .choose(payment.tier.as_deref())?
+            .clone();
         self.chandler
             .check(mac)
             .map_err(|source| MerchantError::Unavailable { mac, source })?;
@@ -356,9 +401,19 @@ impl Merchant {
         let token_id = info.token_id.clone();
         // The face value bounds what the swap can credit: too little is refused before the
         // mint sees the token, so it stays the customer's. (A grant already stored for this
-        // token keeps its own answer.)
-        if !steps_for(info.amount, offer).1 && self.store.grant(&token_id)?.is_none() {
-            return Err(self.below_minimum_unredeemed(info.amount, offer, payment.customer)?);
+        // token keeps its own answer.) Priced at the tier it would be applied at now: a
+        // cheap top-up of a fast session is priced at the fast tier.
+        let at = self
+            .chandler
+            .pricing_tier(mac, &tier)
+            .map_err(|source| MerchantError::Unavailable { mac, source })?;
+        if !steps_at(info.amount, offer, at.factor).1 && self.store.grant(&token_id)?.is_none() {
+            return Err(self.below_minimum_unredeemed(
+                info.amount,
+                offer,
+                at.factor,
+                payment.customer,
+            )?);
         }
         let grant = Grant {
             token_id: info.token_id,
@@ -376,6 +431,7 @@ impl Merchant {
             answer: None,
             error: None,
             created_unix: crate::sys::clock::unix_secs(),
+            tier: (!tier.is_default()).then(|| tier.name.clone()),
         };
         // The redemption runs in its own task: a slow mint makes this request time out, but
         // the late answer is still applied and a retry gets the session.
@@ -395,16 +451,17 @@ impl Merchant {
         &self,
         amount: u64,
         offer: &MintOffer,
+        factor: u64,
         customer: Option<PublicKey>,
     ) -> Result<MerchantError, MerchantError> {
-        let (steps, _) = steps_for(amount, offer);
+        let (steps, _) = steps_at(amount, offer, factor);
         let mut notice = Notice::error(
             NoticeCode::SessionError,
             format!(
                 "the token is worth {amount} {unit} = {steps} steps at {price} {unit}/step, below \
                  the minimum purchase of {min} steps; it was not redeemed and is still yours",
                 unit = offer.unit,
-                price = offer.price_per_step,
+                price = offer.price_per_step.max(1).saturating_mul(factor),
                 min = offer.purchase_min_steps.max(1),
             ),
         );
@@ -554,8 +611,13 @@ impl Merchant {
             .customer
             .as_deref()
             .and_then(|h| PublicKey::from_hex(h).ok());
-        let (steps, enough) = steps_for(grant.net, offer);
-        if !enough {
+        // The tier as bought (one removed from the config since counts as the default: the
+        // customer gets more steps, never fewer).
+        let tier = grant
+            .tier
+            .clone()
+            .unwrap_or_else(|| crate::tiers::DEFAULT_TIER.into());
+        let below_min = |steps: u64, factor: u64| -> Result<MerchantError, MerchantError> {
             let mut notice = Notice::error(
                 NoticeCode::SessionError,
                 format!(
@@ -564,7 +626,7 @@ impl Merchant {
                      this gateway (not refunded)",
                     net = grant.net,
                     unit = offer.unit,
-                    price = offer.price_per_step,
+                    price = offer.price_per_step.max(1).saturating_mul(factor),
                     min = offer.purchase_min_steps.max(1),
                 ),
             );
@@ -572,29 +634,38 @@ impl Merchant {
             let notice_json = self.notice(&notice)?;
             self.store
                 .mark_rejected_below_min(&grant.token_id, steps, &notice_json)?;
-            return Err(MerchantError::BelowMinimum {
+            Ok(MerchantError::BelowMinimum {
                 steps,
                 min_steps: offer.purchase_min_steps,
                 notice_json,
-            });
+            })
+        };
+        let requested = self
+            .chandler
+            .tiers()
+            .get(Some(&tier))
+            .map_or(1, |t| t.factor);
+        let (steps, enough) = steps_at(grant.net, offer, requested);
+        if !enough {
+            return Err(below_min(steps, requested)?);
         }
-        let allotment =
-            steps
-                .checked_mul(self.cfg.step_size)
-                .ok_or_else(|| MerchantError::Internal {
-                    message: format!("allotment overflow: {steps} steps"),
-                })?;
+        let (net, step_size) = (grant.net, self.cfg.step_size);
+        let price = move |factor: u64| {
+            let (steps, enough) = steps_at(net, offer, factor);
+            enough.then(|| (steps, steps.saturating_mul(step_size)))
+        };
         let keys = self.cfg.keys.clone();
         let metric = self.cfg.metric;
         let mac = grant.mac;
-        let answer = move |total: u64| {
+        let answer = move |total: u64, tier: &str| {
             let s = Session {
                 customer,
                 mac,
                 allotment: total,
                 metric,
             };
-            match s.to_event(&keys, crate::sys::clock::unix_secs()) {
+            let tier = (tier != crate::tiers::DEFAULT_TIER).then_some(tier);
+            match s.to_event_with_tier(&keys, crate::sys::clock::unix_secs(), tier) {
                 Ok(ev) => ev.as_json(),
                 Err(e) => {
                     // Unreachable with well-formed tags; the grant is still applied.
@@ -603,29 +674,50 @@ impl Merchant {
                 }
             }
         };
-        self.chandler
-            .add(
-                mac,
-                allotment,
-                Some(GrantCommit {
-                    token_id: &grant.token_id,
-                    steps,
-                    answer: &answer,
-                }),
-                Action::Grant,
-            )
-            .map_err(|source| MerchantError::Apply { source })?;
+        let view = match self.chandler.add_paid(
+            mac,
+            &tier,
+            &price,
+            GrantCommit {
+                token_id: &grant.token_id,
+                steps,
+                answer: &answer,
+            },
+        ) {
+            Ok(v) => v,
+            // Priced at the session's dearer active tier it buys too little (the session
+            // changed tier after the pre-flight check).
+            Err(ChandlerError::BelowMinimum { tier, .. }) => {
+                let factor = self
+                    .chandler
+                    .tiers()
+                    .get(Some(&tier))
+                    .map_or(1, |t| t.factor);
+                return Err(below_min(steps_at(net, offer, factor).0, factor)?);
+            }
+            Err(source) => return Err(MerchantError::Apply { source }),
+        };
+        let allotment = view.allotment;
         let stored = self
             .store
             .grant(&grant.token_id)?
             .and_then(|g| g.answer)
             .unwrap_or_default();
-        tracing::info!(%mac, token_id = %grant.token_id, net = grant.net, steps, allotment, "grant applied");
+        tracing::info!(%mac, token_id = %grant.token_id, net = grant.net, %tier, allotment, "grant applied");
         Ok(Purchase {
             session_json: stored,
             replayed: false,
             redeem: None,
         })
+    }
+
+    /// The price factor a default-tier payment for `mac` is charged now: the active tier's
+    /// when the device has a session at a dearer one (1 otherwise, or when unknown).
+    pub fn price_factor_for(&self, mac: MacAddr) -> u64 {
+        let tiers = self.chandler.tiers();
+        self.chandler
+            .pricing_tier(mac, tiers.default_tier())
+            .map_or(1, |t| t.factor)
     }
 
     /// Can a gate open for `mac` (before a customer is asked to pay)?
@@ -667,6 +759,7 @@ impl Merchant {
                     answer: None,
                     error: None,
                     created_unix: crate::sys::clock::unix_secs(),
+                    tier: None,
                 };
                 self.store.insert_grant(&g)?;
                 self.count(&offer.url, "lightning", amount);
@@ -818,18 +911,51 @@ pub(crate) mod tests {
 
     /// A rig whose fake mint takes `fee` per receive.
     pub fn rig_with_fee(price: u64, min: u64, timeout: Duration, fee: u64) -> Rig {
+        rig_full(price, min, timeout, fee, crate::tiers::Tiers::default())
+    }
+
+    /// The default tier at 3000/1000 kbit/s, "fast" at 3× the price and 20000/5000 kbit/s.
+    pub fn tiered_rig(min: u64) -> Rig {
+        let default = crate::valve::Rates {
+            down_kbit: 3_000,
+            up_kbit: 1_000,
+        };
+        let tiers = crate::tiers::Tiers::new(
+            default,
+            &[crate::tiers::TierSettings {
+                name: "fast".into(),
+                down_kbit: 20_000,
+                up_kbit: 5_000,
+                price_factor: 3,
+            }],
+        );
+        let r = rig_full(1, min, Duration::from_secs(5), 0, tiers);
+        r.gates.lock().default_rates = default;
+        r
+    }
+
+    fn rig_full(
+        price: u64,
+        min: u64,
+        timeout: Duration,
+        fee: u64,
+        tiers: crate::tiers::Tiers,
+    ) -> Rig {
         let gates = Arc::new(FakeGates::new());
         let store = Arc::new(Store::open_in_memory().expect("db"));
-        let chandler = Arc::new(Chandler::new(
-            ChandlerConfig {
-                metric: Metric::Bytes,
-                usage_snapshot_interval: Duration::from_secs(1),
-                closed_retention: Duration::from_secs(60),
-                bind_payer: true,
-            },
-            gates.clone(),
-            store.clone(),
-        ));
+        let chandler = Arc::new(
+            Chandler::new(
+                ChandlerConfig {
+                    metric: Metric::Bytes,
+                    usage_snapshot_interval: Duration::from_secs(1),
+                    closed_retention: Duration::from_secs(60),
+                    bind_payer: true,
+                },
+                gates.clone(),
+                store.clone(),
+            )
+            .with_tiers(tiers),
+        );
         let redeemer = Arc::new(FakeRedeemer {
             fee,
             ..Default::default()
@@ -859,6 +985,7 @@ pub(crate) mod tests {
         Payment {
             token: t.into(),
             customer: None,
+            tier: None,
         }
     }
 
@@ -872,6 +999,140 @@ pub(crate) mod tests {
         );
         assert_eq!(steps_for(9, &offer(3, 4)), (3, false));
         assert_eq!(steps_for(12, &offer(3, 4)), (4, true));
+    }
+
+    fn at(t: &str, tier: &str) -> Payment {
+        Payment {
+            tier: Some(tier.into()),
+            ..pay(t)
+        }
+    }
+
+    fn tier_tag(json: &str) -> Option<String> {
+        let ev: serde_json::Value = serde_json::from_str(json).expect("json");
+        ev["tags"]
+            .as_array()
+            .expect("tags")
+            .iter()
+            .find(|t| t[0] == "tier")
+            .map(|t| t[1].as_str().expect("str").to_string())
+    }
+
+    /// Issue 15: the price of a tier, the conversion of what remains on an upgrade, a cheap
+    /// top-up of a fast session priced at the fast tier, and an unknown tier refused before
+    /// the token is redeemed. Step 1000 bytes, 1 sat per default step, "fast" 3 sat per step.
+    #[tokio::test]
+    async fn tiers_are_priced_converted_and_cannot_be_gamed() {
+        let r = tiered_rig(1);
+        let m = mac();
+        let rates = |r: &Rig| r.gates.lock().gates[&m].rates;
+        // 1. 30 sat at the default tier: 30 steps at the default rate.
+        r.redeemer.add("cashuBd", MINT, 30, Ok(()));
+        let p = r.merchant.purchase(m, pay("cashuBd")).await.expect("paid");
+        assert_eq!(tier_tag(&p.session_json), None, "default: no tier tag");
+        assert_eq!(rates(&r).down_kbit, 3_000);
+        // 2. 6000 bytes used: 24000 (24 default steps) remain.
+        r.gates.traffic(m, 6_000);
+        // 3. An unknown tier is refused before the mint sees the token.
+        r.redeemer.add("cashuBf", MINT, 9, Ok(()));
+        let calls = r.redeemer.calls();
+        let e = r
+            .merchant
+            .purchase(m, at("cashuBf", "slow"))
+            .await
+            .expect_err("unknown tier");
+        assert!(matches!(e, MerchantError::Tier { .. }), "{e}");
+        assert_eq!(e.code(), NoticeCode::InvalidRequest);
+        assert!(e.to_string().contains("still yours"), "{e}");
+        assert_eq!(r.redeemer.calls(), calls, "not redeemed");
+        let huge = "f".repeat(10_000);
+        let e = r
+            .merchant
+            .purchase(m, at("cashuBf", &huge))
+            .await
+            .expect_err("hostile tier");
+        assert!(!e.to_string().contains(&huge[..100]), "not echoed");
+        assert_eq!(r.redeemer.calls(), calls, "not redeemed");
+        // 4. 9 sat at "fast": 3 fast steps (3000), and the 24000 default bytes left are worth
+        //    24000 / 3 = 8000 at the fast tier: 6000 used + 8000 + 3000 = 17000.
+        let p = r
+            .merchant
+            .purchase(m, at("cashuBf", "fast"))
+            .await
+            .expect("the same token pays at a known tier");
+        assert_eq!(tier_tag(&p.session_json).as_deref(), Some("fast"));
+        let v = r.chandler.usage(m).expect("usage").expect("session");
+        assert_eq!((v.allotment, v.used, v.remaining), (17_000, 6_000, 11_000));
+        assert_eq!(v.tier.as_deref(), Some("fast"));
+        assert_eq!(r.gates.lock().gates[&m].remaining_bytes, Some(11_000));
+        assert_eq!(
+            rates(&r),
+            crate::valve::Rates {
+                down_kbit: 20_000,
+                up_kbit: 5_000
+            },
+            "rate raised"
+        );
+        assert_eq!(r.store.grant("id-cashuBf").expect("g").expect("g").steps, 3);
+        // 5. 9 sat at the default tier while "fast" is active: priced at fast, 3 steps.
+        r.redeemer.add("cashuBc", MINT, 9, Ok(()));
+        let p = r.merchant.purchase(m, pay("cashuBc")).await.expect("paid");
+        assert_eq!(tier_tag(&p.session_json).as_deref(), Some("fast"));
+        let v = r.chandler.usage(m).expect("usage").expect("session");
+        assert_eq!(v.allotment, 20_000, "3 steps at the fast price, not 9");
+        assert_eq!(rates(&r).down_kbit, 20_000, "still fast");
+        assert_eq!(r.store.grant("id-cashuBc").expect("g").expect("g").steps, 3);
+        // 6. Below the minimum at the active tier: refused unredeemed (2 sat = 0 fast steps).
+        r.redeemer.add("cashuBtiny", MINT, 2, Ok(()));
+        let calls = r.redeemer.calls();
+        let e = r
+            .merchant
+            .purchase(m, pay("cashuBtiny"))
+            .await
+            .expect_err("below the minimum at the fast tier");
+        assert!(matches!(e, MerchantError::BelowMinimum { .. }), "{e}");
+        assert_eq!(r.redeemer.calls(), calls, "not redeemed");
+        // 7. The advertisement: standard tags first, then one tier tag per tier and mint.
+        let ad: serde_json::Value =
+            serde_json::from_str(&r.merchant.advertisement().expect("ad")).expect("json");
+        let tags = ad["tags"].as_array().expect("tags");
+        let tier_at = tags.iter().position(|t| t[0] == "tier").expect("tier tag");
+        assert!(tags[..tier_at].iter().any(|t| t[0] == "price_per_step"));
+        assert_eq!(
+            tags[tier_at],
+            serde_json::json!(["tier", "fast", "20000", "5000", "cashu", "3", "sat", MINT, "1"])
+        );
+    }
+
+    /// Adversary: a cheap and a fast payment of one device in flight at once (the mint slow,
+    /// so both pass the pre-flight before either is applied). Pricing happens under the
+    /// chandler's guard, so the order does not matter: either the fast one converts first and
+    /// the cheap one is priced at fast, or the cheap one lands first and is converted with the
+    /// rest. Both give 30000/3 + 3000 + 30000/3 = 23000 bytes; a race pricing the cheap
+    /// payment at the default tier after the upgrade would give 43000.
+    #[tokio::test]
+    async fn concurrent_cheap_and_fast_payments_cannot_both_be_priced_cheap() {
+        let r = tiered_rig(1);
+        let m = mac();
+        r.redeemer.add("cashuBfirst", MINT, 30, Ok(()));
+        r.merchant
+            .purchase(m, pay("cashuBfirst"))
+            .await
+            .expect("paid");
+        *r.redeemer.delay.lock().expect("lock") = Duration::from_millis(100);
+        r.redeemer.add("cashuBcheap", MINT, 30, Ok(()));
+        r.redeemer.add("cashuBfast", MINT, 9, Ok(()));
+        // The fast one is started first, so it is usually applied first: the cheap one then
+        // passed its pre-flight at the default tier and is applied to a fast session.
+        let (fast, cheap) = tokio::join!(
+            r.merchant.purchase(m, at("cashuBfast", "fast")),
+            r.merchant.purchase(m, pay("cashuBcheap")),
+        );
+        cheap.expect("cheap");
+        fast.expect("fast");
+        let v = r.chandler.usage(m).expect("usage").expect("session");
+        assert_eq!(v.allotment, 23_000, "value conserved whatever the order");
+        assert_eq!(v.tier.as_deref(), Some("fast"));
     }
 
     #[tokio::test]
@@ -1286,6 +1547,7 @@ pub(crate) mod tests {
             answer: None,
             error: None,
             created_unix: 0,
+            tier: None,
         };
         r.store.insert_grant(&g).expect("insert");
         r.store.mark_redeemed("id-cashuB1", 5, 5).expect("redeemed");

@@ -6,6 +6,8 @@
 //!              ├─ ok   ──> Session (kind 1022: p?, device-identifier, allotment, metric)
 //!              └─ fail ──> Notice  (kind 21023: p?, level, code; content = message)
 //! ```
+//! Our extension (issue 15, speed tiers): `tier` tags after the standard ones in 10021 (one
+//! per tier and mint, [`TierOption`]) and 1022, and `["tier", name]` in a 21000 payment.
 //! Everything here is a plain function over bytes and events so it can be tested without a
 //! network. Events are NIP-01 (sha256 id) + BIP-340 signatures via the `nostr` crate.
 //!
@@ -149,6 +151,19 @@ impl Advertisement {
         sign(keys, KIND_ADVERTISEMENT, "", self.tags(), created_at)
     }
 
+    /// [`Advertisement::to_event`] with our extension tags after the standard ones (which
+    /// stay exactly as they are; clients ignore tags they do not know).
+    pub fn to_event_with(
+        &self,
+        keys: &Keys,
+        created_at: u64,
+        tiers: &[TierOption],
+    ) -> Result<Event, ProtocolError> {
+        let mut tags = self.tags();
+        tags.extend(tiers.iter().map(TierOption::tag));
+        sign(keys, KIND_ADVERTISEMENT, "", tags, created_at)
+    }
+
     /// Parses and verifies an advertisement (an upstream's, or ours in tests).
     pub fn from_event(event: &Event) -> Result<Self, ProtocolError> {
         verified(event, KIND_ADVERTISEMENT)?;
@@ -174,6 +189,51 @@ impl Advertisement {
             prices,
         })
     }
+}
+
+/// Our extension tag of kind 10021 (not in TIP-01/02), one per tier and mint:
+/// `["tier", name, down_kbit, up_kbit, "cashu", price_per_step, unit, mint_url, min_steps]`.
+/// Rates in kbit/s, 0 = unlimited; the price and what follows read like `price_per_step`'s.
+/// Pay at a tier by adding `["tier", name]` to a kind-21000 event or `?tier=name` to the POST.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TierOption {
+    pub name: String,
+    pub down_kbit: u64,
+    pub up_kbit: u64,
+    pub price: PriceOption,
+}
+
+impl TierOption {
+    pub fn tag(&self) -> Vec<String> {
+        vec![
+            "tier".into(),
+            self.name.clone(),
+            self.down_kbit.to_string(),
+            self.up_kbit.to_string(),
+            "cashu".into(),
+            self.price.price_per_step.to_string(),
+            self.price.unit.clone(),
+            self.price.mint_url.clone(),
+            self.price.min_steps.to_string(),
+        ]
+    }
+}
+
+/// The tier options of an advertisement (malformed ones skipped, like `price_per_step`).
+pub fn tier_options(event: &Event) -> Vec<TierOption> {
+    tags_named(event, "tier")
+        .filter_map(|t| {
+            if t.len() < 8 {
+                return None;
+            }
+            Some(TierOption {
+                name: t[1].clone(),
+                down_kbit: t[2].parse().ok()?,
+                up_kbit: t[3].parse().ok()?,
+                price: price_option(&t[3..])?,
+            })
+        })
+        .collect()
 }
 
 /// One `price_per_step` tag, or `None` when it is not a usable cashu price.
@@ -221,6 +281,21 @@ impl Session {
 
     pub fn to_event(&self, keys: &Keys, created_at: u64) -> Result<Event, ProtocolError> {
         sign(keys, KIND_SESSION, "", self.tags(), created_at)
+    }
+
+    /// [`Session::to_event`] with our `["tier", name]` extension tag after the standard ones
+    /// (`None`: the default tier, no tag).
+    pub fn to_event_with_tier(
+        &self,
+        keys: &Keys,
+        created_at: u64,
+        tier: Option<&str>,
+    ) -> Result<Event, ProtocolError> {
+        let mut tags = self.tags();
+        if let Some(t) = tier {
+            tags.push(vec!["tier".into(), t.to_string()]);
+        }
+        sign(keys, KIND_SESSION, "", tags, created_at)
     }
 
     pub fn from_event(event: &Event) -> Result<Self, ProtocolError> {
@@ -349,6 +424,9 @@ pub struct Payment {
     pub token: String,
     /// The signer of a kind-21000 event (a throwaway customer key), if the body was one.
     pub customer: Option<PublicKey>,
+    /// The tier asked for (our extension: a 21000 `["tier", name]` tag or `POST /?tier=`),
+    /// as sent: the merchant checks it (`tiers::Tiers::choose`) before anything is redeemed.
+    pub tier: Option<String>,
 }
 
 /// Parses a payment body in any of the encodings real clients send.
@@ -390,6 +468,7 @@ pub fn parse_payment(
     Ok(Payment {
         token: normalize_token(&text)?,
         customer: None,
+        tier: None,
     })
 }
 
@@ -440,9 +519,24 @@ fn parse_payment_event(json: &str, gateway: Option<&PublicKey>) -> Result<Paymen
     }
     let token =
         tag_value(&event, "payment")?.ok_or(ProtocolError::MissingTag { tag: "payment" })?;
+    let mut tiers = tags_named(&event, "tier");
+    let tier = match (tiers.next(), tiers.next()) {
+        (None, _) => None,
+        (Some(_), Some(_)) => {
+            return Err(ProtocolError::BadTag {
+                tag: "tier",
+                reason: "repeated: name one tier".into(),
+            })
+        }
+        (Some(t), None) => Some(t.get(1).cloned().ok_or(ProtocolError::BadTag {
+            tag: "tier",
+            reason: "no value".into(),
+        })?),
+    };
     Ok(Payment {
         token: normalize_token(&token)?,
         customer: Some(event.pubkey),
+        tier,
     })
 }
 
@@ -454,11 +548,24 @@ pub fn payment_event(
     token: &str,
     created_at: u64,
 ) -> Result<Event, ProtocolError> {
-    let tags = vec![
+    payment_event_tagged(keys, gateway, mac, token, created_at, Vec::new())
+}
+
+/// [`payment_event`] with `extra` tags after the standard ones (e.g. `["tier","fast"]`).
+pub fn payment_event_tagged(
+    keys: &Keys,
+    gateway: &PublicKey,
+    mac: MacAddr,
+    token: &str,
+    created_at: u64,
+    extra: Vec<Vec<String>>,
+) -> Result<Event, ProtocolError> {
+    let mut tags = vec![
         vec!["p".into(), gateway.to_hex()],
         vec!["device-identifier".into(), "mac".into(), mac.to_string()],
         vec!["payment".into(), token.to_string()],
     ];
+    tags.extend(extra);
     sign(keys, KIND_PAYMENT, "", tags, created_at)
 }
 

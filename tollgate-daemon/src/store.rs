@@ -110,6 +110,9 @@ pub struct Grant {
     pub answer: Option<String>,
     pub error: Option<String>,
     pub created_unix: u64,
+    /// The tier the customer asked for (`None` = the default tier). Stored with the grant so
+    /// a grant finished after a crash is priced as it was bought.
+    pub tier: Option<String>,
 }
 
 /// A device's session (at most one row per MAC).
@@ -134,6 +137,51 @@ pub struct SessionRow {
     pub started_unix: u64,
     pub active: bool,
     pub close_reason: Option<Action>,
+    /// The tier bought (`None` = default).
+    pub tier: Option<String>,
+    /// The price factor that tier was bought at (1 = default): what a top-up is priced and
+    /// converted against, whatever the config says of the tier later.
+    pub price_factor: u64,
+    /// Rates of this session (`None` = the default tier's, i.e. `shaping`, as configured now).
+    pub rates: Option<SessionRates>,
+}
+
+/// A session's own rate limits and where they came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionRates {
+    pub rates: crate::valve::Rates,
+    pub source: RateSource,
+}
+
+/// Who set a session's rates: its tier (a reload follows the tier's new rates) or the
+/// operator (`tollgate gate … --down-kbit`, kept until the session ends or a dearer tier is
+/// bought). `Kernel`: a session active when the database gained the rate columns — its rates
+/// are whatever its open gate has (maybe an operator's), adopted by the next reconciliation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateSource {
+    Tier,
+    Admin,
+    Kernel,
+}
+
+impl RateSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RateSource::Tier => "tier",
+            RateSource::Admin => "admin",
+            RateSource::Kernel => "kernel",
+        }
+    }
+}
+
+impl SessionRates {
+    /// The rates this session asks for (`None`: the default tier's, or for `Kernel` those of
+    /// the open gate).
+    pub fn own(rates: Option<SessionRates>) -> Option<crate::valve::Rates> {
+        rates
+            .filter(|r| r.source != RateSource::Kernel)
+            .map(|r| r.rates)
+    }
 }
 
 /// What a session-history line records; stored (and shown) as its name. A session's close
@@ -304,6 +352,39 @@ const PRAGMAS: Pragmas = Pragmas {
     busy_timeout: Some(Duration::from_secs(5)),
 };
 
+/// Columns added after the first schema: (table, column, type). A database from before gets
+/// them with `ALTER TABLE … ADD COLUMN` (existing rows read NULL: the default tier and rates).
+const ADDED_COLUMNS: [(&str, &str, &str); 6] = [
+    ("sessions", "tier", "TEXT"),
+    ("sessions", "price_factor", "INTEGER"),
+    ("sessions", "down_kbit", "INTEGER"),
+    ("sessions", "up_kbit", "INTEGER"),
+    ("sessions", "rate_source", "TEXT"),
+    ("grants", "tier", "TEXT"),
+];
+
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    for (table, column, ty) in ADDED_COLUMNS {
+        let has = conn
+            .prepare(&format!(
+                "SELECT 1 FROM pragma_table_info('{table}') WHERE name = '{column}'"
+            ))?
+            .exists([])?;
+        if !has {
+            conn.execute(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"), [])?;
+            if column == "rate_source" {
+                // Active sessions from before: their rates (maybe set by the operator) live
+                // only in the kernel; reconciliation adopts what the open gate has.
+                conn.execute(
+                    "UPDATE sessions SET rate_source = 'kernel' WHERE active = 1",
+                    [],
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
 // SQLite integers are i64; our amounts fit (allotments are far below 2^63), and the cast
 // round-trips exactly either way.
 fn i(v: u64) -> i64 {
@@ -333,6 +414,7 @@ impl Store {
 
     fn init(conn: Connection) -> Result<Store, StoreError> {
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         let store = Store {
             conn: db::Conn::new(conn),
             clock: Arc::new(crate::sys::clock::unix_secs),
@@ -396,8 +478,9 @@ impl Store {
         let n = self.durable(|c| {
             c.execute(
                 "INSERT OR IGNORE INTO grants (token_id, token, mac, customer, mint, unit, gross,
-                   net, steps, allotment, metric, status, answer, error, created_unix, updated_unix)
-                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?15)",
+                   net, steps, allotment, metric, status, answer, error, created_unix, updated_unix,
+                   tier)
+                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?15,?16)",
                 params![
                     g.token_id,
                     g.token,
@@ -414,6 +497,7 @@ impl Store {
                     g.answer,
                     g.error,
                     i(now),
+                    g.tier,
                 ],
             )
         })?;
@@ -427,7 +511,7 @@ impl Store {
         let n = self.durable(|c| {
             c.execute(
                 "UPDATE grants SET token = ?2, mac = ?3, customer = ?4, status = ?5, error = NULL,
-                   updated_unix = ?6
+                   updated_unix = ?6, tier = ?7
                  WHERE token_id = ?1 AND status = 'failed'",
                 params![
                     g.token_id,
@@ -436,6 +520,7 @@ impl Store {
                     g.customer,
                     g.status.as_str(),
                     i(self.now_unix()),
+                    g.tier,
                 ],
             )
         })?;
@@ -523,10 +608,12 @@ impl Store {
         tx.execute(
             "INSERT INTO sessions (mac, metric, allotment, used_before, baseline, used_snapshot,
                generation, end_unix_ms, end_boot_ns, boot_id, started_unix, active, close_reason,
-               updated_unix) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)
+               updated_unix, tier, down_kbit, up_kbit, rate_source, price_factor)
+             VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19)
              ON CONFLICT(mac) DO UPDATE SET metric=?2, allotment=?3, used_before=?4, baseline=?5,
                used_snapshot=?6, generation=?7, end_unix_ms=?8, end_boot_ns=?9, boot_id=?10,
-               started_unix=?11, active=?12, close_reason=?13, updated_unix=?14",
+               started_unix=?11, active=?12, close_reason=?13, updated_unix=?14, tier=?15,
+               down_kbit=?16, up_kbit=?17, rate_source=?18, price_factor=?19",
             params![
                 s.mac.to_string(),
                 s.metric.as_str(),
@@ -542,6 +629,11 @@ impl Store {
                 s.active,
                 s.close_reason.map(Action::as_str),
                 now,
+                s.tier,
+                s.rates.map(|r| i(r.rates.down_kbit)),
+                s.rates.map(|r| i(r.rates.up_kbit)),
+                s.rates.map(|r| r.source.as_str()),
+                i(s.price_factor),
             ],
         )?;
         if let Some(a) = applied {
@@ -778,6 +870,7 @@ fn grant_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Grant, StoreError>> {
             answer: r.get("answer")?,
             error: r.get("error")?,
             created_unix: u(r.get("created_unix")?),
+            tier: r.get("tier")?,
         })
     })();
     Ok(g)
@@ -804,9 +897,40 @@ fn session_from_row(r: &Row<'_>) -> rusqlite::Result<Result<SessionRow, StoreErr
                 .get::<_, Option<String>>("close_reason")?
                 .map(|a| parse_action("sessions", &a))
                 .transpose()?,
+            tier: r.get("tier")?,
+            price_factor: r.get::<_, Option<i64>>("price_factor")?.map_or(1, u).max(1),
+            rates: session_rates(r)?,
         })
     })();
     Ok(s)
+}
+
+/// The rate columns of a session row: all NULL = the default tier's rates.
+fn session_rates(r: &Row<'_>) -> Result<Option<SessionRates>, StoreError> {
+    let source: Option<String> = r.get("rate_source")?;
+    let Some(source) = source else {
+        return Ok(None);
+    };
+    let source = match source.as_str() {
+        "tier" => RateSource::Tier,
+        "admin" => RateSource::Admin,
+        "kernel" => RateSource::Kernel,
+        other => {
+            return Err(StoreError::Corrupt {
+                table: "sessions",
+                message: format!("rate_source {other:?}"),
+            })
+        }
+    };
+    let kbit =
+        |c: &str| -> Result<u64, StoreError> { Ok(r.get::<_, Option<i64>>(c)?.map_or(0, u)) };
+    Ok(Some(SessionRates {
+        rates: crate::valve::Rates {
+            down_kbit: kbit("down_kbit")?,
+            up_kbit: kbit("up_kbit")?,
+        },
+        source,
+    }))
 }
 
 // ------------------------------------------------------------ Lightning quotes
@@ -957,6 +1081,7 @@ mod tests {
             answer: None,
             error: None,
             created_unix: 0,
+            tier: None,
         }
     }
 
@@ -986,6 +1111,15 @@ mod tests {
             started_unix: 1,
             active: true,
             close_reason: None,
+            tier: Some("fast".into()),
+            price_factor: 3,
+            rates: Some(SessionRates {
+                rates: crate::valve::Rates {
+                    down_kbit: 20_000,
+                    up_kbit: 0,
+                },
+                source: RateSource::Tier,
+            }),
         };
         let log = LogEntry {
             mac: mac(),
@@ -1031,6 +1165,72 @@ mod tests {
         let s = Store::open(&path).expect("reopen");
         assert!(s.grant("x").expect("get").is_some());
         std::fs::remove_dir_all(path.parent().expect("dir")).ok();
+    }
+
+    /// A database written before sessions stored their tier and rates (and grants their
+    /// tier) opens with its rows intact: they read as the default tier at the default rates,
+    /// and new rows store both.
+    #[test]
+    fn a_database_from_before_tiers_is_migrated_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tollgate.sqlite");
+        {
+            let c = Connection::open(&path).expect("old db");
+            // `SCHEMA` is the first schema (added columns come from `migrate`).
+            c.execute_batch(SCHEMA).expect("schema");
+            c.execute(
+                "INSERT INTO sessions (mac, metric, allotment, used_before, baseline,
+                   used_snapshot, generation, boot_id, started_unix, active, updated_unix)
+                 VALUES ('02:00:00:00:00:01', 'bytes', 100, 0, 0, 10, 1, 'b', 1, 1, 1)",
+                [],
+            )
+            .expect("old row");
+            c.execute(
+                "INSERT INTO grants (token_id, token, mac, mint, unit, metric, status,
+                   created_unix, updated_unix)
+                 VALUES ('t', 'cashuB', '02:00:00:00:00:01', 'm', 'sat', 'bytes', 'redeemed', 1, 1)",
+                [],
+            )
+            .expect("old grant");
+            let cols: i64 = c
+                .query_row(
+                    "SELECT COUNT(*) FROM pragma_table_info('sessions') WHERE name = 'tier'",
+                    [],
+                    |r| r.get(0),
+                )
+                .expect("cols");
+            assert_eq!(cols, 0, "the old schema has no tier column");
+        }
+        let s = Store::open(&path).expect("migrated");
+        let row = s.session(mac()).expect("read").expect("row kept");
+        assert_eq!((row.allotment, row.used_snapshot), (100, 10));
+        assert_eq!((row.tier, row.price_factor), (None, 1), "the default tier");
+        assert_eq!(
+            row.rates.map(|r| r.source),
+            Some(RateSource::Kernel),
+            "an active session's rates are its gate's until reconciliation adopts them"
+        );
+        assert_eq!(SessionRates::own(row.rates), None);
+        assert_eq!(s.grant("t").expect("grant").expect("kept").tier, None);
+        drop(s);
+        // Opening again is a no-op (the columns exist now).
+        let s = Store::open(&path).expect("reopened");
+        let mut row = s.session(mac()).expect("read").expect("row");
+        row.rates = Some(SessionRates {
+            rates: crate::valve::Rates {
+                down_kbit: 7,
+                up_kbit: 9,
+            },
+            source: RateSource::Admin,
+        });
+        let log = LogEntry {
+            mac: mac(),
+            action: Action::AdminExtend,
+            amount: 0,
+            detail: String::new(),
+        };
+        s.commit_session(&row, None, &log).expect("commit");
+        assert_eq!(s.session(mac()).expect("read").expect("row"), row);
     }
 
     #[test]

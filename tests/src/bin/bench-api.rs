@@ -507,7 +507,7 @@ fn main() -> Result<()> {
         "post_rate_per_minute": POST_RATE_PER_MINUTE,
     });
     write_config_value(&config_dir, &config);
-    let mut daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
+    let mut daemon = Daemon::start(lab, &config_dir, &state_dir, pins);
     eprintln!(
         "[bench] daemon {} up; mint {}",
         tollgate_tests::tollgate_bin().display(),
@@ -552,12 +552,12 @@ fn main() -> Result<()> {
             .spawn()
             .context("baseline server")?,
     );
-    wait_listening(&lab, api)?;
+    wait_listening(lab, api)?;
     get_sweep("baseline: static axum, same body", &mut get_rows)?;
     drop(baseline);
 
     // 1b. The daemon again, same state and pins.
-    let daemon = Daemon::start(&lab, &config_dir, &state_dir, &pins);
+    let daemon = Daemon::start(lab, &config_dir, &state_dir, pins);
     get_sweep("tollgate `GET /`", &mut get_rows)?;
     get_rows.rotate_left(o.connections.len()); // tollgate rows first
 

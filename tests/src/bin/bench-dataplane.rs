@@ -744,6 +744,13 @@ fn throughput_report(o: &Opts, rows: &[ClientRows], out: &mut String) -> Result<
                     row.clients,
                     a.gate.name()
                 )?;
+            } else if u.is_nan() && d.is_nan() {
+                writeln!(
+                    out,
+                    "| {} | {} | — | every run failed (see the log) | — | — |",
+                    row.clients,
+                    a.gate.name()
+                )?;
             } else {
                 writeln!(
                     out,

@@ -43,7 +43,7 @@ pub async fn run(o: RunOpts) -> Result<()> {
         admin_listen: o.admin_listen,
     };
     let cfg = tollgate::daemon::load_config(&o.config_dir, &overrides)?;
-    tollgate::daemon::run(cfg, o.pin_base, o.control_socket).await
+    tollgate::daemon::run(cfg, overrides, o.pin_base, o.control_socket).await
 }
 
 #[derive(Subcommand)]

@@ -33,7 +33,7 @@ Exit codes:
   3  the daemon is not running (nothing answers on its control socket)
   4  not found (e.g. no session for that MAC)
 
-Operator commands (status, clients, wallet balance|payouts|receive|send, gate) talk to the
+Operator commands (status, clients, wallet balance|payouts|receive|send, gate, reload) talk to the
 daemon over its control socket, <state dir>/control.sock (mode 0600). `maps`, `wallet backup`
 and `wallet restore` work without the daemon.";
 
@@ -94,6 +94,12 @@ pub enum Cmd {
     /// Administrative gate changes, recorded as admin-open / admin-extend / admin-close.
     #[command(subcommand)]
     Gate(gate::GateCmd),
+    /// Re-read config.json (as SIGHUP): shaping and tier rates apply at once, to open
+    /// sessions too; other changed settings are listed as needing a restart.
+    Reload {
+        #[command(flatten)]
+        c: CtlOpts,
+    },
 }
 
 pub async fn run(cmd: Cmd) -> Result<()> {
@@ -116,6 +122,20 @@ pub async fn run(cmd: Cmd) -> Result<()> {
         }
         Cmd::Wallet(w) => wallet::run(w).await,
         Cmd::Gate(g) => gate::run(g).await,
+        Cmd::Reload { c } => {
+            let r: tollgate::reload::ReloadReport =
+                c.client()?.post_json("/ops/reload", &()).await?;
+            print_out(c.json, &r, |r| {
+                let mut o = format!("reloaded: {} gate(s) changed rate\n", r.gates);
+                if !r.needs_restart.is_empty() {
+                    o.push_str(&format!(
+                        "needs a restart to apply: {}\n",
+                        r.needs_restart.join(", ")
+                    ));
+                }
+                o
+            })
+        }
     }
 }
 

@@ -276,6 +276,9 @@ pub fn clients(rows: &[ClientRow]) -> String {
                 rcell(&clock(r.expires_unix_ms), 7),
             ),
         );
+        if !r.tier.is_empty() && r.tier != crate::tiers::DEFAULT_TIER {
+            line(&mut o, format!("  tier {}", r.tier));
+        }
         let now = r.now.filter(|n| n.up_bps != 0 || n.down_bps != 0);
         if r.down_kbit != 0 || r.up_kbit != 0 || now.is_some() {
             let k = |v: u64| {
@@ -670,6 +673,7 @@ mod tests {
             expires_unix_ms: Some(1_700_000_000_000),
             down_kbit: 0,
             up_kbit: 0,
+            tier: "x".repeat(32),
             now: None,
         };
         let mut timed = row.clone();

@@ -166,6 +166,9 @@ pub struct ClientRow {
     pub down_kbit: u64,
     #[serde(default)]
     pub up_kbit: u64,
+    /// The speed tier bought (`default` = the standard prices).
+    #[serde(default)]
+    pub tier: String,
     /// The rate over the last sampling interval ([`rates`]), bits/s of L3 bytes; `None`
     /// until the client was sampled twice.
     #[serde(default)]
@@ -426,6 +429,8 @@ pub struct OpsState {
     pub state_dir: PathBuf,
     /// The daemon's background tasks.
     pub tasks: Arc<crate::supervisor::Supervisor>,
+    /// Re-reads config.json (`tollgate reload`); `None`: reloading is not available.
+    pub reload: Option<Arc<crate::reload::Reloader>>,
     /// Each client's current rate, sampled by its own task.
     pub rates: Arc<rates::RateMeter>,
 }
@@ -444,9 +449,26 @@ pub fn control_router(st: OpsState) -> Router {
                 .route("/ops/wallet/send", post(send))
                 .route("/ops/wallet/rebalance", post(rebalance))
                 .route("/ops/gate/{mac}/{action}", post(gate))
+                .route("/ops/reload", post(reload))
                 .route("/metrics", get(metrics_page))
                 .with_state(st),
         )
+}
+
+/// `tollgate reload`: as `SIGHUP`, with the outcome as the answer (a config that does not load
+/// is a 400 with the error; the running configuration stays).
+async fn reload(State(st): State<OpsState>) -> Result<Json<crate::reload::ReloadReport>, OpsError> {
+    let r = st
+        .reload
+        .clone()
+        .ok_or_else(|| OpsError::NotFound("this daemon cannot reload its configuration".into()))?;
+    match tokio::task::spawn_blocking(move || r.reload_logged()).await {
+        Ok(Ok(report)) => Ok(Json(report)),
+        Ok(Err(e)) => Err(OpsError::BadRequest(format!(
+            "config reload refused, the running configuration is kept: {e}"
+        ))),
+        Err(e) => Err(OpsError::BadRequest(format!("config reload task: {e}"))),
+    }
 }
 
 /// The admin TCP address: read-only (the admin API's GETs, `/ops/status`, `/metrics` for a
@@ -615,6 +637,10 @@ fn client_row(
         expires_unix_ms: s.end_unix_ms.filter(|_| s.metric == Metric::Milliseconds),
         down_kbit: gate.map_or(0, |g| g.rates.down_kbit),
         up_kbit: gate.map_or(0, |g| g.rates.up_kbit),
+        tier: s
+            .tier
+            .clone()
+            .unwrap_or_else(|| crate::tiers::DEFAULT_TIER.into()),
         now,
     }
 }
@@ -783,18 +809,14 @@ async fn gate(
                     )));
                 }
             }
-            let s = chandler.admin_add(mac, amount)?;
+            // The rates go through the chandler with the grant: the session row stores them,
+            // so a restart or reboot reopens the gate at these rates.
+            let rates = crate::chandler::RateRequest {
+                down_kbit: req.down_kbit,
+                up_kbit: req.up_kbit,
+            };
+            let s = chandler.admin_add_with_rates(mac, amount, rates)?;
             tracing::info!(%mac, action = %action, amount, "administrative grant");
-            if req.down_kbit.is_some() || req.up_kbit.is_some() {
-                // Right after the grant, on the open gate: the limits and counts stay.
-                let cur = st.valve.gate(mac)?.map(|g| g.rates).unwrap_or_default();
-                let rates = crate::valve::Rates {
-                    down_kbit: req.down_kbit.unwrap_or(cur.down_kbit),
-                    up_kbit: req.up_kbit.unwrap_or(cur.up_kbit),
-                };
-                st.valve.set_rate(mac, rates)?;
-                tracing::info!(%mac, ?rates, "rate limits set");
-            }
             let gates = gates_by_mac(&st)?;
             let ip = arp(&st).get(&mac).copied();
             Ok(Json(client_row(&s, gates.get(&mac), ip, st.rates.current(mac))).into_response())
