@@ -305,6 +305,21 @@ pub async fn incomplete_sagas(dir: &Path) -> usize {
     sagas.len()
 }
 
+/// How many of cdk's incomplete sagas in `dir` are anything but a swap in `SwapRequested` (the
+/// one residue cdk is known to leave after a payout round that followed a kill: see
+/// `wallet_crash.rs`, `payout_survives_kill_anywhere`).
+pub async fn sagas_other_than_requested_swaps(dir: &Path) -> usize {
+    use cdk::wallet::types::{SwapSagaState, WalletSagaState};
+    let db = cdk_sqlite::WalletSqliteDatabase::new(dir.join("wallet.sqlite"))
+        .await
+        .expect("open wallet db");
+    let sagas = db.get_incomplete_sagas().await.expect("sagas");
+    sagas
+        .iter()
+        .filter(|s| !matches!(s.state, WalletSagaState::Swap(SwapSagaState::SwapRequested)))
+        .count()
+}
+
 /// Put `amount` (a power of two) into the wallet in `dir` as ONE proof of its own, whatever
 /// split the wallet's own receive would choose: with one big proof every send of a smaller
 /// amount needs a swap. A cdk wallet on the same database and seed does the receive, so the
