@@ -146,18 +146,7 @@ impl Lab3 {
         let client = Netns::new(&format!("{tag}c"));
         let gateway = Netns::new(&format!("{tag}g"));
         let upstream = Netns::new(&format!("{tag}u"));
-        client.ip(&[
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            LAN_IFACE,
-            "netns",
-            &gateway.name,
-        ]);
+        link_client(&client, &gateway, LAN_IFACE);
         client.ip(&["addr", "add", "10.77.0.2/24", "dev", "eth0"]);
         client.ip(&["link", "set", "eth0", "up"]);
         client.ip(&["route", "add", "default", "via", "10.77.0.1"]);
@@ -174,6 +163,22 @@ impl Lab3 {
     pub fn client_mac(&self) -> [u8; 6] {
         self.client.mac("eth0")
     }
+}
+
+/// A client's `eth0` ── the gateway's `port` (a veth pair, the peer moved into the gateway).
+fn link_client(client: &Netns, gateway: &Netns, port: &str) {
+    client.ip(&[
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        port,
+        "netns",
+        &gateway.name,
+    ]);
 }
 
 /// The WAN side every lab shares: gateway `wan0` 10.78.0.1 ── upstream `eth0` 10.78.0.2, the
@@ -298,18 +303,7 @@ impl LabLan {
         for i in 0..n {
             let c = Netns::new(&format!("{tag}c"));
             let port = format!("lan{i}");
-            c.ip(&[
-                "link",
-                "add",
-                "eth0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &port,
-                "netns",
-                &gateway.name,
-            ]);
+            link_client(&c, &gateway, &port);
             c.ip(&[
                 "addr",
                 "add",

@@ -96,6 +96,18 @@ impl Opts {
     }
 }
 
+/// One `| class | median | IQR | program cost |` row of a `BPF_PROG_TEST_RUN` table.
+fn cost_row(out: &mut String, name: &str, s: &Stats, floor: f64) -> std::fmt::Result {
+    writeln!(
+        out,
+        "| {name} | {:.1} | {:.1}–{:.1} | {:.1} |",
+        s.median,
+        s.q1,
+        s.q3,
+        s.median - floor
+    )
+}
+
 /// Median, first and third quartile.
 struct Stats {
     median: f64,
@@ -336,14 +348,7 @@ fn warm_table(o: &Opts, out: &mut String) -> Result<()> {
             Hook::XdpIngress | Hook::EmptyXdp => floor_xdp,
             _ => floor_tc,
         };
-        writeln!(
-            out,
-            "| {name} | {:.1} | {:.1}–{:.1} | {:.1} |",
-            s.median,
-            s.q1,
-            s.q3,
-            s.median - floor
-        )?;
+        cost_row(out, name, &s, floor)?;
     }
     writeln!(out)?;
     Ok(())
@@ -975,15 +980,7 @@ fn shaping_table(o: &Opts, out: &mut String) -> Result<()> {
     )?;
     writeln!(out, "|---|---:|---:|---:|")?;
     for (i, (name, ..)) in classes.iter().enumerate() {
-        let s = stats(&samples[i]);
-        writeln!(
-            out,
-            "| {name} | {:.1} | {:.1}–{:.1} | {:.1} |",
-            s.median,
-            s.q1,
-            s.q3,
-            s.median - floor
-        )?;
+        cost_row(out, name, &stats(&samples[i]), floor)?;
     }
     writeln!(out)?;
     drop((edt, pol));
