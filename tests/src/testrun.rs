@@ -4,17 +4,17 @@
 //!
 //! ```text
 //!  load(tag, |cfg| ..)          ──> Valve::load on lo, pins under a fresh PinBase
-//!  policy_map(&pins) / raw_usage(&pins, mac)
-//!                               <── the current schema's pinned POLICY / USAGE[slot]
+//!  pinned_policy(&pins, mac) / raw_usage(&pins, mac) / write_pinned_record(&pins, r, p)
+//!                               <─> the current schema's pinned policy table / USAGE[slot]
 //!  OldPins::new(&pins, "v3")    ──> <pins>/v3/: `create` maps, `update` entries (bpftool),
 //!                                   in whatever layout the test writes byte by byte
 //! ```
 
 use std::path::PathBuf;
 
-use aya::maps::{Array, HashMap, Map, MapData};
+use aya::maps::{Array, Map, MapData};
 use tollgate::valve::{Valve, ValveConfig};
-use tollgate_common::{maps, MacKey, Policy, Usage, SCHEMA_VERSION};
+use tollgate_common::{index, maps, MacKey, Policy, Usage, SCHEMA_VERSION};
 
 use crate::pins::PinBase;
 
@@ -29,31 +29,50 @@ pub fn load(tag: &str, change: impl FnOnce(&mut ValveConfig)) -> (Valve, PinBase
     (valve, pins)
 }
 
-/// The pinned POLICY map of the current schema, opened behind the valve's back.
-pub fn policy_map(pins: &PinBase) -> HashMap<MapData, MacKey, Policy> {
-    let path = pins
-        .path()
-        .join(format!("v{SCHEMA_VERSION}"))
-        .join(maps::POLICY);
-    let md = MapData::from_pin(&path).expect("pinned policy map");
-    HashMap::try_from(Map::HashMap(md)).expect("a hash map")
+fn pinned_array<V: aya::Pod>(pins: &PinBase, map: &str) -> Array<MapData, V> {
+    let path = pins.path().join(format!("v{SCHEMA_VERSION}")).join(map);
+    let md = MapData::from_pin(&path).expect("pinned map");
+    Array::try_from(Map::Array(md)).expect("an array")
+}
+
+/// `mac`'s record in the current schema's pinned policy table, found behind the valve's back
+/// the way the kernel finds it (its index walk): the record's number and the policy.
+pub fn pinned_policy(pins: &PinBase, mac: [u8; 6]) -> Option<(u32, Policy)> {
+    let (idx, rec) = (
+        pinned_array::<u64>(pins, maps::INDEX),
+        pinned_array::<Policy>(pins, maps::POLICY),
+    );
+    let word = |i: u32| idx.get(&i, 0).expect("index word");
+    let key = MacKey::new(mac).word();
+    let (home, fp) = index::hash(key, word(0), word(1));
+    for pos in index::HEADER + home as u32..index::HEADER + home as u32 + index::MAX_PROBE {
+        let e = word(pos);
+        if e == 0 {
+            return None;
+        }
+        if let Some(r) = index::record(e).filter(|_| e >> index::RECORD_BITS == fp) {
+            let p = rec.get(&r, 0).expect("record");
+            if p.mac == key {
+                return Some((r, p));
+            }
+        }
+    }
+    None
+}
+
+/// Overwrites record `r` of the pinned policy table in place (a stale or hostile writer).
+pub fn write_pinned_record(pins: &PinBase, r: u32, p: Policy) {
+    pinned_array::<Policy>(pins, maps::POLICY)
+        .set(r, p, 0)
+        .expect("write record");
 }
 
 /// The raw USAGE slot of `mac` (the kernel's shaping state included), read from the pins.
 pub fn raw_usage(pins: &PinBase, mac: [u8; 6]) -> Usage {
-    let slot = policy_map(pins)
-        .get(&MacKey::new(mac), 0)
-        .expect("policy")
-        .slot;
-    let path = pins
-        .path()
-        .join(format!("v{SCHEMA_VERSION}"))
-        .join(maps::USAGE);
-    let usage: Array<MapData, Usage> = Array::try_from(Map::Array(
-        MapData::from_pin(&path).expect("pinned usage map"),
-    ))
-    .expect("an array");
-    usage.get(&slot, 0).expect("usage slot")
+    let slot = pinned_policy(pins, mac).expect("policy").1.slot;
+    pinned_array::<Usage>(pins, maps::USAGE)
+        .get(&slot, 0)
+        .expect("usage slot")
 }
 
 /// An older schema's pin directory (`<pins>/<version>/`), filled with bpftool the way that

@@ -10,7 +10,7 @@ use std::{
 };
 
 use tollgate::valve::{
-    Allowance, ExhaustReason, Gates, Hook, MacAddr, Valve, ValveConfig, Verdict,
+    Allowance, ExhaustReason, Gates, Hook, MacAddr, Valve, ValveConfig, ValveError, Verdict,
 };
 use tollgate_tests::{
     frames::{l3_len, padded, Frame, BROADCAST, L4},
@@ -1694,13 +1694,6 @@ fn random_and_mutated_frames_pass_only_the_garden() {
     );
 }
 
-/// The pinned POLICY map, opened behind the valve's back (to write what a stale CPU holds).
-fn policy_map(
-    l: &Lab,
-) -> aya::maps::HashMap<aya::maps::MapData, tollgate_common::MacKey, tollgate_common::Policy> {
-    testrun::policy_map(&l._pins)
-}
-
 /// Item 9. The exhaustion claim only moves the generation forward: a CPU still holding an
 /// older policy (simulated by writing the previous generation back into the pinned map, as
 /// a stale copy would read) neither emits a second event for it nor makes the current
@@ -1726,9 +1719,8 @@ async fn a_stale_policy_never_moves_the_exhaustion_generation_back() {
         .await
         .expect("first exhaustion")
         .unwrap();
-    let stale = policy_map(&l)
-        .get(&tollgate_common::MacKey::new(CLIENT), 0)
-        .unwrap();
+    // Behind the valve's back (what a stale CPU holds).
+    let (_, stale) = testrun::pinned_policy(&l._pins, CLIENT).unwrap();
     l.valve.extend(mac, 100, 0).unwrap();
     l.expect(Hook::TcIngress, &f, Verdict::PassPaid);
     l.expect(Hook::TcIngress, &f, Verdict::DropQuota);
@@ -1738,15 +1730,13 @@ async fn a_stale_policy_never_moves_the_exhaustion_generation_back() {
         .unwrap();
     assert!(second.generation > first.generation);
     let current = {
-        let mut m = policy_map(&l);
-        let key = tollgate_common::MacKey::new(CLIENT);
-        let current = m.get(&key, 0).unwrap();
+        let (r, current) = testrun::pinned_policy(&l._pins, CLIENT).unwrap();
         // The stale view: the first generation with a limit that is exhausted too.
         let mut old = stale;
         old.limit_total = current.limit_total;
-        m.insert(key, old, 0).unwrap();
+        testrun::write_pinned_record(&l._pins, r, old);
         l.expect(Hook::TcIngress, &f, Verdict::DropQuota);
-        m.insert(key, current, 0).unwrap();
+        testrun::write_pinned_record(&l._pins, r, current);
         l.expect(Hook::TcIngress, &f, Verdict::DropQuota);
         current
     };
@@ -1884,7 +1874,7 @@ fn a_million_clients_fit_and_are_each_found() {
     );
     assert!(matches!(
         l.valve.check(MacAddr(OTHER)),
-        Err(tollgate::valve::ValveError::Full { .. })
+        Err(ValveError::Full { .. })
     ));
 }
 
@@ -2035,4 +2025,146 @@ fn a_new_max_clients_carries_the_pinned_clients_over_and_a_too_small_one_is_refu
     let v = Valve::load(&cfg_of(128)).unwrap();
     assert!(v.gate(MacAddr(CLIENT)).unwrap().is_some());
     assert!(v.gate(MacAddr(OTHER)).unwrap().is_some());
+}
+
+/// Issue 13, the policy index: MACs that share one home entry (found with the table's own
+/// seed; a customer cannot, the seed is random per table) fill that window of `MAX_PROBE`
+/// entries and are each found by the kernel's walk; one more is refused before any money
+/// could be taken; deleting one in the middle leaves a tombstone the walk passes, and the
+/// refused one then fits (old code: a hash map, no window; this asserts the walk).
+#[test]
+fn colliding_macs_share_a_window_and_a_deleted_one_never_breaks_the_walk() {
+    let l = lab_with("collide", |c| c.max_clients = Some(64));
+    let home = l.valve.index_home(MacAddr(CLIENT));
+    let window = tollgate_common::index::MAX_PROBE as usize;
+    let macs: Vec<[u8; 6]> = (0u32..)
+        .map(|i| {
+            let b = i.to_be_bytes();
+            [0x02, 0x5c, b[0], b[1], b[2], b[3]]
+        })
+        .filter(|m| l.valve.index_home(MacAddr(*m)) == home)
+        .take(window + 2)
+        .collect();
+    let f = |m: [u8; 6]| Frame::new(m, GW_MAC).ipv4(CL4, NET4, L4::Udp { sport: 1, dport: 9 }, 72);
+    for m in &macs[..window] {
+        l.valve.open(MacAddr(*m), Allowance::default()).unwrap();
+    }
+    assert_eq!(l.valve.index_shape().longest_walk, window as u32);
+    for m in &macs[..window] {
+        l.expect(Hook::TcIngress, &f(*m), Verdict::PassPaid);
+        l.expect(Hook::XdpIngress, &f(*m), Verdict::PassPaid);
+    }
+    // The window is full: refused at the check (before a payment) and at the open.
+    let extra = MacAddr(macs[window]);
+    assert!(matches!(l.valve.check(extra), Err(ValveError::Full { .. })));
+    assert!(matches!(
+        l.valve.open(extra, Allowance::default()),
+        Err(ValveError::Full { .. })
+    ));
+    // A stranger in the same window walks all of it and finds nothing.
+    l.expect(Hook::TcIngress, &f(macs[window + 1]), Verdict::DropUnpaid);
+    // Delete one in the middle (closed, then evicted by the sweep).
+    let gone = macs[5];
+    l.valve.close(MacAddr(gone)).unwrap();
+    l.valve.sweep(Duration::ZERO).unwrap();
+    assert!(l.valve.gate(MacAddr(gone)).unwrap().is_none());
+    assert_eq!(l.valve.index_shape().tombstones, 1);
+    l.expect(Hook::TcIngress, &f(gone), Verdict::DropUnpaid);
+    for m in macs[..window].iter().filter(|m| **m != gone) {
+        l.expect(Hook::TcIngress, &f(*m), Verdict::PassPaid);
+    }
+    l.valve.check(extra).unwrap();
+    l.valve.open(extra, Allowance::default()).unwrap();
+    assert_eq!(
+        l.valve.index_shape().tombstones,
+        0,
+        "the tombstone was reused"
+    );
+    l.expect(Hook::TcIngress, &f(extra.0), Verdict::PassPaid);
+    l.expect(
+        Hook::TcEgress,
+        &Frame::new(GW_MAC, extra.0).ipv4(NET4, CL4, L4::Udp { sport: 9, dport: 1 }, 72),
+        Verdict::PassPaid,
+    );
+}
+
+/// Issue 13, the policy index under a writer: while every CPU runs a paid client's packets,
+/// the valve republishes that client's policy thousands of times, flipping its IPv4 binding
+/// between its own address and none (both let the packets through; a record read half old,
+/// half new, would bind it to 0.0.0.0 and drop one as spoofed), and churns a client that
+/// shares its window (tombstones and reuse in its walk). Not one packet may be dropped or
+/// lost from the counts.
+#[test]
+fn republishing_under_load_never_drops_or_loses_a_paid_packet() {
+    let l = lab_with("republish", |c| c.max_clients = Some(64));
+    let a = MacAddr(CLIENT);
+    let home = l.valve.index_home(a);
+    // A neighbour whose home is just before A's: A's walk passes through its entry.
+    let b = (0u32..)
+        .map(|i| {
+            let x = i.to_be_bytes();
+            MacAddr([0x02, 0x5d, x[0], x[1], x[2], x[3]])
+        })
+        .find(|m| l.valve.index_home(*m) == home)
+        .unwrap();
+    l.valve.open(b, Allowance::default()).unwrap();
+    l.valve.open(a, Allowance::default()).unwrap();
+    l.valve.bind_ipv4(a, Some(CL4)).unwrap();
+    let f = up().ipv4(CL4, NET4, L4::Udp { sport: 1, dport: 9 }, 72);
+    let len = 100u64;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pins = l._pins.path().to_path_buf();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..cpus)
+        .map(|cpu| {
+            let (pins, f, stop) = (pins.clone(), f.clone(), stop.clone());
+            std::thread::spawn(move || {
+                // SAFETY: a zeroed cpu_set_t with one bit set, for this thread only.
+                unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                }
+                let v = Valve::open_pinned(&pins).expect("second instance");
+                let mut runs = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    v.test_run(Hook::TcIngress, &f, 20_000).expect("test run");
+                    runs += 20_000;
+                }
+                runs
+            })
+        })
+        .collect();
+    let mut writes = 0u32;
+    let start = std::time::Instant::now();
+    while writes < 3_000 || start.elapsed() < Duration::from_secs(2) {
+        l.valve
+            .bind_ipv4(a, if writes % 2 == 0 { None } else { Some(CL4) })
+            .unwrap();
+        if writes % 50 == 0 {
+            // B out of the walk (a tombstone before A) and back in.
+            l.valve.close(b).unwrap();
+            l.valve.sweep(Duration::ZERO).unwrap();
+            l.valve.open(b, Allowance::default()).unwrap();
+        }
+        writes += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent: u64 = readers.into_iter().map(|t| t.join().unwrap()).sum();
+    let v = l.valve.verdicts().unwrap();
+    let g = l.valve.gate(a).unwrap().unwrap();
+    println!(
+        "{writes} republications, {sent} packets on {cpus} CPUs; spoofed {} unpaid {}",
+        v.packets(Verdict::DropSpoofed),
+        v.packets(Verdict::DropUnpaid)
+    );
+    assert_eq!(v.packets(Verdict::DropSpoofed), 0, "a torn record was read");
+    assert_eq!(
+        v.packets(Verdict::DropUnpaid),
+        0,
+        "the walk missed the client"
+    );
+    assert_eq!(v.packets(Verdict::PassPaid), sent);
+    assert_eq!(g.usage.packets_up, sent, "no packet count lost");
+    assert_eq!(g.usage.bytes_up, sent * len, "no byte count lost");
 }

@@ -564,7 +564,103 @@ fn the_clock_copy_follows_the_clock_across_ticks() {
     }
 }
 
-/// 8. Schema 3 → 4: a load next to schema 3's pins carries every client (gate, binding,
+/// 9. Schema 4 → 5: a load next to schema 4's pins (a hash map of gates with the token
+///    bucket sizes) carries every client into the policy table with its gate, binding,
+///    generation, rates, counts and shaping state, and unpins the old client maps (old
+///    code: schema 4 was the current one; a v5 load started from empty maps).
+#[test]
+fn an_upgrade_from_schema_4_carries_clients_rates_and_counts_over() {
+    let pins = PinBase::new("v4up");
+    let old = OldPins::new(&pins, "v4");
+    let (pp, up_) = (old.path("TG_POLICY"), old.path("TG_USAGE"));
+    old.create("TG_POLICY", "hash", 8, 128, 64);
+    old.create("TG_USAGE", "array", 4, 128, 64);
+    // v4 Policy: flags, generation, limits, expires, bound_ipv4, slot, rate_down, rate_up,
+    // burst_up, burst_down, bound_ipv6.
+    let mut pol = Vec::new();
+    pol.extend(3u32.to_le_bytes()); // ALLOWED | BIND_IPV4
+    pol.extend(11u32.to_le_bytes());
+    pol.extend(80_000u64.to_le_bytes());
+    pol.extend(u64::MAX.to_le_bytes());
+    pol.extend(u64::MAX.to_le_bytes());
+    pol.extend(0u64.to_le_bytes());
+    pol.extend(CL4.octets());
+    pol.extend(5u32.to_le_bytes()); // slot 5
+    pol.extend(250_000u32.to_le_bytes()); // 2000 kbit/s down
+    pol.extend(125_000u32.to_le_bytes()); // 1000 kbit/s up
+    pol.extend(131_072u32.to_le_bytes());
+    pol.extend(131_072u32.to_le_bytes());
+    pol.extend([0u8; 64]);
+    assert_eq!(pol.len(), 128);
+    // v4 Usage in slot 5: up line (bytes, packets, dropped, notified, pad, up_tokens,
+    // up_refill_ns, pad), down line.
+    let mut u = Vec::new();
+    for v in [4000u64, 40, 66] {
+        u.extend(v.to_le_bytes());
+    }
+    u.extend(10u32.to_le_bytes());
+    u.extend(0u32.to_le_bytes());
+    u.extend(777i64.to_le_bytes());
+    u.extend(123_456u64.to_le_bytes());
+    u.extend([0u8; 16]);
+    u.extend(6000u64.to_le_bytes());
+    u.extend(60u64.to_le_bytes());
+    u.extend([0u8; 48]);
+    assert_eq!(u.len(), 128);
+    let key = [
+        CLIENT[0], CLIENT[1], CLIENT[2], CLIENT[3], CLIENT[4], CLIENT[5], 0, 0,
+    ];
+    old.update("TG_POLICY", &key, &pol);
+    old.update("TG_USAGE", &5u32.to_le_bytes(), &u);
+
+    let mut cfg = ValveConfig::new("lo");
+    cfg.pin_base = pins.path().to_path_buf();
+    cfg.gateway_v4 = Some(GW4);
+    let v = Valve::load(&cfg).expect("load over v4 pins");
+    let g = v.gate(MacAddr(CLIENT)).unwrap().expect("carried over");
+    assert!(g.open);
+    assert_eq!(g.generation, 11);
+    assert_eq!(g.bound_ipv4, Some(CL4));
+    assert_eq!(
+        g.rates,
+        Rates {
+            down_kbit: 2000,
+            up_kbit: 1000
+        }
+    );
+    assert_eq!(
+        (
+            g.usage.bytes_up,
+            g.usage.bytes_down,
+            g.usage.packets_up,
+            g.usage.packets_down
+        ),
+        (4000, 6000, 40, 60)
+    );
+    assert_eq!(g.remaining_bytes, Some(70_000));
+    let raw = testrun::raw_usage(&pins, CLIENT);
+    assert_eq!(
+        (raw.up_tokens, raw.up_refill_ns),
+        (777, 123_456),
+        "shaping state kept"
+    );
+    assert!(
+        !pp.exists() && !up_.exists(),
+        "v4's client maps are unpinned"
+    );
+    // Metering goes on from the carried counts, through the new index.
+    let f = up(CLIENT, 100);
+    assert!(v
+        .test_run(Hook::TcIngress, &f, 1)
+        .unwrap()
+        .passed(Hook::TcIngress));
+    assert_eq!(
+        v.gate(MacAddr(CLIENT)).unwrap().unwrap().usage.bytes_up,
+        4100
+    );
+}
+
+/// 8. Schema 3 → 5: a load next to schema 3's pins carries every client (gate, binding,
 ///    generation, counts) into the new layout without a rate, and unpins the old client
 ///    maps (old code: schema 3 was the current one; a v4 load started from empty maps).
 #[test]

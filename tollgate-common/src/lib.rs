@@ -38,11 +38,14 @@
 #![no_std]
 
 /// Version of the map layouts below; pins live in `<pin base>/v<SCHEMA_VERSION>/`.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// Map names (the pin file names under the schema directory).
 pub mod maps {
+    /// Policy records (an array, written by userspace through a shared mapping).
     pub const POLICY: &str = "TG_POLICY";
+    /// The open-addressing index MAC → policy record (see [`crate::index`]).
+    pub const INDEX: &str = "TG_INDEX";
     pub const USAGE: &str = "TG_USAGE";
     pub const CONFIG: &str = "TG_CONFIG";
     pub const GARDEN: &str = "TG_GARDEN";
@@ -99,6 +102,99 @@ impl MacKey {
     pub const fn new(addr: [u8; 6]) -> Self {
         Self { addr, _pad: [0; 2] }
     }
+
+    /// The key as one little-endian word (the address in the low 48 bits): what the kernel's
+    /// parser builds from a frame and what `Policy::mac` holds.
+    pub const fn word(&self) -> u64 {
+        let a = self.addr;
+        u64::from_le_bytes([a[0], a[1], a[2], a[3], a[4], a[5], 0, 0])
+    }
+}
+
+/// The policy index: an open-addressing table (linear probing) in an mmapable array of
+/// `u64` words, written only by userspace, read by the kernel with no lock and no helper call.
+///
+/// ```text
+///  word 0: SEED (odd, random per table; 0 = not initialised)   word 1: SHIFT (64 - log2 S)
+///  words HEADER .. HEADER + S + MAX_PROBE: entries; a client's home is HEADER + hash >> SHIFT
+///  and it sits at most MAX_PROBE - 1 entries after it (no wrap-around: the table has
+///  MAX_PROBE spare entries at its end)
+///  entry: 0 = empty (a lookup stops) · TOMB = deleted (a lookup goes on)
+///         fingerprint (40 bits) << 24 | record + 1 (24 bits)
+/// ```
+/// A lookup hashes the MAC word (one multiply), walks from its home until an empty entry,
+/// and checks a matching fingerprint against the MAC stored in the record (`Policy::mac`),
+/// so neither a fingerprint collision nor a stale entry can hand out another client's gate.
+///
+/// Userspace changes a policy by writing a fresh record and then publishing it with one
+/// atomic store of the entry (release); the kernel reaches the record through the entry, an
+/// address dependency, so it sees the record whole. A record that is no longer published is
+/// not rewritten for a grace period far longer than a program run, so a reader never sees
+/// one change under it.
+pub mod index {
+    /// Words before the first entry (the seed and the shift).
+    pub const HEADER: u32 = 2;
+    /// Longest walk from a home entry; also the spare entries at the end of the table.
+    pub const MAX_PROBE: u32 = 32;
+    /// A deleted entry: lookups walk past it, inserts reuse it.
+    pub const TOMB: u64 = 1 << 24;
+    /// Bits of an entry holding `record + 1`.
+    pub const RECORD_BITS: u32 = 24;
+    pub const RECORD_MASK: u64 = (1 << RECORD_BITS) - 1;
+    /// Most records a table can name.
+    pub const MAX_RECORDS: u32 = (1 << RECORD_BITS) - 2;
+
+    /// Home offset (from `HEADER`) and fingerprint of `key` (a `MacKey::word`).
+    #[inline(always)]
+    pub fn hash(key: u64, seed: u64, shift: u64) -> (u64, u64) {
+        let h = key.wrapping_mul(seed);
+        (h >> (shift & 63), h >> RECORD_BITS)
+    }
+
+    /// The entry naming `record` for a key with fingerprint `fp`.
+    #[inline(always)]
+    pub const fn entry(fp: u64, record: u32) -> u64 {
+        fp << RECORD_BITS | (record as u64 + 1)
+    }
+
+    /// The record an entry names (`None`: empty or deleted).
+    #[inline(always)]
+    pub const fn record(entry: u64) -> Option<u32> {
+        match entry & RECORD_MASK {
+            0 => None,
+            r => Some(r as u32 - 1),
+        }
+    }
+
+    /// Entries (without the header) of a table for `capacity` clients: a power of two at
+    /// least four times the capacity, so that linear probing stays short (load ≤ 1/4).
+    pub const fn slots_for(capacity: u32) -> u32 {
+        let want = (capacity as u64 * 4).next_power_of_two();
+        if want < 64 {
+            64
+        } else {
+            want as u32
+        }
+    }
+
+    /// `SHIFT` for a table of `slots` entries (a power of two).
+    pub const fn shift_for(slots: u32) -> u64 {
+        64 - slots.trailing_zeros() as u64
+    }
+}
+
+/// The token bucket of a policed direction at `bytes_per_s`: 200 ms at the rate, and at
+/// least 128 KiB so one GSO/GRO aggregate (64 KiB) and the window TCP has in flight after a
+/// loss fit (a smaller bucket makes TCP fall well short of the rate). Computed by the kernel
+/// from the rate (not stored in the policy) and by the valve for display.
+#[inline(always)]
+pub const fn burst_for(bytes_per_s: u32) -> u32 {
+    let b = bytes_per_s / 5;
+    if b < 128 * 1024 {
+        128 * 1024
+    } else {
+        b
+    }
 }
 
 /// `Policy::flags` bits.
@@ -120,8 +216,8 @@ pub const MAX_BOUND_V6: usize = 4;
 
 /// A client's gate, written only by userspace.
 ///
-/// The fields the paid path reads (flags, limits, deadline, slot, rates) are in the first
-/// 64 bytes; the IPv6 binding, read only for bound IPv6 uploads, fills the second half.
+/// A record of the POLICY array, reached through the [`index`]. The fields the paid path
+/// reads (flags, limits, deadline, slot, rates, the MAC it belongs to) are in the first 64 bytes; the IPv6 binding, read only for bound IPv6 uploads, fills the second half.
 ///
 /// layout: 128 bytes, align 8
 #[repr(C)]
@@ -149,11 +245,10 @@ pub struct Policy {
     pub rate_down: u32,
     /// Upload rate in L3 bytes per second, policed on LAN ingress; 0 = unlimited.
     pub rate_up: u32,
-    /// Upload token bucket size in bytes (with `rate_up`).
-    pub burst_up: u32,
-    /// Download token bucket size in bytes (with `rate_down`, when the download is policed:
-    /// without `config_flags::EDT_DOWN`).
-    pub burst_down: u32,
+    /// The client's `MacKey::word`: a lookup through the index checks it, so an entry can
+    /// only ever hand out this client's gate. (Schema 4 held the token bucket sizes here;
+    /// they are `burst_for` the rates.)
+    pub mac: u64,
     /// Bound IPv6 source addresses (only with `BIND_IPV6`); in the entry so that binding
     /// costs no lookup.
     pub bound_ipv6: [[u8; 16]; MAX_BOUND_V6],
@@ -171,8 +266,7 @@ impl Policy {
         slot: 0,
         rate_down: 0,
         rate_up: 0,
-        burst_up: 0,
-        burst_down: 0,
+        mac: 0,
         bound_ipv6: [[0; 16]; MAX_BOUND_V6],
     };
 }
@@ -497,7 +591,7 @@ mod tests {
         assert_eq!(core::mem::offset_of!(Policy, slot), 44);
         assert_eq!(core::mem::offset_of!(Policy, rate_down), 48);
         assert_eq!(core::mem::offset_of!(Policy, rate_up), 52);
-        assert_eq!(core::mem::offset_of!(Policy, burst_up), 56);
+        assert_eq!(core::mem::offset_of!(Policy, mac), 56);
         assert_eq!(core::mem::offset_of!(Policy, bound_ipv6), 64);
         // The shaping state on its direction's cache line.
         assert_eq!(core::mem::offset_of!(Usage, up_tokens), 32);
@@ -505,7 +599,6 @@ mod tests {
         assert_eq!(core::mem::offset_of!(Usage, down_next_ns), 80);
         assert_eq!(core::mem::offset_of!(Usage, down_tokens), 88);
         assert_eq!(core::mem::offset_of!(Usage, down_refill_ns), 96);
-        assert_eq!(core::mem::offset_of!(Policy, burst_down), 60);
         assert_eq!(core::mem::offset_of!(Usage, notified_generation), 24);
         assert_eq!(core::mem::offset_of!(Usage, bytes_down), 64);
         assert_eq!(core::mem::offset_of!(GateConfig, gateway_v6), 24);
@@ -513,6 +606,32 @@ mod tests {
         assert_eq!(core::mem::offset_of!(GateConfig, dns_max_udp), 64);
         assert_eq!(core::mem::offset_of!(GateEvent, generation), 8);
         assert_eq!(core::mem::offset_of!(GateEvent, bytes_up), 16);
+    }
+
+    #[test]
+    fn index_entries_and_sizes() {
+        use super::index::*;
+        for r in [0, 1, 77, MAX_RECORDS] {
+            let e = entry(0xAB_CDEF_0123, r);
+            assert_eq!(record(e), Some(r));
+            assert_eq!(e >> RECORD_BITS, 0xAB_CDEF_0123);
+            assert_ne!(e, 0);
+            assert_ne!(e, TOMB);
+        }
+        assert_eq!(record(0), None);
+        assert_eq!(record(TOMB), None);
+        assert_eq!(slots_for(1), 64);
+        assert_eq!(slots_for(131_072), 524_288);
+        assert_eq!(slots_for(1_000_000), 4_194_304);
+        assert_eq!(shift_for(64), 58);
+        // The home is the top bits of the product: always inside the table.
+        let (seed, shift) = (0x9E37_79B9_7F4A_7C15u64, shift_for(1024));
+        for k in [0u64, 1, 0xFFFF_FFFF_FFFF, 0x0200_0000_0001] {
+            assert!(hash(k, seed, shift).0 < 1024);
+        }
+        assert_eq!(MacKey::new([1, 2, 3, 4, 5, 6]).word(), 0x0605_0403_0201);
+        assert_eq!(burst_for(0), 128 * 1024);
+        assert_eq!(burst_for(5_000_000), 1_000_000);
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //!                anything from the gateway (egress) ─────────────> pass, not metered
 //!  other peers:  DHCP to broadcast, ND to link-local/multicast ──> pass, not metered
 //!                ND on egress: hop limit 255, link-local source ─> pass
-//!  then ONE hash lookup: POLICY[mac] = {gate, slot}
+//!  then ONE lookup: INDEX[hash(mac)] → POLICY[record] = {gate, slot} (an array walk, no helper)
 //!                open, in time, within quota ────────────────────> add to USAGE[slot], pass
 //!                to the gateway's own addresses (paid) ──────────> pass, not metered
 //!                otherwise: portal redirect (TCP/80) / allow-list / drop (+1 event on exhaustion)
@@ -75,19 +75,29 @@ use core::{
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_MMAPABLE, BPF_NOEXIST, TC_ACT_SHOT},
-    btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     helpers::{bpf_jiffies64, bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use tollgate_common::{
-    config_flags, direction, policy_flags, DnsBucket, ExhaustReason, GateConfig, GateEvent, MacKey,
-    Policy, Usage, Verdict, VerdictCount, DNS_BUCKETS, EVENTS_BYTES, GARDEN_TCP_PORTS,
-    MAX_BOUND_V6, MAX_CLIENTS, MAX_GARDEN_PREFIXES, UNLIMITED,
+    burst_for, config_flags, direction, index, policy_flags, DnsBucket, ExhaustReason, GateConfig,
+    GateEvent, MacKey, Policy, Usage, Verdict, VerdictCount, DNS_BUCKETS, EVENTS_BYTES,
+    GARDEN_TCP_PORTS, MAX_BOUND_V6, MAX_CLIENTS, MAX_GARDEN_PREFIXES, UNLIMITED,
 };
 
+/// Policy records, reached only through [`TG_INDEX`] (see [`policy_of`]); written by the valve
+/// through a shared mapping, so mmapable.
 #[btf_map]
-static TG_POLICY: HashMap<MacKey, Policy, { MAX_CLIENTS as usize }> = HashMap::new();
+static TG_POLICY: Array<Policy, { MAX_CLIENTS as usize }, { BPF_F_MMAPABLE as usize }> =
+    Array::new();
+/// The open-addressing index MAC → record (`tollgate_common::index`); sized at load time.
+#[btf_map]
+static TG_INDEX: Array<
+    u64,
+    { (index::HEADER + index::slots_for(MAX_CLIENTS) + index::MAX_PROBE) as usize },
+    { BPF_F_MMAPABLE as usize },
+> = Array::new();
 /// Indexed by `Policy::slot`. Mmapable only for its layout: the values then start on a page
 /// boundary, so every 128-byte `Usage` is cache-line aligned (its up and down halves never
 /// share a line).
@@ -636,11 +646,64 @@ fn mono_coarse_now() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
+/// `key`'s policy record (`key` a `MacKey::word`), through the index: one multiply, then a
+/// walk from the home entry until an empty one (at most `MAX_PROBE` entries, usually one),
+/// every load an array index (inlined by the verifier, no helper call). A fingerprint match
+/// counts only when the record holds this very MAC.
+#[inline(always)]
+fn policy_of(key: u64) -> Option<*const Policy> {
+    TG_POLICY.get_ptr(tollgate_find_record(key))
+}
+
+/// The walk of [`policy_of`]: the record's index, or `u32::MAX` (beyond any array) when `key`
+/// has none.
+///
+/// A global function: the verifier checks it once on its own, instead of once for every
+/// state the parser can reach its call with (the walk's 32 iterations times those states
+/// exceeds the verifier's budget). It costs a BPF-to-BPF call.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn tollgate_find_record(key: u64) -> u32 {
+    let Some(&seed) = TG_INDEX.get(0) else {
+        return u32::MAX;
+    };
+    let Some(&shift) = TG_INDEX.get(1) else {
+        return u32::MAX;
+    };
+    if seed == 0 {
+        return u32::MAX;
+    }
+    let (home, fp) = index::hash(key, seed, shift);
+    let mut pos = index::HEADER + home as u32;
+    for _ in 0..index::MAX_PROBE {
+        let Some(e) = TG_INDEX.get_ptr(pos) else {
+            return u32::MAX;
+        };
+        // SAFETY: a live array value; one aligned word load (userspace stores it atomically).
+        let e = unsafe { core::ptr::read_volatile(e) };
+        if e == 0 {
+            return u32::MAX;
+        }
+        if e >> index::RECORD_BITS == fp {
+            if let Some(r) = index::record(e) {
+                if let Some(p) = TG_POLICY.get_ptr(r) {
+                    // SAFETY: a live array value, published whole before its entry.
+                    if unsafe { (*p).mac } == key {
+                        return r;
+                    }
+                }
+            }
+        }
+        pos += 1;
+    }
+    u32::MAX
+}
+
 /// Does `key` have an open gate, before its deadline and below its total limit right now?
 /// (Only asked for DNS, off the metered fast path.)
 #[inline(always)]
-fn paid_now(key: &MacKey) -> bool {
-    let pol = match TG_POLICY.get_ptr(key) {
+fn paid_now(key: u64) -> bool {
+    let pol = match policy_of(key) {
         Some(pol) => pol,
         None => return false,
     };
@@ -855,8 +918,7 @@ fn meter_only(cfg: &GateConfig, f: &Frame, p: &Packet, dir: u8) -> Decision {
     if is_nd(p) {
         return verdict(Verdict::PassGarden);
     }
-    let key = p.mac_key();
-    let slot = match TG_POLICY.get_ptr(&key) {
+    let slot = match policy_of(p.key) {
         // SAFETY: `pol` points into a live map value.
         Some(pol) if unsafe { (*pol).flags } & policy_flags::METERED != 0 => unsafe { (*pol).slot },
         _ => return verdict(Verdict::PassLink),
@@ -931,7 +993,7 @@ fn decide_packet(f: &Frame, p: &Packet, dir: u8, skb_mark: u32) -> Decision {
                 // Every client may resolve names; an unpaid one only within its DNS budget,
                 // so DNS cannot carry a tunnel. Never metered.
                 let key = p.mac_key();
-                if cfg.flags & config_flags::DNS_BUDGET != 0 && !paid_now(&key) {
+                if cfg.flags & config_flags::DNS_BUDGET != 0 && !paid_now(p.key) {
                     if dir == direction::UP {
                         if p.proto == IPPROTO_UDP && p.udp_payload > cfg.dns_max_udp as u64 {
                             return verdict(Verdict::DropDnsBudget);
@@ -966,9 +1028,8 @@ fn decide_packet(f: &Frame, p: &Packet, dir: u8, skb_mark: u32) -> Decision {
             return verdict(Verdict::PassGarden);
         }
     }
-    // The one hash lookup of the paid path; the counters are an array index away.
-    let key = p.mac_key();
-    let pol = match TG_POLICY.get_ptr(&key) {
+    // The one lookup of the paid path (the index); the counters are an array index away.
+    let pol = match policy_of(p.key) {
         Some(pol) => pol,
         None => return not_entitled(cfg, p, dir, skb_mark, Verdict::DropUnpaid),
     };
@@ -1093,7 +1154,7 @@ fn decide_packet(f: &Frame, p: &Packet, dir: u8, skb_mark: u32) -> Decision {
                     &raw mut (*u).up_refill_ns,
                     len,
                     rate,
-                    (*pol).burst_up,
+                    burst_for(rate),
                 )
             };
             if !ok {
@@ -1112,7 +1173,7 @@ fn decide_packet(f: &Frame, p: &Packet, dir: u8, skb_mark: u32) -> Decision {
                     &raw mut (*u).down_refill_ns,
                     len,
                     rate,
-                    (*pol).burst_down,
+                    burst_for(rate),
                 )
             };
             if !ok {

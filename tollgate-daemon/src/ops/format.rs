@@ -368,8 +368,14 @@ pub fn maps(m: &MapsReport) -> String {
     line(
         &mut o,
         format!(
-            "occupancy  policy {} / usage {} of {}",
-            m.occupancy.policy, m.occupancy.usage, m.occupancy.capacity
+            "occupancy  policy {} / usage {} of {}; index: longest walk {} of {}, {} deleted \
+             entries in runs",
+            m.occupancy.policy,
+            m.occupancy.usage,
+            m.occupancy.capacity,
+            m.occupancy.index.longest_walk,
+            m.occupancy.index.max_walk,
+            m.occupancy.index.tombstones
         ),
     );
     line(&mut o, "");
@@ -732,6 +738,7 @@ mod tests {
                 policy: 1,
                 usage: 2,
                 capacity: 131_072,
+                index: Default::default(),
             },
             gates: vec![GateState {
                 mac: "aa:bb:cc:dd:ee:ff".parse().unwrap(),

@@ -50,7 +50,7 @@ use crate::{
     http::{self, AppState},
     neighbour,
     protocol::Metric,
-    valve::{ConfigView, GateState, Gates, MacAddr, Valve, ValveError},
+    valve::{ConfigView, GateState, Gates, IndexShape, MacAddr, Valve, ValveError},
     wallet::{Wallet, WalletError},
 };
 
@@ -313,6 +313,9 @@ pub struct Occupancy {
     pub policy: u32,
     pub usage: u32,
     pub capacity: u32,
+    /// The policy index's health.
+    #[serde(default)]
+    pub index: IndexShape,
 }
 
 /// `tollgate maps`: the pinned maps, decoded.
@@ -341,6 +344,7 @@ pub fn maps_report(valve: &Valve) -> Result<MapsReport, ValveError> {
             policy,
             usage,
             capacity: valve.capacity(),
+            index: valve.index_shape(),
         },
         gates,
         verdicts: valve

@@ -42,12 +42,14 @@
 //!  WanMeter::read(mac)               <── USAGE[mac] from our side: sent / received
 //! ```
 
+mod table;
 mod types;
 
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap, HashSet, VecDeque},
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsFd,
     path::{Path, PathBuf},
     sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
@@ -56,7 +58,7 @@ use std::{
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, HashMap, MapData, MapError, PerCpuArray, RingBuf,
+        Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, RingBuf,
     },
     programs::{
         links::{FdLink, LinkError, PinnedLink},
@@ -67,6 +69,7 @@ use aya::{
     sys::SyscallError,
     Ebpf, EbpfLoader,
 };
+use table::{Counters, NoRoom, PolicyTable};
 pub use tollgate_common::MAX_BOUND_V6;
 use tollgate_common::{
     config_flags, maps, policy_flags, programs, GateConfig, GateEvent, MacKey, Policy, Usage,
@@ -94,6 +97,19 @@ pub enum ValveError {
     Config(String),
     #[error("{0}")]
     Other(String),
+}
+
+/// The valve's error for a client the policy table has no room for. A full window is
+/// reported as `Full` too (the payment must not be taken), with the reason logged.
+fn no_room(mac: MacAddr, capacity: u32, why: NoRoom) -> ValveError {
+    if why == NoRoom::Window {
+        tracing::warn!(
+            %mac,
+            "policy index: every entry within reach of this client's home is taken \
+             (improbable below the table's 1/4 load; restart with a larger max_clients)"
+        );
+    }
+    ValveError::Full { mac, capacity }
 }
 
 fn map_err(map: &'static str) -> impl Fn(MapError) -> ValveError {
@@ -410,8 +426,10 @@ impl TestRunOutcome {
 }
 
 struct Maps {
-    policy: HashMap<MapData, MacKey, Policy>,
+    policy: PolicyTable,
     usage: Array<MapData, Usage>,
+    /// USAGE as shared memory, for reads (no syscall per client).
+    counters: Counters,
     config: Array<MapData, GateConfig>,
     garden: LpmTrie<MapData, [u8; 16], u8>,
     verdicts: PerCpuArray<MapData, VerdictCount>,
@@ -571,6 +589,7 @@ impl Valve {
         };
         let names = [
             maps::POLICY,
+            maps::INDEX,
             maps::USAGE,
             maps::CONFIG,
             maps::GARDEN,
@@ -582,15 +601,18 @@ impl Valve {
             Some(0) => return Err(ValveError::Config("max_clients must be at least 1".into())),
             Some(n) => n,
             // A tool never resizes the daemon's maps.
-            None => pinned_capacity(&dir.join(maps::POLICY))?.unwrap_or(MAX_CLIENTS),
+            None => pinned_capacity(&dir.join(maps::USAGE))?.unwrap_or(MAX_CLIENTS),
         };
         let mut carried = resize_pinned(&dir, capacity)?;
         let mut upgraded_from = None;
         if carried.is_none() && !dir.join(maps::POLICY).exists() {
-            carried = upgrade_from_v3(&cfg.pin_base, capacity)?;
-            if carried.is_some() {
-                upgraded_from = Some("v3");
-            } else {
+            carried = upgrade_from_v4(&cfg.pin_base, capacity)?;
+            upgraded_from = carried.is_some().then_some("v4");
+            if carried.is_none() {
+                carried = upgrade_from_v3(&cfg.pin_base, capacity)?;
+                upgraded_from = carried.is_some().then_some("v3");
+            }
+            if carried.is_none() {
                 carried = upgrade_from_v2(&cfg.pin_base, capacity)?;
                 upgraded_from = carried.is_some().then_some("v2");
             }
@@ -599,7 +621,12 @@ impl Valve {
         for n in names {
             loader.map_pin_path(n, dir.join(n));
         }
-        loader.map_max_entries(maps::POLICY, capacity);
+        let (words, records) = (
+            PolicyTable::index_words(capacity),
+            PolicyTable::records_for(capacity),
+        );
+        loader.map_max_entries(maps::INDEX, words);
+        loader.map_max_entries(maps::POLICY, records);
         loader.map_max_entries(maps::USAGE, capacity);
         let mut ebpf = loader
             .load(OBJECT)
@@ -633,9 +660,31 @@ impl Valve {
                 message: "missing from the object".into(),
             })
         };
+        let index_map: Array<MapData, u64> =
+            Array::try_from(take(maps::INDEX)?).map_err(map_err(maps::INDEX))?;
+        let records_map: Array<MapData, Policy> =
+            Array::try_from(take(maps::POLICY)?).map_err(map_err(maps::POLICY))?;
+        let policy = PolicyTable::open(
+            index_map.map().fd().as_fd(),
+            words,
+            records_map.map().fd().as_fd(),
+            records,
+        )
+        .map_err(|e| ValveError::Map {
+            map: maps::INDEX,
+            message: format!("mapping the policy table: {e}"),
+        })?;
+        let usage: Array<MapData, Usage> =
+            Array::try_from(take(maps::USAGE)?).map_err(map_err(maps::USAGE))?;
+        let counters =
+            Counters::open(usage.map().fd().as_fd(), capacity).map_err(|e| ValveError::Map {
+                map: maps::USAGE,
+                message: format!("mapping the counters: {e}"),
+            })?;
         let mut maps = Maps {
-            policy: HashMap::try_from(take(maps::POLICY)?).map_err(map_err(maps::POLICY))?,
-            usage: Array::try_from(take(maps::USAGE)?).map_err(map_err(maps::USAGE))?,
+            policy,
+            usage,
+            counters,
             config: Array::try_from(take(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?,
             garden: LpmTrie::try_from(take(maps::GARDEN)?).map_err(map_err(maps::GARDEN))?,
             verdicts: PerCpuArray::try_from(take(maps::VERDICTS)?)
@@ -643,12 +692,7 @@ impl Valve {
             slots: Slots::default(),
             default_rates: Rates::UNLIMITED,
         };
-        let used: Vec<u32> = maps
-            .policy
-            .iter()
-            .filter_map(|kv| kv.ok())
-            .map(|(_, p)| p.slot)
-            .collect();
+        let used: Vec<u32> = maps.policy.iter().map(|(_, p)| p.slot).collect();
         maps.slots = Slots::from_policies(capacity, used.iter().copied());
         maps.slots.occupied = used.len() as u32;
         if let Some(entries) = carried {
@@ -661,7 +705,9 @@ impl Valve {
                 })?;
                 maps.usage.set(slot, u, 0).map_err(map_err(maps::USAGE))?;
                 p.slot = slot;
-                maps.policy.insert(k, p, 0).map_err(map_err(maps::POLICY))?;
+                maps.policy
+                    .insert(&k, p)
+                    .map_err(|e| no_room(MacAddr(k.addr), capacity, e))?;
                 maps.slots.occupied += 1;
             }
             tracing::info!(
@@ -673,7 +719,11 @@ impl Valve {
                 // Carried over for good: unpin them so no later load imports them again
                 // (the old links keep the maps alive, and enforcing, until they detach).
                 let old = cfg.pin_base.join(v);
-                unpin_all(&[&old.join(maps::POLICY), &old.join(maps::USAGE)])?;
+                unpin_all(&[
+                    &old.join(maps::POLICY),
+                    &old.join(maps::INDEX),
+                    &old.join(maps::USAGE),
+                ])?;
             }
         }
         let events = RingBuf::try_from(take(maps::EVENTS)?).map_err(map_err(maps::EVENTS))?;
@@ -906,10 +956,25 @@ impl Valve {
     /// metrics).
     pub fn occupancy(&self) -> (u32, u32) {
         let m = self.maps();
-        (
-            m.policy.keys().filter(|k| k.is_ok()).count() as u32,
-            m.slots.in_use(),
-        )
+        (m.policy.len() as u32, m.slots.in_use())
+    }
+
+    /// The policy index's entry where a lookup of `mac` starts (an offset into the table):
+    /// which clients share a window, for diagnostics and the collision tests.
+    pub fn index_home(&self, mac: MacAddr) -> u32 {
+        self.maps().policy.home_offset(&MacKey::new(mac.0))
+    }
+
+    /// How healthy the policy index is: the longest walk a present client needs (entries
+    /// from its home to its own; the kernel gives up after `index::MAX_PROBE`) and the
+    /// deleted entries still inside runs.
+    pub fn index_shape(&self) -> IndexShape {
+        let (longest_walk, tombstones) = self.maps().policy.shape();
+        IndexShape {
+            longest_walk,
+            tombstones,
+            max_walk: tollgate_common::index::MAX_PROBE,
+        }
     }
 
     /// CONFIG and GARDEN as the kernel has them.
@@ -1224,15 +1289,14 @@ impl Valve {
     }
 
     fn read_policy(m: &Maps, key: &MacKey) -> Result<Option<Policy>, ValveError> {
-        match m.policy.get(key, 0) {
-            Ok(p) => Ok(Some(p)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_err(maps::POLICY)(e)),
-        }
+        Ok(m.policy.get(key))
     }
 
     fn read_slot(m: &Maps, slot: u32) -> Result<Usage, ValveError> {
-        m.usage.get(&slot, 0).map_err(map_err(maps::USAGE))
+        m.counters.read(slot).ok_or(ValveError::Map {
+            map: maps::USAGE,
+            message: format!("slot {slot} out of range"),
+        })
     }
 
     /// The counters of `key`'s slot (`None` without a POLICY entry).
@@ -1291,18 +1355,10 @@ impl Valve {
     }
 
     fn write_policy(m: &mut Maps, mac: MacAddr, key: &MacKey, p: Policy) -> Result<(), ValveError> {
-        match m.policy.insert(key, p, 0) {
-            Ok(()) => Ok(()),
-            Err(MapError::SyscallError(SyscallError { io_error, .. }))
-                if io_error.raw_os_error() == Some(libc::E2BIG) =>
-            {
-                Err(ValveError::Full {
-                    mac,
-                    capacity: m.slots.capacity,
-                })
-            }
-            Err(e) => Err(map_err(maps::POLICY)(e)),
-        }
+        let capacity = m.slots.capacity;
+        m.policy
+            .insert(key, p)
+            .map_err(|e| no_room(mac, capacity, e))
     }
 
     /// The closed entry idle longest (by when its counters last moved), if any. Walks the
@@ -1311,7 +1367,6 @@ impl Valve {
         let closed: Vec<(MacKey, Policy)> = m
             .policy
             .iter()
-            .filter_map(|kv| kv.ok())
             .filter(|(_, p)| p.flags & policy_flags::ALLOWED == 0)
             .collect();
         let mut best: Option<(u64, MacKey)> = None;
@@ -1337,10 +1392,7 @@ impl Valve {
         let u = Self::read_slot(m, p.slot)?;
         let top = p.generation.max(u.notified_generation);
         m.slots.gen_floor = m.slots.gen_floor.max(top);
-        match m.policy.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(map_err(maps::POLICY)(e)),
-        }
+        m.policy.remove(key);
         m.slots.occupied = m.slots.occupied.saturating_sub(1);
         m.slots.free.push_back((p.slot, Instant::now()));
         m.slots.seen.remove(key);
@@ -1389,20 +1441,10 @@ impl Valve {
         }
     }
 
-    /// Writes `r` into a policy (bytes per second, and the upload bucket).
+    /// Writes `r` into a policy (bytes per second; the kernel sizes the buckets from them).
     fn apply_rates(p: &mut Policy, r: Rates) {
         p.rate_down = Rates::bytes_per_s(r.down_kbit);
         p.rate_up = Rates::bytes_per_s(r.up_kbit);
-        p.burst_up = if p.rate_up == 0 {
-            0
-        } else {
-            Rates::burst(p.rate_up)
-        };
-        p.burst_down = if p.rate_down == 0 {
-            0
-        } else {
-            Rates::burst(p.rate_down)
-        };
     }
 
     /// A generation never used for this client: above both the old policy's and the one
@@ -1507,20 +1549,120 @@ fn read_slotted<P: aya::Pod>(
 /// Refused when they do not fit. The old maps stay alive (and enforcing) until the pinned
 /// links switch programs, so a packet or two counted in between is not carried over.
 fn resize_pinned(dir: &Path, want: u32) -> Result<Option<Carried>, ValveError> {
-    let (pp, up) = (dir.join(maps::POLICY), dir.join(maps::USAGE));
-    let Some(have) = pinned_capacity(&pp)? else {
+    let (pp, ip, up) = (
+        dir.join(maps::POLICY),
+        dir.join(maps::INDEX),
+        dir.join(maps::USAGE),
+    );
+    let Some(have) = pinned_capacity(&up)? else {
         return Ok(None);
     };
     if have == want {
         return Ok(None);
     }
-    let carried = read_slotted(dir, want, |p: &Policy| p.slot)?;
-    unpin_all(&[&pp, &up])?;
+    let carried = read_table(dir, want)?;
+    unpin_all(&[&pp, &ip, &up])?;
     tracing::info!(
         from = have,
         to = want,
         clients = carried.len(),
         "resizing the per-client maps"
+    );
+    Ok(Some(carried))
+}
+
+/// Every client of this schema's per-client maps pinned in `dir` (the policy table and the
+/// counters), refused when there are more than `want`.
+fn read_table(dir: &Path, want: u32) -> Result<Carried, ValveError> {
+    let pinned = |name: &'static str| {
+        let md = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
+        let n = md.info().map_err(map_err(name))?.max_entries();
+        Ok::<_, ValveError>((md, n))
+    };
+    let ((index_md, words), (records_md, records), (usage_md, slots)) = (
+        pinned(maps::INDEX)?,
+        pinned(maps::POLICY)?,
+        pinned(maps::USAGE)?,
+    );
+    let table = PolicyTable::open(
+        index_md.fd().as_fd(),
+        words,
+        records_md.fd().as_fd(),
+        records,
+    )
+    .map_err(|e| ValveError::Map {
+        map: maps::INDEX,
+        message: format!("reading the pinned policy table: {e}"),
+    })?;
+    let counters = Counters::open(usage_md.fd().as_fd(), slots).map_err(|e| ValveError::Map {
+        map: maps::USAGE,
+        message: format!("reading the pinned counters: {e}"),
+    })?;
+    if table.len() > want as usize {
+        return Err(too_many(dir, table.len(), want));
+    }
+    Ok(table
+        .iter()
+        .map(|(k, p)| (k, p, counters.read(p.slot).unwrap_or_default()))
+        .collect())
+}
+
+/// Schema 4's gate (`<pin_base>/v4/TG_POLICY`, a hash map by MAC): today's `Policy` with the
+/// token bucket sizes where the MAC is now (its counters, `Usage`, are today's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct PolicyV4 {
+    flags: u32,
+    generation: u32,
+    limit_total: u64,
+    limit_up: u64,
+    limit_down: u64,
+    expires_at_ns: u64,
+    bound_ipv4: [u8; 4],
+    slot: u32,
+    rate_down: u32,
+    rate_up: u32,
+    burst_up: u32,
+    burst_down: u32,
+    bound_ipv6: [[u8; 16]; MAX_BOUND_V6],
+}
+
+// SAFETY: `#[repr(C)]`, integer/byte-array fields only, no implicit padding (128 bytes).
+unsafe impl aya::Pod for PolicyV4 {}
+
+/// A first load of this schema next to schema 4's pins (the release before): carry every
+/// client, its binding, its rates and its counts (the shaping state too) over. Schema 4's
+/// client maps are unpinned once their entries are in the new table; its links are
+/// detached on attach.
+fn upgrade_from_v4(pin_base: &Path, want: u32) -> Result<Option<Carried>, ValveError> {
+    let old = pin_base.join("v4");
+    if !old.join(maps::POLICY).exists() {
+        return Ok(None);
+    }
+    let carried: Carried = read_slotted(&old, want, |o: &PolicyV4| o.slot)?
+        .into_iter()
+        .map(|(k, o, u)| {
+            let p = Policy {
+                flags: o.flags,
+                generation: o.generation,
+                limit_total: o.limit_total,
+                limit_up: o.limit_up,
+                limit_down: o.limit_down,
+                expires_at_ns: o.expires_at_ns,
+                bound_ipv4: o.bound_ipv4,
+                slot: o.slot,
+                rate_down: o.rate_down,
+                rate_up: o.rate_up,
+                mac: k.word(),
+                bound_ipv6: o.bound_ipv6,
+            };
+            (k, p, u)
+        })
+        .collect();
+    tracing::info!(
+        clients = carried.len(),
+        from = %old.display(),
+        "schema upgrade: carrying the clients and their counts over"
     );
     Ok(Some(carried))
 }
@@ -1738,13 +1880,12 @@ impl WanMeter for Valve {
         let others: Vec<(MacKey, Policy)> = m
             .policy
             .iter()
-            .filter_map(|kv| kv.ok())
             .filter(|(k, p)| *k != key && p.flags & policy_flags::METERED != 0)
             .collect();
         for (k, mut p) in others {
             p.flags &= !policy_flags::METERED;
-            if let Err(e) = m.policy.insert(k, p, 0) {
-                tracing::warn!(mac = %MacAddr(k.addr), error = %e, "clearing another client's metered flag");
+            if let Err(e) = m.policy.insert(&k, p) {
+                tracing::warn!(mac = %MacAddr(k.addr), error = ?e, "clearing another client's metered flag");
             }
         }
         let mut c = c;
@@ -1774,7 +1915,11 @@ impl Gates for Valve {
         // payment leaves no entry). The entry is made by `open`, at grant time.
         let mut m = self.maps();
         let key = MacKey::new(mac.0);
-        if Self::read_policy(&m, &key)?.is_some() || m.slots.occupied < m.slots.capacity {
+        if let Err(e) = m.policy.room_for(&key) {
+            // A full window (or no record): no eviction of another client makes room there.
+            return Err(no_room(mac, m.slots.capacity, e));
+        }
+        if m.policy.contains(&key) || m.slots.occupied < m.slots.capacity {
             return Ok(());
         }
         // Full: `open` makes room by evicting a closed entry, if there is one.
@@ -1831,8 +1976,6 @@ impl Gates for Valve {
             (None, Some(o)) if o.flags & policy_flags::ALLOWED != 0 => {
                 p.rate_down = o.rate_down;
                 p.rate_up = o.rate_up;
-                p.burst_up = o.burst_up;
-                p.burst_down = o.burst_down;
             }
             (None, _) => Self::apply_rates(&mut p, m.default_rates),
         }
@@ -1978,7 +2121,7 @@ impl Gates for Valve {
     fn sweep(&self, retention: Duration) -> Result<SweepReport, ValveError> {
         let mut m = self.maps();
         let now = Instant::now();
-        let policies: Vec<(MacKey, Policy)> = m.policy.iter().filter_map(|kv| kv.ok()).collect();
+        let policies: Vec<(MacKey, Policy)> = m.policy.iter().collect();
         let present: HashSet<MacKey> = policies.iter().map(|(k, _)| *k).collect();
         m.slots.seen.retain(|k, _| present.contains(k));
         for (k, p) in &policies {
@@ -2047,11 +2190,7 @@ impl Gates for Valve {
 
     fn gates(&self) -> Result<Vec<GateState>, ValveError> {
         let mut m = self.maps();
-        let mut policies = BTreeMap::new();
-        for kv in m.policy.iter() {
-            let (k, p) = kv.map_err(map_err(maps::POLICY))?;
-            policies.insert(k, p);
-        }
+        let policies: BTreeMap<MacKey, Policy> = m.policy.iter().collect();
         let mut out = Vec::with_capacity(policies.len());
         for (k, p) in policies {
             let u = Self::read_slot(&m, p.slot)?;

@@ -92,11 +92,10 @@ impl Rates {
         kbit.min(Self::MAX_KBIT).saturating_mul(125) as u32
     }
 
-    /// The token bucket of a policed direction at `bytes_per_s`: 200 ms at the rate, and at
-    /// least 128 KiB so one GSO/GRO aggregate (64 KiB) and the window TCP has in flight after
-    /// a loss fit (a smaller bucket makes TCP fall well short of the rate).
+    /// The token bucket of a policed direction at `bytes_per_s` (the kernel's sizing,
+    /// `tollgate_common::burst_for`).
     pub fn burst(bytes_per_s: u32) -> u32 {
-        (bytes_per_s / 5).max(128 * 1024)
+        tollgate_common::burst_for(bytes_per_s)
     }
 }
 
@@ -278,4 +277,15 @@ pub struct TcxPosition {
     pub after: usize,
     /// Ours was found in the chain at all.
     pub attached: bool,
+}
+
+/// The policy index's health (`Valve::index_shape`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IndexShape {
+    /// Longest walk a present client needs, in entries (1 = found at its home).
+    pub longest_walk: u32,
+    /// Deleted entries still inside runs (walks pass them; inserts reuse them).
+    pub tombstones: u32,
+    /// The longest walk the kernel makes.
+    pub max_walk: u32,
 }
