@@ -180,7 +180,7 @@ fn testrun_valve(pins: &PinBase, capacity: u32) -> Result<Valve> {
 
 /// `bytes_memlock` of the pinned per-client maps (bpftool), for the memory figure.
 fn map_memory(pin_dir: &Path) -> u64 {
-    ["TG_POLICY", "TG_USAGE"]
+    ["TG_POLICY", "TG_INDEX", "TG_USAGE"]
         .iter()
         .filter_map(|m| {
             let out = std::process::Command::new("bpftool")
@@ -371,9 +371,10 @@ fn cold_table(o: &Opts, out: &mut String) -> Result<()> {
     writeln!(
         out,
         "| entries | paid upload median ns (IQR) | same MAC each time median ns | empty TC \
-         median ns (IQR) | program cost ns | POLICY + USAGE memory |"
+         median ns (IQR) | program cost ns | POLICY + INDEX + USAGE memory | listing every \
+         client (`Valve::gates`, median of 3) |"
     )?;
-    writeln!(out, "|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|")?;
     for &n in &o.cold_fills {
         let pins = PinBase::new("bench-cold");
         let valve = testrun_valve(&pins, n)?;
@@ -406,9 +407,19 @@ fn cold_table(o: &Opts, out: &mut String) -> Result<()> {
             );
         }
         let (p, e) = (stats(&paid), stats(&empty));
+        // What every /metrics scrape and `tollgate clients` holds the valve's lock for.
+        let mut listing = Vec::new();
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let g = valve.gates()?;
+            listing.push(t.elapsed().as_secs_f64() * 1e3);
+            if g.len() != n as usize {
+                bail!("listed {} of {n} clients", g.len());
+            }
+        }
         writeln!(
             out,
-            "| {n} | {:.0} ({:.0}–{:.0}) | {:.0} | {:.0} ({:.0}–{:.0}) | {:.0} | {:.1} MiB |",
+            "| {n} | {:.0} ({:.0}–{:.0}) | {:.0} | {:.0} ({:.0}–{:.0}) | {:.0} | {:.1} MiB | {:.0} ms |",
             p.median,
             p.q1,
             p.q3,
@@ -417,7 +428,8 @@ fn cold_table(o: &Opts, out: &mut String) -> Result<()> {
             e.q1,
             e.q3,
             p.median - e.median,
-            mem as f64 / (1024.0 * 1024.0)
+            mem as f64 / (1024.0 * 1024.0),
+            stats(&listing).median
         )?;
     }
     writeln!(out)?;

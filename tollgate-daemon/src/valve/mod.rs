@@ -8,15 +8,18 @@
 //!       a pinned link is *updated in place* (bpf_link_update: no gap, same chain position),
 //!       else attached FIRST in the TCX chain and pinned; `tcx_positions` reports programs
 //!       another party put before ours
-//!  open / extend / close  ──> POLICY[mac]   (limits are absolute on the kernel's counters;
-//!                                            `slot` = the client's index in the USAGE array)
+//!  open / extend / close  ──> POLICY[mac]   (the policy table, `table.rs`: a fresh record
+//!                                            published through the index; limits are absolute
+//!                                            on the kernel's counters; `slot` = the client's
+//!                                            index in the USAGE array)
 //!  open of a new client   a slot from the free list (FIFO, ≥ 10 ms after its eviction)
 //!                         ── zeroed ── then POLICY[mac]
 //!  check(mac)             capacity only: never creates an entry (money is not taken yet)
 //!  sweep(retention)       closed entries ──(closed ≥ retention, or idle longest first
 //!                         when the map is near full)──> deleted from POLICY, slot freed;
 //!                         an open gate (a paid, active client) is never evicted
-//!  gate / gates / verdicts <── POLICY → USAGE[slot], VERDICTS
+//!  gate / gates / verdicts <── the table's mirror and records, USAGE[slot] through a shared
+//!                             mapping (no syscall per client), VERDICTS
 //!  events()               <── EVENTS ring buffer (pinned: events emitted while the daemon was
 //!                             down are still there at the next start)
 //!  set_rate(mac, rates)   ──> POLICY[mac] rates only (limits, generation, counts untouched:
@@ -28,8 +31,8 @@
 //!
 //! Dropping a `Valve` leaves everything attached and enforcing (fail closed, counts kept);
 //! [`Valve::remove_pins`] tears a data plane down. A load over an earlier schema's pins
-//! (`v3`: no rates; `v2`: two hash maps) carries every client and its counts into the new
-//! layout.
+//! (`v4`: a policy hash map; `v3`: no rates; `v2`: two hash maps) carries every client and
+//! its counts into the new layout.
 //!
 //! The kernel keeps no clock on the metered path: "last seen" is when the valve saw a
 //! client's counters move (at a `gate`, `gates` or `sweep`), which orders evictions.
