@@ -692,8 +692,8 @@ pub extern "C" fn tollgate_find_record(key: u64) -> u32 {
         return u32::MAX;
     }
     let (home, fp) = index::hash(key, seed, shift);
-    let mut pos = index::HEADER + home as u32;
-    for _ in 0..index::MAX_PROBE {
+    let start = index::HEADER + home as u32;
+    for pos in start..start + index::MAX_PROBE {
         let Some(e) = TG_INDEX.get_ptr(pos) else {
             return u32::MAX;
         };
@@ -712,7 +712,6 @@ pub extern "C" fn tollgate_find_record(key: u64) -> u32 {
                 }
             }
         }
-        pos += 1;
     }
     u32::MAX
 }
@@ -854,7 +853,7 @@ fn exhausted(p: &Packet, generation: u32, u: *mut Usage, reason: ExhaustReason, 
         at_ns: unsafe { bpf_ktime_get_boot_ns() },
     };
     // A full ring loses the event; the chandler also reconciles from the maps periodically.
-    let _ = TG_EVENTS.output(&ev, 0);
+    let _ = TG_EVENTS.output(ev, 0);
 }
 
 /// Counts one metered packet of `len` L3 bytes in direction `dir`: two atomic adds on the
