@@ -37,6 +37,8 @@ pub struct Snapshot {
     pub policy_entries: u64,
     pub usage_entries: u64,
     pub map_capacity: u64,
+    /// The policy index's health.
+    pub index: crate::valve::IndexShape,
     /// Client entries evicted since start, by reason.
     pub evictions: crate::valve::Evictions,
     /// Current rates (sampled by [`super::rates`]).
@@ -98,6 +100,7 @@ pub async fn collect(st: &OpsState) -> Result<Snapshot, OpsError> {
     s.policy_entries = policy.into();
     s.usage_entries = usage.into();
     s.map_capacity = st.valve.capacity().into();
+    s.index = st.valve.index_shape();
     s.evictions = st.valve.evictions();
     s.rates = st.rates.summary();
     Ok(s)
@@ -335,6 +338,30 @@ pub fn render(s: &Snapshot) -> String {
         "Capacity of each per-client BPF map.",
     );
     p.sample("tollgate_map_capacity", &[], s.map_capacity);
+    p.family(
+        "tollgate_index_longest_walk",
+        "gauge",
+        "Longest walk a present client needs in the kernel's policy index, in entries (the \
+         kernel gives up after tollgate_index_max_walk).",
+    );
+    p.sample(
+        "tollgate_index_longest_walk",
+        &[],
+        s.index.longest_walk.into(),
+    );
+    p.family(
+        "tollgate_index_max_walk",
+        "gauge",
+        "Longest walk the kernel makes in the policy index.",
+    );
+    p.sample("tollgate_index_max_walk", &[], s.index.max_walk.into());
+    p.family(
+        "tollgate_index_tombstones",
+        "gauge",
+        "Deleted entries still inside runs of the policy index (walks pass them, inserts reuse \
+         them).",
+    );
+    p.sample("tollgate_index_tombstones", &[], s.index.tombstones.into());
     p.family(
         "tollgate_map_evictions_total",
         "counter",
@@ -624,6 +651,11 @@ mod tests {
             policy_entries: 3,
             usage_entries: 4,
             map_capacity: 131_072,
+            index: crate::valve::IndexShape {
+                longest_walk: 3,
+                tombstones: 2,
+                max_walk: 32,
+            },
             ..Snapshot::default()
         };
         s.clients.insert("active".into(), 1);
@@ -638,6 +670,9 @@ mod tests {
         let samples = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
         let v = |n: &str, l: &[(&str, &str)]| value(&samples, n, l);
         assert_eq!(v("tollgate_clients", &[("state", "active")]), Some(1.0));
+        assert_eq!(v("tollgate_index_longest_walk", &[]), Some(3.0));
+        assert_eq!(v("tollgate_index_tombstones", &[]), Some(2.0));
+        assert_eq!(v("tollgate_index_max_walk", &[]), Some(32.0));
         assert_eq!(v("tollgate_clients", &[("state", "closed")]), Some(2.0));
         assert_eq!(
             v("tollgate_client_bytes_total", &[("direction", "down")]),
@@ -736,7 +771,7 @@ mod tests {
         );
         assert_eq!(
             text.lines().filter(|l| l.starts_with("# TYPE ")).count(),
-            19
+            22
         );
     }
 
