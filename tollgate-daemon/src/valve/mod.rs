@@ -528,6 +528,15 @@ fn remove_stale_pin(path: &Path) {
     }
 }
 
+/// Who loads the maps: the daemon (or `Valve::load`) owns the policy table and repairs what
+/// it finds inconsistent; a tool next to a running daemon (`Valve::open_pinned`) never
+/// repairs, since a table that looks inconsistent to it may only be mid-update by the owner.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    Daemon,
+    Tool,
+}
+
 /// The data plane of one LAN interface.
 pub struct Valve {
     ebpf: Mutex<Ebpf>,
@@ -562,13 +571,15 @@ impl Valve {
     /// Loads the programs and the (pinned) maps and writes the configuration, without
     /// attaching to any interface: what `BPF_PROG_TEST_RUN` tests and benchmarks use.
     pub fn load(cfg: &ValveConfig) -> Result<Valve, ValveError> {
-        let valve = Self::load_inner(cfg)?;
+        let valve = Self::load_inner(cfg, Owner::Daemon)?;
         valve.configure(cfg)?;
         Ok(valve)
     }
 
     /// Opens an existing data plane from its pins without touching its configuration (for
-    /// tools that inspect or drive gates next to a running daemon).
+    /// tools that inspect gates next to a running daemon, or drive the gates of a data plane
+    /// no daemon writes to: the policy table has one writer at a time). It never repairs
+    /// the table.
     pub fn open_pinned(pin_base: &Path) -> Result<Valve, ValveError> {
         let mut cfg = ValveConfig::new("");
         cfg.pin_base = pin_base.to_path_buf();
@@ -578,10 +589,10 @@ impl Valve {
                 cfg.pin_dir().display()
             )));
         }
-        Self::load_inner(&cfg)
+        Self::load_inner(&cfg, Owner::Tool)
     }
 
-    fn load_inner(cfg: &ValveConfig) -> Result<Valve, ValveError> {
+    fn load_inner(cfg: &ValveConfig, owner: Owner) -> Result<Valve, ValveError> {
         ensure_bpffs(&cfg.pin_base)?;
         let dir = cfg.pin_dir();
         std::fs::create_dir_all(&dir)
@@ -672,6 +683,7 @@ impl Valve {
             words,
             records_map.map().fd().as_fd(),
             records,
+            owner == Owner::Daemon,
         )
         .map_err(|e| ValveError::Map {
             map: maps::INDEX,
@@ -1587,11 +1599,13 @@ fn read_table(dir: &Path, want: u32) -> Result<Carried, ValveError> {
         pinned(maps::POLICY)?,
         pinned(maps::USAGE)?,
     );
+    // Read only: these maps are being replaced, nothing is repaired in them.
     let table = PolicyTable::open(
         index_md.fd().as_fd(),
         words,
         records_md.fd().as_fd(),
         records,
+        false,
     )
     .map_err(|e| ValveError::Map {
         map: maps::INDEX,

@@ -123,16 +123,19 @@ impl PolicyTable {
     }
 
     /// Maps the two arrays (`words` u64 entries and `n_records` policies) and reads the
-    /// table back; a fresh (all-zero) index gets a random seed.
+    /// table back; a fresh (all-zero) index gets a random seed. `repair`: delete what is
+    /// inconsistent (only the table's one writer may: to anyone else an entry the writer is
+    /// re-pointing can look inconsistent for an instant).
     pub(super) fn open(
         index_fd: BorrowedFd<'_>,
         words: u32,
         records_fd: BorrowedFd<'_>,
         n_records: u32,
+        repair: bool,
     ) -> io::Result<PolicyTable> {
         let index = Region::map(Some(index_fd), words as usize * 8)?;
         let records = Region::map(Some(records_fd), n_records as usize * size_of::<Policy>())?;
-        Self::from_regions(index, words, records, n_records)
+        Self::from_regions(index, words, records, n_records, repair)
     }
 
     fn from_regions(
@@ -140,6 +143,7 @@ impl PolicyTable {
         words: u32,
         records: Region,
         n_records: u32,
+        repair: bool,
     ) -> io::Result<PolicyTable> {
         let slots = words
             .checked_sub(index::HEADER + index::MAX_PROBE)
@@ -162,6 +166,9 @@ impl PolicyTable {
             free: VecDeque::new(),
         };
         let seed = t.word(0).load(Ordering::Acquire);
+        if seed == 0 && !repair {
+            return Err(io::Error::other("the index was never initialised"));
+        }
         if seed == 0 {
             // The entries are still all empty: no lookup can happen before the seed is in.
             t.word(1).store(t.shift, Ordering::Relaxed);
@@ -174,7 +181,7 @@ impl PolicyTable {
             )));
         }
         t.seed = t.word(0).load(Ordering::Acquire);
-        t.rebuild();
+        t.rebuild(repair);
         Ok(t)
     }
 
@@ -218,7 +225,7 @@ impl PolicyTable {
         self.home(key).0 - index::HEADER
     }
 
-    fn rebuild(&mut self) {
+    fn rebuild(&mut self, repair: bool) {
         let mut used = vec![false; self.n_records as usize];
         let mut dropped = 0u32;
         for pos in index::HEADER..self.words {
@@ -243,17 +250,19 @@ impl PolicyTable {
                 used[r as usize] = true;
             } else {
                 dropped += 1;
-                self.word(pos).store(index::TOMB, Ordering::Release);
+                if repair {
+                    self.word(pos).store(index::TOMB, Ordering::Release);
+                }
             }
         }
-        if dropped > 0 {
+        if dropped > 0 && repair {
             tracing::warn!(
                 entries = dropped,
                 "policy index: inconsistent entries deleted"
             );
         }
         // Tombstones at the end of a run are of no use to any walk.
-        for pos in (index::HEADER..self.words).rev() {
+        for pos in (index::HEADER..self.words).rev().filter(|_| repair) {
             if self.word(pos).load(Ordering::Relaxed) == index::TOMB && self.empty_after(pos) {
                 self.word(pos).store(0, Ordering::Release);
             }
@@ -453,6 +462,7 @@ mod tests {
             words,
             Region::map(None, n as usize * size_of::<Policy>()).unwrap(),
             n,
+            true,
         )
         .unwrap();
         (t, words, n)
@@ -467,7 +477,7 @@ mod tests {
             n_records,
             ..
         } = t;
-        PolicyTable::from_regions(index, words, records, n_records).unwrap()
+        PolicyTable::from_regions(index, words, records, n_records, true).unwrap()
     }
 
     fn key(i: u32) -> MacKey {
@@ -627,6 +637,35 @@ mod tests {
         }
         assert_eq!(t.free.len() as u32, n - 28);
         assert_eq!(words, t.words);
+    }
+
+    #[test]
+    fn a_view_that_may_not_repair_leaves_the_table_as_it_is() {
+        let (mut t, _, n) = table(64);
+        let keys: Vec<MacKey> = (0..4).map(key).collect();
+        for (i, k) in keys.iter().enumerate() {
+            t.insert(k, pol(i as u32)).unwrap();
+        }
+        // What a reader sees while the writer re-points an entry: another key's record.
+        let (pos, _) = t.mirror[&keys[0]];
+        let (_, r1) = t.mirror[&keys[1]];
+        let before = index::entry(t.home(&keys[0]).1, r1);
+        t.word(pos).store(before, Ordering::Relaxed);
+        let PolicyTable {
+            index,
+            records,
+            words,
+            n_records,
+            ..
+        } = t;
+        let view = PolicyTable::from_regions(index, words, records, n_records, false).unwrap();
+        assert_eq!(
+            view.word(pos).load(Ordering::Relaxed),
+            before,
+            "not deleted"
+        );
+        assert_eq!(view.len(), 3);
+        assert_eq!(view.free.len() as u32, n - 3);
     }
 
     #[test]
