@@ -2206,15 +2206,24 @@ impl Gates for Valve {
     }
 
     fn gates(&self) -> Result<Vec<GateState>, ValveError> {
-        let mut m = self.maps();
-        let policies: BTreeMap<MacKey, Policy> = m.policy.iter().collect();
-        let mut out = Vec::with_capacity(policies.len());
-        for (k, p) in policies {
-            let u = Self::read_slot(&m, p.slot)?;
-            let seen = Self::last_seen(&mut m, &k, &u);
-            out.push(Self::state(MacAddr(k.addr), Some(p), Some(u), seen));
-        }
-        Ok(out)
+        // Under the lock only what needs it (memory reads and the last-seen bookkeeping); the
+        // sort and the states are built after, so a payment waits as little as possible.
+        let mut rows = {
+            let mut m = self.maps();
+            let policies: Vec<(MacKey, Policy)> = m.policy.iter().collect();
+            let mut rows = Vec::with_capacity(policies.len());
+            for (k, p) in policies {
+                let u = Self::read_slot(&m, p.slot)?;
+                let seen = Self::last_seen(&mut m, &k, &u);
+                rows.push((k, p, u, seen));
+            }
+            rows
+        };
+        rows.sort_unstable_by_key(|r| r.0);
+        Ok(rows
+            .into_iter()
+            .map(|(k, p, u, seen)| Self::state(MacAddr(k.addr), Some(p), Some(u), seen))
+            .collect())
     }
 }
 
