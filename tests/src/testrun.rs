@@ -75,6 +75,17 @@ pub fn raw_usage(pins: &PinBase, mac: [u8; 6]) -> Usage {
         .expect("usage slot")
 }
 
+/// Keeps the calling thread on `cpu` (so several threads running programs hit the maps from
+/// different CPUs at once).
+pub fn run_on_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 /// An older schema's pin directory (`<pins>/<version>/`), filled with bpftool the way that
 /// release's daemon left it, for the upgrade tests.
 pub struct OldPins {

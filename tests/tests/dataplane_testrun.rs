@@ -1790,12 +1790,7 @@ fn concurrent_cpus_overshoot_a_quota_by_at_most_one_packet_each() {
         .map(|cpu| {
             let (pins, f, start) = (pins.clone(), f.clone(), start.clone());
             std::thread::spawn(move || {
-                // SAFETY: a zeroed cpu_set_t with one bit set, for this thread only.
-                unsafe {
-                    let mut set: libc::cpu_set_t = std::mem::zeroed();
-                    libc::CPU_SET(cpu, &mut set);
-                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-                }
+                testrun::run_on_cpu(cpu);
                 let mut cfg = ValveConfig::new("lo");
                 cfg.pin_base = pins;
                 cfg.gateway_v4 = Some(GW4);
@@ -2119,12 +2114,7 @@ fn republishing_under_load_never_drops_or_loses_a_paid_packet() {
         .map(|cpu| {
             let (pins, f, stop) = (pins.clone(), f.clone(), stop.clone());
             std::thread::spawn(move || {
-                // SAFETY: a zeroed cpu_set_t with one bit set, for this thread only.
-                unsafe {
-                    let mut set: libc::cpu_set_t = std::mem::zeroed();
-                    libc::CPU_SET(cpu, &mut set);
-                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-                }
+                testrun::run_on_cpu(cpu);
                 let v = Valve::open_pinned(&pins).expect("second instance");
                 let mut runs = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {

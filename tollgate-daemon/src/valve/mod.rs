@@ -1652,13 +1652,12 @@ unsafe impl aya::Pod for PolicyV4 {}
 /// client maps are unpinned once their entries are in the new table; its links are
 /// detached on attach.
 fn upgrade_from_v4(pin_base: &Path, want: u32) -> Result<Option<Carried>, ValveError> {
-    let old = pin_base.join("v4");
-    if !old.join(maps::POLICY).exists() {
-        return Ok(None);
-    }
-    let carried: Carried = read_slotted(&old, want, |o: &PolicyV4| o.slot)?
-        .into_iter()
-        .map(|(k, o, u)| {
+    carry_over(
+        pin_base,
+        "v4",
+        want,
+        |o: &PolicyV4| o.slot,
+        |k, o, u| {
             let p = Policy {
                 flags: o.flags,
                 generation: o.generation,
@@ -1673,6 +1672,29 @@ fn upgrade_from_v4(pin_base: &Path, want: u32) -> Result<Option<Carried>, ValveE
                 mac: k.word(),
                 bound_ipv6: o.bound_ipv6,
             };
+            (p, u)
+        },
+    )
+}
+
+/// The clients of an older schema whose gates are a hash map of `P` by MAC and whose
+/// counters are today's USAGE array (`<pin_base>/<version>/`), each turned into today's
+/// policy and counters by `convert`; `None` when that schema left no pins.
+fn carry_over<P: aya::Pod>(
+    pin_base: &Path,
+    version: &str,
+    want: u32,
+    slot_of: impl Fn(&P) -> u32,
+    convert: impl Fn(MacKey, P, Usage) -> (Policy, Usage),
+) -> Result<Option<Carried>, ValveError> {
+    let old = pin_base.join(version);
+    if !old.join(maps::POLICY).exists() {
+        return Ok(None);
+    }
+    let carried: Carried = read_slotted(&old, want, slot_of)?
+        .into_iter()
+        .map(|(k, o, u)| {
+            let (p, u) = convert(k, o, u);
             (k, p, u)
         })
         .collect();
@@ -1708,14 +1730,12 @@ unsafe impl aya::Pod for PolicyV3 {}
 /// have). Schema 3's client maps are unpinned once their entries are in the new maps; its
 /// links are detached on attach.
 fn upgrade_from_v3(pin_base: &Path, want: u32) -> Result<Option<Carried>, ValveError> {
-    let old = pin_base.join("v3");
-    let pp = old.join(maps::POLICY);
-    if !pp.exists() {
-        return Ok(None);
-    }
-    let carried: Carried = read_slotted(&old, want, |o: &PolicyV3| o.slot)?
-        .into_iter()
-        .map(|(k, o, u)| {
+    carry_over(
+        pin_base,
+        "v3",
+        want,
+        |o: &PolicyV3| o.slot,
+        |k, o, u| {
             let p = Policy {
                 flags: o.flags,
                 generation: o.generation,
@@ -1725,6 +1745,7 @@ fn upgrade_from_v3(pin_base: &Path, want: u32) -> Result<Option<Carried>, ValveE
                 expires_at_ns: o.expires_at_ns,
                 bound_ipv4: o.bound_ipv4,
                 slot: o.slot,
+                mac: k.word(),
                 bound_ipv6: o.bound_ipv6,
                 ..Policy::CLOSED
             };
@@ -1738,15 +1759,9 @@ fn upgrade_from_v3(pin_base: &Path, want: u32) -> Result<Option<Carried>, ValveE
                 packets_down: u.packets_down,
                 ..Default::default()
             };
-            (k, p, u)
-        })
-        .collect();
-    tracing::info!(
-        clients = carried.len(),
-        from = %old.display(),
-        "schema upgrade: carrying the clients and their counts over"
-    );
-    Ok(Some(carried))
+            (p, u)
+        },
+    )
 }
 
 /// Schema 2's gate (`<pin_base>/v2/TG_POLICY`): today's `Policy` without `slot` and the

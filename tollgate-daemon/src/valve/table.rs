@@ -468,8 +468,9 @@ mod tests {
         (t, words, n)
     }
 
-    /// The same memory opened again, as the next daemon would after a crash.
-    fn reopen(t: PolicyTable) -> PolicyTable {
+    /// The same memory opened again, as the next daemon would after a crash (`repair`) or a
+    /// tool next to the running one.
+    fn reopen(t: PolicyTable, repair: bool) -> PolicyTable {
         let PolicyTable {
             index,
             records,
@@ -477,7 +478,7 @@ mod tests {
             n_records,
             ..
         } = t;
-        PolicyTable::from_regions(index, words, records, n_records, true).unwrap()
+        PolicyTable::from_regions(index, words, records, n_records, repair).unwrap()
     }
 
     fn key(i: u32) -> MacKey {
@@ -624,7 +625,7 @@ mod tests {
         t.word(pos_c)
             .store(index::entry(fp_c, r_b), Ordering::Relaxed);
         let seed = t.seed;
-        let t = reopen(t);
+        let t = reopen(t, true);
         assert_eq!(t.seed, seed, "the seed is kept");
         assert_eq!(t.len(), 28, "30 live, two damaged entries dropped");
         for (i, k) in keys.iter().enumerate().skip(10) {
@@ -651,14 +652,7 @@ mod tests {
         let (_, r1) = t.mirror[&keys[1]];
         let before = index::entry(t.home(&keys[0]).1, r1);
         t.word(pos).store(before, Ordering::Relaxed);
-        let PolicyTable {
-            index,
-            records,
-            words,
-            n_records,
-            ..
-        } = t;
-        let view = PolicyTable::from_regions(index, words, records, n_records, false).unwrap();
+        let view = reopen(t, false);
         assert_eq!(
             view.word(pos).load(Ordering::Relaxed),
             before,
@@ -699,7 +693,7 @@ mod tests {
                 model.get(&k).copied()
             );
         }
-        let t = reopen(t);
+        let t = reopen(t, true);
         assert_eq!(t.len(), model.len());
         let (longest, _) = t.shape();
         assert!(longest <= index::MAX_PROBE);
