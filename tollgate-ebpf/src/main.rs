@@ -602,21 +602,7 @@ fn is_nd(p: &Packet) -> bool {
 #[inline(always)]
 fn boot_now_estimate() -> u64 {
     // SAFETY: helper without preconditions.
-    let j = unsafe { bpf_jiffies64() };
-    if let Some(c) = TG_CLOCK.get_ptr_mut(CLOCK_BOOT) {
-        // SAFETY: per-CPU value, only this CPU touches it while the program runs.
-        unsafe {
-            let [boot, at] = *c;
-            if boot != 0 && at == j {
-                return boot;
-            }
-            let boot = bpf_ktime_get_boot_ns();
-            *c = [boot, j];
-            return boot;
-        }
-    }
-    // SAFETY: helper without preconditions.
-    unsafe { bpf_ktime_get_boot_ns() }
+    once_per_tick(CLOCK_BOOT, || unsafe { bpf_ktime_get_boot_ns() })
 }
 
 /// The coarse `CLOCK_MONOTONIC` (what `bpf_ktime_get_coarse_ns` returns) for the rate
@@ -628,22 +614,31 @@ fn boot_now_estimate() -> u64 {
 /// reads again), and one kept from that instant trails by at most one more tick.
 #[inline(always)]
 fn mono_coarse_now() -> u64 {
+    // SAFETY: helper without preconditions.
+    once_per_tick(CLOCK_MONO_COARSE, || unsafe { bpf_ktime_get_coarse_ns() })
+}
+
+/// `read()` at most once per tick on this CPU: the copy in `TG_CLOCK[entry]` while `jiffies`
+/// has not moved since it was taken, else a fresh reading. A reading equal to the copy is
+/// returned but not kept (see [`mono_coarse_now`]; the boot clock always moves between two
+/// readings, so for it this never happens).
+#[inline(always)]
+fn once_per_tick(entry: u32, read: impl Fn() -> u64) -> u64 {
     // SAFETY: helper without preconditions (inlined by the verifier into one load).
     let j = unsafe { bpf_jiffies64() };
-    if let Some(c) = TG_CLOCK.get_ptr_mut(CLOCK_MONO_COARSE) {
-        // SAFETY: per-CPU value, only this CPU touches it while the program runs.
-        unsafe {
-            let [ns, at] = *c;
-            if ns != 0 && at == j {
-                return ns;
-            }
-            let now = bpf_ktime_get_coarse_ns();
-            *c = [now, if now != ns { j } else { 0 }];
-            return now;
+    let Some(c) = TG_CLOCK.get_ptr_mut(entry) else {
+        return read();
+    };
+    // SAFETY: per-CPU value, only this CPU touches it while the program runs.
+    unsafe {
+        let [ns, at] = *c;
+        if ns != 0 && at == j {
+            return ns;
         }
+        let now = read();
+        *c = [now, if now != ns { j } else { 0 }];
+        now
     }
-    // SAFETY: helper without preconditions.
-    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// `key`'s policy record (`key` a `MacKey::word`), through the index: one multiply, then a

@@ -444,8 +444,6 @@ struct Maps {
 /// Bookkeeping of the per-client slots, kept with the maps (under the same lock).
 #[derive(Default)]
 struct Slots {
-    /// POLICY entries: exact after every sweep, kept in step by open and evict in between.
-    occupied: u32,
     /// max_entries of POLICY and USAGE.
     capacity: u32,
     /// When each closed entry was first seen closed (by `close` or a sweep).
@@ -709,7 +707,6 @@ impl Valve {
         };
         let used: Vec<u32> = maps.policy.iter().map(|(_, p)| p.slot).collect();
         maps.slots = Slots::from_policies(capacity, used.iter().copied());
-        maps.slots.occupied = used.len() as u32;
         if let Some(entries) = carried {
             // The maps were recreated (another size or schema): put every client back, its
             // counts in a fresh slot, before the links switch to the new programs.
@@ -723,7 +720,6 @@ impl Valve {
                 maps.policy
                     .insert(&k, p)
                     .map_err(|e| no_room(MacAddr(k.addr), capacity, e))?;
-                maps.slots.occupied += 1;
             }
             tracing::info!(
                 clients = n,
@@ -1303,10 +1299,6 @@ impl Valve {
         Ok(())
     }
 
-    fn read_policy(m: &Maps, key: &MacKey) -> Result<Option<Policy>, ValveError> {
-        Ok(m.policy.get(key))
-    }
-
     fn read_slot(m: &Maps, slot: u32) -> Result<Usage, ValveError> {
         m.counters.read(slot).ok_or(ValveError::Map {
             map: maps::USAGE,
@@ -1316,7 +1308,7 @@ impl Valve {
 
     /// The counters of `key`'s slot (`None` without a POLICY entry).
     fn read_usage(m: &Maps, key: &MacKey) -> Result<Option<Usage>, ValveError> {
-        match Self::read_policy(m, key)? {
+        match m.policy.get(key) {
             Some(p) => Self::read_slot(m, p.slot).map(Some),
             None => Ok(None),
         }
@@ -1398,7 +1390,7 @@ impl Valve {
     /// Deletes a closed client's entry and frees its slot (never an open gate: checked here,
     /// under the lock).
     fn evict(m: &mut Maps, key: &MacKey, why: EvictReason) -> Result<(), ValveError> {
-        let Some(p) = Self::read_policy(m, key)? else {
+        let Some(p) = m.policy.get(key) else {
             return Ok(());
         };
         if p.flags & policy_flags::ALLOWED != 0 {
@@ -1408,7 +1400,6 @@ impl Valve {
         let top = p.generation.max(u.notified_generation);
         m.slots.gen_floor = m.slots.gen_floor.max(top);
         m.policy.remove(key);
-        m.slots.occupied = m.slots.occupied.saturating_sub(1);
         m.slots.free.push_back((p.slot, Instant::now()));
         m.slots.seen.remove(key);
         m.slots.closed_since.remove(key);
@@ -1900,14 +1891,10 @@ impl WanMeter for Valve {
             ));
         }
         let key = MacKey::new(mac.0);
-        let old = Self::read_policy(&m, &key)?;
-        let new = old.is_none();
+        let old = m.policy.get(&key);
         let (mut p, _) = Self::entry(&mut m, mac, old)?;
         p.flags = policy_flags::METERED;
         Self::write_policy(&mut m, mac, &key, p)?;
-        if new {
-            m.slots.occupied += 1;
-        }
         // The others stop being counted; their entries (and counts) stay.
         let others: Vec<(MacKey, Policy)> = m
             .policy
@@ -1951,7 +1938,7 @@ impl Gates for Valve {
             // A full window (or no record): no eviction of another client makes room there.
             return Err(no_room(mac, m.slots.capacity, e));
         }
-        if m.policy.contains(&key) || m.slots.occupied < m.slots.capacity {
+        if m.policy.contains(&key) || (m.policy.len() as u32) < m.slots.capacity {
             return Ok(());
         }
         // Full: `open` makes room by evicting a closed entry, if there is one.
@@ -1967,8 +1954,8 @@ impl Gates for Valve {
     fn open(&self, mac: MacAddr, a: Allowance) -> Result<GateState, ValveError> {
         let mut m = self.maps();
         let key = MacKey::new(mac.0);
-        let old = Self::read_policy(&m, &key)?;
-        if old.is_none() && m.slots.occupied >= m.slots.capacity {
+        let old = m.policy.get(&key);
+        if old.is_none() && m.policy.len() as u32 >= m.slots.capacity {
             match Self::oldest_closed(&mut m)? {
                 Some(victim) => Self::evict(&mut m, &victim, EvictReason::Pressure)?,
                 None => {
@@ -2017,9 +2004,6 @@ impl Gates for Valve {
             }
             return Err(e);
         }
-        if old.is_none() {
-            m.slots.occupied += 1;
-        }
         m.slots.closed_since.remove(&key);
         let seen = Self::last_seen(&mut m, &key, &u);
         Ok(Self::state(mac, Some(p), Some(u), seen))
@@ -2028,8 +2012,10 @@ impl Gates for Valve {
     fn extend(&self, mac: MacAddr, add_bytes: u64, add_ns: u64) -> Result<GateState, ValveError> {
         let mut m = self.maps();
         let key = MacKey::new(mac.0);
-        let Some(old) =
-            Self::read_policy(&m, &key)?.filter(|p| p.flags & policy_flags::ALLOWED != 0)
+        let Some(old) = m
+            .policy
+            .get(&key)
+            .filter(|p| p.flags & policy_flags::ALLOWED != 0)
         else {
             return Err(ValveError::Other(format!("gate of {mac} is not open")));
         };
@@ -2066,8 +2052,10 @@ impl Gates for Valve {
     fn set_rate(&self, mac: MacAddr, rates: Rates) -> Result<GateState, ValveError> {
         let mut m = self.maps();
         let key = MacKey::new(mac.0);
-        let Some(mut p) =
-            Self::read_policy(&m, &key)?.filter(|p| p.flags & policy_flags::ALLOWED != 0)
+        let Some(mut p) = m
+            .policy
+            .get(&key)
+            .filter(|p| p.flags & policy_flags::ALLOWED != 0)
         else {
             return Err(ValveError::Other(format!("gate of {mac} is not open")));
         };
@@ -2081,7 +2069,7 @@ impl Gates for Valve {
     fn close(&self, mac: MacAddr) -> Result<(), ValveError> {
         let mut m = self.maps();
         let key = MacKey::new(mac.0);
-        if let Some(mut p) = Self::read_policy(&m, &key)? {
+        if let Some(mut p) = m.policy.get(&key) {
             // Keep the entry (and its generation) so a later open gets a fresh generation;
             // `sweep` deletes it after the retention.
             p.flags = 0;
@@ -2098,7 +2086,7 @@ impl Gates for Valve {
     fn bind_ipv4(&self, mac: MacAddr, ip: Option<Ipv4Addr>) -> Result<(), ValveError> {
         let mut m = self.maps();
         let key = MacKey::new(mac.0);
-        let Some(mut p) = Self::read_policy(&m, &key)? else {
+        let Some(mut p) = m.policy.get(&key) else {
             return Err(ValveError::Other(format!("no gate for {mac} to bind")));
         };
         match ip {
@@ -2131,7 +2119,7 @@ impl Gates for Valve {
         }
         let mut m = self.maps();
         let key = MacKey::new(mac.0);
-        let Some(mut p) = Self::read_policy(&m, &key)? else {
+        let Some(mut p) = m.policy.get(&key) else {
             return Err(ValveError::Other(format!("no gate for {mac} to bind")));
         };
         p.flags &= !(policy_flags::BIND_IPV4 | policy_flags::BIND_IPV6);
@@ -2166,7 +2154,6 @@ impl Gates for Valve {
             .filter(|(_, p)| p.flags & policy_flags::ALLOWED == 0)
             .map(|(k, _)| *k)
             .collect();
-        m.slots.occupied = policies.len() as u32;
         m.slots.closed_since.retain(|k, _| closed.contains(k));
         for k in &closed {
             m.slots.closed_since.entry(*k).or_insert(now);
@@ -2186,7 +2173,7 @@ impl Gates for Valve {
         // Near full: make headroom (1/16 of the map) from the closed entries idle longest, so
         // a burst of new payers never waits for the retention.
         let high = m.slots.capacity - m.slots.capacity / 16;
-        if m.slots.occupied > high {
+        if m.policy.len() as u32 > high {
             let mut idle: Vec<(u64, MacKey)> = m
                 .slots
                 .closed_since
@@ -2195,7 +2182,7 @@ impl Gates for Valve {
                 .collect();
             idle.sort();
             for (_, k) in idle {
-                if m.slots.occupied <= high {
+                if m.policy.len() as u32 <= high {
                     break;
                 }
                 Self::evict(&mut m, &k, EvictReason::Pressure)?;
@@ -2204,7 +2191,7 @@ impl Gates for Valve {
         }
         Ok(SweepReport {
             evicted,
-            occupied: m.slots.occupied,
+            occupied: m.policy.len() as u32,
             capacity: m.slots.capacity,
         })
     }
@@ -2212,7 +2199,7 @@ impl Gates for Valve {
     fn gate(&self, mac: MacAddr) -> Result<Option<GateState>, ValveError> {
         let mut m = self.maps();
         let key = MacKey::new(mac.0);
-        let Some(p) = Self::read_policy(&m, &key)? else {
+        let Some(p) = m.policy.get(&key) else {
             return Ok(None);
         };
         let u = Self::read_slot(&m, p.slot)?;
