@@ -1085,6 +1085,53 @@ fn meter_only_passes_everything_and_counts_only_the_watched_mac_both_ways() {
     );
 }
 
+/// The WAN meter's maps hold `METER_CLIENTS` upstreams, not a LAN's worth (≈ 40 MiB of locked
+/// kernel memory for one peer). A gateway that meets ever new upstream MACs (a roaming
+/// reseller, a hostile upstream changing its MAC) keeps being able to watch the newest: a full
+/// meter forgets an unwatched one, never the one being counted, even when that one is idle.
+#[test]
+fn the_meter_is_sized_for_a_few_upstreams_and_a_new_one_evicts_an_unwatched_one() {
+    use tollgate::valve::{WanMeter, METER_CLIENTS};
+    let l = meter_lab("metersize");
+    assert_eq!(l.valve.capacity(), METER_CLIENTS, "not sized like the LAN");
+    let up = |i: u32| [0x02, 0, 0, 1, (i >> 8) as u8, i as u8];
+    let tcp = L4::Tcp {
+        sport: 443,
+        dport: 40000,
+    };
+    let frame = |i: u32| Frame::new(up(i), WAN_MAC).ipv4(NET4, WAN4, tcp.clone(), 100);
+    let watch = |i: u32| {
+        WanMeter::watch(&l.valve, MacAddr(up(i)), UP4)
+            .unwrap_or_else(|e| panic!("watching upstream {i}: {e}"));
+        assert!(l.valve.occupancy().0 <= METER_CLIENTS);
+    };
+    // Full of upstreams that each carried traffic while watched.
+    for i in 0..METER_CLIENTS {
+        watch(i);
+        l.expect(Hook::TcIngress, &frame(i), Verdict::PassPaid);
+    }
+    assert_eq!(l.valve.occupancy().0, METER_CLIENTS);
+    // An idle upstream is watched (no traffic yet: the idlest entry of all), then another: the
+    // idle one is the one being counted at that moment, so it stays.
+    let idle = 1000;
+    watch(idle);
+    watch(idle + 1);
+    let kept = WanMeter::read(&l.valve, MacAddr(up(idle))).unwrap();
+    assert_eq!(
+        kept.map(|u| u.packets_down),
+        Some(0),
+        "the watched upstream was evicted to make room"
+    );
+    // Many more: each gets in and is counted.
+    for i in idle + 2..idle + 2 + 2 * METER_CLIENTS {
+        watch(i);
+        l.expect(Hook::TcIngress, &frame(i), Verdict::PassPaid);
+        let u = WanMeter::read(&l.valve, MacAddr(up(i))).unwrap().unwrap();
+        assert_eq!((u.packets_down, u.bytes_down), (1, l3_len(&frame(i), 0)));
+    }
+    assert_eq!(l.valve.occupancy().0, METER_CLIENTS);
+}
+
 #[test]
 fn meter_instance_is_separate_from_the_gating_one() {
     use tollgate::valve::WanMeter;

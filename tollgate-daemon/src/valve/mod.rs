@@ -288,13 +288,16 @@ impl ValveConfig {
         }
     }
 
-    /// The WAN meter's configuration: meter-only, pins under `<pin_base>/wan`.
+    /// The WAN meter's configuration: meter-only, pins under `<pin_base>/wan`, maps sized for
+    /// [`METER_CLIENTS`] peers (it counts one at a time; sized like the LAN it would lock
+    /// ≈ 40 MiB of kernel memory for that).
     pub fn meter(iface: impl Into<String>, pin_base: &Path) -> Self {
         let mut c = Self::new(iface);
         c.pin_base = meter_pin_base(pin_base);
         c.tcp_ports = Vec::new();
         c.meter_only = true;
         c.dns_budget = None;
+        c.max_clients = Some(METER_CLIENTS);
         c
     }
 
@@ -365,6 +368,10 @@ pub fn pin_dir(base: &Path) -> PathBuf {
 
 /// `<base>/wan`: the WAN meter's own pin base, so it never shares maps or links with the LAN
 /// data plane pinned at `<base>/v<SCHEMA_VERSION>`.
+/// Upstream MACs the WAN meter keeps counts for: the watched one and the most recently seen
+/// others (a new one evicts the least recently active unwatched entry when the maps are full).
+pub const METER_CLIENTS: u32 = 64;
+
 pub fn meter_pin_base(base: &Path) -> PathBuf {
     base.join("wan")
 }
@@ -1368,13 +1375,13 @@ impl Valve {
             .map_err(|e| no_room(mac, capacity, e))
     }
 
-    /// The closed entry idle longest (by when its counters last moved), if any. Walks the
-    /// map: only called when it is full.
-    fn oldest_closed(m: &mut Maps) -> Result<Option<MacKey>, ValveError> {
+    /// The closed entry idle longest (by when its counters last moved), if any, among those
+    /// with none of the `spare` flags. Walks the map: only called when it is full.
+    fn oldest_closed(m: &mut Maps, spare: u32) -> Result<Option<MacKey>, ValveError> {
         let closed: Vec<(MacKey, Policy)> = m
             .policy
             .iter()
-            .filter(|(_, p)| p.flags & policy_flags::ALLOWED == 0)
+            .filter(|(_, p)| p.flags & (policy_flags::ALLOWED | spare) == 0)
             .collect();
         let mut best: Option<(u64, MacKey)> = None;
         for (k, p) in closed {
@@ -1892,6 +1899,13 @@ impl WanMeter for Valve {
         }
         let key = MacKey::new(mac.0);
         let old = m.policy.get(&key);
+        if old.is_none() && m.policy.len() as u32 >= m.slots.capacity {
+            // Full of upstreams seen before: forget the least recently active one that is not
+            // being counted (the watched one keeps its counts until the new one is in).
+            if let Some(victim) = Self::oldest_closed(&mut m, policy_flags::METERED)? {
+                Self::evict(&mut m, &victim, EvictReason::Pressure)?;
+            }
+        }
         let (mut p, _) = Self::entry(&mut m, mac, old)?;
         p.flags = policy_flags::METERED;
         Self::write_policy(&mut m, mac, &key, p)?;
@@ -1942,7 +1956,7 @@ impl Gates for Valve {
             return Ok(());
         }
         // Full: `open` makes room by evicting a closed entry, if there is one.
-        match Self::oldest_closed(&mut m)? {
+        match Self::oldest_closed(&mut m, 0)? {
             Some(_) => Ok(()),
             None => Err(ValveError::Full {
                 mac,
@@ -1956,7 +1970,7 @@ impl Gates for Valve {
         let key = MacKey::new(mac.0);
         let old = m.policy.get(&key);
         if old.is_none() && m.policy.len() as u32 >= m.slots.capacity {
-            match Self::oldest_closed(&mut m)? {
+            match Self::oldest_closed(&mut m, 0)? {
                 Some(victim) => Self::evict(&mut m, &victim, EvictReason::Pressure)?,
                 None => {
                     return Err(ValveError::Full {
