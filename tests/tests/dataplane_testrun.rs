@@ -1085,6 +1085,80 @@ fn meter_only_passes_everything_and_counts_only_the_watched_mac_both_ways() {
     );
 }
 
+/// Listings and sweeps walk the table in parts, letting writers in between. While payers
+/// come and go (open, close, evicted by a sweep with no retention) on other threads, every
+/// listing holds every long-standing client exactly once with its counts, and the sweeps never
+/// evict an open gate.
+#[test]
+fn listings_and_sweeps_in_parts_see_every_standing_client_once_while_others_churn() {
+    let l = lab_with("listchurn", |c| c.max_clients = Some(40_000));
+    let mac = |i: u32| MacAddr([0x02, 0x5c, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+    let standing = 20_000u32;
+    let allowance = Allowance {
+        bytes: Some(1_000_000),
+        ..Default::default()
+    };
+    for i in 0..standing {
+        l.valve.open(mac(i), allowance).unwrap();
+    }
+    // One standing client with traffic, to check its counts come through.
+    let f = Frame::new(mac(7).0, GW_MAC).ipv4(CL4, NET4, L4::Udp { sport: 1, dport: 2 }, 500);
+    l.expect(Hook::TcIngress, &f, Verdict::PassPaid);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    // Stops the churn however the listing side ends (a failed assertion too: the scope
+    // would otherwise wait for the churn thread forever).
+    struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    std::thread::scope(|sc| {
+        let churn = sc.spawn(|| {
+            let mut rounds = 0u32;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                for i in standing..standing + 2_000 {
+                    l.valve.open(mac(i), allowance).unwrap();
+                }
+                for i in standing..standing + 2_000 {
+                    l.valve.close(mac(i)).unwrap();
+                }
+                l.valve.sweep(Duration::ZERO).unwrap();
+                rounds += 1;
+            }
+            rounds
+        });
+        let stop = Stop(&done);
+        for _ in 0..20 {
+            let g = l.valve.gates().unwrap();
+            let mut macs: Vec<MacAddr> = g.iter().map(|g| g.mac).collect();
+            macs.dedup();
+            assert_eq!(macs.len(), g.len(), "a client listed twice");
+            let stand: Vec<_> = g
+                .iter()
+                .filter(|g| {
+                    g.mac.0[1] == 0x5c && {
+                        let i = u32::from_be_bytes([0, g.mac.0[3], g.mac.0[4], g.mac.0[5]]);
+                        i < standing
+                    }
+                })
+                .collect();
+            assert_eq!(stand.len(), standing as usize, "a standing client missing");
+            assert!(stand.iter().all(|g| g.open), "a standing gate closed");
+            let seven = stand.iter().find(|g| g.mac == mac(7)).unwrap();
+            assert_eq!(seven.usage.packets_up, 1, "its counts: {seven:?}");
+        }
+        drop(stop);
+        let rounds = churn.join().unwrap();
+        assert!(rounds >= 1, "the churn ran");
+    });
+    // Every standing gate is still there and open after the sweeps, and the churn's last
+    // sweep (after it closed them all) evicted every churner.
+    let g = l.valve.gates().unwrap();
+    assert_eq!(g.iter().filter(|g| g.open).count(), standing as usize);
+    assert_eq!(g.len(), standing as usize, "closed entries the sweep left");
+}
+
 /// The WAN meter's maps hold `METER_CLIENTS` upstreams, not a LAN's worth (≈ 40 MiB of locked
 /// kernel memory for one peer). A gateway that meets ever new upstream MACs (a roaming
 /// reseller, a hostile upstream changing its MAC) keeps being able to watch the newest: a full

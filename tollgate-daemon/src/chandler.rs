@@ -1013,15 +1013,19 @@ impl Chandler {
                     }
                 }
                 _ = sweep.tick() => {
-                    match self.sweep() {
-                    Ok(r) if r.evicted > 0 => tracing::info!(
-                        evicted = r.evicted,
-                        occupied = r.occupied,
-                        capacity = r.capacity,
-                        "closed client entries evicted"
-                    ),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "sweeping closed client entries"),
+                    // A walk of the whole table (≈ 1 s at 1 000 000 clients): off the runtime's
+                    // threads, like the snapshot.
+                    let c = self.clone();
+                    match tokio::task::spawn_blocking(move || c.sweep()).await {
+                        Ok(Ok(r)) if r.evicted > 0 => tracing::info!(
+                            evicted = r.evicted,
+                            occupied = r.occupied,
+                            capacity = r.capacity,
+                            "closed client entries evicted"
+                        ),
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::warn!(error = %e, "sweeping closed client entries"),
+                        Err(e) => tracing::warn!(error = %e, "sweep task"),
                     }
                 }
                 _ = shutdown.changed() => break,

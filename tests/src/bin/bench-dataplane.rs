@@ -372,9 +372,10 @@ fn cold_table(o: &Opts, out: &mut String) -> Result<()> {
         out,
         "| entries | paid upload median ns (IQR) | same MAC each time median ns | empty TC \
          median ns (IQR) | program cost ns | POLICY + INDEX + USAGE memory | listing every \
-         client (`Valve::gates`, median of 3) |"
+         client (`Valve::gates`, median of 3) | a lookup's longest wait during a listing | \
+         during a sweep |"
     )?;
-    writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     for &n in &o.cold_fills {
         let pins = PinBase::new("bench-cold");
         let valve = testrun_valve(&pins, n)?;
@@ -417,9 +418,13 @@ fn cold_table(o: &Opts, out: &mut String) -> Result<()> {
                 bail!("listed {} of {n} clients", g.len());
             }
         }
+        let wait = lookup_wait_during(&valve, || valve.gates().map(|_| ()))?;
+        let sweep_wait = lookup_wait_during(&valve, || {
+            valve.sweep(Duration::from_secs(3600)).map(|_| ())
+        })?;
         writeln!(
             out,
-            "| {n} | {:.0} ({:.0}–{:.0}) | {:.0} | {:.0} ({:.0}–{:.0}) | {:.0} | {:.1} MiB | {:.0} ms |",
+            "| {n} | {:.0} ({:.0}–{:.0}) | {:.0} | {:.0} ({:.0}–{:.0}) | {:.0} | {:.1} MiB | {:.0} ms | {:.1} ms | {:.1} ms |",
             p.median,
             p.q1,
             p.q3,
@@ -429,11 +434,40 @@ fn cold_table(o: &Opts, out: &mut String) -> Result<()> {
             e.q3,
             p.median - e.median,
             mem as f64 / (1024.0 * 1024.0),
-            stats(&listing).median
+            stats(&listing).median,
+            wait,
+            sweep_wait
         )?;
     }
     writeln!(out)?;
     Ok(())
+}
+
+/// What a payment's valve call waits for while a `/metrics` scrape lists every client (or a
+/// sweep walks them): the longest `Valve::gate` call (it takes the valve's lock, as `open`
+/// does) while `walk` runs three times on another thread, in ms.
+fn lookup_wait_during(
+    valve: &Valve,
+    walk: impl Fn() -> Result<(), tollgate::valve::ValveError> + Sync,
+) -> Result<f64> {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        let lister = sc.spawn(|| {
+            let r = (0..3).try_for_each(|_| walk());
+            done.store(true, std::sync::atomic::Ordering::Release);
+            r
+        });
+        let mut longest = std::time::Duration::ZERO;
+        let mut i = 0u32;
+        while !done.load(std::sync::atomic::Ordering::Acquire) {
+            let t = std::time::Instant::now();
+            valve.gate(dummy_mac(i % 1000))?;
+            longest = longest.max(t.elapsed());
+            i += 1;
+        }
+        lister.join().expect("lister")?;
+        Ok(longest.as_secs_f64() * 1e3)
+    })
 }
 
 /// One iperf3 run (`-P 4`), client → upstream, or reverse. Gbit/s.
@@ -861,6 +895,11 @@ fn main() -> Result<()> {
     )?;
     if std::env::args().any(|a| a == "--nonlinear-only") {
         nonlinear_table(&o, &mut out)?;
+        print!("{out}");
+        return Ok(());
+    }
+    if std::env::args().any(|a| a == "--cold-only") {
+        cold_table(&o, &mut out)?;
         print!("{out}");
         return Ok(());
     }
