@@ -710,19 +710,34 @@ impl Chandler {
     /// Persists usage of every active session (one transaction; closed rows are not loaded);
     /// closes sessions the kernel already ended (a safety net for lost exhaustion events);
     /// once an hour prunes history older than the retention.
+    ///
+    /// The listing (a walk of every client) runs before the guard, so a payment does not wait
+    /// for it. Under the guard every row is read fresh, and its gate from the listing is used
+    /// only when it is still the one the row knows (same generation: every open and top-up
+    /// makes a new one; a gate evicted and created again starts above the old ones) and does
+    /// not end the session; otherwise the gate is read again. So a grant that lands between
+    /// the listing and the guard is never judged by the gate as it was before.
     pub fn snapshot_all(&self) -> Result<(), ChandlerError> {
-        let _g = self.guard();
-        let gates: HashMap<MacAddr, GateState> = self
+        let listed: HashMap<MacAddr, GateState> = self
             .gates
             .gates()?
             .into_iter()
             .map(|g| (g.mac, g))
             .collect();
+        let _g = self.guard();
         let now = self.gates.now_boot_ns();
         let mut usages = Vec::new();
         let mut ended = Vec::new();
         for mut row in self.store.active_sessions()? {
-            let used = self.used(&row, gates.get(&row.mac), now);
+            let mut gate = listed
+                .get(&row.mac)
+                .copied()
+                .filter(|g| g.generation == row.generation);
+            let mut used = self.used(&row, gate.as_ref(), now);
+            if gate.is_none() || used >= row.allotment {
+                gate = self.gates.gate(row.mac)?;
+                used = self.used(&row, gate.as_ref(), now);
+            }
             usages.push((row.mac, used, row.allotment));
             if used >= row.allotment {
                 row.used_snapshot = used;
@@ -1147,6 +1162,9 @@ pub(crate) mod fake {
         /// The valve's default rates (a gate opened without its own).
         pub default_rates: Rates,
         pub set_rates: u32,
+        /// Runs once, after the next listing was taken and before it is returned (what
+        /// happens between a listing and its use).
+        pub after_listing: Option<Box<dyn FnOnce() + Send>>,
     }
 
     impl FakeGates {
@@ -1303,7 +1321,12 @@ pub(crate) mod fake {
             Ok(self.lock().gates.get(&mac).copied())
         }
         fn gates(&self) -> Result<Vec<GateState>, ValveError> {
-            Ok(self.lock().gates.values().copied().collect())
+            let listed = self.lock().gates.values().copied().collect();
+            let hook = self.lock().after_listing.take();
+            if let Some(hook) = hook {
+                hook();
+            }
+            Ok(listed)
         }
         fn now_boot_ns(&self) -> u64 {
             self.lock().now
@@ -1518,6 +1541,61 @@ mod tests {
         c.reconcile().expect("reconcile");
         assert_eq!(gates.lock().gates[&mac()].bound_ipv4, None, "binding off");
         assert!(!gates.lock().bound_v6.contains_key(&mac()), "binding off");
+    }
+
+    /// A payment lands while the usage snapshot lists the gates: it is not held up by the
+    /// listing, and the snapshot does not judge the new session by the gate as listed. The
+    /// hard case: the device's old session ended, its entry went and came back with zeroed
+    /// counters, and the listed gate would charge the new session the old one's 990 bytes
+    /// (and, were the new allotment below that, close it).
+    #[test]
+    fn a_grant_during_the_snapshots_listing_is_neither_blocked_nor_closed() {
+        use std::sync::mpsc;
+        let (gates, store, c) = chandler(Metric::Bytes);
+        c.add(mac(), 1000, None, Action::Grant).expect("open");
+        gates.traffic(mac(), 990);
+        let (listed_tx, listed_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        gates.lock().after_listing = Some(Box::new(move || {
+            listed_tx.send(()).expect("listed");
+            // Bounded, so the test fails rather than hangs if the grant cannot get in.
+            go_rx.recv_timeout(Duration::from_secs(10)).ok();
+        }));
+        std::thread::scope(|sc| {
+            let snap = sc.spawn(|| c.snapshot_all());
+            listed_rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the snapshot listed");
+            let (done_tx, done_rx) = mpsc::channel();
+            let (c, gates) = (&c, &gates);
+            let grant = sc.spawn(move || {
+                c.close(mac(), Action::AdminClose).expect("close");
+                // Evicted and created again: the same MAC, counters from zero.
+                gates.lock().gates.get_mut(&mac()).expect("gate").usage = Default::default();
+                let v = c
+                    .add(mac(), 2000, None, Action::Grant)
+                    .expect("new session");
+                done_tx.send(()).ok();
+                v
+            });
+            let in_time = done_rx.recv_timeout(Duration::from_secs(5)).is_ok();
+            go_tx.send(()).ok();
+            snap.join().expect("snapshot thread").expect("snapshot");
+            let v = grant.join().expect("grant thread");
+            assert!(in_time, "the grant waited for the snapshot's listing");
+            assert_eq!((v.allotment, v.used), (2000, 0));
+        });
+        let row = store.session(mac()).expect("row").expect("a session");
+        assert!(
+            row.active,
+            "the new session was closed by a stale gate: {row:?}"
+        );
+        assert_eq!(
+            (row.allotment, row.used_snapshot),
+            (2000, 0),
+            "the old session's bytes charged to the new one"
+        );
+        assert!(gates.lock().gates[&mac()].open);
     }
 
     #[test]
