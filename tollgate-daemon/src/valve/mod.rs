@@ -366,16 +366,16 @@ pub fn pin_dir(base: &Path) -> PathBuf {
     base.join(format!("v{SCHEMA_VERSION}"))
 }
 
-/// `<base>/wan`: the WAN meter's own pin base, so it never shares maps or links with the LAN
-/// data plane pinned at `<base>/v<SCHEMA_VERSION>`.
-/// Index positions a listing ([`Gates::gates`]) reads per hold of the valve's lock (at the
-/// index's 1/4 load, ≈ 4 000 clients: well under a millisecond).
+/// Index positions a listing ([`Gates::gates`]) or a sweep reads per hold of the valve's lock
+/// (≈ 4 000 clients at the index's 1/4 load).
 const LIST_PART: u32 = 16_384;
 
 /// Upstream MACs the WAN meter keeps counts for: the watched one and the most recently seen
 /// others (a new one evicts the least recently active unwatched entry when the maps are full).
 pub const METER_CLIENTS: u32 = 64;
 
+/// `<base>/wan`: the WAN meter's own pin base, so it never shares maps or links with the LAN
+/// data plane pinned at `<base>/v<SCHEMA_VERSION>`.
 pub fn meter_pin_base(base: &Path) -> PathBuf {
     base.join("wan")
 }
