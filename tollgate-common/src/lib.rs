@@ -122,9 +122,10 @@ impl MacKey {
 ///  entry: 0 = empty (a lookup stops) · TOMB = deleted (a lookup goes on)
 ///         fingerprint (40 bits) << 24 | record + 1 (24 bits)
 /// ```
-/// A lookup hashes the MAC word (`index::hash`: two multiplies), walks from its home until an empty entry,
-/// and checks a matching fingerprint against the MAC stored in the record (`Policy::mac`),
-/// so neither a fingerprint collision nor a stale entry can hand out another client's gate.
+/// A lookup hashes the MAC word (`index::hash`: two multiplies), walks from its home until an
+/// empty entry, and checks a matching fingerprint against the MAC stored in the record
+/// (`Policy::mac`), so neither a fingerprint collision nor a stale entry can hand out another
+/// client's gate.
 ///
 /// Userspace changes a policy by writing a fresh record and then publishing it with one
 /// atomic store of the entry (release); the kernel reaches the record through the entry, an

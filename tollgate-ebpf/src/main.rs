@@ -641,10 +641,10 @@ fn once_per_tick(entry: u32, read: impl Fn() -> u64) -> u64 {
     }
 }
 
-/// `key`'s policy record (`key` a `MacKey::word`), through the index: the hash (two multiplies), then a
-/// walk from the home entry until an empty one (at most `MAX_PROBE` entries, usually one),
-/// every load an array index (inlined by the verifier, no helper call). A fingerprint match
-/// counts only when the record holds this very MAC.
+/// `key`'s policy record (`key` a `MacKey::word`), through the index: the hash (two
+/// multiplies), then a walk from the home entry until an empty one (at most `MAX_PROBE`
+/// entries, usually one), every load an array index (inlined by the verifier, no helper
+/// call). A fingerprint match counts only when the record holds this very MAC.
 #[inline(always)]
 fn policy_of(key: u64) -> Option<*const Policy> {
     // The home entry inline (nearly every lookup ends there); the rest of the walk in a

@@ -1379,6 +1379,28 @@ impl Valve {
             .map_err(|e| no_room(mac, capacity, e))
     }
 
+    /// Calls `visit` for every client, in parts of [`LIST_PART`] index positions, each under
+    /// its own hold of the lock: a caller waits for one part, not for the whole table
+    /// (`bench-dataplane`'s cold table measures that wait). See [`PolicyTable::scan`] for
+    /// what a client deleted and created again between two parts may look like.
+    fn walk_in_parts(
+        &self,
+        mut visit: impl FnMut(&mut Maps, MacKey, Policy) -> Result<(), ValveError>,
+    ) -> Result<(), ValveError> {
+        let positions = self.maps().policy.positions();
+        for from in (0..positions).step_by(LIST_PART as usize) {
+            let mut m = self.maps();
+            let part: Vec<(MacKey, Policy)> = m.policy.scan(from, from + LIST_PART).collect();
+            for (k, p) in part {
+                visit(&mut m, k, p)?;
+            }
+            // To a waiting caller, if any: a plain unlock lets this loop take the lock back
+            // before the woken waiter runs, and the wait is the whole walk again.
+            parking_lot::MutexGuard::unlock_fair(m);
+        }
+        Ok(())
+    }
+
     /// The closed entry idle longest (by when its counters last moved), if any, among those
     /// with none of the `spare` flags. Walks the map: only called when it is full.
     fn oldest_closed(m: &mut Maps, spare: u32) -> Result<Option<MacKey>, ValveError> {
@@ -2161,27 +2183,22 @@ impl Gates for Valve {
         // Every path that deletes an entry (`evict`) or reopens one (`open`) drops its
         // bookkeeping itself, so what a part sees is all there is to keep in step.
         let now = Instant::now();
-        let positions = self.maps().policy.positions();
         let mut evicted = 0u32;
-        for from in (0..positions).step_by(LIST_PART as usize) {
-            let mut m = self.maps();
-            let part: Vec<(MacKey, Policy)> = m.policy.scan(from, from + LIST_PART).collect();
-            for (k, p) in part {
-                if let Ok(u) = Self::read_slot(&m, p.slot) {
-                    Self::last_seen(&mut m, &k, &u);
-                }
-                if p.flags & policy_flags::ALLOWED != 0 {
-                    m.slots.closed_since.remove(&k);
-                    continue;
-                }
-                let since = *m.slots.closed_since.entry(k).or_insert(now);
-                if now.duration_since(since) >= retention {
-                    Self::evict(&mut m, &k, EvictReason::Retention)?;
-                    evicted += 1;
-                }
+        self.walk_in_parts(|m, k, p| {
+            if let Ok(u) = Self::read_slot(m, p.slot) {
+                Self::last_seen(m, &k, &u);
             }
-            parking_lot::MutexGuard::unlock_fair(m);
-        }
+            if p.flags & policy_flags::ALLOWED != 0 {
+                m.slots.closed_since.remove(&k);
+                return Ok(());
+            }
+            let since = *m.slots.closed_since.entry(k).or_insert(now);
+            if now.duration_since(since) >= retention {
+                Self::evict(m, &k, EvictReason::Retention)?;
+                evicted += 1;
+            }
+            Ok(())
+        })?;
         let mut m = self.maps();
         // Near full: make headroom (1/16 of the map) from the closed entries idle longest, so
         // a burst of new payers never waits for the retention.
@@ -2221,27 +2238,15 @@ impl Gates for Valve {
     }
 
     fn gates(&self) -> Result<Vec<GateState>, ValveError> {
-        // In parts of LIST_PART index positions, each under its own hold of the lock (memory
-        // reads and the last-seen bookkeeping): a payment waits for one part, not for the
-        // whole table (`bench-dataplane`'s cold table measures that wait). The sort and the
-        // states are built after.
-        let (positions, clients) = {
-            let m = self.maps();
-            (m.policy.positions(), m.policy.len())
-        };
-        let mut rows = Vec::with_capacity(clients);
-        for from in (0..positions).step_by(LIST_PART as usize) {
-            let mut m = self.maps();
-            let part: Vec<(MacKey, Policy)> = m.policy.scan(from, from + LIST_PART).collect();
-            for (k, p) in part {
-                let u = Self::read_slot(&m, p.slot)?;
-                let seen = Self::last_seen(&mut m, &k, &u);
-                rows.push((k, p, u, seen));
-            }
-            // To a waiting caller, if any: a plain unlock lets this loop take the lock back
-            // before the woken waiter runs, and the wait is the whole listing again.
-            parking_lot::MutexGuard::unlock_fair(m);
-        }
+        // Under the lock (in parts) only the memory reads and the last-seen bookkeeping; the
+        // sort and the states are built after.
+        let mut rows = Vec::with_capacity(self.maps().policy.len());
+        self.walk_in_parts(|m, k, p| {
+            let u = Self::read_slot(m, p.slot)?;
+            let seen = Self::last_seen(m, &k, &u);
+            rows.push((k, p, u, seen));
+            Ok(())
+        })?;
         rows.sort_unstable_by_key(|r| r.0);
         // Deleted and inserted again between two parts: listed once.
         rows.dedup_by_key(|r| r.0);
