@@ -1401,6 +1401,21 @@ impl Valve {
         Ok(())
     }
 
+    /// Room for a new client `mac` in full maps: evicts the closed entry idle longest (among
+    /// those with none of the `spare` flags); `Full` when there is none.
+    fn make_room(m: &mut Maps, mac: MacAddr, spare: u32) -> Result<(), ValveError> {
+        if (m.policy.len() as u32) < m.slots.capacity {
+            return Ok(());
+        }
+        match Self::oldest_closed(m, spare)? {
+            Some(victim) => Self::evict(m, &victim, EvictReason::Pressure),
+            None => Err(ValveError::Full {
+                mac,
+                capacity: m.slots.capacity,
+            }),
+        }
+    }
+
     /// The closed entry idle longest (by when its counters last moved), if any, among those
     /// with none of the `spare` flags. Walks the map: only called when it is full.
     fn oldest_closed(m: &mut Maps, spare: u32) -> Result<Option<MacKey>, ValveError> {
@@ -1925,12 +1940,10 @@ impl WanMeter for Valve {
         }
         let key = MacKey::new(mac.0);
         let old = m.policy.get(&key);
-        if old.is_none() && m.policy.len() as u32 >= m.slots.capacity {
+        if old.is_none() {
             // Full of upstreams seen before: forget the least recently active one that is not
             // being counted (the watched one keeps its counts until the new one is in).
-            if let Some(victim) = Self::oldest_closed(&mut m, policy_flags::METERED)? {
-                Self::evict(&mut m, &victim, EvictReason::Pressure)?;
-            }
+            Self::make_room(&mut m, mac, policy_flags::METERED)?;
         }
         let (mut p, _) = Self::entry(&mut m, mac, old)?;
         p.flags = policy_flags::METERED;
@@ -1995,16 +2008,8 @@ impl Gates for Valve {
         let mut m = self.maps();
         let key = MacKey::new(mac.0);
         let old = m.policy.get(&key);
-        if old.is_none() && m.policy.len() as u32 >= m.slots.capacity {
-            match Self::oldest_closed(&mut m, 0)? {
-                Some(victim) => Self::evict(&mut m, &victim, EvictReason::Pressure)?,
-                None => {
-                    return Err(ValveError::Full {
-                        mac,
-                        capacity: m.slots.capacity,
-                    })
-                }
-            }
+        if old.is_none() {
+            Self::make_room(&mut m, mac, 0)?;
         }
         let (cur, u) = Self::entry(&mut m, mac, old)?;
         let used = u.bytes_up.saturating_add(u.bytes_down);
